@@ -1,0 +1,920 @@
+//! The global queue: the gateway's durable record of every pending call and who owns it.
+//!
+//! It accepts executions, places calls on workers, applies the workers' progress, answers each
+//! execution once, and recovers from failures: a worker silent past the failure timeout, or one
+//! that comes back as a new incarnation, loses its calls to re-dispatch; everything a dead
+//! incarnation says afterwards is refused (fenced). It never does I/O and never reads a clock.
+//!
+//! It must never let an ack, a `Welcome`, a `Fenced` or an answer leave before the state change
+//! behind it is durable: those outputs wait until the caller reports the batch that made the
+//! change as persisted. Dispatches and cancels need no such wait: a crash that loses the record
+//! of a dispatch also loses every promise that depended on it.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use crate::durable::{
+    Answer, Batch, CallRecord, DurableState, ExecRecord, ExecStatus, JoinRecord, LogIndex, Op,
+    Owner, WorkerRecord,
+};
+use crate::ids::{AppName, Attempt, CallId, ExecId, Incarnation, Seq, WorkerId};
+use crate::policy::{AppSpec, GrainPolicy};
+use crate::time::Time;
+use crate::wire::{
+    CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, Report, ToGateway, ToWorker,
+    FANOUT_MAX, PAYLOAD_BYTES_MAX,
+};
+
+/// A call's key: calls are unique within their execution.
+pub type CallKey = (ExecId, CallId);
+
+/// Settings of a global queue.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct GqConfig {
+    /// A worker silent this long is declared dead and its calls re-dispatched.
+    pub failure_timeout: Duration,
+    /// Added to a grain's timeout before the gateway gives up on an attempt the worker did not
+    /// report: the worker's own kill should come first.
+    pub timeout_grace: Duration,
+    /// How many early progress messages per worker are held back waiting for their
+    /// predecessors; more are dropped (the worker re-sends them).
+    pub held_max: usize,
+}
+
+impl Default for GqConfig {
+    fn default() -> Self {
+        Self {
+            failure_timeout: Duration::from_secs(5),
+            timeout_grace: Duration::from_secs(2),
+            held_max: 1024,
+        }
+    }
+}
+
+/// Something that happened, fed to [`GlobalQueue::handle`].
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum GqEvent {
+    /// A worker's message arrived (the transport authenticated the worker).
+    Message(WorkerId, ToGateway),
+    /// A worker's connection closed. Its calls stay with it until the failure timeout.
+    Disconnected(WorkerId),
+    /// Every batch up to this index is durable.
+    Persisted(LogIndex),
+    /// A named timer fires now, whatever its deadline. Real drivers use
+    /// [`GlobalQueue::handle_timeouts`]; a model checker fires any timer at any moment.
+    Timeout(GqTimer),
+}
+
+/// The global queue's timers.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum GqTimer {
+    /// The worker has been silent for the failure timeout.
+    Suspect(WorkerId),
+    /// A failed call's backoff is over: place it again.
+    Retry(ExecId, CallId),
+    /// A call's attempt ran past its timeout and grace.
+    Deadline(ExecId, CallId),
+}
+
+/// Something the caller must do, drained with [`GlobalQueue::poll_output`].
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum GqOutput {
+    /// Write this batch durably, after every earlier one, then report `GqEvent::Persisted`.
+    Persist(Batch),
+    /// Send this message to the worker (drop it if the worker is not connected).
+    Send(WorkerId, ToWorker),
+    /// The execution's acceptance is durable: an asynchronous client may now be told its id.
+    Accepted(ExecId),
+    /// The execution ended, durably: give the client this answer. Emitted once per execution.
+    Respond(ExecId, Answer),
+}
+
+/// What [`GlobalQueue::invoke`] did.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Invoked {
+    /// The execution.
+    pub exec: ExecId,
+    /// False when the idempotency key named an earlier execution, which this is.
+    pub fresh: bool,
+}
+
+/// Why an invocation was refused.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// No app of that name is deployed.
+    #[error("app {0} is not deployed")]
+    UnknownApp(AppName),
+    /// The input exceeds [`PAYLOAD_BYTES_MAX`].
+    #[error("input of {0} bytes exceeds the {max} byte limit", max = PAYLOAD_BYTES_MAX)]
+    TooLarge(usize),
+}
+
+/// The gateway's connection-level view of a worker. Not durable.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Default)]
+struct Link {
+    /// Whether its current incarnation said `Hello` on a connection that is still open.
+    connected: bool,
+    /// Progress messages that arrived before their predecessors.
+    held: BTreeMap<Seq, Vec<Report>>,
+}
+
+/// The global queue state machine.
+///
+/// Methods come in four kinds, as in quinn-proto: getters (`execution`, `state`, `timers`);
+/// [`handle`](Self::handle) and [`handle_timeouts`](Self::handle_timeouts) for events;
+/// commands that return a value ([`invoke`](Self::invoke), [`deploy`](Self::deploy),
+/// [`remove_app`](Self::remove_app), [`forget`](Self::forget)); and
+/// [`poll_output`](Self::poll_output) and [`poll_timeout`](Self::poll_timeout). After any event
+/// or command, drain `poll_output` until it returns `None`, then sleep until `poll_timeout`.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct GlobalQueue {
+    config: GqConfig,
+    /// Everything durable, including changes not yet reported persisted.
+    state: DurableState,
+    /// The next execution index in this epoch.
+    next_index: u32,
+    /// Idempotency keys of known executions.
+    keys: BTreeMap<String, ExecId>,
+    /// Pending calls by owner.
+    owned: BTreeMap<Owner, BTreeSet<CallKey>>,
+    links: BTreeMap<WorkerId, Link>,
+    timers: BTreeMap<GqTimer, Time>,
+    /// The index of the epoch record: nothing is sent before it is durable.
+    epoch_index: LogIndex,
+    /// The last batch index handed out, and the last one reported durable.
+    logged: LogIndex,
+    durable: LogIndex,
+    /// Ops of the event being handled.
+    batch: Vec<Op>,
+    /// Outputs of the event being handled that must wait for its batch.
+    after_batch: Vec<GqOutput>,
+    /// Outputs waiting for their batch to be durable.
+    gated: Vec<(LogIndex, GqOutput)>,
+    outputs: VecDeque<GqOutput>,
+}
+
+impl GlobalQueue {
+    /// A global queue with no history: a fresh cluster.
+    pub fn new(config: GqConfig, now: Time) -> Self {
+        Self::recover(config, now, DurableState::default())
+    }
+
+    /// The global queue rebuilt from its durable state after a gateway crash. Starts a new
+    /// epoch; every worker it knew has the failure timeout to reconnect.
+    pub fn recover(config: GqConfig, now: Time, state: DurableState) -> Self {
+        let mut gq = Self {
+            config,
+            state,
+            next_index: 0,
+            keys: BTreeMap::new(),
+            owned: BTreeMap::new(),
+            links: BTreeMap::new(),
+            timers: BTreeMap::new(),
+            epoch_index: LogIndex(1),
+            logged: LogIndex(0),
+            durable: LogIndex(0),
+            batch: Vec::new(),
+            after_batch: Vec::new(),
+            gated: Vec::new(),
+            outputs: VecDeque::new(),
+        };
+        let epoch = gq.state.epoch + 1;
+        gq.commit(Op::Epoch(epoch));
+        for rec in gq.state.execs.values() {
+            if let Some(key) = &rec.idempotency_key {
+                gq.keys.insert(key.clone(), rec.exec);
+            }
+        }
+        let workers: Vec<(WorkerId, WorkerRecord)> =
+            gq.state.workers.iter().map(|(w, r)| (*w, *r)).collect();
+        for (w, rec) in workers {
+            gq.links.insert(w, Link::default());
+            if !rec.dead {
+                gq.timers
+                    .insert(GqTimer::Suspect(w), now + gq.config.failure_timeout);
+            }
+        }
+        let calls: Vec<CallRecord> = gq.state.calls.values().cloned().collect();
+        for mut rec in calls {
+            match rec.owner {
+                Some(owner) if gq.is_live(owner) => gq.put_call(now, rec),
+                Some(_) => {
+                    // Its owner was declared dead before the crash; re-dispatch it.
+                    rec.attempt = rec.attempt.next();
+                    rec.owner = None;
+                    gq.put_call(now, rec);
+                }
+                None => {}
+            }
+        }
+        gq.close_batch();
+        gq
+    }
+
+    /// Deploys or replaces an app.
+    pub fn deploy(&mut self, spec: AppSpec) {
+        self.commit(Op::PutApp(spec));
+        self.close_batch();
+    }
+
+    /// Removes an app. Its running executions go on.
+    pub fn remove_app(&mut self, app: &AppName) -> bool {
+        let known = self.state.apps.contains_key(app);
+        if known {
+            self.commit(Op::DelApp(app.clone()));
+            self.close_batch();
+        }
+        known
+    }
+
+    /// Accepts an execution of `app` with `input`, or finds the earlier one with the same
+    /// idempotency key. Emits `Accepted` once the acceptance is durable and `Respond` once it
+    /// ends; the entry call is dispatched at once, without waiting for the disk.
+    pub fn invoke(
+        &mut self,
+        now: Time,
+        app: &AppName,
+        input: Payload,
+        idempotency_key: Option<String>,
+    ) -> Result<Invoked, InvokeError> {
+        if let Some(exec) = idempotency_key.as_ref().and_then(|k| self.keys.get(k)) {
+            let exec = *exec;
+            self.after_batch.push(GqOutput::Accepted(exec));
+            self.close_batch();
+            return Ok(Invoked { exec, fresh: false });
+        }
+        let spec = self
+            .state
+            .apps
+            .get(app)
+            .ok_or_else(|| InvokeError::UnknownApp(app.clone()))?;
+        if input.len() > PAYLOAD_BYTES_MAX {
+            return Err(InvokeError::TooLarge(input.len()));
+        }
+        let exec = ExecId::new(self.state.epoch, self.next_index);
+        self.next_index += 1;
+        let entry = spec.entry.clone();
+        if let Some(key) = &idempotency_key {
+            self.keys.insert(key.clone(), exec);
+        }
+        self.commit(Op::PutExec(ExecRecord {
+            exec,
+            app: app.clone(),
+            idempotency_key,
+            status: ExecStatus::Running,
+        }));
+        self.put_call(
+            now,
+            CallRecord {
+                exec,
+                call: exec.root_call(),
+                app: app.clone(),
+                grain: entry,
+                input,
+                cont: Cont::Client,
+                attempt: Attempt(0),
+                failures: 0,
+                owner: None,
+            },
+        );
+        self.after_batch.push(GqOutput::Accepted(exec));
+        self.close_batch();
+        Ok(Invoked { exec, fresh: true })
+    }
+
+    /// Forgets an ended execution (and its idempotency key). Returns false if it is unknown or
+    /// still running.
+    pub fn forget(&mut self, exec: ExecId) -> bool {
+        let Some(rec) = self.state.execs.get(&exec) else {
+            return false;
+        };
+        if rec.status == ExecStatus::Running {
+            return false;
+        }
+        if let Some(k) = &rec.idempotency_key {
+            self.keys.remove(k);
+        }
+        self.commit(Op::DelExec(exec));
+        self.close_batch();
+        true
+    }
+
+    /// Handles one event.
+    pub fn handle(&mut self, now: Time, event: GqEvent) {
+        match event {
+            GqEvent::Message(worker, msg) => self.on_message(now, worker, msg),
+            GqEvent::Disconnected(worker) => {
+                if let Some(link) = self.links.get_mut(&worker) {
+                    link.connected = false;
+                }
+            }
+            GqEvent::Persisted(upto) => self.on_persisted(upto),
+            GqEvent::Timeout(timer) => {
+                if self.timers.remove(&timer).is_some() {
+                    self.on_timer(now, timer);
+                }
+            }
+        }
+        self.close_batch();
+    }
+
+    /// Fires every timer whose deadline is at or before `now`.
+    pub fn handle_timeouts(&mut self, now: Time) {
+        let due: Vec<GqTimer> = self
+            .timers
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for timer in due {
+            self.handle(now, GqEvent::Timeout(timer));
+        }
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<GqOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// The earliest timer deadline, if any timer is set.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        self.timers.values().min().copied()
+    }
+
+    /// An execution's record.
+    pub fn execution(&self, exec: ExecId) -> Option<&ExecRecord> {
+        self.state.execs.get(&exec)
+    }
+
+    /// The durable state, including changes not yet persisted.
+    pub fn state(&self) -> &DurableState {
+        &self.state
+    }
+
+    /// The timers set, with their deadlines.
+    pub fn timers(&self) -> impl Iterator<Item = (GqTimer, Time)> + '_ {
+        self.timers.iter().map(|(t, at)| (*t, *at))
+    }
+
+    /// Whether the worker's current incarnation is alive and connected.
+    pub fn is_connected(&self, worker: WorkerId) -> bool {
+        self.links.get(&worker).is_some_and(|l| l.connected)
+            && self.state.workers.get(&worker).is_some_and(|r| !r.dead)
+    }
+
+    /// How many pending calls the worker's current incarnation owns.
+    pub fn load(&self, worker: WorkerId) -> usize {
+        self.state
+            .workers
+            .get(&worker)
+            .and_then(|r| {
+                self.owned.get(&Owner {
+                    worker,
+                    incarnation: r.incarnation,
+                })
+            })
+            .map_or(0, BTreeSet::len)
+    }
+
+    fn on_message(&mut self, now: Time, worker: WorkerId, msg: ToGateway) {
+        let incarnation = match &msg {
+            ToGateway::Hello { incarnation } => return self.on_hello(now, worker, *incarnation),
+            ToGateway::Heartbeat { incarnation, .. } | ToGateway::Progress { incarnation, .. } => {
+                *incarnation
+            }
+        };
+        let Some(rec) = self.state.workers.get(&worker).copied() else {
+            return; // It has not said Hello: nothing it says counts yet.
+        };
+        if incarnation > rec.incarnation {
+            return; // A newer life that has not said Hello yet.
+        }
+        if incarnation < rec.incarnation || rec.dead {
+            self.fence(worker, incarnation);
+            return;
+        }
+        self.touch(now, worker);
+        if let ToGateway::Progress { seq, reports, .. } = msg {
+            self.on_progress(now, worker, rec, seq, reports);
+        }
+    }
+
+    fn on_hello(&mut self, now: Time, worker: WorkerId, incarnation: Incarnation) {
+        let known = self.state.workers.get(&worker).copied();
+        match known {
+            Some(rec) if incarnation < rec.incarnation || (incarnation == rec.incarnation && rec.dead) => {
+                self.fence(worker, incarnation);
+            }
+            Some(rec) if incarnation == rec.incarnation => {
+                // A reconnect: re-send what it may have missed.
+                self.links.entry(worker).or_default().connected = true;
+                self.touch(now, worker);
+                self.after_batch.push(GqOutput::Send(
+                    worker,
+                    ToWorker::Welcome {
+                        incarnation,
+                        applied: rec.applied,
+                    },
+                ));
+                let owner = Owner {
+                    worker,
+                    incarnation,
+                };
+                let keys: Vec<CallKey> = self
+                    .owned
+                    .get(&owner)
+                    .map(|s| s.iter().copied().collect())
+                    .unwrap_or_default();
+                for key in keys {
+                    if let Some(rec) = self.state.calls.get(&key) {
+                        let msg = ToWorker::Dispatch {
+                            incarnation,
+                            call: spec_of(rec),
+                        };
+                        self.send(worker, msg);
+                    }
+                }
+                self.place_waiting(now);
+            }
+            _ => {
+                // A new incarnation: whatever the old one owned is lost with it.
+                if let Some(old) = known.filter(|r| !r.dead) {
+                    self.declare_dead(now, worker, old);
+                }
+                self.commit(Op::PutWorker(
+                    worker,
+                    WorkerRecord {
+                        incarnation,
+                        dead: false,
+                        applied: Seq(0),
+                    },
+                ));
+                let link = self.links.entry(worker).or_default();
+                link.connected = true;
+                link.held.clear();
+                self.touch(now, worker);
+                self.after_batch.push(GqOutput::Send(
+                    worker,
+                    ToWorker::Welcome {
+                        incarnation,
+                        applied: Seq(0),
+                    },
+                ));
+                self.place_waiting(now);
+            }
+        }
+    }
+
+    fn on_progress(
+        &mut self,
+        now: Time,
+        worker: WorkerId,
+        rec: WorkerRecord,
+        seq: Seq,
+        reports: Vec<Report>,
+    ) {
+        let owner = Owner {
+            worker,
+            incarnation: rec.incarnation,
+        };
+        let mut applied = rec.applied;
+        if seq > applied.next() {
+            let link = self.links.entry(worker).or_default();
+            if link.held.len() < self.config.held_max {
+                link.held.insert(seq, reports);
+            }
+            return;
+        }
+        if seq == applied.next() {
+            self.apply_reports(now, owner, reports);
+            applied = seq;
+            loop {
+                let next = self
+                    .links
+                    .get_mut(&worker)
+                    .and_then(|l| l.held.remove(&applied.next()));
+                let Some(reports) = next else { break };
+                self.apply_reports(now, owner, reports);
+                applied = applied.next();
+            }
+            if let Some(link) = self.links.get_mut(&worker) {
+                link.held.retain(|s, _| *s > applied);
+            }
+            self.commit(Op::PutWorker(worker, WorkerRecord { applied, ..rec }));
+        }
+        self.after_batch.push(GqOutput::Send(
+            worker,
+            ToWorker::Ack {
+                incarnation: rec.incarnation,
+                upto: applied,
+            },
+        ));
+    }
+
+    fn apply_reports(&mut self, now: Time, owner: Owner, reports: Vec<Report>) {
+        for report in reports {
+            self.apply_report(now, owner, report);
+        }
+    }
+
+    /// Applies one report atomically, or not at all if it is stale: its execution ended, its
+    /// call is not pending, or it is not the current attempt of the sender.
+    fn apply_report(&mut self, now: Time, owner: Owner, report: Report) {
+        let key = (report.exec, report.call);
+        if !self.is_running(report.exec) {
+            return;
+        }
+        let Some(root) = self.state.calls.get(&key) else {
+            return;
+        };
+        if root.owner != Some(owner) || root.attempt != report.attempt {
+            return;
+        }
+        let app = root.app.clone();
+        let effects = match report.outcome {
+            Outcome::Failed(error) => return self.fail_attempt(now, key, error),
+            Outcome::Done(effects) => effects,
+        };
+        self.del_call(key);
+        let exec = report.exec;
+        for spec in effects.joins {
+            let jkey = (exec, spec.call);
+            let branches = spec.branches as usize;
+            if self.state.joins.contains_key(&jkey) || branches == 0 || branches > FANOUT_MAX {
+                continue;
+            }
+            self.commit(Op::PutJoin(JoinRecord {
+                exec,
+                contributions: vec![None; branches],
+                spec,
+                fired: false,
+ }));
+        }
+        let mut touched = BTreeSet::new();
+        for ret in effects.returns {
+            match ret.cont {
+                Cont::Client => return self.finish(exec, Answer::Value(ret.value)),
+                Cont::Join { join, branch } => {
+                    let Some(j) = self.state.joins.get(&(exec, join)) else {
+                        continue;
+                    };
+                    let slot = branch as usize;
+                    if j.fired || slot >= j.contributions.len() || j.contributions[slot].is_some()
+                    {
+                        continue;
+                    }
+                    let mut j = j.clone();
+                    j.contributions[slot] = Some(ret.value);
+                    self.commit(Op::PutJoin(j));
+                    touched.insert(join);
+                }
+            }
+        }
+        for new in effects.spawned {
+            let ckey = (exec, new.call);
+            if self.state.calls.contains_key(&ckey) {
+                continue;
+            }
+            if let Some(j) = self.state.joins.get(&ckey) {
+                if j.fired {
+                    continue;
+                }
+                let mut j = j.clone();
+                j.fired = true;
+                self.commit(Op::PutJoin(j));
+            }
+            self.put_call(
+                now,
+                CallRecord {
+                    exec,
+                    call: new.call,
+                    app: app.clone(),
+                    grain: new.grain,
+                    input: new.input,
+                    cont: new.cont,
+                    attempt: Attempt(0),
+                    failures: 0,
+                    owner: new.owned.then_some(owner),
+                },
+            );
+        }
+        for join in touched {
+            self.fire_if_complete(now, (exec, join));
+        }
+    }
+
+    /// Spawns a join whose branches have all contributed, unless a worker already did.
+    fn fire_if_complete(&mut self, now: Time, jkey: CallKey) {
+        let Some(j) = self.state.joins.get(&jkey) else {
+            return;
+        };
+        if j.fired || !j.is_complete() {
+            return;
+        }
+        let mut j = j.clone();
+        let input = Payload::json_array(j.contributions.iter().flatten());
+        let Some(app) = self.state.execs.get(&jkey.0).map(|e| e.app.clone()) else {
+            return;
+        };
+        match input {
+            Ok(input) => {
+                j.fired = true;
+                let rec = CallRecord {
+                    exec: jkey.0,
+                    call: j.spec.call,
+                    app,
+                    grain: j.spec.grain.clone(),
+                    input,
+                    cont: j.spec.cont,
+                    attempt: Attempt(0),
+                    failures: 0,
+                    owner: None,
+                };
+                self.commit(Op::PutJoin(j));
+                self.put_call(now, rec);
+            }
+            Err(e) => {
+                let error = GrainError::new(ErrorKind::BadOutput, format!("join input: {e}"));
+                self.finish(jkey.0, Answer::Error(error));
+            }
+        }
+    }
+
+    /// Counts a failed attempt: retry after a backoff, or end the execution with the error.
+    fn fail_attempt(&mut self, now: Time, key: CallKey, error: GrainError) {
+        let Some(mut rec) = self.state.calls.get(&key).cloned() else {
+            return;
+        };
+        let policy = self.policy(&rec.app, &rec);
+        rec.failures += 1;
+        if rec.failures >= policy.attempts_max {
+            return self.finish(key.0, Answer::Error(error));
+        }
+        // The retry timer goes first, so that put_call leaves the call unplaced until it fires.
+        self.timers
+            .insert(GqTimer::Retry(key.0, key.1), now + policy.backoff(rec.failures));
+        rec.attempt = rec.attempt.next();
+        rec.owner = None;
+        self.put_call(now, rec);
+    }
+
+    /// Ends an execution with its one answer and cancels whatever of it is still pending.
+    fn finish(&mut self, exec: ExecId, answer: Answer) {
+        let Some(rec) = self.state.execs.get(&exec) else {
+            return;
+        };
+        if rec.status != ExecStatus::Running {
+            return;
+        }
+        let mut rec = rec.clone();
+        rec.status = ExecStatus::Done(answer.clone());
+        self.commit(Op::PutExec(rec));
+        let range = (exec, CallId(0))..=(exec, CallId(u64::MAX));
+        let calls: Vec<CallKey> = self.state.calls.range(range.clone()).map(|(k, _)| *k).collect();
+        let mut owners = BTreeSet::new();
+        for key in calls {
+            if let Some(owner) = self.state.calls.get(&key).and_then(|c| c.owner) {
+                owners.insert(owner);
+            }
+            self.del_call(key);
+        }
+        for owner in owners {
+            let msg = ToWorker::Cancel {
+                incarnation: owner.incarnation,
+                exec,
+            };
+            self.send(owner.worker, msg);
+        }
+        let joins: Vec<CallKey> = self.state.joins.range(range).map(|(k, _)| *k).collect();
+        for (e, j) in joins {
+            self.commit(Op::DelJoin(e, j));
+        }
+        self.after_batch.push(GqOutput::Respond(exec, answer));
+    }
+
+    fn on_timer(&mut self, now: Time, timer: GqTimer) {
+        match timer {
+            GqTimer::Suspect(worker) => {
+                if let Some(rec) = self.state.workers.get(&worker).copied() {
+                    if !rec.dead {
+                        self.declare_dead(now, worker, rec);
+                    }
+                }
+            }
+            GqTimer::Retry(exec, call) => {
+                if let Some(rec) = self.state.calls.get(&(exec, call)).cloned() {
+                    if rec.owner.is_none() {
+                        self.put_call(now, rec);
+                    }
+                }
+            }
+            GqTimer::Deadline(exec, call) => {
+                let Some(rec) = self.state.calls.get(&(exec, call)) else {
+                    return;
+                };
+                let Some(owner) = rec.owner else { return };
+                let msg = ToWorker::Abort {
+                    incarnation: owner.incarnation,
+                    exec,
+                    call,
+                    attempt: rec.attempt,
+                };
+                self.send(owner.worker, msg);
+                let error = GrainError::new(ErrorKind::Timeout, "the attempt ran past its timeout");
+                self.fail_attempt(now, (exec, call), error);
+            }
+        }
+    }
+
+    /// Fences a worker incarnation for good and re-dispatches every call it owned.
+    fn declare_dead(&mut self, now: Time, worker: WorkerId, rec: WorkerRecord) {
+        self.commit(Op::PutWorker(worker, WorkerRecord { dead: true, ..rec }));
+        self.timers.remove(&GqTimer::Suspect(worker));
+        if let Some(link) = self.links.get_mut(&worker) {
+            link.connected = false;
+            link.held.clear();
+        }
+        let owner = Owner {
+            worker,
+            incarnation: rec.incarnation,
+        };
+        let keys = self.owned.remove(&owner).unwrap_or_default();
+        for key in keys {
+            if let Some(mut call) = self.state.calls.get(&key).cloned() {
+                call.attempt = call.attempt.next();
+                call.owner = None;
+                self.put_call(now, call);
+            }
+        }
+    }
+
+    /// Tells an incarnation it is dead, once that is durable.
+    fn fence(&mut self, worker: WorkerId, incarnation: Incarnation) {
+        self.after_batch
+            .push(GqOutput::Send(worker, ToWorker::Fenced { incarnation }));
+    }
+
+    /// Places every call that waits for a worker and is not backing off.
+    fn place_waiting(&mut self, now: Time) {
+        let waiting: Vec<CallRecord> = self
+            .state
+            .calls
+            .values()
+            .filter(|c| {
+                c.owner.is_none() && !self.timers.contains_key(&GqTimer::Retry(c.exec, c.call))
+            })
+            .cloned()
+            .collect();
+        for rec in waiting {
+            self.put_call(now, rec);
+        }
+    }
+
+    /// Records a pending call, placing it first if it has no owner and is not backing off, and
+    /// keeps the owner index and the call's timers in step.
+    fn put_call(&mut self, now: Time, mut rec: CallRecord) {
+        let key = (rec.exec, rec.call);
+        let backing_off = self.timers.contains_key(&GqTimer::Retry(key.0, key.1));
+        if rec.owner.is_none() && !backing_off {
+            rec.owner = self.choose_worker();
+            if let Some(owner) = rec.owner {
+                let msg = ToWorker::Dispatch {
+                    incarnation: owner.incarnation,
+                    call: spec_of(&rec),
+                };
+                self.send(owner.worker, msg);
+            }
+        }
+        if let Some(old) = self.state.calls.get(&key).and_then(|c| c.owner) {
+            if let Some(set) = self.owned.get_mut(&old) {
+                set.remove(&key);
+            }
+        }
+        let deadline = GqTimer::Deadline(key.0, key.1);
+        self.timers.remove(&deadline);
+        if let Some(owner) = rec.owner {
+            self.owned.entry(owner).or_default().insert(key);
+            let policy = self.policy(&rec.app, &rec);
+            if let Some(ms) = policy.timeout_ms {
+                let at = now + Duration::from_millis(ms) + self.config.timeout_grace;
+                self.timers.insert(deadline, at);
+            }
+        }
+        if self.state.calls.get(&key) != Some(&rec) {
+            self.commit(Op::PutCall(rec));
+        }
+    }
+
+    /// Removes a pending call (completed or cancelled) with its timers and index entry.
+    fn del_call(&mut self, key: CallKey) {
+        if let Some(owner) = self.state.calls.get(&key).and_then(|c| c.owner) {
+            if let Some(set) = self.owned.get_mut(&owner) {
+                set.remove(&key);
+            }
+        }
+        self.timers.remove(&GqTimer::Retry(key.0, key.1));
+        self.timers.remove(&GqTimer::Deadline(key.0, key.1));
+        self.commit(Op::DelCall(key.0, key.1));
+    }
+
+    /// The least loaded live, connected worker; ties go to the lowest id.
+    fn choose_worker(&self) -> Option<Owner> {
+        self.state
+            .workers
+            .iter()
+            .filter(|(w, r)| !r.dead && self.links.get(w).is_some_and(|l| l.connected))
+            .map(|(w, r)| Owner {
+                worker: *w,
+                incarnation: r.incarnation,
+            })
+            .min_by_key(|o| (self.owned.get(o).map_or(0, BTreeSet::len), o.worker))
+    }
+
+    fn policy(&self, app: &AppName, rec: &CallRecord) -> GrainPolicy {
+        self.state
+            .apps
+            .get(app)
+            .map(|a| a.policy(&rec.grain))
+            .unwrap_or_default()
+    }
+
+    fn is_running(&self, exec: ExecId) -> bool {
+        self.state
+            .execs
+            .get(&exec)
+            .is_some_and(|e| e.status == ExecStatus::Running)
+    }
+
+    fn is_live(&self, owner: Owner) -> bool {
+        self.state
+            .workers
+            .get(&owner.worker)
+            .is_some_and(|r| r.incarnation == owner.incarnation && !r.dead)
+    }
+
+    fn touch(&mut self, now: Time, worker: WorkerId) {
+        self.timers
+            .insert(GqTimer::Suspect(worker), now + self.config.failure_timeout);
+    }
+
+    fn on_persisted(&mut self, upto: LogIndex) {
+        if upto <= self.durable {
+            return;
+        }
+        self.durable = upto.min(self.logged);
+        let durable = self.durable;
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            self.gated.drain(..).partition(|(needs, _)| *needs <= durable);
+        self.gated = waiting;
+        self.outputs.extend(ready.into_iter().map(|(_, out)| out));
+    }
+
+    /// Sends a message, unless the epoch record is not yet durable: ids of this epoch must not
+    /// leave before it is.
+    fn send(&mut self, worker: WorkerId, msg: ToWorker) {
+        let out = GqOutput::Send(worker, msg);
+        if self.durable >= self.epoch_index {
+            self.outputs.push_back(out);
+        } else {
+            self.gated.push((self.epoch_index, out));
+        }
+    }
+
+    fn commit(&mut self, op: Op) {
+        self.state.apply(&op);
+        self.batch.push(op);
+    }
+
+    /// Ends the event: emits its batch, and queues what must wait for it.
+    fn close_batch(&mut self) {
+        if !self.batch.is_empty() {
+            self.logged = LogIndex(self.logged.0 + 1);
+            let batch = Batch {
+                index: self.logged,
+                ops: std::mem::take(&mut self.batch),
+            };
+            self.outputs.push_back(GqOutput::Persist(batch));
+        }
+        let needs = self.logged;
+        for out in self.after_batch.drain(..) {
+            if needs <= self.durable {
+                self.outputs.push_back(out);
+            } else {
+                self.gated.push((needs, out));
+            }
+        }
+    }
+}
+
+/// What a worker needs to run a call's current attempt.
+fn spec_of(rec: &CallRecord) -> CallSpec {
+    CallSpec {
+        exec: rec.exec,
+        call: rec.call,
+        attempt: rec.attempt,
+        app: rec.app.clone(),
+        grain: rec.grain.clone(),
+        input: rec.input.clone(),
+        cont: rec.cont,
+    }
+}

@@ -1,0 +1,48 @@
+//! Time as a value: the caller reads its clock and passes the reading in.
+//!
+//! The state machines never read a clock. They keep deadlines as [`Time`] values in named timers
+//! and report the earliest through `poll_timeout`; the caller wakes them then, or (a model
+//! checker) fires any timer at any moment.
+
+use std::fmt;
+use std::ops::Add;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A point in time, in milliseconds since an origin the caller chooses (its process start, say).
+/// Only differences between two `Time`s from the same caller mean anything.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct Time(u64);
+
+impl Time {
+    /// The origin.
+    pub const ZERO: Time = Time(0);
+
+    /// The time `ms` milliseconds after the origin.
+    pub fn from_millis(ms: u64) -> Self {
+        Self(ms)
+    }
+
+    /// Milliseconds since the origin.
+    pub fn as_millis(self) -> u64 {
+        self.0
+    }
+}
+
+impl Add<Duration> for Time {
+    type Output = Time;
+
+    fn add(self, d: Duration) -> Time {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Time(self.0.saturating_add(ms))
+    }
+}
+
+impl fmt::Debug for Time {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t{}ms", self.0)
+    }
+}

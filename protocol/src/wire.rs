@@ -1,0 +1,480 @@
+//! The messages between the gateway and its workers, and their binary encoding.
+//!
+//! Every message names the incarnation it belongs to, so a receiver can refuse what an older
+//! life of a worker said. The encoding is a one-byte version followed by postcard (serde's
+//! compact varint format). A frame is at most [`MESSAGE_BYTES_MAX`] long; decoding any byte
+//! string returns a message or an error, never a panic.
+//!
+//! This module does not decide anything: what a receiver must do with each message is written on
+//! the message, and done by `GlobalQueue` and `LocalBus`.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq};
+
+/// The encoding version this build writes and reads.
+pub const WIRE_VERSION: u8 = 1;
+
+/// The largest encoded message, in bytes. A frame above it is refused without being read.
+pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
+
+/// The largest single value a grain may take or produce, in bytes (the input, each emitted call's
+/// input, a return value, and a join's assembled input).
+pub const PAYLOAD_BYTES_MAX: usize = 6 << 20;
+
+/// The most branches one fan-out may emit.
+pub const FANOUT_MAX: usize = 256;
+
+/// A value passed between grains and to the client: a JSON text by convention. The protocol never
+/// parses it; it only assembles a join's input as a JSON array of the branch values.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct Payload(pub Bytes);
+
+impl Payload {
+    /// Wraps bytes.
+    pub fn new(bytes: impl Into<Bytes>) -> Self {
+        Self(bytes.into())
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The input of a join: the branch values as a JSON array, in branch order. Refused when the
+    /// result would exceed [`PAYLOAD_BYTES_MAX`].
+    pub fn json_array<'a>(parts: impl IntoIterator<Item = &'a Payload>) -> Result<Payload, TooLarge> {
+        let mut out = Vec::from(&b"["[..]);
+        for (i, p) in parts.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&p.0);
+            if out.len() >= PAYLOAD_BYTES_MAX {
+                return Err(TooLarge { bytes: out.len() });
+            }
+        }
+        out.push(b']');
+        Ok(Payload(out.into()))
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(s) if s.len() <= 32 => write!(f, "{s}"),
+            _ => write!(f, "<{} bytes>", self.0.len()),
+        }
+    }
+}
+
+impl From<&str> for Payload {
+    fn from(s: &str) -> Self {
+        Self(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+/// A value above [`PAYLOAD_BYTES_MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a value of {bytes} bytes or more exceeds the {max} byte limit", max = PAYLOAD_BYTES_MAX)]
+pub struct TooLarge {
+    /// How many bytes it had reached when refused.
+    pub bytes: usize,
+}
+
+/// Where a call's return value goes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum Cont {
+    /// The value answers the execution.
+    Client,
+    /// The value is branch `branch` of the fan-out whose join call is `join`.
+    Join {
+        /// The join call.
+        join: CallId,
+        /// The branch index, from 0.
+        branch: u32,
+    },
+}
+
+/// Everything a worker needs to run one attempt of one call.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct CallSpec {
+    /// The execution it belongs to.
+    pub exec: ExecId,
+    /// The call.
+    pub call: CallId,
+    /// The attempt this run is.
+    pub attempt: Attempt,
+    /// The app that holds the grain.
+    pub app: AppName,
+    /// The grain to run.
+    pub grain: GrainName,
+    /// The grain's input.
+    pub input: Payload,
+    /// Where its return value goes. Calls it emits with `next` inherit it.
+    pub cont: Cont,
+}
+
+/// A call that a report leaves pending.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct NewCall {
+    /// The call (derived from its parent).
+    pub call: CallId,
+    /// The grain to run, in the same app as the report's root.
+    pub grain: GrainName,
+    /// Its input: the backup from which the gateway can run it again.
+    pub input: Payload,
+    /// Where its return value goes.
+    pub cont: Cont,
+    /// Whether the reporting worker already runs it (attempt 0). If not, the gateway places it.
+    pub owned: bool,
+}
+
+/// A fan-out's join, made when the fan-out runs.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct JoinSpec {
+    /// The join call's id (`fan_out_call.join()`).
+    pub call: CallId,
+    /// The grain that gets the branch values.
+    pub grain: GrainName,
+    /// How many branches contribute.
+    pub branches: u32,
+    /// Where the join's return value goes (the fan-out call's own continuation).
+    pub cont: Cont,
+}
+
+/// A value a report delivers.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct Return {
+    /// Where it goes.
+    pub cont: Cont,
+    /// The value.
+    pub value: Payload,
+}
+
+/// The net effect of running a call and, coalesced into it, any successors the worker ran
+/// before reporting: the joins started, the values delivered, and the calls left pending.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default)]
+pub struct Effects {
+    /// Joins created by fan-outs, applied first.
+    pub joins: Vec<JoinSpec>,
+    /// Values delivered to the client or to joins, applied second.
+    pub returns: Vec<Return>,
+    /// Calls left pending, applied last. A join call listed here was started by the worker.
+    pub spawned: Vec<NewCall>,
+}
+
+impl Effects {
+    /// A rough count of the bytes this takes on the wire, for batching.
+    pub fn weight(&self) -> usize {
+        let values: usize = self.returns.iter().map(|r| r.value.len() + 24).sum();
+        let inputs: usize = self.spawned.iter().map(|c| c.input.len() + 96).sum();
+        values + inputs + self.joins.len() * 96
+    }
+}
+
+/// Why an attempt failed.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum ErrorKind {
+    /// The handler raised an error.
+    Raised,
+    /// The instance died without answering (a signal, an exit).
+    Crashed,
+    /// The instance ran past the grain's timeout and was killed.
+    Timeout,
+    /// The instance was killed for exceeding its memory limit.
+    OutOfMemory,
+    /// The handler's output could not be understood (not JSON, too large, a bad `next`).
+    BadOutput,
+    /// The grain or app is not deployed, or the platform could not run it.
+    Unavailable,
+}
+
+/// A grain's failure, as the client sees it after the last retry.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct GrainError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// A human-readable account (for `Raised`, the exception and its message).
+    pub message: String,
+}
+
+impl GrainError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// What happened to a report's root call.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum Outcome {
+    /// It finished; these are its effects.
+    Done(Effects),
+    /// This attempt failed.
+    Failed(GrainError),
+}
+
+/// One unit the gateway applies atomically: the outcome of a call it knows as pending.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct Report {
+    /// The execution.
+    pub exec: ExecId,
+    /// The root call: one the gateway knows, owned by the sender.
+    pub call: CallId,
+    /// The attempt that ran.
+    pub attempt: Attempt,
+    /// What came of it.
+    pub outcome: Outcome,
+}
+
+/// A message from a worker to the gateway.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum ToGateway {
+    /// Sent first on every connection. The gateway answers `Welcome`, or `Fenced` if this
+    /// incarnation was declared dead. A new incarnation makes the gateway re-dispatch at once
+    /// every call the older one owned.
+    Hello {
+        /// The sender's incarnation.
+        incarnation: Incarnation,
+    },
+    /// Sent every heartbeat interval while connected. The gateway resets the sender's failure
+    /// timer.
+    Heartbeat {
+        /// The sender's incarnation.
+        incarnation: Incarnation,
+        /// Calls running on the sender now.
+        running: u32,
+    },
+    /// Sent when reports are ready and fewer than the window's worth of messages are unacked;
+    /// re-sent, unchanged, on a timer and after every `Welcome` until acked. The gateway
+    /// applies an incarnation's messages in `seq` order, each atomically, holding back any that
+    /// arrive early, and acks once the result is durable.
+    Progress {
+        /// The sender's incarnation.
+        incarnation: Incarnation,
+        /// Numbered from 1 per incarnation, with no gaps.
+        seq: Seq,
+        /// Applied in order, each alone: a stale one is skipped, the rest still apply.
+        reports: Vec<Report>,
+    },
+}
+
+/// A message from the gateway to a worker.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum ToWorker {
+    /// Answers `Hello`. The worker drops its backups up to `applied`, re-sends the rest in
+    /// order, and starts sending new progress and heartbeats.
+    Welcome {
+        /// The incarnation welcomed.
+        incarnation: Incarnation,
+        /// The last of its progress messages the gateway has durably applied.
+        applied: Seq,
+    },
+    /// Sent when the gateway places a call on the worker, and again after every `Hello` for
+    /// each call it still sees the worker owning. The worker runs it, unless it already started
+    /// this attempt in this incarnation: then it ignores it.
+    Dispatch {
+        /// The incarnation addressed; another ignores it.
+        incarnation: Incarnation,
+        /// The call to run.
+        call: CallSpec,
+    },
+    /// Sent once the progress up to `upto` is durable. The worker drops those backups.
+    Ack {
+        /// The incarnation addressed.
+        incarnation: Incarnation,
+        /// Every message numbered up to this one is applied.
+        upto: Seq,
+    },
+    /// Sent when an execution has ended while the worker owned some of its calls. The worker
+    /// kills them and forgets the execution.
+    Cancel {
+        /// The incarnation addressed.
+        incarnation: Incarnation,
+        /// The execution that ended.
+        exec: ExecId,
+    },
+    /// Sent when the gateway gave up on an attempt (its timeout ran out). The worker kills it.
+    Abort {
+        /// The incarnation addressed.
+        incarnation: Incarnation,
+        /// The execution.
+        exec: ExecId,
+        /// The call.
+        call: CallId,
+        /// The attempt to kill.
+        attempt: Attempt,
+    },
+    /// Sent in answer to anything from an incarnation the gateway declared dead. The worker
+    /// kills everything, forgets everything, and says `Hello` as a new incarnation.
+    Fenced {
+        /// The dead incarnation.
+        incarnation: Incarnation,
+    },
+}
+
+/// Why bytes could not be decoded into a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The frame had no bytes.
+    #[error("empty frame")]
+    Empty,
+    /// The frame is longer than [`MESSAGE_BYTES_MAX`].
+    #[error("frame of {0} bytes exceeds the {max} byte limit", max = MESSAGE_BYTES_MAX)]
+    TooLarge(usize),
+    /// The peer speaks another encoding version.
+    #[error("wire version {0} is not supported (this build speaks version {WIRE_VERSION})")]
+    Version(u8),
+    /// The bytes are not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A valid message was followed by more bytes.
+    #[error("{0} stray bytes after the message")]
+    Trailing(usize),
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoding is longer than [`MESSAGE_BYTES_MAX`].
+    #[error("message of {0} bytes exceeds the {max} byte limit", max = MESSAGE_BYTES_MAX)]
+    TooLarge(usize),
+    /// serde refused the value.
+    #[error("cannot encode: {0}")]
+    Serde(String),
+}
+
+/// Encodes a message as one frame: the version byte, then postcard.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
+    let out = postcard::to_extend(msg, vec![WIRE_VERSION])
+        .map_err(|e| EncodeError::Serde(e.to_string()))?;
+    if out.len() > MESSAGE_BYTES_MAX {
+        return Err(EncodeError::TooLarge(out.len()));
+    }
+    Ok(out)
+}
+
+/// Decodes one frame made by [`encode`].
+pub fn decode<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, DecodeError> {
+    let (&version, body) = frame.split_first().ok_or(DecodeError::Empty)?;
+    if frame.len() > MESSAGE_BYTES_MAX {
+        return Err(DecodeError::TooLarge(frame.len()));
+    }
+    if version != WIRE_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let (msg, rest) =
+        postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::ExecId;
+
+    fn spec() -> CallSpec {
+        let exec = ExecId::new(1, 1);
+        CallSpec {
+            exec,
+            call: exec.root_call(),
+            attempt: Attempt(2),
+            app: AppName::new("app").unwrap(),
+            grain: GrainName::new("first").unwrap(),
+            input: Payload::from("{\"x\":1}"),
+            cont: Cont::Client,
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let msgs = vec![
+            ToWorker::Dispatch {
+                incarnation: Incarnation(3),
+                call: spec(),
+            },
+            ToWorker::Ack {
+                incarnation: Incarnation(3),
+                upto: Seq(9),
+            },
+            ToWorker::Fenced {
+                incarnation: Incarnation(1),
+            },
+        ];
+        for m in msgs {
+            let frame = encode(&m).unwrap();
+            assert_eq!(frame[0], WIRE_VERSION);
+            assert_eq!(decode::<ToWorker>(&frame), Ok(m));
+        }
+        let p = ToGateway::Progress {
+            incarnation: Incarnation(1),
+            seq: Seq(1),
+            reports: vec![Report {
+                exec: spec().exec,
+                call: spec().call,
+                attempt: Attempt(0),
+                outcome: Outcome::Failed(GrainError::new(ErrorKind::Raised, "boom")),
+            }],
+        };
+        assert_eq!(decode::<ToGateway>(&encode(&p).unwrap()), Ok(p));
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        let good = encode(&ToGateway::Hello {
+            incarnation: Incarnation(1),
+        })
+        .unwrap();
+        assert_eq!(decode::<ToGateway>(&[]), Err(DecodeError::Empty));
+        let mut wrong_version = good.clone();
+        wrong_version[0] = 9;
+        assert_eq!(decode::<ToGateway>(&wrong_version), Err(DecodeError::Version(9)));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(decode::<ToGateway>(&trailing), Err(DecodeError::Trailing(1)));
+        assert!(matches!(
+            decode::<ToGateway>(&good[..1]),
+            Err(DecodeError::Malformed(_))
+        ));
+        let huge = vec![WIRE_VERSION; MESSAGE_BYTES_MAX + 1];
+        assert_eq!(
+            decode::<ToGateway>(&huge),
+            Err(DecodeError::TooLarge(MESSAGE_BYTES_MAX + 1))
+        );
+    }
+
+    #[test]
+    fn oversize_messages_are_not_encoded() {
+        let mut s = spec();
+        s.input = Payload::new(vec![b'x'; MESSAGE_BYTES_MAX]);
+        let m = ToWorker::Dispatch {
+            incarnation: Incarnation(0),
+            call: s,
+        };
+        assert!(matches!(encode(&m), Err(EncodeError::TooLarge(_))));
+    }
+
+    #[test]
+    fn join_input_is_a_json_array_in_order() {
+        let parts = [Payload::from("1"), Payload::from("{\"a\":2}")];
+        assert_eq!(Payload::json_array(&parts).unwrap(), Payload::from("[1,{\"a\":2}]"));
+        assert_eq!(Payload::json_array([]).unwrap(), Payload::from("[]"));
+        let big = Payload::new(vec![b'1'; PAYLOAD_BYTES_MAX / 2 + 1]);
+        assert!(Payload::json_array([&big, &big]).is_err());
+    }
+}
