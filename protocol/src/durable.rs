@@ -17,7 +17,9 @@ use crate::policy::AppSpec;
 use crate::wire::{Cont, GrainError, JoinSpec, Payload};
 
 /// The position of a batch in the durable log, from 1 in each gateway incarnation.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default,
+)]
 pub struct LogIndex(pub u64);
 
 /// How an execution ended.

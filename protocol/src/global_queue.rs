@@ -200,7 +200,6 @@ impl GlobalQueue {
                 Some(owner) if gq.is_live(owner) => gq.put_call(now, rec),
                 Some(_) => {
                     // Its owner was declared dead before the crash; re-dispatch it.
-                    rec.attempt = rec.attempt.next();
                     rec.owner = None;
                     gq.put_call(now, rec);
                 }
@@ -402,7 +401,10 @@ impl GlobalQueue {
     fn on_hello(&mut self, now: Time, worker: WorkerId, incarnation: Incarnation) {
         let known = self.state.workers.get(&worker).copied();
         match known {
-            Some(rec) if incarnation < rec.incarnation || (incarnation == rec.incarnation && rec.dead) => {
+            Some(rec)
+                if incarnation < rec.incarnation
+                    || (incarnation == rec.incarnation && rec.dead) =>
+            {
                 self.fence(worker, incarnation);
             }
             Some(rec) if incarnation == rec.incarnation => {
@@ -548,7 +550,7 @@ impl GlobalQueue {
                 contributions: vec![None; branches],
                 spec,
                 fired: false,
- }));
+            }));
         }
         let mut touched = BTreeSet::new();
         for ret in effects.returns {
@@ -559,8 +561,7 @@ impl GlobalQueue {
                         continue;
                     };
                     let slot = branch as usize;
-                    if j.fired || slot >= j.contributions.len() || j.contributions[slot].is_some()
-                    {
+                    if j.fired || slot >= j.contributions.len() || j.contributions[slot].is_some() {
                         continue;
                     }
                     let mut j = j.clone();
@@ -651,9 +652,10 @@ impl GlobalQueue {
             return self.finish(key.0, Answer::Error(error));
         }
         // The retry timer goes first, so that put_call leaves the call unplaced until it fires.
-        self.timers
-            .insert(GqTimer::Retry(key.0, key.1), now + policy.backoff(rec.failures));
-        rec.attempt = rec.attempt.next();
+        self.timers.insert(
+            GqTimer::Retry(key.0, key.1),
+            now + policy.backoff(rec.failures),
+        );
         rec.owner = None;
         self.put_call(now, rec);
     }
@@ -670,7 +672,12 @@ impl GlobalQueue {
         rec.status = ExecStatus::Done(answer.clone());
         self.commit(Op::PutExec(rec));
         let range = (exec, CallId(0))..=(exec, CallId(u64::MAX));
-        let calls: Vec<CallKey> = self.state.calls.range(range.clone()).map(|(k, _)| *k).collect();
+        let calls: Vec<CallKey> = self
+            .state
+            .calls
+            .range(range.clone())
+            .map(|(k, _)| *k)
+            .collect();
         let mut owners = BTreeSet::new();
         for key in calls {
             if let Some(owner) = self.state.calls.get(&key).and_then(|c| c.owner) {
@@ -741,7 +748,6 @@ impl GlobalQueue {
         let keys = self.owned.remove(&owner).unwrap_or_default();
         for key in keys {
             if let Some(mut call) = self.state.calls.get(&key).cloned() {
-                call.attempt = call.attempt.next();
                 call.owner = None;
                 self.put_call(now, call);
             }
@@ -778,6 +784,7 @@ impl GlobalQueue {
         if rec.owner.is_none() && !backing_off {
             rec.owner = self.choose_worker();
             if let Some(owner) = rec.owner {
+                rec.attempt = rec.attempt.placed_after(self.state.epoch);
                 let msg = ToWorker::Dispatch {
                     incarnation: owner.incarnation,
                     call: spec_of(&rec),
@@ -863,8 +870,10 @@ impl GlobalQueue {
         }
         self.durable = upto.min(self.logged);
         let durable = self.durable;
-        let (ready, waiting): (Vec<_>, Vec<_>) =
-            self.gated.drain(..).partition(|(needs, _)| *needs <= durable);
+        let (ready, waiting): (Vec<_>, Vec<_>) = self
+            .gated
+            .drain(..)
+            .partition(|(needs, _)| *needs <= durable);
         self.gated = waiting;
         self.outputs.extend(ready.into_iter().map(|(_, out)| out));
     }

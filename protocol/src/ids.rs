@@ -120,9 +120,7 @@ impl fmt::Display for WorkerId {
 
 /// One life of a worker's local bus. A worker that lost its state (a restart, or being told it
 /// was declared dead) comes back with a larger incarnation and no old work.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct Incarnation(pub u64);
 
 impl Incarnation {
@@ -138,30 +136,36 @@ impl fmt::Debug for Incarnation {
     }
 }
 
-/// One try at running a call. The gateway bumps it on every re-dispatch (crash recovery,
-/// retry, timeout), and refuses results for any but the current one.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
-pub struct Attempt(pub u32);
+/// One try at running a call: one placement decision.
+///
+/// A worker that spawns a call itself runs attempt 0. The gateway gives every placement a fresh
+/// attempt, above the call's last and at least [`Attempt::epoch_floor`] of its epoch, so that a
+/// gateway rebuilt after a crash never repeats an attempt the lost one handed out. A worker may
+/// thus ignore a dispatch of an attempt it already started: it can only be a re-send. The gateway
+/// refuses results for any but a call's current attempt.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct Attempt(pub u64);
 
 impl Attempt {
-    /// The next attempt.
-    pub fn next(self) -> Self {
-        Self(self.0 + 1)
+    /// The lowest attempt the gateway of `epoch` hands out.
+    pub fn epoch_floor(epoch: u32) -> Self {
+        Self(u64::from(epoch) << 32)
+    }
+
+    /// The attempt a placement in `epoch` takes after this one.
+    pub fn placed_after(self, epoch: u32) -> Self {
+        Self((self.0 + 1).max(Self::epoch_floor(epoch).0))
     }
 }
 
 impl fmt::Debug for Attempt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a{}", self.0)
+        write!(f, "a{}.{}", self.0 >> 32, self.0 as u32)
     }
 }
 
 /// The sequence number of a worker incarnation's progress message, from 1.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct Seq(pub u64);
 
 impl Seq {
@@ -302,7 +306,8 @@ mod tests {
             let err = AppName::new(bad).expect_err(bad);
             assert!(err.to_string().contains("invalid name"), "{err}");
         }
-        let json_like: Result<GrainName, _> = postcard::from_bytes(&postcard::to_stdvec("../etc").unwrap());
+        let json_like: Result<GrainName, _> =
+            postcard::from_bytes(&postcard::to_stdvec("../etc").unwrap());
         assert!(json_like.is_err(), "deserialising must check names too");
     }
 }

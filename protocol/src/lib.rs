@@ -14,10 +14,10 @@
 //! - [`durable`]: the records the global queue persists, and the state they rebuild.
 //! - [`time`]: the time values the caller passes in.
 
-pub mod ids;
-pub mod wire;
 pub mod durable;
 pub mod global_queue;
+pub mod ids;
 pub mod local_bus;
 pub mod policy;
 pub mod time;
+pub mod wire;

@@ -393,7 +393,7 @@ impl LocalBus {
         let Ok(input) = Payload::json_array(local.contributions.iter().flatten()) else {
             return effects;
         };
-        if self.overloaded() {
+        if self.overloaded() || self.has_run(spec.exec, local.spec.call) {
             return effects;
         }
         let join = CallSpec {
@@ -464,7 +464,7 @@ impl LocalBus {
         effects: &mut Effects,
     ) -> bool {
         let call = parent.call.child(index);
-        let local = !self.overloaded();
+        let local = !self.overloaded() && !self.has_run(parent.exec, call);
         effects.spawned.push(NewCall {
             call,
             grain: grain.clone(),
@@ -490,6 +490,15 @@ impl LocalBus {
         self.running
             .insert((spec.exec, spec.call, spec.attempt), spec.clone());
         self.outputs.push_back(LbOutput::Run(spec));
+    }
+
+    /// Whether this incarnation already started attempt 0 of the call. A parent that runs again
+    /// (a re-dispatch after its report was lost) emits the same call; running it a second time
+    /// under the same attempt would make a later re-send indistinguishable from it, so the
+    /// gateway places it instead, with a fresh attempt.
+    fn has_run(&self, exec: ExecId, call: CallId) -> bool {
+        let run = (exec, call, Attempt(0));
+        self.running.contains_key(&run) || self.settled.contains_key(&run)
     }
 
     fn overloaded(&self) -> bool {
@@ -633,8 +642,7 @@ impl LocalBus {
     fn on_ack(&mut self, upto: Seq) {
         let upto = upto.min(self.last_seq);
         self.inflight.retain(|seq, _| *seq > upto);
-        self.settled
-            .retain(|_, sent| sent.is_none_or(|s| s > upto));
+        self.settled.retain(|_, sent| sent.is_none_or(|s| s > upto));
         if self.inflight.is_empty() {
             self.timers.remove(&LbTimer::Resend);
         }
@@ -677,14 +685,22 @@ fn check_result(result: GrainResult) -> Result<GrainResult, GrainError> {
     let too_large = |p: &Payload| p.len() > PAYLOAD_BYTES_MAX;
     match &result {
         GrainResult::Return(v) | GrainResult::Next { input: v, .. } if too_large(v) => {
-            bad(format!("a value of {} bytes exceeds the {PAYLOAD_BYTES_MAX} byte limit", v.len()))
+            bad(format!(
+                "a value of {} bytes exceeds the {PAYLOAD_BYTES_MAX} byte limit",
+                v.len()
+            ))
         }
-        GrainResult::FanOut { branches, .. } if branches.is_empty() || branches.len() > FANOUT_MAX => {
-            bad(format!("a fan-out needs 1 to {FANOUT_MAX} branches, not {}", branches.len()))
+        GrainResult::FanOut { branches, .. }
+            if branches.is_empty() || branches.len() > FANOUT_MAX =>
+        {
+            bad(format!(
+                "a fan-out needs 1 to {FANOUT_MAX} branches, not {}",
+                branches.len()
+            ))
         }
-        GrainResult::FanOut { branches, .. } if branches.iter().any(|(_, v)| too_large(v)) => {
-            bad(format!("a branch input exceeds the {PAYLOAD_BYTES_MAX} byte limit"))
-        }
+        GrainResult::FanOut { branches, .. } if branches.iter().any(|(_, v)| too_large(v)) => bad(
+            format!("a branch input exceeds the {PAYLOAD_BYTES_MAX} byte limit"),
+        ),
         _ => Ok(result),
     }
 }

@@ -12,9 +12,7 @@ use serde::{Deserialize, Serialize};
 
 /// A point in time, in milliseconds since an origin the caller chooses (its process start, say).
 /// Only differences between two `Time`s from the same caller mean anything.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct Time(u64);
 
 impl Time {

@@ -51,7 +51,9 @@ impl Payload {
 
     /// The input of a join: the branch values as a JSON array, in branch order. Refused when the
     /// result would exceed [`PAYLOAD_BYTES_MAX`].
-    pub fn json_array<'a>(parts: impl IntoIterator<Item = &'a Payload>) -> Result<Payload, TooLarge> {
+    pub fn json_array<'a>(
+        parts: impl IntoIterator<Item = &'a Payload>,
+    ) -> Result<Payload, TooLarge> {
         let mut out = Vec::from(&b"["[..]);
         for (i, p) in parts.into_iter().enumerate() {
             if i > 0 {
@@ -443,10 +445,16 @@ mod tests {
         assert_eq!(decode::<ToGateway>(&[]), Err(DecodeError::Empty));
         let mut wrong_version = good.clone();
         wrong_version[0] = 9;
-        assert_eq!(decode::<ToGateway>(&wrong_version), Err(DecodeError::Version(9)));
+        assert_eq!(
+            decode::<ToGateway>(&wrong_version),
+            Err(DecodeError::Version(9))
+        );
         let mut trailing = good.clone();
         trailing.push(0);
-        assert_eq!(decode::<ToGateway>(&trailing), Err(DecodeError::Trailing(1)));
+        assert_eq!(
+            decode::<ToGateway>(&trailing),
+            Err(DecodeError::Trailing(1))
+        );
         assert!(matches!(
             decode::<ToGateway>(&good[..1]),
             Err(DecodeError::Malformed(_))
@@ -472,7 +480,10 @@ mod tests {
     #[test]
     fn join_input_is_a_json_array_in_order() {
         let parts = [Payload::from("1"), Payload::from("{\"a\":2}")];
-        assert_eq!(Payload::json_array(&parts).unwrap(), Payload::from("[1,{\"a\":2}]"));
+        assert_eq!(
+            Payload::json_array(&parts).unwrap(),
+            Payload::from("[1,{\"a\":2}]")
+        );
         assert_eq!(Payload::json_array([]).unwrap(), Payload::from("[]"));
         let big = Payload::new(vec![b'1'; PAYLOAD_BYTES_MAX / 2 + 1]);
         assert!(Payload::json_array([&big, &big]).is_err());
