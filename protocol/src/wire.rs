@@ -386,6 +386,7 @@ pub fn decode<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, DecodeE
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::ids::ExecId;

@@ -8,6 +8,8 @@
 //! and the first attempt of each gateway epoch (a retry fixes it; the retry budget is larger than
 //! the faults a schedule can make), and `a` always fails when `n % 5 == 4` (the execution fails).
 
+#![allow(clippy::unwrap_used)] // Tests unwrap what they built to be valid.
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 

@@ -1,0 +1,750 @@
+//! Unit tests of the global queue: one event in, the exact outputs asserted.
+
+#![allow(clippy::unwrap_used)] // Tests unwrap what they built to be valid.
+
+use std::time::Duration;
+
+use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
+use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer, InvokeError};
+use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq, WorkerId};
+use sand_protocol::policy::{AppSpec, GrainPolicy};
+use sand_protocol::time::Time;
+use sand_protocol::wire::{
+    CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload, Report,
+    Return, ToGateway, ToWorker,
+};
+
+const W0: WorkerId = WorkerId(0);
+const W1: WorkerId = WorkerId(1);
+const I1: Incarnation = Incarnation(1);
+const T0: Time = Time::ZERO;
+
+fn grain(s: &str) -> GrainName {
+    GrainName::new(s).unwrap()
+}
+
+fn app() -> AppName {
+    AppName::new("app").unwrap()
+}
+
+fn policy() -> GrainPolicy {
+    GrainPolicy {
+        attempts_max: 2,
+        backoff_ms: 100,
+        backoff_ms_max: 1000,
+        timeout_ms: Some(1000),
+    }
+}
+
+/// The first attempt the gateway of epoch 1 hands out.
+fn first() -> Attempt {
+    Attempt::epoch_floor(1)
+}
+
+/// A test driver: a global queue, its store, and everything it said.
+struct Gq {
+    gq: GlobalQueue,
+    store: DurableState,
+    unpersisted: Vec<Batch>,
+}
+
+impl Gq {
+    /// A queue with `app` deployed and everything persisted.
+    fn new() -> Self {
+        let mut gq = GlobalQueue::new(GqConfig::default(), T0);
+        gq.deploy(AppSpec {
+            name: app(),
+            entry: grain("a"),
+            grains: [(grain("a"), policy()), (grain("b"), policy())]
+                .into_iter()
+                .collect(),
+        });
+        let mut t = Self {
+            gq,
+            store: DurableState::default(),
+            unpersisted: Vec::new(),
+        };
+        assert_eq!(t.drain(), vec![]);
+        t.persist();
+        t
+    }
+
+    /// Drains outputs, keeping batches aside.
+    fn drain(&mut self) -> Vec<GqOutput> {
+        let mut out = Vec::new();
+        while let Some(o) = self.gq.poll_output() {
+            match o {
+                GqOutput::Persist(b) => self.unpersisted.push(b),
+                o => out.push(o),
+            }
+        }
+        out
+    }
+
+    /// Persists everything and returns what that released.
+    fn persist(&mut self) -> Vec<GqOutput> {
+        let mut upto = LogIndex(0);
+        for b in self.unpersisted.drain(..) {
+            self.store.apply_batch(&b);
+            upto = b.index;
+        }
+        self.gq.handle(T0, GqEvent::Persisted(upto));
+        self.drain()
+    }
+
+    fn msg(&mut self, w: WorkerId, m: ToGateway) -> Vec<GqOutput> {
+        self.gq.handle(T0, GqEvent::Message(w, m));
+        self.drain()
+    }
+
+    fn hello(&mut self, w: WorkerId, i: Incarnation) {
+        assert_eq!(self.msg(w, ToGateway::Hello { incarnation: i }), vec![]);
+        assert_eq!(
+            self.persist(),
+            vec![send(
+                w,
+                ToWorker::Welcome {
+                    incarnation: i,
+                    applied: Seq(0)
+                }
+            )]
+        );
+    }
+
+    fn invoke(&mut self, input: &str) -> (ExecId, Vec<GqOutput>) {
+        let inv = self
+            .gq
+            .invoke(T0, &app(), Payload::from(input), None)
+            .unwrap();
+        assert!(inv.fresh);
+        (inv.exec, self.drain())
+    }
+
+    fn progress(&mut self, w: WorkerId, seq: u64, reports: Vec<Report>) -> Vec<GqOutput> {
+        self.msg(
+            w,
+            ToGateway::Progress {
+                incarnation: I1,
+                seq: Seq(seq),
+                reports,
+            },
+        )
+    }
+
+    fn fire(&mut self, t: GqTimer) -> Vec<GqOutput> {
+        self.gq.handle(T0, GqEvent::Timeout(t));
+        self.drain()
+    }
+}
+
+fn send(w: WorkerId, m: ToWorker) -> GqOutput {
+    GqOutput::Send(w, m)
+}
+
+fn spec(exec: ExecId, g: &str, input: &str, attempt: Attempt) -> CallSpec {
+    CallSpec {
+        exec,
+        call: exec.root_call(),
+        attempt,
+        app: app(),
+        grain: grain(g),
+        input: Payload::from(input),
+        cont: Cont::Client,
+    }
+}
+
+fn dispatch(w: WorkerId, call: CallSpec) -> GqOutput {
+    send(
+        w,
+        ToWorker::Dispatch {
+            incarnation: I1,
+            call,
+        },
+    )
+}
+
+fn done(exec: ExecId, call: sand_protocol::ids::CallId, attempt: Attempt, e: Effects) -> Report {
+    Report {
+        exec,
+        call,
+        attempt,
+        outcome: Outcome::Done(e),
+    }
+}
+
+fn returns(value: &str) -> Effects {
+    Effects {
+        returns: vec![Return {
+            cont: Cont::Client,
+            value: Payload::from(value),
+        }],
+        ..Effects::default()
+    }
+}
+
+fn ack(w: WorkerId, upto: u64) -> GqOutput {
+    send(
+        w,
+        ToWorker::Ack {
+            incarnation: I1,
+            upto: Seq(upto),
+        },
+    )
+}
+
+#[test]
+fn nothing_is_sent_before_the_epoch_is_durable() {
+    let mut gq = GlobalQueue::new(GqConfig::default(), T0);
+    let Some(GqOutput::Persist(b)) = gq.poll_output() else {
+        panic!("the epoch record comes first")
+    };
+    assert_eq!(b.ops, vec![Op::Epoch(1)]);
+    gq.handle(
+        T0,
+        GqEvent::Message(W0, ToGateway::Hello { incarnation: I1 }),
+    );
+    assert!(matches!(gq.poll_output(), Some(GqOutput::Persist(_))));
+    assert_eq!(gq.poll_output(), None, "the Welcome waits for the disk");
+    gq.handle(T0, GqEvent::Persisted(LogIndex(2)));
+    assert_eq!(
+        gq.poll_output(),
+        Some(send(
+            W0,
+            ToWorker::Welcome {
+                incarnation: I1,
+                applied: Seq(0)
+            }
+        ))
+    );
+}
+
+#[test]
+fn an_invocation_is_dispatched_at_once_and_accepted_once_durable() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, out) = t.invoke("1");
+    assert_eq!(out, vec![dispatch(W0, spec(exec, "a", "1", first()))]);
+    assert_eq!(t.persist(), vec![GqOutput::Accepted(exec)]);
+    assert_eq!(t.store.execs[&exec].status, ExecStatus::Running);
+}
+
+#[test]
+fn an_unknown_app_or_an_oversize_input_is_refused() {
+    let mut t = Gq::new();
+    let nope = AppName::new("nope").unwrap();
+    assert_eq!(
+        t.gq.invoke(T0, &nope, Payload::from("1"), None),
+        Err(InvokeError::UnknownApp(nope))
+    );
+    let big = Payload::new(vec![b'1'; sand_protocol::wire::PAYLOAD_BYTES_MAX + 1]);
+    assert!(matches!(
+        t.gq.invoke(T0, &app(), big, None),
+        Err(InvokeError::TooLarge(_))
+    ));
+    assert_eq!(t.drain(), vec![]);
+}
+
+#[test]
+fn an_idempotency_key_finds_the_first_execution() {
+    let mut t = Gq::new();
+    let first =
+        t.gq.invoke(T0, &app(), Payload::from("1"), Some("k".into()))
+            .unwrap();
+    t.drain();
+    let again =
+        t.gq.invoke(T0, &app(), Payload::from("2"), Some("k".into()))
+            .unwrap();
+    assert_eq!(again.exec, first.exec);
+    assert!(!again.fresh);
+    assert_eq!(t.drain(), vec![]);
+    assert_eq!(
+        t.persist(),
+        vec![
+            GqOutput::Accepted(first.exec),
+            GqOutput::Accepted(first.exec)
+        ]
+    );
+}
+
+#[test]
+fn a_call_waits_for_a_worker_then_is_placed_on_hello() {
+    let mut t = Gq::new();
+    let (exec, out) = t.invoke("1");
+    assert_eq!(out, vec![], "no worker yet");
+    let out = t.msg(W0, ToGateway::Hello { incarnation: I1 });
+    assert_eq!(out, vec![dispatch(W0, spec(exec, "a", "1", first()))]);
+    let rec = &t.gq.state().calls[&(exec, exec.root_call())];
+    assert_eq!(
+        rec.owner,
+        Some(Owner {
+            worker: W0,
+            incarnation: I1
+        })
+    );
+}
+
+#[test]
+fn a_final_value_is_answered_once_after_it_is_durable() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let report = done(exec, exec.root_call(), first(), returns("42"));
+    assert_eq!(t.progress(W0, 1, vec![report.clone()]), vec![]);
+    assert_eq!(
+        t.persist(),
+        vec![
+            GqOutput::Respond(exec, Answer::Value(Payload::from("42"))),
+            ack(W0, 1)
+        ]
+    );
+    // A re-sent copy changes nothing and is acked again at once: its effect is durable.
+    assert_eq!(t.progress(W0, 1, vec![report]), vec![ack(W0, 1)]);
+    assert_eq!(t.persist(), vec![]);
+    assert!(t.gq.state().calls.is_empty());
+}
+
+#[test]
+fn progress_is_applied_in_the_order_sent() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let c0 = exec.root_call();
+    let c1 = c0.child(0);
+    let hop = Effects {
+        spawned: vec![NewCall {
+            call: c1,
+            grain: grain("b"),
+            input: Payload::from("2"),
+            cont: Cont::Client,
+            owned: true,
+        }],
+        ..Effects::default()
+    };
+    // c1 → value arrives first: held back, neither applied nor acked.
+    assert_eq!(
+        t.progress(W0, 2, vec![done(exec, c1, Attempt(0), returns("9"))]),
+        vec![]
+    );
+    assert_eq!(t.persist(), vec![]);
+    // c0 → c1 arrives: both apply, in order.
+    assert_eq!(
+        t.progress(W0, 1, vec![done(exec, c0, first(), hop)]),
+        vec![]
+    );
+    assert_eq!(
+        t.persist(),
+        vec![
+            GqOutput::Respond(exec, Answer::Value(Payload::from("9"))),
+            ack(W0, 2)
+        ]
+    );
+}
+
+#[test]
+fn a_locally_run_call_is_owned_and_an_unowned_one_is_placed() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    t.hello(W1, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let c0 = exec.root_call();
+    let new = |i: u32, owned| NewCall {
+        call: c0.child(i),
+        grain: grain("b"),
+        input: Payload::from("2"),
+        cont: Cont::Client,
+        owned,
+    };
+    let effects = Effects {
+        spawned: vec![new(0, true), new(1, false)],
+        ..Effects::default()
+    };
+    // W0 owns c0 and one new call, so W1 is the least loaded.
+    let out = t.progress(W0, 1, vec![done(exec, c0, first(), effects)]);
+    let mut placed = spec(exec, "b", "2", first());
+    placed.call = c0.child(1);
+    assert_eq!(out, vec![dispatch(W1, placed)]);
+    let owner = |i| {
+        t.gq.state().calls[&(exec, c0.child(i))]
+            .owner
+            .unwrap()
+            .worker
+    };
+    assert_eq!((owner(0), owner(1)), (W0, W1));
+}
+
+#[test]
+fn a_failed_attempt_is_retried_after_a_backoff_then_fails_the_execution() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let c0 = exec.root_call();
+    let failed = |attempt| Report {
+        exec,
+        call: c0,
+        attempt,
+        outcome: Outcome::Failed(GrainError::new(ErrorKind::Raised, "boom")),
+    };
+    assert_eq!(t.progress(W0, 1, vec![failed(first())]), vec![]);
+    let retry = GqTimer::Retry(exec, c0);
+    let at = t.gq.timers().find(|(t, _)| *t == retry).map(|(_, at)| at);
+    assert_eq!(at, Some(T0 + Duration::from_millis(100)));
+    let second = first().placed_after(1);
+    assert_eq!(
+        t.fire(retry),
+        vec![dispatch(W0, spec(exec, "a", "1", second))]
+    );
+    // A late report of the first attempt changes nothing.
+    let before = t.gq.state().clone();
+    t.progress(W0, 2, vec![done(exec, c0, first(), returns("1"))]);
+    assert_eq!(t.gq.state().calls, before.calls);
+    // The second failure is the last allowed: the execution fails with it.
+    t.progress(W0, 3, vec![failed(second)]);
+    let error = GrainError::new(ErrorKind::Raised, "boom");
+    assert_eq!(
+        t.persist(),
+        vec![
+            ack(W0, 1),
+            ack(W0, 2),
+            GqOutput::Respond(exec, Answer::Error(error)),
+            ack(W0, 3)
+        ]
+    );
+}
+
+#[test]
+fn a_deadline_aborts_the_attempt_and_retries_it() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    let c0 = exec.root_call();
+    let deadline = GqTimer::Deadline(exec, c0);
+    let at =
+        t.gq.timers()
+            .find(|(t, _)| *t == deadline)
+            .map(|(_, at)| at);
+    assert_eq!(
+        at,
+        Some(T0 + Duration::from_millis(1000) + GqConfig::default().timeout_grace)
+    );
+    let abort = ToWorker::Abort {
+        incarnation: I1,
+        exec,
+        call: c0,
+        attempt: first(),
+    };
+    assert_eq!(t.fire(deadline), vec![send(W0, abort)]);
+    let rec = &t.gq.state().calls[&(exec, c0)];
+    assert_eq!((rec.failures, rec.owner), (1, None));
+}
+
+#[test]
+fn a_silent_worker_is_declared_dead_and_its_calls_move() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    t.hello(W1, I1);
+    let second = first().placed_after(1);
+    assert_eq!(
+        t.fire(GqTimer::Suspect(W0)),
+        vec![dispatch(W1, spec(exec, "a", "1", second))]
+    );
+    // Anything the dead incarnation says is refused, once the fence is durable.
+    let before = t.gq.state().clone();
+    let late = done(exec, exec.root_call(), first(), returns("1"));
+    assert_eq!(t.progress(W0, 1, vec![late]), vec![]);
+    assert_eq!(t.gq.state(), &before);
+    assert_eq!(
+        t.persist(),
+        vec![send(W0, ToWorker::Fenced { incarnation: I1 })]
+    );
+    assert!(t.store.workers[&W0].dead);
+}
+
+#[test]
+fn a_new_incarnation_loses_the_old_ones_calls_at_once() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let i2 = I1.next();
+    let out = t.msg(W0, ToGateway::Hello { incarnation: i2 });
+    let mut call = spec(exec, "a", "1", first().placed_after(1));
+    call.attempt = first().placed_after(1);
+    assert_eq!(
+        out,
+        vec![send(
+            W0,
+            ToWorker::Dispatch {
+                incarnation: i2,
+                call
+            }
+        )]
+    );
+    assert_eq!(
+        t.persist(),
+        vec![send(
+            W0,
+            ToWorker::Welcome {
+                incarnation: i2,
+                applied: Seq(0)
+            }
+        )]
+    );
+}
+
+#[test]
+fn a_reconnect_resends_the_dispatches_it_owns() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    t.gq.handle(T0, GqEvent::Disconnected(W0));
+    assert!(!t.gq.is_connected(W0));
+    // Nothing new needs the disk, so the Welcome leaves at once, after the dispatch.
+    let out = t.msg(W0, ToGateway::Hello { incarnation: I1 });
+    let welcome = send(
+        W0,
+        ToWorker::Welcome {
+            incarnation: I1,
+            applied: Seq(0),
+        },
+    );
+    assert_eq!(
+        out,
+        vec![dispatch(W0, spec(exec, "a", "1", first())), welcome]
+    );
+    assert!(t.gq.is_connected(W0));
+}
+
+#[test]
+fn heartbeats_put_off_suspicion() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let later = T0 + Duration::from_secs(3);
+    t.gq.handle(
+        later,
+        GqEvent::Message(
+            W0,
+            ToGateway::Heartbeat {
+                incarnation: I1,
+                running: 0,
+            },
+        ),
+    );
+    assert_eq!(
+        t.gq.poll_timeout(),
+        Some(later + GqConfig::default().failure_timeout)
+    );
+    t.gq.handle_timeouts(later + Duration::from_secs(4));
+    assert!(!t.gq.state().workers[&W0].dead);
+    t.gq.handle_timeouts(later + Duration::from_secs(5));
+    assert!(t.gq.state().workers[&W0].dead);
+}
+
+#[test]
+fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    t.hello(W1, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let c0 = exec.root_call();
+    let join = c0.join();
+    let branch = |i: u32| NewCall {
+        call: c0.child(i),
+        grain: grain("b"),
+        input: Payload::from("0"),
+        cont: Cont::Join { join, branch: i },
+        owned: true,
+    };
+    let fan = Effects {
+        joins: vec![JoinSpec {
+            call: join,
+            grain: grain("j"),
+            branches: 3,
+            cont: Cont::Client,
+        }],
+        spawned: vec![branch(0), branch(1), branch(2)],
+        ..Effects::default()
+    };
+    let contribute = |i: u32, v: &str| Effects {
+        returns: vec![Return {
+            cont: Cont::Join { join, branch: i },
+            value: Payload::from(v),
+        }],
+        ..Effects::default()
+    };
+    t.progress(W0, 1, vec![done(exec, c0, first(), fan)]);
+    t.progress(
+        W0,
+        2,
+        vec![done(exec, c0.child(2), Attempt(0), contribute(2, "c"))],
+    );
+    // A second contribution for the same branch is ignored.
+    t.progress(
+        W0,
+        3,
+        vec![done(exec, c0.child(0), Attempt(0), contribute(0, "a"))],
+    );
+    assert!(!t.gq.state().joins[&(exec, join)].fired);
+    let out = t.progress(
+        W0,
+        4,
+        vec![done(exec, c0.child(1), Attempt(0), contribute(1, "b"))],
+    );
+    let mut j = spec(exec, "j", "[a,b,c]", first());
+    j.call = join;
+    assert_eq!(out, vec![dispatch(W0, j)], "both idle: the lowest id wins");
+    assert!(t.gq.state().joins[&(exec, join)].fired);
+    // The join answers; nothing is left.
+    t.progress(W0, 5, vec![done(exec, join, first(), returns("abc"))]);
+    assert!(t.gq.state().calls.is_empty() && t.gq.state().joins.is_empty());
+}
+
+#[test]
+fn a_join_started_by_the_worker_is_owned_by_it() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let c0 = exec.root_call();
+    let join = c0.join();
+    // The whole fan-out ran on W0 and was coalesced into one report.
+    let effects = Effects {
+        joins: vec![JoinSpec {
+            call: join,
+            grain: grain("j"),
+            branches: 1,
+            cont: Cont::Client,
+        }],
+        returns: vec![Return {
+            cont: Cont::Join { join, branch: 0 },
+            value: Payload::from("x"),
+        }],
+        spawned: vec![NewCall {
+            call: join,
+            grain: grain("j"),
+            input: Payload::from("[x]"),
+            cont: Cont::Client,
+            owned: true,
+        }],
+    };
+    assert_eq!(
+        t.progress(W0, 1, vec![done(exec, c0, first(), effects)]),
+        vec![]
+    );
+    let rec = &t.gq.state().calls[&(exec, join)];
+    assert_eq!((rec.owner.unwrap().worker, rec.attempt), (W0, Attempt(0)));
+    assert!(t.gq.state().joins[&(exec, join)].fired);
+}
+
+#[test]
+fn an_answer_cancels_the_calls_left_pending() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    t.hello(W1, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let c0 = exec.root_call();
+    let new = |i: u32, owned| NewCall {
+        call: c0.child(i),
+        grain: grain("b"),
+        input: Payload::from("2"),
+        cont: Cont::Client,
+        owned,
+    };
+    // Two racing calls, one here and one placed on W1: the first value wins.
+    let effects = Effects {
+        spawned: vec![new(0, true), new(1, false)],
+        ..Effects::default()
+    };
+    t.progress(W0, 1, vec![done(exec, c0, first(), effects)]);
+    let out = t.progress(
+        W0,
+        2,
+        vec![done(exec, c0.child(0), Attempt(0), returns("x"))],
+    );
+    assert_eq!(
+        out,
+        vec![send(
+            W1,
+            ToWorker::Cancel {
+                incarnation: I1,
+                exec
+            }
+        )]
+    );
+    assert!(t.gq.state().calls.is_empty());
+    assert_eq!(
+        t.persist(),
+        vec![
+            ack(W0, 1),
+            GqOutput::Respond(exec, Answer::Value(Payload::from("x"))),
+            ack(W0, 2)
+        ]
+    );
+    // W1's late value is ignored.
+    let late = done(exec, c0.child(1), first(), returns("y"));
+    assert_eq!(t.progress(W1, 1, vec![late]), vec![]);
+    assert_eq!(t.persist(), vec![ack(W1, 1)]);
+    assert!(t.gq.state().calls.is_empty());
+}
+
+#[test]
+fn recovery_rebuilds_the_queue_from_its_records() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let recovered = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
+    assert_eq!(recovered.state().epoch, 2);
+    assert_eq!(recovered.state().calls, t.gq.state().calls);
+    assert_eq!(recovered.execution(exec), t.gq.execution(exec));
+    let mut r = Gq {
+        gq: recovered,
+        store: t.store.clone(),
+        unpersisted: Vec::new(),
+    };
+    r.drain();
+    r.persist();
+    // New executions get ids of the new epoch.
+    let (exec2, _) = r.invoke("2");
+    assert_eq!((exec2.epoch(), exec.epoch()), (2, 1));
+    // The worker reconnects with the same incarnation: its call is dispatched again.
+    let out = r.msg(W0, ToGateway::Hello { incarnation: I1 });
+    assert!(out.contains(&dispatch(W0, spec(exec, "a", "1", first()))));
+}
+
+#[test]
+fn recovery_redispatches_the_calls_of_a_dead_incarnation() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.fire(GqTimer::Suspect(W0));
+    t.persist();
+    assert_eq!(t.store.calls[&(exec, exec.root_call())].owner, None);
+    let gq = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
+    assert!(gq.timers().all(|(timer, _)| timer != GqTimer::Suspect(W0)));
+}
+
+#[test]
+fn forget_drops_only_ended_executions() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    assert!(!t.gq.forget(exec), "still running");
+    t.progress(
+        W0,
+        1,
+        vec![done(exec, exec.root_call(), first(), returns("1"))],
+    );
+    assert!(t.gq.forget(exec));
+    assert_eq!(t.gq.execution(exec), None);
+    assert!(t.gq.remove_app(&app()));
+    assert!(!t.gq.remove_app(&app()));
+}

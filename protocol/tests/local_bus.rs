@@ -1,0 +1,526 @@
+//! Unit tests of the local bus: one event in, the exact outputs asserted.
+
+#![allow(clippy::unwrap_used)] // Tests unwrap what they built to be valid.
+
+use std::time::Duration;
+
+use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
+use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LbTimer, LocalBus};
+use sand_protocol::time::Time;
+use sand_protocol::wire::{
+    CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload, Report,
+    Return, ToGateway, ToWorker,
+};
+
+const I1: Incarnation = Incarnation(1);
+const T0: Time = Time::ZERO;
+
+fn grain(s: &str) -> GrainName {
+    GrainName::new(s).unwrap()
+}
+
+fn exec() -> ExecId {
+    ExecId::new(1, 0)
+}
+
+fn root() -> CallId {
+    exec().root_call()
+}
+
+fn placed() -> Attempt {
+    Attempt::epoch_floor(1)
+}
+
+fn spec(call: CallId, g: &str, input: &str, attempt: Attempt, cont: Cont) -> CallSpec {
+    CallSpec {
+        exec: exec(),
+        call,
+        attempt,
+        app: AppName::new("app").unwrap(),
+        grain: grain(g),
+        input: Payload::from(input),
+        cont,
+    }
+}
+
+fn root_spec() -> CallSpec {
+    spec(root(), "a", "1", placed(), Cont::Client)
+}
+
+struct Lb {
+    lb: LocalBus,
+}
+
+impl Lb {
+    /// A welcomed local bus with `window` messages in flight at most.
+    fn new(window: usize, overload_threshold: usize) -> Self {
+        let config = LbConfig {
+            worker: WorkerId(0),
+            window,
+            overload_threshold,
+            ..LbConfig::default()
+        };
+        let mut t = Self {
+            lb: LocalBus::new(config, I1),
+        };
+        assert_eq!(
+            t.on(LbEvent::Connected),
+            vec![LbOutput::Send(ToGateway::Hello { incarnation: I1 })]
+        );
+        assert_eq!(
+            t.msg(ToWorker::Welcome {
+                incarnation: I1,
+                applied: Seq(0)
+            }),
+            vec![]
+        );
+        t
+    }
+
+    fn on(&mut self, e: LbEvent) -> Vec<LbOutput> {
+        self.lb.handle(T0, e);
+        std::iter::from_fn(|| self.lb.poll_output()).collect()
+    }
+
+    fn msg(&mut self, m: ToWorker) -> Vec<LbOutput> {
+        self.on(LbEvent::Message(m))
+    }
+
+    fn dispatch(&mut self, call: CallSpec) -> Vec<LbOutput> {
+        self.msg(ToWorker::Dispatch {
+            incarnation: I1,
+            call,
+        })
+    }
+
+    fn finish(&mut self, s: &CallSpec, result: GrainResult) -> Vec<LbOutput> {
+        let run = (s.exec, s.call, s.attempt);
+        self.on(LbEvent::Finished { run, result })
+    }
+}
+
+fn progress(seq: u64, reports: Vec<Report>) -> LbOutput {
+    LbOutput::Send(ToGateway::Progress {
+        incarnation: I1,
+        seq: Seq(seq),
+        reports,
+    })
+}
+
+fn report(s: &CallSpec, effects: Effects) -> Report {
+    Report {
+        exec: s.exec,
+        call: s.call,
+        attempt: s.attempt,
+        outcome: Outcome::Done(effects),
+    }
+}
+
+fn next(g: &str, input: &str) -> GrainResult {
+    GrainResult::Next {
+        grain: grain(g),
+        input: Payload::from(input),
+    }
+}
+
+fn new_call(s: &CallSpec, owned: bool) -> NewCall {
+    NewCall {
+        call: s.call,
+        grain: s.grain.clone(),
+        input: s.input.clone(),
+        cont: s.cont,
+        owned,
+    }
+}
+
+fn value(cont: Cont, v: &str) -> Return {
+    Return {
+        cont,
+        value: Payload::from(v),
+    }
+}
+
+#[test]
+fn a_dispatch_runs_once_and_its_value_is_reported() {
+    let mut t = Lb::new(4, 8);
+    let s = root_spec();
+    assert_eq!(t.dispatch(s.clone()), vec![LbOutput::Run(s.clone())]);
+    assert_eq!(
+        t.dispatch(s.clone()),
+        vec![],
+        "a re-sent dispatch of a running call"
+    );
+    let out = t.finish(&s, GrainResult::Return(Payload::from("7")));
+    let effects = Effects {
+        returns: vec![value(Cont::Client, "7")],
+        ..Effects::default()
+    };
+    assert_eq!(out, vec![progress(1, vec![report(&s, effects)])]);
+    assert_eq!(
+        t.dispatch(s.clone()),
+        vec![],
+        "a re-sent dispatch of a finished call"
+    );
+    assert_eq!(
+        t.msg(ToWorker::Ack {
+            incarnation: I1,
+            upto: Seq(1)
+        }),
+        vec![]
+    );
+    assert_eq!(t.lb.backlog(), (0, 0));
+}
+
+#[test]
+fn a_next_call_runs_here_at_once_and_travels_with_the_completion() {
+    let mut t = Lb::new(4, 8);
+    let s = root_spec();
+    t.dispatch(s.clone());
+    let child = spec(root().child(0), "b", "2", Attempt(0), Cont::Client);
+    let out = t.finish(&s, next("b", "2"));
+    let effects = Effects {
+        spawned: vec![new_call(&child, true)],
+        ..Effects::default()
+    };
+    assert_eq!(
+        out,
+        vec![LbOutput::Run(child), progress(1, vec![report(&s, effects)])]
+    );
+}
+
+#[test]
+fn unsent_hops_coalesce_and_sent_ones_are_never_merged() {
+    let mut t = Lb::new(1, 8);
+    let s = root_spec();
+    t.dispatch(s.clone());
+    let c1 = spec(root().child(0), "b", "2", Attempt(0), Cont::Client);
+    let c2 = spec(c1.call.child(0), "c", "3", Attempt(0), Cont::Client);
+    let c3 = spec(c2.call.child(0), "d", "4", Attempt(0), Cont::Client);
+    // c0 → c1 leaves at once: the window has room.
+    let first = Effects {
+        spawned: vec![new_call(&c1, true)],
+        ..Effects::default()
+    };
+    assert_eq!(
+        t.finish(&s, next("b", "2")),
+        vec![
+            LbOutput::Run(c1.clone()),
+            progress(1, vec![report(&s, first)])
+        ]
+    );
+    // c1 → c2 and c2 → c3 wait for the window, and fold into c1 → c3.
+    assert_eq!(
+        t.finish(&c1, next("c", "3")),
+        vec![LbOutput::Run(c2.clone())]
+    );
+    assert_eq!(
+        t.finish(&c2, next("d", "4")),
+        vec![LbOutput::Run(c3.clone())]
+    );
+    assert_eq!(t.lb.backlog(), (1, 1));
+    let folded = Effects {
+        spawned: vec![new_call(&c3, true)],
+        ..Effects::default()
+    };
+    assert_eq!(
+        t.msg(ToWorker::Ack {
+            incarnation: I1,
+            upto: Seq(1)
+        }),
+        vec![progress(2, vec![report(&c1, folded)])]
+    );
+}
+
+#[test]
+fn an_overloaded_worker_hands_emitted_calls_to_the_gateway() {
+    let mut t = Lb::new(4, 1);
+    let s = root_spec();
+    let other = spec(CallId(7), "x", "0", placed(), Cont::Client);
+    t.dispatch(s.clone());
+    t.dispatch(other);
+    let child = spec(root().child(0), "b", "2", Attempt(0), Cont::Client);
+    let effects = Effects {
+        spawned: vec![new_call(&child, false)],
+        ..Effects::default()
+    };
+    assert_eq!(
+        t.finish(&s, next("b", "2")),
+        vec![progress(1, vec![report(&s, effects)])],
+        "one call still runs: at the threshold, nothing more runs here"
+    );
+}
+
+#[test]
+fn a_fan_out_run_here_starts_its_join_here() {
+    let mut t = Lb::new(1, 8);
+    let s = root_spec();
+    t.dispatch(s.clone());
+    let join = root().join();
+    let branch = |i: u32, v: &str| {
+        spec(
+            root().child(i),
+            "c",
+            v,
+            Attempt(0),
+            Cont::Join { join, branch: i },
+        )
+    };
+    let (b0, b1) = (branch(0, "10"), branch(1, "20"));
+    let fan = GrainResult::FanOut {
+        branches: vec![
+            (grain("c"), Payload::from("10")),
+            (grain("c"), Payload::from("20")),
+        ],
+        join: grain("j"),
+    };
+    let out = t.finish(&s, fan);
+    let join_spec = JoinSpec {
+        call: join,
+        grain: grain("j"),
+        branches: 2,
+        cont: Cont::Client,
+    };
+    let fanned = Effects {
+        joins: vec![join_spec.clone()],
+        spawned: vec![new_call(&b0, true), new_call(&b1, true)],
+        ..Effects::default()
+    };
+    assert_eq!(
+        out,
+        vec![
+            LbOutput::Run(b0.clone()),
+            LbOutput::Run(b1.clone()),
+            progress(1, vec![report(&s, fanned)])
+        ]
+    );
+    // The branches finish in reverse order; the join's input keeps branch order.
+    assert_eq!(
+        t.finish(&b1, GrainResult::Return(Payload::from("2"))),
+        vec![]
+    );
+    let j = spec(join, "j", "[1,2]", Attempt(0), Cont::Client);
+    assert_eq!(
+        t.finish(&b0, GrainResult::Return(Payload::from("1"))),
+        vec![LbOutput::Run(j.clone())]
+    );
+    // Both contributions and the join fold into one report rooted at the first branch.
+    let b1_report = report(
+        &b1,
+        Effects {
+            returns: vec![value(b1.cont, "2")],
+            ..Effects::default()
+        },
+    );
+    let b0_report = report(
+        &b0,
+        Effects {
+            returns: vec![value(b0.cont, "1")],
+            spawned: vec![new_call(&j, true)],
+            ..Effects::default()
+        },
+    );
+    assert_eq!(
+        t.msg(ToWorker::Ack {
+            incarnation: I1,
+            upto: Seq(1)
+        }),
+        vec![progress(2, vec![b1_report, b0_report])]
+    );
+}
+
+#[test]
+fn a_failed_branch_leaves_the_join_to_the_gateway() {
+    let mut t = Lb::new(4, 8);
+    let s = root_spec();
+    t.dispatch(s.clone());
+    let join = root().join();
+    let fan = GrainResult::FanOut {
+        branches: vec![
+            (grain("c"), Payload::from("1")),
+            (grain("c"), Payload::from("2")),
+        ],
+        join: grain("j"),
+    };
+    t.finish(&s, fan);
+    let b0 = spec(
+        root().child(0),
+        "c",
+        "1",
+        Attempt(0),
+        Cont::Join { join, branch: 0 },
+    );
+    let b1 = spec(
+        root().child(1),
+        "c",
+        "2",
+        Attempt(0),
+        Cont::Join { join, branch: 1 },
+    );
+    let error = GrainError::new(ErrorKind::Raised, "no");
+    let out = t.finish(&b0, GrainResult::Error(error.clone()));
+    let failed = Report {
+        exec: exec(),
+        call: b0.call,
+        attempt: Attempt(0),
+        outcome: Outcome::Failed(error),
+    };
+    assert_eq!(out, vec![progress(2, vec![failed])]);
+    let out = t.finish(&b1, GrainResult::Return(Payload::from("2")));
+    let only_value = Effects {
+        returns: vec![value(b1.cont, "2")],
+        ..Effects::default()
+    };
+    assert_eq!(
+        out,
+        vec![progress(3, vec![report(&b1, only_value)])],
+        "no join here"
+    );
+}
+
+#[test]
+fn bad_output_is_a_grain_error() {
+    let mut t = Lb::new(4, 8);
+    let s = root_spec();
+    t.dispatch(s.clone());
+    let out = t.finish(
+        &s,
+        GrainResult::FanOut {
+            branches: vec![],
+            join: grain("j"),
+        },
+    );
+    let [LbOutput::Send(ToGateway::Progress { reports, .. })] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert!(matches!(
+        &reports[0].outcome,
+        Outcome::Failed(e) if e.kind == ErrorKind::BadOutput
+    ));
+}
+
+#[test]
+fn unacked_progress_is_resent_on_a_timer_and_after_a_reconnect() {
+    let mut t = Lb::new(4, 8);
+    let s = root_spec();
+    t.dispatch(s.clone());
+    let sent = t.finish(&s, GrainResult::Return(Payload::from("1")));
+    assert_eq!(t.on(LbEvent::Timeout(LbTimer::Resend)), sent);
+    // A broken connection: nothing is sent until the gateway welcomes us again.
+    assert_eq!(t.on(LbEvent::Disconnected), vec![]);
+    assert_eq!(
+        t.on(LbEvent::Connected),
+        vec![LbOutput::Send(ToGateway::Hello { incarnation: I1 })]
+    );
+    assert_eq!(
+        t.msg(ToWorker::Welcome {
+            incarnation: I1,
+            applied: Seq(0)
+        }),
+        sent
+    );
+    // A Welcome that says it was applied drops the backup instead.
+    t.on(LbEvent::Connected);
+    assert_eq!(
+        t.msg(ToWorker::Welcome {
+            incarnation: I1,
+            applied: Seq(1)
+        }),
+        vec![]
+    );
+    assert_eq!(t.lb.backlog(), (0, 0));
+}
+
+#[test]
+fn heartbeats_go_out_on_their_timer_while_welcomed() {
+    let mut t = Lb::new(4, 8);
+    let at =
+        t.lb.timers()
+            .find(|(x, _)| *x == LbTimer::Heartbeat)
+            .map(|(_, at)| at);
+    assert_eq!(at, Some(T0 + Duration::from_secs(1)));
+    t.lb.handle_timeouts(T0 + Duration::from_secs(1));
+    let out: Vec<_> = std::iter::from_fn(|| t.lb.poll_output()).collect();
+    assert_eq!(
+        out,
+        vec![LbOutput::Send(ToGateway::Heartbeat {
+            incarnation: I1,
+            running: 0
+        })]
+    );
+    assert_eq!(t.lb.poll_timeout(), Some(T0 + Duration::from_secs(2)));
+}
+
+#[test]
+fn cancel_and_abort_kill_running_attempts() {
+    let mut t = Lb::new(4, 8);
+    let s = root_spec();
+    let other = spec(CallId(9), "x", "0", placed(), Cont::Client);
+    t.dispatch(s.clone());
+    t.dispatch(other.clone());
+    let run = |s: &CallSpec| (s.exec, s.call, s.attempt);
+    assert_eq!(
+        t.msg(ToWorker::Abort {
+            incarnation: I1,
+            exec: exec(),
+            call: other.call,
+            attempt: other.attempt
+        }),
+        vec![LbOutput::Abort(run(&other))]
+    );
+    assert_eq!(
+        t.msg(ToWorker::Cancel {
+            incarnation: I1,
+            exec: exec()
+        }),
+        vec![LbOutput::Abort(run(&s))]
+    );
+    assert_eq!(
+        t.finish(&s, GrainResult::Return(Payload::from("1"))),
+        vec![]
+    );
+    assert_eq!(t.lb.running().count(), 0);
+}
+
+#[test]
+fn a_fenced_worker_forgets_everything_and_comes_back_new() {
+    let mut t = Lb::new(4, 8);
+    let s = root_spec();
+    t.dispatch(s.clone());
+    let i2 = I1.next();
+    assert_eq!(
+        t.msg(ToWorker::Fenced { incarnation: I1 }),
+        vec![
+            LbOutput::Abort((s.exec, s.call, s.attempt)),
+            LbOutput::Incarnation(i2),
+            LbOutput::Send(ToGateway::Hello { incarnation: i2 })
+        ]
+    );
+    assert_eq!(t.lb.incarnation(), i2);
+    // Messages to the old incarnation are ignored.
+    assert_eq!(t.dispatch(s.clone()), vec![]);
+    assert_eq!(t.msg(ToWorker::Fenced { incarnation: I1 }), vec![]);
+}
+
+#[test]
+fn a_call_spawned_again_in_this_incarnation_goes_to_the_gateway() {
+    let mut t = Lb::new(4, 8);
+    let s = root_spec();
+    t.dispatch(s.clone());
+    t.finish(&s, next("b", "2"));
+    // The gateway lost that report and runs the parent again, here, as a new attempt.
+    let mut again = s.clone();
+    again.attempt = placed().placed_after(1);
+    assert_eq!(
+        t.dispatch(again.clone()),
+        vec![LbOutput::Run(again.clone())]
+    );
+    let child = spec(root().child(0), "b", "2", Attempt(0), Cont::Client);
+    let effects = Effects {
+        spawned: vec![new_call(&child, false)],
+        ..Effects::default()
+    };
+    assert_eq!(
+        t.finish(&again, next("b", "2")),
+        vec![progress(2, vec![report(&again, effects)])]
+    );
+}
