@@ -18,6 +18,7 @@ use crate::durable::{
     Owner, WorkerRecord,
 };
 use crate::ids::{AppName, Attempt, CallId, ExecId, Incarnation, Seq, WorkerId};
+use crate::mutations::{Mutation, Mutations};
 use crate::policy::{AppSpec, GrainPolicy};
 use crate::time::Time;
 use crate::wire::{
@@ -39,6 +40,8 @@ pub struct GqConfig {
     /// How many early progress messages per worker are held back waiting for their
     /// predecessors; more are dropped (the worker re-sends them).
     pub held_max: usize,
+    /// Deliberate bugs for checkers; none in production.
+    pub mutations: Mutations,
 }
 
 impl Default for GqConfig {
@@ -47,6 +50,7 @@ impl Default for GqConfig {
             failure_timeout: Duration::from_secs(5),
             timeout_grace: Duration::from_secs(2),
             held_max: 1024,
+            mutations: Mutations::NONE,
         }
     }
 }
@@ -388,7 +392,8 @@ impl GlobalQueue {
         if incarnation > rec.incarnation {
             return; // A newer life that has not said Hello yet.
         }
-        if incarnation < rec.incarnation || rec.dead {
+        let dead = rec.dead && !self.mutated(Mutation::AcceptDead);
+        if incarnation < rec.incarnation || dead {
             self.fence(worker, incarnation);
             return;
         }
@@ -480,6 +485,21 @@ impl GlobalQueue {
             incarnation: rec.incarnation,
         };
         let mut applied = rec.applied;
+        if self.mutated(Mutation::ArrivalOrder) && seq > applied {
+            self.apply_reports(now, owner, reports);
+            self.commit(Op::PutWorker(
+                worker,
+                WorkerRecord {
+                    applied: seq,
+                    ..rec
+                },
+            ));
+            let ack = ToWorker::Ack {
+                incarnation: rec.incarnation,
+                upto: seq,
+            };
+            return self.after_batch.push(GqOutput::Send(worker, ack));
+        }
         if seq > applied.next() {
             let link = self.links.entry(worker).or_default();
             if link.held.len() < self.config.held_max {
@@ -529,7 +549,8 @@ impl GlobalQueue {
         let Some(root) = self.state.calls.get(&key) else {
             return;
         };
-        if root.owner != Some(owner) || root.attempt != report.attempt {
+        let owned = root.owner == Some(owner) || self.mutated(Mutation::AcceptDead);
+        if !owned || root.attempt != report.attempt {
             return;
         }
         let app = root.app.clone();
@@ -538,6 +559,9 @@ impl GlobalQueue {
             Outcome::Done(effects) => effects,
         };
         self.del_call(key);
+        if self.mutated(Mutation::SplitHop) {
+            self.close_batch();
+        }
         let exec = report.exec;
         for spec in effects.joins {
             let jkey = (exec, spec.call);
@@ -609,7 +633,9 @@ impl GlobalQueue {
         let Some(j) = self.state.joins.get(&jkey) else {
             return;
         };
-        if j.fired || !j.is_complete() {
+        let early =
+            self.mutated(Mutation::EarlyJoin) && j.contributions.iter().any(Option::is_some);
+        if j.fired || !(j.is_complete() || early) {
             return;
         }
         let mut j = j.clone();
@@ -889,6 +915,10 @@ impl GlobalQueue {
         }
     }
 
+    fn mutated(&self, m: Mutation) -> bool {
+        self.config.mutations.has(m)
+    }
+
     fn commit(&mut self, op: Op) {
         self.state.apply(&op);
         self.batch.push(op);
@@ -905,8 +935,9 @@ impl GlobalQueue {
             self.outputs.push_back(GqOutput::Persist(batch));
         }
         let needs = self.logged;
+        let eager = self.mutated(Mutation::VisibleBeforeDurable);
         for out in self.after_batch.drain(..) {
-            if needs <= self.durable {
+            if needs <= self.durable || eager {
                 self.outputs.push_back(out);
             } else {
                 self.gated.push((needs, out));

@@ -13,11 +13,13 @@
 //! - [`local_bus`]: a worker's queue of the calls it runs itself, and its backups.
 //! - [`durable`]: the records the global queue persists, and the state they rebuild.
 //! - [`time`]: the time values the caller passes in.
+//! - [`mutations`]: deliberate bugs, off by default, that the checkers must catch.
 
 pub mod durable;
 pub mod global_queue;
 pub mod ids;
 pub mod local_bus;
+pub mod mutations;
 pub mod policy;
 pub mod time;
 pub mod wire;

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use crate::ids::{Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
+use crate::mutations::{Mutation, Mutations};
 use crate::time::Time;
 use crate::wire::{
     CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload, Report,
@@ -38,6 +39,8 @@ pub struct LbConfig {
     pub window: usize,
     /// A progress message stops taking reports once it weighs this many bytes.
     pub message_weight_max: usize,
+    /// Deliberate bugs for checkers; none in production.
+    pub mutations: Mutations,
 }
 
 impl Default for LbConfig {
@@ -49,6 +52,7 @@ impl Default for LbConfig {
             overload_threshold: 64,
             window: 4,
             message_weight_max: 4 << 20,
+            mutations: Mutations::NONE,
         }
     }
 }
@@ -275,7 +279,8 @@ impl LocalBus {
             }
             ToWorker::Dispatch { call, .. } => {
                 let run = (call.exec, call.call, call.attempt);
-                if !self.running.contains_key(&run) && !self.settled.contains_key(&run) {
+                let rerun = self.config.mutations.has(Mutation::RerunStarted);
+                if rerun || !self.running.contains_key(&run) && !self.settled.contains_key(&run) {
                     self.start(call);
                 }
             }
@@ -497,6 +502,9 @@ impl LocalBus {
     /// under the same attempt would make a later re-send indistinguishable from it, so the
     /// gateway places it instead, with a fresh attempt.
     fn has_run(&self, exec: ExecId, call: CallId) -> bool {
+        if self.config.mutations.has(Mutation::RerunStarted) {
+            return false;
+        }
         let run = (exec, call, Attempt(0));
         self.running.contains_key(&run) || self.settled.contains_key(&run)
     }
@@ -621,6 +629,9 @@ impl LocalBus {
 
     /// Sends every unacked message again, in order.
     fn resend(&mut self, now: Time) {
+        if self.config.mutations.has(Mutation::NoResend) {
+            return;
+        }
         let msgs: Vec<ToGateway> = self
             .inflight
             .iter()

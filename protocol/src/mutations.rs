@@ -1,0 +1,112 @@
+//! Deliberate protocol bugs, for showing that the model checker and the simulator catch them.
+//!
+//! Every switch is off by default and must stay off outside checkers: each one breaks a rule
+//! the protocol's correctness rests on. `sand check --mutation NAME` and the models' tests turn
+//! one on and expect a counterexample.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// One deliberate bug.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum Mutation {
+    /// The gateway makes a hop's completion and its spawned calls durable in two writes, as if
+    /// they had travelled as two messages: a crash between them loses the chain.
+    SplitHop,
+    /// The gateway lets acks and answers leave before the state behind them is durable.
+    VisibleBeforeDurable,
+    /// The gateway accepts messages from an incarnation it declared dead.
+    AcceptDead,
+    /// The gateway applies progress in the order it arrives, not the order it was sent.
+    ArrivalOrder,
+    /// The worker never re-sends unacked progress, on a timer or after a reconnect.
+    NoResend,
+    /// The worker runs a re-sent dispatch of an attempt it already started.
+    RerunStarted,
+    /// The gateway fires a join as soon as one branch has contributed.
+    EarlyJoin,
+}
+
+impl Mutation {
+    /// Every mutation, in a fixed order.
+    pub const ALL: [Mutation; 7] = [
+        Mutation::SplitHop,
+        Mutation::VisibleBeforeDurable,
+        Mutation::AcceptDead,
+        Mutation::ArrivalOrder,
+        Mutation::NoResend,
+        Mutation::RerunStarted,
+        Mutation::EarlyJoin,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutation::SplitHop => "split-hop",
+            Mutation::VisibleBeforeDurable => "visible-before-durable",
+            Mutation::AcceptDead => "accept-dead",
+            Mutation::ArrivalOrder => "arrival-order",
+            Mutation::NoResend => "no-resend",
+            Mutation::RerunStarted => "rerun-started",
+            Mutation::EarlyJoin => "early-join",
+        }
+    }
+}
+
+impl fmt::Display for Mutation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mutation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Mutation::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Mutation::ALL.iter().map(|m| m.name()).collect();
+                format!(
+                    "unknown mutation {s:?}; expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// The set of mutations switched on: none by default.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct Mutations(u8);
+
+impl Mutations {
+    /// No mutation: the protocol as designed.
+    pub const NONE: Mutations = Mutations(0);
+
+    /// Just this one.
+    pub fn only(m: Mutation) -> Self {
+        Self(1 << m as u8)
+    }
+
+    /// Whether `m` is on.
+    pub fn has(self, m: Mutation) -> bool {
+        self.0 & (1 << m as u8) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_sets_hold_one() {
+        for m in Mutation::ALL {
+            assert_eq!(m.name().parse::<Mutation>(), Ok(m));
+            let set = Mutations::only(m);
+            assert!(Mutation::ALL.iter().all(|o| set.has(*o) == (*o == m)));
+        }
+        assert!("nope".parse::<Mutation>().is_err());
+        assert!(Mutation::ALL.iter().all(|m| !Mutations::NONE.has(*m)));
+    }
+}
