@@ -1,0 +1,461 @@
+//! Round trip and throughput of sand's QUIC transport, side by side in one run with a bare quinn
+//! echo and a tokio TCP echo.
+//!
+//! Run: `cargo bench -p sand-transport-quic --bench transport`
+//!
+//! Everything runs on one current-thread tokio runtime, client and server in one process: on a
+//! small VM a wake-up across vCPUs costs tens of microseconds and would drown what is measured.
+//! Each transport is measured in several rounds, interleaved with the others, so a noisy moment
+//! does not fall on one of them alone; the samples of all rounds are pooled.
+//!
+//! - Round trip: sand sends a `Heartbeat` (worker to gateway) and the gateway's driver answers
+//!   an `Ack`, both on the control stream through the seam; quinn and TCP echo 100 bytes. sand's
+//!   payload path (a `Progress` answered by a `Dispatch`, each on a stream of its own, with
+//!   100-byte values) is shown too.
+//! - Throughput: 64 KiB messages one way, timed until the receiver has them all. sand sends
+//!   `Dispatch` messages with 64 KiB inputs (a stream each); quinn and TCP write them on one
+//!   stream.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::Endpoint;
+use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq, WorkerId};
+use sand_protocol::wire::{
+    encode, CallSpec, Cont, Effects, Outcome, Payload, Report, Return, ToGateway, ToWorker,
+};
+use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
+use sand_transport_quic::quic::{self, QuicConfig, QuicGateway, QuicWorker};
+use sand_transport_quic::seam::{GatewayEvent, SendError, WorkerEvent};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const ROUNDS: usize = 5;
+const WARMUP: usize = 1_000;
+const SAMPLES_PER_ROUND: usize = 4_000;
+const SMALL_BYTES: usize = 100;
+const BIG_BYTES: usize = 64 * 1024;
+const BIG_COUNT: usize = 1_000;
+
+type BoxError = Box<dyn std::error::Error>;
+
+fn main() -> Result<(), BoxError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run())
+}
+
+struct Pki {
+    gateway: NodeIdentity,
+    worker: NodeIdentity,
+}
+
+fn pki() -> Result<Pki, BoxError> {
+    let ca = ClusterCa::generate(Validity::days_from_now(1))?;
+    Ok(Pki {
+        gateway: ca.issue_gateway(&["localhost".to_string()], Validity::days_from_now(1))?,
+        worker: ca.issue_worker(WorkerId(1), Validity::days_from_now(1))?,
+    })
+}
+
+#[derive(Default)]
+struct Results {
+    rtt: Vec<Duration>,
+    mib_per_s: Vec<f64>,
+}
+
+async fn run() -> Result<(), BoxError> {
+    let pki = pki()?;
+    let config = QuicConfig::default();
+    let mut sand = SandPair::new(&pki, &config).await?;
+    let mut bare = BarePair::new(&pki, &config).await?;
+    let mut tcp = TcpPair::new().await?;
+
+    let mut results: [Results; 4] = Default::default();
+    for round in 0..ROUNDS {
+        let warm = if round == 0 { WARMUP } else { 0 };
+        results[0]
+            .rtt
+            .extend(sand.control_rtt(warm, SAMPLES_PER_ROUND).await?);
+        results[1]
+            .rtt
+            .extend(sand.payload_rtt(warm, SAMPLES_PER_ROUND / 4).await?);
+        results[2]
+            .rtt
+            .extend(bare.rtt(warm, SAMPLES_PER_ROUND).await?);
+        results[3]
+            .rtt
+            .extend(tcp.rtt(warm, SAMPLES_PER_ROUND).await?);
+        results[0].mib_per_s.push(sand.throughput(BIG_COUNT).await?);
+        results[2].mib_per_s.push(bare.throughput(BIG_COUNT).await?);
+        results[3].mib_per_s.push(tcp.throughput(BIG_COUNT).await?);
+    }
+
+    let hb = encode(&heartbeat())?.len() + 4;
+    let ack = encode(&ack())?.len() + 4;
+    println!();
+    println!(
+        "| transport | round trip median (µs) | round trip p99 (µs) | 64 KiB messages (MiB/s) |"
+    );
+    println!("|---|---|---|---|");
+    let names = [
+        format!("sand QUIC, control stream (Heartbeat {hb} B → Ack {ack} B, framed)"),
+        "sand QUIC, payload path (Progress → Dispatch, 100 B values, a stream each)".to_string(),
+        format!("bare quinn, one bi stream, {SMALL_BYTES} B echo"),
+        format!("tokio TCP loopback (nodelay), {SMALL_BYTES} B echo"),
+    ];
+    let mut medians = [0.0; 4];
+    for (i, r) in results.iter_mut().enumerate() {
+        r.rtt.sort();
+        let median = micros(percentile(&r.rtt, 0.50));
+        let p99 = micros(percentile(&r.rtt, 0.99));
+        medians[i] = median;
+        let tput = if r.mib_per_s.is_empty() {
+            "—".to_string()
+        } else {
+            r.mib_per_s.sort_by(f64::total_cmp);
+            format!("{:.0}", r.mib_per_s[r.mib_per_s.len() / 2])
+        };
+        println!("| {} | {median:.1} | {p99:.1} | {tput} |", names[i]);
+    }
+    println!();
+    println!(
+        "sand / bare quinn, round trip median: {:.2}x (target ≤ 1.20x); {} samples per row \
+         ({} for the payload path) over {ROUNDS} interleaved rounds; throughput is the median \
+         of {ROUNDS} runs of {BIG_COUNT} messages.",
+        medians[0] / medians[2],
+        ROUNDS * SAMPLES_PER_ROUND,
+        ROUNDS * SAMPLES_PER_ROUND / 4,
+    );
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn heartbeat() -> ToGateway {
+    ToGateway::Heartbeat {
+        incarnation: Incarnation(1),
+        running: 3,
+    }
+}
+
+fn ack() -> ToWorker {
+    ToWorker::Ack {
+        incarnation: Incarnation(1),
+        upto: Seq(7),
+    }
+}
+
+fn dispatch(bytes: usize) -> ToWorker {
+    let exec = ExecId::new(1, 1);
+    ToWorker::Dispatch {
+        incarnation: Incarnation(1),
+        call: CallSpec {
+            exec,
+            call: exec.root_call(),
+            attempt: Attempt(0),
+            app: AppName::new("app").expect("a valid name"),
+            grain: GrainName::new("grain").expect("a valid name"),
+            input: Payload(Bytes::from(vec![b'x'; bytes])),
+            cont: Cont::Client,
+        },
+    }
+}
+
+fn progress(bytes: usize) -> ToGateway {
+    let exec = ExecId::new(1, 1);
+    ToGateway::Progress {
+        incarnation: Incarnation(1),
+        seq: Seq(1),
+        reports: vec![Report {
+            exec,
+            call: exec.root_call(),
+            attempt: Attempt(0),
+            outcome: Outcome::Done(Effects {
+                returns: vec![Return {
+                    cont: Cont::Client,
+                    value: Payload(Bytes::from(vec![b'y'; bytes])),
+                }],
+                ..Effects::default()
+            }),
+        }],
+    }
+}
+
+/// A gateway and a worker over sand's transport. The gateway's driver answers a `Heartbeat`
+/// with an `Ack` and a `Progress` with a `Dispatch`.
+struct SandPair {
+    _gateway: QuicGateway,
+    _worker: QuicWorker,
+    worker: sand_transport_quic::seam::WorkerLink,
+    gateway_sender: sand_transport_quic::seam::GatewaySender,
+}
+
+impl SandPair {
+    async fn new(pki: &Pki, config: &QuicConfig) -> Result<Self, BoxError> {
+        let addr: SocketAddr = "127.0.0.1:0".parse()?;
+        let (gateway, mut gw) = QuicGateway::bind(addr, &pki.gateway, config.clone())?;
+        let (worker_ep, mut worker) = QuicWorker::start(
+            gateway.local_addr(),
+            "localhost",
+            &pki.worker,
+            config.clone(),
+        )?;
+        match worker.events.recv().await {
+            Some(WorkerEvent::Connected) => {}
+            other => return Err(format!("worker: {other:?}").into()),
+        }
+        let gateway_sender = gw.sender.clone();
+        let reply_ack = ack();
+        let reply_dispatch = dispatch(SMALL_BYTES);
+        tokio::spawn(async move {
+            while let Some(event) = gw.events.recv().await {
+                if let GatewayEvent::Message(w, msg) = event {
+                    let reply = match msg {
+                        ToGateway::Heartbeat { .. } => reply_ack.clone(),
+                        _ => reply_dispatch.clone(),
+                    };
+                    if gw.sender.send(w, reply).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            _gateway: gateway,
+            _worker: worker_ep,
+            worker,
+            gateway_sender,
+        })
+    }
+
+    async fn ask(&mut self, msg: ToGateway) -> Result<(), BoxError> {
+        self.worker.sender.send(msg)?;
+        match self.worker.events.recv().await {
+            Some(WorkerEvent::Message(_)) => Ok(()),
+            other => Err(format!("worker: {other:?}").into()),
+        }
+    }
+
+    async fn control_rtt(&mut self, warm: usize, n: usize) -> Result<Vec<Duration>, BoxError> {
+        let hb = heartbeat();
+        for _ in 0..warm {
+            self.ask(hb.clone()).await?;
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            self.ask(hb.clone()).await?;
+            out.push(t.elapsed());
+        }
+        Ok(out)
+    }
+
+    async fn payload_rtt(&mut self, warm: usize, n: usize) -> Result<Vec<Duration>, BoxError> {
+        let p = progress(SMALL_BYTES);
+        for _ in 0..warm {
+            self.ask(p.clone()).await?;
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            self.ask(p.clone()).await?;
+            out.push(t.elapsed());
+        }
+        Ok(out)
+    }
+
+    async fn throughput(&mut self, count: usize) -> Result<f64, BoxError> {
+        let msg = dispatch(BIG_BYTES);
+        let start = Instant::now();
+        let (mut sent, mut received) = (0, 0);
+        while received < count {
+            while sent < count {
+                match self.gateway_sender.send(WorkerId(1), msg.clone()) {
+                    Ok(()) => sent += 1,
+                    Err(SendError::Full) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            match self.worker.events.recv().await {
+                Some(WorkerEvent::Message(_)) => received += 1,
+                other => return Err(format!("worker: {other:?}").into()),
+            }
+        }
+        Ok(mib_per_s(count * BIG_BYTES, start.elapsed()))
+    }
+}
+
+fn mib_per_s(bytes: usize, took: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / took.as_secs_f64()
+}
+
+/// A bare quinn connection with the same TLS and transport settings, and an echo server on
+/// one bidirectional stream.
+struct BarePair {
+    _server: Endpoint,
+    _client: Endpoint,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl BarePair {
+    async fn new(pki: &Pki, config: &QuicConfig) -> Result<Self, BoxError> {
+        let server = Endpoint::server(
+            quic::server_config(&pki.gateway, config)?,
+            "127.0.0.1:0".parse()?,
+        )?;
+        let addr = server.local_addr()?;
+        let mut client = Endpoint::client("127.0.0.1:0".parse()?)?;
+        client.set_default_client_config(quic::client_config(&pki.worker, config)?);
+        let accepting = server.clone();
+        tokio::spawn(async move {
+            let Some(incoming) = accepting.accept().await else {
+                return;
+            };
+            let Ok(conn) = incoming.await else { return };
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                return;
+            };
+            // First byte says what follows: 'e' an echo of SMALL_BYTES, 't' a throughput run
+            // of BIG_COUNT messages answered by one byte.
+            let mut kind = [0u8; 1];
+            let mut small = [0u8; SMALL_BYTES];
+            let mut big = vec![0u8; BIG_BYTES];
+            while recv.read_exact(&mut kind).await.is_ok() {
+                if kind[0] == b'e' {
+                    if recv.read_exact(&mut small).await.is_err()
+                        || send.write_all(&small).await.is_err()
+                    {
+                        return;
+                    }
+                } else {
+                    for _ in 0..BIG_COUNT {
+                        if recv.read_exact(&mut big).await.is_err() {
+                            return;
+                        }
+                    }
+                    if send.write_all(b"k").await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let conn = client.connect(addr, "localhost")?.await?;
+        let (send, recv) = conn.open_bi().await?;
+        Ok(Self {
+            _server: server,
+            _client: client,
+            send,
+            recv,
+        })
+    }
+
+    async fn rtt(&mut self, warm: usize, n: usize) -> Result<Vec<Duration>, BoxError> {
+        let mut msg = [7u8; SMALL_BYTES + 1];
+        msg[0] = b'e';
+        let mut back = [0u8; SMALL_BYTES];
+        let mut out = Vec::with_capacity(n);
+        for i in 0..warm + n {
+            let t = Instant::now();
+            self.send.write_all(&msg).await?;
+            self.recv.read_exact(&mut back).await?;
+            if i >= warm {
+                out.push(t.elapsed());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn throughput(&mut self, count: usize) -> Result<f64, BoxError> {
+        let big = Bytes::from(vec![b'x'; BIG_BYTES]);
+        let start = Instant::now();
+        self.send.write_all(b"t").await?;
+        for _ in 0..count {
+            self.send.write_chunk(big.clone()).await?;
+        }
+        let mut done = [0u8; 1];
+        self.recv.read_exact(&mut done).await?;
+        Ok(mib_per_s(count * BIG_BYTES, start.elapsed()))
+    }
+}
+
+/// A tokio TCP loopback pair with nodelay and the same echo server.
+struct TcpPair {
+    stream: TcpStream,
+}
+
+impl TcpPair {
+    async fn new() -> Result<Self, BoxError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            if s.set_nodelay(true).is_err() {
+                return;
+            }
+            let mut kind = [0u8; 1];
+            let mut small = [0u8; SMALL_BYTES];
+            let mut big = vec![0u8; BIG_BYTES];
+            while s.read_exact(&mut kind).await.is_ok() {
+                if kind[0] == b'e' {
+                    if s.read_exact(&mut small).await.is_err() || s.write_all(&small).await.is_err()
+                    {
+                        return;
+                    }
+                } else {
+                    for _ in 0..BIG_COUNT {
+                        if s.read_exact(&mut big).await.is_err() {
+                            return;
+                        }
+                    }
+                    if s.write_all(b"k").await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self { stream })
+    }
+
+    async fn rtt(&mut self, warm: usize, n: usize) -> Result<Vec<Duration>, BoxError> {
+        let mut msg = [7u8; SMALL_BYTES + 1];
+        msg[0] = b'e';
+        let mut back = [0u8; SMALL_BYTES];
+        let mut out = Vec::with_capacity(n);
+        for i in 0..warm + n {
+            let t = Instant::now();
+            self.stream.write_all(&msg).await?;
+            self.stream.read_exact(&mut back).await?;
+            if i >= warm {
+                out.push(t.elapsed());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn throughput(&mut self, count: usize) -> Result<f64, BoxError> {
+        let big = vec![b'x'; BIG_BYTES];
+        let start = Instant::now();
+        self.stream.write_all(b"t").await?;
+        for _ in 0..count {
+            self.stream.write_all(&big).await?;
+        }
+        let mut done = [0u8; 1];
+        self.stream.read_exact(&mut done).await?;
+        Ok(mib_per_s(count * BIG_BYTES, start.elapsed()))
+    }
+}

@@ -1,0 +1,19 @@
+//! sand's transport: how the gateway and its workers reach each other.
+//!
+//! - [`seam`]: what the protocol drivers see — a stream of events and a non-blocking sender on
+//!   each side. Both implementations below keep the same contract.
+//! - [`quic`]: QUIC (quinn) with mutual TLS. The gateway is the server, each worker a client
+//!   that reconnects by itself. Small control messages share one ordered stream; each
+//!   payload-carrying message gets a stream of its own, so a large payload never delays a
+//!   heartbeat.
+//! - [`mem`]: the same seam in memory, for tests and simulations, with links broken on demand.
+//! - [`certs`]: the cluster CA and the certificates of the gateway and workers.
+//!
+//! The transport never re-sends and never reorders within a stream; ordering across streams,
+//! retries and deduplication are the protocol's job (`sand_protocol`).
+
+pub mod certs;
+mod framing;
+pub mod mem;
+pub mod quic;
+pub mod seam;

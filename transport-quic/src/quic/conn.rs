@@ -1,0 +1,480 @@
+//! One open connection, the same on both sides: the outbound queues, the control-stream writer
+//! and reader, the payload-stream writers and readers, and how the connection ends.
+//!
+//! Every task a connection runs lives in a `JoinSet` owned by [`drive`]; when `drive` returns,
+//! they have all stopped. Nothing here decides what a message means.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{
+    Connection, ConnectionError, ReadExactError, ReadToEndError, RecvStream, SendStream, VarInt,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use super::{TaskCounter, CLOSE_VIOLATION};
+use crate::framing::{self, Frame, FrameBuffer, FrameError, CONTROL_PREAMBLE, LEN_BYTES};
+use crate::seam::{Classify, SendError};
+
+/// What a queued frame costs against the send budget beyond its own bytes: so that a flood of
+/// tiny messages is bounded too.
+pub(crate) const FRAME_COST_BYTES: usize = 64;
+
+/// The most control frames written in one batch.
+const CONTROL_BATCH_MAX: usize = 64;
+
+/// How much a control-stream read takes at most at once.
+const CONTROL_READ_BYTES: usize = 64 * 1024;
+
+/// A frame waiting to be written, holding its share of the send budget until it is.
+struct Queued {
+    frame: Frame,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// The sending end of one connection's queues. Cloned into the seam's sender.
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    control: mpsc::UnboundedSender<Queued>,
+    payload: mpsc::UnboundedSender<Queued>,
+    budget: Arc<Semaphore>,
+}
+
+/// The receiving end of one connection's queues, consumed by [`drive`].
+pub(crate) struct Inbox {
+    control: mpsc::UnboundedReceiver<Queued>,
+    payload: mpsc::UnboundedReceiver<Queued>,
+    budget: Arc<Semaphore>,
+}
+
+impl Outbox {
+    /// New queues allowing `bytes_max` bytes of unwritten frames.
+    pub(crate) fn new(bytes_max: usize) -> (Self, Inbox) {
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (payload_tx, payload_rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(bytes_max));
+        (
+            Self {
+                control: control_tx,
+                payload: payload_tx,
+                budget: budget.clone(),
+            },
+            Inbox {
+                control: control_rx,
+                payload: payload_rx,
+                budget,
+            },
+        )
+    }
+
+    /// Queues an encoded frame without waiting.
+    pub(crate) fn enqueue(&self, frame: Frame, payload: bool) -> Result<(), SendError> {
+        // Frames are at most MESSAGE_BYTES_MAX + 4 bytes (Frame::encode refuses more), far
+        // below u32::MAX.
+        let cost = u32::try_from(frame.wire_len() + FRAME_COST_BYTES).unwrap_or(u32::MAX);
+        let budget = match self.budget.clone().try_acquire_many_owned(cost) {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => return Err(SendError::Full),
+            Err(TryAcquireError::Closed) => return Err(SendError::NotConnected),
+        };
+        let queue = if payload {
+            &self.payload
+        } else {
+            &self.control
+        };
+        queue
+            .send(Queued {
+                frame,
+                _budget: budget,
+            })
+            .map_err(|_| SendError::NotConnected)
+    }
+
+    /// Refuses every later `enqueue` with `NotConnected`.
+    pub(crate) fn close(&self) {
+        self.budget.close();
+    }
+}
+
+/// Encodes a message for [`Outbox::enqueue`], and says which stream it takes.
+pub(crate) fn encode<M: Serialize + Classify>(msg: &M) -> Result<(Frame, bool), SendError> {
+    Ok((Frame::encode(msg)?, msg.carries_payload()))
+}
+
+/// Hands a received message to the driver's event stream, with one receive credit. Returns
+/// `false` when this connection's messages are no longer wanted (it was replaced, or nobody
+/// listens), which ends the connection.
+pub(crate) type Deliver<In> = Arc<dyn Fn(In, OwnedSemaphorePermit) -> bool + Send + Sync>;
+
+/// How a connection ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The connection closed, for the reason quinn gives.
+    Closed(ConnectionError),
+    /// The peer broke the framing; this side closed the connection.
+    Violation(FrameError),
+    /// The peer finished its control stream.
+    ControlFinished,
+    /// Nobody wants this connection's messages any more.
+    Unwanted,
+    /// A task of the connection panicked (a bug); the connection was closed.
+    Panicked,
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ended::Closed(e) => write!(f, "{e}"),
+            Ended::Violation(e) => write!(f, "the peer broke the framing: {e}"),
+            Ended::ControlFinished => f.write_str("the peer finished its control stream"),
+            Ended::Unwanted => f.write_str("the connection was replaced or is no longer wanted"),
+            Ended::Panicked => f.write_str("a connection task panicked"),
+        }
+    }
+}
+
+/// Everything [`drive`] needs.
+pub(crate) struct Parts<In> {
+    /// The connection.
+    pub(crate) conn: Connection,
+    /// The control stream's sending half.
+    pub(crate) control_send: SendStream,
+    /// The control stream's receiving half, past the preamble.
+    pub(crate) control_recv: RecvStream,
+    /// The outbound queues.
+    pub(crate) inbox: Inbox,
+    /// Where received messages go.
+    pub(crate) deliver: Deliver<In>,
+    /// Received messages not yet taken by the driver, at most.
+    pub(crate) recv_queue_len_max: usize,
+    /// Payload streams written at once, at most.
+    pub(crate) payload_streams_max: u32,
+    /// Counts the tasks spawned here.
+    pub(crate) tasks: TaskCounter,
+}
+
+/// Runs a connection until it ends, then stops every task it started and closes it.
+pub(crate) async fn drive<In>(parts: Parts<In>) -> Ended
+where
+    In: DeserializeOwned + Send + 'static,
+{
+    let Parts {
+        conn,
+        control_send,
+        control_recv,
+        inbox,
+        deliver,
+        recv_queue_len_max,
+        payload_streams_max,
+        tasks: counter,
+    } = parts;
+    let Inbox {
+        control,
+        payload,
+        budget,
+    } = inbox;
+    // Heartbeats and acks go before payload bytes whenever both are waiting.
+    let _ = control_send.set_priority(1);
+    // Received and not yet taken by the driver, per stream class: so that payloads waiting for
+    // the driver never hold up a heartbeat.
+    let control_credits = Arc::new(Semaphore::new(recv_queue_len_max));
+    let payload_credits = Arc::new(Semaphore::new(recv_queue_len_max));
+    let mut tasks = JoinSet::new();
+    tasks.spawn(counter.track(write_control(control_send, control)));
+    tasks.spawn(counter.track(write_payloads(
+        conn.clone(),
+        payload,
+        payload_streams_max,
+        counter.clone(),
+    )));
+    tasks.spawn(counter.track(read_control(control_recv, control_credits, deliver.clone())));
+    tasks.spawn(counter.track(read_payloads(
+        conn.clone(),
+        payload_credits,
+        deliver,
+        counter.clone(),
+    )));
+    let closed = conn.clone();
+    tasks.spawn(counter.track(async move { Ended::Closed(closed.closed().await) }));
+
+    let ended = match tasks.join_next().await {
+        Some(Ok(ended)) => ended,
+        Some(Err(_)) => Ended::Panicked,
+        // Five tasks were spawned just above.
+        None => Ended::Panicked,
+    };
+    budget.close();
+    match &ended {
+        Ended::Violation(e) => {
+            conn.close(VarInt::from_u32(CLOSE_VIOLATION), e.to_string().as_bytes())
+        }
+        Ended::ControlFinished | Ended::Unwanted | Ended::Panicked => conn.close(
+            VarInt::from_u32(super::CLOSE_NORMAL),
+            ended.to_string().as_bytes(),
+        ),
+        Ended::Closed(_) => {}
+    }
+    tasks.shutdown().await;
+    ended
+}
+
+/// Writes control frames in order, a batch at a time. Ends only with the connection.
+async fn write_control(mut send: SendStream, mut queue: mpsc::UnboundedReceiver<Queued>) -> Ended {
+    let mut batch = BytesMut::new();
+    let mut held = Vec::with_capacity(CONTROL_BATCH_MAX);
+    while let Some(first) = queue.recv().await {
+        held.push(first);
+        while held.len() < CONTROL_BATCH_MAX {
+            match queue.try_recv() {
+                Ok(next) => held.push(next),
+                Err(_) => break,
+            }
+        }
+        for q in &held {
+            batch.extend_from_slice(&q.frame.head);
+            batch.extend_from_slice(&q.frame.body);
+        }
+        let result = send.write_all(&batch).await;
+        batch.clear();
+        held.clear();
+        if let Err(e) = result {
+            return write_error(e);
+        }
+    }
+    // The outbox was dropped: the endpoint is shutting down.
+    Ended::Unwanted
+}
+
+/// Writes each payload frame on a stream of its own, up to `streams_max` at once.
+async fn write_payloads(
+    conn: Connection,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
+    streams_max: u32,
+    counter: TaskCounter,
+) -> Ended {
+    let streams = Arc::new(Semaphore::new(streams_max as usize));
+    let mut writers = JoinSet::new();
+    while let Some(q) = queue.recv().await {
+        // The semaphore is never closed.
+        let Ok(stream) = streams.clone().acquire_owned().await else {
+            break;
+        };
+        let conn = conn.clone();
+        writers.spawn(counter.track(async move {
+            let _stream = stream;
+            if let Err(e) = write_payload(&conn, q).await {
+                // The connection is going down; its end is reported by `drive`.
+                debug!(error = %e, "a payload stream was not written");
+            }
+        }));
+        while writers.try_join_next().is_some() {}
+    }
+    Ended::Unwanted
+}
+
+async fn write_payload(conn: &Connection, q: Queued) -> Result<(), String> {
+    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+    let mut chunks = [Bytes::copy_from_slice(&q.frame.head), q.frame.body];
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn write_error(e: quinn::WriteError) -> Ended {
+    match e {
+        quinn::WriteError::ConnectionLost(e) => Ended::Closed(e),
+        // The peer stopped or never accepted our control stream: it wants no more from us.
+        _ => Ended::ControlFinished,
+    }
+}
+
+/// Reads control frames in order and delivers them. Ends only with the connection.
+async fn read_control<In: DeserializeOwned>(
+    mut recv: RecvStream,
+    credits: Arc<Semaphore>,
+    deliver: Deliver<In>,
+) -> Ended {
+    let mut buf = FrameBuffer::default();
+    loop {
+        loop {
+            let body = match buf.next_body() {
+                Ok(Some(body)) => body,
+                Ok(None) => break,
+                Err(e) => return Ended::Violation(e),
+            };
+            let msg = match framing::decode::<In>(&body) {
+                Ok(msg) => msg,
+                Err(e) => return Ended::Violation(e),
+            };
+            // Never closed: it lives as long as this connection.
+            let Ok(credit) = credits.clone().acquire_owned().await else {
+                return Ended::Unwanted;
+            };
+            if !deliver(msg, credit) {
+                return Ended::Unwanted;
+            }
+        }
+        match recv.read_chunk(CONTROL_READ_BYTES, true).await {
+            Ok(Some(chunk)) => buf.extend(&chunk.bytes),
+            Ok(None) => {
+                return match buf.finish() {
+                    Ok(()) => Ended::ControlFinished,
+                    Err(e) => Ended::Violation(e),
+                }
+            }
+            Err(quinn::ReadError::ConnectionLost(e)) => return Ended::Closed(e),
+            Err(_) => return Ended::ControlFinished,
+        }
+    }
+}
+
+/// Accepts payload streams and reads each in a task of its own, so one large payload does not
+/// hold up the others. A stream is accepted only with a receive credit in hand: while the driver
+/// is behind, streams wait unaccepted and QUIC flow control holds the peer back, so at most
+/// `recv_queue_len_max` payloads are in memory. Ends when the connection ends or a stream breaks
+/// the framing.
+async fn read_payloads<In: DeserializeOwned + Send + 'static>(
+    conn: Connection,
+    credits: Arc<Semaphore>,
+    deliver: Deliver<In>,
+    counter: TaskCounter,
+) -> Ended {
+    let mut readers: JoinSet<Result<(), Ended>> = JoinSet::new();
+    let mut credit: Option<OwnedSemaphorePermit> = None;
+    loop {
+        tokio::select! {
+            acquired = credits.clone().acquire_owned(), if credit.is_none() => match acquired {
+                Ok(permit) => credit = Some(permit),
+                // Never closed: it lives as long as this connection.
+                Err(_) => return Ended::Unwanted,
+            },
+            accepted = conn.accept_uni(), if credit.is_some() => match (accepted, credit.take()) {
+                (Ok(recv), Some(permit)) => {
+                    readers.spawn(counter.track(read_payload(recv, permit, deliver.clone())));
+                }
+                (Ok(_), None) => return Ended::Panicked,
+                (Err(e), _) => return Ended::Closed(e),
+            },
+            Some(done) = readers.join_next() => match done {
+                Ok(Ok(())) => {}
+                Ok(Err(ended)) => return ended,
+                Err(_) => return Ended::Panicked,
+            },
+        }
+    }
+}
+
+/// Reads the one frame of a payload stream and delivers it with `credit`.
+async fn read_payload<In: DeserializeOwned>(
+    mut recv: RecvStream,
+    credit: OwnedSemaphorePermit,
+    deliver: Deliver<In>,
+) -> Result<(), Ended> {
+    let mut head = [0u8; LEN_BYTES];
+    match recv.read_exact(&mut head).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(got)) => {
+            return Err(Ended::Violation(FrameError::Truncated {
+                missing: LEN_BYTES - got,
+            }))
+        }
+        Err(ReadExactError::ReadError(e)) => return lost_stream(e),
+    }
+    let len = framing::body_len(head).map_err(Ended::Violation)?;
+    // `read_to_end` grows its buffer as bytes arrive, never past `len`.
+    let body = match recv.read_to_end(len).await {
+        Ok(body) => body,
+        Err(ReadToEndError::TooLong) => return Err(Ended::Violation(FrameError::Trailing)),
+        Err(ReadToEndError::Read(e)) => return lost_stream(e),
+    };
+    if body.len() < len {
+        return Err(Ended::Violation(FrameError::Truncated {
+            missing: len - body.len(),
+        }));
+    }
+    let msg = framing::decode::<In>(&body).map_err(Ended::Violation)?;
+    drop(body);
+    if !deliver(msg, credit) {
+        return Err(Ended::Unwanted);
+    }
+    Ok(())
+}
+
+fn lost_stream(e: quinn::ReadError) -> Result<(), Ended> {
+    match e {
+        quinn::ReadError::ConnectionLost(e) => Err(Ended::Closed(e)),
+        // A peer may abandon a payload stream (reset it); that message is lost, which the
+        // protocol's re-sends cover.
+        other => {
+            debug!(error = %other, "a payload stream was abandoned by the peer");
+            Ok(())
+        }
+    }
+}
+
+/// The worker's side of the greeting: open the control stream, say the preamble, and wait for
+/// the gateway to say it back.
+pub(crate) async fn open_control(
+    conn: &Connection,
+    timeout: Duration,
+) -> Result<(SendStream, RecvStream), String> {
+    let greet = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&CONTROL_PREAMBLE)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = [0u8; 4];
+        recv.read_exact(&mut answer).await.map_err(|e| match e {
+            ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e)) => e.to_string(),
+            other => other.to_string(),
+        })?;
+        if answer != CONTROL_PREAMBLE {
+            return Err(FrameError::Preamble(answer).to_string());
+        }
+        Ok((send, recv))
+    };
+    tokio::time::timeout(timeout, greet)
+        .await
+        .map_err(|_| format!("the gateway did not answer within {timeout:?}"))?
+}
+
+/// The gateway's side of the greeting: accept the control stream, check the preamble, and say
+/// it back.
+pub(crate) async fn accept_control(
+    conn: &Connection,
+    timeout: Duration,
+) -> Result<(SendStream, RecvStream), Ended> {
+    let greet = async {
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(Ended::Closed)?;
+        let mut said = [0u8; 4];
+        match recv.read_exact(&mut said).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(got)) => {
+                return Err(Ended::Violation(FrameError::Truncated { missing: 4 - got }))
+            }
+            Err(ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => {
+                return Err(Ended::Closed(e))
+            }
+            Err(ReadExactError::ReadError(_)) => return Err(Ended::ControlFinished),
+        }
+        if said != CONTROL_PREAMBLE {
+            return Err(Ended::Violation(FrameError::Preamble(said)));
+        }
+        send.write_all(&CONTROL_PREAMBLE)
+            .await
+            .map_err(write_error)?;
+        Ok((send, recv))
+    };
+    match tokio::time::timeout(timeout, greet).await {
+        Ok(result) => result,
+        Err(_) => Err(Ended::Closed(ConnectionError::TimedOut)),
+    }
+}
