@@ -5,10 +5,12 @@
 //! that comes back as a new incarnation, loses its calls to re-dispatch; everything a dead
 //! incarnation says afterwards is refused (fenced). It never does I/O and never reads a clock.
 //!
-//! It must never let an ack, a `Welcome`, a `Fenced` or an answer leave before the state change
-//! behind it is durable: those outputs wait until the caller reports the batch that made the
-//! change as persisted. Dispatches and cancels need no such wait: a crash that loses the record
-//! of a dispatch also loses every promise that depended on it.
+//! It must never let a promise leave before the state change behind it is durable: an ack, a
+//! `Welcome`, an answer, and anything that lets a worker throw work away (`Fenced`, `Cancel`,
+//! `Abort`) wait until the caller reports the batch that made the change as persisted. A gateway
+//! that crashed before the write would otherwise still expect work the worker dropped.
+//! Dispatches need no such wait: a crash that loses the record of a dispatch costs only
+//! duplicate work.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -716,7 +718,7 @@ impl GlobalQueue {
                 incarnation: owner.incarnation,
                 exec,
             };
-            self.send(owner.worker, msg);
+            self.after_batch.push(GqOutput::Send(owner.worker, msg));
         }
         let joins: Vec<CallKey> = self.state.joins.range(range).map(|(k, _)| *k).collect();
         for (e, j) in joins {
@@ -730,6 +732,11 @@ impl GlobalQueue {
             GqTimer::Suspect(worker) => {
                 if let Some(rec) = self.state.workers.get(&worker).copied() {
                     if !rec.dead {
+                        // Tell it, in case it is only slow: it then comes back as a new
+                        // incarnation without waiting until it has something to say.
+                        if self.links.get(&worker).is_some_and(|l| l.connected) {
+                            self.fence(worker, rec.incarnation);
+                        }
                         self.declare_dead(now, worker, rec);
                     }
                 }
@@ -752,7 +759,7 @@ impl GlobalQueue {
                     call,
                     attempt: rec.attempt,
                 };
-                self.send(owner.worker, msg);
+                self.after_batch.push(GqOutput::Send(owner.worker, msg));
                 let error = GrainError::new(ErrorKind::Timeout, "the attempt ran past its timeout");
                 self.fail_attempt(now, (exec, call), error);
             }

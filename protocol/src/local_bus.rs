@@ -161,6 +161,8 @@ pub struct LocalBus {
     /// Sent progress, kept until acked.
     inflight: BTreeMap<Seq, Vec<Report>>,
     last_seq: Seq,
+    /// The last of this incarnation's messages the gateway acked.
+    acked: Seq,
     timers: BTreeMap<LbTimer, Time>,
     outputs: VecDeque<LbOutput>,
 }
@@ -179,6 +181,7 @@ impl LocalBus {
             unsent: Vec::new(),
             inflight: BTreeMap::new(),
             last_seq: Seq(0),
+            acked: Seq(0),
             timers: BTreeMap::new(),
             outputs: VecDeque::new(),
         }
@@ -231,6 +234,16 @@ impl LocalBus {
     /// The earliest timer deadline, if any timer is set.
     pub fn poll_timeout(&self) -> Option<Time> {
         self.timers.values().min().copied()
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &LbConfig {
+        &self.config
+    }
+
+    /// The last progress message of this incarnation the gateway acked.
+    pub fn acked(&self) -> Seq {
+        self.acked
     }
 
     /// This worker's current incarnation.
@@ -652,6 +665,7 @@ impl LocalBus {
 
     fn on_ack(&mut self, upto: Seq) {
         let upto = upto.min(self.last_seq);
+        self.acked = self.acked.max(upto);
         self.inflight.retain(|seq, _| *seq > upto);
         self.settled.retain(|_, sent| sent.is_none_or(|s| s > upto));
         if self.inflight.is_empty() {

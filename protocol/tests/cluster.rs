@@ -131,6 +131,26 @@ fn check_durable_before_visible(store: &DurableState, out: &GqOutput) {
                 "{out:?} left before the fence was durable: {rec:?}"
             );
         }
+        GqOutput::Send(_, ToWorker::Cancel { exec, .. }) => {
+            let ended = store
+                .execs
+                .get(exec)
+                .is_some_and(|e| e.status != ExecStatus::Running);
+            assert!(ended, "{out:?} before the execution's end was durable");
+        }
+        GqOutput::Send(
+            _,
+            ToWorker::Abort {
+                exec,
+                call,
+                attempt,
+                ..
+            },
+        ) => {
+            let rec = store.calls.get(&(*exec, *call));
+            let running = rec.is_some_and(|c| c.attempt == *attempt && c.owner.is_some());
+            assert!(!running, "{out:?} before giving up was durable");
+        }
         GqOutput::Accepted(exec) => {
             assert!(
                 store.execs.contains_key(exec),
@@ -759,4 +779,38 @@ fn a_recovered_gateway_never_repeats_an_attempt() {
         Step::CrashGateway,
     ];
     run(4, &steps);
+}
+
+/// A schedule the property test found: a deadline fired, the gateway told the worker to abort
+/// the attempt, and crashed before its decision was durable. The recovered gateway still
+/// expected the attempt the worker had dropped. Abort and Cancel now wait for durability.
+#[test]
+fn a_worker_drops_work_only_on_durable_orders() {
+    let steps = vec![
+        Step::Invoke(0),
+        Step::CrashGateway,
+        Step::RestartGateway,
+        Step::ToWorker(0),
+        Step::Invoke(0),
+        Step::Persist(1),
+        Step::Invoke(0),
+        Step::ToGateway(0),
+        Step::ToWorker(0),
+        Step::Finish(0),
+        Step::ToWorker(0),
+        Step::ToWorker(0),
+        Step::Persist(2),
+        Step::Persist(1),
+        Step::ToWorker(0),
+        Step::ToGateway(0),
+        Step::ToWorker(0),
+        Step::Invoke(0),
+        Step::ToGateway(2876273946666982439),
+        Step::Tick(1),
+        Step::GqTimer(8796392947862229557),
+        Step::ToWorker(0),
+        Step::ToWorker(0),
+        Step::CrashGateway,
+    ];
+    run(1, &steps);
 }

@@ -409,6 +409,13 @@ fn a_failed_attempt_is_retried_after_a_backoff_then_fails_the_execution() {
         vec![
             ack(W0, 1),
             ack(W0, 2),
+            send(
+                W0,
+                ToWorker::Cancel {
+                    incarnation: I1,
+                    exec
+                }
+            ),
             GqOutput::Respond(exec, Answer::Error(error)),
             ack(W0, 3)
         ]
@@ -436,7 +443,9 @@ fn a_deadline_aborts_the_attempt_and_retries_it() {
         call: c0,
         attempt: first(),
     };
-    assert_eq!(t.fire(deadline), vec![send(W0, abort)]);
+    // The abort lets the worker drop the attempt: it waits until the failure is durable.
+    assert_eq!(t.fire(deadline), vec![]);
+    assert_eq!(t.persist(), vec![GqOutput::Accepted(exec), send(W0, abort)]);
     let rec = &t.gq.state().calls[&(exec, c0)];
     assert_eq!((rec.failures, rec.owner), (1, None));
 }
@@ -458,10 +467,9 @@ fn a_silent_worker_is_declared_dead_and_its_calls_move() {
     let late = done(exec, exec.root_call(), first(), returns("1"));
     assert_eq!(t.progress(W0, 1, vec![late]), vec![]);
     assert_eq!(t.gq.state(), &before);
-    assert_eq!(
-        t.persist(),
-        vec![send(W0, ToWorker::Fenced { incarnation: I1 })]
-    );
+    // Once at the suspicion (in case it is only slow), once in answer to its late message.
+    let fenced = send(W0, ToWorker::Fenced { incarnation: I1 });
+    assert_eq!(t.persist(), vec![fenced.clone(), fenced]);
     assert!(t.store.workers[&W0].dead);
 }
 
@@ -669,21 +677,19 @@ fn an_answer_cancels_the_calls_left_pending() {
         2,
         vec![done(exec, c0.child(0), Attempt(0), returns("x"))],
     );
-    assert_eq!(
-        out,
-        vec![send(
-            W1,
-            ToWorker::Cancel {
-                incarnation: I1,
-                exec
-            }
-        )]
-    );
+    assert_eq!(out, vec![], "the cancel waits until the end is durable");
     assert!(t.gq.state().calls.is_empty());
     assert_eq!(
         t.persist(),
         vec![
             ack(W0, 1),
+            send(
+                W1,
+                ToWorker::Cancel {
+                    incarnation: I1,
+                    exec
+                }
+            ),
             GqOutput::Respond(exec, Answer::Value(Payload::from("x"))),
             ack(W0, 2)
         ]
