@@ -1,0 +1,208 @@
+//! Running the model checker: explores a [`ModelCfg`]'s model and says, for each property,
+//! whether it holds, with a readable trace for every counterexample or example found.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use stateright::actor::{ActorModelAction, ActorModelState};
+use stateright::{Checker, Expectation, HasDiscoveries, Model, Path};
+
+use crate::model::{History, ModelCfg, Msg, Node, Timer};
+
+/// How to run the checker.
+#[derive(Clone, Debug)]
+pub struct CheckOptions {
+    /// Worker threads (breadth-first search finds the shortest traces with one).
+    pub threads: usize,
+    /// Do not explore past this many steps.
+    pub depth_max: Option<usize>,
+    /// Stop after this long.
+    pub timeout: Option<Duration>,
+    /// Stop at the first counterexample.
+    pub stop_at_failure: bool,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        Self {
+            threads: 2,
+            depth_max: None,
+            timeout: None,
+            stop_at_failure: false,
+        }
+    }
+}
+
+/// One property's outcome.
+#[derive(Clone, Debug)]
+pub struct Verdict {
+    /// The property's name.
+    pub property: &'static str,
+    /// Safety (`Always`), liveness (`Eventually`) or reachability (`Sometimes`).
+    pub expectation: Expectation,
+    /// Whether it holds: no counterexample for `Always` and `Eventually`, an example found for
+    /// `Sometimes`. Only conclusive when the check completed.
+    pub holds: bool,
+    /// The counterexample (or the example, for `Sometimes`) as readable steps.
+    pub trace: Option<String>,
+}
+
+/// What a check found.
+#[derive(Clone, Debug)]
+pub struct CheckReport {
+    /// States explored, counting repeats.
+    pub states: usize,
+    /// Distinct states explored.
+    pub unique_states: usize,
+    /// The longest path explored.
+    pub depth_max: usize,
+    /// Whether the whole space (within the depth bound) was explored.
+    pub complete: bool,
+    /// How long it took.
+    pub elapsed: Duration,
+    /// Each property's verdict, in the model's order.
+    pub verdicts: Vec<Verdict>,
+}
+
+impl CheckReport {
+    /// The properties that failed: a counterexample to `Always`/`Eventually`, or, for a complete
+    /// check, no example of `Sometimes`.
+    pub fn failures(&self) -> impl Iterator<Item = &Verdict> {
+        self.verdicts.iter().filter(move |v| match v.expectation {
+            Expectation::Sometimes => self.complete && !v.holds,
+            _ => !v.holds,
+        })
+    }
+}
+
+type Action = ActorModelAction<Msg, Timer, ()>;
+type State = ActorModelState<Node, History>;
+
+/// Explores `cfg`'s model.
+pub fn check(cfg: ModelCfg, opts: &CheckOptions) -> CheckReport {
+    check_with_progress(cfg, opts, |_| {})
+}
+
+/// How far a running check has got.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// Distinct states explored so far.
+    pub unique_states: usize,
+    /// The longest path so far.
+    pub depth_max: usize,
+    /// Time since the start.
+    pub elapsed: Duration,
+}
+
+/// Explores `cfg`'s model, calling `on_progress` about once a second.
+pub fn check_with_progress(
+    cfg: ModelCfg,
+    opts: &CheckOptions,
+    mut on_progress: impl FnMut(Progress),
+) -> CheckReport {
+    let model = cfg.into_model();
+    let properties: Vec<(&'static str, Expectation)> = model
+        .properties()
+        .into_iter()
+        .map(|p| (p.name, p.expectation))
+        .collect();
+    let start = Instant::now();
+    let mut builder = model.checker().threads(opts.threads.max(1));
+    if let Some(d) = opts.depth_max {
+        builder = builder.target_max_depth(d);
+    }
+    if let Some(t) = opts.timeout {
+        builder = builder.timeout(t);
+    }
+    if opts.stop_at_failure {
+        builder = builder.finish_when(HasDiscoveries::AnyFailures);
+    }
+    let checker = builder.spawn_bfs();
+    while !checker.is_done() {
+        on_progress(Progress {
+            unique_states: checker.unique_state_count(),
+            depth_max: checker.max_depth(),
+            elapsed: start.elapsed(),
+        });
+        std::thread::sleep(Duration::from_millis(1000).min(Duration::from_millis(
+            50 + start.elapsed().as_millis() as u64,
+        )));
+    }
+    let checker = checker.join();
+    let elapsed = start.elapsed();
+    let cut_by_depth = opts.depth_max.is_some_and(|d| checker.max_depth() >= d);
+    let stopped_at_failure = opts.stop_at_failure && !checker.discoveries().is_empty();
+    let complete = checker.is_done()
+        && !cut_by_depth
+        && opts.timeout.is_none_or(|t| elapsed < t)
+        && !stopped_at_failure;
+    let verdicts = properties
+        .into_iter()
+        .map(|(property, expectation)| {
+            let found = checker.discovery(property);
+            let holds = match expectation {
+                Expectation::Sometimes => found.is_some(),
+                _ => found.is_none(),
+            };
+            let trace = found.map(|p| render(&p));
+            Verdict {
+                property,
+                expectation,
+                holds,
+                trace,
+            }
+        })
+        .collect();
+    CheckReport {
+        states: checker.state_count(),
+        unique_states: checker.unique_state_count(),
+        depth_max: checker.max_depth(),
+        complete,
+        elapsed,
+        verdicts,
+    }
+}
+
+/// A path as numbered steps a person can follow: who did what, and the messages in full.
+pub fn render(path: &Path<State, Action>) -> String {
+    let mut out = String::new();
+    let actors = path.last_state().actor_states.len();
+    let actor = |id: stateright::actor::Id| match usize::from(id) {
+        0 => "gateway".to_string(),
+        n if n + 1 == actors => "client".to_string(),
+        n => format!("worker w{}", n - 1),
+    };
+    for (i, action) in path.clone().into_actions().into_iter().enumerate() {
+        let step = match action {
+            ActorModelAction::Deliver { src, dst, msg } => {
+                format!("{} -> {}: {}", actor(src), actor(dst), message(&msg))
+            }
+            ActorModelAction::Timeout(id, timer) => {
+                format!("{}: {}", actor(id), timer_text(&timer))
+            }
+            ActorModelAction::Crash(id) => format!("{} CRASHES", actor(id)),
+            ActorModelAction::Recover(id) => format!("{} restarts from its storage", actor(id)),
+            ActorModelAction::Drop(env) => format!("the network drops {:?}", env.msg),
+            ActorModelAction::SelectRandom { actor: id, .. } => format!("{} chooses", actor(id)),
+        };
+        let _ = writeln!(out, "{:>3}. {step}", i + 1);
+    }
+    out
+}
+
+fn message(msg: &Msg) -> String {
+    match msg {
+        Msg::ToGateway { epoch, msg } => format!("{msg:?} (epoch {epoch})"),
+        Msg::ToWorker { epoch, msg } => format!("{msg:?} (epoch {epoch})"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn timer_text(timer: &Timer) -> String {
+    match timer {
+        Timer::Fsync => "its pending batches become durable".to_string(),
+        Timer::Gq(t) => format!("global queue timer {t:?} fires"),
+        Timer::Grain(run) => format!("grain attempt {run:?} finishes"),
+        Timer::Reconnect => "its connection breaks; it opens a new one".to_string(),
+    }
+}
