@@ -18,13 +18,13 @@ pub struct FuzzArgs {
     #[arg(long)]
     pub seed: Option<u64>,
     /// How many schedules to run; the run stops at the first failure.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub schedules: u64,
     /// Workers in the simulated cluster.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub workers: u32,
     /// Executions each schedule invokes.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub executions: u32,
     /// Switch on a deliberate protocol bug, to see the fuzzer catch it: split-hop,
     /// visible-before-durable, accept-dead, arrival-order, no-resend, rerun-started, early-join.
