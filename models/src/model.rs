@@ -2,11 +2,12 @@
 //!
 //! The gateway actor wraps the real [`GlobalQueue`]; each worker actor wraps the real
 //! [`LocalBus`]. The model only plays the environment: it runs grains (each finishing at a
-//! moment the checker chooses), writes the gateway's batches to its durable storage one at a
-//! time, and carries messages over connections. The checker explores every order of delivery,
-//! every moment for a grain to finish, for a batch to become durable, for a worker or the
-//! gateway to crash and recover from its storage, and for any gateway timer to fire, which is
-//! how a false suspicion of a live worker is explored.
+//! moment the checker chooses), writes the gateway's pending batches to its durable storage
+//! (all at once, as group commit does, or one at a time to explore a crash between two), and
+//! carries messages over connections. The checker explores every order of delivery, every
+//! moment for a grain to finish, for a write to become durable, for a worker or the gateway to
+//! crash and recover from its storage, for a connection to break, and for any gateway timer to
+//! fire, which is how a false suspicion of a live worker is explored.
 //!
 //! Connections are explicit: a message travels on the connection to one gateway epoch. When the
 //! gateway restarts, that connection is gone and whatever was on it is dropped, as QUIC would;

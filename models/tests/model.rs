@@ -83,6 +83,34 @@ fn a_worker_crash_and_a_false_suspicion_hold_every_property() {
     assert!(report.unique_states > 500_000, "{}", report.unique_states);
 }
 
+/// All three faults of the model together, bounded to 10 steps: not the exhaustive
+/// check (which outgrows CI with a gateway crash), but every safety property on every path that
+/// short.
+#[test]
+fn a_worker_crash_a_suspicion_and_a_gateway_crash_hold_safety_to_depth_10() {
+    let cfg = ModelCfg {
+        gateway_crashes: 1,
+        ..ModelCfg::default()
+    };
+    let opts = CheckOptions {
+        depth_max: Some(10),
+        ..CheckOptions::default()
+    };
+    let report = check(cfg, &opts);
+    assert!(
+        !report.complete,
+        "a depth-bounded check must not claim completeness"
+    );
+    let violated: Vec<_> = report
+        .verdicts
+        .iter()
+        .filter(|v| v.expectation == Expectation::Always && !v.holds)
+        .map(|v| v.property)
+        .collect();
+    assert!(violated.is_empty(), "{violated:?}");
+    assert!(report.unique_states > 10_000, "{}", report.unique_states);
+}
+
 #[test]
 fn a_fan_out_with_grain_errors_holds_every_property() {
     let cfg = ModelCfg {
