@@ -373,6 +373,10 @@ fn a_locally_run_call_is_owned_and_an_unowned_one_is_placed() {
             .worker
     };
     assert_eq!((owner(0), owner(1)), (W0, W1));
+    assert_eq!(
+        (t.gq.load(W0), t.gq.load(W1), t.gq.load(WorkerId(9))),
+        (1, 1, 0)
+    );
 }
 
 #[test]
