@@ -1,0 +1,1 @@
+//! sand apps: the `sand.toml` manifest and app bundles.

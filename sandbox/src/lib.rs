@@ -1,0 +1,1 @@
+//! Application sandboxes: Linux namespaces, a private root, and cgroup limits.

@@ -1,0 +1,1 @@
+//! Write sand grains in Rust: `serve(handler)` is the zygote loop.

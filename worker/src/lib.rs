@@ -1,0 +1,1 @@
+//! The sand worker: drives the LocalBus and runs grains in zygotes inside app sandboxes.
