@@ -258,6 +258,7 @@ impl ModelCfg {
             attempts_max: 2,
             backoff_ms: 1,
             backoff_ms_max: 1,
+            backoff_factor_milli: 2000,
             timeout_ms: None,
         };
         let entry = if self.fan_out { named("f") } else { grain(0) };

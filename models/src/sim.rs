@@ -609,6 +609,7 @@ impl Program {
             attempts_max: 1_000_000,
             backoff_ms: 10,
             backoff_ms_max: 100,
+            backoff_factor_milli: 2000,
             timeout_ms: Some(GRAIN_TIMEOUT_MS),
         };
         let entry = GrainPolicy {
@@ -1654,6 +1655,7 @@ impl Sim {
             ToGateway::Hello { incarnation }
             | ToGateway::Heartbeat { incarnation, .. }
             | ToGateway::Progress { incarnation, .. } => *incarnation,
+            ToGateway::Fetch { .. } | ToGateway::Trace { .. } => return Ok(()), // Not protocol.
         };
         let fenced = gq.state().workers.get(&wid).is_some_and(|r| {
             incarnation < r.incarnation || (incarnation == r.incarnation && r.dead)

@@ -387,6 +387,7 @@ impl GlobalQueue {
             ToGateway::Heartbeat { incarnation, .. } | ToGateway::Progress { incarnation, .. } => {
                 *incarnation
             }
+            ToGateway::Fetch { .. } | ToGateway::Trace { .. } => return, // The driver's.
         };
         let Some(rec) = self.state.workers.get(&worker).copied() else {
             return; // It has not said Hello: nothing it says counts yet.

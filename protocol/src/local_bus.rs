@@ -275,6 +275,7 @@ impl LocalBus {
             | ToWorker::Cancel { incarnation, .. }
             | ToWorker::Abort { incarnation, .. }
             | ToWorker::Fenced { incarnation } => *incarnation,
+            ToWorker::Bundle { .. } | ToWorker::AppChanged { .. } => return, // The driver's.
         };
         if incarnation != self.incarnation {
             return; // Addressed to another life of this worker.
@@ -324,6 +325,7 @@ impl LocalBus {
                 }
             }
             ToWorker::Fenced { .. } => self.reincarnate(),
+            ToWorker::Bundle { .. } | ToWorker::AppChanged { .. } => {} // Returned above.
         }
     }
 

@@ -271,6 +271,43 @@ pub enum ToGateway {
         /// Applied in order, each alone: a stale one is skipped, the rest still apply.
         reports: Vec<Report>,
     },
+    /// Service, not protocol: asks for an app's bundle, on the worker's first call of the app
+    /// or after `AppChanged`. The gateway's driver answers `Bundle`; the GlobalQueue ignores it.
+    Fetch {
+        /// The app wanted.
+        app: AppName,
+    },
+    /// Service, not protocol: what the worker saw of finished runs, for the execution's trace.
+    /// Best effort: never re-sent, lost with its connection. The GlobalQueue ignores it.
+    Trace {
+        /// The runs, oldest first.
+        runs: Vec<RunTrace>,
+    },
+}
+
+/// How one run of a call went, as its worker saw it: the raw matter of an execution's trace.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct RunTrace {
+    /// The execution.
+    pub exec: ExecId,
+    /// The call.
+    pub call: CallId,
+    /// The attempt run.
+    pub attempt: Attempt,
+    /// The grain.
+    pub grain: GrainName,
+    /// True if the gateway dispatched it; false if the worker's local bus started it.
+    pub dispatched: bool,
+    /// Wall-clock start and end, in milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// See `started_ms`.
+    pub ended_ms: u64,
+    /// `None` if it finished (returned, chained or fanned out); else how it failed.
+    pub error: Option<GrainError>,
+    /// The run's captured stdout, bounded by the worker.
+    pub stdout: Bytes,
+    /// The run's captured stderr, bounded by the worker.
+    pub stderr: Bytes,
 }
 
 /// A message from the gateway to a worker.
@@ -325,6 +362,29 @@ pub enum ToWorker {
         /// The dead incarnation.
         incarnation: Incarnation,
     },
+    /// Service, not protocol: answers `Fetch`. The LocalBus ignores it.
+    Bundle {
+        /// The app asked for.
+        app: AppName,
+        /// Its deployed bundle, or `None` if it is not deployed.
+        bundle: Option<AppBundle>,
+    },
+    /// Service, not protocol: the app was redeployed or removed. The worker retires its sandbox
+    /// of the app once idle, and fetches the bundle again at the next call. The LocalBus
+    /// ignores it.
+    AppChanged {
+        /// The app.
+        app: AppName,
+    },
+}
+
+/// A deployed app's code, as shipped to workers.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct AppBundle {
+    /// Names this version of the bundle (a hash of the archive).
+    pub digest: String,
+    /// The gzip'd tar of the app directory.
+    pub archive: Bytes,
 }
 
 /// Why bytes could not be decoded into a message.

@@ -36,6 +36,7 @@ fn app_spec() -> AppSpec {
     let policy = GrainPolicy {
         attempts_max: 64,
         backoff_ms: 10,
+        backoff_factor_milli: 2000,
         backoff_ms_max: 100,
         timeout_ms: Some(10_000),
     };
@@ -349,6 +350,7 @@ impl Cluster {
             ToGateway::Hello { incarnation }
             | ToGateway::Heartbeat { incarnation, .. }
             | ToGateway::Progress { incarnation, .. } => *incarnation,
+            ToGateway::Fetch { .. } | ToGateway::Trace { .. } => unreachable!("not sent here"),
         };
         let fenced = rec.is_some_and(|r| {
             incarnation < r.incarnation || (incarnation == r.incarnation && r.dead)

@@ -31,6 +31,7 @@ fn policy() -> GrainPolicy {
     GrainPolicy {
         attempts_max: 2,
         backoff_ms: 100,
+        backoff_factor_milli: 2000,
         backoff_ms_max: 1000,
         timeout_ms: Some(1000),
     }

@@ -278,8 +278,10 @@ pub(crate) trait Classify {
 impl Classify for ToGateway {
     fn carries_payload(&self) -> bool {
         match self {
-            ToGateway::Progress { .. } => true,
-            ToGateway::Hello { .. } | ToGateway::Heartbeat { .. } => false,
+            ToGateway::Progress { .. } | ToGateway::Trace { .. } => true,
+            ToGateway::Hello { .. } | ToGateway::Heartbeat { .. } | ToGateway::Fetch { .. } => {
+                false
+            }
         }
     }
 }
@@ -287,8 +289,9 @@ impl Classify for ToGateway {
 impl Classify for ToWorker {
     fn carries_payload(&self) -> bool {
         match self {
-            ToWorker::Dispatch { .. } => true,
-            ToWorker::Welcome { .. }
+            ToWorker::Dispatch { .. } | ToWorker::Bundle { .. } => true,
+            ToWorker::AppChanged { .. }
+            | ToWorker::Welcome { .. }
             | ToWorker::Ack { .. }
             | ToWorker::Cancel { .. }
             | ToWorker::Abort { .. }
