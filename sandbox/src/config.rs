@@ -1,0 +1,112 @@
+//! What a sandbox is made of, and the checks a config passes before anything starts.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::SandboxError;
+use crate::wire::HolderConfig;
+
+/// Longest app name accepted: it becomes the hostname and part of a cgroup name.
+const NAME_LEN_MAX: usize = 48;
+
+/// Everything needed to build one app sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The app name: 1 to 48 characters from `a-z`, `0-9`, `-` and `_`. Becomes the hostname.
+    pub name: String,
+    /// The app bundle on the host, mounted read-only at `/app`.
+    pub bundle_dir: PathBuf,
+    /// Host paths (absolute, existing) mounted read-only at the same path inside, e.g. an
+    /// interpreter under `/root/.pyenv` or sand's runtime directory.
+    pub ro_paths: Vec<PathBuf>,
+    /// Resource limits, enforced through a cgroup where one can be used.
+    pub limits: Limits,
+    /// Share the host's network; when false the sandbox has only `lo`.
+    pub network: bool,
+    /// The holder program: a binary whose `main` calls [`crate::init_main`].
+    pub init_program: PathBuf,
+    /// Arguments for `init_program` (e.g. a hidden subcommand).
+    pub init_args: Vec<OsString>,
+}
+
+/// Resource limits of one sandbox; `None` leaves a resource unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory (and memory plus swap) limit in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Most processes and threads alive at once, the holder included.
+    pub pids_max: Option<u64>,
+    /// CPU time in thousandths of a CPU (1000 = one full core).
+    pub cpu_millis: Option<u32>,
+}
+
+/// Checks the config and turns it into what the holder is sent.
+pub(crate) fn validate(config: &SandboxConfig) -> Result<HolderConfig, SandboxError> {
+    validate_name(&config.name)?;
+    let bundle = canonical(&config.bundle_dir).map_err(|source| SandboxError::Bundle {
+        path: config.bundle_dir.clone(),
+        source,
+    })?;
+    if !bundle.is_dir() {
+        return Err(SandboxError::Bundle {
+            path: config.bundle_dir.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    let mut ro_paths = Vec::with_capacity(config.ro_paths.len());
+    for path in &config.ro_paths {
+        let invalid = |reason: String| SandboxError::ReadOnlyPath {
+            path: path.clone(),
+            reason,
+        };
+        if !path.is_absolute() {
+            return Err(invalid("the path must be absolute".into()));
+        }
+        let resolved = canonical(path).map_err(|e| invalid(e.to_string()))?;
+        if resolved == Path::new("/") {
+            return Err(invalid(
+                "the host's root cannot be mounted into a sandbox".into(),
+            ));
+        }
+        ro_paths.push(resolved.as_os_str().as_bytes().to_vec());
+    }
+    Ok(HolderConfig {
+        name: config.name.clone(),
+        bundle_dir: bundle.as_os_str().as_bytes().to_vec(),
+        ro_paths,
+        network: config.network,
+    })
+}
+
+fn validate_name(name: &str) -> Result<(), SandboxError> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
+    if name.is_empty() || name.len() > NAME_LEN_MAX || !name.chars().all(allowed) {
+        return Err(SandboxError::InvalidName {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn canonical(path: &Path) -> std::io::Result<PathBuf> {
+    std::fs::canonicalize(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_outside_the_alphabet_are_refused() {
+        for bad in ["", "a/b", "App", "../x", "a b", &"x".repeat(49)] {
+            assert!(
+                matches!(validate_name(bad), Err(SandboxError::InvalidName { .. })),
+                "{bad:?} accepted"
+            );
+        }
+        for good in ["a", "shop-cart_2", &"x".repeat(48)] {
+            assert!(validate_name(good).is_ok(), "{good:?} refused");
+        }
+    }
+}

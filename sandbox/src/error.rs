@@ -1,0 +1,79 @@
+//! Errors a sandbox operation returns.
+
+use std::path::PathBuf;
+
+/// What went wrong creating, using or destroying a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The app name cannot name a sandbox.
+    #[error("invalid app name {name:?}: use 1 to 48 characters from a-z, 0-9, '-' and '_'")]
+    InvalidName {
+        /// The name given.
+        name: String,
+    },
+    /// The bundle directory is missing or not a directory.
+    #[error("app bundle {path:?} cannot be used: {source}")]
+    Bundle {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A read-only path is not absolute, missing, or not allowed.
+    #[error("read-only path {path:?} cannot be mounted into the sandbox: {reason}")]
+    ReadOnlyPath {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The holder program could not be started.
+    #[error("cannot start the sandbox holder {program:?}: {source}")]
+    StartHolder {
+        /// The holder program.
+        program: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The sandbox's cgroup could not be set up or removed.
+    #[error("cgroup {path:?}: {reason}")]
+    Cgroup {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// The holder could not build the sandbox (namespaces, mounts, root).
+    #[error("sandbox {name:?} could not be built: {reason}")]
+    Setup {
+        /// The app name.
+        name: String,
+        /// What the holder reported.
+        reason: String,
+    },
+    /// A process could not be started inside the sandbox.
+    #[error("cannot start {program:?} in the sandbox: {reason}")]
+    Spawn {
+        /// The program asked for.
+        program: PathBuf,
+        /// What the holder reported.
+        reason: String,
+    },
+    /// A kill request failed.
+    #[error("cannot kill process {pid} in the sandbox: {reason}")]
+    Kill {
+        /// The process (a pid of the sandbox's namespace).
+        pid: u32,
+        /// What the holder reported.
+        reason: String,
+    },
+    /// The holder has exited, so the sandbox and all its processes are gone.
+    #[error("the sandbox is gone: its holder exited")]
+    Gone,
+    /// The control socket failed.
+    #[error("sandbox control socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The holder sent something that is not the control protocol.
+    #[error("sandbox control protocol violated: {0}")]
+    Protocol(String),
+}

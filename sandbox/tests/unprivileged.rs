@@ -1,0 +1,108 @@
+//! Without root, the holder falls back to a user namespace and cgroups are skipped.
+//!
+//! Run as root, the test re-runs itself as uid 65534 (nobody) and checks that run's verdict;
+//! run without root, it checks directly.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{alive, bundle, config, sh, TEST_TIMEOUT};
+use sand_sandbox::{Exit, Limits, Sandbox};
+
+const TEST_NAME: &str = "unprivileged_worker_gets_a_user_namespace_sandbox";
+const AS_NOBODY: &str = "SAND_SANDBOX_TEST_AS_NOBODY";
+const NOBODY: u32 = 65534;
+const VERDICT: &str = "unprivileged checks passed";
+
+#[test]
+fn unprivileged_worker_gets_a_user_namespace_sandbox() {
+    if std::env::var_os(AS_NOBODY).is_some() || !nix::unistd::geteuid().is_root() {
+        check_unprivileged();
+        println!("{VERDICT}");
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().expect("test executable"))
+        .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(AS_NOBODY, "1")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("re-run the test as nobody");
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the unprivileged run timed out");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read stdout");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read stderr");
+    assert!(
+        status.success() && out.contains(VERDICT),
+        "unprivileged run failed ({status}):\n{out}\n{err}"
+    );
+}
+
+fn check_unprivileged() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let uid = nix::unistd::geteuid().as_raw();
+            let app = bundle(&[("f.txt", "bundle file")]);
+            let mut limited = config("rootless", app.path());
+            limited.limits = Limits { memory_bytes: Some(64 << 20), ..Limits::default() };
+            let sandbox = Sandbox::create(limited).await.expect("create without root");
+            assert_eq!(sandbox.memory_limit(), None, "no cgroup can be written without root");
+            assert!(sandbox.cgroup_dirs().is_empty());
+            let holder = sandbox.holder_pid().expect("holder pid");
+            let status = std::fs::read_to_string(format!("/proc/{holder}/status")).expect("holder status");
+            assert!(status.lines().any(|l| l.starts_with("Uid:") && l.contains(&uid.to_string())), "{status}");
+
+            let (exit, out) = sh(
+                &sandbox,
+                "id -u; cat /app/f.txt; echo; hostname; cat /proc/1/comm
+                 if (echo x > /app/new) 2>/dev/null; then echo app-writable; else echo app-read-only; fi
+                 echo t > /tmp/t && echo tmp-writable
+                 grep -c : /proc/net/dev",
+            )
+            .await;
+            assert_eq!(exit, Exit::Exited(0), "output: {out}");
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(
+                lines,
+                ["0", "bundle file", "rootless", "sand-sandbox-in", "app-read-only", "tmp-writable", "1"],
+                "inside, the user is root of its own namespace; the rest is isolated as with root"
+            );
+            sandbox.destroy().await.expect("destroy");
+            assert!(!alive(holder), "the holder outlived destroy");
+        })
+        .await
+        .expect("unprivileged check timed out");
+    });
+}
