@@ -1,0 +1,428 @@
+"""sand's Python zygote runtime (stdlib only).
+
+The worker starts it by exec:
+
+    python3 -u sand_runtime.py --app-dir DIR --module grains.py --handler NAME
+                               [--reuse N] [--fork-on-demand]
+
+with fd 3 a SOCK_SEQPACKET socket to the worker. It imports the grain's module once (the app
+dir is on sys.path and is the cwd, so vendored packages work), says READY, then forks one
+instance per call. The zygote itself is single-threaded and never runs a handler.
+
+- One instance is always forked ahead and waiting, so a call never waits for a fork; a new
+  spare is forked as soon as one is taken (after the call has been handed over).
+- An instance serves one call, or up to `--reuse N` calls, then exits.
+- An instance writes its result straight to fd 3 (datagrams are atomic) and then lingers until
+  the worker has read it (RELEASE), so its exit never delays the reader.
+- `--fork-on-demand` is the SAND baseline, for benchmarks: fork when a call arrives, exit as
+  soon as the result is written.
+
+The wire is documented in sdk/rust/src/wire.rs (crate sand-grain); keep the two equal.
+"""
+
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import traceback
+
+CALL, RELEASE, KILL, READY, LOAD_FAILED, RESULT, DIED = 1, 2, 3, 10, 11, 12, 13
+MORE = 1
+HEADER = struct.Struct("<BBI")
+PIECE_BODY_MAX = 60 * 1024
+CAPTURE_MAX = 64 * 1024
+MESSAGE_MAX = 16 << 20
+RESULT_HEAD = struct.Struct("<IIIIQQ")
+CALL_HEAD = struct.Struct("<QQQ")
+PRIVATE_LEN = struct.Struct("<I")
+
+
+def send_message(chan, kind, slot, body=b""):
+    """Writes one message as datagrams of at most PIECE_BODY_MAX body bytes."""
+    view = memoryview(body)
+    while True:
+        chunk, view = view[:PIECE_BODY_MAX], view[PIECE_BODY_MAX:]
+        flags = MORE if len(view) else 0
+        chan.sendmsg([HEADER.pack(kind, flags, slot), chunk])
+        if not flags:
+            return
+
+
+class Next:
+    """What `ctx.next` returns: the handler returns it to chain to `grain`."""
+
+    __slots__ = ("grain", "value")
+
+    def __init__(self, grain, value):
+        self.grain = grain
+        self.value = value
+
+
+class FanOut:
+    """What `ctx.fan_out` returns: the handler returns it to fan out and join."""
+
+    __slots__ = ("branches", "join")
+
+    def __init__(self, branches, join):
+        self.branches = branches
+        self.join = join
+
+
+class Ctx:
+    """The second argument of a handler: the call's identity and the ways to go on."""
+
+    __slots__ = ("exec", "call", "attempt")
+
+    def __init__(self, exec_id, call, attempt):
+        self.exec = exec_id
+        self.call = call
+        self.attempt = attempt
+
+    def next(self, grain, value):
+        """Returns a marker: return it to run `grain` with `value` next."""
+        return Next(grain, value)
+
+    def fan_out(self, branches, join):
+        """Returns a marker: return it to run each `(grain, value)` and then `join` with the
+        list of their values, in order."""
+        return FanOut([(g, v) for g, v in branches], join)
+
+
+def encode_result(out):
+    """The result document for what a handler returned."""
+    try:
+        if isinstance(out, Next):
+            doc = {"next": [out.grain, out.value]}
+        elif isinstance(out, FanOut):
+            doc = {"fan_out": [[g, v] for g, v in out.branches], "join": out.join}
+        else:
+            doc = {"return": out}
+        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError) as e:
+        text = "the handler returned a value that is not JSON: %s: %s" % (type(e).__name__, e)
+        return json.dumps({"error": text, "kind": "bad_output"}).encode()
+
+
+def describe_exception(e):
+    """'ValueError: text' followed by the traceback's last lines."""
+    head = "".join(traceback.format_exception_only(type(e), e)).strip()
+    frames = "".join(traceback.format_tb(e.__traceback__)[-5:])
+    return (head + "\nTraceback (most recent call last):\n" + frames)[:8192]
+
+
+def run_call(handler, body):
+    try:
+        exec_id, call, attempt = CALL_HEAD.unpack_from(body)
+        event = json.loads(bytes(body[CALL_HEAD.size:]))
+        out = handler(event, Ctx(exec_id, call, attempt))
+    except BaseException as e:  # the handler's failure is the call's result
+        return json.dumps({"error": describe_exception(e)}).encode()
+    return encode_result(out)
+
+
+def read_capture(fd):
+    """The first CAPTURE_MAX bytes written to a capture file, and its total size; empties it."""
+    total = os.fstat(fd).st_size
+    head = os.pread(fd, min(total, CAPTURE_MAX), 0) if total else b""
+    if total:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+    return head, total
+
+
+def recv_private(sock):
+    """The next message from the zygote on an instance's private socket, or None at EOF."""
+    head = recv_exact(sock, PRIVATE_LEN.size)
+    if head is None:
+        return None
+    (n,) = PRIVATE_LEN.unpack(head)
+    return recv_exact(sock, n)
+
+
+def recv_exact(sock, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            return None
+        got += k
+    return buf
+
+
+def parent_death_signal_setter():
+    """A function that makes the calling process die with its parent, resolved once in the
+    zygote so an instance pays only the syscall (None without ctypes: best effort)."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    PR_SET_PDEATHSIG = 1
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def instance_main(chan, sock, handler, calls_max, linger):
+    """One forked instance: serve up to calls_max calls from the private socket, then exit."""
+    out_fd = os.memfd_create("sand-stdout")
+    err_fd = os.memfd_create("sand-stderr")
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    pid = os.getpid()
+    served = 0
+    # Fault in the pages of the call path now, before a call waits on them.
+    encode_result(Ctx(0, 0, 0).next("warm", json.loads(b"[0]")))
+    while served < calls_max:
+        msg = recv_private(sock)
+        if msg is None:
+            os._exit(0)
+        slot = PRIVATE_LEN.unpack_from(msg)[0]
+        result = run_call(handler, memoryview(msg)[PRIVATE_LEN.size:])
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        out, out_total = read_capture(out_fd)
+        err, err_total = read_capture(err_fd)
+        if len(result) > MESSAGE_MAX - 2 * CAPTURE_MAX:
+            text = "the result is %d bytes, above the %d byte limit" % (len(result), MESSAGE_MAX)
+            result = json.dumps({"error": text, "kind": "bad_output"}).encode()
+        head = RESULT_HEAD.pack(pid, len(result), len(out), len(err), out_total, err_total)
+        send_message(chan, RESULT, slot, b"".join((head, result, out, err)))
+        served += 1
+    if linger:
+        # Linger until the zygote closes our socket (the worker has read the result).
+        while recv_private(sock) is not None:
+            pass
+    os._exit(0)
+
+
+class Instance:
+    __slots__ = ("pid", "sock", "slot", "served")
+
+    def __init__(self, pid, sock):
+        self.pid = pid
+        self.sock = sock
+        self.slot = None
+        self.served = 0
+
+
+class Zygote:
+    def __init__(self, chan, handler, reuse, prefork):
+        self.chan = chan
+        self.handler = handler
+        self.reuse = reuse if prefork else 1
+        self.prefork = prefork
+        self.idle = []  # instances waiting for a call, most recently used last
+        self.by_fd = {}  # every live instance, by its private socket's fd
+        self.by_slot = {}  # instances serving a call the worker has not released
+        self.partial = {}  # slot -> bytearray of a CALL still arriving
+        self.retired = set()  # pids of instances told to exit, not yet reaped
+        self.poll = select.poll()
+        self.die_with_parent = parent_death_signal_setter()
+        self.poll.register(chan.fileno(), select.POLLIN)
+
+    def fork_instance(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                for inst in self.by_fd.values():
+                    inst.sock.close()
+                if self.die_with_parent is not None:
+                    self.die_with_parent()
+                instance_main(self.chan, theirs, self.handler, self.reuse, self.prefork)
+            finally:
+                os._exit(70)
+        theirs.close()
+        inst = Instance(pid, ours)
+        self.by_fd[ours.fileno()] = inst
+        self.poll.register(ours.fileno(), select.POLLIN)
+        return inst
+
+    def dispatch(self, slot, body):
+        inst = self.idle.pop() if self.idle else self.fork_instance()
+        inst.slot = slot
+        inst.served += 1
+        self.by_slot[slot] = inst
+        frame = PRIVATE_LEN.pack(4 + len(body)) + PRIVATE_LEN.pack(slot) + body
+        try:
+            inst.sock.sendall(frame)
+        except OSError:
+            pass  # it died; its EOF reports the call
+        if self.prefork and not self.idle:
+            self.idle.append(self.fork_instance())
+
+    def release(self, slot):
+        inst = self.by_slot.pop(slot, None)
+        if inst is None:
+            return
+        inst.slot = None
+        if inst.served < self.reuse:
+            self.idle.append(inst)
+        else:
+            self.retire(inst)
+
+    def retire(self, inst):
+        """Closes an instance's socket: it exits on EOF, in its own time."""
+        fd = inst.sock.fileno()
+        self.poll.unregister(fd)
+        del self.by_fd[fd]
+        inst.sock.close()
+        self.retired.add(inst.pid)
+
+    def kill(self, slot):
+        inst = self.by_slot.get(slot)
+        if inst is not None:
+            try:
+                os.kill(inst.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def instance_gone(self, inst):
+        """An instance's socket hit EOF: it exited. Report it if it owed a result."""
+        fd = inst.sock.fileno()
+        self.poll.unregister(fd)
+        del self.by_fd[fd]
+        inst.sock.close()
+        if inst in self.idle:
+            self.idle.remove(inst)
+        try:
+            _, status = os.waitpid(inst.pid, 0)
+        except ChildProcessError:
+            status = None
+        if inst.slot is not None:
+            self.by_slot.pop(inst.slot, None)
+            if status is not None and os.WIFSIGNALED(status):
+                how, code = 1, os.WTERMSIG(status)
+            else:
+                how, code = 0, os.WEXITSTATUS(status) if status is not None else -1
+            send_message(self.chan, DIED, inst.slot, struct.pack("<Bi", how, code))
+        if self.prefork and not self.idle:
+            self.idle.append(self.fork_instance())
+
+    def reap(self):
+        """Collects retired instances that have exited. Only retired ones: a live instance's
+        exit status belongs to instance_gone, which reports it."""
+        for pid in list(self.retired):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.retired.discard(pid)
+
+    def on_piece(self, piece):
+        if len(piece) < HEADER.size:
+            return
+        kind, flags, slot = HEADER.unpack_from(piece)
+        body = piece[HEADER.size:]
+        if kind == CALL:
+            buf = self.partial.pop(slot, None)
+            if buf is None and not flags & MORE:
+                self.dispatch(slot, body)
+                return
+            buf = (buf or bytearray()) + body
+            if len(buf) > MESSAGE_MAX:
+                return  # the worker never sends this; drop it
+            if flags & MORE:
+                self.partial[slot] = buf
+            else:
+                self.dispatch(slot, bytes(buf))
+        elif kind == RELEASE:
+            self.release(slot)
+        elif kind == KILL:
+            self.kill(slot)
+
+    def serve(self):
+        # Objects that exist now are shared with every instance: keep the collector from
+        # writing to them in instances (each write would copy a page).
+        gc.collect()
+        gc.freeze()
+        if self.prefork:
+            self.idle.append(self.fork_instance())
+        chan_fd = self.chan.fileno()
+        while True:
+            for fd, _events in self.poll.poll():
+                if fd == chan_fd:
+                    piece = self.chan.recv(HEADER.size + PIECE_BODY_MAX)
+                    if not piece:
+                        self.shutdown()
+                    self.on_piece(piece)
+                else:
+                    inst = self.by_fd.get(fd)
+                    if inst is not None:
+                        self.instance_gone(inst)
+            self.reap()
+
+    def shutdown(self):
+        for inst in list(self.by_fd.values()):
+            try:
+                os.kill(inst.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os._exit(0)
+
+
+def parse_args(argv):
+    opts = {"reuse": 1, "prefork": True}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--fork-on-demand":
+            opts["prefork"] = False
+            i += 1
+            continue
+        if arg not in ("--app-dir", "--module", "--handler", "--reuse") or i + 1 >= len(argv):
+            raise SystemExit("sand_runtime: bad argument %r" % arg)
+        opts[arg[2:].replace("-", "_")] = argv[i + 1]
+        i += 2
+    for key in ("app_dir", "module", "handler"):
+        if key not in opts:
+            raise SystemExit("sand_runtime: --%s is required" % key.replace("_", "-"))
+    opts["reuse"] = max(1, int(opts["reuse"]))
+    return opts
+
+
+def module_name(path):
+    name = path[:-3] if path.endswith(".py") else path
+    return name.replace("/", ".")
+
+
+def load_handler(opts):
+    import importlib
+
+    app_dir = os.path.abspath(opts["app_dir"])
+    os.chdir(app_dir)
+    sys.path.insert(0, app_dir)
+    module = importlib.import_module(module_name(opts["module"]))
+    handler = getattr(module, opts["handler"], None)
+    if not callable(handler):
+        raise LookupError(
+            "module %s has no function %r" % (opts["module"], opts["handler"])
+        )
+    return handler
+
+
+def main():
+    opts = parse_args(sys.argv[1:])
+    chan = socket.socket(fileno=3)
+    try:
+        handler = load_handler(opts)
+    except BaseException as e:
+        send_message(chan, LOAD_FAILED, 0, describe_exception(e).encode())
+        os._exit(1)
+    send_message(chan, READY, 0, struct.pack("<I", os.getpid()))
+    Zygote(chan, handler, opts["reuse"], opts["prefork"]).serve()
+
+
+if __name__ == "__main__":
+    main()

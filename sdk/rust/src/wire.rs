@@ -1,0 +1,429 @@
+//! The zygote wire: how the worker and a zygote (and the zygote's instances) talk over fd 3.
+//!
+//! fd 3 of a zygote is one end of an `AF_UNIX` `SOCK_SEQPACKET` socket pair; the worker holds the
+//! other end. Every datagram is one *piece*: a 6-byte header (`kind: u8`, `flags: u8`,
+//! `slot: u32` little-endian) and at most [`PIECE_BODY_BYTES_MAX`] bytes of body. A message is
+//! the bodies of consecutive pieces of the same `(kind, slot)`, the last one without the
+//! [`MORE`] flag. Datagrams are atomic, so an instance writes its result straight to the
+//! worker's socket, even while other instances (sharing the same fd) write theirs: the pieces of
+//! different slots may interleave, and the receiver reassembles them by `(kind, slot)`.
+//!
+//! A slot is the worker's number for one call in flight on that zygote.
+//!
+//! | kind | direction | body |
+//! |---|---|---|
+//! | `CALL` 1 | worker → zygote | exec u64, call u64, attempt u64 (LE), then the input JSON |
+//! | `RELEASE` 2 | worker → zygote | empty: the result was read; the instance may serve again or exit |
+//! | `KILL` 3 | worker → zygote | empty: kill the instance serving the slot (a timeout) |
+//! | `READY` 10 | zygote → worker | pid u32: the grain is loaded (slot 0) |
+//! | `LOAD_FAILED` 11 | zygote → worker | UTF-8 text: why the grain could not be loaded (slot 0) |
+//! | `RESULT` 12 | instance → worker | [`ResultMsg`] |
+//! | `DIED` 13 | zygote → worker | how u8 (0 exited, 1 signal), code i32: the instance died before its result was released |
+//!
+//! A result document is JSON, one of `{"return": v}`, `{"next": [grain, v]}`,
+//! `{"fan_out": [[grain, v], ...], "join": grain}`, `{"error": "text"}` (the handler raised) or
+//! `{"error": "text", "kind": "bad_output"}` (the runtime could not encode what it returned).
+//!
+//! The Python runtime (`runtimes/python/sand_runtime.py`) speaks the same wire; keep them equal.
+
+use std::collections::HashMap;
+
+/// The file descriptor on which a zygote finds its channel to the worker.
+pub const CHANNEL_FD: i32 = 3;
+/// The length of a piece's header.
+pub const HEADER_BYTES: usize = 6;
+/// The most body bytes one piece carries (well under the default socket send buffer).
+pub const PIECE_BODY_BYTES_MAX: usize = 60 * 1024;
+/// The most bytes of a call's stdout, and of its stderr, sent with its result.
+pub const CAPTURE_BYTES_MAX: usize = 64 * 1024;
+/// The header flag saying that the message continues in the next piece of its `(kind, slot)`.
+pub const MORE: u8 = 1;
+
+/// What a message is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Kind {
+    /// Run a call.
+    Call = 1,
+    /// The worker has read the slot's result.
+    Release = 2,
+    /// Kill the instance serving the slot.
+    Kill = 3,
+    /// The grain is loaded.
+    Ready = 10,
+    /// The grain could not be loaded.
+    LoadFailed = 11,
+    /// A call's result.
+    Result = 12,
+    /// The instance serving a slot died before its result was released.
+    Died = 13,
+}
+
+impl Kind {
+    /// The kind with this number, if any.
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Call,
+            2 => Kind::Release,
+            3 => Kind::Kill,
+            10 => Kind::Ready,
+            11 => Kind::LoadFailed,
+            12 => Kind::Result,
+            13 => Kind::Died,
+            _ => return None,
+        })
+    }
+}
+
+/// A message the peer sent that breaks the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A datagram shorter than a header.
+    #[error("a piece of {0} bytes is shorter than the {HEADER_BYTES}-byte header")]
+    Short(usize),
+    /// An unknown kind byte.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// A piece's body is longer than allowed.
+    #[error("a piece body of {0} bytes exceeds {PIECE_BODY_BYTES_MAX}")]
+    LongPiece(usize),
+    /// A message grew past the receiver's limit.
+    #[error("a {kind:?} message for slot {slot} exceeds {limit} bytes")]
+    TooLarge {
+        /// Its kind.
+        kind: Kind,
+        /// Its slot.
+        slot: u32,
+        /// The receiver's limit.
+        limit: usize,
+    },
+    /// A message body does not have the layout of its kind.
+    #[error("a {kind:?} message is malformed: {why}")]
+    Malformed {
+        /// Its kind.
+        kind: Kind,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// A piece's header.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Header {
+    /// The message kind.
+    pub kind: Kind,
+    /// Whether the message continues in a later piece.
+    pub more: bool,
+    /// The call slot.
+    pub slot: u32,
+}
+
+/// Splits a datagram into its header and body.
+pub fn parse_piece(datagram: &[u8]) -> Result<(Header, &[u8]), WireError> {
+    if datagram.len() < HEADER_BYTES {
+        return Err(WireError::Short(datagram.len()));
+    }
+    let kind = Kind::from_u8(datagram[0]).ok_or(WireError::UnknownKind(datagram[0]))?;
+    let body = &datagram[HEADER_BYTES..];
+    if body.len() > PIECE_BODY_BYTES_MAX {
+        return Err(WireError::LongPiece(body.len()));
+    }
+    let slot = u32::from_le_bytes([datagram[2], datagram[3], datagram[4], datagram[5]]);
+    let more = datagram[1] & MORE != 0;
+    Ok((Header { kind, more, slot }, body))
+}
+
+/// The datagrams that carry one message (at least one, even for an empty body).
+pub fn pieces(kind: Kind, slot: u32, body: &[u8]) -> Vec<Vec<u8>> {
+    let mut chunks: Vec<&[u8]> = body.chunks(PIECE_BODY_BYTES_MAX).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut piece = Vec::with_capacity(HEADER_BYTES + chunk.len());
+            piece.push(kind as u8);
+            piece.push(if i < last { MORE } else { 0 });
+            piece.extend_from_slice(&slot.to_le_bytes());
+            piece.extend_from_slice(chunk);
+            piece
+        })
+        .collect()
+}
+
+/// Joins pieces back into messages, per `(kind, slot)`, refusing any message above a limit.
+#[derive(Debug)]
+pub struct Reassembler {
+    partial: HashMap<(Kind, u32), Vec<u8>>,
+    limit: usize,
+}
+
+impl Reassembler {
+    /// A reassembler that refuses messages longer than `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            partial: HashMap::new(),
+            limit,
+        }
+    }
+
+    /// Adds a piece; returns the message it completes, if any. A message that grows past the
+    /// limit is dropped and reported once, when it overflows.
+    pub fn push(&mut self, header: Header, body: &[u8]) -> Result<Option<Vec<u8>>, WireError> {
+        let key = (header.kind, header.slot);
+        let mut message = self.partial.remove(&key).unwrap_or_default();
+        if message.len() + body.len() > self.limit {
+            return Err(WireError::TooLarge {
+                kind: header.kind,
+                slot: header.slot,
+                limit: self.limit,
+            });
+        }
+        message.extend_from_slice(body);
+        if header.more {
+            self.partial.insert(key, message);
+            Ok(None)
+        } else {
+            Ok(Some(message))
+        }
+    }
+
+    /// Forgets any partial message of `slot` (its sender is gone).
+    pub fn forget(&mut self, slot: u32) {
+        self.partial.retain(|(_, s), _| *s != slot);
+    }
+}
+
+/// The body of a `CALL` message.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct CallMsg {
+    /// The execution id.
+    pub exec: u64,
+    /// The call id.
+    pub call: u64,
+    /// The attempt number.
+    pub attempt: u64,
+    /// The input, a JSON text.
+    pub input: Vec<u8>,
+}
+
+impl CallMsg {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + self.input.len());
+        out.extend_from_slice(&self.exec.to_le_bytes());
+        out.extend_from_slice(&self.call.to_le_bytes());
+        out.extend_from_slice(&self.attempt.to_le_bytes());
+        out.extend_from_slice(&self.input);
+        out
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(Kind::Call, body);
+        Ok(Self {
+            exec: r.u64()?,
+            call: r.u64()?,
+            attempt: r.u64()?,
+            input: r.rest().to_vec(),
+        })
+    }
+}
+
+/// The body of a `RESULT` message: the result document and the call's captured output.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ResultMsg {
+    /// The pid of the instance that ran the call (as the zygote sees it).
+    pub pid: u32,
+    /// The result document (JSON; see the module doc).
+    pub result: Vec<u8>,
+    /// The first bytes the call wrote to stdout.
+    pub stdout: Vec<u8>,
+    /// The first bytes the call wrote to stderr.
+    pub stderr: Vec<u8>,
+    /// How many bytes it wrote to stdout in all.
+    pub stdout_total: u64,
+    /// How many bytes it wrote to stderr in all.
+    pub stderr_total: u64,
+}
+
+impl ResultMsg {
+    /// Encodes the body: pid u32, result length u32, stdout length u32, stderr length u32,
+    /// stdout total u64, stderr total u64, then the three byte strings.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(32 + self.result.len() + self.stdout.len() + self.stderr.len());
+        out.extend_from_slice(&self.pid.to_le_bytes());
+        for part in [&self.result, &self.stdout, &self.stderr] {
+            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        }
+        out.extend_from_slice(&self.stdout_total.to_le_bytes());
+        out.extend_from_slice(&self.stderr_total.to_le_bytes());
+        out.extend_from_slice(&self.result);
+        out.extend_from_slice(&self.stdout);
+        out.extend_from_slice(&self.stderr);
+        out
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(Kind::Result, body);
+        let pid = r.u32()?;
+        let result_len = r.u32()? as usize;
+        let stdout_len = r.u32()? as usize;
+        let stderr_len = r.u32()? as usize;
+        let stdout_total = r.u64()?;
+        let stderr_total = r.u64()?;
+        let result = r.bytes(result_len)?.to_vec();
+        let stdout = r.bytes(stdout_len)?.to_vec();
+        let stderr = r.bytes(stderr_len)?.to_vec();
+        if !r.rest().is_empty() {
+            return Err(WireError::Malformed {
+                kind: Kind::Result,
+                why: "bytes after the stderr",
+            });
+        }
+        Ok(Self {
+            pid,
+            result,
+            stdout,
+            stderr,
+            stdout_total,
+            stderr_total,
+        })
+    }
+}
+
+/// How an instance died, the body of a `DIED` message.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DiedMsg {
+    /// It exited with this status.
+    Exited(i32),
+    /// A signal with this number killed it.
+    Signaled(i32),
+}
+
+impl DiedMsg {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let (how, code) = match *self {
+            DiedMsg::Exited(code) => (0u8, code),
+            DiedMsg::Signaled(sig) => (1u8, sig),
+        };
+        let mut out = vec![how];
+        out.extend_from_slice(&code.to_le_bytes());
+        out
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let malformed = |why| WireError::Malformed {
+            kind: Kind::Died,
+            why,
+        };
+        if body.len() != 5 {
+            return Err(malformed("the body is not 5 bytes"));
+        }
+        let code = i32::from_le_bytes([body[1], body[2], body[3], body[4]]);
+        match body[0] {
+            0 => Ok(DiedMsg::Exited(code)),
+            1 => Ok(DiedMsg::Signaled(code)),
+            _ => Err(malformed("unknown way of dying")),
+        }
+    }
+}
+
+/// Reads little-endian fields off a body, failing cleanly when it is too short.
+struct Reader<'a> {
+    kind: Kind,
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(kind: Kind, body: &'a [u8]) -> Self {
+        Self { kind, rest: body }
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.rest.len() < n {
+            return Err(WireError::Malformed {
+                kind: self.kind,
+                why: "the body is shorter than its fields say",
+            });
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let b = self.bytes(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_message_travels_in_pieces_and_comes_back_whole() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let ps = pieces(Kind::Result, 7, &body);
+        assert_eq!(ps.len(), 4);
+        let mut r = Reassembler::new(1 << 20);
+        let mut done = None;
+        for (i, p) in ps.iter().enumerate() {
+            let (h, b) = parse_piece(p).expect("a piece we made parses");
+            assert_eq!(h.more, i < 3);
+            done = r.push(h, b).expect("under the limit");
+        }
+        assert_eq!(done, Some(body));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert_eq!(parse_piece(b"ab"), Err(WireError::Short(2)));
+        assert_eq!(
+            parse_piece(b"\x63\0\0\0\0\0"),
+            Err(WireError::UnknownKind(0x63))
+        );
+        assert!(ResultMsg::decode(b"\x01\0\0\0\xff\xff\xff\xff").is_err());
+        assert!(CallMsg::decode(b"short").is_err());
+        assert!(DiedMsg::decode(b"\x07\0\0\0\0").is_err());
+        let mut r = Reassembler::new(10);
+        let eleven = pieces(Kind::Call, 1, &[0; 11]);
+        let (h, b) = parse_piece(&eleven[0]).expect("parses");
+        assert!(matches!(r.push(h, b), Err(WireError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn result_round_trips() {
+        let m = ResultMsg {
+            pid: 42,
+            result: br#"{"return":1}"#.to_vec(),
+            stdout: b"out".to_vec(),
+            stderr: vec![],
+            stdout_total: 3,
+            stderr_total: 0,
+        };
+        assert_eq!(ResultMsg::decode(&m.encode()), Ok(m));
+        assert_eq!(
+            DiedMsg::decode(&DiedMsg::Signaled(9).encode()),
+            Ok(DiedMsg::Signaled(9))
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! Cold start of a Python grain that imports numpy: per-call latency and memory of a
+//! pre-forked zygote child, fork on demand (SAND's way), the `exec` runtime (a fresh
+//! interpreter and import per call), and a warm reused instance.
+//!
+//! `cargo bench -p sand-worker --bench cold_start` (env: `SAND_BENCH_PYTHON`, default
+//! `/usr/bin/python3`, which must have numpy; `SAND_BENCH_CALLS`, default 300).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sand_protocol::ids::{Attempt, CallId, ExecId};
+use sand_protocol::local_bus::GrainResult;
+use sand_protocol::wire::Payload;
+use sand_worker::runtime::exec::{ExecGrain, ExecSpec};
+use sand_worker::runtime::launch::HostLauncher;
+use sand_worker::runtime::python::install_python_runtime;
+use sand_worker::runtime::zygote::{Zygote, ZygoteRuntime, ZygoteSpec};
+use sand_worker::runtime::{CallReport, CallRequest};
+
+const GRAINS: &str = "import time\nimport numpy as np\n\ndef handle(event, ctx):\n    if event == 'hold':\n        time.sleep(2)\n    return int(np.int64(7) + 1)\n";
+
+fn exec_grain(python: &Path) -> String {
+    format!(
+        "#!{}\nimport sys, json\nimport numpy as np\njson.load(sys.stdin)\nprint(json.dumps({{'return': int(np.int64(7) + 1)}}))\n",
+        python.display()
+    )
+}
+
+fn request(input: &str) -> CallRequest {
+    CallRequest {
+        exec: ExecId(1),
+        call: CallId(1),
+        attempt: Attempt(1),
+        input: Payload::from(input),
+        timeout: Some(Duration::from_secs(30)),
+    }
+}
+
+fn check(report: &CallReport) {
+    if !matches!(report.result, GrainResult::Return(_)) {
+        panic!(
+            "benchmark call failed: {:?} stderr {:?}",
+            report.result, report.stderr
+        );
+    }
+}
+
+struct Stats {
+    median_us: f64,
+    p99_us: f64,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort_unstable();
+    let at =
+        |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    Stats {
+        median_us: at(0.5),
+        p99_us: at(0.99),
+    }
+}
+
+fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn spec(python: &Path, script: &Path, app: &Path) -> ZygoteSpec {
+    ZygoteSpec::new(
+        ZygoteRuntime::Python {
+            interpreter: python.into(),
+            runtime_script: script.into(),
+            module: "grains.py".into(),
+            handler: "handle".into(),
+        },
+        app,
+    )
+}
+
+async fn zygote_calls(spec: ZygoteSpec, calls: usize) -> Stats {
+    let z = Zygote::start(Arc::new(HostLauncher), spec)
+        .await
+        .expect("start the zygote");
+    for _ in 0..10 {
+        check(&z.call(request("1")).await);
+    }
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        // A short pause, as between requests: the spare fork and the old instance's exit
+        // happen off the measured path.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let t = Instant::now();
+        check(&z.call(request("1")).await);
+        samples.push(t.elapsed());
+    }
+    z.stop().await;
+    stats(samples)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let python: PathBuf = std::env::var_os("SAND_BENCH_PYTHON")
+        .map_or_else(|| "/usr/bin/python3".into(), PathBuf::from);
+    let calls: usize = std::env::var("SAND_BENCH_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(300);
+    let root = std::env::temp_dir().join(format!("sand-bench-{}", std::process::id()));
+    let app = root.join("app");
+    std::fs::create_dir_all(&app).expect("mkdir");
+    std::fs::write(app.join("grains.py"), GRAINS).expect("write grains");
+    let exec_path = app.join("grain_exec.py");
+    std::fs::write(&exec_path, exec_grain(&python)).expect("write exec grain");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exec_path, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let script = install_python_runtime(&root.join("runtime")).expect("install runtime");
+
+    let prefork = zygote_calls(spec(&python, &script, &app), calls).await;
+    let on_demand = zygote_calls(
+        ZygoteSpec {
+            prefork: false,
+            ..spec(&python, &script, &app)
+        },
+        calls,
+    )
+    .await;
+    let warm = zygote_calls(
+        ZygoteSpec {
+            reuse: 1_000_000,
+            ..spec(&python, &script, &app)
+        },
+        calls,
+    )
+    .await;
+
+    let exec = ExecGrain::new(
+        Arc::new(HostLauncher),
+        ExecSpec {
+            program: exec_path.clone(),
+            app_dir: app.clone(),
+            env: vec![("PATH".into(), OsString::from("/usr/bin:/bin"))],
+            concurrency: 1,
+        },
+    );
+    let exec_calls = (calls / 10).max(10);
+    let mut samples = Vec::new();
+    for _ in 0..exec_calls {
+        let t = Instant::now();
+        check(&exec.call(request("1")).await);
+        samples.push(t.elapsed());
+    }
+    let exec_stats = stats(samples);
+
+    // Memory: the zygote, an instance in the middle of a call, and a fresh interpreter.
+    let z = Arc::new(
+        Zygote::start(Arc::new(HostLauncher), spec(&python, &script, &app))
+            .await
+            .expect("start"),
+    );
+    let zygote_pid = z.pid().expect("pid");
+    let holder = {
+        let z = z.clone();
+        tokio::spawn(async move { z.call(request("\"hold\"")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let instance_pss = children(zygote_pid)
+        .into_iter()
+        .filter_map(pss_kib)
+        .max()
+        .unwrap_or(0);
+    let zygote_pss = pss_kib(zygote_pid).unwrap_or(0);
+    check(&holder.await.expect("hold call"));
+    z.stop().await;
+    let mut fresh = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import numpy, sys, time; print('ready', flush=True); time.sleep(30)",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start a fresh interpreter");
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let out = fresh.stdout.take().expect("piped");
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("ready line");
+    }
+    let fresh_pss = pss_kib(fresh.id()).unwrap_or(0);
+    let _ = fresh.kill();
+    let _ = fresh.wait();
+    let _ = std::fs::remove_dir_all(&root);
+
+    println!("cold start of a Python grain importing numpy ({}; {calls} calls per zygote mode, {exec_calls} exec calls)", python.display());
+    println!(
+        "{:<34} {:>12} {:>12} {:>10}",
+        "mode", "median µs", "p99 µs", "vs exec"
+    );
+    for (name, s) in [
+        ("pre-forked zygote child", &prefork),
+        ("fork on demand (SAND)", &on_demand),
+        ("exec: fresh interpreter + import", &exec_stats),
+        ("warm instance (reuse = 1e6)", &warm),
+    ] {
+        println!(
+            "{name:<34} {:>12.0} {:>12.0} {:>9.0}x",
+            s.median_us,
+            s.p99_us,
+            exec_stats.median_us / s.median_us
+        );
+    }
+    println!(
+        "pre-forked / warm median: {:.2}x",
+        prefork.median_us / warm.median_us
+    );
+    println!("PSS: zygote {zygote_pss} KiB, forked instance {instance_pss} KiB, fresh interpreter with numpy {fresh_pss} KiB (instance = {:.0}% of fresh)",
+        100.0 * instance_pss as f64 / fresh_pss.max(1) as f64);
+}

@@ -1,0 +1,24 @@
+//! The Python zygote runtime (`runtimes/python/sand_runtime.py`), built into the worker.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The runtime script's text.
+pub const PYTHON_RUNTIME: &str = include_str!("../../../runtimes/python/sand_runtime.py");
+
+/// The file name the runtime is installed under.
+pub const PYTHON_RUNTIME_FILE: &str = "sand_runtime.py";
+
+/// Writes the runtime script into `dir` (created if missing) and returns its path. Writes to a
+/// temporary name and renames, so a zygote starting meanwhile never reads half a file.
+pub fn install_python_runtime(dir: &Path) -> io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(PYTHON_RUNTIME_FILE);
+    if std::fs::read(&path).is_ok_and(|text| text == PYTHON_RUNTIME.as_bytes()) {
+        return Ok(path);
+    }
+    let partial = dir.join(format!(".{PYTHON_RUNTIME_FILE}.{}", std::process::id()));
+    std::fs::write(&partial, PYTHON_RUNTIME)?;
+    std::fs::rename(&partial, &path)?;
+    Ok(path)
+}

@@ -1,0 +1,590 @@
+//! The host side of one grain's zygote (the `python` and `rust` runtimes).
+//!
+//! A zygote is a single-threaded process started by exec (never a fork of the worker) that
+//! loads the grain once and forks an instance per call. The worker talks to it over a
+//! `SOCK_SEQPACKET` socket that is the zygote's fd 3, in the wire of [`sand_grain::wire`]:
+//! the worker sends `CALL` to the zygote, the instance writes its `RESULT` straight back, and
+//! the worker answers `RELEASE` so the instance may serve again (`reuse`) or exit, off the
+//! critical path. Calls run concurrently up to the grain's `concurrency`; more wait in line, in
+//! order.
+//!
+//! [`Zygote::call`] always returns a report: a dead zygote fails the calls in flight with
+//! `Crashed` and is started again on the next call; a zygote that breaks the wire is killed
+//! and its calls fail with `BadOutput`.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use sand_grain::wire::{
+    parse_piece, pieces, CallMsg, DiedMsg, Kind, Reassembler, ResultMsg, WireError,
+    CAPTURE_BYTES_MAX, HEADER_BYTES, PIECE_BODY_BYTES_MAX,
+};
+use sand_protocol::wire::{ErrorKind, GrainError, MESSAGE_BYTES_MAX};
+use tokio::net::UnixDatagram;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::launch::{Exit, LaunchedProcess, Launcher, ProcessSpec};
+use super::{bounded_capture, output, CallReport, CallRequest};
+
+/// How to start one grain's zygote.
+#[derive(Clone, Debug)]
+pub struct ZygoteSpec {
+    /// Which runtime, and what it loads.
+    pub runtime: ZygoteRuntime,
+    /// The app directory, as the zygote sees it; its working directory.
+    pub app_dir: PathBuf,
+    /// How many calls may run at once; more wait in line.
+    pub concurrency: usize,
+    /// How many calls one forked instance serves before it exits (1: a fresh process per call).
+    pub reuse: u32,
+    /// Keep one instance forked ahead (the default). Off, the zygote forks when a call arrives
+    /// and the instance exits as soon as it answers: SAND's behaviour, kept for benchmarks.
+    pub prefork: bool,
+    /// The zygote's whole environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// How long loading the grain may take.
+    pub start_timeout: Duration,
+}
+
+/// What a zygote runs.
+#[derive(Clone, Debug)]
+pub enum ZygoteRuntime {
+    /// `python -u sand_runtime.py`, loading `handler` from `module`.
+    Python {
+        /// The interpreter (the manifest's `python`, or `python3`).
+        interpreter: PathBuf,
+        /// Where [`super::python::install_python_runtime`] put the runtime script.
+        runtime_script: PathBuf,
+        /// The module file, relative to the app directory (`grains.py`, `pkg/mod.py`).
+        module: String,
+        /// The handler function's name.
+        handler: String,
+    },
+    /// A binary built with the `sand-grain` crate, whose `main` calls `serve(handler)`.
+    Rust {
+        /// The binary.
+        binary: PathBuf,
+    },
+}
+
+impl ZygoteSpec {
+    /// A spec with the defaults: 8 calls at once, a fresh instance per call, one instance
+    /// forked ahead, a 30 s load timeout, and an environment of `PATH` and `LANG` only.
+    pub fn new(runtime: ZygoteRuntime, app_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            runtime,
+            app_dir: app_dir.into(),
+            concurrency: 8,
+            reuse: 1,
+            prefork: true,
+            env: vec![
+                ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+                ("LANG".into(), "C.UTF-8".into()),
+            ],
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn command(&self) -> (PathBuf, Vec<OsString>) {
+        let mut common: Vec<OsString> =
+            vec!["--reuse".into(), self.reuse.max(1).to_string().into()];
+        if !self.prefork {
+            common.push("--fork-on-demand".into());
+        }
+        match &self.runtime {
+            ZygoteRuntime::Python {
+                interpreter,
+                runtime_script,
+                module,
+                handler,
+            } => {
+                let mut args: Vec<OsString> = vec![
+                    "-u".into(),
+                    runtime_script.into(),
+                    "--app-dir".into(),
+                    self.app_dir.clone().into(),
+                    "--module".into(),
+                    module.into(),
+                    "--handler".into(),
+                    handler.into(),
+                ];
+                args.extend(common);
+                (interpreter.clone(), args)
+            }
+            ZygoteRuntime::Rust { binary } => (binary.clone(), common),
+        }
+    }
+}
+
+/// Why a zygote could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ZygoteError {
+    /// The launcher could not start the process.
+    #[error("cannot start the zygote: {0}")]
+    Spawn(io::Error),
+    /// The channel socket could not be made or used.
+    #[error("the zygote's channel failed: {0}")]
+    Channel(io::Error),
+    /// The grain did not load (the module raised, the handler is missing, ...).
+    #[error("the grain failed to load: {0}")]
+    Load(String),
+    /// The zygote ended before saying it was ready.
+    #[error("the zygote {0} before it was ready")]
+    ExitedEarly(Exit),
+    /// The zygote did not get ready in time.
+    #[error("the zygote was not ready within {} ms", .0.as_millis())]
+    StartTimeout(Duration),
+    /// The zygote said something other than ready or load-failed.
+    #[error("the zygote broke the wire while starting: {0}")]
+    Wire(WireError),
+}
+
+/// One grain's zygote, started again whenever it is found dead.
+pub struct Zygote {
+    launcher: Arc<dyn Launcher>,
+    spec: ZygoteSpec,
+    line: Semaphore,
+    current: Mutex<Option<Arc<Running>>>,
+    restart: tokio::sync::Mutex<()>,
+}
+
+impl Zygote {
+    /// Starts the zygote and waits until the grain is loaded.
+    pub async fn start(
+        launcher: Arc<dyn Launcher>,
+        spec: ZygoteSpec,
+    ) -> Result<Zygote, ZygoteError> {
+        let running = Running::start(launcher.as_ref(), &spec).await?;
+        Ok(Zygote {
+            line: Semaphore::new(spec.concurrency.max(1)),
+            launcher,
+            spec,
+            current: Mutex::new(Some(running)),
+            restart: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Runs one call: waits in line for a free place, then for the result, the instance's
+    /// death, or the timeout. Never panics; every failure is a `GrainResult::Error`.
+    pub async fn call(&self, request: CallRequest) -> CallReport {
+        let Ok(_place) = self.line.acquire().await else {
+            let error = GrainError::new(ErrorKind::Unavailable, "the grain's zygote was stopped");
+            return CallReport::failed(error, Instant::now());
+        };
+        let started = Instant::now();
+        match self.running().await {
+            Ok(running) => running.call(request, started).await,
+            Err(e) => CallReport::failed(
+                GrainError::new(ErrorKind::Unavailable, e.to_string()),
+                started,
+            ),
+        }
+    }
+
+    /// Whether the zygote process is running (a dead one is started again on the next call).
+    pub fn is_alive(&self) -> bool {
+        self.live().is_some()
+    }
+
+    /// The zygote's pid as it sees itself (in its sandbox's pid namespace), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.live().map(|r| r.pid)
+    }
+
+    /// Kills the zygote and every instance, waits (bounded) for it to end, and refuses later
+    /// calls with `Unavailable`.
+    pub async fn stop(&self) {
+        self.line.close();
+        let running = lock(&self.current).take();
+        if let Some(running) = running {
+            running.stop().await;
+        }
+    }
+
+    fn live(&self) -> Option<Arc<Running>> {
+        lock(&self.current).clone().filter(|r| r.is_alive())
+    }
+
+    async fn running(&self) -> Result<Arc<Running>, ZygoteError> {
+        if let Some(running) = self.live() {
+            return Ok(running);
+        }
+        let _one_start_at_a_time = self.restart.lock().await;
+        if let Some(running) = self.live() {
+            return Ok(running);
+        }
+        tracing::info!(grain = ?self.spec.runtime, "starting the grain's zygote again");
+        let running = Running::start(self.launcher.as_ref(), &self.spec).await?;
+        *lock(&self.current) = Some(running.clone());
+        Ok(running)
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        if let Some(running) = lock(&self.current).take() {
+            running.shut_down(GrainError::new(
+                ErrorKind::Unavailable,
+                "the zygote was dropped",
+            ));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The guarded maps stay consistent at every step: a panic elsewhere cannot corrupt them.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The largest message accepted from a zygote: a result document and two captures.
+const RECEIVE_BYTES_MAX: usize = MESSAGE_BYTES_MAX + 2 * CAPTURE_BYTES_MAX + 64;
+
+/// One life of the zygote process.
+struct Running {
+    pid: u32,
+    chan: UnixDatagram,
+    process: Arc<dyn LaunchedProcess>,
+    state: Mutex<State>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Why this life ended, once it has.
+    dead: Option<GrainError>,
+    waiting: HashMap<u32, oneshot::Sender<Reply>>,
+    next_slot: u32,
+}
+
+enum Reply {
+    Result(ResultMsg),
+    Died(Exit),
+    Failed(GrainError),
+}
+
+impl Running {
+    async fn start(
+        launcher: &dyn Launcher,
+        spec: &ZygoteSpec,
+    ) -> Result<Arc<Running>, ZygoteError> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| ZygoteError::Channel(e.into()))?;
+        // std and tokio have no seqpacket type; a connected datagram socket's send and recv
+        // are the same syscalls, and keep each datagram whole.
+        let ours = std::os::unix::net::UnixDatagram::from(ours);
+        ours.set_nonblocking(true).map_err(ZygoteError::Channel)?;
+        let chan = UnixDatagram::from_std(ours).map_err(ZygoteError::Channel)?;
+        let (program, args) = spec.command();
+        let process: Arc<dyn LaunchedProcess> = Arc::from(
+            launcher
+                .spawn(ProcessSpec {
+                    program,
+                    args,
+                    env: spec.env.clone(),
+                    cwd: spec.app_dir.clone(),
+                    channel: Some(theirs),
+                    stdio: None,
+                })
+                .await
+                .map_err(ZygoteError::Spawn)?,
+        );
+        let hello = tokio::time::timeout(spec.start_timeout, async {
+            tokio::select! {
+                biased;
+                hello = read_hello(&chan) => match hello {
+                    Err(Hello::Closed) => {
+                        let exit = tokio::time::timeout(Duration::from_secs(2), process.wait()).await;
+                        Err(ZygoteError::ExitedEarly(exit.unwrap_or(Exit::Gone)))
+                    }
+                    Err(Hello::Failed(e)) => Err(e),
+                    Ok(pid) => Ok(pid),
+                },
+                exit = process.wait() => {
+                    // Its last words (LOAD_FAILED) may be waiting in the socket still.
+                    let last = tokio::time::timeout(Duration::from_millis(200), read_hello(&chan)).await;
+                    match last {
+                        Ok(Err(Hello::Failed(e))) => Err(e),
+                        _ => Err(ZygoteError::ExitedEarly(exit)),
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or(Err(ZygoteError::StartTimeout(spec.start_timeout)));
+        let pid = match hello {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = process.kill();
+                return Err(e);
+            }
+        };
+        let running = Arc::new(Running {
+            pid,
+            chan,
+            process,
+            state: Mutex::new(State::default()),
+            reader: Mutex::new(None),
+        });
+        *lock(&running.reader) = Some(tokio::spawn(read_results(running.clone())));
+        tokio::spawn(watch_exit(running.clone()));
+        Ok(running)
+    }
+
+    fn is_alive(&self) -> bool {
+        lock(&self.state).dead.is_none()
+    }
+
+    async fn call(&self, request: CallRequest, started: Instant) -> CallReport {
+        let (tx, rx) = oneshot::channel();
+        let slot = {
+            let mut state = lock(&self.state);
+            if let Some(error) = &state.dead {
+                return CallReport::failed(error.clone(), started);
+            }
+            state.next_slot = state.next_slot.wrapping_add(1).max(1);
+            let slot = state.next_slot;
+            state.waiting.insert(slot, tx);
+            slot
+        };
+        let body = CallMsg {
+            exec: request.exec.0,
+            call: request.call.0,
+            attempt: request.attempt.0,
+            input: request.input.0.to_vec(),
+        }
+        .encode();
+        if let Err(e) = self.send(Kind::Call, slot, &body).await {
+            lock(&self.state).waiting.remove(&slot);
+            let error = GrainError::new(
+                ErrorKind::Crashed,
+                format!("the zygote is unreachable: {e}"),
+            );
+            return CallReport::failed(error, started);
+        }
+        let reply = match request.timeout {
+            None => rx.await,
+            Some(limit) => match tokio::time::timeout(limit, rx).await {
+                Ok(reply) => reply,
+                Err(_) => {
+                    lock(&self.state).waiting.remove(&slot);
+                    let _ = self.send(Kind::Kill, slot, &[]).await;
+                    let error = GrainError::new(
+                        ErrorKind::Timeout,
+                        format!("ran past {} ms", limit.as_millis()),
+                    );
+                    return CallReport::failed(error, started);
+                }
+            },
+        };
+        match reply {
+            Ok(Reply::Result(msg)) => CallReport {
+                result: output::parse(&msg.result),
+                stdout: bounded_capture(&msg.stdout, msg.stdout_total),
+                stderr: bounded_capture(&msg.stderr, msg.stderr_total),
+                started,
+                finished: Instant::now(),
+                instance_exit: None,
+            },
+            Ok(Reply::Died(exit)) => CallReport {
+                instance_exit: Some(exit),
+                ..CallReport::failed(
+                    GrainError::new(
+                        ErrorKind::Crashed,
+                        format!("the instance {exit} before answering"),
+                    ),
+                    started,
+                )
+            },
+            Ok(Reply::Failed(error)) => CallReport::failed(error, started),
+            Err(_) => {
+                let error = lock(&self.state).dead.clone().unwrap_or_else(|| {
+                    GrainError::new(ErrorKind::Crashed, "the zygote dropped the call")
+                });
+                CallReport::failed(error, started)
+            }
+        }
+    }
+
+    async fn send(&self, kind: Kind, slot: u32, body: &[u8]) -> io::Result<()> {
+        for piece in pieces(kind, slot, body) {
+            self.chan.send(&piece).await?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&self, slot: u32, reply: Reply) {
+        if let Some(tx) = lock(&self.state).waiting.remove(&slot) {
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// Ends this life: fails every call in flight with `error`, kills the process group.
+    fn shut_down(&self, error: GrainError) {
+        let waiting = {
+            let mut state = lock(&self.state);
+            if state.dead.is_none() {
+                state.dead = Some(error.clone());
+            }
+            std::mem::take(&mut state.waiting)
+        };
+        for (_, tx) in waiting {
+            let _ = tx.send(Reply::Failed(error.clone()));
+        }
+        if let Some(reader) = lock(&self.reader).take() {
+            reader.abort();
+        }
+        if let Err(e) = self.process.kill() {
+            tracing::warn!(error = %e, "cannot kill a zygote");
+        }
+    }
+
+    async fn stop(&self) {
+        self.shut_down(GrainError::new(
+            ErrorKind::Unavailable,
+            "the zygote was stopped",
+        ));
+        if tokio::time::timeout(Duration::from_secs(5), self.process.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(pid = self.pid, "a killed zygote did not end within 5 s");
+        }
+    }
+}
+
+enum Hello {
+    Closed,
+    Failed(ZygoteError),
+}
+
+/// Reads the zygote's first message: `READY` (its pid) or `LOAD_FAILED`.
+async fn read_hello(chan: &UnixDatagram) -> Result<u32, Hello> {
+    let mut buf = vec![0u8; HEADER_BYTES + PIECE_BODY_BYTES_MAX + 1];
+    let mut parts = Reassembler::new(RECEIVE_BYTES_MAX);
+    loop {
+        let n = receive(chan, &mut buf)
+            .await
+            .map_err(|e| Hello::Failed(ZygoteError::Channel(e)))?;
+        if n == 0 {
+            return Err(Hello::Closed);
+        }
+        let wire = |e| Hello::Failed(ZygoteError::Wire(e));
+        let (header, body) = parse_piece(&buf[..n]).map_err(wire)?;
+        let Some(message) = parts.push(header, body).map_err(wire)? else {
+            continue;
+        };
+        return match header.kind {
+            Kind::Ready if message.len() == 4 => Ok(u32::from_le_bytes([
+                message[0], message[1], message[2], message[3],
+            ])),
+            Kind::LoadFailed => Err(Hello::Failed(ZygoteError::Load(
+                String::from_utf8_lossy(&message).into_owned(),
+            ))),
+            kind => Err(wire(WireError::Malformed {
+                kind,
+                why: "expected READY (4 bytes) or LOAD_FAILED first",
+            })),
+        };
+    }
+}
+
+async fn receive(chan: &UnixDatagram, buf: &mut [u8]) -> io::Result<usize> {
+    chan.recv(buf).await
+}
+
+/// Reads results and deaths off the channel for as long as the zygote lives.
+async fn read_results(running: Arc<Running>) {
+    let mut buf = vec![0u8; HEADER_BYTES + PIECE_BODY_BYTES_MAX + 1];
+    let mut parts = Reassembler::new(RECEIVE_BYTES_MAX);
+    let broken = |why: String| {
+        GrainError::new(
+            ErrorKind::BadOutput,
+            format!("the zygote broke the wire: {why}"),
+        )
+    };
+    loop {
+        let n = match receive(&running.chan, &mut buf).await {
+            Ok(0) => {
+                let error = GrainError::new(ErrorKind::Crashed, "the zygote closed its channel");
+                return running.shut_down(error);
+            }
+            Ok(n) => n,
+            Err(e) => {
+                let error = GrainError::new(
+                    ErrorKind::Crashed,
+                    format!("the zygote's channel failed: {e}"),
+                );
+                return running.shut_down(error);
+            }
+        };
+        let (header, body) = match parse_piece(&buf[..n]) {
+            Ok(piece) => piece,
+            Err(e) => return running.shut_down(broken(e.to_string())),
+        };
+        if !matches!(header.kind, Kind::Result | Kind::Died) {
+            return running.shut_down(broken(format!(
+                "a {:?} message from the zygote",
+                header.kind
+            )));
+        }
+        let message = match parts.push(header, body) {
+            Ok(Some(message)) => message,
+            Ok(None) => continue,
+            Err(e) => {
+                parts.forget(header.slot);
+                running.deliver(
+                    header.slot,
+                    Reply::Failed(GrainError::new(ErrorKind::BadOutput, e.to_string())),
+                );
+                let _ = running.send(Kind::Kill, header.slot, &[]).await;
+                continue;
+            }
+        };
+        match header.kind {
+            Kind::Result => {
+                let reply = match ResultMsg::decode(&message) {
+                    Ok(result) => Reply::Result(result),
+                    Err(e) => Reply::Failed(GrainError::new(ErrorKind::BadOutput, e.to_string())),
+                };
+                // Release first: a caller that has its result can count on the instance being
+                // free for its next call (what `reuse` promises); it costs one send.
+                let released = running.send(Kind::Release, header.slot, &[]).await;
+                running.deliver(header.slot, reply);
+                if released.is_err() {
+                    let error = GrainError::new(ErrorKind::Crashed, "the zygote's channel closed");
+                    return running.shut_down(error);
+                }
+            }
+            _ => {
+                parts.forget(header.slot);
+                let reply = match DiedMsg::decode(&message) {
+                    Ok(DiedMsg::Exited(code)) => Reply::Died(Exit::Exited(code)),
+                    Ok(DiedMsg::Signaled(sig)) => Reply::Died(Exit::Signaled(sig)),
+                    Err(e) => Reply::Failed(broken(e.to_string())),
+                };
+                running.deliver(header.slot, reply);
+            }
+        }
+    }
+}
+
+/// Notices the zygote's death, fails its calls in flight, and kills what it left behind.
+async fn watch_exit(running: Arc<Running>) {
+    let exit = running.process.wait().await;
+    tracing::warn!(pid = running.pid, %exit, "a grain's zygote ended");
+    running.shut_down(GrainError::new(
+        ErrorKind::Crashed,
+        format!("the grain's zygote {exit}"),
+    ));
+}

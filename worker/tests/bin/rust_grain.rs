@@ -1,0 +1,37 @@
+//! A grain written with the Rust SDK, for the worker's tests and benchmark. Its input picks a
+//! behaviour: a number is doubled; `"next"`, `"fan_out"`, `"fail"`, `"panic"`, `"crash"`,
+//! `"pid"`, `"ctx"`, `"print"` and `"sleep"` do what they say.
+
+use sand_grain::{serve, Ctx, Output, Value};
+
+fn handle(event: Value, ctx: &Ctx) -> Result<Output, String> {
+    if let Some(n) = event.as_i64() {
+        return Ok(Output::Return(Value::from(n * 2)));
+    }
+    match event.as_str() {
+        Some("next") => Ok(ctx.next("second", Value::from(5))),
+        Some("fan_out") => Ok(ctx.fan_out(
+            [("left", Value::from(1)), ("right", Value::from(2))],
+            "join",
+        )),
+        Some("fail") => Err("no luck".into()),
+        Some("panic") => panic!("on purpose"),
+        Some("crash") => std::process::abort(),
+        Some("pid") => Ok(Value::from(std::process::id()).into()),
+        Some("ctx") => Ok(Value::from(vec![ctx.exec, ctx.call, ctx.attempt]).into()),
+        Some("print") => {
+            println!("to stdout");
+            eprintln!("to stderr");
+            Ok(Value::Null.into())
+        }
+        Some("sleep") => {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            Ok(Value::Null.into())
+        }
+        _ => Err(format!("unknown event {event}")),
+    }
+}
+
+fn main() {
+    serve(handle)
+}

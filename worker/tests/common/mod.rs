@@ -1,0 +1,99 @@
+//! Helpers shared by the runtime tests: temporary app dirs, requests, and bounded runs.
+
+#![allow(dead_code)] // Each test file uses its own subset.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use sand_protocol::ids::{Attempt, CallId, ExecId, GrainName};
+use sand_protocol::local_bus::GrainResult;
+use sand_protocol::wire::{ErrorKind, GrainError, Payload};
+use sand_worker::runtime::{CallReport, CallRequest};
+
+/// The interpreter the tests use.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "sand-worker-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create a temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes a file (made executable when it starts with `#!`).
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write a test file");
+        if text.starts_with("#!") {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A request with `input` and a 20 s timeout.
+pub fn request(input: &str) -> CallRequest {
+    CallRequest {
+        exec: ExecId(11),
+        call: CallId(22),
+        attempt: Attempt(3),
+        input: Payload::from(input),
+        timeout: Some(Duration::from_secs(20)),
+    }
+}
+
+/// Runs `f` with a hard bound, so a hung test fails instead of hanging.
+pub async fn bounded<T>(secs: u64, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("the test ran past its bound")
+}
+
+pub fn grain(name: &str) -> GrainName {
+    GrainName::new(name).expect("a valid grain name")
+}
+
+/// The returned value's JSON text.
+pub fn returned(report: &CallReport) -> String {
+    match &report.result {
+        GrainResult::Return(p) => String::from_utf8(p.0.to_vec()).expect("utf-8"),
+        other => panic!(
+            "expected a value, got {other:?} (stderr {:?})",
+            report.stderr
+        ),
+    }
+}
+
+/// The returned value, parsed.
+pub fn value(report: &CallReport) -> serde_json::Value {
+    serde_json::from_str(&returned(report)).expect("JSON")
+}
+
+/// The error, asserting its kind.
+pub fn error(report: &CallReport, kind: ErrorKind) -> String {
+    match &report.result {
+        GrainResult::Error(GrainError { kind: k, message }) if *k == kind => message.clone(),
+        other => panic!("expected a {kind:?} error, got {other:?}"),
+    }
+}
