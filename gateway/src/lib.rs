@@ -1,1 +1,15 @@
 //! The sand gateway: drives the GlobalQueue, keeps the durable store, serves the HTTP API.
+//!
+//! - [`core`]: the one task that owns the [`GlobalQueue`](sand_protocol::global_queue::GlobalQueue);
+//! - [`store`]: the durable store (redb, group commit);
+//! - [`http`]: the client API; [`metrics`]: what `/metrics` shows; [`trace`]: execution traces;
+//! - [`server`]: all of it started together.
+
+pub mod core;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod trace;
+
+pub use server::{Gateway, GatewayConfig, GatewayError};

@@ -1,0 +1,526 @@
+//! The HTTP API (JSON): deploy apps, invoke them, follow executions, watch the cluster.
+//!
+//! | route | what |
+//! |---|---|
+//! | `PUT /v1/apps/{app}` | deploy or replace, body: the app directory as a gzip'd tar |
+//! | `GET /v1/apps`, `DELETE /v1/apps/{app}` | list, remove |
+//! | `POST /v1/apps/{app}/invoke[?wait=S][&async=true]` | run, body: the entry grain's JSON input |
+//! | `GET /v1/executions/{id}` | status, output or error, and the trace of every call |
+//! | `GET /v1/workers`, `GET /healthz`, `GET /metrics` | cluster, liveness, Prometheus |
+//!
+//! Every failure is a 4xx or 5xx with `{"error": {"code": ..., "message": ...}}`. With a token
+//! configured, every `/v1` route wants `Authorization: Bearer TOKEN`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use prometheus_client::registry::Registry;
+use sand_protocol::durable::{Answer, ExecStatus};
+use sand_protocol::global_queue::InvokeError;
+use sand_protocol::ids::{AppName, ExecId};
+use sand_protocol::wire::{AppBundle, Payload, PAYLOAD_BYTES_MAX};
+use serde_json::{json, Value};
+
+use crate::core::{Command, CoreHandle, CoreStopped};
+use crate::metrics::{Metrics, Status};
+use crate::store::Store;
+use crate::trace::CallTrace;
+
+/// The largest app bundle accepted: it travels to workers in one message.
+pub const BUNDLE_BYTES_MAX: usize = 15 << 20;
+/// The longest a synchronous invocation may wait, in seconds.
+pub const WAIT_SECONDS_MAX: u64 = 300;
+/// The wait of a synchronous invocation that names none, in seconds.
+pub const WAIT_SECONDS_DEFAULT: u64 = 30;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Api {
+    /// The core.
+    pub core: CoreHandle,
+    /// The store, for bundles and traces.
+    pub store: Arc<Store>,
+    /// The metrics, for counting answers.
+    pub metrics: Arc<Metrics>,
+    /// The registry `/metrics` encodes.
+    pub registry: Arc<Registry>,
+    /// The bearer token `/v1` wants, if any.
+    pub token: Option<Arc<str>>,
+}
+
+/// A failed request: its status and a JSON account.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<CoreStopped> for ApiError {
+    fn from(e: CoreStopped) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The API's routes, with auth, body limits and JSON errors for everything that falls through.
+pub fn router(api: Api) -> Router {
+    let v1 = Router::new()
+        .route("/apps", get(list_apps))
+        .route("/apps/{app}", put(deploy).delete(remove))
+        .route("/apps/{app}/invoke", post(invoke))
+        .route("/executions/{id}", get(execution))
+        .route("/workers", get(workers))
+        .layer(middleware::from_fn_with_state(api.clone(), authorize));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::not_found("no_route", "no such route; see the API table in the README")
+        })
+        .layer(DefaultBodyLimit::max(BUNDLE_BYTES_MAX))
+        .layer(middleware::from_fn_with_state(api.clone(), count))
+        .with_state(api)
+}
+
+async fn authorize(State(api): State<Api>, req: Request, next: Next) -> Response {
+    if let Some(token) = &api.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(&**token) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this gateway wants `Authorization: Bearer TOKEN`",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Counts answers by status; refuses a body whose announced length is over the limit before
+/// it is sent; turns axum's plain-text refusals (body too large, bad method) into JSON errors.
+async fn count(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let response = match announced {
+        Some(n) if n > BUNDLE_BYTES_MAX as u64 => StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+        _ => next.run(req).await,
+    };
+    let status = response.status();
+    api.metrics
+        .http_requests
+        .get_or_create(&Status {
+            code: status.as_u16(),
+        })
+        .inc();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.is_success() || is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "too_large",
+            format!("the body exceeds the {BUNDLE_BYTES_MAX} byte limit"),
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed here".into()),
+        s if s.is_client_error() => ("bad_request", s.to_string()),
+        _ => return response,
+    };
+    ApiError::new(status, code, message).into_response()
+}
+
+fn app_name(raw: &str) -> Result<AppName, ApiError> {
+    AppName::new(raw).map_err(|e| ApiError::bad_request("bad_app_name", e.to_string()))
+}
+
+async fn deploy(State(api): State<Api>, Path(app): Path<String>, body: Bytes) -> ApiResult {
+    let app = app_name(&app)?;
+    let archive = body;
+    let checked = tokio::task::spawn_blocking({
+        let archive = archive.clone();
+        move || -> Result<sand_app::Manifest, String> {
+            let scratch = tempfile::tempdir().map_err(|e| format!("no scratch space: {e}"))?;
+            sand_app::unpack(&archive, &scratch.path().join("app")).map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let manifest = checked.map_err(|e| ApiError::bad_request("bad_bundle", e))?;
+    if manifest.name != app {
+        return Err(ApiError::bad_request(
+            "name_mismatch",
+            format!(
+                "the manifest names the app `{}`, the URL `{app}`",
+                manifest.name
+            ),
+        ));
+    }
+    let spec = manifest.app_spec();
+    let digest = sand_app::digest(&archive);
+    let bundle = AppBundle {
+        digest: digest.clone(),
+        archive,
+    };
+    let grains: Vec<String> = spec.grains.keys().map(ToString::to_string).collect();
+    // The bundle first: an app is only deployed once its code can be fetched.
+    let store = api.store.clone();
+    let stored = bundle.clone();
+    let name = app.clone();
+    tokio::task::spawn_blocking(move || store.put_bundle(&name, &stored.digest, &stored.archive))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?;
+    let entry = spec.entry.to_string();
+    api.core
+        .ask(|reply| Command::Deploy {
+            spec,
+            bundle,
+            reply,
+        })
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?;
+    Ok(
+        Json(json!({"app": app.as_str(), "digest": digest, "entry": entry, "grains": grains}))
+            .into_response(),
+    )
+}
+
+async fn list_apps(State(api): State<Api>) -> ApiResult {
+    let apps = api.core.ask(|reply| Command::Apps { reply }).await?;
+    let apps: Vec<Value> = apps
+        .into_iter()
+        .map(|(spec, digest)| {
+            json!({
+                "app": spec.name.as_str(),
+                "entry": spec.entry.as_str(),
+                "grains": spec.grains.keys().map(|g| g.as_str()).collect::<Vec<_>>(),
+                "digest": digest,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "apps": apps })).into_response())
+}
+
+async fn remove(State(api): State<Api>, Path(app): Path<String>) -> ApiResult {
+    let app = app_name(&app)?;
+    let name = app.as_str().to_owned();
+    if api
+        .core
+        .ask(|reply| Command::Remove {
+            app: app.clone(),
+            reply,
+        })
+        .await?
+    {
+        let store = api.store.clone();
+        let deleted = tokio::task::spawn_blocking(move || store.delete_bundle(&app)).await;
+        if let Ok(Err(e)) = deleted {
+            tracing::warn!(app = %name, "the app is removed but its bundle was not deleted: {e}");
+        }
+        Ok(Json(json!({ "removed": name })).into_response())
+    } else {
+        Err(ApiError::not_found(
+            "unknown_app",
+            format!("app {name} is not deployed"),
+        ))
+    }
+}
+
+/// The query of an invocation.
+#[derive(Debug, PartialEq, Eq)]
+struct InvokeQuery {
+    wait: Duration,
+    asynchronous: bool,
+}
+
+fn invoke_query(raw: Option<&str>) -> Result<InvokeQuery, ApiError> {
+    let mut q = InvokeQuery {
+        wait: Duration::from_secs(WAIT_SECONDS_DEFAULT),
+        asynchronous: false,
+    };
+    for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "wait" => {
+                let secs: f64 = value
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "bad_query",
+                            format!("wait={value}: want seconds, a number >= 0"),
+                        )
+                    })?;
+                if secs > WAIT_SECONDS_MAX as f64 {
+                    return Err(ApiError::bad_request(
+                        "bad_query",
+                        format!("wait={value}: at most {WAIT_SECONDS_MAX} seconds"),
+                    ));
+                }
+                q.wait = Duration::from_secs_f64(secs);
+            }
+            "async" => {
+                q.asynchronous = match value {
+                    "" | "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "bad_query",
+                            format!("async={value}: want true or false"),
+                        ))
+                    }
+                }
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "bad_query",
+                    format!("unknown query parameter `{key}`; known: wait, async"),
+                ))
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// A JSON body as a payload; an empty body is `null`.
+fn json_input(body: &[u8]) -> Result<Payload, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Payload::new(&b"null"[..]));
+    }
+    if body.len() > PAYLOAD_BYTES_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the input exceeds the {PAYLOAD_BYTES_MAX} byte limit"),
+        ));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map_err(|e| ApiError::bad_request("bad_json", format!("the body is not JSON: {e}")))?;
+    Ok(Payload::new(Bytes::copy_from_slice(body)))
+}
+
+async fn invoke(
+    State(api): State<Api>,
+    Path(app): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let app = app_name(&app)?;
+    let q = invoke_query(query.as_deref())?;
+    let input = json_input(&body)?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 256)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad_idempotency_key",
+                        "Idempotency-Key must be 1 to 256 visible ASCII characters",
+                    )
+                })?
+                .to_owned(),
+        ),
+    };
+    let invoked = api
+        .core
+        .ask(|reply| Command::Invoke {
+            app,
+            input,
+            idempotency_key,
+            reply,
+        })
+        .await?
+        .map_err(|e| match e {
+            InvokeError::UnknownApp(_) => ApiError::not_found("unknown_app", e.to_string()),
+            InvokeError::TooLarge(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+            }
+        })?;
+    let exec = invoked.exec;
+    let pending = || {
+        (
+            StatusCode::ACCEPTED,
+            Json(json!({"execution": exec.to_string()})),
+        )
+            .into_response()
+    };
+    if q.asynchronous {
+        return Ok(pending());
+    }
+    let answer = api.core.ask(|reply| Command::Answer { exec, reply });
+    match tokio::time::timeout(q.wait, answer).await {
+        Err(_) => Ok(pending()),
+        Ok(answer) => match answer? {
+            Some(answer) => Ok(Json(answered(exec, &answer)).into_response()),
+            None => Err(ApiError::not_found(
+                "unknown_execution",
+                format!("execution {exec} was forgotten"),
+            )),
+        },
+    }
+}
+
+/// `{"execution": ID, "output": ...}` or `{"execution": ID, "error": {...}}`.
+fn answered(exec: ExecId, answer: &Answer) -> Value {
+    match answer {
+        Answer::Value(payload) => {
+            let output = serde_json::from_slice::<Value>(&payload.0).unwrap_or(Value::Null);
+            json!({"execution": exec.to_string(), "output": output})
+        }
+        Answer::Error(e) => json!({
+            "execution": exec.to_string(),
+            "error": {"kind": format!("{:?}", e.kind), "message": e.message},
+        }),
+    }
+}
+
+async fn execution(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
+    let exec: ExecId = id.parse().map_err(|_| {
+        ApiError::bad_request(
+            "bad_execution_id",
+            format!("`{id}` is not an execution id (16 hex digits)"),
+        )
+    })?;
+    let record = api
+        .core
+        .ask(|reply| Command::Execution { exec, reply })
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_execution", format!("no execution {id}")))?;
+    let store = api.store.clone();
+    let traces = tokio::task::spawn_blocking(move || store.traces(exec))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?;
+    let mut calls: Vec<CallTrace> = traces
+        .iter()
+        .filter_map(|t| serde_json::from_slice(&t.data).ok())
+        .collect();
+    calls.sort_by_key(|c| (c.dispatched_ms.or(c.started_ms), c.started_ms));
+    let mut body = match &record.status {
+        ExecStatus::Running => json!({"execution": id, "status": "running"}),
+        ExecStatus::Done(answer) => {
+            let mut v = answered(exec, answer);
+            let status = match answer {
+                Answer::Value(_) => "succeeded",
+                Answer::Error(_) => "failed",
+            };
+            v["status"] = status.into();
+            v
+        }
+    };
+    body["app"] = record.app.as_str().into();
+    body["calls"] = serde_json::to_value(calls).unwrap_or_default();
+    Ok(Json(body).into_response())
+}
+
+async fn workers(State(api): State<Api>) -> ApiResult {
+    let workers = api.core.ask(|reply| Command::Workers { reply }).await?;
+    Ok(Json(json!({ "workers": workers })).into_response())
+}
+
+async fn healthz(State(api): State<Api>) -> ApiResult {
+    api.core.ask(|reply| Command::Apps { reply }).await?;
+    Ok(Json(json!({"status": "ok"})).into_response())
+}
+
+async fn metrics(State(api): State<Api>) -> ApiResult {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &api.registry)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_parse_or_say_what_is_wrong() {
+        assert_eq!(
+            invoke_query(None).unwrap(),
+            InvokeQuery {
+                wait: Duration::from_secs(30),
+                asynchronous: false
+            }
+        );
+        let q = invoke_query(Some("wait=0.5&async=false")).unwrap();
+        assert_eq!(q.wait, Duration::from_millis(500));
+        assert!(invoke_query(Some("async")).unwrap().asynchronous);
+        for bad in ["wait=-1", "wait=abc", "wait=1000", "async=maybe", "speed=9"] {
+            let e = invoke_query(Some(bad)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(e.code, "bad_query");
+        }
+    }
+
+    #[test]
+    fn inputs_must_be_json() {
+        assert_eq!(json_input(b"").unwrap().0.as_ref(), b"null");
+        assert_eq!(
+            json_input(b" {\"a\": 1} ").unwrap().0.as_ref(),
+            b" {\"a\": 1} "
+        );
+        assert_eq!(json_input(b"{nope").unwrap_err().code, "bad_json");
+    }
+}

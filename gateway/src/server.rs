@@ -1,0 +1,154 @@
+//! A running gateway: the store, the core, QUIC for workers and HTTP for clients.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use sand_protocol::global_queue::GqConfig;
+use sand_transport_quic::certs::{self, CertError};
+use sand_transport_quic::quic::TransportError;
+use sand_transport_quic::quic::{QuicConfig, QuicGateway};
+use tokio::task::JoinHandle;
+
+use crate::core::{self, Core, CoreHandle};
+use crate::http::{self, Api};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+/// The file of the embedded store, in the data directory.
+pub const STORE_FILE: &str = "gateway.redb";
+
+/// How to run a gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Where the store lives (made if missing).
+    pub data_dir: PathBuf,
+    /// Where the cluster CA and the gateway's certificate are.
+    pub cert_dir: PathBuf,
+    /// The HTTP API's address.
+    pub http_addr: SocketAddr,
+    /// The address workers dial (QUIC).
+    pub quic_addr: SocketAddr,
+    /// The bearer token the API wants, if any.
+    pub token: Option<String>,
+    /// The protocol's settings (failure timeout and so on).
+    pub gq: GqConfig,
+    /// The transport's settings.
+    pub quic: QuicConfig,
+}
+
+/// Why a gateway could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The store could not be opened or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The gateway's certificate could not be loaded.
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// The QUIC endpoint could not start.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The data directory or the HTTP address could not be used.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A task of the gateway ended unexpectedly.
+    #[error("the gateway's {0} task stopped unexpectedly")]
+    Stopped(&'static str),
+}
+
+/// A gateway serving.
+pub struct Gateway {
+    /// The HTTP API's bound address.
+    pub http_addr: SocketAddr,
+    /// The QUIC endpoint's bound address.
+    pub quic_addr: SocketAddr,
+    /// Asks the core.
+    pub core: CoreHandle,
+    core_task: JoinHandle<Result<(), StoreError>>,
+    http_task: JoinHandle<std::io::Result<()>>,
+    quic: QuicGateway,
+}
+
+impl Gateway {
+    /// Opens the store, recovers the queue, and starts serving workers and clients.
+    pub async fn start(config: GatewayConfig) -> Result<Self, GatewayError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| GatewayError::Io {
+            what: format!(
+                "cannot make the data directory {}",
+                config.data_dir.display()
+            ),
+            source,
+        })?;
+        let identity = certs::load_gateway(&config.cert_dir)?;
+        let (store, state) = Store::open(&config.data_dir.join(STORE_FILE))?;
+        let store = Arc::new(store);
+        tracing::info!(
+            executions = state.execs.len(),
+            pending_calls = state.calls.len(),
+            apps = state.apps.len(),
+            "store opened"
+        );
+        let (quic, link) = QuicGateway::bind(config.quic_addr, &identity, config.quic)?;
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let core = Core::new(
+            config.gq,
+            store.clone(),
+            state,
+            link.sender,
+            metrics.clone(),
+        )?;
+        let (handle, core_task) = core::spawn(core, link.events);
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| GatewayError::Io {
+                what: format!("cannot listen on {}", config.http_addr),
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| GatewayError::Io {
+            what: "cannot read the HTTP address".into(),
+            source,
+        })?;
+        let api = Api {
+            core: handle.clone(),
+            store,
+            metrics,
+            registry: Arc::new(registry),
+            token: config.token.map(Into::into),
+        };
+        let app = http::router(api);
+        let http_task = tokio::spawn(async move { axum::serve(listener, app).await });
+        tracing::info!(http = %http_addr, quic = %quic.local_addr(), "gateway serving");
+        Ok(Self {
+            http_addr,
+            quic_addr: quic.local_addr(),
+            core: handle,
+            core_task,
+            http_task,
+            quic,
+        })
+    }
+
+    /// Serves until a task fails; returns why.
+    pub async fn wait(mut self) -> GatewayError {
+        let err = tokio::select! {
+            r = &mut self.core_task => match r {
+                Ok(Err(e)) => GatewayError::Store(e),
+                _ => GatewayError::Stopped("core"),
+            },
+            r = &mut self.http_task => match r {
+                Ok(Err(source)) => GatewayError::Io { what: "the HTTP server failed".into(), source },
+                _ => GatewayError::Stopped("HTTP"),
+            },
+        };
+        self.quic.shutdown().await;
+        err
+    }
+}
