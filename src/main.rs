@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 
 mod cert_cmd;
 mod check_cmd;
+mod client_cmd;
 mod fuzz_cmd;
+mod serve_cmd;
 
 /// sand: a serverless platform for chained functions.
 #[derive(Parser, Debug)]
@@ -18,6 +20,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a gateway and one worker on loopback, with the given apps deployed.
+    Dev(serve_cmd::DevArgs),
+    /// Run a gateway: the HTTP API, the global queue, the store.
+    Gateway(serve_cmd::GatewayArgs),
+    /// Run a worker that dials a gateway.
+    Worker(serve_cmd::WorkerArgs),
+    /// Deploy (or replace) an app directory.
+    Deploy(client_cmd::DeployArgs),
+    /// Invoke an app and print its answer.
+    Invoke(client_cmd::InvokeArgs),
+    /// Show an execution, or the cluster's workers and apps.
+    Status(client_cmd::ExecArgs),
+    /// Print an execution's calls and what each printed.
+    Logs(client_cmd::ExecArgs),
     /// Model-check the protocol with stateright.
     Check(check_cmd::CheckArgs),
     /// Fuzz the protocol over random crash schedules.
@@ -27,8 +43,20 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The sandbox holder: single-threaded, before anything else exists.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(serve_cmd::SANDBOX_INIT))
+    {
+        sand_sandbox::init_main();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Dev(args) => serve_cmd::dev(args),
+        Command::Gateway(args) => serve_cmd::gateway(args),
+        Command::Worker(args) => serve_cmd::worker(args),
+        Command::Deploy(args) => client_cmd::deploy(args),
+        Command::Invoke(args) => client_cmd::invoke(args),
+        Command::Status(args) => client_cmd::status(args),
+        Command::Logs(args) => client_cmd::logs(args),
         Command::Check(args) => check_cmd::run(args),
         Command::Fuzz(args) => fuzz_cmd::run(args),
         Command::Cert(args) => cert_cmd::run(args).map(|()| ExitCode::SUCCESS),

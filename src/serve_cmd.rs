@@ -1,0 +1,299 @@
+//! `sand gateway`, `sand worker` and `sand dev`: the long-running processes of a cluster.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use sand_gateway::{Gateway, GatewayConfig};
+use sand_protocol::global_queue::GqConfig;
+use sand_protocol::ids::WorkerId;
+use sand_protocol::local_bus::LbConfig;
+use sand_transport_quic::certs;
+use sand_transport_quic::quic::{QuicConfig, QuicWorker};
+use sand_worker::driver::WorkerConfig;
+use sand_worker::host::{HostContext, Isolation};
+
+use crate::client_cmd;
+
+/// The hidden subcommand the sandbox holder runs as.
+pub const SANDBOX_INIT: &str = "__sandbox-init";
+
+/// `sand gateway`.
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// Where the store lives.
+    #[arg(long, default_value = ".sand/gateway")]
+    data_dir: PathBuf,
+    /// The cluster CA and the gateway's certificate (`sand cert init`, `sand cert issue gateway`).
+    #[arg(long, default_value = ".sand/certs")]
+    certs: PathBuf,
+    /// The HTTP API's address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// The address workers dial (QUIC, UDP).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: SocketAddr,
+    /// Require `Authorization: Bearer TOKEN` on the API (or set SAND_TOKEN).
+    #[arg(long, env = "SAND_TOKEN")]
+    token: Option<String>,
+    /// Declare a silent worker dead after this many milliseconds.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    failure_timeout_ms: u64,
+}
+
+/// How to isolate grains.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum IsolationArg {
+    /// One sandbox per app: namespaces and a cgroup.
+    Sandbox,
+    /// Plain processes on the host (for hosts without namespaces).
+    None,
+}
+
+/// `sand worker`.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The gateway's QUIC address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    gateway: SocketAddr,
+    /// The name the gateway's certificate carries (a DNS name or IP address).
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// This worker's id; its certificate must name it (`sand cert issue worker --id N`).
+    #[arg(long)]
+    id: u32,
+    /// The cluster CA and this worker's certificate.
+    #[arg(long, default_value = ".sand/certs")]
+    certs: PathBuf,
+    /// Where bundles are unpacked (default: .sand/worker-ID).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// How grains are isolated.
+    #[arg(long, value_enum, default_value = "sandbox")]
+    isolation: IsolationArg,
+    /// Tear an app's sandbox down after this many idle seconds.
+    #[arg(long, default_value_t = 300)]
+    idle_seconds: u64,
+}
+
+/// `sand dev`.
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// App directories to deploy (each with a sand.toml).
+    apps: Vec<PathBuf>,
+    /// Where the store, certificates and bundles live.
+    #[arg(long, default_value = ".sand")]
+    data_dir: PathBuf,
+    /// The HTTP API's address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// How grains are isolated.
+    #[arg(long, value_enum, default_value = "sandbox")]
+    isolation: IsolationArg,
+}
+
+fn logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn gateway_config(
+    data_dir: PathBuf,
+    certs: PathBuf,
+    http: SocketAddr,
+    listen: SocketAddr,
+) -> GatewayConfig {
+    GatewayConfig {
+        data_dir,
+        cert_dir: certs,
+        http_addr: http,
+        quic_addr: listen,
+        token: None,
+        gq: GqConfig::default(),
+        quic: QuicConfig::default(),
+    }
+}
+
+/// `sand gateway`: serves until killed.
+pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
+    logging();
+    let mut config = gateway_config(args.data_dir, args.certs, args.http, args.listen);
+    config.token = args.token;
+    config.gq.failure_timeout = Duration::from_millis(args.failure_timeout_ms);
+    runtime()?.block_on(async move {
+        let gateway = Gateway::start(config).await?;
+        println!(
+            "sand gateway: HTTP on http://{}, workers dial {}",
+            gateway.http_addr, gateway.quic_addr
+        );
+        let err = gateway.wait().await;
+        Err(err.into())
+    })
+}
+
+fn worker_config(
+    id: WorkerId,
+    data_dir: PathBuf,
+    isolation: IsolationArg,
+    idle: Duration,
+) -> Result<WorkerConfig> {
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot make the data directory {}", data_dir.display()))?;
+    let data_dir = std::path::absolute(&data_dir).context("cannot resolve the data directory")?;
+    let isolation = match isolation {
+        IsolationArg::None => Isolation::None,
+        IsolationArg::Sandbox => Isolation::Sandbox {
+            program: std::env::current_exe().context("cannot find the sand binary")?,
+            args: vec![OsString::from(SANDBOX_INIT)],
+        },
+    };
+    let python_runtime =
+        sand_worker::runtime::python::install_python_runtime(&data_dir.join("runtime"))
+            .with_context(|| {
+                format!(
+                    "cannot install the Python runtime in {}",
+                    data_dir.display()
+                )
+            })?;
+    Ok(WorkerConfig {
+        lb: LbConfig {
+            worker: id,
+            ..LbConfig::default()
+        },
+        data_dir,
+        host: HostContext {
+            isolation,
+            python_runtime,
+        },
+        idle_teardown: idle,
+        trace_interval: Duration::from_millis(100),
+    })
+}
+
+async fn run_worker(
+    gateway: SocketAddr,
+    server_name: &str,
+    cert_dir: &Path,
+    config: WorkerConfig,
+) -> Result<()> {
+    let identity = certs::load_worker(cert_dir, config.lb.worker)?;
+    let (quic, link) = QuicWorker::start(gateway, server_name, &identity, QuicConfig::default())?;
+    let result = sand_worker::driver::run(config, link).await;
+    quic.shutdown().await;
+    Ok(result?)
+}
+
+/// `sand worker`: serves until killed.
+pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
+    logging();
+    let id = WorkerId(args.id);
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(format!(".sand/worker-{}", args.id)));
+    let config = worker_config(
+        id,
+        data_dir,
+        args.isolation,
+        Duration::from_secs(args.idle_seconds),
+    )?;
+    println!("sand worker {id}: dialing {}", args.gateway);
+    runtime()?.block_on(run_worker(
+        args.gateway,
+        &args.server_name,
+        &args.certs,
+        config,
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Makes the CA and the certificates `sand dev` needs, once.
+fn dev_certs(dir: &Path, worker: WorkerId) -> Result<()> {
+    if !dir.join("ca.crt").exists() {
+        certs::init_ca(dir)?;
+    }
+    if certs::load_gateway(dir).is_err() {
+        certs::issue_gateway(dir, &["localhost".into(), "127.0.0.1".into()])?;
+    }
+    if certs::load_worker(dir, worker).is_err() {
+        certs::issue_worker(dir, worker)?;
+    }
+    Ok(())
+}
+
+/// `sand dev`: a gateway and one worker in this process, the given apps deployed.
+pub fn dev(args: DevArgs) -> Result<ExitCode> {
+    logging();
+    for app in &args.apps {
+        if !app.join("sand.toml").is_file() {
+            bail!("{} has no sand.toml: not an app directory", app.display());
+        }
+    }
+    let cert_dir = args.data_dir.join("certs");
+    let worker_id = WorkerId(1);
+    dev_certs(&cert_dir, worker_id)?;
+    let mut gconfig = gateway_config(
+        args.data_dir.join("gateway"),
+        cert_dir.clone(),
+        args.http,
+        "127.0.0.1:0".parse()?,
+    );
+    gconfig.gq.failure_timeout = Duration::from_secs(5);
+    let wconfig = worker_config(
+        worker_id,
+        args.data_dir.join("worker-1"),
+        args.isolation,
+        Duration::from_secs(300),
+    )?;
+    runtime()?.block_on(async move {
+        let gateway = Gateway::start(gconfig).await?;
+        let url = format!("http://{}", gateway.http_addr);
+        let quic_addr = gateway.quic_addr;
+        let worker =
+            tokio::spawn(
+                async move { run_worker(quic_addr, "localhost", &cert_dir, wconfig).await },
+            );
+        let mut entry = None;
+        for app in &args.apps {
+            let client = client_cmd::Client::new(url.clone(), None);
+            let app = app.clone();
+            let deployed = tokio::task::spawn_blocking(move || client.deploy(&app)).await??;
+            println!(
+                "deployed {} ({} grains, entry {})",
+                deployed.app, deployed.grains, deployed.entry
+            );
+            entry.get_or_insert(deployed.app);
+        }
+        println!("sand dev: gateway at {url}, one worker; Ctrl-C stops");
+        match entry {
+            Some(app) => println!("try: curl -s -X POST {url}/v1/apps/{app}/invoke -d '1'"),
+            None => println!("deploy an app: sand deploy APP_DIR --gateway {url}"),
+        }
+        tokio::select! {
+            err = gateway.wait() => Err(err.into()),
+            r = worker => match r {
+                Ok(Ok(())) => bail!("the worker stopped"),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.into()),
+            },
+            _ = tokio::signal::ctrl_c() => {
+                println!("stopping");
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}

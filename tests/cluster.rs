@@ -1,0 +1,414 @@
+//! End to end: real `sand` processes (a gateway and workers over QUIC on loopback, grains in
+//! sandboxes), driven through the HTTP API, with workers and the gateway killed by SIGKILL.
+//!
+//! Each test makes its own cluster in a temporary directory and kills every process it started
+//! when it ends, also when it fails.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SAND: &str = env!("CARGO_BIN_EXE_sand");
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A cluster of real processes; killed on drop.
+struct Cluster {
+    dir: tempfile::TempDir,
+    gateway: Option<Child>,
+    workers: Vec<(u32, Child)>,
+    http: String,
+    quic: String,
+    failure_timeout_ms: u64,
+}
+
+impl Cluster {
+    /// A gateway and `workers` workers, with `apps` deployed.
+    fn start(workers: u32, apps: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let certs = dir.path().join("certs");
+        sand(&["cert", "init", "--dir", certs.to_str().unwrap()]);
+        sand(&[
+            "cert",
+            "issue",
+            "gateway",
+            "--name",
+            "localhost",
+            "--dir",
+            certs.to_str().unwrap(),
+        ]);
+        for id in 1..=workers {
+            let id = id.to_string();
+            sand(&[
+                "cert",
+                "issue",
+                "worker",
+                "--id",
+                &id,
+                "--dir",
+                certs.to_str().unwrap(),
+            ]);
+        }
+        let mut cluster = Self {
+            dir,
+            gateway: None,
+            workers: Vec::new(),
+            http: String::new(),
+            quic: "127.0.0.1:0".into(),
+            failure_timeout_ms: 1500,
+        };
+        cluster.start_gateway();
+        for id in 1..=workers {
+            cluster.start_worker(id);
+        }
+        cluster.wait_for_workers(workers as usize);
+        for app in apps {
+            let out = sand(&[
+                "deploy",
+                repo(app).to_str().unwrap(),
+                "--gateway",
+                &cluster.http,
+            ]);
+            assert!(out.contains("deployed"), "{out}");
+        }
+        cluster
+    }
+
+    fn start_gateway(&mut self) {
+        let mut child = Command::new(SAND)
+            .args(["gateway", "--http", "127.0.0.1:0", "--listen", &self.quic])
+            .args(["--failure-timeout-ms", &self.failure_timeout_ms.to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("gateway"))
+            .arg("--certs")
+            .arg(self.dir.path().join("certs"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the gateway");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the gateway's first line");
+        // "sand gateway: HTTP on http://ADDR, workers dial ADDR"
+        let http = line
+            .split("HTTP on ")
+            .nth(1)
+            .and_then(|s| s.split(',').next());
+        let quic = line.split("workers dial ").nth(1).map(str::trim);
+        self.http = http
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned();
+        self.quic = quic
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned();
+        self.gateway = Some(child);
+    }
+
+    fn start_worker(&mut self, id: u32) {
+        let child = Command::new(SAND)
+            .args(["worker", "--gateway", &self.quic, "--id", &id.to_string()])
+            .arg("--certs")
+            .arg(self.dir.path().join("certs"))
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("worker-{id}")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a worker");
+        self.workers.push((id, child));
+    }
+
+    fn wait_for_workers(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, body) = get(&format!("{}/v1/workers", self.http));
+            let connected = body["workers"]
+                .as_array()
+                .map_or(0, |w| w.iter().filter(|w| w["connected"] == true).count());
+            if connected >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "workers did not connect: {body}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill_worker(&mut self, id: u32) {
+        let i = self
+            .workers
+            .iter()
+            .position(|(w, _)| *w == id)
+            .expect("a worker");
+        let (_, mut child) = self.workers.remove(i);
+        child.kill().expect("SIGKILL the worker");
+        child.wait().expect("reap the worker");
+    }
+
+    fn kill_gateway(&mut self) {
+        let mut child = self.gateway.take().expect("a gateway");
+        child.kill().expect("SIGKILL the gateway");
+        child.wait().expect("reap the gateway");
+    }
+
+    fn invoke(&self, app: &str, input: &str, query: &str) -> (u16, Value) {
+        post(
+            &format!("{}/v1/apps/{app}/invoke{query}", self.http),
+            input,
+            None,
+        )
+    }
+
+    /// Polls an execution until it ends; returns its status body.
+    fn wait_for(&self, exec: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (code, body) = get(&format!("{}/v1/executions/{exec}", self.http));
+            if code == 200 && body["status"] != "running" {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "execution {exec} did not end: {code} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.workers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut g) = self.gateway.take() {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
+    }
+}
+
+/// Runs a short `sand` command that must succeed; returns its stdout.
+fn sand(args: &[&str]) -> String {
+    let out = Command::new(SAND).args(args).output().expect("run sand");
+    assert!(
+        out.status.success(),
+        "sand {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .build()
+}
+
+fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    match r {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => {
+            let code = r.status();
+            let text = r.into_string().expect("a body");
+            let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+            (code, body)
+        }
+        Err(e) => panic!("no answer: {e}"),
+    }
+}
+
+fn get(url: &str) -> (u16, Value) {
+    answer(agent().get(url).call())
+}
+
+fn post(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = agent().post(url);
+    if let Some(k) = key {
+        req = req.set("Idempotency-Key", k);
+    }
+    answer(req.send_string(body))
+}
+
+#[test]
+fn a_chain_and_a_fan_out_answer_correctly_and_are_traced() {
+    let cluster = Cluster::start(2, &["examples/pipeline", "examples/fanout"]);
+    for n in [3, 0, -4] {
+        let (code, body) = cluster.invoke("pipeline", &n.to_string(), "");
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["output"], (n * 2 + 1) * (n * 2 + 1), "{body}");
+    }
+    let (code, body) = cluster.invoke("fanout", "\"serverless chained functions\"", "");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["output"],
+        serde_json::json!({"words": 3, "letters": 26})
+    );
+
+    // Workers trace their runs in batches, best effort: the last may land after the answer.
+    let exec = body["execution"].as_str().expect("an id");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status = cluster.wait_for(exec, Duration::from_secs(5));
+        if status["calls"].as_array().map_or(0, Vec::len) >= 5 || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let calls = status["calls"].as_array().expect("calls");
+    let grains: Vec<&str> = calls.iter().filter_map(|c| c["grain"].as_str()).collect();
+    for g in ["split", "measure", "total"] {
+        assert!(grains.contains(&g), "{g} missing from the trace: {status}");
+    }
+    assert_eq!(
+        grains.iter().filter(|g| **g == "measure").count(),
+        3,
+        "{status}"
+    );
+    assert!(
+        calls.iter().any(|c| c["via"] == "local"),
+        "no local hop: {status}"
+    );
+}
+
+#[test]
+fn async_invoke_then_poll_and_idempotent_retries() {
+    let cluster = Cluster::start(1, &["examples/pipeline"]);
+    let (code, body) = cluster.invoke("pipeline", "5", "?async=true");
+    assert_eq!(code, 202, "{body}");
+    let exec = body["execution"].as_str().expect("an id").to_owned();
+    let status = cluster.wait_for(&exec, Duration::from_secs(10));
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(status["output"], 121);
+
+    let url = format!("{}/v1/apps/pipeline/invoke", cluster.http);
+    let (c1, first) = post(&url, "7", Some("order-17"));
+    let (c2, again) = post(&url, "7", Some("order-17"));
+    assert_eq!((c1, c2), (200, 200));
+    assert_eq!(first["execution"], again["execution"], "{first} {again}");
+    assert_eq!(again["output"], 225);
+    let (_, other) = post(&url, "7", Some("order-18"));
+    assert_ne!(other["execution"], first["execution"]);
+}
+
+#[test]
+fn bad_requests_get_json_errors() {
+    let cluster = Cluster::start(1, &["examples/pipeline"]);
+    let base = &cluster.http;
+    let cases: Vec<(&str, (u16, Value))> = vec![
+        (
+            "bad json",
+            post(&format!("{base}/v1/apps/pipeline/invoke"), "{nope", None),
+        ),
+        (
+            "unknown app",
+            post(&format!("{base}/v1/apps/nope/invoke"), "1", None),
+        ),
+        (
+            "bad app name",
+            post(&format!("{base}/v1/apps/NO%20PE/invoke"), "1", None),
+        ),
+        (
+            "bad query",
+            post(
+                &format!("{base}/v1/apps/pipeline/invoke?wait=-3"),
+                "1",
+                None,
+            ),
+        ),
+        (
+            "bad execution id",
+            get(&format!("{base}/v1/executions/zzz")),
+        ),
+        (
+            "unknown execution",
+            get(&format!("{base}/v1/executions/00000000000000ff")),
+        ),
+        ("no route", get(&format!("{base}/v2/nothing"))),
+        (
+            "garbage bundle",
+            answer(
+                agent()
+                    .put(&format!("{base}/v1/apps/x"))
+                    .send_bytes(b"not a tarball"),
+            ),
+        ),
+    ];
+    for (what, (code, body)) in cases {
+        assert!((400..500).contains(&code), "{what}: {code} {body}");
+        assert!(body["error"]["message"].is_string(), "{what}: {body}");
+    }
+    // An oversize body is refused from its Content-Length, before it is sent.
+    let mut tcp =
+        std::net::TcpStream::connect(base.trim_start_matches("http://")).expect("connect");
+    let head = format!(
+        "PUT /v1/apps/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        20 << 20
+    );
+    std::io::Write::write_all(&mut tcp, head.as_bytes()).expect("send the head");
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reply = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut tcp, &mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("\"too_large\""), "{reply}");
+    // The cluster still serves.
+    assert_eq!(cluster.invoke("pipeline", "1", "").1["output"], 9);
+}
+
+/// Starts `n` slow chains asynchronously; returns their ids with the expected outputs.
+fn start_slow_chains(cluster: &Cluster, n: i64) -> Vec<(String, i64)> {
+    (0..n)
+        .map(|i| {
+            let (code, body) = cluster.invoke("slow", &i.to_string(), "?async=true");
+            assert_eq!(code, 202, "{body}");
+            (
+                body["execution"].as_str().expect("an id").to_owned(),
+                i * 10 + 3,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_worker_killed_mid_chain_loses_nothing() {
+    let mut cluster = Cluster::start(2, &["tests/apps/slow"]);
+    let chains = start_slow_chains(&cluster, 12);
+    std::thread::sleep(Duration::from_millis(250));
+    cluster.kill_worker(1);
+    let mut recovered = 0;
+    for (exec, want) in &chains {
+        let status = cluster.wait_for(exec, Duration::from_secs(30));
+        assert_eq!(status["status"], "succeeded", "{status}");
+        assert_eq!(status["output"], *want, "{status}");
+        let calls = status["calls"].as_array().expect("calls");
+        recovered += calls.iter().filter(|c| c["recovery"] == true).count();
+    }
+    assert!(
+        recovered > 0,
+        "no call was recovered: did worker 1 own none?"
+    );
+}
+
+#[test]
+fn a_gateway_killed_and_restarted_finishes_every_accepted_execution() {
+    let mut cluster = Cluster::start(2, &["tests/apps/slow"]);
+    let chains = start_slow_chains(&cluster, 10);
+    std::thread::sleep(Duration::from_millis(200));
+    cluster.kill_gateway();
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.start_gateway();
+    for (exec, want) in &chains {
+        let status = cluster.wait_for(exec, Duration::from_secs(30));
+        assert_eq!(status["status"], "succeeded", "{status}");
+        assert_eq!(status["output"], *want, "{status}");
+    }
+}

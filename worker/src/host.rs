@@ -1,0 +1,416 @@
+//! One app on this worker: its unpacked bundle, its sandbox, and a runner per grain.
+//!
+//! An [`AppHost`] is made on the app's first call here, from the bundle the gateway ships.
+//! Zygotes start on their grain's first call and are restarted when found dead. The driver
+//! retires a host when the app changes or sits idle; [`AppHost::shutdown`] stops every zygote
+//! and destroys the sandbox.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sand_app::{Code, Manifest};
+use sand_protocol::ids::GrainName;
+use sand_protocol::local_bus::GrainResult;
+use sand_protocol::wire::{CallSpec, ErrorKind, GrainError};
+use sand_sandbox::{Limits, Sandbox, SandboxConfig};
+use tokio::sync::{mpsc, watch, Mutex};
+
+use crate::runtime::exec::{ExecGrain, ExecSpec};
+use crate::runtime::launch::{
+    BoxFuture, Exit, HostLauncher, LaunchedProcess, Launcher, ProcessSpec,
+};
+use crate::runtime::zygote::{Zygote, ZygoteRuntime, ZygoteSpec};
+use crate::runtime::{CallReport, CallRequest};
+
+/// Where an app's bundle appears inside its sandbox.
+pub const SANDBOX_APP_DIR: &str = "/app";
+/// The interpreter of Python grains whose manifest names none.
+pub const PYTHON_DEFAULT: &str = "/usr/bin/python3";
+
+/// How grains are isolated on this worker.
+#[derive(Clone, Debug)]
+pub enum Isolation {
+    /// One sandbox per app (namespaces and a cgroup), its holder started as `program args`.
+    Sandbox {
+        /// The holder program (the `sand` binary).
+        program: PathBuf,
+        /// Its arguments (the hidden subcommand).
+        args: Vec<OsString>,
+    },
+    /// Grains run as plain processes on the host, for machines without namespaces.
+    None,
+}
+
+/// What every app host of a worker shares.
+#[derive(Clone, Debug)]
+pub struct HostContext {
+    /// How to isolate apps.
+    pub isolation: Isolation,
+    /// Where the Python runtime script is installed (mounted read-only into sandboxes).
+    pub python_runtime: PathBuf,
+}
+
+/// Runs one grain's calls.
+enum Runner {
+    Zygote(Zygote),
+    Exec(ExecGrain),
+}
+
+impl Runner {
+    async fn call(&self, request: CallRequest) -> CallReport {
+        match self {
+            Runner::Zygote(z) => z.call(request).await,
+            Runner::Exec(e) => e.call(request).await,
+        }
+    }
+
+    async fn stop(&self) {
+        if let Runner::Zygote(z) = self {
+            z.stop().await;
+        }
+    }
+}
+
+/// One deployed app, ready to run its grains here.
+pub struct AppHost {
+    manifest: Manifest,
+    digest: String,
+    launcher: Arc<dyn Launcher>,
+    sandbox: Option<Arc<Sandbox>>,
+    /// The app directory as grains see it.
+    app_dir: PathBuf,
+    python_runtime: PathBuf,
+    runners: Mutex<HashMap<GrainName, Arc<Runner>>>,
+    running: AtomicU64,
+    last_used: std::sync::Mutex<Instant>,
+}
+
+impl AppHost {
+    /// Starts hosting the app unpacked in `bundle_dir`: makes its sandbox (unless isolation is
+    /// off). Zygotes start later, at their grain's first call.
+    pub async fn start(
+        ctx: &HostContext,
+        manifest: Manifest,
+        digest: String,
+        bundle_dir: &Path,
+    ) -> Result<Self, String> {
+        let (launcher, sandbox, app_dir): (Arc<dyn Launcher>, _, _) = match &ctx.isolation {
+            Isolation::None => (Arc::new(HostLauncher), None, bundle_dir.to_owned()),
+            Isolation::Sandbox { program, args } => {
+                let mut ro_paths = vec![runtime_dir(&ctx.python_runtime)];
+                if let Some(python) = &manifest.python {
+                    ro_paths.extend(interpreter_dirs(python));
+                }
+                let config = SandboxConfig {
+                    name: manifest.name.as_str().replace('.', "-"),
+                    bundle_dir: bundle_dir.to_owned(),
+                    ro_paths,
+                    limits: Limits {
+                        memory_bytes: manifest.memory_bytes(),
+                        pids_max: Some(1024),
+                        cpu_millis: None,
+                    },
+                    network: manifest.network,
+                    init_program: program.clone(),
+                    init_args: args.clone(),
+                };
+                let sandbox = Arc::new(
+                    Sandbox::create(config)
+                        .await
+                        .map_err(|e| format!("cannot make the sandbox: {e}"))?,
+                );
+                let launcher = Arc::new(SandboxLauncher(sandbox.clone()));
+                (
+                    launcher as Arc<dyn Launcher>,
+                    Some(sandbox),
+                    PathBuf::from(SANDBOX_APP_DIR),
+                )
+            }
+        };
+        Ok(Self {
+            manifest,
+            digest,
+            launcher,
+            sandbox,
+            app_dir,
+            python_runtime: ctx.python_runtime.clone(),
+            runners: Mutex::new(HashMap::new()),
+            running: AtomicU64::new(0),
+            last_used: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The bundle version this host runs.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Calls running now.
+    pub fn running(&self) -> u64 {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// How long since a call last ended or began here.
+    pub fn idle_for(&self) -> Duration {
+        self.last_used
+            .lock()
+            .map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    /// Runs one attempt of a call and says how it went. Never fails: a grain that cannot run
+    /// is a grain error.
+    pub async fn run(&self, spec: &CallSpec) -> CallReport {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        let oom_before = self.sandbox.as_ref().map_or(0, |s| s.oom_kills());
+        let mut report = match self.runner(&spec.grain).await {
+            Ok(runner) => {
+                let timeout = self
+                    .manifest
+                    .grains
+                    .get(&spec.grain)
+                    .map(|g| Duration::from_millis(g.timeout_ms));
+                runner
+                    .call(CallRequest {
+                        exec: spec.exec,
+                        call: spec.call,
+                        attempt: spec.attempt,
+                        input: spec.input.clone(),
+                        timeout,
+                    })
+                    .await
+            }
+            Err(error) => CallReport {
+                result: GrainResult::Error(error),
+                stdout: Default::default(),
+                stderr: Default::default(),
+                started: Instant::now(),
+                finished: Instant::now(),
+                instance_exit: None,
+            },
+        };
+        if report.killed_by_sigkill() {
+            if let Some(sandbox) = &self.sandbox {
+                if sandbox.oom_kills() > oom_before {
+                    let limit = sandbox
+                        .memory_limit()
+                        .map_or(String::new(), |b| format!(" of {} MiB", b >> 20));
+                    report.result = GrainResult::Error(GrainError::new(
+                        ErrorKind::OutOfMemory,
+                        format!("killed: out of memory (the app's limit{limit})"),
+                    ));
+                }
+            }
+        }
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+        report
+    }
+
+    /// The grain's runner, started at its first call.
+    async fn runner(&self, grain: &GrainName) -> Result<Arc<Runner>, GrainError> {
+        let mut runners = self.runners.lock().await;
+        if let Some(r) = runners.get(grain) {
+            return Ok(r.clone());
+        }
+        let g = self.manifest.grains.get(grain).ok_or_else(|| {
+            GrainError::new(
+                ErrorKind::Unavailable,
+                format!("app {} has no grain {grain}", self.manifest.name),
+            )
+        })?;
+        let env = vec![
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("HOME".into(), "/tmp".into()),
+        ];
+        let runner = match &g.code {
+            Code::Python { module, handler } => {
+                let interpreter = self
+                    .manifest
+                    .python
+                    .clone()
+                    .unwrap_or_else(|| PYTHON_DEFAULT.into());
+                let runtime = ZygoteRuntime::Python {
+                    interpreter,
+                    runtime_script: self.python_runtime.clone(),
+                    module: module.to_string_lossy().into_owned(),
+                    handler: handler.clone(),
+                };
+                self.zygote(runtime, g, env).await?
+            }
+            Code::Rust { binary } => {
+                let runtime = ZygoteRuntime::Rust {
+                    binary: self.app_dir.join(binary),
+                };
+                self.zygote(runtime, g, env).await?
+            }
+            Code::Exec { binary } => Runner::Exec(ExecGrain::new(
+                self.launcher.clone(),
+                ExecSpec {
+                    program: self.app_dir.join(binary),
+                    app_dir: self.app_dir.clone(),
+                    env,
+                    concurrency: g.concurrency as usize,
+                },
+            )),
+        };
+        let runner = Arc::new(runner);
+        runners.insert(grain.clone(), runner.clone());
+        Ok(runner)
+    }
+
+    async fn zygote(
+        &self,
+        runtime: ZygoteRuntime,
+        g: &sand_app::Grain,
+        env: Vec<(OsString, OsString)>,
+    ) -> Result<Runner, GrainError> {
+        let mut spec = ZygoteSpec::new(runtime, self.app_dir.clone());
+        spec.concurrency = g.concurrency as usize;
+        spec.reuse = g.reuse;
+        spec.env = env;
+        Zygote::start(self.launcher.clone(), spec)
+            .await
+            .map(Runner::Zygote)
+            .map_err(|e| GrainError::new(ErrorKind::Unavailable, e.to_string()))
+    }
+
+    /// Stops every zygote and destroys the sandbox.
+    pub async fn shutdown(self) {
+        let runners: Vec<Arc<Runner>> = self.runners.into_inner().into_values().collect();
+        for r in &runners {
+            r.stop().await;
+        }
+        drop(runners);
+        drop(self.launcher);
+        // Every holder of the sandbox is gone once the runners and the launcher are.
+        match self.sandbox.map(Arc::try_unwrap) {
+            Some(Ok(sandbox)) => {
+                if let Err(e) = sandbox.destroy().await {
+                    tracing::warn!(app = %self.manifest.name, "sandbox teardown: {e}");
+                }
+            }
+            Some(Err(shared)) => drop(shared), // Dropping the last reference ends it too.
+            None => {}
+        }
+    }
+}
+
+/// The directory holding the runtime script (mounted into sandboxes).
+fn runtime_dir(script: &Path) -> PathBuf {
+    script
+        .parent()
+        .map_or_else(|| script.to_owned(), Path::to_owned)
+}
+
+/// The directories an interpreter outside the system directories needs: its installation
+/// prefix (`/root/.pyenv/versions/3.11.7` for `.../bin/python3`).
+fn interpreter_dirs(python: &Path) -> Vec<PathBuf> {
+    let system = ["/usr", "/bin", "/lib", "/lib64", "/sbin", "/etc"];
+    if system.iter().any(|s| python.starts_with(s)) {
+        return Vec::new();
+    }
+    let resolved = std::fs::canonicalize(python).unwrap_or_else(|_| python.to_owned());
+    let prefix = |p: &Path| p.parent().and_then(Path::parent).map(Path::to_owned);
+    [prefix(python), prefix(&resolved)]
+        .into_iter()
+        .flatten()
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// Starts processes in an app's sandbox.
+struct SandboxLauncher(Arc<Sandbox>);
+
+impl Launcher for SandboxLauncher {
+    fn spawn(&self, spec: ProcessSpec) -> BoxFuture<'_, std::io::Result<Box<dyn LaunchedProcess>>> {
+        Box::pin(async move {
+            let channel: OwnedFd = spec.channel.ok_or_else(|| {
+                std::io::Error::other("a sandboxed process needs its fd-3 channel")
+            })?;
+            let process = self
+                .0
+                .spawn(sand_sandbox::ProcessSpec {
+                    program: spec.program,
+                    args: spec.args,
+                    env: spec.env,
+                    cwd: spec.cwd,
+                    channel,
+                    inherit_output: false,
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok(Box::new(SandboxProcess::watch(process)) as Box<dyn LaunchedProcess>)
+        })
+    }
+}
+
+/// A sandboxed process, owned by a task that waits for it and kills it on request.
+struct SandboxProcess {
+    kill: mpsc::UnboundedSender<()>,
+    exit: watch::Receiver<Option<Exit>>,
+}
+
+impl SandboxProcess {
+    fn watch(mut process: sand_sandbox::Process) -> Self {
+        let (kill, mut kills) = mpsc::unbounded_channel();
+        let (exit_tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ended = process.wait() => {
+                        let ended = match ended {
+                            sand_sandbox::Exit::Exited(c) => Exit::Exited(c),
+                            sand_sandbox::Exit::Signaled(s) => Exit::Signaled(s),
+                            sand_sandbox::Exit::SandboxGone => Exit::Gone,
+                        };
+                        let _ = exit_tx.send(Some(ended));
+                        return;
+                    }
+                    asked = kills.recv() => {
+                        if asked.is_none() {
+                            // The handle is gone: nobody can learn the exit, so end it.
+                            let _ = process.kill().await;
+                            return;
+                        }
+                        if let Err(e) = process.kill().await {
+                            tracing::debug!("kill in sandbox: {e}");
+                        }
+                    }
+                }
+            }
+        });
+        Self { kill, exit }
+    }
+}
+
+impl LaunchedProcess for SandboxProcess {
+    fn kill(&self) -> std::io::Result<()> {
+        self.kill
+            .send(())
+            .map_err(|_| std::io::Error::other("the process has ended"))
+            .or(Ok(()))
+    }
+
+    fn wait(&self) -> BoxFuture<'_, Exit> {
+        let mut exit = self.exit.clone();
+        Box::pin(async move {
+            match exit.wait_for(Option::is_some).await {
+                Ok(e) => e.unwrap_or(Exit::Gone),
+                Err(_) => Exit::Gone,
+            }
+        })
+    }
+}
