@@ -37,6 +37,10 @@ def handle(event, ctx):
     if kind == "huge": return "x" * (7 << 20)
     if kind == "loop":
         while True: pass
+    if kind == "hang":
+        with open(os.path.join(os.getcwd(), "hang.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(30)
     if kind == "sleep":
         time.sleep(event["s"])
         return os.getpid()
@@ -416,4 +420,43 @@ async fn malformed_frames_from_a_zygote_are_clear_errors() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_kills_its_instance() {
+    let app = app(GRAINS);
+    let z = Arc::new(start(spec(&app)).await);
+    bounded(30, async {
+        let call = tokio::spawn({
+            let z = z.clone();
+            async move { z.call(request(r#"{"kind":"hang"}"#)).await }
+        });
+        let pidfile = app.dir.path().join("hang.pid");
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+            {
+                break pid;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The worker aborts an attempt by dropping its call.
+        call.abort();
+        let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+        for _ in 0..100 {
+            if !proc_dir.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !proc_dir.exists(),
+            "instance {pid} still runs after its call was dropped"
+        );
+        let r = z.call(request(r#"{"kind":"value","n":1}"#)).await;
+        assert_eq!(value(&r), serde_json::json!({"doubled": 2}));
+    })
+    .await;
+    z.stop().await;
 }

@@ -246,6 +246,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 const RECEIVE_BYTES_MAX: usize = MESSAGE_BYTES_MAX + 2 * CAPTURE_BYTES_MAX + 64;
 
 /// One life of the zygote process.
+/// A call sent to the zygote and not yet answered; if its future is dropped first, the call's
+/// instance is killed (a kill is one datagram, sent without waiting).
+struct Pending<'a> {
+    running: &'a Running,
+    slot: u32,
+    settled: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            lock(&self.running.state).waiting.remove(&self.slot);
+            for piece in pieces(Kind::Kill, self.slot, &[]) {
+                let _ = self.running.chan.try_send(&piece);
+            }
+        }
+    }
+}
+
 struct Running {
     pid: u32,
     chan: UnixDatagram,
@@ -372,11 +391,18 @@ impl Running {
             );
             return CallReport::failed(error, started);
         }
+        // Dropped before the reply (the worker aborted the attempt): kill the instance.
+        let mut pending = Pending {
+            running: self,
+            slot,
+            settled: false,
+        };
         let reply = match request.timeout {
             None => rx.await,
             Some(limit) => match tokio::time::timeout(limit, rx).await {
                 Ok(reply) => reply,
                 Err(_) => {
+                    pending.settled = true;
                     lock(&self.state).waiting.remove(&slot);
                     let _ = self.send(Kind::Kill, slot, &[]).await;
                     let error = GrainError::new(
@@ -387,6 +413,7 @@ impl Running {
                 }
             },
         };
+        pending.settled = true;
         match reply {
             Ok(Reply::Result(msg)) => CallReport {
                 result: output::parse(&msg.result),
