@@ -33,7 +33,7 @@ pub struct CheckArgs {
     /// Worker crashes allowed, in all.
     #[arg(long, default_value_t = 1)]
     worker_crashes: u64,
-    /// False suspicions allowed per gateway life.
+    /// False suspicions allowed in all.
     #[arg(long, default_value_t = 1)]
     suspicions: u32,
     /// Gateway crashes allowed.
@@ -101,7 +101,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     }
     println!(
         "model: {} workers, {}, {} execution(s); faults: {} worker crash(es), {} suspicion(s) \
-         per gateway life, {} gateway crash(es), {} reconnect(s) per worker life{}",
+         in all, {} gateway crash(es), {} reconnect(s) per worker life{}",
         cfg.workers,
         if cfg.fan_out {
             "a fan-out of 2 with a join".to_string()

@@ -1,13 +1,14 @@
 //! Running the model checker: explores a [`ModelCfg`]'s model and says, for each property,
 //! whether it holds, with a readable trace for every counterexample or example found.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use stateright::actor::{ActorModelAction, ActorModelState};
+use stateright::actor::ActorModelAction;
 use stateright::{Checker, Expectation, HasDiscoveries, Model, Path};
 
-use crate::model::{History, ModelCfg, Msg, Node, Timer};
+use crate::model::{ModelCfg, Msg, SandAction, SandModel, SandState, Timer};
 
 /// How to run the checker.
 #[derive(Clone, Debug)]
@@ -19,6 +20,12 @@ pub struct CheckOptions {
     /// Stop after this long.
     pub timeout: Option<Duration>,
     /// Stop at the first counterexample.
+    ///
+    /// With this or a depth bound the search is breadth-first: a trace found is a shortest
+    /// one, and a bounded search sees every path up to the bound. Otherwise it is depth-first,
+    /// whose memory grows with the states seen and the depth, not with the breadth of the
+    /// frontier (a breadth-first search of the three-fault model held millions of whole states
+    /// in its queue and ran out of 23 GiB).
     pub stop_at_failure: bool,
 }
 
@@ -75,9 +82,6 @@ impl CheckReport {
     }
 }
 
-type Action = ActorModelAction<Msg, Timer, ()>;
-type State = ActorModelState<Node, History>;
-
 /// Explores `cfg`'s model.
 pub fn check(cfg: ModelCfg, opts: &CheckOptions) -> CheckReport {
     check_with_progress(cfg, opts, |_| {})
@@ -117,7 +121,60 @@ pub fn check_with_progress(
     if opts.stop_at_failure {
         builder = builder.finish_when(HasDiscoveries::AnyFailures);
     }
-    let checker = builder.spawn_bfs();
+    let searched = if opts.stop_at_failure || opts.depth_max.is_some() {
+        watch(builder.spawn_bfs(), start, &mut on_progress)
+    } else {
+        watch(builder.spawn_dfs(), start, &mut on_progress)
+    };
+    let elapsed = start.elapsed();
+    let cut_by_depth = opts.depth_max.is_some_and(|d| searched.depth_max >= d);
+    let stopped_at_failure = opts.stop_at_failure && !searched.discoveries.is_empty();
+    let complete = searched.done
+        && !cut_by_depth
+        && opts.timeout.is_none_or(|t| elapsed < t)
+        && !stopped_at_failure;
+    let verdicts = properties
+        .into_iter()
+        .map(|(property, expectation)| {
+            let found = searched.discoveries.get(property);
+            let holds = match expectation {
+                Expectation::Sometimes => found.is_some(),
+                _ => found.is_none(),
+            };
+            let trace = found.map(render);
+            Verdict {
+                property,
+                expectation,
+                holds,
+                trace,
+            }
+        })
+        .collect();
+    CheckReport {
+        states: searched.states,
+        unique_states: searched.unique_states,
+        depth_max: searched.depth_max,
+        complete,
+        elapsed,
+        verdicts,
+    }
+}
+
+/// What a finished search found, whichever its order.
+struct Searched {
+    states: usize,
+    unique_states: usize,
+    depth_max: usize,
+    done: bool,
+    discoveries: HashMap<&'static str, Path<SandState, SandAction>>,
+}
+
+/// Reports a running search's progress until it ends, then collects its findings.
+fn watch(
+    checker: impl Checker<SandModel>,
+    start: Instant,
+    on_progress: &mut impl FnMut(Progress),
+) -> Searched {
     while !checker.is_done() {
         on_progress(Progress {
             unique_states: checker.unique_state_count(),
@@ -129,42 +186,17 @@ pub fn check_with_progress(
         )));
     }
     let checker = checker.join();
-    let elapsed = start.elapsed();
-    let cut_by_depth = opts.depth_max.is_some_and(|d| checker.max_depth() >= d);
-    let stopped_at_failure = opts.stop_at_failure && !checker.discoveries().is_empty();
-    let complete = checker.is_done()
-        && !cut_by_depth
-        && opts.timeout.is_none_or(|t| elapsed < t)
-        && !stopped_at_failure;
-    let verdicts = properties
-        .into_iter()
-        .map(|(property, expectation)| {
-            let found = checker.discovery(property);
-            let holds = match expectation {
-                Expectation::Sometimes => found.is_some(),
-                _ => found.is_none(),
-            };
-            let trace = found.map(|p| render(&p));
-            Verdict {
-                property,
-                expectation,
-                holds,
-                trace,
-            }
-        })
-        .collect();
-    CheckReport {
+    Searched {
         states: checker.state_count(),
         unique_states: checker.unique_state_count(),
         depth_max: checker.max_depth(),
-        complete,
-        elapsed,
-        verdicts,
+        done: checker.is_done(),
+        discoveries: checker.discoveries(),
     }
 }
 
 /// A path as numbered steps a person can follow: who did what, and the messages in full.
-pub fn render(path: &Path<State, Action>) -> String {
+pub fn render(path: &Path<SandState, SandAction>) -> String {
     let mut out = String::new();
     let actors = path.last_state().actor_states.len();
     let actor = |id: stateright::actor::Id| match usize::from(id) {
@@ -204,5 +236,6 @@ fn timer_text(timer: &Timer) -> String {
         Timer::Gq(t) => format!("global queue timer {t:?} fires"),
         Timer::Grain(run) => format!("grain attempt {run:?} finishes"),
         Timer::Reconnect => "its connection breaks; it opens a new one".to_string(),
+        Timer::Crash => "CRASHES, and restarts from what it persisted".to_string(),
     }
 }

@@ -608,8 +608,8 @@ impl Program {
         let retried = GrainPolicy {
             attempts_max: 1_000_000,
             backoff_ms: 10,
-            backoff_ms_max: 100,
             backoff_factor_milli: 2000,
+            backoff_ms_max: 100,
             timeout_ms: Some(GRAIN_TIMEOUT_MS),
         };
         let entry = GrainPolicy {

@@ -60,9 +60,8 @@ fn a_quiet_chain_holds_every_property() {
     assert!(report.unique_states > 100, "{report:?}");
 }
 
-/// The CI model: two workers, a chain of three, one execution, one worker crash and one false
-/// suspicion, explored to completion. (With a gateway crash as well the space outgrows CI; the
-/// gateway-crash mutations below, the simulator and `sand check --gateway-crashes 1` cover it.)
+/// A worker crash and a false suspicion, in either order and at every moment, explored to
+/// completion.
 #[test]
 fn a_worker_crash_and_a_false_suspicion_hold_every_property() {
     let cfg = ModelCfg {
@@ -80,23 +79,41 @@ fn a_worker_crash_and_a_false_suspicion_hold_every_property() {
     );
     // A tripwire: a change to the protocol or the model that shrinks the space this much
     // probably stopped exploring something.
-    assert!(report.unique_states > 500_000, "{}", report.unique_states);
+    assert!(report.unique_states > 100_000, "{}", report.unique_states);
 }
 
-/// All three faults of the model together, bounded to 10 steps: not the exhaustive
-/// check (which outgrows CI with a gateway crash), but every safety property on every path that
-/// short.
+/// A gateway crash and a false suspicion, in either order and at every moment, explored to
+/// completion: the largest exhaustive check that fits CI. (The model adds a worker
+/// crash; see the next test and the README for why it does not fit yet.)
 #[test]
-fn a_worker_crash_a_suspicion_and_a_gateway_crash_hold_safety_to_depth_10() {
+fn a_gateway_crash_and_a_false_suspicion_hold_every_property() {
     let cfg = ModelCfg {
         gateway_crashes: 1,
-        ..ModelCfg::default()
+        suspicions: 1,
+        ..quiet()
     };
+    let report = check(cfg, &CheckOptions::default());
+    assert_clean(&report);
+    println!(
+        "gateway crash + suspicion model: {} unique states ({} in all), depth {}, {:.1} s",
+        report.unique_states,
+        report.states,
+        report.depth_max,
+        report.elapsed.as_secs_f64()
+    );
+    assert!(report.unique_states > 5_000_000, "{}", report.unique_states);
+}
+
+/// All three faults of the model together, bounded to 14 steps: not the exhaustive
+/// check (which outgrows CI: see the README), but every safety property on every path that
+/// short, which is past the third fault.
+#[test]
+fn a_worker_crash_a_suspicion_and_a_gateway_crash_hold_safety_to_depth_14() {
     let opts = CheckOptions {
-        depth_max: Some(10),
+        depth_max: Some(14),
         ..CheckOptions::default()
     };
-    let report = check(cfg, &opts);
+    let report = check(ModelCfg::default(), &opts);
     assert!(
         !report.complete,
         "a depth-bounded check must not claim completeness"
@@ -108,7 +125,13 @@ fn a_worker_crash_a_suspicion_and_a_gateway_crash_hold_safety_to_depth_10() {
         .map(|v| v.property)
         .collect();
     assert!(violated.is_empty(), "{violated:?}");
-    assert!(report.unique_states > 10_000, "{}", report.unique_states);
+    println!(
+        "three-fault model to depth 14: {} unique states, depth {}, {:.1} s",
+        report.unique_states,
+        report.depth_max,
+        report.elapsed.as_secs_f64()
+    );
+    assert!(report.unique_states > 250_000, "{}", report.unique_states);
 }
 
 #[test]
@@ -132,9 +155,11 @@ fn split_hop_is_caught() {
     catches(cfg, Mutation::SplitHop);
 }
 
+/// Durability matters only while the gateway can still crash (the model makes writes instant
+/// once it cannot), so the check needs a crash in the budget.
 #[test]
 fn visible_before_durable_is_caught() {
-    let (property, _) = catches(quiet(), Mutation::VisibleBeforeDurable);
+    let (property, _) = catches(gateway_crash(), Mutation::VisibleBeforeDurable);
     assert_eq!(property, "what the gateway acked or answered is durable");
 }
 
@@ -178,4 +203,75 @@ fn early_join_is_caught() {
     };
     let (property, _) = catches(cfg, Mutation::EarlyJoin);
     assert_eq!(property, "every answer is the correct one");
+}
+
+/// The model drops messages on connections that are gone: after any step of the gateway-crash
+/// model (explored breadth-first for 20,000 states, so well past the crash), no message in the
+/// network is addressed to an earlier gateway epoch or to an earlier incarnation of a worker.
+#[test]
+fn dead_letters_are_dropped() {
+    use std::collections::{HashSet, VecDeque};
+
+    use sand_models::model::{Msg, State};
+    use sand_protocol::wire::ToWorker;
+    use stateright::Model;
+    use std::hash::{DefaultHasher, Hash, Hasher};
+
+    let fingerprint = |s: &<sand_models::model::SandModel as Model>::State| {
+        let mut h = DefaultHasher::new();
+        s.hash(&mut h);
+        h.finish()
+    };
+
+    let model = gateway_crash().into_model();
+    let mut queue: VecDeque<_> = model.init_states().into();
+    let mut seen: HashSet<u64> = queue.iter().map(fingerprint).collect();
+    let mut actions = Vec::new();
+    let mut restarted = 0;
+    while let Some(s) = queue.pop_front() {
+        if seen.len() >= 20_000 {
+            break;
+        }
+        let State::Gateway(g) = &*s.actor_states[0] else {
+            panic!("actor 0 is the gateway");
+        };
+        let epoch = g.gq.state().epoch;
+        restarted += usize::from(epoch > 1);
+        for env in s.network.iter_all() {
+            let receiver = &*s.actor_states[usize::from(env.dst)];
+            match (env.msg, receiver) {
+                (Msg::ToGateway { epoch: e, .. }, _) | (Msg::Open { epoch: Some(e), .. }, _) => {
+                    assert!(*e >= epoch, "a message to dead epoch {e}: {env:?}")
+                }
+                (Msg::ToWorker { msg, .. }, State::Worker(w)) => {
+                    let to = match msg {
+                        ToWorker::Welcome { incarnation, .. }
+                        | ToWorker::Dispatch { incarnation, .. }
+                        | ToWorker::Ack { incarnation, .. }
+                        | ToWorker::Cancel { incarnation, .. }
+                        | ToWorker::Abort { incarnation, .. }
+                        | ToWorker::Fenced { incarnation } => *incarnation,
+                        other => panic!("the model sent a service message: {other:?}"),
+                    };
+                    assert!(
+                        to >= w.lb.incarnation(),
+                        "a message to a dead life: {env:?}"
+                    );
+                }
+                _ => {}
+            }
+        }
+        model.actions(&s, &mut actions);
+        for a in actions.drain(..) {
+            if let Some(next) = model.next_state(&s, a) {
+                if model.within_boundary(&next) && seen.insert(fingerprint(&next)) {
+                    queue.push_back(next);
+                }
+            }
+        }
+    }
+    assert!(
+        restarted > 1_000,
+        "the gateway restarted in only {restarted} states"
+    );
 }
