@@ -27,11 +27,17 @@ struct Cluster {
     http: String,
     quic: String,
     failure_timeout_ms: u64,
+    token: Option<String>,
 }
 
 impl Cluster {
     /// A gateway and `workers` workers, with `apps` deployed.
     fn start(workers: u32, apps: &[&str]) -> Self {
+        Self::start_with(workers, apps, None)
+    }
+
+    /// The same, with a gateway that wants `token` on its API.
+    fn start_with(workers: u32, apps: &[&str], token: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let certs = dir.path().join("certs");
         sand(&["cert", "init", "--dir", certs.to_str().unwrap()]);
@@ -63,6 +69,7 @@ impl Cluster {
             http: String::new(),
             quic: "127.0.0.1:0".into(),
             failure_timeout_ms: 1500,
+            token: token.map(str::to_owned),
         };
         cluster.start_gateway();
         for id in 1..=workers {
@@ -70,12 +77,12 @@ impl Cluster {
         }
         cluster.wait_for_workers(workers as usize);
         for app in apps {
-            let out = sand(&[
-                "deploy",
-                repo(app).to_str().unwrap(),
-                "--gateway",
-                &cluster.http,
-            ]);
+            let dir = repo(app);
+            let mut args = vec!["deploy", dir.to_str().unwrap(), "--gateway", &cluster.http];
+            if let Some(t) = &cluster.token {
+                args.extend(["--token", t]);
+            }
+            let out = sand(&args);
             assert!(out.contains("deployed"), "{out}");
         }
         cluster
@@ -89,6 +96,7 @@ impl Cluster {
             .arg(self.dir.path().join("gateway"))
             .arg("--certs")
             .arg(self.dir.path().join("certs"))
+            .args(self.token.iter().flat_map(|t| ["--token", t]))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -411,4 +419,72 @@ fn a_gateway_killed_and_restarted_finishes_every_accepted_execution() {
         assert_eq!(status["status"], "succeeded", "{status}");
         assert_eq!(status["output"], *want, "{status}");
     }
+}
+
+#[test]
+fn an_exec_grain_runs_in_its_sandbox_and_chains_to_python() {
+    let cluster = Cluster::start(1, &["tests/apps/shell"]);
+    // The shell script reads its input on stdin, writes its result on stdout, and runs in the
+    // app's sandbox, whose hostname is the app's name.
+    let (code, body) = cluster.invoke("shell", "\"hello sand\"", "");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["output"],
+        serde_json::json!({"text": "HELLO SAND", "letters": 9, "host": "shell"}),
+        "{body}"
+    );
+    // Its own error document, on a non-zero exit, is the execution's error.
+    let (code, body) = cluster.invoke("shell", "[1, 2]", "");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["error"]["kind"], "Raised", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("shout takes a JSON string"), "{body}");
+}
+
+#[test]
+fn a_memory_hog_is_killed_with_a_clear_error() {
+    let cluster = Cluster::start(1, &["tests/apps/hog"]);
+    let (code, body) = cluster.invoke("hog", "8", "");
+    assert_eq!(
+        (code, &body["output"]),
+        (200, &serde_json::json!(8)),
+        "{body}"
+    );
+    let (code, body) = cluster.invoke("hog", "300", "");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["error"]["kind"], "OutOfMemory", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("out of memory") && message.contains("64 MiB"),
+        "{message}"
+    );
+    // The app's zygote is replaced and serves again.
+    assert_eq!(cluster.invoke("hog", "8", "").1["output"], 8);
+}
+
+#[test]
+fn a_gateway_with_a_token_refuses_requests_without_it() {
+    let cluster = Cluster::start_with(0, &["examples/pipeline"], Some("s3cret"));
+    let url = format!("{}/v1/apps", cluster.http);
+    let (code, body) = get(&url);
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let wrong = answer(agent().get(&url).set("Authorization", "Bearer nope").call());
+    assert_eq!(wrong.0, 401);
+    let (code, body) = answer(
+        agent()
+            .get(&url)
+            .set("Authorization", "Bearer s3cret")
+            .call(),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["apps"][0]["app"], "pipeline",
+        "deployed with the token: {body}"
+    );
+    assert_eq!(
+        get(&format!("{}/healthz", cluster.http)).0,
+        200,
+        "liveness needs no token"
+    );
 }

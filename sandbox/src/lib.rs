@@ -22,4 +22,4 @@ pub use cgroup::{cgroup_support, CgroupSupport, Controller};
 pub use config::{Limits, SandboxConfig};
 pub use error::SandboxError;
 pub use holder::init_main;
-pub use sandbox::{Exit, Process, ProcessId, ProcessSpec, Sandbox};
+pub use sandbox::{Exit, Process, ProcessId, ProcessSpec, Sandbox, StdioFds};

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -60,10 +60,23 @@ pub struct ProcessSpec {
     pub env: Vec<(OsString, OsString)>,
     /// Working directory inside the sandbox.
     pub cwd: PathBuf,
-    /// Becomes the process's descriptor 3 (a socket to its zygote driver, say).
-    pub channel: OwnedFd,
-    /// Send stdout and stderr to the worker's; when false they go to /dev/null.
-    pub inherit_output: bool,
+    /// Becomes the process's descriptor 3 (a socket to its zygote driver, say); without one
+    /// the process has no descriptor 3.
+    pub channel: Option<OwnedFd>,
+    /// Become its stdin, stdout and stderr; without them all three are /dev/null.
+    pub stdio: Option<StdioFds>,
+}
+
+/// The standard streams of a sandboxed process: descriptors of the caller's (pipes, say) that
+/// become its descriptors 0, 1 and 2. The sandbox keeps no copy once the process has started.
+#[derive(Debug)]
+pub struct StdioFds {
+    /// Becomes descriptor 0.
+    pub stdin: OwnedFd,
+    /// Becomes descriptor 1.
+    pub stdout: OwnedFd,
+    /// Becomes descriptor 2.
+    pub stderr: OwnedFd,
 }
 
 /// A process id in the sandbox's pid namespace.
@@ -137,9 +150,22 @@ impl Sandbox {
         }
     }
 
-    /// Starts `spec.program` inside the sandbox; `spec.channel` becomes its descriptor 3.
+    /// Starts `spec.program` inside the sandbox with `spec.channel` as its descriptor 3 and
+    /// `spec.stdio` as its standard streams. All of them travel to the sandbox's PID 1 with
+    /// the request itself; the caller's copies are closed once sent.
     pub async fn spawn(&self, spec: ProcessSpec) -> Result<Process, SandboxError> {
         let bytes = |s: &std::ffi::OsStr| s.as_bytes().to_vec();
+        let (channel, stdio) = (spec.channel.is_some(), spec.stdio.is_some());
+        // The order the holder takes them in: see `SpawnRequest`.
+        let mut fds: Vec<OwnedFd> = spec.channel.into_iter().collect();
+        if let Some(StdioFds {
+            stdin,
+            stdout,
+            stderr,
+        }) = spec.stdio
+        {
+            fds.extend([stdin, stdout, stderr]);
+        }
         let (reply, replied) = oneshot::channel();
         let spawn_id = self.link.request(
             |id| {
@@ -149,10 +175,11 @@ impl Sandbox {
                     args: spec.args.iter().map(|a| bytes(a)).collect(),
                     env: spec.env.iter().map(|(k, v)| (bytes(k), bytes(v))).collect(),
                     cwd: bytes(spec.cwd.as_os_str()),
-                    inherit_output: spec.inherit_output,
+                    channel,
+                    stdio,
                 })
             },
-            Some(spec.channel),
+            fds,
             Pending::Spawn(reply),
         )?;
         match replied.await {
@@ -261,7 +288,7 @@ impl Process {
         let spawn_id = self.spawn_id;
         self.link.request(
             |id| Request::Kill { id, spawn_id },
-            None,
+            Vec::new(),
             Pending::Kill(reply),
         )?;
         match replied.await {
@@ -434,11 +461,11 @@ enum Pending {
     Kill(oneshot::Sender<Result<(), String>>),
 }
 
-/// One frame to send, with the descriptor that rides on it.
+/// One frame to send, with the descriptors that ride on it.
 #[derive(Debug)]
 struct Outgoing {
     frame: Vec<u8>,
-    fd: Option<OwnedFd>,
+    fds: Vec<OwnedFd>,
 }
 
 impl Link {
@@ -464,7 +491,7 @@ impl Link {
     fn request(
         &self,
         build: impl FnOnce(u64) -> Request,
-        fd: Option<OwnedFd>,
+        fds: Vec<OwnedFd>,
         pending: Pending,
     ) -> Result<u64, SandboxError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -472,7 +499,7 @@ impl Link {
         let mut state = self.state();
         let outgoing = state.outgoing.as_ref().ok_or(SandboxError::Gone)?;
         outgoing
-            .send(Outgoing { frame, fd })
+            .send(Outgoing { frame, fds })
             .map_err(|_| SandboxError::Gone)?;
         state.pending.insert(id, pending);
         Ok(id)
@@ -524,8 +551,8 @@ impl Link {
 
 /// Sends queued requests in order; closes the socket's write side when the queue ends.
 async fn write_requests(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
-    while let Some(Outgoing { frame, fd }) = queue.recv().await {
-        if let Err(e) = send_frame(&mut writer, &frame, fd).await {
+    while let Some(Outgoing { frame, fds }) = queue.recv().await {
+        if let Err(e) = send_frame(&mut writer, &frame, fds).await {
             tracing::debug!("sandbox control socket closed while sending: {e}");
             break;
         }
@@ -533,20 +560,20 @@ async fn write_requests(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedRe
     let _ = writer.shutdown().await;
 }
 
-/// Writes one frame; a descriptor rides on its first bytes (SCM_RIGHTS).
+/// Writes one frame; its descriptors ride on its first bytes (one SCM_RIGHTS message).
 async fn send_frame(
     writer: &mut OwnedWriteHalf,
     frame: &[u8],
-    fd: Option<OwnedFd>,
+    fds: Vec<OwnedFd>,
 ) -> std::io::Result<()> {
     let mut sent = 0;
-    if let Some(fd) = fd {
+    if !fds.is_empty() {
         let stream: &tokio::net::UnixStream = writer.as_ref();
         let raw = stream.as_raw_fd();
-        let fds = [fd.as_raw_fd()];
+        let raw_fds: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         sent = stream
             .async_io(Interest::WRITABLE, || {
-                let rights = [ControlMessage::ScmRights(&fds)];
+                let rights = [ControlMessage::ScmRights(&raw_fds)];
                 sendmsg::<()>(
                     raw,
                     &[IoSlice::new(frame)],
@@ -557,8 +584,8 @@ async fn send_frame(
                 .map_err(std::io::Error::from)
             })
             .await?;
-        // Our copy closes here; the holder has its own now.
-        drop(fd);
+        // Our copies close here; the holder has its own now.
+        drop(fds);
     }
     writer.write_all(&frame[sent..]).await
 }

@@ -2,8 +2,9 @@
 //!
 //! Frames are a 4-byte big-endian length followed by that many bytes of JSON. The worker sends
 //! one [`HolderConfig`] first, then [`Request`]s; the holder answers with [`Event`]s. A spawn
-//! request carries exactly one file descriptor (SCM_RIGHTS) attached to the first byte of its
-//! frame, so the holder pairs descriptors with spawn requests in arrival order.
+//! request carries the descriptors it announces (none to four) in one SCM_RIGHTS message
+//! attached to the first byte of its frame, so the holder pairs descriptors with spawn requests
+//! in arrival order.
 //!
 //! Paths and arguments travel as raw bytes: Unix paths need not be UTF-8.
 //! Nothing here does I/O; both sides feed received bytes into a [`FrameBuffer`].
@@ -30,7 +31,7 @@ pub(crate) struct HolderConfig {
 /// A worker's request to the sandbox's PID 1.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Request {
-    /// Start a process; the frame carries the descriptor that becomes its fd 3.
+    /// Start a process; the frame carries the descriptors [`SpawnRequest`] announces.
     Spawn(SpawnRequest),
     /// SIGKILL the process group started by spawn request `spawn_id`, if still running.
     Kill {
@@ -42,6 +43,9 @@ pub(crate) enum Request {
 }
 
 /// A process to start inside the sandbox.
+///
+/// Its frame carries, in this order, the channel if `channel`, then stdin, stdout and stderr
+/// if `stdio`.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct SpawnRequest {
     /// Correlates the reply; also names the process for later kills.
@@ -54,8 +58,17 @@ pub(crate) struct SpawnRequest {
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
     /// Working directory inside the sandbox.
     pub cwd: Vec<u8>,
-    /// Inherit the holder's stdout and stderr (else /dev/null).
-    pub inherit_output: bool,
+    /// A descriptor for fd 3 rides on the frame (else the process has no fd 3).
+    pub channel: bool,
+    /// Descriptors for fds 0, 1 and 2 ride on the frame (else all three are /dev/null).
+    pub stdio: bool,
+}
+
+impl SpawnRequest {
+    /// How many descriptors ride on this request's frame.
+    pub(crate) fn descriptors(&self) -> usize {
+        usize::from(self.channel) + 3 * usize::from(self.stdio)
+    }
 }
 
 /// What the holder reports.

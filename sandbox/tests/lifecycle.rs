@@ -4,8 +4,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{alive, bundle, cgroup_pids, config, run, sh, spec, start, TEST_TIMEOUT};
+use common::{alive, bundle, cgroup_pids, config, piped, run, sh, spec, start, TEST_TIMEOUT};
 use sand_sandbox::{Exit, Limits, Sandbox, SandboxError};
+use tokio::io::AsyncReadExt;
 use tokio::time::timeout;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,6 +73,57 @@ async fn wait_and_kill_report_exit_codes_and_signals() {
             (exit, out.as_str()),
             (Exit::Exited(0), "/dev/null\n0 1 2 3 4 ")
         );
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_descriptors_become_the_process_streams() {
+    timeout(TEST_TIMEOUT, async {
+        let app = bundle(&[]);
+        let sandbox = Sandbox::create(config("stdio", app.path()))
+            .await
+            .expect("create");
+
+        // Pipes and no channel: the shell copies stdin to stdout; then ls lists the descriptors
+        // it was started with, 0 to 2, and its own directory's (3): no channel, nothing leaked.
+        // End of file on both pipes means PID 1 kept no copy of them.
+        let script = "cat; echo err >&2; exec ls /proc/self/fd";
+        let (cat, pipes) = piped("/bin/sh", &["-c", script], None);
+        let mut cat = sandbox.spawn(cat).await.expect("spawn with pipes");
+        let (out, err) = timeout(
+            Duration::from_secs(10),
+            pipes.communicate("line one\nline two\n"),
+        )
+        .await
+        .expect("end of file on stdout and stderr");
+        assert_eq!(
+            (out.as_str(), err.as_str()),
+            ("line one\nline two\n0\n1\n2\n3\n", "err\n")
+        );
+        assert_eq!(cat.wait().await, Exit::Exited(0));
+
+        // A channel and pipes in the same request: 0 to 3, and ls's directory (4).
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let script = "read -r line; echo \"$line\" >&3; echo err >&2; exec ls /proc/self/fd";
+        let (both, pipes) = piped("/bin/sh", &["-c", script], Some(theirs));
+        let mut both = sandbox
+            .spawn(both)
+            .await
+            .expect("spawn with a channel and pipes");
+        let (out, err) = timeout(Duration::from_secs(10), pipes.communicate("to fd 3\n"))
+            .await
+            .expect("end of file on stdout and stderr");
+        assert_eq!((out.as_str(), err.as_str()), ("0\n1\n2\n3\n4\n", "err\n"));
+        ours.set_nonblocking(true).expect("nonblocking");
+        let mut channel = tokio::net::UnixStream::from_std(ours).expect("tokio socket");
+        let mut text = String::new();
+        channel.read_to_string(&mut text).await.expect("read fd 3");
+        assert_eq!(text, "to fd 3\n");
+        assert_eq!(both.wait().await, Exit::Exited(0));
+
         sandbox.destroy().await.expect("destroy");
     })
     .await

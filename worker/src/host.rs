@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -331,15 +330,18 @@ fn interpreter_dirs(python: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Starts processes in an app's sandbox.
+/// Starts processes in an app's sandbox. The channel and the standard streams travel to the
+/// sandbox with the spawn request; a process given no streams has /dev/null for all three.
 struct SandboxLauncher(Arc<Sandbox>);
 
 impl Launcher for SandboxLauncher {
     fn spawn(&self, spec: ProcessSpec) -> BoxFuture<'_, std::io::Result<Box<dyn LaunchedProcess>>> {
         Box::pin(async move {
-            let channel: OwnedFd = spec.channel.ok_or_else(|| {
-                std::io::Error::other("a sandboxed process needs its fd-3 channel")
-            })?;
+            let stdio = spec.stdio.map(|s| sand_sandbox::StdioFds {
+                stdin: s.stdin,
+                stdout: s.stdout,
+                stderr: s.stderr,
+            });
             let process = self
                 .0
                 .spawn(sand_sandbox::ProcessSpec {
@@ -347,8 +349,8 @@ impl Launcher for SandboxLauncher {
                     args: spec.args,
                     env: spec.env,
                     cwd: spec.cwd,
-                    channel,
-                    inherit_output: false,
+                    channel: spec.channel,
+                    stdio,
                 })
                 .await
                 .map_err(std::io::Error::other)?;

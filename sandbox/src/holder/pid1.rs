@@ -30,7 +30,8 @@ use crate::wire::{Event, FrameBuffer, HolderConfig, Request, SpawnRequest, WireE
 
 /// Bytes read from the control socket per `recvmsg`.
 const RECEIVE_BYTES: usize = 64 * 1024;
-/// Descriptors accepted per `recvmsg`; one per spawn request, several requests may coalesce.
+/// Descriptors accepted per `recvmsg`. The kernel hands over one SCM_RIGHTS message per call,
+/// and a spawn request carries at most four.
 const RECEIVE_FDS_MAX: usize = 16;
 
 /// Runs PID 1 and exits the process with its outcome.
@@ -189,11 +190,21 @@ impl Init {
     fn handle(&mut self, request: Request) -> Result<Event, String> {
         match request {
             Request::Spawn(spawn) => {
-                let channel = self
-                    .fds
-                    .pop_front()
-                    .ok_or("a spawn request arrived without its descriptor")?;
-                self.spawn(spawn, channel)
+                let wanted = spawn.descriptors();
+                if self.fds.len() < wanted {
+                    return Err(format!(
+                        "a spawn request arrived with {} of its {wanted} descriptors",
+                        self.fds.len()
+                    ));
+                }
+                let (channel, stdio) = {
+                    // In the order the worker sends them: see `SpawnRequest`.
+                    let mut fds = self.fds.drain(..wanted);
+                    let channel = if spawn.channel { fds.next() } else { None };
+                    let mut stream = || fds.next().map_or_else(Stdio::null, Stdio::from);
+                    (channel, [stream(), stream(), stream()])
+                };
+                self.spawn(spawn, channel, stdio)
             }
             Request::Kill { id, spawn_id } => {
                 let target = self
@@ -218,23 +229,29 @@ impl Init {
         }
     }
 
-    fn spawn(&mut self, request: SpawnRequest, channel: OwnedFd) -> Result<Event, String> {
+    /// Starts a process with `channel` as its descriptor 3 (none without it) and `stdio` as
+    /// its standard streams.
+    fn spawn(
+        &mut self,
+        request: SpawnRequest,
+        channel: Option<OwnedFd>,
+        stdio: [Stdio; 3],
+    ) -> Result<Event, String> {
         let id = request.id;
+        let has_channel = channel.is_some();
         // dup2 clears close-on-exec on descriptor 3 only, so the child inherits just the channel.
-        if let Err(e) = dup2(&channel, &mut self.fd3) {
-            return Ok(Event::Failed {
-                id,
-                error: format!("dup2 of the channel: {e}"),
-            });
-        }
-        drop(channel);
-        let output = || {
-            if request.inherit_output {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
+        // Without one, 3 stays /dev/null with close-on-exec: the child has no descriptor 3.
+        if let Some(channel) = channel {
+            if let Err(e) = dup2(&channel, &mut self.fd3) {
+                return Ok(Event::Failed {
+                    id,
+                    error: format!("dup2 of the channel: {e}"),
+                });
             }
-        };
+        }
+        // Every received descriptor is close-on-exec: Command places these three at 0, 1 and
+        // 2 in the child, and our copies close when it returns, so no other process holds them.
+        let [stdin, stdout, stderr] = stdio;
         let spawned = Command::new(OsStr::from_bytes(&request.program))
             .args(request.args.iter().map(|arg| OsStr::from_bytes(arg)))
             .env_clear()
@@ -245,14 +262,16 @@ impl Init {
                     .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
             )
             .current_dir(OsStr::from_bytes(&request.cwd))
-            .stdin(Stdio::null())
-            .stdout(output())
-            .stderr(output())
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
             .process_group(0)
             .spawn();
-        // Put /dev/null back, so the channel's only holder is the new process.
-        dup3(&self.null, &mut self.fd3, OFlag::O_CLOEXEC)
-            .map_err(|e| format!("restoring descriptor 3: {e}"))?;
+        if has_channel {
+            // Put /dev/null back, so the channel's only holder is the new process.
+            dup3(&self.null, &mut self.fd3, OFlag::O_CLOEXEC)
+                .map_err(|e| format!("restoring descriptor 3: {e}"))?;
+        }
         Ok(match spawned {
             Ok(child) => {
                 // Dropping `child` neither kills nor waits: this loop reaps it.

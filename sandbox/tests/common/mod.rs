@@ -8,8 +8,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sand_sandbox::{Exit, Limits, Process, ProcessSpec, Sandbox, SandboxConfig};
+use nix::fcntl::OFlag;
+use nix::unistd::pipe2;
+use sand_sandbox::{Exit, Limits, Process, ProcessSpec, Sandbox, SandboxConfig, StdioFds};
 use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
 
 /// Upper bound for any one test.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -45,16 +48,87 @@ pub fn config(name: &str, bundle: &Path) -> SandboxConfig {
     }
 }
 
-/// A spec for `program args`, with `channel` as fd 3 and output to the test's stderr.
+/// A spec for `program args`, with `channel` as fd 3 and /dev/null as stdin, stdout and stderr.
 pub fn spec(program: &str, args: &[&str], channel: UnixStream) -> ProcessSpec {
+    process(program, args, Some(channel), None)
+}
+
+fn process(
+    program: &str,
+    args: &[&str],
+    channel: Option<UnixStream>,
+    stdio: Option<StdioFds>,
+) -> ProcessSpec {
     ProcessSpec {
         program: program.into(),
         args: args.iter().map(OsString::from).collect(),
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         cwd: "/".into(),
-        channel: channel.into(),
-        inherit_output: true,
+        channel: channel.map(Into::into),
+        stdio,
     }
+}
+
+/// The test's ends of a process's stdin, stdout and stderr pipes.
+pub struct Pipes {
+    /// Writes the process's stdin.
+    pub stdin: pipe::Sender,
+    /// Reads its stdout.
+    pub stdout: pipe::Receiver,
+    /// Reads its stderr.
+    pub stderr: pipe::Receiver,
+}
+
+impl Pipes {
+    /// Writes `input` and closes stdin; returns everything written on stdout and stderr.
+    pub async fn communicate(self, input: &str) -> (String, String) {
+        let Pipes {
+            mut stdin,
+            mut stdout,
+            mut stderr,
+        } = self;
+        let feed = async move {
+            tokio::io::AsyncWriteExt::write_all(&mut stdin, input.as_bytes())
+                .await
+                .expect("write stdin");
+        };
+        let (mut out, mut err) = (String::new(), String::new());
+        let (_, read_out, read_err) = tokio::join!(
+            feed,
+            stdout.read_to_string(&mut out),
+            stderr.read_to_string(&mut err)
+        );
+        read_out.expect("read stdout");
+        read_err.expect("read stderr");
+        (out, err)
+    }
+}
+
+/// A spec for `program args` with pipes as its stdin, stdout and stderr and `channel`, if any,
+/// as fd 3; returns it with the test's ends of the pipes.
+pub fn piped(program: &str, args: &[&str], channel: Option<UnixStream>) -> (ProcessSpec, Pipes) {
+    let (stdio, pipes) = stdio_pipes();
+    (process(program, args, channel, Some(stdio)), pipes)
+}
+
+/// Pipes for a process's standard streams: its ends and the test's. Every end is close-on-exec.
+fn stdio_pipes() -> (StdioFds, Pipes) {
+    let pipe = || pipe2(OFlag::O_CLOEXEC).expect("pipe2");
+    let ((stdin, to_stdin), (from_stdout, stdout), (from_stderr, stderr)) =
+        (pipe(), pipe(), pipe());
+    let ours = Pipes {
+        stdin: pipe::Sender::from_owned_fd(to_stdin).expect("stdin pipe"),
+        stdout: pipe::Receiver::from_owned_fd(from_stdout).expect("stdout pipe"),
+        stderr: pipe::Receiver::from_owned_fd(from_stderr).expect("stderr pipe"),
+    };
+    (
+        StdioFds {
+            stdin,
+            stdout,
+            stderr,
+        },
+        ours,
+    )
 }
 
 /// Starts `program args` in the sandbox; returns it and a reader of what it writes to fd 3.
