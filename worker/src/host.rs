@@ -337,23 +337,7 @@ struct SandboxLauncher(Arc<Sandbox>);
 impl Launcher for SandboxLauncher {
     fn spawn(&self, spec: ProcessSpec) -> BoxFuture<'_, std::io::Result<Box<dyn LaunchedProcess>>> {
         Box::pin(async move {
-            let stdio = spec.stdio.map(|s| sand_sandbox::StdioFds {
-                stdin: s.stdin,
-                stdout: s.stdout,
-                stderr: s.stderr,
-            });
-            let process = self
-                .0
-                .spawn(sand_sandbox::ProcessSpec {
-                    program: spec.program,
-                    args: spec.args,
-                    env: spec.env,
-                    cwd: spec.cwd,
-                    channel: spec.channel,
-                    stdio,
-                })
-                .await
-                .map_err(std::io::Error::other)?;
+            let process = self.0.spawn(spec).await.map_err(std::io::Error::other)?;
             Ok(Box::new(SandboxProcess::watch(process)) as Box<dyn LaunchedProcess>)
         })
     }

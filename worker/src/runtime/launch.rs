@@ -7,12 +7,10 @@
 
 #![allow(unsafe_code)] // `pre_exec` plumbing of fd 3: only dup2/fcntl between fork and exec.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,34 +22,11 @@ use tokio::sync::watch;
 /// A boxed future, as the launcher traits return them.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// What to start.
-#[derive(Debug)]
-pub struct ProcessSpec {
-    /// The program, as the started process sees the file system.
-    pub program: PathBuf,
-    /// Its arguments (without the program name).
-    pub args: Vec<OsString>,
-    /// Its whole environment (nothing else is inherited).
-    pub env: Vec<(OsString, OsString)>,
-    /// Its working directory.
-    pub cwd: PathBuf,
-    /// The socket that becomes its fd 3, if any.
-    pub channel: Option<OwnedFd>,
-    /// Its stdin, stdout and stderr; without them stdin is `/dev/null` and the other two are the
-    /// launcher's own.
-    pub stdio: Option<StdioFds>,
-}
-
-/// The three standard streams of a started process.
-#[derive(Debug)]
-pub struct StdioFds {
-    /// Becomes fd 0.
-    pub stdin: OwnedFd,
-    /// Becomes fd 1.
-    pub stdout: OwnedFd,
-    /// Becomes fd 2.
-    pub stderr: OwnedFd,
-}
+/// What to start: the program, its arguments, environment and working directory, the socket
+/// that becomes its fd 3 and its standard streams. One shape for the host and for sandboxes;
+/// without stdio, the host gives a process `/dev/null` for stdin and the launcher's own
+/// stdout and stderr, and a sandbox `/dev/null` for all three.
+pub use sand_sandbox::{ProcessSpec, StdioFds};
 
 /// How a process ended.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
