@@ -6,7 +6,7 @@
 //! here; calls that arrive meanwhile wait for it. Finished runs are also traced, in batches, to
 //! the gateway (best effort).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -78,6 +78,14 @@ enum Note {
     },
 }
 
+/// An attempt the bus asked to run.
+struct Run {
+    /// Its task, once its app is ready.
+    task: Option<JoinHandle<()>>,
+    /// True if the gateway dispatched it; false if the local bus started it.
+    dispatched: bool,
+}
+
 /// The driver's state.
 struct Driver {
     config: WorkerConfig,
@@ -85,9 +93,10 @@ struct Driver {
     sender: WorkerSender,
     started: Instant,
     apps: HashMap<AppName, Slot>,
-    /// Attempts the gateway dispatched (the rest the local bus started itself).
-    dispatched: HashSet<RunKey>,
-    runs: HashMap<RunKey, JoinHandle<()>>,
+    /// The attempt of the `Dispatch` being handled, if one is.
+    dispatching: Option<RunKey>,
+    /// Every attempt the bus asked to run and has not heard the end of.
+    runs: HashMap<RunKey, Run>,
     notes: mpsc::UnboundedSender<Note>,
     traces: Vec<RunTrace>,
     connected: bool,
@@ -116,7 +125,7 @@ pub async fn run(config: WorkerConfig, link: WorkerLink) -> Result<(), WorkerErr
         sender: link.sender,
         started: Instant::now(),
         apps: HashMap::new(),
-        dispatched: HashSet::new(),
+        dispatching: None,
         runs: HashMap::new(),
         notes,
         traces: Vec::new(),
@@ -190,8 +199,9 @@ impl Driver {
             }
             WorkerEvent::Message(msg) => {
                 if let ToWorker::Dispatch { call, .. } = &msg {
-                    self.dispatched.insert((call.exec, call.call, call.attempt));
+                    self.dispatching = Some((call.exec, call.call, call.attempt));
                 }
+                // Its `Run`, if the bus starts it, comes out in the drain that follows.
                 self.lb.handle(now, LbEvent::Message(msg));
             }
         }
@@ -207,16 +217,32 @@ impl Driver {
         while let Some(out) = self.lb.poll_output() {
             match out {
                 LbOutput::Send(msg) => self.send(msg),
-                LbOutput::Run(spec) => self.start_run(spec),
-                LbOutput::Abort(run) => {
-                    self.dispatched.remove(&run);
-                    if let Some(task) = self.runs.remove(&run) {
-                        task.abort();
+                LbOutput::Run(spec) => {
+                    let key = (spec.exec, spec.call, spec.attempt);
+                    let dispatched = self.dispatching == Some(key);
+                    self.runs.insert(
+                        key,
+                        Run {
+                            task: None,
+                            dispatched,
+                        },
+                    );
+                    self.start_run(spec);
+                }
+                LbOutput::Abort(key) => {
+                    if let Some(task) = self.runs.remove(&key).and_then(|r| r.task) {
+                        task.abort(); // Dropping the call kills its instance.
+                    }
+                    for slot in self.apps.values_mut() {
+                        if let Slot::Fetching(waiting) | Slot::Starting(waiting) = slot {
+                            waiting.retain(|s| (s.exec, s.call, s.attempt) != key);
+                        }
                     }
                 }
                 LbOutput::Incarnation(i) => save_incarnation(&self.config.data_dir, i)?,
             }
         }
+        self.dispatching = None;
         Ok(())
     }
 
@@ -236,7 +262,9 @@ impl Driver {
     }
 
     fn spawn_run(&mut self, host: Arc<AppHost>, spec: CallSpec) {
-        let run = (spec.exec, spec.call, spec.attempt);
+        let Some(run) = self.runs.get_mut(&(spec.exec, spec.call, spec.attempt)) else {
+            return; // Aborted while its app was getting ready.
+        };
         let notes = self.notes.clone();
         let task = tokio::spawn(async move {
             let report = host.run(&spec).await;
@@ -245,7 +273,7 @@ impl Driver {
                 report: Box::new(report),
             });
         });
-        self.runs.insert(run, task);
+        run.task = Some(task);
     }
 
     /// The gateway answered a fetch: unpack the bundle and start the app's host.
@@ -291,10 +319,9 @@ impl Driver {
         match note {
             Note::Finished { spec, report } => {
                 let run = (spec.exec, spec.call, spec.attempt);
-                if self.runs.remove(&run).is_none() {
+                let Some(Run { dispatched, .. }) = self.runs.remove(&run) else {
                     return; // Aborted meanwhile: the bus wants nothing of it.
-                }
-                let dispatched = self.dispatched.remove(&run);
+                };
                 self.traces.push(trace_of(&spec, &report, dispatched));
                 self.lb.handle(
                     now,
@@ -330,7 +357,7 @@ impl Driver {
         let now = self.now();
         for spec in waiting {
             let run = (spec.exec, spec.call, spec.attempt);
-            self.dispatched.remove(&run);
+            self.runs.remove(&run);
             let result = GrainResult::Error(error.clone());
             self.lb.handle(now, LbEvent::Finished { run, result });
         }
@@ -364,7 +391,7 @@ impl Driver {
     }
 
     async fn shutdown(self) {
-        for (_, task) in self.runs {
+        for task in self.runs.into_values().filter_map(|r| r.task) {
             task.abort();
         }
         for (_, slot) in self.apps {
