@@ -28,6 +28,7 @@ struct Cluster {
     quic: String,
     failure_timeout_ms: u64,
     token: Option<String>,
+    idle_seconds: u64,
 }
 
 impl Cluster {
@@ -70,6 +71,7 @@ impl Cluster {
             quic: "127.0.0.1:0".into(),
             failure_timeout_ms: 1500,
             token: token.map(str::to_owned),
+            idle_seconds: 300,
         };
         cluster.start_gateway();
         for id in 1..=workers {
@@ -127,6 +129,7 @@ impl Cluster {
             .arg(self.dir.path().join("certs"))
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("worker-{id}")))
+            .args(["--idle-seconds", &self.idle_seconds.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -487,4 +490,60 @@ fn a_gateway_with_a_token_refuses_requests_without_it() {
         200,
         "liveness needs no token"
     );
+}
+
+/// The sandbox holders a worker has running: its children started as `sand __sandbox-init`.
+fn sandboxes_of(worker: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let dir = e.path();
+            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            // The parent pid is the second field after the command's closing parenthesis.
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1));
+            cmdline.windows(14).any(|w| w == b"__sandbox-init") && ppid == Some(&worker.to_string())
+        })
+        .count()
+}
+
+#[test]
+fn an_idle_app_sandbox_is_torn_down_and_made_again_on_demand() {
+    let mut cluster = Cluster::start(0, &["examples/pipeline"]);
+    cluster.idle_seconds = 1;
+    let certs = cluster.dir.path().join("certs");
+    sand(&[
+        "cert",
+        "issue",
+        "worker",
+        "--id",
+        "1",
+        "--dir",
+        certs.to_str().unwrap(),
+    ]);
+    cluster.start_worker(1);
+    cluster.wait_for_workers(1);
+    let worker = cluster.workers[0].1.id();
+    assert_eq!(cluster.invoke("pipeline", "1", "").1["output"], 9);
+    assert_eq!(
+        sandboxes_of(worker),
+        1,
+        "one sandbox for the app while it is used"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sandboxes_of(worker) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle sandbox was not torn down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cluster.invoke("pipeline", "2", "").1["output"], 25);
+    assert_eq!(sandboxes_of(worker), 1);
 }
