@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sand_protocol::durable::{Answer, ExecRecord, LogIndex, Op, Owner};
+use sand_protocol::durable::{Answer, ExecRecord, LogIndex};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, InvokeError, Invoked};
-use sand_protocol::ids::{AppName, CallId, ExecId};
+use sand_protocol::ids::{AppName, ExecId};
 use sand_protocol::policy::AppSpec;
 use sand_protocol::time::Time;
 use sand_protocol::wire::{AppBundle, Payload, ToGateway, ToWorker};
@@ -456,19 +456,4 @@ pub fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Which incarnation of which worker owned a call, and how often it had failed: what the
-/// trace book compares to tell a recovery from a retry.
-pub(crate) type Ownership = (Option<Owner>, u32);
-
-/// The ops of a batch that concern pending calls, with their keys.
-pub(crate) fn call_ops(
-    ops: &[Op],
-) -> impl Iterator<Item = ((ExecId, CallId), Option<Ownership>)> + '_ {
-    ops.iter().filter_map(|op| match op {
-        Op::PutCall(rec) => Some(((rec.exec, rec.call), Some((rec.owner, rec.failures)))),
-        Op::DelCall(e, c) => Some(((*e, *c), None)),
-        _ => None,
-    })
 }

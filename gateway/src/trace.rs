@@ -12,14 +12,26 @@
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
-use sand_protocol::durable::{DurableState, Op};
+use sand_protocol::durable::{DurableState, Op, Owner};
 use sand_protocol::ids::{Attempt, CallId, ExecId, WorkerId};
 use sand_protocol::wire::{CallSpec, GrainError, RunTrace};
 use serde::{Deserialize, Serialize};
 
-use crate::core::{call_ops, Ownership};
 use crate::metrics::Metrics;
 use crate::store::Trace;
+
+/// Which incarnation of which worker owned a call, and how often it had failed: what the
+/// trace book compares to tell a recovery from a retry.
+type Ownership = (Option<Owner>, u32);
+
+/// The ops of a batch that concern pending calls, with their keys.
+fn call_ops(ops: &[Op]) -> impl Iterator<Item = ((ExecId, CallId), Option<Ownership>)> + '_ {
+    ops.iter().filter_map(|op| match op {
+        Op::PutCall(rec) => Some(((rec.exec, rec.call), Some((rec.owner, rec.failures)))),
+        Op::DelCall(e, c) => Some(((*e, *c), None)),
+        _ => None,
+    })
+}
 
 /// How one attempt of one call went: an entry of `GET /v1/executions/{id}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
