@@ -89,6 +89,23 @@ impl Launcher for HostLauncher {
     }
 }
 
+/// Spawns `cmd`, trying again a few times while exec fails with ETXTBSY. A program written
+/// just before (an unpacked bundle, a test's script) is "busy" while any child forked
+/// meanwhile by another thread still holds the writer's descriptor between its fork and exec;
+/// that lasts microseconds, so a short retry is the known remedy.
+fn spawn_retrying_busy(cmd: &mut tokio::process::Command) -> io::Result<tokio::process::Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1 << tries.min(4)));
+            }
+            result => return result,
+        }
+    }
+}
+
 fn spawn_on_host(spec: ProcessSpec) -> io::Result<HostProcess> {
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
@@ -124,7 +141,7 @@ fn spawn_on_host(spec: ProcessSpec) -> io::Result<HostProcess> {
             });
         }
     }
-    let mut child = cmd.spawn().map_err(|e| {
+    let mut child = spawn_retrying_busy(&mut cmd).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("cannot start {}: {e}", spec.program.display()),
