@@ -78,6 +78,10 @@ pub struct WorkerArgs {
     /// Tear an app's sandbox down after this many idle seconds.
     #[arg(long, default_value_t = 300)]
     idle_seconds: u64,
+    /// Send every emitted call to the gateway to be placed, never running it here: SAND
+    /// without its local bus, for the ablation benchmark.
+    #[arg(long)]
+    gateway_hops: bool,
 }
 
 /// `sand dev`.
@@ -205,12 +209,16 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
     let data_dir = args
         .data_dir
         .unwrap_or_else(|| PathBuf::from(format!(".sand/worker-{}", args.id)));
-    let config = worker_config(
+    let mut config = worker_config(
         id,
         data_dir,
         args.isolation,
         Duration::from_secs(args.idle_seconds),
     )?;
+    if args.gateway_hops {
+        // The local bus sends emitted calls to the gateway once this many calls run here.
+        config.lb.overload_threshold = 0;
+    }
     println!("sand worker {id}: dialing {}", args.gateway);
     runtime()?.block_on(run_worker(
         args.gateway,

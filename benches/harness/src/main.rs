@@ -1,0 +1,314 @@
+//! `sand-bench`: sand's benchmarks, side by side with Celery and Ray, in one run.
+//!
+//! It starts real sand clusters (a gateway and workers, as processes of the `sand` binary
+//! built beside it), drives them through the HTTP API, and writes `results.json`,
+//! `results.md` and SVG plots. Needs root: sandboxes.
+//!
+//! ```text
+//! cargo build --release -p sand -p sand-bench && target/release/sand-bench --out bench-results
+//! ```
+
+mod alternatives;
+mod apps;
+mod cluster;
+mod cold_start;
+mod link;
+mod measure;
+mod memory;
+mod plot;
+mod recovery;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+
+use crate::apps::{Apps, CHAIN_SUM};
+use crate::cluster::{Cluster, ClusterSpec};
+use crate::measure::{latency, throughput};
+use crate::report::{ChainRow, HopRow, MemoryRow, Results};
+
+/// sand's benchmark harness: latency, throughput, cold start, memory and recovery, with
+/// Celery and Ray on the same chain in the same run.
+#[derive(Parser, Debug)]
+#[command(name = "sand-bench")]
+struct Args {
+    /// Where results.json, results.md and the plots are written.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Sequential chains per latency figure (after a warm-up of a tenth as many).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..))]
+    runs: u64,
+    /// Concurrent clients in the throughput runs.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    clients: u64,
+    /// Seconds each throughput run lasts.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: u64,
+    /// The interpreter of the Python grains; it needs numpy for the cold-start figures.
+    #[arg(long, default_value = "/usr/bin/python3")]
+    python: PathBuf,
+    /// The virtualenv for Celery and Ray (made by benches/alternatives/setup.sh).
+    #[arg(long, default_value = "target/bench-venv")]
+    venv: PathBuf,
+    /// Skip these parts (repeat the flag for more).
+    #[arg(long, value_enum)]
+    skip: Vec<Part>,
+}
+
+/// The parts of a run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Part {
+    /// The chain on the local bus and through the gateway, on loopback; throughput.
+    Chain,
+    /// The same ablation over an emulated data-center link (a delaying UDP relay).
+    Link,
+    /// PSS of idle sandboxes and of running instances.
+    Memory,
+    /// SIGKILL of a worker mid-chain.
+    Recovery,
+    /// The worker's cold-start benchmark (cargo bench).
+    ColdStart,
+    /// Celery, Ray and the Unix-datagram floor.
+    Alternatives,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sand-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn progress(what: &str) {
+    eprintln!("sand-bench: {what}");
+}
+
+fn run(args: &Args) -> Result<()> {
+    if !is_root() {
+        bail!("sand-bench needs root: sand's workers make sandboxes");
+    }
+    let exe = std::env::current_exe().context("cannot find this binary")?;
+    let sand = exe.with_file_name("sand");
+    if !sand.is_file() {
+        bail!(
+            "no sand binary beside {}: build both with `cargo build --release -p sand -p sand-bench`",
+            exe.display()
+        );
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let repo = repo.canonicalize().context("cannot find the repository")?;
+    let scratch = tempfile::Builder::new()
+        .prefix("sand-bench-apps-")
+        .tempdir()?;
+    let apps = Apps::write(scratch.path(), &args.python)?;
+    let runs = args.runs as usize;
+    let clients = args.clients as usize;
+    let seconds = args.seconds as f64;
+    let want = |p: Part| !args.skip.contains(&p);
+    let mut results = Results::new(&repo, &args.python, clients);
+
+    if want(Part::Chain) {
+        progress("the chain on loopback, local bus");
+        let c = Cluster::start(&sand, ClusterSpec::default())?;
+        for app in [
+            &apps.chain,
+            &apps.chain_reuse,
+            &apps.whole,
+            &apps.whole_reuse,
+        ] {
+            c.deploy(app)?;
+        }
+        let warmup = runs / 10;
+        let chain = latency(&c, "chain", CHAIN_SUM, warmup, runs)?;
+        let whole = latency(&c, "whole", CHAIN_SUM, warmup, runs)?;
+        let chain_reuse = latency(&c, "chain-reuse", CHAIN_SUM, warmup, runs)?;
+        let whole_reuse = latency(&c, "whole-reuse", CHAIN_SUM, warmup, runs)?;
+        progress("throughput, local bus");
+        let tp = throughput(&c, "chain", CHAIN_SUM, clients, seconds)?;
+        let tp_reuse = throughput(&c, "chain-reuse", CHAIN_SUM, clients, seconds)?;
+        drop(c);
+        results.hops.push(HopRow::new(
+            "loopback",
+            "local bus, fresh instance",
+            &chain,
+            &whole,
+        ));
+        results.hops.push(HopRow::new(
+            "loopback",
+            "local bus, reused instance",
+            &chain_reuse,
+            &whole_reuse,
+        ));
+        results.sand.push(ChainRow::new(
+            "sand, fresh instance per call",
+            &chain,
+            Some(tp),
+        ));
+        results.sand.push(ChainRow::new(
+            "sand, reused instances",
+            &chain_reuse,
+            Some(tp_reuse),
+        ));
+
+        progress("the chain on loopback, every hop through the gateway");
+        let c = Cluster::start(
+            &sand,
+            ClusterSpec {
+                gateway_hops: true,
+                ..ClusterSpec::default()
+            },
+        )?;
+        for app in [&apps.chain, &apps.whole] {
+            c.deploy(app)?;
+        }
+        let chain = latency(&c, "chain", CHAIN_SUM, warmup, runs)?;
+        let whole = latency(&c, "whole", CHAIN_SUM, warmup, runs)?;
+        let tp = throughput(&c, "chain", CHAIN_SUM, clients, seconds)?;
+        drop(c);
+        results.hops.push(HopRow::new(
+            "loopback",
+            "gateway hop, fresh instance",
+            &chain,
+            &whole,
+        ));
+        results.sand.push(ChainRow::new(
+            "sand, every hop via the gateway",
+            &chain,
+            Some(tp),
+        ));
+    }
+
+    if want(Part::Link) {
+        let delay = Duration::from_micros(250);
+        let rtt = link::DelayRelay::round_trip(delay)?;
+        progress(&format!(
+            "emulated link: {} ms round trip (median; p99 {} ms)",
+            plot::number(rtt.median_ms),
+            plot::number(rtt.p99_ms)
+        ));
+        results.link_round_trip = Some(rtt);
+        for (gateway_hops, mode) in [
+            (false, "local bus, fresh instance"),
+            (true, "gateway hop, fresh instance"),
+        ] {
+            progress(&format!("the chain over the emulated link: {mode}"));
+            let c = Cluster::start(
+                &sand,
+                ClusterSpec {
+                    gateway_hops,
+                    link_delay: Some(delay),
+                    ..ClusterSpec::default()
+                },
+            )?;
+            c.deploy(&apps.chain)?;
+            c.deploy(&apps.whole)?;
+            let chain = latency(&c, "chain", CHAIN_SUM, runs / 10, runs)?;
+            let whole = latency(&c, "whole", CHAIN_SUM, runs / 10, runs)?;
+            let name = format!("emulated link, {} ms each way", delay.as_secs_f64() * 1e3);
+            results.hops.push(HopRow::new(&name, mode, &chain, &whole));
+        }
+    }
+
+    if want(Part::Memory) {
+        for (app, name, zygotes) in [(&apps.chain, "chain", 5), (&apps.memory, "memory", 1)] {
+            progress(&format!("memory of the {name} app's sandbox"));
+            results.memory.push(memory_row(&sand, app, name, zygotes)?);
+        }
+    }
+
+    if want(Part::Recovery) {
+        progress("recovery: SIGKILL of a worker mid-chain");
+        results.recovery = Some(recovery::run(&sand, &apps.recovery, 16)?);
+    }
+
+    if want(Part::ColdStart) {
+        progress("cold start (cargo bench -p sand-worker --bench cold_start)");
+        match cold_start::run(&repo, &args.python, runs) {
+            Ok(c) => results.cold_start = Some(c),
+            Err(e) => results
+                .notes
+                .push(format!("cold start not measured: {e:#}")),
+        }
+    }
+
+    if want(Part::Alternatives) {
+        let scripts = alternatives::Scripts::new(&repo, &std::path::absolute(&args.venv)?);
+        progress("installing the alternatives (benches/alternatives/setup.sh)");
+        scripts.setup()?;
+        for system in ["unix", "celery", "ray"] {
+            progress(&format!("the chain on {system}"));
+            results
+                .alternatives
+                .push(scripts.run(system, runs, clients, args.seconds));
+        }
+    }
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot make {}", args.out.display()))?;
+    let markdown = results.write(&args.out)?;
+    println!("{markdown}");
+    progress(&format!("results in {}", args.out.display()));
+    Ok(())
+}
+
+/// The PSS of one app's sandbox with its zygotes idle, and per running instance.
+fn memory_row(sand: &Path, app: &Path, name: &str, zygotes: usize) -> Result<MemoryRow> {
+    let c = Cluster::start(sand, ClusterSpec::default())?;
+    c.deploy(app)?;
+    let client = c.client();
+    let worker = c.worker_pid(1).context("no worker")?;
+    let adds = if name == "chain" { CHAIN_SUM } else { 0 };
+    client.invoke(name, 0, adds)?;
+    // Let the spares be forked and the first instances exit.
+    std::thread::sleep(Duration::from_millis(1500));
+    let idle = memory::descendants(worker);
+    let idle_pss = memory::total_pss_kib(&idle);
+    let mut row = MemoryRow {
+        app: name.to_owned(),
+        zygotes,
+        idle_processes: idle.len(),
+        idle_pss_kib: idle_pss,
+        running_instances: 0,
+        per_instance_pss_kib: None,
+    };
+    if name == "memory" {
+        // Hold four calls open for three seconds, and weigh the sandbox meanwhile.
+        let holding = 4;
+        let ids: Vec<String> = (0..holding)
+            .map(|_| client.start(name, 3))
+            .collect::<Result<_>>()?;
+        std::thread::sleep(Duration::from_millis(1500));
+        let busy = memory::total_pss_kib(&memory::descendants(worker));
+        row.running_instances = holding;
+        row.per_instance_pss_kib = Some(busy.saturating_sub(idle_pss) / holding as u64);
+        for id in ids {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while client.execution(&id)?["status"] == "running" {
+                if std::time::Instant::now() > deadline {
+                    bail!("a held call did not end");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    Ok(row)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
