@@ -9,8 +9,12 @@ with fd 3 a SOCK_SEQPACKET socket to the worker. It imports the grain's module o
 dir is on sys.path and is the cwd, so vendored packages work), says READY, then forks one
 instance per call. The zygote itself is single-threaded and never runs a handler.
 
-- One instance is always forked ahead and waiting, so a call never waits for a fork; a new
-  spare is forked as soon as one is taken (after the call has been handed over).
+- One instance is kept forked ahead and waiting, so a call does not wait for a fork. The
+  next spare is forked once the call that took it is released, never while a call is being
+  handed over (a fork takes a core for about a millisecond); a call that finds no spare forks
+  one on the spot.
+- An instance rehearses the call path once before it waits (see `rehearse`), so a call does
+  not pay for the copy-on-write faults of the runtime's own code.
 - An instance serves one call, or up to `--reuse N` calls, then exits.
 - An instance writes its result straight to fd 3 (datagrams are atomic) and then lingers until
   the worker has read it (RELEASE), so its exit never delays the reader.
@@ -39,6 +43,7 @@ MESSAGE_MAX = 16 << 20
 RESULT_HEAD = struct.Struct("<IIIIQQ")
 CALL_HEAD = struct.Struct("<QQQ")
 PRIVATE_LEN = struct.Struct("<I")
+REAP_INTERVAL_MS = 20
 
 
 def send_message(chan, kind, slot, body=b""):
@@ -168,6 +173,32 @@ def parent_death_signal_setter():
     return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
+def answer(handler, call, out_fd, err_fd, pid):
+    """Runs one call (a CALL body) and returns its RESULT body, with the captured output."""
+    result = run_call(handler, call)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    out, out_total = read_capture(out_fd)
+    err, err_total = read_capture(err_fd)
+    if len(result) > MESSAGE_MAX - 2 * CAPTURE_MAX:
+        text = "the result is %d bytes, above the %d byte limit" % (len(result), MESSAGE_MAX)
+        result = json.dumps({"error": text, "kind": "bad_output"}).encode()
+    head = RESULT_HEAD.pack(pid, len(result), len(out), len(err), out_total, err_total)
+    return b"".join((head, result, out, err))
+
+
+def rehearse(out_fd, err_fd):
+    """Runs the call path once with a stand-in handler, sending nothing. In the zygote it
+    makes what the path creates lazily exist before the fork; in an instance waiting for its
+    call it copies the pages the path writes (allocator pools, free lists) while nobody
+    waits, instead of during the call."""
+    call = CALL_HEAD.pack(0, 0, 0) + b'{"rehearsal":[1,"two",3.5,null,true]}'
+    answer(lambda event, ctx: ctx.next("rehearsal", event), memoryview(call), out_fd, err_fd, 0)
+
+
 def instance_main(chan, sock, handler, calls_max, linger):
     """One forked instance: serve up to calls_max calls from the private socket, then exit."""
     out_fd = os.memfd_create("sand-stdout")
@@ -175,27 +206,15 @@ def instance_main(chan, sock, handler, calls_max, linger):
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
     pid = os.getpid()
+    rehearse(out_fd, err_fd)
     served = 0
-    # Fault in the pages of the call path now, before a call waits on them.
-    encode_result(Ctx(0, 0, 0).next("warm", json.loads(b"[0]")))
     while served < calls_max:
         msg = recv_private(sock)
         if msg is None:
             os._exit(0)
         slot = PRIVATE_LEN.unpack_from(msg)[0]
-        result = run_call(handler, memoryview(msg)[PRIVATE_LEN.size:])
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        out, out_total = read_capture(out_fd)
-        err, err_total = read_capture(err_fd)
-        if len(result) > MESSAGE_MAX - 2 * CAPTURE_MAX:
-            text = "the result is %d bytes, above the %d byte limit" % (len(result), MESSAGE_MAX)
-            result = json.dumps({"error": text, "kind": "bad_output"}).encode()
-        head = RESULT_HEAD.pack(pid, len(result), len(out), len(err), out_total, err_total)
-        send_message(chan, RESULT, slot, b"".join((head, result, out, err)))
+        body = answer(handler, memoryview(msg)[PRIVATE_LEN.size:], out_fd, err_fd, pid)
+        send_message(chan, RESULT, slot, body)
         served += 1
     if linger:
         # Linger until the zygote closes our socket (the worker has read the result).
@@ -258,8 +277,6 @@ class Zygote:
             inst.sock.sendall(frame)
         except OSError:
             pass  # it died; its EOF reports the call
-        if self.prefork and not self.idle:
-            self.idle.append(self.fork_instance())
 
     def release(self, slot):
         inst = self.by_slot.pop(slot, None)
@@ -270,6 +287,14 @@ class Zygote:
             self.idle.append(inst)
         else:
             self.retire(inst)
+        self.keep_spare()
+
+    def keep_spare(self):
+        """Forks the spare when there is none. Called once a call's result is out (RELEASE)
+        or an instance is gone, never while handing a call over: a fork of the zygote takes a
+        core for a millisecond and would compete with the call it follows."""
+        if self.prefork and not self.idle:
+            self.idle.append(self.fork_instance())
 
     def retire(self, inst):
         """Closes an instance's socket: it exits on EOF, in its own time."""
@@ -306,8 +331,7 @@ class Zygote:
             else:
                 how, code = 0, os.WEXITSTATUS(status) if status is not None else -1
             send_message(self.chan, DIED, inst.slot, struct.pack("<Bi", how, code))
-        if self.prefork and not self.idle:
-            self.idle.append(self.fork_instance())
+        self.keep_spare()
 
     def reap(self):
         """Collects retired instances that have exited. Only retired ones: a live instance's
@@ -345,13 +369,20 @@ class Zygote:
     def serve(self):
         # Objects that exist now are shared with every instance: keep the collector from
         # writing to them in instances (each write would copy a page).
+        out_fd = os.memfd_create("sand-rehearsal")
+        try:
+            rehearse(out_fd, out_fd)
+        finally:
+            os.close(out_fd)
         gc.collect()
         gc.freeze()
-        if self.prefork:
-            self.idle.append(self.fork_instance())
+        self.keep_spare()
         chan_fd = self.chan.fileno()
         while True:
-            for fd, _events in self.poll.poll():
+            # A retired instance exits in its own time and nothing wakes us then: look again
+            # shortly, so it does not stay a zombie (holding a pid) until the next message.
+            timeout_ms = REAP_INTERVAL_MS if self.retired else None
+            for fd, _events in self.poll.poll(timeout_ms):
                 if fd == chan_fd:
                     piece = self.chan.recv(HEADER.size + PIECE_BODY_MAX)
                     if not piece:

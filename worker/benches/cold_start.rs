@@ -3,7 +3,8 @@
 //! interpreter and import per call), and a warm reused instance.
 //!
 //! `cargo bench -p sand-worker --bench cold_start` (env: `SAND_BENCH_PYTHON`, default
-//! `/usr/bin/python3`, which must have numpy; `SAND_BENCH_CALLS`, default 300).
+//! `/usr/bin/python3`, which must have numpy; `SAND_BENCH_CALLS`, default 300;
+//! `SAND_BENCH_JSON=FILE` also writes the figures there, for `sand-bench`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -62,12 +63,22 @@ fn stats(mut samples: Vec<Duration>) -> Stats {
     }
 }
 
-fn pss_kib(pid: u32) -> Option<u64> {
+/// A field of `/proc/PID/smaps_rollup`, in KiB.
+fn rollup_kib(pid: u32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     text.lines()
-        .find(|l| l.starts_with("Pss:"))
+        .find(|l| l.split_whitespace().next() == Some(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
+}
+
+fn pss_kib(pid: u32) -> Option<u64> {
+    rollup_kib(pid, "Pss:")
+}
+
+/// The memory only this process holds (its USS): what one more instance really costs.
+fn private_kib(pid: u32) -> Option<u64> {
+    Some(rollup_kib(pid, "Private_Clean:")? + rollup_kib(pid, "Private_Dirty:")?)
 }
 
 fn children(pid: u32) -> Vec<u32> {
@@ -179,11 +190,13 @@ async fn main() {
         tokio::spawn(async move { z.call(request("\"hold\"")).await })
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let instance_pss = children(zygote_pid)
+    // The instance serving the call is the child with the most private memory (a spare, if
+    // one is forked already, has touched less).
+    let (instance_private, instance_pss) = children(zygote_pid)
         .into_iter()
-        .filter_map(pss_kib)
+        .filter_map(|pid| Some((private_kib(pid)?, pss_kib(pid)?)))
         .max()
-        .unwrap_or(0);
+        .unwrap_or((0, 0));
     let zygote_pss = pss_kib(zygote_pid).unwrap_or(0);
     check(&holder.await.expect("hold call"));
     z.stop().await;
@@ -232,4 +245,22 @@ async fn main() {
     );
     println!("PSS: zygote {zygote_pss} KiB, forked instance {instance_pss} KiB, fresh interpreter with numpy {fresh_pss} KiB (instance = {:.0}% of fresh)",
         100.0 * instance_pss as f64 / fresh_pss.max(1) as f64);
+    println!("private (USS) of the forked instance: {instance_private} KiB ({:.0}% of a fresh interpreter's PSS); its PSS also holds its share of the zygote's pages, split among the zygote and its live children",
+        100.0 * instance_private as f64 / fresh_pss.max(1) as f64);
+
+    if let Some(path) = std::env::var_os("SAND_BENCH_JSON") {
+        let mode = |s: &Stats| serde_json::json!({"median_us": s.median_us, "p99_us": s.p99_us});
+        let doc = serde_json::json!({
+            "calls": calls,
+            "prefork": mode(&prefork),
+            "on_demand": mode(&on_demand),
+            "exec": mode(&exec_stats),
+            "warm": mode(&warm),
+            "zygote_pss_kib": zygote_pss,
+            "instance_pss_kib": instance_pss,
+            "instance_private_kib": instance_private,
+            "fresh_pss_kib": fresh_pss,
+        });
+        std::fs::write(&path, doc.to_string()).expect("write SAND_BENCH_JSON");
+    }
 }

@@ -25,6 +25,9 @@ def handle(event, ctx):
     if kind == "next": return ctx.next("second", {"n": 5})
     if kind == "fan_out": return ctx.fan_out([("left", 1), ("right", [2])], join="join")
     if kind == "ctx": return [ctx.exec, ctx.call, ctx.attempt]
+    if kind == "pools":
+        names = ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"]
+        return [os.environ.get(n) for n in names]
     if kind == "pid": return {"pid": os.getpid(), "ppid": os.getppid()}
     if kind == "raise": raise ValueError("bad input %d" % event["n"])
     if kind == "exit": os._exit(3)
@@ -114,6 +117,28 @@ async fn values_chains_and_fan_outs_come_back_as_grain_results() {
 
         let r = z.call(request(r#"{"kind":"ctx"}"#)).await;
         assert_eq!(value(&r), serde_json::json!([11, 22, 3]));
+    })
+    .await;
+    z.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_thread_pools_get_one_thread_unless_the_app_says_otherwise() {
+    let app = app(GRAINS);
+    let z = start(spec(&app)).await;
+    bounded(30, async {
+        let r = z.call(request(r#"{"kind":"pools"}"#)).await;
+        assert_eq!(value(&r), serde_json::json!(["1", "1", "1"]));
+    })
+    .await;
+    z.stop().await;
+
+    let mut with_omp = spec(&app);
+    with_omp.env.push(("OMP_NUM_THREADS".into(), "4".into()));
+    let z = start(with_omp).await;
+    bounded(30, async {
+        let r = z.call(request(r#"{"kind":"pools"}"#)).await;
+        assert_eq!(value(&r), serde_json::json!(["1", "4", "1"]));
     })
     .await;
     z.stop().await;

@@ -33,6 +33,8 @@ pub struct ColdStart {
     pub zygote_pss_kib: u64,
     /// PSS of an instance in the middle of a call, in KiB.
     pub instance_pss_kib: u64,
+    /// Memory only that instance holds (USS), in KiB.
+    pub instance_private_kib: u64,
     /// PSS of a fresh interpreter with the same imports, in KiB.
     pub fresh_pss_kib: u64,
 }

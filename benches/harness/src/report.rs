@@ -308,8 +308,8 @@ impl Results {
             }
             writeln!(
                 s,
-                "\nPSS: zygote {} KiB, instance mid-call {} KiB, fresh interpreter {} KiB.",
-                c.zygote_pss_kib, c.instance_pss_kib, c.fresh_pss_kib
+                "\nMemory: zygote PSS {} KiB; an instance mid-call {} KiB PSS, of which {} KiB private (USS); a fresh interpreter with the same imports {} KiB PSS.",
+                c.zygote_pss_kib, c.instance_pss_kib, c.instance_private_kib, c.fresh_pss_kib
             )?;
         }
 

@@ -1,8 +1,9 @@
 //! The zygote loop of a Rust grain: the same behaviour as the Python runtime.
 //!
 //! The zygote reads `CALL`s from fd 3 and hands each to an idle instance over the instance's
-//! private socket (a `u32` length, the slot, the call body); one instance is always forked
-//! ahead. The instance runs the handler with its stdout and stderr captured in memory files,
+//! private socket (a `u32` length, the slot, the call body); one instance is kept forked
+//! ahead, forked again once the call that took it is released (never while handing a call
+//! over), and a call that finds none forks one on the spot. The instance runs the handler with its stdout and stderr captured in memory files,
 //! writes its `RESULT` straight to fd 3, and then lingers (blocked on its private socket) until
 //! the worker's `RELEASE` makes the zygote close that socket, or hand it the next call
 //! (`--reuse N`). An instance that dies before release is reported as `DIED`.
@@ -33,6 +34,9 @@ use crate::{Ctx, Output};
 
 /// The largest message the zygote accepts (a call's input is at most 6 MiB).
 const MESSAGE_BYTES_MAX: usize = 16 << 20;
+
+/// How often the zygote looks for exited retired instances while some are left.
+const REAP_INTERVAL_MS: u8 = 20;
 
 /// Runs the zygote loop with `handler` as the grain; never returns. Call it first thing in
 /// `main`, before any thread starts. Arguments (given by sand): `--reuse N` (calls per
@@ -151,9 +155,7 @@ struct Zygote<'h> {
 
 impl Zygote<'_> {
     fn serve(&mut self) -> ! {
-        if self.prefork {
-            self.fork_spare();
-        }
+        self.keep_spare();
         let mut buf = vec![0u8; HEADER_BYTES + PIECE_BODY_BYTES_MAX + 1];
         loop {
             let socks: Vec<RawFd> = self.instances.keys().copied().collect();
@@ -164,7 +166,15 @@ impl Zygote<'_> {
                         .iter()
                         .map(|fd| PollFd::new(self.instances[fd].sock.as_fd(), PollFlags::POLLIN)),
                 );
-                match poll(&mut fds, PollTimeout::NONE) {
+                // A retired instance exits in its own time and nothing wakes us then: look
+                // again shortly, so it does not stay a zombie (holding a pid) until the next
+                // message.
+                let timeout = if self.retired.is_empty() {
+                    PollTimeout::NONE
+                } else {
+                    PollTimeout::from(REAP_INTERVAL_MS)
+                };
+                match poll(&mut fds, timeout) {
                     Ok(_) | Err(Errno::EINTR) => {}
                     Err(e) => {
                         eprintln!("sand-grain: poll failed: {e}");
@@ -236,9 +246,6 @@ impl Zygote<'_> {
             let _ = write_all(&inst.sock, &frame);
         }
         self.by_slot.insert(slot, fd);
-        if self.prefork && self.idle.is_empty() {
-            self.fork_spare();
-        }
     }
 
     fn release(&mut self, slot: u32) {
@@ -257,6 +264,7 @@ impl Zygote<'_> {
                 self.retired.push(inst.pid);
             }
         }
+        self.keep_spare();
     }
 
     fn instance_gone(&mut self, fd: RawFd) {
@@ -279,14 +287,17 @@ impl Zygote<'_> {
             };
             send_message(&self.chan, Kind::Died, slot, &died.encode());
         }
-        if self.prefork && self.idle.is_empty() {
-            self.fork_spare();
-        }
+        self.keep_spare();
     }
 
-    fn fork_spare(&mut self) {
-        let fd = self.fork_instance();
-        self.idle.push(fd);
+    /// Forks the spare when there is none. Called once a call's result is out (`RELEASE`) or
+    /// an instance is gone, never while handing a call over: a fork of the zygote takes a core
+    /// for a millisecond and would compete with the call it follows.
+    fn keep_spare(&mut self) {
+        if self.prefork && self.idle.is_empty() {
+            let fd = self.fork_instance();
+            self.idle.push(fd);
+        }
     }
 
     fn fork_instance(&mut self) -> RawFd {

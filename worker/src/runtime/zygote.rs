@@ -32,6 +32,11 @@ use tokio::task::JoinHandle;
 use super::launch::{Exit, LaunchedProcess, Launcher, ProcessSpec};
 use super::{bounded_capture, output, CallReport, CallRequest};
 
+/// The variables that size the thread pools of numeric libraries, set to 1 for Python
+/// zygotes unless the app sets them.
+const SINGLE_THREADED_POOLS: [&str; 3] =
+    ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"];
+
 /// How to start one grain's zygote.
 #[derive(Clone, Debug)]
 pub struct ZygoteSpec {
@@ -89,6 +94,22 @@ impl ZygoteSpec {
             ],
             start_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// The environment the zygote starts with: the spec's, plus, for Python, one thread for
+    /// the numeric libraries' pools (OpenBLAS, OpenMP, MKL) unless the spec sets them. A
+    /// zygote must be single-threaded when it forks, and importing numpy otherwise starts an
+    /// OpenBLAS thread in it.
+    fn launch_env(&self) -> Vec<(OsString, OsString)> {
+        let mut env = self.env.clone();
+        if matches!(self.runtime, ZygoteRuntime::Python { .. }) {
+            for key in SINGLE_THREADED_POOLS {
+                if !env.iter().any(|(k, _)| k == key) {
+                    env.push((key.into(), "1".into()));
+                }
+            }
+        }
+        env
     }
 
     fn command(&self) -> (PathBuf, Vec<OsString>) {
@@ -310,7 +331,7 @@ impl Running {
                 .spawn(ProcessSpec {
                     program,
                     args,
-                    env: spec.env.clone(),
+                    env: spec.launch_env(),
                     cwd: spec.app_dir.clone(),
                     channel: Some(theirs),
                     stdio: None,
@@ -614,4 +635,107 @@ async fn watch_exit(running: Arc<Running>) {
         ErrorKind::Crashed,
         format!("the grain's zygote {exit}"),
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::launch::HostLauncher;
+    use crate::runtime::python::install_python_runtime;
+    use sand_protocol::ids::{Attempt, CallId, ExecId};
+    use sand_protocol::local_bus::GrainResult;
+    use sand_protocol::wire::Payload;
+
+    /// A directory removed when dropped, also when the test fails.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn children(pid: u32) -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// Polls `what` every 10 ms until it holds, for at most 5 s.
+    async fn eventually(what: impl Fn() -> bool) -> bool {
+        for _ in 0..500 {
+            if what() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_spare_is_forked_after_the_call_is_released_not_while_it_runs() {
+        let dir = Scratch(std::env::temp_dir().join(format!("sand-spare-{}", std::process::id())));
+        let app = dir.0.join("app");
+        std::fs::create_dir_all(&app).expect("mkdir");
+        let grains = "import os, time\ndef handle(event, ctx):\n    time.sleep(event)\n    return os.getpid()\n";
+        std::fs::write(app.join("grains.py"), grains).expect("write grains");
+        let script = install_python_runtime(&dir.0.join("runtime")).expect("install");
+        let runtime = ZygoteRuntime::Python {
+            interpreter: "/usr/bin/python3".into(),
+            runtime_script: script,
+            module: "grains.py".into(),
+            handler: "handle".into(),
+        };
+        let zygote = Arc::new(
+            Zygote::start(Arc::new(HostLauncher), ZygoteSpec::new(runtime, &app))
+                .await
+                .expect("the zygote starts"),
+        );
+        let pid = zygote.pid().expect("running");
+        assert!(
+            eventually(|| children(pid).len() == 1).await,
+            "the first spare"
+        );
+        let spare = children(pid)[0];
+        let call = tokio::spawn({
+            let zygote = zygote.clone();
+            async move {
+                zygote
+                    .call(CallRequest {
+                        exec: ExecId(1),
+                        call: CallId(1),
+                        attempt: Attempt(1),
+                        input: Payload::from("0.6"),
+                        timeout: Some(Duration::from_secs(10)),
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            children(pid),
+            vec![spare],
+            "while the call runs, the spare serves it and no other child is forked"
+        );
+        let report = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the call ends in time")
+            .expect("the call task");
+        assert_eq!(
+            report.result,
+            GrainResult::Return(Payload::from(spare.to_string().as_str()))
+        );
+        assert!(
+            eventually(|| {
+                let now = children(pid);
+                now.len() == 1 && now[0] != spare
+            })
+            .await,
+            "after the release, the used instance exits and a new spare takes its place: {:?}",
+            children(pid)
+        );
+        zygote.stop().await;
+    }
 }
