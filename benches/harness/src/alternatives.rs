@@ -36,6 +36,8 @@ struct Report {
     latency_ms: Option<ReportLatency>,
     throughput: Option<ReportThroughput>,
     unavailable: Option<String>,
+    /// Set when the run failed (a wrong answer, a timeout, a part that died).
+    error: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -143,7 +145,9 @@ impl Scripts {
                 chains_per_s: t.chains_per_s,
                 gateway_cpu_ms_per_chain: None,
             }),
-            unavailable: report.unavailable,
+            unavailable: report
+                .unavailable
+                .or(report.error.map(|e| format!("the run failed: {e}"))),
         })
     }
 }

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Installs what the baseline scripts beside this file need: a venv with pinned Celery (Redis
+# transport), the Redis client and Ray, and a redis-server binary. Idempotent: parts already
+# in place are checked and skipped. A part that fails is reported on stderr and the others
+# still run; the exit status is 0 only when every part is in.
+#
+# Usage: setup.sh VENV_DIR
+set -u
+
+CELERY_VERSION=5.7.0
+REDIS_PY_VERSION=8.1.0
+RAY_VERSION=2.60.0
+
+if [ $# -ne 1 ] || [ -z "$1" ]; then
+    echo "usage: $0 VENV_DIR" >&2
+    exit 2
+fi
+VENV=$1
+failed=()
+
+progress() { echo "setup: $*" >&2; }
+fail() {
+    echo "setup: FAILED: $*" >&2
+    failed+=("$1")
+}
+
+# pip_pin PACKAGE_SPEC IMPORT_NAME VERSION LABEL: installs the pin unless the venv already
+# imports IMPORT_NAME at exactly VERSION.
+pip_pin() {
+    local spec=$1 module=$2 version=$3 label=$4
+    if "$VENV/bin/python" -c "import sys, $module; sys.exit($module.__version__ != '$version')" \
+        >/dev/null 2>&1; then
+        progress "$label $version already installed"
+        return 0
+    fi
+    progress "installing $label $version ..."
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
+        "$spec" >&2; then
+        fail "$label" "pip install $spec"
+        return 1
+    fi
+    if ! "$VENV/bin/python" -c "import sys, $module; sys.exit($module.__version__ != '$version')"; then
+        fail "$label" "$label installed but 'import $module' does not give version $version"
+        return 1
+    fi
+    progress "$label $version installed"
+}
+
+# 1. The venv, made with the python3 on PATH.
+if [ -x "$VENV/bin/python" ]; then
+    progress "venv $VENV already exists ($("$VENV/bin/python" --version 2>&1))"
+    venv_ok=1
+else
+    progress "creating venv $VENV with $(command -v python3) ($(python3 --version 2>&1)) ..."
+    if python3 -m venv "$VENV"; then
+        venv_ok=1
+    else
+        fail venv "python3 -m venv $VENV"
+        venv_ok=0
+    fi
+fi
+
+# 2. Python packages, each pinned exactly.
+if [ "$venv_ok" = 1 ]; then
+    pip_pin "celery[redis]==$CELERY_VERSION" celery "$CELERY_VERSION" celery
+    pip_pin "redis==$REDIS_PY_VERSION" redis "$REDIS_PY_VERSION" "redis (python client)"
+    pip_pin "ray==$RAY_VERSION" ray "$RAY_VERSION" ray
+else
+    fail celery "skipped: no venv"
+    fail ray "skipped: no venv"
+fi
+
+# 3. A redis-server binary. Debian's package would start the system service on install; a
+# policy-rc.d that denies every start keeps it down (the scripts run their own servers), and
+# any system instance that runs anyway is stopped and disabled.
+stop_system_redis() {
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        systemctl disable --now redis-server >/dev/null 2>&1 || true
+    fi
+    if [ -x /etc/init.d/redis-server ]; then
+        /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+        update-rc.d redis-server disable >/dev/null 2>&1 || true
+    fi
+    if [ -f /run/redis/redis-server.pid ]; then
+        kill "$(cat /run/redis/redis-server.pid)" 2>/dev/null || true
+    fi
+}
+
+if command -v redis-server >/dev/null 2>&1; then
+    progress "redis-server already on PATH: $(redis-server --version)"
+else
+    progress "installing redis-server with apt-get ..."
+    policy=/usr/sbin/policy-rc.d
+    made_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+    fi
+    if { apt-get update >&2 || true; } && DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends redis-server >&2; then
+        progress "redis-server installed: $(redis-server --version)"
+    else
+        fail redis-server "apt-get install -y redis-server"
+    fi
+    [ "$made_policy" = 1 ] && rm -f "$policy"
+    stop_system_redis
+fi
+
+if [ ${#failed[@]} -ne 0 ]; then
+    echo "setup: incomplete; failed parts: ${failed[*]}" >&2
+    exit 1
+fi
+progress "all parts in: venv $VENV, celery $CELERY_VERSION, redis-py $REDIS_PY_VERSION, ray $RAY_VERSION, $(redis-server --version | cut -d' ' -f1-3)"
