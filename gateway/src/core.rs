@@ -6,12 +6,17 @@
 //! invoke and look up; the transport feeds it worker events; the store reports its commits.
 //! The core never blocks: writes go to the store's group-commit thread, sends are queued by the
 //! transport, and a request waiting for a durable acceptance or an answer parks a oneshot.
+//!
+//! Nothing leaves the core before the state behind it is durable. The queue's in-memory state
+//! runs ahead of the disk (an execution is `Done` there as soon as its last report is applied),
+//! so the core answers from what the queue has *emitted* (`Accepted`, `Respond`), never from
+//! its state alone: an execution stays in [`Core`]'s running set until its `Respond`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sand_protocol::durable::{Answer, ExecRecord, LogIndex};
+use sand_protocol::durable::{Answer, ExecRecord, ExecStatus, LogIndex};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, InvokeError, Invoked};
 use sand_protocol::ids::{AppName, ExecId};
 use sand_protocol::policy::AppSpec;
@@ -27,7 +32,8 @@ use crate::trace::TraceBook;
 /// A request to the core, from the HTTP API or the CLI.
 #[derive(Debug)]
 pub enum Command {
-    /// Accept an execution; the reply comes once its acceptance is durable.
+    /// Accept an execution; the reply comes once its acceptance is durable. For clients that do
+    /// not wait for the answer.
     Invoke {
         /// The app.
         app: AppName,
@@ -38,7 +44,21 @@ pub enum Command {
         /// The accepted execution, or why not.
         reply: oneshot::Sender<Result<Invoked, InvokeError>>,
     },
-    /// Wait for an execution's answer; the reply comes when it ends (at once if it has).
+    /// Start an execution and wait for its answer: the reply comes at once, with where the
+    /// answer and the durable acceptance will come. Its acceptance is written without a commit
+    /// of its own (the design allows it: until the answer, nobody was told anything).
+    Run {
+        /// The app.
+        app: AppName,
+        /// The entry grain's input.
+        input: Payload,
+        /// Makes a retried request find the first execution.
+        idempotency_key: Option<String>,
+        /// The execution under way, or why it was refused.
+        reply: oneshot::Sender<Result<Run, InvokeError>>,
+    },
+    /// Wait for an execution's answer; the reply comes once it ended durably (at once if it
+    /// has).
     Answer {
         /// The execution.
         exec: ExecId,
@@ -79,6 +99,18 @@ pub enum Command {
         /// Each worker's state.
         reply: oneshot::Sender<Vec<WorkerView>>,
     },
+}
+
+/// A synchronous execution under way: the reply to [`Command::Run`].
+#[derive(Debug)]
+pub struct Run {
+    /// The execution.
+    pub invoked: Invoked,
+    /// Its answer, once durable; `None` if the execution was forgotten first.
+    pub answer: oneshot::Receiver<Option<Answer>>,
+    /// Fires once the acceptance is durable: wait for it before giving the client the
+    /// execution's id without its answer.
+    pub accepted: oneshot::Receiver<Result<Invoked, InvokeError>>,
 }
 
 /// What the API shows of a worker.
@@ -138,8 +170,12 @@ pub struct Core {
     deploying: Vec<(LogIndex, oneshot::Sender<Result<(), StoreError>>)>,
     /// The index of the last batch handed to the store.
     logged: LogIndex,
-    /// When each running execution was accepted, for the latency histogram.
-    begun: HashMap<ExecId, Instant>,
+    /// Executions not yet answered durably, with when each was accepted (for the latency
+    /// histogram; `None` if it was recovered from the store).
+    running: HashMap<ExecId, Option<Instant>>,
+    /// The batches of the event being handled are waited on by nobody yet: append them
+    /// deferred. Reset after every drain.
+    defer_batches: bool,
     traces: TraceBook,
 }
 
@@ -161,6 +197,12 @@ impl Core {
             }
         }
         let traces = TraceBook::new(&state);
+        let running = state
+            .execs
+            .values()
+            .filter(|rec| rec.status == ExecStatus::Running)
+            .map(|rec| (rec.exec, None))
+            .collect();
         let started = Instant::now();
         let gq = GlobalQueue::recover(config, Time::from_millis(0), state);
         Ok(Self {
@@ -174,7 +216,8 @@ impl Core {
             answering: HashMap::new(),
             deploying: Vec::new(),
             logged: LogIndex(0),
-            begun: HashMap::new(),
+            running,
+            defer_batches: false,
             traces,
         })
     }
@@ -241,11 +284,8 @@ impl Core {
                 input,
                 idempotency_key,
                 reply,
-            } => match self.gq.invoke(now, &app, input, idempotency_key) {
+            } => match self.invoke(now, &app, input, idempotency_key) {
                 Ok(invoked) => {
-                    if invoked.fresh {
-                        self.begun.insert(invoked.exec, Instant::now());
-                    }
                     let waiting = self.accepting.entry(invoked.exec).or_default();
                     waiting.push((invoked, reply));
                 }
@@ -253,19 +293,32 @@ impl Core {
                     let _ = reply.send(Err(e));
                 }
             },
-            Command::Answer { exec, reply } => match self.gq.execution(exec) {
-                None => {
-                    let _ = reply.send(None);
+            Command::Run {
+                app,
+                input,
+                idempotency_key,
+                reply,
+            } => match self.invoke(now, &app, input, idempotency_key) {
+                Ok(invoked) => {
+                    // Its batch is the only one of this event, and only a timed-out wait would
+                    // ever need it before the answer's batch, which follows it in the log.
+                    self.defer_batches = true;
+                    let (accepted_tx, accepted) = oneshot::channel();
+                    let waiting = self.accepting.entry(invoked.exec).or_default();
+                    waiting.push((invoked, accepted_tx));
+                    let (answer_tx, answer) = oneshot::channel();
+                    self.answer(invoked.exec, answer_tx);
+                    let _ = reply.send(Ok(Run {
+                        invoked,
+                        answer,
+                        accepted,
+                    }));
                 }
-                Some(rec) => match &rec.status {
-                    sand_protocol::durable::ExecStatus::Done(answer) => {
-                        let _ = reply.send(Some(answer.clone()));
-                    }
-                    sand_protocol::durable::ExecStatus::Running => {
-                        self.answering.entry(exec).or_default().push(reply);
-                    }
-                },
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
             },
+            Command::Answer { exec, reply } => self.answer(exec, reply),
             Command::Deploy {
                 spec,
                 bundle,
@@ -286,7 +339,14 @@ impl Core {
                 let _ = reply.send(known);
             }
             Command::Execution { exec, reply } => {
-                let _ = reply.send(self.gq.execution(exec).cloned());
+                let mut record = self.gq.execution(exec).cloned();
+                if let Some(rec) = record.as_mut() {
+                    if self.running.contains_key(&exec) {
+                        // Ended in memory perhaps, but not answered durably: not visible yet.
+                        rec.status = ExecStatus::Running;
+                    }
+                }
+                let _ = reply.send(record);
             }
             Command::Apps { reply } => {
                 let apps = self
@@ -321,6 +381,36 @@ impl Core {
                     .collect();
                 let _ = reply.send(workers);
             }
+        }
+    }
+
+    /// Accepts an execution in the queue, and counts it as running until its `Respond`.
+    fn invoke(
+        &mut self,
+        now: Time,
+        app: &AppName,
+        input: Payload,
+        idempotency_key: Option<String>,
+    ) -> Result<Invoked, InvokeError> {
+        let invoked = self.gq.invoke(now, app, input, idempotency_key)?;
+        if invoked.fresh {
+            self.running.insert(invoked.exec, Some(Instant::now()));
+        }
+        Ok(invoked)
+    }
+
+    /// Replies with an execution's answer once it is durable: at once if it ended before,
+    /// else when the queue emits its `Respond`.
+    fn answer(&mut self, exec: ExecId, reply: oneshot::Sender<Option<Answer>>) {
+        let status = self.gq.execution(exec).map(|rec| &rec.status);
+        match status {
+            None => {
+                let _ = reply.send(None);
+            }
+            Some(ExecStatus::Done(answer)) if !self.running.contains_key(&exec) => {
+                let _ = reply.send(Some(answer.clone()));
+            }
+            Some(_) => self.answering.entry(exec).or_default().push(reply),
         }
     }
 
@@ -375,7 +465,11 @@ impl Core {
             match out {
                 GqOutput::Persist(batch) => {
                     self.logged = batch.index;
-                    self.store.append(batch)?;
+                    if self.defer_batches {
+                        self.store.append_deferred(batch)?;
+                    } else {
+                        self.store.append(batch)?;
+                    }
                 }
                 GqOutput::Send(w, msg) => {
                     if let ToWorker::Dispatch { call, .. } = &msg {
@@ -404,7 +498,7 @@ impl Core {
                         Answer::Error(_) => "failed",
                     };
                     self.metrics.executions.get_or_create(&outcome.into()).inc();
-                    if let Some(t0) = self.begun.remove(&exec) {
+                    if let Some(t0) = self.running.remove(&exec).flatten() {
                         self.metrics
                             .execution_seconds
                             .observe(t0.elapsed().as_secs_f64());
@@ -416,6 +510,7 @@ impl Core {
                 }
             }
         }
+        self.defer_batches = false;
         // A deployment waits for the batch its deploy closed: the last one logged.
         for (index, _) in self.deploying.iter_mut() {
             if index.0 == u64::MAX {
@@ -456,4 +551,202 @@ pub fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use prometheus_client::registry::Registry;
+    use sand_protocol::ids::{GrainName, Incarnation, Seq, WorkerId};
+    use sand_protocol::wire::{CallSpec, Cont, Effects, Outcome, Report, Return};
+    use sand_transport_quic::mem::MemNetwork;
+    use sand_transport_quic::seam::{Events, WorkerEvent};
+
+    const WORKER: WorkerId = WorkerId(1);
+    const INCARNATION: Incarnation = Incarnation(1);
+
+    /// A core driven by hand (its loop is not running) with one app deployed and one worker
+    /// welcomed, and that worker's events. The store commits by itself, but the core learns
+    /// of it only through [`settle`].
+    fn core_with_worker(store: Store) -> (Core, MemNetwork, Events<WorkerEvent>) {
+        let (net, link) = MemNetwork::new(64);
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let state = sand_protocol::durable::DurableState::default();
+        let mut core = Core::new(
+            GqConfig::default(),
+            Arc::new(store),
+            state,
+            link.sender,
+            metrics,
+        )
+        .unwrap();
+        core.drain().unwrap();
+        let spec = AppSpec {
+            name: AppName::new("one").unwrap(),
+            entry: GrainName::new("square").unwrap(),
+            grains: BTreeMap::new(),
+        };
+        let bundle = AppBundle {
+            digest: "d".into(),
+            archive: Bytes::new(),
+        };
+        let (reply, _) = oneshot::channel();
+        core.command(Command::Deploy {
+            spec,
+            bundle,
+            reply,
+        });
+        core.drain().unwrap();
+        let worker = net.add_worker(WORKER);
+        core.event(GatewayEvent::Connected(WORKER));
+        let hello = ToGateway::Hello {
+            incarnation: INCARNATION,
+        };
+        core.event(GatewayEvent::Message(WORKER, hello));
+        core.drain().unwrap();
+        settle(&mut core);
+        (core, net, worker.events)
+    }
+
+    /// Waits (at most 20 s) until every batch handed to the store is durable, and tells the
+    /// core, as its loop does after a commit.
+    fn settle(core: &mut Core) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let logged = core.logged;
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), core.store.durable(logged))
+                .await
+                .expect("durable within 20 s")
+                .unwrap();
+        });
+        let now = core.now();
+        core.gq.handle(now, GqEvent::Persisted(logged));
+        core.release_deployments(logged);
+        core.drain().unwrap();
+    }
+
+    /// The next call dispatched to the worker.
+    fn dispatched(events: &mut Events<WorkerEvent>) -> CallSpec {
+        loop {
+            if let WorkerEvent::Message(ToWorker::Dispatch { call, .. }) =
+                events.try_recv().unwrap()
+            {
+                return call;
+            }
+        }
+    }
+
+    /// The worker's report that `call` answered the client with `value`.
+    fn answered(call: &CallSpec, seq: u64, value: &'static [u8]) -> GatewayEvent {
+        let effects = Effects {
+            returns: vec![Return {
+                cont: Cont::Client,
+                value: Payload::new(value),
+            }],
+            ..Effects::default()
+        };
+        let report = Report {
+            exec: call.exec,
+            call: call.call,
+            attempt: call.attempt,
+            outcome: Outcome::Done(effects),
+        };
+        let msg = ToGateway::Progress {
+            incarnation: INCARNATION,
+            seq: Seq(seq),
+            reports: vec![report],
+        };
+        GatewayEvent::Message(WORKER, msg)
+    }
+
+    fn run(core: &mut Core, input: &'static [u8]) -> Run {
+        let (reply, mut rx) = oneshot::channel();
+        core.command(Command::Run {
+            app: AppName::new("one").unwrap(),
+            input: Payload::new(input),
+            idempotency_key: None,
+            reply,
+        });
+        core.drain().unwrap();
+        rx.try_recv().unwrap().unwrap()
+    }
+
+    #[test]
+    fn an_answer_leaves_only_once_its_batch_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("gq.redb")).unwrap();
+        let (mut core, _net, mut worker) = core_with_worker(store);
+        let mut run = run(&mut core, b"3");
+        let exec = run.invoked.exec;
+        let call = dispatched(&mut worker);
+        core.event(answered(&call, 1, b"9"));
+        core.drain().unwrap();
+
+        // The queue holds the execution as done, in memory only: nobody may see it yet.
+        let (reply, mut asked) = oneshot::channel();
+        core.command(Command::Answer { exec, reply });
+        let (reply, mut record) = oneshot::channel();
+        core.command(Command::Execution { exec, reply });
+        core.drain().unwrap();
+        assert!(run.answer.try_recv().is_err(), "answered before durable");
+        assert!(asked.try_recv().is_err(), "answered before durable");
+        let record = record.try_recv().unwrap().unwrap();
+        assert_eq!(record.status, ExecStatus::Running);
+
+        settle(&mut core);
+        let expected = Some(Answer::Value(Payload::new(&b"9"[..])));
+        assert_eq!(run.answer.try_recv().unwrap(), expected);
+        assert_eq!(asked.try_recv().unwrap(), expected);
+        assert_eq!(run.accepted.try_recv().unwrap().unwrap().exec, exec);
+        // Ended durably: asked again, the answer comes at once.
+        let (reply, mut again) = oneshot::channel();
+        core.command(Command::Answer { exec, reply });
+        assert_eq!(again.try_recv().unwrap(), expected);
+    }
+
+    #[test]
+    fn a_sync_acceptance_rides_with_its_answer_and_an_async_one_commits_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // Deferred batches here never commit by the clock.
+        let (store, _) =
+            Store::open_with(&dir.path().join("gq.redb"), Duration::from_secs(3600)).unwrap();
+        let (mut core, _net, mut worker) = core_with_worker(store);
+        let before = core.store.stats().transactions;
+
+        let mut run = run(&mut core, b"3");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            core.store.stats().transactions,
+            before,
+            "the acceptance committed alone"
+        );
+        let call = dispatched(&mut worker);
+        core.event(answered(&call, 1, b"9"));
+        core.drain().unwrap();
+        settle(&mut core);
+        assert!(run.answer.try_recv().unwrap().is_some());
+        assert_eq!(
+            core.store.stats().transactions,
+            before + 1,
+            "acceptance and answer share one commit"
+        );
+
+        // An asynchronous client is told the id once the acceptance is durable: at once.
+        let (reply, mut accepted) = oneshot::channel();
+        core.command(Command::Invoke {
+            app: AppName::new("one").unwrap(),
+            input: Payload::new(&b"4"[..]),
+            idempotency_key: None,
+            reply,
+        });
+        core.drain().unwrap();
+        assert!(accepted.try_recv().is_err(), "accepted before durable");
+        settle(&mut core);
+        assert!(accepted.try_recv().unwrap().is_ok());
+    }
 }

@@ -374,23 +374,7 @@ async fn invoke(
                 .to_owned(),
         ),
     };
-    let invoked = api
-        .core
-        .ask(|reply| Command::Invoke {
-            app,
-            input,
-            idempotency_key,
-            reply,
-        })
-        .await?
-        .map_err(|e| match e {
-            InvokeError::UnknownApp(_) => ApiError::not_found("unknown_app", e.to_string()),
-            InvokeError::TooLarge(_) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
-            }
-        })?;
-    let exec = invoked.exec;
-    let pending = || {
+    let pending = |exec: ExecId| {
         (
             StatusCode::ACCEPTED,
             Json(json!({"execution": exec.to_string()})),
@@ -398,18 +382,58 @@ async fn invoke(
             .into_response()
     };
     if q.asynchronous {
-        return Ok(pending());
+        // The reply comes once the acceptance is durable.
+        let invoked = api
+            .core
+            .ask(|reply| Command::Invoke {
+                app,
+                input,
+                idempotency_key,
+                reply,
+            })
+            .await?
+            .map_err(refused)?;
+        return Ok(pending(invoked.exec));
     }
-    let answer = api.core.ask(|reply| Command::Answer { exec, reply });
-    match tokio::time::timeout(q.wait, answer).await {
-        Err(_) => Ok(pending()),
-        Ok(answer) => match answer? {
-            Some(answer) => Ok(Json(answered(exec, &answer)).into_response()),
-            None => Err(ApiError::not_found(
-                "unknown_execution",
-                format!("execution {exec} was forgotten"),
-            )),
-        },
+    // One trip to the core: the answer comes once it is durable, and its batch carries the
+    // acceptance with it, so the acceptance is not waited for unless the wait runs out.
+    let run = api
+        .core
+        .ask(|reply| Command::Run {
+            app,
+            input,
+            idempotency_key,
+            reply,
+        })
+        .await?
+        .map_err(refused)?;
+    let exec = run.invoked.exec;
+    match tokio::time::timeout(q.wait, run.answer).await {
+        Ok(Ok(Some(answer))) => Ok(Json(answered(exec, &answer)).into_response()),
+        Ok(Ok(None)) => Err(ApiError::not_found(
+            "unknown_execution",
+            format!("execution {exec} was forgotten"),
+        )),
+        Ok(Err(_)) => Err(CoreStopped.into()),
+        Err(_) => {
+            // The client learns the id without the answer: only once the acceptance is durable.
+            let invoked = run
+                .accepted
+                .await
+                .map_err(|_| CoreStopped)?
+                .map_err(refused)?;
+            Ok(pending(invoked.exec))
+        }
+    }
+}
+
+/// The API's account of a refused invocation.
+fn refused(e: InvokeError) -> ApiError {
+    match e {
+        InvokeError::UnknownApp(_) => ApiError::not_found("unknown_app", e.to_string()),
+        InvokeError::TooLarge(_) => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+        }
     }
 }
 

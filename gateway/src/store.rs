@@ -16,6 +16,16 @@
 //! the driver awaits it and feeds `GqEvent::Persisted(status.upto)` to the global queue.
 //! Because the log is written in order, `upto` covers every earlier batch too.
 //!
+//! # Deferred batches
+//!
+//! A batch that nobody waits on yet — the acceptance of a synchronous invocation, whose client
+//! is told nothing before the answer — is appended with [`Store::append_deferred`]. It does
+//! not start a commit of its own: it rides in the next transaction an [`Store::append`]ed batch
+//! starts, or commits on its own once it has waited [`DEFER_MAX`]. Traces wait the same way.
+//! Order is kept all the same: a durable later batch implies every earlier one. So a
+//! synchronous execution whose grain answers within [`DEFER_MAX`] pays for one fsync on its
+//! critical path (its answer's), not two in a row.
+//!
 //! # Failure
 //!
 //! A commit that fails stops the thread and sets [`CommitStatus::failure`]; every later
@@ -34,6 +44,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
@@ -139,6 +150,15 @@ impl Store {
     /// state equal to applying every batch ever committed, in order, for
     /// `GlobalQueue::recover`. The first batch appended after opening must have index 1.
     pub fn open(path: &Path) -> Result<(Store, DurableState), StoreError> {
+        Self::open_with(path, DEFER_MAX)
+    }
+
+    /// Like [`Store::open`], with deferred work waiting at most `defer_max` (instead of
+    /// [`DEFER_MAX`]) for a batch to ride with.
+    pub fn open_with(
+        path: &Path,
+        defer_max: Duration,
+    ) -> Result<(Store, DurableState), StoreError> {
         let db = Database::create(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source: Box::new(source),
@@ -160,7 +180,7 @@ impl Store {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("sand-store-commit".to_string())
-                .spawn(move || commit_loop(&shared, &job_rx, &stop, &status_tx))
+                .spawn(move || commit_loop(&shared, &job_rx, &stop, &status_tx, defer_max))
                 .map_err(|e| StoreError::Storage {
                     path: path.to_path_buf(),
                     source: Box::new(redb::Error::Io(e)),
@@ -180,10 +200,21 @@ impl Store {
         Ok((store, state))
     }
 
-    /// Queues a batch for the next group commit. Its index must follow the last appended one
-    /// (1 first after opening). Returns at once; await [`Store::commits`] (or
-    /// [`Store::durable`]) to learn when it is on disk.
+    /// Queues a batch for the next group commit, which starts at once if the commit thread is
+    /// idle. Its index must follow the last appended one (1 first after opening). Returns at
+    /// once; await [`Store::commits`] (or [`Store::durable`]) to learn when it is on disk.
     pub fn append(&self, batch: Batch) -> Result<(), StoreError> {
+        self.append_job(batch, true)
+    }
+
+    /// Like [`Store::append`], for a batch nobody waits on yet: it is written with the next
+    /// batch appended by [`Store::append`], or on its own after [`DEFER_MAX`], whichever comes
+    /// first. Its place in the order is where it was appended, as for any batch.
+    pub fn append_deferred(&self, batch: Batch) -> Result<(), StoreError> {
+        self.append_job(batch, false)
+    }
+
+    fn append_job(&self, batch: Batch, urgent: bool) -> Result<(), StoreError> {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let expected = LogIndex(queue.appended.0 + 1);
         if batch.index != expected {
@@ -193,13 +224,14 @@ impl Store {
             });
         }
         let index = batch.index;
-        self.send(&queue, Job::Batch(batch))?;
+        self.send(&queue, Job::Batch { batch, urgent })?;
         queue.appended = index;
         Ok(())
     }
 
-    /// Queues traces to be written with the next group commit. Best effort: traces never
-    /// delay a batch, and a crash may lose the ones not yet committed.
+    /// Queues traces to be written with the next group commit, or on their own after
+    /// [`DEFER_MAX`]. Best effort: traces never start a commit early, and a crash may lose the
+    /// ones not yet committed.
     pub fn put_traces(&self, traces: Vec<Trace>) -> Result<(), StoreError> {
         if traces.is_empty() {
             return Ok(());
@@ -208,7 +240,7 @@ impl Store {
         self.send(&queue, Job::Traces(traces))
     }
 
-    /// Queues the removal of every trace of `exec` with the next group commit.
+    /// Queues the removal of every trace of `exec`, written like traces.
     pub fn delete_traces(&self, exec: ExecId) -> Result<(), StoreError> {
         let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         self.send(&queue, Job::DeleteTraces(exec))
@@ -383,11 +415,29 @@ const FORMAT: u64 = 1;
 /// The most jobs written in one transaction, so one transaction stays bounded under a flood.
 const GROUP_JOBS_MAX: usize = 8192;
 
+/// The longest a deferred batch or a trace waits for a batch to ride with before it is
+/// committed on its own. It covers a warm grain's run, so that a synchronous execution's
+/// acceptance and answer share one fsync; it also bounds how late a 202 for a synchronous
+/// request that timed out can leave, and how long an accepted synchronous execution may be
+/// lost by a crash (which the design allows: its client was told nothing).
+pub const DEFER_MAX: Duration = Duration::from_millis(10);
+
 /// Work for the commit thread.
 enum Job {
-    Batch(Batch),
+    /// A batch of the log; `urgent` if someone waits for it to be durable.
+    Batch {
+        batch: Batch,
+        urgent: bool,
+    },
     Traces(Vec<Trace>),
     DeleteTraces(ExecId),
+}
+
+impl Job {
+    /// Whether this job starts a commit as soon as the thread can take it.
+    fn is_urgent(&self) -> bool {
+        matches!(self, Job::Batch { urgent: true, .. })
+    }
 }
 
 struct Queue {
@@ -405,12 +455,14 @@ struct Shared {
     traces: AtomicU64,
 }
 
-/// The commit thread: one transaction per wake-up, covering everything queued.
+/// The commit thread: one transaction per wake-up, covering everything queued. A wake-up that
+/// finds only deferred work waits (up to `defer_max`) for urgent work to carry it.
 fn commit_loop(
     shared: &Shared,
     jobs: &mpsc::Receiver<Job>,
     stop: &AtomicBool,
     status: &watch::Sender<CommitStatus>,
+    defer_max: Duration,
 ) {
     let mut upto = LogIndex(0);
     while let Ok(first) = jobs.recv() {
@@ -418,11 +470,23 @@ fn commit_loop(
             return;
         }
         let mut group = vec![first];
-        while group.len() < GROUP_JOBS_MAX {
-            match jobs.try_recv() {
-                Ok(job) => group.push(job),
+        let mut urgent = take_queued(jobs, &mut group);
+        let deadline = Instant::now() + defer_max;
+        while !urgent && group.len() < GROUP_JOBS_MAX {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match jobs.recv_timeout(left) {
+                Ok(job) => {
+                    urgent = job.is_urgent();
+                    group.push(job);
+                    urgent |= take_queued(jobs, &mut group);
+                }
+                // Waited long enough, or the store is closing: commit what is held (unless
+                // it is a crash, checked below).
                 Err(_) => break,
             }
+        }
+        if stop.load(Ordering::Acquire) {
+            return;
         }
         match shared.write_group(&group) {
             Ok(Some(index)) => {
@@ -442,6 +506,18 @@ fn commit_loop(
             }
         }
     }
+}
+
+/// Moves every job already queued into `group`, up to [`GROUP_JOBS_MAX`]; returns whether
+/// the group now holds urgent work.
+fn take_queued(jobs: &mpsc::Receiver<Job>, group: &mut Vec<Job>) -> bool {
+    while group.len() < GROUP_JOBS_MAX {
+        match jobs.try_recv() {
+            Ok(job) => group.push(job),
+            Err(_) => break,
+        }
+    }
+    group.iter().any(Job::is_urgent)
 }
 
 impl Shared {
@@ -573,7 +649,7 @@ impl Shared {
     /// callers wait for the fsync), `Eventual` for traces alone. Returns the highest batch
     /// index written.
     fn write_group(&self, group: &[Job]) -> Result<Option<LogIndex>, StoreError> {
-        let has_batches = group.iter().any(|j| matches!(j, Job::Batch(_)));
+        let has_batches = group.iter().any(|j| matches!(j, Job::Batch { .. }));
         let mut txn = self.db.begin_write().map_err(|e| self.storage(e))?;
         txn.set_durability(if has_batches {
             Durability::Immediate
@@ -586,7 +662,7 @@ impl Shared {
             let mut t = Tables::open(&txn, &self.path).map_err(|e| self.storage(e))?;
             for job in group {
                 match job {
-                    Job::Batch(batch) => {
+                    Job::Batch { batch, .. } => {
                         for op in &batch.ops {
                             t.apply(op)?;
                         }
@@ -699,4 +775,159 @@ fn encode<T: Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, StoreError> {
         path: path.to_path_buf(),
         what: format!("a record does not encode: {e}"),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+mod tests {
+    use super::*;
+    use sand_protocol::durable::{ExecStatus, Owner};
+    use sand_protocol::ids::{GrainName, Incarnation};
+    use sand_protocol::wire::{Cont, Payload};
+
+    /// Longer than any test runs: deferred work in these stores never commits by the clock.
+    const FOREVER: Duration = Duration::from_secs(3600);
+
+    /// The acceptance of execution `i`: what a synchronous invocation defers.
+    fn accept(i: u64) -> Batch {
+        let exec = ExecId::new(1, i as u32);
+        let app = AppName::new("one").unwrap();
+        Batch {
+            index: LogIndex(i),
+            ops: vec![
+                Op::PutExec(ExecRecord {
+                    exec,
+                    app: app.clone(),
+                    idempotency_key: None,
+                    status: ExecStatus::Running,
+                }),
+                Op::PutCall(CallRecord {
+                    exec,
+                    call: exec.root_call(),
+                    app,
+                    grain: GrainName::new("square").unwrap(),
+                    input: Payload::new(&b"3"[..]),
+                    cont: Cont::Client,
+                    attempt: Attempt(1),
+                    failures: 0,
+                    owner: Some(Owner {
+                        worker: WorkerId(1),
+                        incarnation: Incarnation(1),
+                    }),
+                }),
+            ],
+        }
+    }
+
+    /// Waits (at most 20 s) until batch `index` is durable.
+    fn wait_durable(store: &Store, index: u64) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), store.durable(LogIndex(index)))
+                .await
+                .expect("durable within 20 s")
+                .unwrap();
+        });
+    }
+
+    fn applied(batches: &[Batch]) -> DurableState {
+        let mut state = DurableState::default();
+        batches.iter().for_each(|b| state.apply_batch(b));
+        state
+    }
+
+    #[test]
+    fn a_deferred_batch_rides_in_the_next_urgent_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gq.redb");
+        let (store, _) = Store::open_with(&path, FOREVER).unwrap();
+        store.append_deferred(accept(1)).unwrap();
+        store
+            .put_traces(vec![Trace {
+                exec: ExecId::new(1, 1),
+                call: CallId(1),
+                attempt: Attempt(1),
+                data: Bytes::from_static(b"t"),
+            }])
+            .unwrap();
+        // Deferred work alone starts no commit, however long it waits.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(store.stats().transactions, 0);
+        assert_eq!(store.commits().borrow().upto, LogIndex(0));
+        store.append(accept(2)).unwrap();
+        wait_durable(&store, 2);
+        assert_eq!(
+            store.stats(),
+            StoreStats {
+                batches: 2,
+                transactions: 1,
+                traces: 1
+            },
+            "the deferred batch and the trace rode in the urgent batch's transaction"
+        );
+        drop(store);
+        let (store, state) = Store::open(&path).unwrap();
+        assert_eq!(store.recovered(), LogIndex(2));
+        assert_eq!(state, applied(&[accept(1), accept(2)]));
+        assert_eq!(store.traces(ExecId::new(1, 1)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_deferred_batch_alone_commits_once_it_has_waited() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gq.redb");
+        let wait = Duration::from_millis(100);
+        let (store, _) = Store::open_with(&path, wait).unwrap();
+        let t0 = Instant::now();
+        store.append_deferred(accept(1)).unwrap();
+        wait_durable(&store, 1);
+        assert!(t0.elapsed() >= wait, "committed after {:?}", t0.elapsed());
+        assert_eq!(store.stats().transactions, 1);
+        drop(store);
+        let (_, state) = Store::open(&path).unwrap();
+        assert_eq!(state, applied(&[accept(1)]));
+    }
+
+    #[test]
+    fn closing_commits_deferred_batches_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gq.redb");
+        let (store, _) = Store::open_with(&path, FOREVER).unwrap();
+        let log: Vec<Batch> = (1..=3).map(accept).collect();
+        for b in &log {
+            store.append_deferred(b.clone()).unwrap();
+        }
+        let t0 = Instant::now();
+        assert_eq!(store.close().unwrap().batches, 3);
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "close waited out the deferral"
+        );
+        let (store, state) = Store::open(&path).unwrap();
+        assert_eq!(store.recovered(), LogIndex(3));
+        assert_eq!(state, applied(&log));
+    }
+
+    #[test]
+    fn a_crash_does_not_wait_for_deferred_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gq.redb");
+        let (store, _) = Store::open_with(&path, FOREVER).unwrap();
+        store.append(accept(1)).unwrap();
+        wait_durable(&store, 1);
+        store.append_deferred(accept(2)).unwrap();
+        let t0 = Instant::now();
+        drop(store);
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "drop waited out the deferral"
+        );
+        // What was reported durable survives; the deferred batch may be lost, as a crash may.
+        let (store, state) = Store::open(&path).unwrap();
+        assert!(store.recovered() >= LogIndex(1));
+        assert_eq!(state.execs.len(), store.recovered().0 as usize);
+    }
 }
