@@ -1,15 +1,23 @@
 //! The worker's driver: one task that owns the [`LocalBus`] and feeds it what happens (gateway
 //! messages, finished calls, timers), then carries out what it asks: send, run, abort.
 //!
-//! Calls run in tasks of their own, each on its app's [`AppHost`]; their reports come back to
-//! the driver over a channel. An app's bundle is fetched from the gateway at its first call
-//! here; calls that arrive meanwhile wait for it. Finished runs are also traced, in batches, to
-//! the gateway (best effort).
+//! Calls run on their app's [`AppHost`] as futures the driver polls itself, not as tasks: when
+//! a grain's result arrives, the driver wakes once, hands it to the bus, and starts the next call
+//! in the same wake-up, before it sends the hop's report. (A task per call cost two more task
+//! hand-overs per hop, each a thread wake-up on a busy machine.) An app's bundle is fetched from
+//! the gateway at its first call here; calls that arrive meanwhile wait for it. Finished runs
+//! are also traced, in batches, to the gateway (best effort).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::{AbortHandle, Abortable, Aborted};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use sand_protocol::ids::{AppName, Incarnation};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus, RunKey};
@@ -19,7 +27,6 @@ use sand_protocol::wire::{
 };
 use sand_transport_quic::seam::{WorkerEvent, WorkerLink, WorkerSender};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::host::{AppHost, HostContext};
 use crate::runtime::CallReport;
@@ -64,24 +71,19 @@ enum Slot {
     Ready(Arc<AppHost>),
 }
 
-/// What the driver's own tasks tell it.
-enum Note {
-    /// A run ended.
-    Finished {
-        spec: CallSpec,
-        report: Box<CallReport>,
-    },
-    /// An app host started, or could not.
-    Started {
-        app: AppName,
-        host: Result<Arc<AppHost>, String>,
-    },
+/// What the driver's own tasks tell it: an app host started, or could not.
+struct Started {
+    app: AppName,
+    host: Result<Arc<AppHost>, String>,
 }
+
+/// A call running on its app's host: the attempt and how it went.
+type CallFuture = Pin<Box<dyn Future<Output = (CallSpec, Box<CallReport>)> + Send>>;
 
 /// An attempt the bus asked to run.
 struct Run {
-    /// Its task, once its app is ready.
-    task: Option<JoinHandle<()>>,
+    /// Stops its call (dropping the call kills its instance), once its app is ready.
+    abort: Option<AbortHandle>,
     /// True if the gateway dispatched it; false if the local bus started it.
     dispatched: bool,
 }
@@ -97,7 +99,11 @@ struct Driver {
     dispatching: Option<RunKey>,
     /// Every attempt the bus asked to run and has not heard the end of.
     runs: HashMap<RunKey, Run>,
-    notes: mpsc::UnboundedSender<Note>,
+    /// Calls made since the run loop last took them, to be polled (started) at once.
+    starting: Vec<Abortable<CallFuture>>,
+    /// Messages for the gateway, sent once the calls that came with them have started.
+    outbox: Vec<ToGateway>,
+    started_hosts: mpsc::UnboundedSender<Started>,
     traces: Vec<RunTrace>,
     connected: bool,
 }
@@ -118,7 +124,7 @@ pub async fn run(config: WorkerConfig, link: WorkerLink) -> Result<(), WorkerErr
     })?;
     let incarnation = next_incarnation(&config.data_dir)?;
     tracing::info!(worker = %config.lb.worker, incarnation = incarnation.0, "worker starting");
-    let (notes, mut noted) = mpsc::unbounded_channel();
+    let (started_hosts, mut hosts) = mpsc::unbounded_channel();
     let mut driver = Driver {
         lb: LocalBus::new(config.lb, incarnation),
         config,
@@ -127,31 +133,37 @@ pub async fn run(config: WorkerConfig, link: WorkerLink) -> Result<(), WorkerErr
         apps: HashMap::new(),
         dispatching: None,
         runs: HashMap::new(),
-        notes,
+        starting: Vec::new(),
+        outbox: Vec::new(),
+        started_hosts,
         traces: Vec::new(),
         connected: false,
     };
     let mut events = link.events;
+    let mut calls: FuturesUnordered<Abortable<CallFuture>> = FuturesUnordered::new();
     let mut trace_tick = tokio::time::interval(driver.config.trace_interval);
     let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
+    // One timer for the bus, moved when its deadline moves rather than made anew each turn.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
     loop {
-        let deadline = driver
-            .lb
-            .poll_timeout()
-            .map(|t| driver.started + Duration::from_millis(t.as_millis()));
-        let sleep = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
+        let deadline = driver.lb.poll_timeout().map(|t| {
+            tokio::time::Instant::from(driver.started + Duration::from_millis(t.as_millis()))
+        });
+        if let Some(at) = deadline {
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
             }
-        };
+        }
         tokio::select! {
+            biased;
+            Some(done) = calls.next() => driver.finished(done),
             ev = events.recv() => match ev {
                 Some(ev) => driver.event(ev),
                 None => break,
             },
-            Some(note) = noted.recv() => driver.note(note),
-            () = sleep => {
+            Some(host) = hosts.recv() => driver.host_started(host),
+            () = &mut timer, if deadline.is_some() => {
                 let now = driver.now();
                 driver.lb.handle_timeouts(now);
             }
@@ -159,9 +171,31 @@ pub async fn run(config: WorkerConfig, link: WorkerLink) -> Result<(), WorkerErr
             _ = idle_tick.tick() => driver.retire_idle(),
         }
         driver.drain()?;
+        // Start the calls just made (a call writes its CALL at its first poll), then send.
+        while !driver.starting.is_empty() {
+            calls.extend(driver.starting.drain(..));
+            let Some(done) = poll_once(&mut calls).await else {
+                break;
+            };
+            driver.finished(done);
+            driver.drain()?;
+        }
+        driver.send_outbox();
     }
+    drop(calls); // Dropping the calls kills their instances.
     driver.shutdown().await;
     Ok(())
+}
+
+/// Polls the calls once, without waiting: a call that ended at once, if one did.
+async fn poll_once(
+    calls: &mut FuturesUnordered<Abortable<CallFuture>>,
+) -> Option<Result<(CallSpec, Box<CallReport>), Aborted>> {
+    std::future::poll_fn(|cx| match calls.poll_next_unpin(cx) {
+        Poll::Ready(Some(done)) => Poll::Ready(Some(done)),
+        Poll::Ready(None) | Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 impl Driver {
@@ -213,25 +247,32 @@ impl Driver {
         }
     }
 
+    /// Sends what the bus asked to send, in order.
+    fn send_outbox(&mut self) {
+        for msg in std::mem::take(&mut self.outbox) {
+            self.send(msg);
+        }
+    }
+
     fn drain(&mut self) -> Result<(), WorkerError> {
         while let Some(out) = self.lb.poll_output() {
             match out {
-                LbOutput::Send(msg) => self.send(msg),
+                LbOutput::Send(msg) => self.outbox.push(msg),
                 LbOutput::Run(spec) => {
                     let key = (spec.exec, spec.call, spec.attempt);
                     let dispatched = self.dispatching == Some(key);
                     self.runs.insert(
                         key,
                         Run {
-                            task: None,
+                            abort: None,
                             dispatched,
                         },
                     );
                     self.start_run(spec);
                 }
                 LbOutput::Abort(key) => {
-                    if let Some(task) = self.runs.remove(&key).and_then(|r| r.task) {
-                        task.abort(); // Dropping the call kills its instance.
+                    if let Some(abort) = self.runs.remove(&key).and_then(|r| r.abort) {
+                        abort.abort(); // Dropping the call kills its instance.
                     }
                     for slot in self.apps.values_mut() {
                         if let Slot::Fetching(waiting) | Slot::Starting(waiting) = slot {
@@ -250,7 +291,7 @@ impl Driver {
         match self.apps.get_mut(&spec.app) {
             Some(Slot::Ready(host)) => {
                 let host = host.clone();
-                self.spawn_run(host, spec);
+                self.start_call(host, spec);
             }
             Some(Slot::Fetching(waiting) | Slot::Starting(waiting)) => waiting.push(spec),
             None => {
@@ -261,19 +302,18 @@ impl Driver {
         }
     }
 
-    fn spawn_run(&mut self, host: Arc<AppHost>, spec: CallSpec) {
+    /// Makes the call's future; the run loop starts it by polling it.
+    fn start_call(&mut self, host: Arc<AppHost>, spec: CallSpec) {
         let Some(run) = self.runs.get_mut(&(spec.exec, spec.call, spec.attempt)) else {
             return; // Aborted while its app was getting ready.
         };
-        let notes = self.notes.clone();
-        let task = tokio::spawn(async move {
+        let call: CallFuture = Box::pin(async move {
             let report = host.run(&spec).await;
-            let _ = notes.send(Note::Finished {
-                spec,
-                report: Box::new(report),
-            });
+            (spec, Box::new(report))
         });
-        run.task = Some(task);
+        let (abort, registration) = AbortHandle::new_pair();
+        run.abort = Some(abort);
+        self.starting.push(Abortable::new(call, registration));
     }
 
     /// The gateway answered a fetch: unpack the bundle and start the app's host.
@@ -295,7 +335,7 @@ impl Driver {
             .join(app.as_str())
             .join(&bundle.digest);
         let ctx = self.config.host.clone();
-        let notes = self.notes.clone();
+        let started_hosts = self.started_hosts.clone();
         tokio::spawn(async move {
             let unpacked = tokio::task::spawn_blocking({
                 let dir = dir.clone();
@@ -310,44 +350,45 @@ impl Driver {
                     .map(Arc::new),
                 Err(e) => Err(e),
             };
-            let _ = notes.send(Note::Started { app, host });
+            let _ = started_hosts.send(Started { app, host });
         });
     }
 
-    fn note(&mut self, note: Note) {
+    /// A call ended (or was aborted): its result goes to the bus, its run to the traces.
+    fn finished(&mut self, done: Result<(CallSpec, Box<CallReport>), Aborted>) {
+        let Ok((spec, report)) = done else {
+            return; // Aborted: the bus wants nothing of it.
+        };
+        let run = (spec.exec, spec.call, spec.attempt);
+        let Some(Run { dispatched, .. }) = self.runs.remove(&run) else {
+            return; // Aborted meanwhile: the bus wants nothing of it.
+        };
+        self.traces.push(trace_of(&spec, &report, dispatched));
         let now = self.now();
-        match note {
-            Note::Finished { spec, report } => {
-                let run = (spec.exec, spec.call, spec.attempt);
-                let Some(Run { dispatched, .. }) = self.runs.remove(&run) else {
-                    return; // Aborted meanwhile: the bus wants nothing of it.
-                };
-                self.traces.push(trace_of(&spec, &report, dispatched));
-                self.lb.handle(
-                    now,
-                    LbEvent::Finished {
-                        run,
-                        result: report.result,
-                    },
-                );
-            }
-            Note::Started { app, host } => {
-                let Some(Slot::Starting(waiting)) = self.apps.remove(&app) else {
-                    return;
-                };
-                match host {
-                    Ok(host) => {
-                        tracing::info!(%app, digest = host.digest(), "app host ready");
-                        self.apps.insert(app, Slot::Ready(host.clone()));
-                        for spec in waiting {
-                            self.spawn_run(host.clone(), spec);
-                        }
-                    }
-                    Err(why) => {
-                        tracing::warn!(%app, "cannot host the app: {why}");
-                        self.fail_all(waiting, GrainError::new(ErrorKind::Unavailable, why));
-                    }
+        self.lb.handle(
+            now,
+            LbEvent::Finished {
+                run,
+                result: report.result,
+            },
+        );
+    }
+
+    fn host_started(&mut self, Started { app, host }: Started) {
+        let Some(Slot::Starting(waiting)) = self.apps.remove(&app) else {
+            return;
+        };
+        match host {
+            Ok(host) => {
+                tracing::info!(%app, digest = host.digest(), "app host ready");
+                self.apps.insert(app, Slot::Ready(host.clone()));
+                for spec in waiting {
+                    self.start_call(host.clone(), spec);
                 }
+            }
+            Err(why) => {
+                tracing::warn!(%app, "cannot host the app: {why}");
+                self.fail_all(waiting, GrainError::new(ErrorKind::Unavailable, why));
             }
         }
     }
@@ -391,9 +432,6 @@ impl Driver {
     }
 
     async fn shutdown(self) {
-        for task in self.runs.into_values().filter_map(|r| r.task) {
-            task.abort();
-        }
         for (_, slot) in self.apps {
             if let Slot::Ready(host) = slot {
                 if let Ok(host) = Arc::try_unwrap(host) {

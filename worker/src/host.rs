@@ -85,6 +85,8 @@ pub struct AppHost {
     app_dir: PathBuf,
     python_runtime: PathBuf,
     runners: Mutex<HashMap<GrainName, Arc<Runner>>>,
+    /// How many of the sandbox's out-of-memory kills have been blamed on a call.
+    oom_blamed: AtomicU64,
     running: AtomicU64,
     last_used: std::sync::Mutex<Instant>,
 }
@@ -131,10 +133,12 @@ impl AppHost {
                 )
             }
         };
+        let oom_blamed = AtomicU64::new(sandbox.as_ref().map_or(0, |s| s.oom_kills()));
         Ok(Self {
             manifest,
             digest,
             launcher,
+            oom_blamed,
             sandbox,
             app_dir,
             python_runtime: ctx.python_runtime.clone(),
@@ -172,7 +176,6 @@ impl AppHost {
     pub async fn run(&self, spec: &CallSpec) -> CallReport {
         self.running.fetch_add(1, Ordering::Relaxed);
         self.touch();
-        let oom_before = self.sandbox.as_ref().map_or(0, |s| s.oom_kills());
         let mut report = match self.runner(&spec.grain).await {
             Ok(runner) => {
                 let timeout = self
@@ -199,22 +202,36 @@ impl AppHost {
                 instance_exit: None,
             },
         };
-        if report.killed_by_sigkill() {
-            if let Some(sandbox) = &self.sandbox {
-                if sandbox.oom_kills() > oom_before {
-                    let limit = sandbox
-                        .memory_limit()
-                        .map_or(String::new(), |b| format!(" of {} MiB", b >> 20));
-                    report.result = GrainResult::Error(GrainError::new(
-                        ErrorKind::OutOfMemory,
-                        format!("killed: out of memory (the app's limit{limit})"),
-                    ));
-                }
-            }
+        if report.killed_by_sigkill() && self.blame_oom_kill() {
+            let limit = self
+                .sandbox
+                .as_ref()
+                .and_then(|s| s.memory_limit())
+                .map_or(String::new(), |b| format!(" of {} MiB", b >> 20));
+            report.result = GrainResult::Error(GrainError::new(
+                ErrorKind::OutOfMemory,
+                format!("killed: out of memory (the app's limit{limit})"),
+            ));
         }
         self.running.fetch_sub(1, Ordering::Relaxed);
         self.touch();
         report
+    }
+
+    /// Whether an instance that died of SIGKILL was killed for memory: true if the sandbox
+    /// counts an out-of-memory kill not yet blamed on a call, which this call then takes. The
+    /// counter is a cgroup file, read only when an instance died this way rather than twice on
+    /// every call's path; each kill is blamed on at most one call.
+    fn blame_oom_kill(&self) -> bool {
+        let Some(sandbox) = &self.sandbox else {
+            return false;
+        };
+        let kills = sandbox.oom_kills();
+        self.oom_blamed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |blamed| {
+                (kills > blamed).then_some(blamed + 1)
+            })
+            .is_ok()
     }
 
     /// The grain's runner, started at its first call.

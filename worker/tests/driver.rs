@@ -1,0 +1,354 @@
+//! The driver end to end, in one process: a real worker driver and real Python zygotes (no
+//! sandbox), with the test playing the gateway over the in-memory transport.
+//!
+//! Besides checking that a local chain runs to its end and reports every hop, the latency test
+//! prints the worker's own cost per warm local hop (`--nocapture`): the median of a 5-grain
+//! chain minus that of a one-grain app, over 4 hops, both with reused instances. It asserts no
+//! timing: a loaded machine must not fail it.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{bounded, TempDir, PYTHON};
+use sand_protocol::ids::{AppName, Attempt, ExecId, Incarnation, Seq, WorkerId};
+use sand_protocol::local_bus::LbConfig;
+use sand_protocol::wire::{
+    AppBundle, CallSpec, Cont, Outcome, Payload, Report, RunTrace, ToGateway, ToWorker,
+};
+use sand_transport_quic::mem::MemNetwork;
+use sand_transport_quic::seam::{GatewayEvent, GatewayLink};
+use sand_worker::driver::{self, WorkerConfig};
+use sand_worker::host::{HostContext, Isolation};
+use sand_worker::runtime::python::install_python_runtime;
+use tokio::task::JoinHandle;
+
+const WORKER: WorkerId = WorkerId(1);
+
+const GRAINS: &str = r#"
+def s1(event, ctx):
+    return ctx.next("s2", event + 1)
+
+
+def s2(event, ctx):
+    return ctx.next("s3", event + 2)
+
+
+def s3(event, ctx):
+    return ctx.next("s4", event + 3)
+
+
+def s4(event, ctx):
+    return ctx.next("s5", event + 4)
+
+
+def s5(event, ctx):
+    return event + 5
+
+
+def whole(event, ctx):
+    return event + 15
+"#;
+
+/// Writes an app of `grains` (the first is the entry), each with `reuse`, and packs it.
+fn app(root: &Path, name: &str, grains: &[&str], reuse: u32) -> AppBundle {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir app");
+    let mut manifest = format!(
+        "name = \"{name}\"\nentry = \"{}\"\npython = \"{PYTHON}\"\n",
+        grains[0]
+    );
+    for g in grains {
+        manifest.push_str(&format!(
+            "\n[grains.{g}]\nruntime = \"python\"\nmodule = \"grains.py\"\nhandler = \"{g}\"\n\
+             reuse = {reuse}\n"
+        ));
+    }
+    std::fs::write(dir.join("sand.toml"), manifest).expect("write manifest");
+    std::fs::write(dir.join("grains.py"), GRAINS).expect("write grains");
+    let archive = sand_app::pack(&dir).expect("pack");
+    AppBundle {
+        digest: sand_app::digest(&archive),
+        archive,
+    }
+}
+
+/// A worker driver on the in-memory transport, and the gateway's end of its link.
+struct Harness {
+    net: MemNetwork,
+    gateway: GatewayLink,
+    driver: Option<JoinHandle<Result<(), driver::WorkerError>>>,
+    incarnation: Incarnation,
+    bundles: Vec<(AppName, AppBundle)>,
+    next_exec: u32,
+    /// Runs traced so far.
+    traces: Vec<RunTrace>,
+    _dir: TempDir,
+}
+
+impl Harness {
+    async fn start(lb: LbConfig, bundles: Vec<(AppName, AppBundle)>, dir: TempDir) -> Self {
+        let (net, gateway) = MemNetwork::new(1024);
+        let link = net.add_worker(WORKER);
+        let python_runtime = install_python_runtime(&dir.path().join("runtime")).expect("runtime");
+        let config = WorkerConfig {
+            lb: LbConfig {
+                worker: WORKER,
+                ..lb
+            },
+            data_dir: dir.path().join("data"),
+            host: HostContext {
+                isolation: Isolation::None,
+                python_runtime,
+            },
+            idle_teardown: Duration::from_secs(600),
+            trace_interval: Duration::from_millis(20),
+        };
+        let driver = tokio::spawn(driver::run(config, link));
+        let mut h = Harness {
+            net,
+            gateway,
+            driver: Some(driver),
+            incarnation: Incarnation(0),
+            bundles,
+            next_exec: 1,
+            traces: Vec::new(),
+            _dir: dir,
+        };
+        h.incarnation = bounded(10, async {
+            loop {
+                if let ToGateway::Hello { incarnation } = h.next_message().await {
+                    break incarnation;
+                }
+            }
+        })
+        .await;
+        let welcome = ToWorker::Welcome {
+            incarnation: h.incarnation,
+            applied: Seq(0),
+        };
+        h.send(welcome);
+        h
+    }
+
+    fn send(&self, msg: ToWorker) {
+        self.gateway
+            .sender
+            .send(WORKER, msg)
+            .expect("the worker is linked");
+    }
+
+    /// The worker's next message, answering fetches and keeping traces on the way.
+    async fn next_message(&mut self) -> ToGateway {
+        loop {
+            let event = self.gateway.events.recv().await.expect("the network lives");
+            let GatewayEvent::Message(_, msg) = event else {
+                continue;
+            };
+            match msg {
+                ToGateway::Fetch { app } => {
+                    let bundle = self.bundles.iter().find(|(a, _)| *a == app);
+                    let bundle = bundle.map(|(_, b)| b.clone());
+                    self.send(ToWorker::Bundle { app, bundle });
+                }
+                ToGateway::Trace { runs } => self.traces.extend(runs.iter().cloned()),
+                msg => return msg,
+            }
+        }
+    }
+
+    /// Dispatches `grain` of `app` with `input`, acks every progress message as it comes (as
+    /// a gateway does once it is durable), and returns the value that answers the client with
+    /// every report of the execution.
+    async fn invoke(&mut self, app: &str, grain: &str, input: u64) -> (String, Vec<Report>) {
+        let exec = ExecId::new(1, self.next_exec);
+        self.next_exec += 1;
+        let call = CallSpec {
+            exec,
+            call: exec.root_call(),
+            attempt: Attempt(1),
+            app: AppName::new(app).expect("app name"),
+            grain: common::grain(grain),
+            input: Payload::from(input.to_string().as_str()),
+            cont: Cont::Client,
+        };
+        let incarnation = self.incarnation;
+        self.send(ToWorker::Dispatch { incarnation, call });
+        let mut reports = Vec::new();
+        loop {
+            let ToGateway::Progress {
+                seq, reports: got, ..
+            } = self.next_message().await
+            else {
+                continue;
+            };
+            self.send(ToWorker::Ack {
+                incarnation,
+                upto: seq,
+            });
+            for report in got.into_iter().filter(|r| r.exec == exec) {
+                let answer = match &report.outcome {
+                    Outcome::Done(effects) => effects
+                        .returns
+                        .iter()
+                        .find(|r| r.cont == Cont::Client)
+                        .map(|r| String::from_utf8_lossy(&r.value.0).into_owned()),
+                    Outcome::Failed(e) => panic!("the execution failed: {e:?}"),
+                };
+                reports.push(report);
+                if let Some(answer) = answer {
+                    return (answer, reports);
+                }
+            }
+        }
+    }
+
+    /// Ends the worker: its link is replaced, so its events end, and it stops its zygotes.
+    async fn stop(mut self) {
+        drop(self.net.add_worker(WORKER));
+        if let Some(driver) = self.driver.take() {
+            let ended = bounded(20, driver).await;
+            ended
+                .expect("the driver task")
+                .expect("the driver ends cleanly");
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(driver) = self.driver.take() {
+            driver.abort(); // A failed test: dropping the driver's state kills its zygotes.
+        }
+    }
+}
+
+fn name(app: &str) -> AppName {
+    AppName::new(app).expect("app name")
+}
+
+/// The median time `app` takes to answer from `grain`, over `runs` after 5 that start zygotes.
+async fn measure(h: &mut Harness, app: &str, grain: &str, runs: u64) -> Duration {
+    let mut samples = Vec::new();
+    for i in 0..runs + 5 {
+        let t = Instant::now();
+        let (answer, _) = bounded(60, h.invoke(app, grain, i)).await;
+        let took = t.elapsed();
+        assert_eq!(answer, (i + 15).to_string());
+        if i >= 5 {
+            samples.push(took);
+        }
+    }
+    median(samples)
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_chain_runs_every_hop_here_and_reports_each_once() {
+    let dir = TempDir::new("driver-chain");
+    let chain = app(dir.path(), "chain", &["s1", "s2", "s3", "s4", "s5"], 1);
+    let mut h = Harness::start(LbConfig::default(), vec![(name("chain"), chain)], dir).await;
+    for input in [0u64, 100] {
+        let (answer, reports) = bounded(60, h.invoke("chain", "s1", input)).await;
+        assert_eq!(answer, (input + 15).to_string());
+        // Coalescing may fold hops together, but every hop is accounted for exactly once:
+        // the entry and every call spawned (here, owned) is completed by one report, unless
+        // its report was folded into its parent's, where it is neither spawned nor completed.
+        let spawned: Vec<_> = reports
+            .iter()
+            .flat_map(|r| match &r.outcome {
+                Outcome::Done(e) => e.spawned.clone(),
+                Outcome::Failed(_) => Vec::new(),
+            })
+            .collect();
+        assert!(spawned.iter().all(|c| c.owned), "every hop ran here");
+        let mut spawned: Vec<_> = spawned.into_iter().map(|c| c.call).collect();
+        let mut completed: Vec<_> = reports.iter().map(|r| r.call).collect();
+        assert_eq!(completed.remove(0), reports[0].exec.root_call());
+        spawned.sort();
+        completed.sort();
+        assert_eq!(spawned, completed);
+    }
+    // Every run is traced, the entry as dispatched, its successors as started here.
+    bounded(10, async {
+        while h.traces.len() < 10 {
+            let _ = h.next_message().await;
+        }
+    })
+    .await;
+    let mut grains: Vec<(String, bool)> = h
+        .traces
+        .iter()
+        .map(|t| (t.grain.to_string(), t.dispatched))
+        .collect();
+    grains.sort();
+    grains.dedup();
+    let want: Vec<(String, bool)> = ["s1", "s2", "s3", "s4", "s5"]
+        .iter()
+        .map(|g| (g.to_string(), *g == "s1"))
+        .collect();
+    assert_eq!(grains, want);
+    assert!(h.traces.iter().all(|t| t.error.is_none()));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_chain_runs_ahead_of_the_gateways_acks() {
+    let dir = TempDir::new("driver-noack");
+    let chain = app(dir.path(), "chain", &["s1", "s2", "s3", "s4", "s5"], 1);
+    let mut h = Harness::start(LbConfig::default(), vec![(name("chain"), chain)], dir).await;
+    let exec = ExecId::new(1, 99);
+    let call = CallSpec {
+        exec,
+        call: exec.root_call(),
+        attempt: Attempt(1),
+        app: name("chain"),
+        grain: common::grain("s1"),
+        input: Payload::from("0"),
+        cont: Cont::Client,
+    };
+    let incarnation = h.incarnation;
+    h.send(ToWorker::Dispatch { incarnation, call });
+    // Nothing is acked, yet all five grains run: no local hop waits for the gateway.
+    bounded(60, async {
+        while h.traces.len() < 5 {
+            let _ = h.next_message().await;
+        }
+    })
+    .await;
+    let mut grains: Vec<String> = h.traces.iter().map(|t| t.grain.to_string()).collect();
+    grains.sort();
+    assert_eq!(grains, ["s1", "s2", "s3", "s4", "s5"]);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_local_hop_cost() {
+    let dir = TempDir::new("driver-hop");
+    let chain = app(
+        dir.path(),
+        "chain",
+        &["s1", "s2", "s3", "s4", "s5"],
+        1_000_000,
+    );
+    let whole = app(dir.path(), "whole", &["whole"], 1_000_000);
+    let bundles = vec![(name("chain"), chain), (name("whole"), whole)];
+    let mut h = Harness::start(LbConfig::default(), bundles, dir).await;
+    let runs: u64 = std::env::var("SAND_HOP_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let chain = measure(&mut h, "chain", "s1", runs).await;
+    let whole = measure(&mut h, "whole", "whole", runs).await;
+    let hop = chain.saturating_sub(whole) / 4;
+    eprintln!(
+        "warm local hop: chain {:?}, whole {:?}, per hop {:?} (medians of {runs})",
+        chain, whole, hop
+    );
+    h.stop().await;
+}
