@@ -9,17 +9,24 @@ with fd 3 a SOCK_SEQPACKET socket to the worker. It imports the grain's module o
 dir is on sys.path and is the cwd, so vendored packages work), says READY, then forks one
 instance per call. The zygote itself is single-threaded and never runs a handler.
 
-- One instance is kept forked ahead and waiting, so a call does not wait for a fork. The
-  next spare is forked once the call that took it is released, never while a call is being
-  handed over (a fork takes a core for about a millisecond); a call that finds no spare forks
-  one on the spot.
+- The zygote never relays a call it can avoid. Each instance it forks gets a private stream
+  socket, and the zygote sends the worker its end (SPARE, by SCM_RIGHTS) and closes its own
+  copy: the worker writes calls straight to the instance, with no wake-up of the zygote. The
+  worker asks for a spare (WANT) once the call that took the last one has its result, never
+  while a call is being handed over (a fork takes a core for about a millisecond). A CALL
+  that reaches the zygote (the worker held no spare) forks an instance on the spot, hands it
+  over already serving that call, and relays the call.
+- The zygote watches every instance by pidfd, reaps it when it ends, and reports each end
+  (DIED, with the instance's number); KILL names an instance by that number. Numbers are
+  never reused within a zygote's life, so a late KILL cannot hit a newer instance.
 - An instance rehearses the call path once before it waits (see `rehearse`), so a call does
   not pay for the copy-on-write faults of the runtime's own code.
 - An instance serves one call, or up to `--reuse N` calls, then exits.
 - An instance writes its result straight to fd 3 (datagrams are atomic) and then lingers until
-  the worker has read it (RELEASE), so its exit never delays the reader.
-- `--fork-on-demand` is the SAND baseline, for benchmarks: fork when a call arrives, exit as
-  soon as the result is written.
+  the worker closes its socket (the worker has read the result), so its exit never delays
+  the reader.
+- `--fork-on-demand` is the SAND baseline, for benchmarks: the worker holds no spares, so
+  every call forks when it arrives, and the instance exits as soon as its result is written.
 
 The wire is documented in sdk/rust/src/wire.rs (crate sand-grain); keep the two equal.
 """
@@ -34,7 +41,7 @@ import struct
 import sys
 import traceback
 
-CALL, RELEASE, KILL, READY, LOAD_FAILED, RESULT, DIED = 1, 2, 3, 10, 11, 12, 13
+CALL, KILL, WANT, READY, LOAD_FAILED, RESULT, DIED, SPARE = 1, 3, 4, 10, 11, 12, 13, 14
 MORE = 1
 HEADER = struct.Struct("<BBI")
 PIECE_BODY_MAX = 60 * 1024
@@ -43,7 +50,9 @@ MESSAGE_MAX = 16 << 20
 RESULT_HEAD = struct.Struct("<IIIIQQ")
 CALL_HEAD = struct.Struct("<QQQ")
 PRIVATE_LEN = struct.Struct("<I")
-REAP_INTERVAL_MS = 20
+SPARE_BODY = struct.Struct("<II")
+DIED_BODY = struct.Struct("<IBi")
+KILL_BODY = struct.Struct("<I")
 
 
 def send_message(chan, kind, slot, body=b""):
@@ -217,20 +226,15 @@ def instance_main(chan, sock, handler, calls_max, linger):
         send_message(chan, RESULT, slot, body)
         served += 1
     if linger:
-        # Linger until the zygote closes our socket (the worker has read the result).
+        # Linger until the worker closes our socket (it has read the result).
         while recv_private(sock) is not None:
             pass
     os._exit(0)
 
 
-class Instance:
-    __slots__ = ("pid", "sock", "slot", "served")
-
-    def __init__(self, pid, sock):
-        self.pid = pid
-        self.sock = sock
-        self.slot = None
-        self.served = 0
+def private_frame(slot, body):
+    """A CALL as an instance reads it from its private socket."""
+    return PRIVATE_LEN.pack(PRIVATE_LEN.size + len(body)) + PRIVATE_LEN.pack(slot) + body
 
 
 class Zygote:
@@ -239,110 +243,77 @@ class Zygote:
         self.handler = handler
         self.reuse = reuse if prefork else 1
         self.prefork = prefork
-        self.idle = []  # instances waiting for a call, most recently used last
-        self.by_fd = {}  # every live instance, by its private socket's fd
-        self.by_slot = {}  # instances serving a call the worker has not released
+        self.live = {}  # pidfd -> (instance number, pid) of every instance not yet reaped
+        self.by_number = {}  # instance number -> pid, for KILL
+        self.numbered = 0  # the last instance number given
         self.partial = {}  # slot -> bytearray of a CALL still arriving
-        self.retired = set()  # pids of instances told to exit, not yet reaped
         self.poll = select.poll()
         self.die_with_parent = parent_death_signal_setter()
         self.poll.register(chan.fileno(), select.POLLIN)
 
-    def fork_instance(self):
+    def hand_over(self, slot):
+        """Forks an instance and sends the worker its socket (SPARE); returns our copy of the
+        socket, which the caller closes (the worker's copy is then the only one)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
             try:
                 ours.close()
-                for inst in self.by_fd.values():
-                    inst.sock.close()
+                for pidfd in self.live:
+                    os.close(pidfd)
                 if self.die_with_parent is not None:
                     self.die_with_parent()
                 instance_main(self.chan, theirs, self.handler, self.reuse, self.prefork)
             finally:
                 os._exit(70)
         theirs.close()
-        inst = Instance(pid, ours)
-        self.by_fd[ours.fileno()] = inst
-        self.poll.register(ours.fileno(), select.POLLIN)
-        return inst
-
-    def dispatch(self, slot, body):
-        inst = self.idle.pop() if self.idle else self.fork_instance()
-        inst.slot = slot
-        inst.served += 1
-        self.by_slot[slot] = inst
-        frame = PRIVATE_LEN.pack(4 + len(body)) + PRIVATE_LEN.pack(slot) + body
+        self.numbered = (self.numbered + 1) & 0xFFFFFFFF or 1
+        number = self.numbered
+        pidfd = os.pidfd_open(pid)
+        self.live[pidfd] = (number, pid)
+        self.by_number[number] = pid
+        self.poll.register(pidfd, select.POLLIN)
+        head = HEADER.pack(SPARE, 0, slot) + SPARE_BODY.pack(number, pid)
         try:
-            inst.sock.sendall(frame)
+            socket.send_fds(self.chan, [head], [ours.fileno()])
         except OSError:
-            pass  # it died; its EOF reports the call
+            self.shutdown()  # the worker is gone
+        return ours
 
-    def release(self, slot):
-        inst = self.by_slot.pop(slot, None)
-        if inst is None:
-            return
-        inst.slot = None
-        if inst.served < self.reuse:
-            self.idle.append(inst)
-        else:
-            self.retire(inst)
-        self.keep_spare()
+    def call(self, slot, body):
+        """The worker held no spare for this call: fork one, hand it over already serving the
+        call (SPARE with the call's slot, sent before the call so it reaches the worker
+        before the RESULT), and relay the call."""
+        ours = self.hand_over(slot)
+        try:
+            ours.sendall(private_frame(slot, body))
+        except OSError:
+            pass  # it died: its DIED reports the call
+        ours.close()
 
-    def keep_spare(self):
-        """Forks the spare when there is none. Called once a call's result is out (RELEASE)
-        or an instance is gone, never while handing a call over: a fork of the zygote takes a
-        core for a millisecond and would compete with the call it follows."""
-        if self.prefork and not self.idle:
-            self.idle.append(self.fork_instance())
-
-    def retire(self, inst):
-        """Closes an instance's socket: it exits on EOF, in its own time."""
-        fd = inst.sock.fileno()
-        self.poll.unregister(fd)
-        del self.by_fd[fd]
-        inst.sock.close()
-        self.retired.add(inst.pid)
-
-    def kill(self, slot):
-        inst = self.by_slot.get(slot)
-        if inst is not None:
+    def kill(self, number):
+        pid = self.by_number.get(number)
+        if pid is not None:
             try:
-                os.kill(inst.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
-    def instance_gone(self, inst):
-        """An instance's socket hit EOF: it exited. Report it if it owed a result."""
-        fd = inst.sock.fileno()
-        self.poll.unregister(fd)
-        del self.by_fd[fd]
-        inst.sock.close()
-        if inst in self.idle:
-            self.idle.remove(inst)
+    def instance_ended(self, pidfd):
+        """An instance's pidfd is readable: it exited. Reap it and report it (DIED)."""
+        number, pid = self.live.pop(pidfd)
+        del self.by_number[number]
+        self.poll.unregister(pidfd)
+        os.close(pidfd)
         try:
-            _, status = os.waitpid(inst.pid, 0)
+            _, status = os.waitpid(pid, 0)
         except ChildProcessError:
             status = None
-        if inst.slot is not None:
-            self.by_slot.pop(inst.slot, None)
-            if status is not None and os.WIFSIGNALED(status):
-                how, code = 1, os.WTERMSIG(status)
-            else:
-                how, code = 0, os.WEXITSTATUS(status) if status is not None else -1
-            send_message(self.chan, DIED, inst.slot, struct.pack("<Bi", how, code))
-        self.keep_spare()
-
-    def reap(self):
-        """Collects retired instances that have exited. Only retired ones: a live instance's
-        exit status belongs to instance_gone, which reports it."""
-        for pid in list(self.retired):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                self.retired.discard(pid)
+        if status is not None and os.WIFSIGNALED(status):
+            how, code = 1, os.WTERMSIG(status)
+        else:
+            how, code = 0, os.WEXITSTATUS(status) if status is not None else -1
+        send_message(self.chan, DIED, 0, DIED_BODY.pack(number, how, code))
 
     def on_piece(self, piece):
         if len(piece) < HEADER.size:
@@ -352,7 +323,7 @@ class Zygote:
         if kind == CALL:
             buf = self.partial.pop(slot, None)
             if buf is None and not flags & MORE:
-                self.dispatch(slot, body)
+                self.call(slot, body)
                 return
             buf = (buf or bytearray()) + body
             if len(buf) > MESSAGE_MAX:
@@ -360,11 +331,11 @@ class Zygote:
             if flags & MORE:
                 self.partial[slot] = buf
             else:
-                self.dispatch(slot, bytes(buf))
-        elif kind == RELEASE:
-            self.release(slot)
-        elif kind == KILL:
-            self.kill(slot)
+                self.call(slot, bytes(buf))
+        elif kind == WANT:
+            self.hand_over(0).close()
+        elif kind == KILL and len(body) == KILL_BODY.size:
+            self.kill(KILL_BODY.unpack(body)[0])
 
     def serve(self):
         # Objects that exist now are shared with every instance: keep the collector from
@@ -376,28 +347,21 @@ class Zygote:
             os.close(out_fd)
         gc.collect()
         gc.freeze()
-        self.keep_spare()
         chan_fd = self.chan.fileno()
         while True:
-            # A retired instance exits in its own time and nothing wakes us then: look again
-            # shortly, so it does not stay a zombie (holding a pid) until the next message.
-            timeout_ms = REAP_INTERVAL_MS if self.retired else None
-            for fd, _events in self.poll.poll(timeout_ms):
+            for fd, _events in self.poll.poll():
                 if fd == chan_fd:
                     piece = self.chan.recv(HEADER.size + PIECE_BODY_MAX)
                     if not piece:
                         self.shutdown()
                     self.on_piece(piece)
-                else:
-                    inst = self.by_fd.get(fd)
-                    if inst is not None:
-                        self.instance_gone(inst)
-            self.reap()
+                elif fd in self.live:
+                    self.instance_ended(fd)
 
     def shutdown(self):
-        for inst in list(self.by_fd.values()):
+        for _number, pid in self.live.values():
             try:
-                os.kill(inst.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         os._exit(0)

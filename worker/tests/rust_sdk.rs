@@ -100,3 +100,41 @@ async fn each_call_is_a_fresh_instance_unless_reused() {
         z.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_reaches_a_held_spare_while_the_zygote_is_stopped() {
+    let (_dir, z) = start(1).await;
+    let zygote = z.pid().expect("pid");
+    let children = || {
+        std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u64>().ok())
+            .collect::<Vec<_>>()
+    };
+    bounded(60, async {
+        for _ in 0..500 {
+            if children().len() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // SPARE goes out right after the fork: give the worker time to take the socket.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let spare = children();
+        assert_eq!(spare.len(), 1, "one spare: {spare:?}");
+        let pid = nix::unistd::Pid::from_raw(zygote as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::SIGSTOP).expect("stop the zygote");
+        let mut req = request(r#""pid""#);
+        req.timeout = Some(Duration::from_secs(5));
+        let r = z.call(req).await;
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT);
+        assert_eq!(
+            value(&r).as_u64(),
+            Some(spare[0]),
+            "the held spare answered"
+        );
+    })
+    .await;
+    z.stop().await;
+}

@@ -8,17 +8,37 @@
 //! worker's socket, even while other instances (sharing the same fd) write theirs: the pieces of
 //! different slots may interleave, and the receiver reassembles them by `(kind, slot)`.
 //!
-//! A slot is the worker's number for one call in flight on that zygote.
+//! A slot is the worker's number for one call in flight on that zygote. An *instance number* is
+//! the zygote's number for one forked instance, never reused within the zygote's life (a pid
+//! can be, so a late `KILL` by pid could hit a newer instance).
 //!
-//! | kind | direction | body |
-//! |---|---|---|
-//! | `CALL` 1 | worker → zygote | exec u64, call u64, attempt u64 (LE), then the input JSON |
-//! | `RELEASE` 2 | worker → zygote | empty: the result was read; the instance may serve again or exit |
-//! | `KILL` 3 | worker → zygote | empty: kill the instance serving the slot (a timeout) |
-//! | `READY` 10 | zygote → worker | pid u32: the grain is loaded (slot 0) |
-//! | `LOAD_FAILED` 11 | zygote → worker | UTF-8 text: why the grain could not be loaded (slot 0) |
-//! | `RESULT` 12 | instance → worker | [`ResultMsg`] |
-//! | `DIED` 13 | zygote → worker | how u8 (0 exited, 1 signal), code i32: the instance died before its result was released |
+//! | kind | direction | slot | body |
+//! |---|---|---|---|
+//! | `CALL` 1 | worker → zygote | the call's | exec u64, call u64, attempt u64 (LE), then the input JSON |
+//! | `KILL` 3 | worker → zygote | the call's | instance u32: kill that instance (a timeout, an abandoned call) |
+//! | `WANT` 4 | worker → zygote | 0 | empty: fork a spare instance and send it (`SPARE`) |
+//! | `READY` 10 | zygote → worker | 0 | pid u32: the grain is loaded |
+//! | `LOAD_FAILED` 11 | zygote → worker | 0 | UTF-8 text: why the grain could not be loaded |
+//! | `RESULT` 12 | instance → worker | the call's | [`ResultMsg`] |
+//! | `DIED` 13 | zygote → worker | 0 | instance u32, how u8 (0 exited, 1 signal), code i32: an instance ended (every end is reported) |
+//! | `SPARE` 14 | zygote → worker | 0, or a call's | instance u32, pid u32, and one fd by `SCM_RIGHTS`: the instance's private socket |
+//!
+//! **Hand-over.** Each instance has a private `SOCK_STREAM` socket. The zygote forks it, sends
+//! the worker its end of that socket (`SPARE`) and closes its own copy, so the worker holds the
+//! only end. A `SPARE` with slot 0 is idle: the worker writes a call to it as a *private frame*
+//! ([`private_frame`]: length u32 counting what follows, slot u32, the `CALL` body), any size,
+//! without waking the zygote. The worker asks for a spare with `WANT` once a call's result is
+//! out, never while a call is handed over, so the fork does not compete with the call. A call
+//! for which the worker holds no spare goes to the zygote as `CALL`: the zygote forks an
+//! instance, sends its `SPARE` with the call's slot (before the call, so the worker has it
+//! before the `RESULT`), and writes the call to it.
+//!
+//! **Results and ends.** The instance writes its `RESULT` to fd 3, then waits on its private
+//! socket: for the next call (`--reuse N`), or end-of-file, on which it exits. The worker closes
+//! the socket once it has read the result and wants no more calls there. The zygote watches
+//! every instance by pidfd and reports each end as `DIED`; the worker knows which call (if any)
+//! it gave that instance, and ignores the ends of instances that owe nothing. An instance's
+//! `RESULT` is queued before the `DIED` of its end, so a result is never mistaken for a death.
 //!
 //! A result document is JSON, one of `{"return": v}`, `{"next": [grain, v]}`,
 //! `{"fan_out": [[grain, v], ...], "join": grain}`, `{"error": "text"}` (the handler raised) or
@@ -42,20 +62,22 @@ pub const MORE: u8 = 1;
 /// What a message is.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Kind {
-    /// Run a call.
+    /// Run a call (one the worker held no spare instance for).
     Call = 1,
-    /// The worker has read the slot's result.
-    Release = 2,
-    /// Kill the instance serving the slot.
+    /// Kill an instance.
     Kill = 3,
+    /// Fork a spare instance and send it.
+    Want = 4,
     /// The grain is loaded.
     Ready = 10,
     /// The grain could not be loaded.
     LoadFailed = 11,
     /// A call's result.
     Result = 12,
-    /// The instance serving a slot died before its result was released.
+    /// An instance ended.
     Died = 13,
+    /// An instance's private socket, handed to the worker.
+    Spare = 14,
 }
 
 impl Kind {
@@ -63,12 +85,13 @@ impl Kind {
     pub fn from_u8(b: u8) -> Option<Kind> {
         Some(match b {
             1 => Kind::Call,
-            2 => Kind::Release,
             3 => Kind::Kill,
+            4 => Kind::Want,
             10 => Kind::Ready,
             11 => Kind::LoadFailed,
             12 => Kind::Result,
             13 => Kind::Died,
+            14 => Kind::Spare,
             _ => return None,
         })
     }
@@ -296,42 +319,116 @@ impl ResultMsg {
     }
 }
 
-/// How an instance died, the body of a `DIED` message.
+/// A call as an instance reads it from its private socket: length u32 (of what follows), slot
+/// u32, then the `CALL` body ([`CallMsg`]).
+pub fn private_frame(slot: u32, call: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(8 + call.len());
+    frame.extend_from_slice(&((4 + call.len()) as u32).to_le_bytes());
+    frame.extend_from_slice(&slot.to_le_bytes());
+    frame.extend_from_slice(call);
+    frame
+}
+
+/// The body of a `SPARE` message (its socket travels beside it, by `SCM_RIGHTS`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum DiedMsg {
+pub struct SpareMsg {
+    /// The zygote's number for the instance.
+    pub instance: u32,
+    /// Its pid, as the zygote sees it.
+    pub pid: u32,
+}
+
+impl SpareMsg {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.instance.to_le_bytes().to_vec();
+        out.extend_from_slice(&self.pid.to_le_bytes());
+        out
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(Kind::Spare, body);
+        let msg = Self {
+            instance: r.u32()?,
+            pid: r.u32()?,
+        };
+        r.end()?;
+        Ok(msg)
+    }
+}
+
+/// The body of a `KILL` message: the instance to kill.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct KillMsg {
+    /// The zygote's number for the instance.
+    pub instance: u32,
+}
+
+impl KillMsg {
+    /// Encodes the body.
+    pub fn encode(&self) -> Vec<u8> {
+        self.instance.to_le_bytes().to_vec()
+    }
+
+    /// Decodes a body.
+    pub fn decode(body: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new(Kind::Kill, body);
+        let msg = Self { instance: r.u32()? };
+        r.end()?;
+        Ok(msg)
+    }
+}
+
+/// How an instance ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum End {
     /// It exited with this status.
     Exited(i32),
     /// A signal with this number killed it.
     Signaled(i32),
 }
 
+/// The body of a `DIED` message: which instance ended, and how.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct DiedMsg {
+    /// The zygote's number for the instance.
+    pub instance: u32,
+    /// How it ended.
+    pub end: End,
+}
+
 impl DiedMsg {
     /// Encodes the body.
     pub fn encode(&self) -> Vec<u8> {
-        let (how, code) = match *self {
-            DiedMsg::Exited(code) => (0u8, code),
-            DiedMsg::Signaled(sig) => (1u8, sig),
+        let (how, code) = match self.end {
+            End::Exited(code) => (0u8, code),
+            End::Signaled(sig) => (1u8, sig),
         };
-        let mut out = vec![how];
+        let mut out = self.instance.to_le_bytes().to_vec();
+        out.push(how);
         out.extend_from_slice(&code.to_le_bytes());
         out
     }
 
     /// Decodes a body.
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
-        let malformed = |why| WireError::Malformed {
-            kind: Kind::Died,
-            why,
+        let mut r = Reader::new(Kind::Died, body);
+        let instance = r.u32()?;
+        let how = r.bytes(1)?[0];
+        let code = r.i32()?;
+        r.end()?;
+        let end = match how {
+            0 => End::Exited(code),
+            1 => End::Signaled(code),
+            _ => {
+                return Err(WireError::Malformed {
+                    kind: Kind::Died,
+                    why: "unknown way of ending",
+                })
+            }
         };
-        if body.len() != 5 {
-            return Err(malformed("the body is not 5 bytes"));
-        }
-        let code = i32::from_le_bytes([body[1], body[2], body[3], body[4]]);
-        match body[0] {
-            0 => Ok(DiedMsg::Exited(code)),
-            1 => Ok(DiedMsg::Signaled(code)),
-            _ => Err(malformed("unknown way of dying")),
-        }
+        Ok(Self { instance, end })
     }
 }
 
@@ -361,6 +458,22 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, WireError> {
         let b = self.bytes(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn i32(&mut self) -> Result<i32, WireError> {
+        let b = self.bytes(4)?;
+        Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn end(&self) -> Result<(), WireError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Malformed {
+                kind: self.kind,
+                why: "bytes after the last field",
+            })
+        }
     }
 
     fn u64(&mut self) -> Result<u64, WireError> {
@@ -403,7 +516,10 @@ mod tests {
         );
         assert!(ResultMsg::decode(b"\x01\0\0\0\xff\xff\xff\xff").is_err());
         assert!(CallMsg::decode(b"short").is_err());
-        assert!(DiedMsg::decode(b"\x07\0\0\0\0").is_err());
+        assert!(DiedMsg::decode(b"\x01\0\0\0\x07\0\0\0\0").is_err());
+        assert!(DiedMsg::decode(b"\x01\0\0\0\x01\0\0\0").is_err());
+        assert!(SpareMsg::decode(b"\x01\0\0\0\x02\0\0\0\x03").is_err());
+        assert!(KillMsg::decode(b"\x01\0").is_err());
         let mut r = Reassembler::new(10);
         let eleven = pieces(Kind::Call, 1, &[0; 11]);
         let (h, b) = parse_piece(&eleven[0]).expect("parses");
@@ -421,9 +537,28 @@ mod tests {
             stderr_total: 0,
         };
         assert_eq!(ResultMsg::decode(&m.encode()), Ok(m));
-        assert_eq!(
-            DiedMsg::decode(&DiedMsg::Signaled(9).encode()),
-            Ok(DiedMsg::Signaled(9))
-        );
+        let died = DiedMsg {
+            instance: 7,
+            end: End::Signaled(9),
+        };
+        assert_eq!(DiedMsg::decode(&died.encode()), Ok(died));
+        let exited = DiedMsg {
+            instance: u32::MAX,
+            end: End::Exited(-1),
+        };
+        assert_eq!(DiedMsg::decode(&exited.encode()), Ok(exited));
+        let spare = SpareMsg {
+            instance: 3,
+            pid: 4242,
+        };
+        assert_eq!(SpareMsg::decode(&spare.encode()), Ok(spare));
+        let kill = KillMsg { instance: 5 };
+        assert_eq!(KillMsg::decode(&kill.encode()), Ok(kill));
+    }
+
+    #[test]
+    fn a_private_frame_counts_the_slot_and_the_call() {
+        let frame = private_frame(9, b"abc");
+        assert_eq!(frame, b"\x07\0\0\0\x09\0\0\0abc");
     }
 }

@@ -1,18 +1,19 @@
 //! The zygote loop of a Rust grain: the same behaviour as the Python runtime.
 //!
-//! The zygote reads `CALL`s from fd 3 and hands each to an idle instance over the instance's
-//! private socket (a `u32` length, the slot, the call body); one instance is kept forked
-//! ahead, forked again once the call that took it is released (never while handing a call
-//! over), and a call that finds none forks one on the spot. The instance runs the handler with its stdout and stderr captured in memory files,
-//! writes its `RESULT` straight to fd 3, and then lingers (blocked on its private socket) until
-//! the worker's `RELEASE` makes the zygote close that socket, or hand it the next call
-//! (`--reuse N`). An instance that dies before release is reported as `DIED`.
+//! The zygote forks instances and hands each one's private socket to the worker (`SPARE`, by
+//! `SCM_RIGHTS`), so the worker writes calls straight to an instance without waking the zygote.
+//! It forks a spare when the worker asks (`WANT`, sent once a call's result is out, never while
+//! a call is handed over); a `CALL` that reaches it (the worker held no spare) forks an instance
+//! on the spot, hands it over already serving the call, and relays the call. The instance runs
+//! the handler with its stdout and stderr captured in memory files, writes its `RESULT`
+//! straight to fd 3, and then waits on its private socket for the next call (`--reuse N`) or
+//! the end-of-file of the worker closing it, on which it exits. The zygote watches every
+//! instance by pidfd and reports each end as `DIED`; `KILL` names an instance by its number.
 
 #![allow(unsafe_code)] // fork, taking fd 3, and _exit in forked children.
 
-use std::collections::HashMap;
 use std::ffi::CStr;
-use std::io::Write;
+use std::io::{IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -21,22 +22,21 @@ use nix::fcntl::{fcntl, FcntlArg};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::socket::{send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::socket::{
+    send, sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
+};
+use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde_json::Value;
 
 use crate::wire::{
-    parse_piece, pieces, CallMsg, DiedMsg, Kind, Reassembler, ResultMsg, CAPTURE_BYTES_MAX,
-    CHANNEL_FD, HEADER_BYTES, PIECE_BODY_BYTES_MAX,
+    parse_piece, pieces, private_frame, CallMsg, DiedMsg, End, KillMsg, Kind, Reassembler,
+    ResultMsg, SpareMsg, CAPTURE_BYTES_MAX, CHANNEL_FD, HEADER_BYTES, PIECE_BODY_BYTES_MAX,
 };
 use crate::{Ctx, Output};
 
 /// The largest message the zygote accepts (a call's input is at most 6 MiB).
 const MESSAGE_BYTES_MAX: usize = 16 << 20;
-
-/// How often the zygote looks for exited retired instances while some are left.
-const REAP_INTERVAL_MS: u8 = 20;
 
 /// Runs the zygote loop with `handler` as the grain; never returns. Call it first thing in
 /// `main`, before any thread starts. Arguments (given by sand): `--reuse N` (calls per
@@ -93,11 +93,9 @@ fn start(handler: &dyn Fn(Value, &Ctx) -> Result<Output, String>) -> Result<Neve
         handler,
         reuse: if prefork { reuse } else { 1 },
         prefork,
-        idle: Vec::new(),
-        instances: HashMap::new(),
-        by_slot: HashMap::new(),
+        instances: Vec::new(),
+        numbered: 0,
         calls: Reassembler::new(MESSAGE_BYTES_MAX),
-        retired: Vec::new(),
     };
     zygote.serve()
 }
@@ -130,11 +128,13 @@ fn exit_now(code: i32) -> ! {
     unsafe { nix::libc::_exit(code) }
 }
 
+/// An instance the zygote has forked and not yet reaped.
 struct Instance {
+    /// The zygote's number for it (see the wire).
+    number: u32,
     pid: Pid,
-    sock: OwnedFd,
-    slot: Option<u32>,
-    served: u32,
+    /// Readable once it has exited.
+    pidfd: OwnedFd,
 }
 
 struct Zygote<'h> {
@@ -142,39 +142,25 @@ struct Zygote<'h> {
     handler: &'h dyn Fn(Value, &Ctx) -> Result<Output, String>,
     reuse: u32,
     prefork: bool,
-    /// Instances waiting for a call, most recently used last.
-    idle: Vec<RawFd>,
-    /// Every live instance, by its private socket.
-    instances: HashMap<RawFd, Instance>,
-    /// The instance serving each slot the worker has not released.
-    by_slot: HashMap<u32, RawFd>,
+    /// Every instance not yet reaped.
+    instances: Vec<Instance>,
+    /// The last instance number given.
+    numbered: u32,
     calls: Reassembler,
-    /// Instances told to exit, not yet reaped.
-    retired: Vec<Pid>,
 }
 
 impl Zygote<'_> {
     fn serve(&mut self) -> ! {
-        self.keep_spare();
         let mut buf = vec![0u8; HEADER_BYTES + PIECE_BODY_BYTES_MAX + 1];
         loop {
-            let socks: Vec<RawFd> = self.instances.keys().copied().collect();
-            let (chan_ready, gone) = {
+            let (chan_ready, ended) = {
                 let mut fds = vec![PollFd::new(self.chan.as_fd(), PollFlags::POLLIN)];
                 fds.extend(
-                    socks
+                    self.instances
                         .iter()
-                        .map(|fd| PollFd::new(self.instances[fd].sock.as_fd(), PollFlags::POLLIN)),
+                        .map(|inst| PollFd::new(inst.pidfd.as_fd(), PollFlags::POLLIN)),
                 );
-                // A retired instance exits in its own time and nothing wakes us then: look
-                // again shortly, so it does not stay a zombie (holding a pid) until the next
-                // message.
-                let timeout = if self.retired.is_empty() {
-                    PollTimeout::NONE
-                } else {
-                    PollTimeout::from(REAP_INTERVAL_MS)
-                };
-                match poll(&mut fds, timeout) {
+                match poll(&mut fds, PollTimeout::NONE) {
                     Ok(_) | Err(Errno::EINTR) => {}
                     Err(e) => {
                         eprintln!("sand-grain: poll failed: {e}");
@@ -182,13 +168,13 @@ impl Zygote<'_> {
                     }
                 }
                 let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                let gone: Vec<RawFd> = fds[1..]
+                let ended: Vec<u32> = fds[1..]
                     .iter()
-                    .zip(&socks)
+                    .zip(&self.instances)
                     .filter(|(f, _)| ready(f))
-                    .map(|(_, fd)| *fd)
+                    .map(|(_, inst)| inst.number)
                     .collect();
-                (ready(&fds[0]), gone)
+                (ready(&fds[0]), ended)
             };
             if chan_ready {
                 match nix::sys::socket::recv(self.chan.as_raw_fd(), &mut buf, MsgFlags::empty()) {
@@ -198,10 +184,9 @@ impl Zygote<'_> {
                     Err(_) => self.shut_down(),
                 }
             }
-            for fd in gone {
-                self.instance_gone(fd);
+            for number in ended {
+                self.instance_ended(number);
             }
-            reap(&mut self.retired);
         }
     }
 
@@ -213,16 +198,15 @@ impl Zygote<'_> {
         match header.kind {
             Kind::Call => {
                 if let Ok(Some(message)) = self.calls.push(header, body) {
-                    self.dispatch(header.slot, &message);
+                    self.call(header.slot, &message);
                 }
             }
-            Kind::Release => self.release(header.slot),
+            Kind::Want => drop(self.hand_over(0)),
             Kind::Kill => {
-                if let Some(inst) = self
-                    .by_slot
-                    .get(&header.slot)
-                    .and_then(|fd| self.instances.get(fd))
-                {
+                let Ok(KillMsg { instance }) = KillMsg::decode(body) else {
+                    return;
+                };
+                if let Some(inst) = self.instances.iter().find(|i| i.number == instance) {
                     let _ = kill(inst.pid, Signal::SIGKILL);
                 }
             }
@@ -230,77 +214,19 @@ impl Zygote<'_> {
         }
     }
 
-    fn dispatch(&mut self, slot: u32, call: &[u8]) {
-        let fd = match self.idle.pop() {
-            Some(fd) => fd,
-            None => self.fork_instance(),
-        };
-        let mut frame = Vec::with_capacity(8 + call.len());
-        frame.extend_from_slice(&((4 + call.len()) as u32).to_le_bytes());
-        frame.extend_from_slice(&slot.to_le_bytes());
-        frame.extend_from_slice(call);
-        if let Some(inst) = self.instances.get_mut(&fd) {
-            inst.slot = Some(slot);
-            inst.served += 1;
-            // A failed write means it died: its end-of-file reports the call.
-            let _ = write_all(&inst.sock, &frame);
-        }
-        self.by_slot.insert(slot, fd);
+    /// The worker held no spare for this call: fork one, hand it over already serving the call
+    /// (its `SPARE`, with the call's slot, goes out before the call, so the worker has it
+    /// before the `RESULT`), and relay the call.
+    fn call(&mut self, slot: u32, call: &[u8]) {
+        let ours = self.hand_over(slot);
+        // A failed write means it died: its DIED reports the call.
+        let _ = write_all(&ours, &private_frame(slot, call));
     }
 
-    fn release(&mut self, slot: u32) {
-        let Some(fd) = self.by_slot.remove(&slot) else {
-            return;
-        };
-        let Some(inst) = self.instances.get_mut(&fd) else {
-            return;
-        };
-        inst.slot = None;
-        if inst.served < self.reuse {
-            self.idle.push(fd);
-        } else {
-            // Closing its socket lets it exit in its own time.
-            if let Some(inst) = self.instances.remove(&fd) {
-                self.retired.push(inst.pid);
-            }
-        }
-        self.keep_spare();
-    }
-
-    fn instance_gone(&mut self, fd: RawFd) {
-        let Some(inst) = self.instances.remove(&fd) else {
-            return;
-        };
-        self.idle.retain(|f| *f != fd);
-        let status = loop {
-            match waitpid(inst.pid, None) {
-                Err(Errno::EINTR) => continue,
-                other => break other,
-            }
-        };
-        if let Some(slot) = inst.slot {
-            self.by_slot.remove(&slot);
-            let died = match status {
-                Ok(WaitStatus::Signaled(_, sig, _)) => DiedMsg::Signaled(sig as i32),
-                Ok(WaitStatus::Exited(_, code)) => DiedMsg::Exited(code),
-                _ => DiedMsg::Exited(-1),
-            };
-            send_message(&self.chan, Kind::Died, slot, &died.encode());
-        }
-        self.keep_spare();
-    }
-
-    /// Forks the spare when there is none. Called once a call's result is out (`RELEASE`) or
-    /// an instance is gone, never while handing a call over: a fork of the zygote takes a core
-    /// for a millisecond and would compete with the call it follows.
-    fn keep_spare(&mut self) {
-        if self.prefork && self.idle.is_empty() {
-            let fd = self.fork_instance();
-            self.idle.push(fd);
-        }
-    }
-
-    fn fork_instance(&mut self) -> RawFd {
+    /// Forks an instance and sends the worker its private socket (`SPARE`, for `slot`).
+    /// Returns the zygote's copy of the socket, which the caller drops: the worker's copy is
+    /// then the only one, and its closing is the instance's end-of-file.
+    fn hand_over(&mut self, slot: u32) -> OwnedFd {
         let (ours, theirs) = match socketpair(
             AddressFamily::Unix,
             SockType::Stream,
@@ -315,51 +241,96 @@ impl Zygote<'_> {
         };
         // SAFETY: this process is single-threaded (checked before READY), so the child may run
         // any code; it never returns from this function (it ends in _exit).
-        match unsafe { fork() } {
+        let pid = match unsafe { fork() } {
             Ok(ForkResult::Child) => {
                 drop(ours);
-                self.instances.clear(); // closes the other instances' sockets in this copy
+                self.instances.clear(); // closes the other instances' pidfds in this copy
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
                 instance_main(&self.chan, theirs, self.handler, self.reuse, self.prefork)
             }
-            Ok(ForkResult::Parent { child }) => {
-                drop(theirs);
-                let fd = ours.as_raw_fd();
-                self.instances.insert(
-                    fd,
-                    Instance {
-                        pid: child,
-                        sock: ours,
-                        slot: None,
-                        served: 0,
-                    },
-                );
-                fd
-            }
+            Ok(ForkResult::Parent { child }) => child,
             Err(e) => {
                 eprintln!("sand-grain: fork failed: {e}");
                 self.shut_down();
             }
+        };
+        drop(theirs);
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                eprintln!("sand-grain: cannot watch instance {pid}: {e}");
+                let _ = kill(pid, Signal::SIGKILL);
+                self.shut_down();
+            }
+        };
+        self.numbered = self.numbered.wrapping_add(1).max(1);
+        let number = self.numbered;
+        self.instances.push(Instance { number, pid, pidfd });
+        let body = SpareMsg {
+            instance: number,
+            pid: pid.as_raw() as u32,
         }
+        .encode();
+        let piece = pieces(Kind::Spare, slot, &body).concat();
+        let fds = [ours.as_raw_fd()];
+        loop {
+            match sendmsg::<()>(
+                self.chan.as_raw_fd(),
+                &[IoSlice::new(&piece)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(_) => self.shut_down(), // the worker is gone
+            }
+        }
+        ours
+    }
+
+    /// An instance's pidfd is readable: it has exited. Reaps it and reports its end (`DIED`).
+    fn instance_ended(&mut self, number: u32) {
+        let Some(at) = self.instances.iter().position(|i| i.number == number) else {
+            return;
+        };
+        let inst = self.instances.swap_remove(at);
+        let status = loop {
+            match waitpid(inst.pid, None) {
+                Err(Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        let end = match status {
+            Ok(WaitStatus::Signaled(_, sig, _)) => End::Signaled(sig as i32),
+            Ok(WaitStatus::Exited(_, code)) => End::Exited(code),
+            _ => End::Exited(-1),
+        };
+        let died = DiedMsg {
+            instance: inst.number,
+            end,
+        };
+        send_message(&self.chan, Kind::Died, 0, &died.encode());
     }
 
     fn shut_down(&mut self) -> ! {
-        for inst in self.instances.values() {
+        for inst in &self.instances {
             let _ = kill(inst.pid, Signal::SIGKILL);
         }
         exit_now(0)
     }
 }
 
-/// Collects retired instances that have exited. Only retired ones: a live instance's exit
-/// status belongs to `instance_gone`, which reports it.
-fn reap(retired: &mut Vec<Pid>) {
-    retired.retain(|pid| {
-        matches!(
-            waitpid(*pid, Some(WaitPidFlag::WNOHANG)),
-            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR)
-        )
-    });
+/// A pidfd for a child (nix has no `pidfd_open`): readable once the child has exited.
+fn pidfd_open(pid: Pid) -> nix::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; it touches no memory
+    // of ours.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the syscall returned a new fd (pidfds are close-on-exec) that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 fn write_all(sock: &OwnedFd, mut data: &[u8]) -> nix::Result<()> {

@@ -17,6 +17,7 @@ use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::Payload;
 
 pub mod exec;
+mod fd_passing;
 pub mod launch;
 mod output;
 pub mod python;

@@ -1,12 +1,15 @@
 //! The host side of one grain's zygote (the `python` and `rust` runtimes).
 //!
 //! A zygote is a single-threaded process started by exec (never a fork of the worker) that
-//! loads the grain once and forks an instance per call. The worker talks to it over a
-//! `SOCK_SEQPACKET` socket that is the zygote's fd 3, in the wire of [`sand_grain::wire`]:
-//! the worker sends `CALL` to the zygote, the instance writes its `RESULT` straight back, and
-//! the worker answers `RELEASE` so the instance may serve again (`reuse`) or exit, off the
-//! critical path. Calls run concurrently up to the grain's `concurrency`; more wait in line, in
-//! order.
+//! loads the grain once and forks instances. The worker talks to it over a `SOCK_SEQPACKET`
+//! socket that is the zygote's fd 3, in the wire of [`sand_grain::wire`]. The zygote hands the
+//! worker each instance's private socket (`SPARE`), so a call goes straight from the worker to a
+//! spare instance it holds, and the zygote is not on the call's path; the instance writes its
+//! `RESULT` straight back. Once the result is out, the worker keeps the instance for its next
+//! call (`reuse`) or closes its socket (it exits), and asks for the next spare (`WANT`). A call
+//! for which no spare is held goes to the zygote (`CALL`), which forks an instance for it. The
+//! zygote reports every instance's end (`DIED`); the worker knows which call each instance
+//! has. Calls run concurrently up to the grain's `concurrency`; more wait in line, in order.
 //!
 //! [`Zygote::call`] always returns a report: a dead zygote fails the calls in flight with
 //! `Crashed` and is started again on the next call; a zygote that breaks the wire is killed
@@ -19,16 +22,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use sand_grain::wire::{
-    parse_piece, pieces, CallMsg, DiedMsg, Kind, Reassembler, ResultMsg, WireError,
-    CAPTURE_BYTES_MAX, HEADER_BYTES, PIECE_BODY_BYTES_MAX,
+    parse_piece, pieces, private_frame, CallMsg, DiedMsg, End, KillMsg, Kind, Reassembler,
+    ResultMsg, SpareMsg, WireError, CAPTURE_BYTES_MAX, HEADER_BYTES, PIECE_BODY_BYTES_MAX,
 };
 use sand_protocol::wire::{ErrorKind, GrainError, MESSAGE_BYTES_MAX};
-use tokio::net::UnixDatagram;
+use tokio::io::Interest;
+use tokio::net::{UnixDatagram, UnixStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::fd_passing;
 use super::launch::{Exit, LaunchedProcess, Launcher, ProcessSpec};
 use super::{bounded_capture, output, CallReport, CallRequest};
 
@@ -266,9 +273,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The largest message accepted from a zygote: a result document and two captures.
 const RECEIVE_BYTES_MAX: usize = MESSAGE_BYTES_MAX + 2 * CAPTURE_BYTES_MAX + 64;
 
-/// One life of the zygote process.
-/// A call sent to the zygote and not yet answered; if its future is dropped first, the call's
-/// instance is killed (a kill is one datagram, sent without waiting).
+/// A call handed to an instance (or to the zygote) and not yet answered; if its future is
+/// dropped first, the call's instance is killed (a kill is one datagram, sent without waiting).
 struct Pending<'a> {
     running: &'a Running,
     slot: u32,
@@ -278,18 +284,25 @@ struct Pending<'a> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if !self.settled {
-            lock(&self.running.state).waiting.remove(&self.slot);
-            for piece in pieces(Kind::Kill, self.slot, &[]) {
-                let _ = self.running.chan.try_send(&piece);
+            if let Some(number) = self.running.abandon(self.slot) {
+                let body = KillMsg { instance: number }.encode();
+                for piece in pieces(Kind::Kill, self.slot, &body) {
+                    let _ = self.running.chan.try_send(&piece);
+                }
             }
         }
     }
 }
 
+/// One life of the zygote process.
 struct Running {
     pid: u32,
     chan: UnixDatagram,
     process: Arc<dyn LaunchedProcess>,
+    /// Calls one instance serves before the worker closes its socket.
+    reuse: u32,
+    /// Whether the worker keeps a spare instance (off: fork on demand).
+    prefork: bool,
     state: Mutex<State>,
     reader: Mutex<Option<JoinHandle<()>>>,
 }
@@ -300,6 +313,23 @@ struct State {
     dead: Option<GrainError>,
     waiting: HashMap<u32, oneshot::Sender<Reply>>,
     next_slot: u32,
+    /// Instances waiting for a call, most recently used last.
+    idle: Vec<Held>,
+    /// The instance serving each slot, once it is handed over.
+    serving: HashMap<u32, Held>,
+    /// Whether a `WANT` is out and its `SPARE` not yet here.
+    spare_asked: bool,
+}
+
+/// An instance whose private socket the worker holds (the only copy: closing it ends the
+/// instance).
+#[derive(Clone)]
+struct Held {
+    /// The zygote's number for it.
+    number: u32,
+    sock: Arc<UnixStream>,
+    /// Calls given to it so far.
+    served: u32,
 }
 
 enum Reply {
@@ -373,11 +403,14 @@ impl Running {
             pid,
             chan,
             process,
+            reuse: if spec.prefork { spec.reuse.max(1) } else { 1 },
+            prefork: spec.prefork,
             state: Mutex::new(State::default()),
             reader: Mutex::new(None),
         });
         *lock(&running.reader) = Some(tokio::spawn(read_results(running.clone())));
         tokio::spawn(watch_exit(running.clone()));
+        running.keep_spare().await;
         Ok(running)
     }
 
@@ -387,7 +420,7 @@ impl Running {
 
     async fn call(&self, request: CallRequest, started: Instant) -> CallReport {
         let (tx, rx) = oneshot::channel();
-        let slot = {
+        let (slot, spare) = {
             let mut state = lock(&self.state);
             if let Some(error) = &state.dead {
                 return CallReport::failed(error.clone(), started);
@@ -395,7 +428,18 @@ impl Running {
             state.next_slot = state.next_slot.wrapping_add(1).max(1);
             let slot = state.next_slot;
             state.waiting.insert(slot, tx);
-            slot
+            let spare = state.idle.pop().map(|mut held| {
+                held.served += 1;
+                state.serving.insert(slot, held.clone());
+                held
+            });
+            (slot, spare)
+        };
+        // From here on, a drop (the worker aborted the attempt) kills the call's instance.
+        let mut pending = Pending {
+            running: self,
+            slot,
+            settled: false,
         };
         let body = CallMsg {
             exec: request.exec.0,
@@ -404,28 +448,36 @@ impl Running {
             input: request.input.0.to_vec(),
         }
         .encode();
-        if let Err(e) = self.send(Kind::Call, slot, &body).await {
-            lock(&self.state).waiting.remove(&slot);
-            let error = GrainError::new(
-                ErrorKind::Crashed,
-                format!("the zygote is unreachable: {e}"),
-            );
-            return CallReport::failed(error, started);
-        }
-        // Dropped before the reply (the worker aborted the attempt): kill the instance.
-        let mut pending = Pending {
-            running: self,
-            slot,
-            settled: false,
+        let handed = match spare {
+            Some(held) => {
+                let handed = write_frame(&held.sock, &private_frame(slot, &body)).await;
+                // It died while idle (its DIED is on the way): ask the zygote instead.
+                handed.is_ok() || !self.unhand(slot, held.number)
+            }
+            None => false,
         };
+        if !handed {
+            if let Err(e) = self.send(Kind::Call, slot, &body).await {
+                pending.settled = true;
+                lock(&self.state).waiting.remove(&slot);
+                let error = GrainError::new(
+                    ErrorKind::Crashed,
+                    format!("the zygote is unreachable: {e}"),
+                );
+                return CallReport::failed(error, started);
+            }
+        }
         let reply = match request.timeout {
             None => rx.await,
             Some(limit) => match tokio::time::timeout(limit, rx).await {
                 Ok(reply) => reply,
                 Err(_) => {
                     pending.settled = true;
-                    lock(&self.state).waiting.remove(&slot);
-                    let _ = self.send(Kind::Kill, slot, &[]).await;
+                    if let Some(number) = self.abandon(slot) {
+                        let _ = self
+                            .send(Kind::Kill, slot, &KillMsg { instance: number }.encode())
+                            .await;
+                    }
                     let error = GrainError::new(
                         ErrorKind::Timeout,
                         format!("ran past {} ms", limit.as_millis()),
@@ -464,11 +516,46 @@ impl Running {
         }
     }
 
+    /// Takes back a call from an instance that could not be written to. Returns whether the
+    /// call is still waiting (false: its instance's end was already delivered to it).
+    fn unhand(&self, slot: u32, number: u32) -> bool {
+        let mut state = lock(&self.state);
+        if state.serving.get(&slot).is_some_and(|h| h.number == number) {
+            state.serving.remove(&slot);
+        }
+        state.waiting.contains_key(&slot)
+    }
+
+    /// Forgets a call nobody waits for any more; returns the number of the instance serving
+    /// it, which the caller kills. Its socket is closed here (an instance that answered anyway
+    /// then exits). A call not yet handed over has its instance killed when its `SPARE` comes.
+    fn abandon(&self, slot: u32) -> Option<u32> {
+        let mut state = lock(&self.state);
+        state.waiting.remove(&slot);
+        state.serving.remove(&slot).map(|held| held.number)
+    }
+
     async fn send(&self, kind: Kind, slot: u32, body: &[u8]) -> io::Result<()> {
         for piece in pieces(kind, slot, body) {
             self.chan.send(&piece).await?;
         }
         Ok(())
+    }
+
+    /// Asks the zygote for a spare when none is held or on its way. Called once a call's
+    /// result is out, or an instance is gone, never while a call is handed over: the zygote's
+    /// fork takes a core for a millisecond and would compete with the call.
+    async fn keep_spare(&self) {
+        let ask = {
+            let mut state = lock(&self.state);
+            let ask =
+                self.prefork && state.dead.is_none() && state.idle.is_empty() && !state.spare_asked;
+            state.spare_asked |= ask;
+            ask
+        };
+        if ask && self.send(Kind::Want, 0, &[]).await.is_err() {
+            lock(&self.state).spare_asked = false;
+        }
     }
 
     fn deliver(&self, slot: u32, reply: Reply) {
@@ -477,14 +564,19 @@ impl Running {
         }
     }
 
-    /// Ends this life: fails every call in flight with `error`, kills the process group.
+    /// Ends this life: fails every call in flight with `error`, closes the instances'
+    /// sockets, kills the process group.
     fn shut_down(&self, error: GrainError) {
-        let waiting = {
+        let (waiting, _idle, _serving) = {
             let mut state = lock(&self.state);
             if state.dead.is_none() {
                 state.dead = Some(error.clone());
             }
-            std::mem::take(&mut state.waiting)
+            (
+                std::mem::take(&mut state.waiting),
+                std::mem::take(&mut state.idle),
+                std::mem::take(&mut state.serving),
+            )
         };
         for (_, tx) in waiting {
             let _ = tx.send(Reply::Failed(error.clone()));
@@ -511,6 +603,126 @@ impl Running {
     }
 }
 
+/// Writes a whole frame to an instance's private socket (non-blocking; waits for room only
+/// when a large call fills the socket's buffer).
+async fn write_frame(sock: &UnixStream, mut frame: &[u8]) -> io::Result<()> {
+    let write = |data: &[u8]| {
+        nix::sys::socket::send(sock.as_raw_fd(), data, MsgFlags::MSG_NOSIGNAL)
+            .map_err(io::Error::from)
+    };
+    while !frame.is_empty() {
+        match write(frame) {
+            Ok(n) => frame = &frame[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sock.writable().await?;
+                match sock.try_io(Interest::WRITABLE, || write(frame)) {
+                    Ok(n) => frame = &frame[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Running {
+    /// A `SPARE` came: hold the instance idle, or serving the call it was handed with. The
+    /// instance of a call given up meanwhile is killed.
+    async fn on_spare(&self, slot: u32, number: u32, sock: OwnedFd) {
+        let sock = std::os::unix::net::UnixStream::from(sock);
+        let sock = match sock
+            .set_nonblocking(true)
+            .and_then(|()| UnixStream::from_std(sock))
+        {
+            Ok(sock) => Arc::new(sock),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use an instance's socket");
+                let _ = self
+                    .send(Kind::Kill, slot, &KillMsg { instance: number }.encode())
+                    .await;
+                return;
+            }
+        };
+        let unwanted = {
+            let mut state = lock(&self.state);
+            if slot == 0 {
+                state.spare_asked = false;
+                // A warm instance (reuse) is taken before a fresh one: most recently used last.
+                state.idle.insert(
+                    0,
+                    Held {
+                        number,
+                        sock,
+                        served: 0,
+                    },
+                );
+                false
+            } else if state.waiting.contains_key(&slot) {
+                let held = Held {
+                    number,
+                    sock,
+                    served: 1,
+                };
+                state.serving.insert(slot, held);
+                false
+            } else {
+                true
+            }
+        };
+        if unwanted {
+            let _ = self
+                .send(Kind::Kill, slot, &KillMsg { instance: number }.encode())
+                .await;
+        }
+    }
+
+    /// A slot's result is out: its instance waits for the next call (`reuse`), or its socket
+    /// is closed, and it exits.
+    fn finish(&self, slot: u32) {
+        let mut state = lock(&self.state);
+        if let Some(held) = state.serving.remove(&slot) {
+            if self.prefork && held.served < self.reuse {
+                state.idle.push(held);
+            }
+        }
+    }
+
+    /// An instance ended: forgets it, and says what it was.
+    fn instance_ended(&self, number: u32) -> Ended {
+        let mut state = lock(&self.state);
+        let idle = state.idle.len();
+        state.idle.retain(|held| held.number != number);
+        if state.idle.len() < idle {
+            return Ended::Idle;
+        }
+        let slot = state
+            .serving
+            .iter()
+            .find(|(_, held)| held.number == number)
+            .map(|(slot, _)| *slot);
+        match slot {
+            Some(slot) => {
+                state.serving.remove(&slot);
+                Ended::Serving(slot)
+            }
+            None => Ended::Unheld,
+        }
+    }
+}
+
+/// What an instance that ended was to the worker.
+enum Ended {
+    /// Not held: its socket was closed, or it was never handed over.
+    Unheld,
+    /// A held spare, waiting for a call.
+    Idle,
+    /// Serving this slot's call, which it will never answer.
+    Serving(u32),
+}
+
 enum Hello {
     Closed,
     Failed(ZygoteError),
@@ -521,7 +733,7 @@ async fn read_hello(chan: &UnixDatagram) -> Result<u32, Hello> {
     let mut buf = vec![0u8; HEADER_BYTES + PIECE_BODY_BYTES_MAX + 1];
     let mut parts = Reassembler::new(RECEIVE_BYTES_MAX);
     loop {
-        let n = receive(chan, &mut buf)
+        let (n, _fds) = receive(chan, &mut buf)
             .await
             .map_err(|e| Hello::Failed(ZygoteError::Channel(e)))?;
         if n == 0 {
@@ -547,11 +759,15 @@ async fn read_hello(chan: &UnixDatagram) -> Result<u32, Hello> {
     }
 }
 
-async fn receive(chan: &UnixDatagram, buf: &mut [u8]) -> io::Result<usize> {
-    chan.recv(buf).await
+/// One datagram from the channel, and the fds that came with it.
+async fn receive(chan: &UnixDatagram, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    chan.async_io(Interest::READABLE, || {
+        fd_passing::receive(chan.as_fd(), &mut *buf)
+    })
+    .await
 }
 
-/// Reads results and deaths off the channel for as long as the zygote lives.
+/// Reads results, deaths and spares off the channel for as long as the zygote lives.
 async fn read_results(running: Arc<Running>) {
     let mut buf = vec![0u8; HEADER_BYTES + PIECE_BODY_BYTES_MAX + 1];
     let mut parts = Reassembler::new(RECEIVE_BYTES_MAX);
@@ -562,12 +778,12 @@ async fn read_results(running: Arc<Running>) {
         )
     };
     loop {
-        let n = match receive(&running.chan, &mut buf).await {
-            Ok(0) => {
+        let (n, mut fds) = match receive(&running.chan, &mut buf).await {
+            Ok((0, _)) => {
                 let error = GrainError::new(ErrorKind::Crashed, "the zygote closed its channel");
                 return running.shut_down(error);
             }
-            Ok(n) => n,
+            Ok(got) => got,
             Err(e) => {
                 let error = GrainError::new(
                     ErrorKind::Crashed,
@@ -580,10 +796,25 @@ async fn read_results(running: Arc<Running>) {
             Ok(piece) => piece,
             Err(e) => return running.shut_down(broken(e.to_string())),
         };
-        if !matches!(header.kind, Kind::Result | Kind::Died) {
+        if header.kind == Kind::Spare {
+            let spare = SpareMsg::decode(body);
+            match (spare, fds.pop(), fds.is_empty() && !header.more) {
+                (Ok(spare), Some(sock), true) => {
+                    running.on_spare(header.slot, spare.instance, sock).await;
+                    continue;
+                }
+                (Err(e), _, _) => return running.shut_down(broken(e.to_string())),
+                _ => {
+                    let why = "a SPARE is one piece with exactly one fd";
+                    return running.shut_down(broken(why.into()));
+                }
+            }
+        }
+        if !matches!(header.kind, Kind::Result | Kind::Died) || !fds.is_empty() {
             return running.shut_down(broken(format!(
-                "a {:?} message from the zygote",
-                header.kind
+                "a {:?} message from the zygote{}",
+                header.kind,
+                if fds.is_empty() { "" } else { " with fds" }
             )));
         }
         let message = match parts.push(header, body) {
@@ -595,34 +826,43 @@ async fn read_results(running: Arc<Running>) {
                     header.slot,
                     Reply::Failed(GrainError::new(ErrorKind::BadOutput, e.to_string())),
                 );
-                let _ = running.send(Kind::Kill, header.slot, &[]).await;
+                if let Some(number) = running.abandon(header.slot) {
+                    let kill = KillMsg { instance: number }.encode();
+                    let _ = running.send(Kind::Kill, header.slot, &kill).await;
+                }
                 continue;
             }
         };
-        match header.kind {
-            Kind::Result => {
-                let reply = match ResultMsg::decode(&message) {
-                    Ok(result) => Reply::Result(result),
-                    Err(e) => Reply::Failed(GrainError::new(ErrorKind::BadOutput, e.to_string())),
-                };
-                // Release first: a caller that has its result can count on the instance being
-                // free for its next call (what `reuse` promises); it costs one send.
-                let released = running.send(Kind::Release, header.slot, &[]).await;
-                running.deliver(header.slot, reply);
-                if released.is_err() {
-                    let error = GrainError::new(ErrorKind::Crashed, "the zygote's channel closed");
-                    return running.shut_down(error);
+        if header.kind == Kind::Result {
+            let reply = match ResultMsg::decode(&message) {
+                Ok(result) => Reply::Result(result),
+                Err(e) => Reply::Failed(GrainError::new(ErrorKind::BadOutput, e.to_string())),
+            };
+            // Free the instance first: a caller that has its result can count on it being
+            // free for its next call (what `reuse` promises).
+            running.finish(header.slot);
+            running.deliver(header.slot, reply);
+            running.keep_spare().await;
+        } else {
+            let died = match DiedMsg::decode(&message) {
+                Ok(died) => died,
+                Err(e) => return running.shut_down(broken(e.to_string())),
+            };
+            // Most ends are of instances that owe nothing (their socket was closed): those
+            // change nothing, and must not fork a spare while another call is handed over.
+            match running.instance_ended(died.instance) {
+                Ended::Unheld => continue,
+                Ended::Idle => {}
+                Ended::Serving(slot) => {
+                    parts.forget(slot);
+                    let exit = match died.end {
+                        End::Exited(code) => Exit::Exited(code),
+                        End::Signaled(sig) => Exit::Signaled(sig),
+                    };
+                    running.deliver(slot, Reply::Died(exit));
                 }
             }
-            _ => {
-                parts.forget(header.slot);
-                let reply = match DiedMsg::decode(&message) {
-                    Ok(DiedMsg::Exited(code)) => Reply::Died(Exit::Exited(code)),
-                    Ok(DiedMsg::Signaled(sig)) => Reply::Died(Exit::Signaled(sig)),
-                    Err(e) => Reply::Failed(broken(e.to_string())),
-                };
-                running.deliver(header.slot, reply);
-            }
+            running.keep_spare().await;
         }
     }
 }
