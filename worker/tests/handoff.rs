@@ -305,3 +305,45 @@ async fn fork_on_demand_keeps_no_spare_and_forks_per_call() {
     .await;
     z.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_finds_no_spare_takes_the_one_on_its_way() {
+    let app = app();
+    let z = start(app.spec.clone()).await;
+    let zygote = z.pid().expect("running");
+    bounded(60, async {
+        let first = spare_held(zygote).await;
+        let stopped = Stopped::new(zygote);
+        let r = z
+            .call(with_timeout(r#"{"kind":"pid"}"#, Duration::from_secs(5)))
+            .await;
+        assert_eq!(value(&r)["pid"], first);
+        // The worker has asked for the next spare (WANT); the zygote is stopped, so it stays
+        // on its way while the next call comes (for less than the call waits for it).
+        let next = spawn_call(&z, r#"{"kind":"pid"}"#.into());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(stopped);
+        let r = next.await.expect("the call task");
+        let answered = value(&r)["pid"].as_u64().expect("a pid") as u32;
+        // Had the call gone to the zygote, it would have forked the wanted spare first and
+        // then another instance for the call: the call's instance would be the younger
+        // (larger pid, barring a wrap of the pid counter). Taking the spare on its way, the
+        // call's instance is the older, and the spare forked after its result the younger.
+        assert!(
+            eventually(|| children(zygote).iter().any(|&c| c != answered)).await,
+            "a spare after the call: {:?}",
+            children(zygote)
+        );
+        let spare = *children(zygote)
+            .iter()
+            .find(|&&c| c != answered)
+            .expect("a spare");
+        assert!(
+            answered < spare,
+            "the call took the spare on its way ({answered}), the next spare is {spare}: {:?}",
+            children(zygote)
+        );
+    })
+    .await;
+    z.stop().await;
+}

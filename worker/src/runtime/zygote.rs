@@ -294,6 +294,11 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// How long a call waits for the spare on its way before it asks the zygote to fork one for
+/// it. A working zygote forks the spare first in any case (it reads its channel in order), so
+/// waiting never delays a call; the bound is for a zygote that ignores `WANT`.
+const SPARE_WAIT_MAX: Duration = Duration::from_millis(250);
+
 /// One life of the zygote process.
 struct Running {
     pid: u32,
@@ -319,6 +324,18 @@ struct State {
     serving: HashMap<u32, Held>,
     /// Whether a `WANT` is out and its `SPARE` not yet here.
     spare_asked: bool,
+    /// The call that takes the spare on its way, when it comes.
+    claim: Option<(u32, oneshot::Sender<Held>)>,
+}
+
+/// How a call reaches an instance.
+enum Route {
+    /// Through a held spare.
+    Held(Held),
+    /// Through the spare on its way.
+    Coming(oneshot::Receiver<Held>),
+    /// Through the zygote, which forks an instance for it.
+    Zygote,
 }
 
 /// An instance whose private socket the worker holds (the only copy: closing it ends the
@@ -420,7 +437,7 @@ impl Running {
 
     async fn call(&self, request: CallRequest, started: Instant) -> CallReport {
         let (tx, rx) = oneshot::channel();
-        let (slot, spare) = {
+        let (slot, route) = {
             let mut state = lock(&self.state);
             if let Some(error) = &state.dead {
                 return CallReport::failed(error.clone(), started);
@@ -428,12 +445,20 @@ impl Running {
             state.next_slot = state.next_slot.wrapping_add(1).max(1);
             let slot = state.next_slot;
             state.waiting.insert(slot, tx);
-            let spare = state.idle.pop().map(|mut held| {
+            let route = if let Some(mut held) = state.idle.pop() {
                 held.served += 1;
                 state.serving.insert(slot, held.clone());
-                held
-            });
-            (slot, spare)
+                Route::Held(held)
+            } else if state.spare_asked && state.claim.is_none() {
+                // A spare is on its way: it comes sooner than a fork the zygote would start
+                // only after forking it.
+                let (give, take) = oneshot::channel();
+                state.claim = Some((slot, give));
+                Route::Coming(take)
+            } else {
+                Route::Zygote
+            };
+            (slot, route)
         };
         // From here on, a drop (the worker aborted the attempt) kills the call's instance.
         let mut pending = Pending {
@@ -448,29 +473,35 @@ impl Running {
             input: request.input.0.to_vec(),
         }
         .encode();
-        let handed = match spare {
-            Some(held) => {
-                let handed = write_frame(&held.sock, &private_frame(slot, &body)).await;
-                // It died while idle (its DIED is on the way): ask the zygote instead.
-                handed.is_ok() || !self.unhand(slot, held.number)
+        let exchange = async {
+            let spare = match route {
+                Route::Held(held) => Some(held),
+                Route::Coming(mut take) => {
+                    match tokio::time::timeout(SPARE_WAIT_MAX, &mut take).await {
+                        // Dropped: this life ended.
+                        Ok(given) => given.ok(),
+                        Err(_) => self.unclaim(slot, take),
+                    }
+                }
+                Route::Zygote => None,
+            };
+            let handed = match spare {
+                Some(held) => {
+                    let written = write_frame(&held.sock, &private_frame(slot, &body)).await;
+                    // It died while idle (its DIED is on the way): ask the zygote instead.
+                    written.is_ok() || !self.unhand(slot, held.number)
+                }
+                None => false,
+            };
+            if !handed {
+                self.send(Kind::Call, slot, &body).await?;
             }
-            None => false,
+            Ok::<_, io::Error>(rx.await)
         };
-        if !handed {
-            if let Err(e) = self.send(Kind::Call, slot, &body).await {
-                pending.settled = true;
-                lock(&self.state).waiting.remove(&slot);
-                let error = GrainError::new(
-                    ErrorKind::Crashed,
-                    format!("the zygote is unreachable: {e}"),
-                );
-                return CallReport::failed(error, started);
-            }
-        }
-        let reply = match request.timeout {
-            None => rx.await,
-            Some(limit) => match tokio::time::timeout(limit, rx).await {
-                Ok(reply) => reply,
+        let exchanged = match request.timeout {
+            None => exchange.await,
+            Some(limit) => match tokio::time::timeout(limit, exchange).await {
+                Ok(exchanged) => exchanged,
                 Err(_) => {
                     pending.settled = true;
                     if let Some(number) = self.abandon(slot) {
@@ -485,6 +516,18 @@ impl Running {
                     return CallReport::failed(error, started);
                 }
             },
+        };
+        let reply = match exchanged {
+            Ok(reply) => reply,
+            Err(e) => {
+                pending.settled = true;
+                lock(&self.state).waiting.remove(&slot);
+                let error = GrainError::new(
+                    ErrorKind::Crashed,
+                    format!("the zygote is unreachable: {e}"),
+                );
+                return CallReport::failed(error, started);
+            }
         };
         pending.settled = true;
         match reply {
@@ -514,6 +557,22 @@ impl Running {
                 CallReport::failed(error, started)
             }
         }
+    }
+
+    /// Gives up waiting for the spare on its way (the zygote is slow, or does not answer
+    /// `WANT`); returns it if it was given meanwhile.
+    fn unclaim(&self, slot: u32, mut take: oneshot::Receiver<Held>) -> Option<Held> {
+        let mut state = lock(&self.state);
+        if state
+            .claim
+            .as_ref()
+            .is_some_and(|(claimed, _)| *claimed == slot)
+        {
+            state.claim = None;
+            return None;
+        }
+        // The spare is given under this lock: if the claim is gone, it is in the channel.
+        take.try_recv().ok()
     }
 
     /// Takes back a call from an instance that could not be written to. Returns whether the
@@ -567,7 +626,7 @@ impl Running {
     /// Ends this life: fails every call in flight with `error`, closes the instances'
     /// sockets, kills the process group.
     fn shut_down(&self, error: GrainError) {
-        let (waiting, _idle, _serving) = {
+        let (waiting, _idle, _serving, _claim) = {
             let mut state = lock(&self.state);
             if state.dead.is_none() {
                 state.dead = Some(error.clone());
@@ -576,6 +635,7 @@ impl Running {
                 std::mem::take(&mut state.waiting),
                 std::mem::take(&mut state.idle),
                 std::mem::take(&mut state.serving),
+                state.claim.take(),
             )
         };
         for (_, tx) in waiting {
@@ -650,15 +710,29 @@ impl Running {
             let mut state = lock(&self.state);
             if slot == 0 {
                 state.spare_asked = false;
-                // A warm instance (reuse) is taken before a fresh one: most recently used last.
-                state.idle.insert(
-                    0,
-                    Held {
-                        number,
-                        sock,
-                        served: 0,
-                    },
-                );
+                match state.claim.take() {
+                    Some((claimed, give)) if state.waiting.contains_key(&claimed) => {
+                        let held = Held {
+                            number,
+                            sock,
+                            served: 1,
+                        };
+                        state.serving.insert(claimed, held.clone());
+                        // Refused only if the call is being dropped: its drop kills the
+                        // instance, now that it serves the slot.
+                        let _ = give.send(held);
+                    }
+                    _ => {
+                        // A warm instance (reuse) is taken before a fresh one: most recently
+                        // used last.
+                        let held = Held {
+                            number,
+                            sock,
+                            served: 0,
+                        };
+                        state.idle.insert(0, held);
+                    }
+                }
                 false
             } else if state.waiting.contains_key(&slot) {
                 let held = Held {
