@@ -18,11 +18,10 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use sand_grain::wire::{
@@ -661,34 +660,7 @@ impl Running {
             tracing::warn!(pid = self.pid, "a killed zygote did not end within 5 s");
         }
     }
-}
 
-/// Writes a whole frame to an instance's private socket (non-blocking; waits for room only
-/// when a large call fills the socket's buffer).
-async fn write_frame(sock: &UnixStream, mut frame: &[u8]) -> io::Result<()> {
-    let write = |data: &[u8]| {
-        nix::sys::socket::send(sock.as_raw_fd(), data, MsgFlags::MSG_NOSIGNAL)
-            .map_err(io::Error::from)
-    };
-    while !frame.is_empty() {
-        match write(frame) {
-            Ok(n) => frame = &frame[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                sock.writable().await?;
-                match sock.try_io(Interest::WRITABLE, || write(frame)) {
-                    Ok(n) => frame = &frame[n..],
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-impl Running {
     /// A `SPARE` came: hold the instance idle, or serving the call it was handed with. The
     /// instance of a call given up meanwhile is killed.
     async fn on_spare(&self, slot: u32, number: u32, sock: OwnedFd) {
@@ -785,6 +757,31 @@ impl Running {
             None => Ended::Unheld,
         }
     }
+}
+
+/// Writes a whole frame to an instance's private socket (non-blocking; waits for room only
+/// when a large call fills the socket's buffer).
+async fn write_frame(sock: &UnixStream, mut frame: &[u8]) -> io::Result<()> {
+    let write = |data: &[u8]| {
+        nix::sys::socket::send(sock.as_raw_fd(), data, MsgFlags::MSG_NOSIGNAL)
+            .map_err(io::Error::from)
+    };
+    while !frame.is_empty() {
+        match write(frame) {
+            Ok(n) => frame = &frame[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sock.writable().await?;
+                match sock.try_io(Interest::WRITABLE, || write(frame)) {
+                    Ok(n) => frame = &frame[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What an instance that ended was to the worker.
