@@ -4,7 +4,8 @@
 //!
 //! `cargo bench -p sand-worker --bench cold_start` (env: `SAND_BENCH_PYTHON`, default
 //! `/usr/bin/python3`, which must have numpy; `SAND_BENCH_CALLS`, default 300;
-//! `SAND_BENCH_JSON=FILE` also writes the figures there, for `sand-bench`).
+//! `SAND_BENCH_PAUSE_MS`, the pause between calls, default 2; `SAND_BENCH_JSON=FILE` also
+//! writes the figures there, for `sand-bench`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -101,7 +102,7 @@ fn spec(python: &Path, script: &Path, app: &Path) -> ZygoteSpec {
     )
 }
 
-async fn zygote_calls(spec: ZygoteSpec, calls: usize) -> Stats {
+async fn zygote_calls(spec: ZygoteSpec, calls: usize, pause: Duration) -> Stats {
     let z = Zygote::start(Arc::new(HostLauncher), spec)
         .await
         .expect("start the zygote");
@@ -112,7 +113,7 @@ async fn zygote_calls(spec: ZygoteSpec, calls: usize) -> Stats {
     for _ in 0..calls {
         // A short pause, as between requests: the spare fork and the old instance's exit
         // happen off the measured path.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(pause).await;
         let t = Instant::now();
         check(&z.call(request("1")).await);
         samples.push(t.elapsed());
@@ -129,6 +130,12 @@ async fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(300);
+    let pause = Duration::from_millis(
+        std::env::var("SAND_BENCH_PAUSE_MS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(2),
+    );
     let root = std::env::temp_dir().join(format!("sand-bench-{}", std::process::id()));
     let app = root.join("app");
     std::fs::create_dir_all(&app).expect("mkdir");
@@ -142,13 +149,23 @@ async fn main() {
     }
     let script = install_python_runtime(&root.join("runtime")).expect("install runtime");
 
-    let prefork = zygote_calls(spec(&python, &script, &app), calls).await;
+    let prefork = zygote_calls(spec(&python, &script, &app), calls, pause).await;
+    let two_spares = zygote_calls(
+        ZygoteSpec {
+            spares: 2,
+            ..spec(&python, &script, &app)
+        },
+        calls,
+        pause,
+    )
+    .await;
     let on_demand = zygote_calls(
         ZygoteSpec {
             prefork: false,
             ..spec(&python, &script, &app)
         },
         calls,
+        pause,
     )
     .await;
     let warm = zygote_calls(
@@ -157,6 +174,7 @@ async fn main() {
             ..spec(&python, &script, &app)
         },
         calls,
+        pause,
     )
     .await;
 
@@ -221,13 +239,14 @@ async fn main() {
     let _ = fresh.wait();
     let _ = std::fs::remove_dir_all(&root);
 
-    println!("cold start of a Python grain importing numpy ({}; {calls} calls per zygote mode, {exec_calls} exec calls)", python.display());
+    println!("cold start of a Python grain importing numpy ({}; {calls} calls per zygote mode, {} ms apart; {exec_calls} exec calls)", python.display(), pause.as_millis());
     println!(
         "{:<34} {:>12} {:>12} {:>10}",
         "mode", "median µs", "p99 µs", "vs exec"
     );
     for (name, s) in [
         ("pre-forked zygote child", &prefork),
+        ("pre-forked, 2 spares kept", &two_spares),
         ("fork on demand (SAND)", &on_demand),
         ("exec: fresh interpreter + import", &exec_stats),
         ("warm instance (reuse = 1e6)", &warm),
@@ -253,6 +272,7 @@ async fn main() {
         let doc = serde_json::json!({
             "calls": calls,
             "prefork": mode(&prefork),
+            "prefork_two_spares": mode(&two_spares),
             "on_demand": mode(&on_demand),
             "exec": mode(&exec_stats),
             "warm": mode(&warm),

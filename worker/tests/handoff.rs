@@ -183,7 +183,10 @@ async fn calls_reach_a_held_spare_while_the_zygote_is_stopped() {
             spare,
             "a new instance, once the zygote runs"
         );
-        assert!(!alive(spare), "the spare exited after its 3 calls");
+        assert!(
+            eventually(|| !alive(spare)).await,
+            "the spare exits after its 3 calls (and is reaped)"
+        );
     })
     .await;
     z.stop().await;
@@ -341,6 +344,48 @@ async fn a_call_that_finds_no_spare_takes_the_one_on_its_way() {
         assert!(
             answered < spare,
             "the call took the spare on its way ({answered}), the next spare is {spare}: {:?}",
+            children(zygote)
+        );
+    })
+    .await;
+    z.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_spares_two_instances_wait_and_the_oldest_serves_first() {
+    let app = app();
+    let mut spec = app.spec.clone();
+    spec.spares = 2;
+    let z = start(spec).await;
+    let zygote = z.pid().expect("running");
+    bounded(60, async {
+        assert!(
+            eventually(|| children(zygote).len() == 2).await,
+            "two spares: {:?}",
+            children(zygote)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut spares = children(zygote);
+        spares.sort_unstable();
+        let stopped = Stopped::new(zygote);
+        for (i, spare) in spares.iter().enumerate() {
+            let r = z
+                .call(with_timeout(r#"{"kind":"pid"}"#, Duration::from_secs(5)))
+                .await;
+            assert_eq!(
+                value(&r)["pid"],
+                *spare,
+                "call {i} took the older held spare"
+            );
+        }
+        drop(stopped);
+        assert!(
+            eventually(|| {
+                let now = children(zygote);
+                now.len() == 2 && now.iter().all(|c| !spares.contains(c))
+            })
+            .await,
+            "two new spares replace the used ones: {:?}",
             children(zygote)
         );
     })

@@ -57,6 +57,10 @@ pub struct ZygoteSpec {
     /// Keep one instance forked ahead (the default). Off, the zygote forks when a call arrives
     /// and the instance exits as soon as it answers: SAND's behaviour, kept for benchmarks.
     pub prefork: bool,
+    /// How many instances are kept forked ahead (with `prefork`; at least 1). More than one
+    /// gives each spare more time to be forked and ready before a call takes it, at the cost
+    /// of an idle instance's memory.
+    pub spares: u32,
     /// The zygote's whole environment.
     pub env: Vec<(OsString, OsString)>,
     /// How long loading the grain may take.
@@ -94,6 +98,7 @@ impl ZygoteSpec {
             concurrency: 8,
             reuse: 1,
             prefork: true,
+            spares: 1,
             env: vec![
                 ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
                 ("LANG".into(), "C.UTF-8".into()),
@@ -305,8 +310,10 @@ struct Running {
     process: Arc<dyn LaunchedProcess>,
     /// Calls one instance serves before the worker closes its socket.
     reuse: u32,
-    /// Whether the worker keeps a spare instance (off: fork on demand).
+    /// Whether the worker keeps spare instances (off: fork on demand).
     prefork: bool,
+    /// How many spares it keeps, held or on their way.
+    spares: u32,
     state: Mutex<State>,
     reader: Mutex<Option<JoinHandle<()>>>,
 }
@@ -321,8 +328,8 @@ struct State {
     idle: Vec<Held>,
     /// The instance serving each slot, once it is handed over.
     serving: HashMap<u32, Held>,
-    /// Whether a `WANT` is out and its `SPARE` not yet here.
-    spare_asked: bool,
+    /// How many `WANT`s are out whose `SPARE` is not yet here.
+    spares_asked: u32,
     /// The call that takes the spare on its way, when it comes.
     claim: Option<(u32, oneshot::Sender<Held>)>,
 }
@@ -421,6 +428,7 @@ impl Running {
             process,
             reuse: if spec.prefork { spec.reuse.max(1) } else { 1 },
             prefork: spec.prefork,
+            spares: if spec.prefork { spec.spares.max(1) } else { 0 },
             state: Mutex::new(State::default()),
             reader: Mutex::new(None),
         });
@@ -448,7 +456,7 @@ impl Running {
                 held.served += 1;
                 state.serving.insert(slot, held.clone());
                 Route::Held(held)
-            } else if state.spare_asked && state.claim.is_none() {
+            } else if state.spares_asked > 0 && state.claim.is_none() {
                 // A spare is on its way: it comes sooner than a fork the zygote would start
                 // only after forking it.
                 let (give, take) = oneshot::channel();
@@ -600,19 +608,26 @@ impl Running {
         Ok(())
     }
 
-    /// Asks the zygote for a spare when none is held or on its way. Called once a call's
-    /// result is out, or an instance is gone, never while a call is handed over: the zygote's
-    /// fork takes a core for a millisecond and would compete with the call.
+    /// Asks the zygote for spares until `spares` are held or on their way. Called once a
+    /// call's result is out, or an instance is gone, never while a call is handed over: the
+    /// zygote's fork takes a core for a millisecond and would compete with the call.
     async fn keep_spare(&self) {
         let ask = {
             let mut state = lock(&self.state);
-            let ask =
-                self.prefork && state.dead.is_none() && state.idle.is_empty() && !state.spare_asked;
-            state.spare_asked |= ask;
+            let have = state.idle.len() as u32 + state.spares_asked;
+            let ask = if state.dead.is_none() {
+                self.spares.saturating_sub(have)
+            } else {
+                0
+            };
+            state.spares_asked += ask;
             ask
         };
-        if ask && self.send(Kind::Want, 0, &[]).await.is_err() {
-            lock(&self.state).spare_asked = false;
+        for _ in 0..ask {
+            if self.send(Kind::Want, 0, &[]).await.is_err() {
+                let mut state = lock(&self.state);
+                state.spares_asked = state.spares_asked.saturating_sub(1);
+            }
         }
     }
 
@@ -681,7 +696,7 @@ impl Running {
         let unwanted = {
             let mut state = lock(&self.state);
             if slot == 0 {
-                state.spare_asked = false;
+                state.spares_asked = state.spares_asked.saturating_sub(1);
                 match state.claim.take() {
                     Some((claimed, give)) if state.waiting.contains_key(&claimed) => {
                         let held = Held {
