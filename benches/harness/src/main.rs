@@ -116,74 +116,35 @@ fn run(args: &Args) -> Result<()> {
     let mut results = Results::new(&repo, &args.python, clients);
 
     if want(Part::Chain) {
-        progress("the chain on loopback, local bus");
-        let c = Cluster::start(&sand, ClusterSpec::default())?;
-        for app in [
-            &apps.chain,
-            &apps.chain_reuse,
-            &apps.whole,
-            &apps.whole_reuse,
-        ] {
-            c.deploy(app)?;
-        }
         let warmup = runs / 10;
-        let chain = latency(&c, "chain", CHAIN_SUM, warmup, runs)?;
-        let whole = latency(&c, "whole", CHAIN_SUM, warmup, runs)?;
-        let chain_reuse = latency(&c, "chain-reuse", CHAIN_SUM, warmup, runs)?;
-        let whole_reuse = latency(&c, "whole-reuse", CHAIN_SUM, warmup, runs)?;
-        progress("throughput, local bus");
-        let tp = throughput(&c, "chain", CHAIN_SUM, clients, seconds)?;
-        let tp_reuse = throughput(&c, "chain-reuse", CHAIN_SUM, clients, seconds)?;
-        drop(c);
-        results.hops.push(HopRow::new(
-            "loopback",
-            "local bus, fresh instance",
-            &chain,
-            &whole,
-        ));
-        results.hops.push(HopRow::new(
-            "loopback",
-            "local bus, reused instance",
-            &chain_reuse,
-            &whole_reuse,
-        ));
-        results.sand.push(ChainRow::new(
-            "sand, fresh instance per call",
-            &chain,
-            Some(tp),
-        ));
-        results.sand.push(ChainRow::new(
-            "sand, reused instances",
-            &chain_reuse,
-            Some(tp_reuse),
-        ));
-
-        progress("the chain on loopback, every hop through the gateway");
-        let c = Cluster::start(
-            &sand,
-            ClusterSpec {
-                gateway_hops: true,
-                ..ClusterSpec::default()
-            },
-        )?;
-        for app in [&apps.chain, &apps.whole] {
-            c.deploy(app)?;
+        for (gateway_hops, route, name) in [
+            (false, LOCAL, "sand"),
+            (true, GATEWAY, "sand, every hop via the gateway"),
+        ] {
+            progress(&format!("the chain on loopback: {route}"));
+            let c = Cluster::start(
+                &sand,
+                ClusterSpec {
+                    gateway_hops,
+                    ..ClusterSpec::default()
+                },
+            )?;
+            let ([fresh, reused], rows) = hops(&c, &apps, "loopback", route, warmup, runs)?;
+            results.hops.extend(rows);
+            progress(&format!("throughput: {route}"));
+            let tp = throughput(&c, "chain", CHAIN_SUM, clients, seconds)?;
+            let tp_reuse = throughput(&c, "chain-reuse", CHAIN_SUM, clients, seconds)?;
+            results.sand.push(ChainRow::new(
+                &format!("{name}, fresh instance per call"),
+                &fresh,
+                Some(tp),
+            ));
+            results.sand.push(ChainRow::new(
+                &format!("{name}, reused instances"),
+                &reused,
+                Some(tp_reuse),
+            ));
         }
-        let chain = latency(&c, "chain", CHAIN_SUM, warmup, runs)?;
-        let whole = latency(&c, "whole", CHAIN_SUM, warmup, runs)?;
-        let tp = throughput(&c, "chain", CHAIN_SUM, clients, seconds)?;
-        drop(c);
-        results.hops.push(HopRow::new(
-            "loopback",
-            "gateway hop, fresh instance",
-            &chain,
-            &whole,
-        ));
-        results.sand.push(ChainRow::new(
-            "sand, every hop via the gateway",
-            &chain,
-            Some(tp),
-        ));
     }
 
     if want(Part::Link) {
@@ -195,11 +156,9 @@ fn run(args: &Args) -> Result<()> {
             plot::number(rtt.p99_ms)
         ));
         results.link_round_trip = Some(rtt);
-        for (gateway_hops, mode) in [
-            (false, "local bus, fresh instance"),
-            (true, "gateway hop, fresh instance"),
-        ] {
-            progress(&format!("the chain over the emulated link: {mode}"));
+        let link = format!("emulated link, {} ms each way", delay.as_secs_f64() * 1e3);
+        for (gateway_hops, route) in [(false, LOCAL), (true, GATEWAY)] {
+            progress(&format!("the chain over the emulated link: {route}"));
             let c = Cluster::start(
                 &sand,
                 ClusterSpec {
@@ -208,12 +167,8 @@ fn run(args: &Args) -> Result<()> {
                     ..ClusterSpec::default()
                 },
             )?;
-            c.deploy(&apps.chain)?;
-            c.deploy(&apps.whole)?;
-            let chain = latency(&c, "chain", CHAIN_SUM, runs / 10, runs)?;
-            let whole = latency(&c, "whole", CHAIN_SUM, runs / 10, runs)?;
-            let name = format!("emulated link, {} ms each way", delay.as_secs_f64() * 1e3);
-            results.hops.push(HopRow::new(&name, mode, &chain, &whole));
+            let (_, rows) = hops(&c, &apps, &link, route, runs / 10, runs)?;
+            results.hops.extend(rows);
         }
     }
 
@@ -257,6 +212,49 @@ fn run(args: &Args) -> Result<()> {
     println!("{markdown}");
     progress(&format!("results in {}", args.out.display()));
     Ok(())
+}
+
+/// How hops travel, as the rows name it.
+const LOCAL: &str = "local bus";
+const GATEWAY: &str = "gateway hop";
+
+/// Deploys the chain and the one-grain app, fresh and reused, and measures each: per-hop rows
+/// for both, and the chains' samples (fresh, reused).
+fn hops(
+    c: &Cluster,
+    apps: &Apps,
+    link: &str,
+    route: &str,
+    warmup: usize,
+    runs: usize,
+) -> Result<([Vec<Duration>; 2], Vec<HopRow>)> {
+    for app in [
+        &apps.chain,
+        &apps.chain_reuse,
+        &apps.whole,
+        &apps.whole_reuse,
+    ] {
+        c.deploy(app)?;
+    }
+    let mut rows = Vec::new();
+    let mut chains = Vec::new();
+    for (chain_app, whole_app, instances) in [
+        ("chain", "whole", "fresh instance"),
+        ("chain-reuse", "whole-reuse", "reused instance"),
+    ] {
+        let chain = latency(c, chain_app, CHAIN_SUM, warmup, runs)?;
+        let whole = latency(c, whole_app, CHAIN_SUM, warmup, runs)?;
+        rows.push(HopRow::new(
+            link,
+            &format!("{route}, {instances}"),
+            &chain,
+            &whole,
+        ));
+        chains.push(chain);
+    }
+    let reused = chains.pop().unwrap_or_default();
+    let fresh = chains.pop().unwrap_or_default();
+    Ok(([fresh, reused], rows))
 }
 
 /// The PSS of one app's sandbox with its zygotes idle, and per running instance.
