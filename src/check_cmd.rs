@@ -10,6 +10,9 @@ use sand_models::model::ModelCfg;
 use sand_protocol::mutations::{Mutation, Mutations};
 use stateright::{Expectation, Model};
 
+/// How often a check whose stderr is not a terminal logs its progress.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// Model-check the real GlobalQueue and LocalBus: every order of delivery, every crash and
 /// recovery, every timer firing, within the fault budget. Prints the states explored and each
 /// property's verdict; a counterexample comes with its trace.
@@ -124,6 +127,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         stop_at_failure: args.mutation.is_some(),
     };
     let live = std::io::stderr().is_terminal();
+    let mut logged = Duration::ZERO;
     let report = check_with_progress(cfg, &opts, |p: Progress| {
         if live && p.elapsed >= Duration::from_secs(1) {
             eprint!(
@@ -133,6 +137,15 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 p.elapsed.as_secs_f64()
             );
             let _ = std::io::stderr().flush();
+        } else if !live && p.elapsed >= logged + PROGRESS_LOG_EVERY {
+            // Into a log: a line now and then, not a redrawn one.
+            logged = p.elapsed;
+            eprintln!(
+                "  {} states, depth {}, {:.0} s",
+                p.unique_states,
+                p.depth_max,
+                p.elapsed.as_secs_f64()
+            );
         }
     });
     if live {
@@ -156,12 +169,13 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             Expectation::Eventually => "liveness",
             Expectation::Sometimes => "reached",
         };
-        let verdict = match (&v.expectation, v.holds) {
-            (Expectation::Sometimes, true) => "yes",
-            (Expectation::Sometimes, false) if report.complete => "NEVER",
-            (Expectation::Sometimes, false) => "not yet",
-            (_, true) => "holds",
-            (_, false) => "VIOLATED",
+        let verdict = match (&v.expectation, v.holds, v.conclusive) {
+            (Expectation::Sometimes, true, _) => "yes",
+            (Expectation::Sometimes, false, true) => "NEVER",
+            (Expectation::Sometimes, false, false) => "not yet",
+            (_, true, _) => "holds",
+            (_, false, true) => "VIOLATED",
+            (_, false, false) => "unknown",
         };
         println!("  {kind:<8} {verdict:<8} {}", v.property);
     }

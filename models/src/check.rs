@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stateright::actor::ActorModelAction;
@@ -50,6 +52,11 @@ pub struct Verdict {
     /// Whether it holds: no counterexample for `Always` and `Eventually`, an example found for
     /// `Sometimes`. Only conclusive when the check completed.
     pub holds: bool,
+    /// Whether `holds` can be trusted either way. Always true for safety. False for liveness
+    /// and reachability when the search was cut short (by its deadline or depth bound, or at
+    /// its first failure for reachability): a path cut short looks like one that never gets
+    /// there.
+    pub conclusive: bool,
     /// The counterexample (or the example, for `Sometimes`) as readable steps.
     pub trace: Option<String>,
 }
@@ -75,10 +82,7 @@ impl CheckReport {
     /// The properties that failed: a counterexample to `Always`/`Eventually`, or, for a complete
     /// check, no example of `Sometimes`.
     pub fn failures(&self) -> impl Iterator<Item = &Verdict> {
-        self.verdicts.iter().filter(move |v| match v.expectation {
-            Expectation::Sometimes => self.complete && !v.holds,
-            _ => !v.holds,
-        })
+        self.verdicts.iter().filter(|v| v.conclusive && !v.holds)
     }
 }
 
@@ -104,19 +108,20 @@ pub fn check_with_progress(
     opts: &CheckOptions,
     mut on_progress: impl FnMut(Progress),
 ) -> CheckReport {
-    let model = cfg.into_model();
+    let start = Instant::now();
+    let out_of_time = Arc::new(AtomicBool::new(false));
+    let mut model = cfg.into_model();
+    if let Some(t) = opts.timeout {
+        model = model.with_deadline(start + t, out_of_time.clone());
+    }
     let properties: Vec<(&'static str, Expectation)> = model
         .properties()
         .into_iter()
         .map(|p| (p.name, p.expectation))
         .collect();
-    let start = Instant::now();
     let mut builder = model.checker().threads(opts.threads.max(1));
     if let Some(d) = opts.depth_max {
         builder = builder.target_max_depth(d);
-    }
-    if let Some(t) = opts.timeout {
-        builder = builder.timeout(t);
     }
     if opts.stop_at_failure {
         builder = builder.finish_when(HasDiscoveries::AnyFailures);
@@ -129,10 +134,8 @@ pub fn check_with_progress(
     let elapsed = start.elapsed();
     let cut_by_depth = opts.depth_max.is_some_and(|d| searched.depth_max >= d);
     let stopped_at_failure = opts.stop_at_failure && !searched.discoveries.is_empty();
-    let complete = searched.done
-        && !cut_by_depth
-        && opts.timeout.is_none_or(|t| elapsed < t)
-        && !stopped_at_failure;
+    let cut = cut_by_depth || out_of_time.load(Ordering::Relaxed);
+    let complete = searched.done && !cut && !stopped_at_failure;
     let verdicts = properties
         .into_iter()
         .map(|(property, expectation)| {
@@ -142,10 +145,16 @@ pub fn check_with_progress(
                 _ => found.is_none(),
             };
             let trace = found.map(render);
+            let conclusive = match expectation {
+                Expectation::Always => true,
+                Expectation::Eventually => !cut,
+                Expectation::Sometimes => complete || holds,
+            };
             Verdict {
                 property,
                 expectation,
                 holds,
+                conclusive,
                 trace,
             }
         })

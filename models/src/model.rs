@@ -50,7 +50,9 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
@@ -444,6 +446,8 @@ impl ModelCfg {
             cfg: self,
             actors,
             properties,
+            deadline: None,
+            out_of_time: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -456,6 +460,20 @@ pub struct SandModel {
     pub cfg: ModelCfg,
     actors: ActorModel<Node, ModelCfg, History>,
     properties: Vec<Property<SandModel>>,
+    deadline: Option<Instant>,
+    out_of_time: Arc<AtomicBool>,
+}
+
+impl SandModel {
+    /// Ends the search at `deadline`: from then on no new state is inside the boundary, so the
+    /// checker drains what it holds and stops, and `out_of_time` is set. (stateright's own
+    /// timeout is only looked at when a thread runs out of work, which a depth-first search
+    /// seldom does.)
+    pub fn with_deadline(mut self, deadline: Instant, out_of_time: Arc<AtomicBool>) -> Self {
+        self.deadline = Some(deadline);
+        self.out_of_time = out_of_time;
+        self
+    }
 }
 
 /// A state of the model.
@@ -496,6 +514,10 @@ impl Model for SandModel {
     }
 
     fn within_boundary(&self, state: &SandState) -> bool {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.out_of_time.store(true, Ordering::Relaxed);
+            return false;
+        }
         within_boundary(&self.cfg, state)
     }
 }

@@ -134,6 +134,29 @@ fn a_worker_crash_a_suspicion_and_a_gateway_crash_hold_safety_to_depth_14() {
     assert!(report.unique_states > 250_000, "{}", report.unique_states);
 }
 
+/// A deadline ends even a depth-first search that never runs out of work, and a search cut
+/// short claims neither completeness nor a liveness failure (its cut paths look like runs that
+/// never finish).
+#[test]
+fn a_deadline_stops_the_search_and_claims_nothing() {
+    let opts = CheckOptions {
+        threads: 1,
+        timeout: Some(Duration::from_secs(2)),
+        ..CheckOptions::default()
+    };
+    let report = check(ModelCfg::default(), &opts);
+    assert!(!report.complete, "{report:?}");
+    assert!(report.elapsed < Duration::from_secs(20), "{report:?}");
+    let failures: Vec<_> = report.failures().map(|v| v.property).collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    let liveness = report
+        .verdicts
+        .iter()
+        .find(|v| v.expectation == Expectation::Eventually)
+        .unwrap();
+    assert!(!liveness.conclusive, "{liveness:?}");
+}
+
 #[test]
 fn a_fan_out_with_grain_errors_holds_every_property() {
     let cfg = ModelCfg {
