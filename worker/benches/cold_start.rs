@@ -102,6 +102,47 @@ fn spec(python: &Path, script: &Path, app: &Path) -> ZygoteSpec {
     )
 }
 
+/// How many instances hold a call at once while their memory is read.
+const HELD: &[usize] = &[1, 4, 8];
+
+/// The memory of each of `n` instances that hold a call at the same time.
+struct Held {
+    n: usize,
+    /// Mean PSS of the instances serving the calls.
+    pss_kib: u64,
+    /// Mean private memory (USS) of those instances.
+    private_kib: u64,
+}
+
+/// Starts `n` calls that each hold their instance for two seconds, and reads the instances'
+/// memory in the middle of them. The serving instances are the children with the most private
+/// memory (a spare has touched less).
+async fn hold(z: &Arc<Zygote>, zygote_pid: u32, n: usize) -> Held {
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let z = z.clone();
+            tokio::spawn(async move { z.call(request("\"hold\"")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let mut instances: Vec<(u64, u64)> = children(zygote_pid)
+        .into_iter()
+        .filter_map(|pid| Some((private_kib(pid)?, pss_kib(pid)?)))
+        .collect();
+    instances.sort_unstable();
+    let serving = &instances[instances.len().saturating_sub(n)..];
+    assert_eq!(serving.len(), n, "{n} instances should hold a call");
+    for call in calls {
+        check(&call.await.expect("hold call"));
+    }
+    let mean = |f: fn(&(u64, u64)) -> u64| serving.iter().map(f).sum::<u64>() / n as u64;
+    Held {
+        n,
+        pss_kib: mean(|i| i.1),
+        private_kib: mean(|i| i.0),
+    }
+}
+
 async fn zygote_calls(spec: ZygoteSpec, calls: usize, pause: Duration) -> Stats {
     let z = Zygote::start(Arc::new(HostLauncher), spec)
         .await
@@ -196,27 +237,25 @@ async fn main() {
     }
     let exec_stats = stats(samples);
 
-    // Memory: the zygote, an instance in the middle of a call, and a fresh interpreter.
+    // Memory: the zygote, and 1, 4 and 8 instances in the middle of a call each.
     let z = Arc::new(
-        Zygote::start(Arc::new(HostLauncher), spec(&python, &script, &app))
-            .await
-            .expect("start"),
+        Zygote::start(
+            Arc::new(HostLauncher),
+            ZygoteSpec {
+                concurrency: *HELD.last().expect("a count"),
+                ..spec(&python, &script, &app)
+            },
+        )
+        .await
+        .expect("start"),
     );
     let zygote_pid = z.pid().expect("pid");
-    let holder = {
-        let z = z.clone();
-        tokio::spawn(async move { z.call(request("\"hold\"")).await })
-    };
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    // The instance serving the call is the child with the most private memory (a spare, if
-    // one is forked already, has touched less).
-    let (instance_private, instance_pss) = children(zygote_pid)
-        .into_iter()
-        .filter_map(|pid| Some((private_kib(pid)?, pss_kib(pid)?)))
-        .max()
-        .unwrap_or((0, 0));
+    let mut held = Vec::new();
+    for &n in HELD {
+        held.push(hold(&z, zygote_pid, n).await);
+    }
     let zygote_pss = pss_kib(zygote_pid).unwrap_or(0);
-    check(&holder.await.expect("hold call"));
+    let (instance_private, instance_pss) = (held[0].private_kib, held[0].pss_kib);
     z.stop().await;
     let mut fresh = std::process::Command::new(&python)
         .args([
@@ -262,10 +301,23 @@ async fn main() {
         "pre-forked / warm median: {:.2}x",
         prefork.median_us / warm.median_us
     );
-    println!("PSS: zygote {zygote_pss} KiB, forked instance {instance_pss} KiB, fresh interpreter with numpy {fresh_pss} KiB (instance = {:.0}% of fresh)",
-        100.0 * instance_pss as f64 / fresh_pss.max(1) as f64);
-    println!("private (USS) of the forked instance: {instance_private} KiB ({:.0}% of a fresh interpreter's PSS); its PSS also holds its share of the zygote's pages, split among the zygote and its live children",
-        100.0 * instance_private as f64 / fresh_pss.max(1) as f64);
+    println!("PSS: zygote {zygote_pss} KiB, fresh interpreter with numpy {fresh_pss} KiB");
+    println!("an instance's PSS holds its own pages (USS) and its share of the zygote's, split among the zygote and its live children:");
+    println!(
+        "{:<28} {:>14} {:>10} {:>14} {:>10}",
+        "instances serving a call", "PSS each KiB", "of fresh", "USS each KiB", "of fresh"
+    );
+    let of_fresh = |kib: u64| 100.0 * kib as f64 / fresh_pss.max(1) as f64;
+    for h in &held {
+        println!(
+            "{:<28} {:>14} {:>9.0}% {:>14} {:>9.0}%",
+            h.n,
+            h.pss_kib,
+            of_fresh(h.pss_kib),
+            h.private_kib,
+            of_fresh(h.private_kib)
+        );
+    }
 
     if let Some(path) = std::env::var_os("SAND_BENCH_JSON") {
         let mode = |s: &Stats| serde_json::json!({"median_us": s.median_us, "p99_us": s.p99_us});
@@ -279,6 +331,7 @@ async fn main() {
             "zygote_pss_kib": zygote_pss,
             "instance_pss_kib": instance_pss,
             "instance_private_kib": instance_private,
+            "held": held.iter().map(|h| serde_json::json!({"instances": h.n, "pss_kib": h.pss_kib, "private_kib": h.private_kib})).collect::<Vec<_>>(),
             "fresh_pss_kib": fresh_pss,
         });
         std::fs::write(&path, doc.to_string()).expect("write SAND_BENCH_JSON");

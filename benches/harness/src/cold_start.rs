@@ -37,6 +37,19 @@ pub struct ColdStart {
     pub instance_private_kib: u64,
     /// PSS of a fresh interpreter with the same imports, in KiB.
     pub fresh_pss_kib: u64,
+    /// The instances' memory when 1, 4 and 8 of them serve a call at once.
+    pub held: Vec<Held>,
+}
+
+/// The memory of each of several instances serving a call at the same time.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Held {
+    /// Instances serving a call.
+    pub instances: usize,
+    /// Mean PSS of one, in KiB: its own pages and its share of the zygote's.
+    pub pss_kib: u64,
+    /// Mean memory only one holds (USS), in KiB.
+    pub private_kib: u64,
 }
 
 /// Runs the benchmark through cargo, from the repository at `repo`.

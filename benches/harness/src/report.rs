@@ -311,6 +311,17 @@ impl Results {
                 "\nMemory: zygote PSS {} KiB; an instance mid-call {} KiB PSS, of which {} KiB private (USS); a fresh interpreter with the same imports {} KiB PSS.",
                 c.zygote_pss_kib, c.instance_pss_kib, c.instance_private_kib, c.fresh_pss_kib
             )?;
+            writeln!(s, "\n| instances serving a call | PSS of each | of fresh | USS of each |\n|---|---|---|---|")?;
+            for h in &c.held {
+                writeln!(
+                    s,
+                    "| {} | {} KiB | {:.0}% | {} KiB |",
+                    h.instances,
+                    h.pss_kib,
+                    100.0 * h.pss_kib as f64 / c.fresh_pss_kib.max(1) as f64,
+                    h.private_kib
+                )?;
+            }
         }
 
         if !self.memory.is_empty() {
