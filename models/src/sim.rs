@@ -819,7 +819,7 @@ impl Plan {
         };
         let config = SimConfig {
             workers: opts.workers.max(1),
-            window: r.pick(&[1, 2, 4, 4]),
+            window: r.pick(&[1, 2, 4, 16]),
             overload_threshold: r.pick(&[2, 4, 8, 64]),
             message_weight_max: r.pick(&[400, 4 << 20]),
             mutations: opts.mutations,
