@@ -4,6 +4,8 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::SandboxError;
 use crate::wire::HolderConfig;
 
@@ -15,10 +17,13 @@ const NAME_LEN_MAX: usize = 48;
 pub struct SandboxConfig {
     /// The app name: 1 to 48 characters from `a-z`, `0-9`, `-` and `_`. Becomes the hostname.
     pub name: String,
-    /// The app bundle on the host, mounted read-only at `/app`.
+    /// The app bundle on the host, mounted read-only at `/app`. It must be readable by
+    /// [`Self::run_as`] (the sandbox is not made otherwise), and so must the files inside.
     pub bundle_dir: PathBuf,
     /// Host paths (absolute, existing) mounted read-only at the same path inside, e.g. an
-    /// interpreter under `/root/.pyenv` or sand's runtime directory.
+    /// interpreter under `/root/.pyenv` or sand's runtime directory. Each must be readable by
+    /// [`Self::run_as`]; its host parents need not be (the directories leading to it inside
+    /// are made mode 0755 in the sandbox's own root).
     pub ro_paths: Vec<PathBuf>,
     /// Resource limits, enforced through a cgroup where one can be used.
     pub limits: Limits,
@@ -28,6 +33,39 @@ pub struct SandboxConfig {
     pub init_program: PathBuf,
     /// Arguments for `init_program` (e.g. a hidden subcommand).
     pub init_args: Vec<OsString>,
+    /// The identity every process started in the sandbox runs as, when the holder runs as
+    /// real root: each one drops its supplementary groups, switches to this gid and uid, and
+    /// loses every capability (effective, permitted, inheritable, ambient and bounding) before
+    /// exec. [`RunAs::NOBODY`] (65534:65534) by default; uid 0 and gid 0 are refused.
+    ///
+    /// A holder without root (the user-namespace fallback, which maps the worker's own uid to
+    /// 0 inside) keeps that mapping and ignores this field. Every process gets no_new_privs
+    /// either way, so neither set-user-ID binaries nor file capabilities can raise it again.
+    pub run_as: RunAs,
+}
+
+/// An unprivileged uid and gid for a sandbox's processes; see [`SandboxConfig::run_as`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAs {
+    /// The user id (never 0).
+    pub uid: u32,
+    /// The group id (never 0); also the only group: supplementary groups are dropped.
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// The conventional unprivileged identity, `nobody:nogroup` (65534:65534).
+    pub const NOBODY: RunAs = RunAs {
+        uid: 65534,
+        gid: 65534,
+    };
+}
+
+impl Default for RunAs {
+    /// [`RunAs::NOBODY`].
+    fn default() -> Self {
+        RunAs::NOBODY
+    }
 }
 
 /// Resource limits of one sandbox; `None` leaves a resource unlimited.
@@ -44,6 +82,7 @@ pub struct Limits {
 /// Checks the config and turns it into what the holder is sent.
 pub(crate) fn validate(config: &SandboxConfig) -> Result<HolderConfig, SandboxError> {
     validate_name(&config.name)?;
+    validate_run_as(config.run_as)?;
     let bundle = canonical(&config.bundle_dir).map_err(|source| SandboxError::Bundle {
         path: config.bundle_dir.clone(),
         source,
@@ -76,7 +115,19 @@ pub(crate) fn validate(config: &SandboxConfig) -> Result<HolderConfig, SandboxEr
         bundle_dir: bundle.as_os_str().as_bytes().to_vec(),
         ro_paths,
         network: config.network,
+        run_as: config.run_as,
     })
+}
+
+/// Refuses root: a grain never runs as uid 0, nor with gid 0 (which owns root's files).
+fn validate_run_as(run_as: RunAs) -> Result<(), SandboxError> {
+    if run_as.uid == 0 || run_as.gid == 0 {
+        return Err(SandboxError::RunAsRoot {
+            uid: run_as.uid,
+            gid: run_as.gid,
+        });
+    }
+    Ok(())
 }
 
 fn validate_name(name: &str) -> Result<(), SandboxError> {
@@ -108,5 +159,24 @@ mod tests {
         for good in ["a", "shop-cart_2", &"x".repeat(48)] {
             assert!(validate_name(good).is_ok(), "{good:?} refused");
         }
+    }
+
+    #[test]
+    fn root_identities_are_refused() {
+        for (uid, gid) in [(0, 0), (0, 65534), (65534, 0)] {
+            assert!(
+                matches!(
+                    validate_run_as(RunAs { uid, gid }),
+                    Err(SandboxError::RunAsRoot { .. })
+                ),
+                "{uid}:{gid} accepted"
+            );
+        }
+        assert!(validate_run_as(RunAs::default()).is_ok());
+        assert!(validate_run_as(RunAs {
+            uid: 1000,
+            gid: 100
+        })
+        .is_ok());
     }
 }

@@ -11,6 +11,14 @@ pub enum SandboxError {
         /// The name given.
         name: String,
     },
+    /// The identity the sandbox's processes would run as is root.
+    #[error("refusing to run sandboxed processes as uid {uid} gid {gid}: uid 0 and gid 0 are not allowed; use an unprivileged identity such as 65534:65534 (nobody)")]
+    RunAsRoot {
+        /// The uid given.
+        uid: u32,
+        /// The gid given.
+        gid: u32,
+    },
     /// The bundle directory is missing or not a directory.
     #[error("app bundle {path:?} cannot be used: {source}")]
     Bundle {

@@ -6,6 +6,8 @@
 //! it, net) namespaces, builds a read-only root in a tmpfs, and forks once to become PID 1 of
 //! the new pid namespace. That PID 1 starts, kills and reaps processes on the worker's request
 //! over a control socket, and exits when the socket closes, so no sandbox outlives its worker.
+//! The processes it starts never keep root: with no_new_privs, no capability, and (for a root
+//! worker) the unprivileged [`RunAs`] identity of [`SandboxConfig::run_as`], nobody by default.
 //!
 //! Limits come from one cgroup per sandbox (v2 where the unified hierarchy has the memory
 //! controller, v1 otherwise). Without root the holder uses a user namespace; where cgroups
@@ -19,7 +21,7 @@ mod sandbox;
 mod wire;
 
 pub use cgroup::{cgroup_support, CgroupSupport, Controller};
-pub use config::{Limits, SandboxConfig};
+pub use config::{Limits, RunAs, SandboxConfig};
 pub use error::SandboxError;
 pub use holder::init_main;
 pub use sandbox::{Exit, Process, ProcessId, ProcessSpec, Sandbox, StdioFds};

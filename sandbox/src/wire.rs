@@ -12,6 +12,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::config::RunAs;
+
 /// Largest frame either side accepts. A spawn request with a large environment stays far below.
 pub(crate) const MAX_FRAME_BYTES: usize = 16 << 20;
 
@@ -26,6 +28,8 @@ pub(crate) struct HolderConfig {
     pub ro_paths: Vec<Vec<u8>>,
     /// Whether the sandbox shares the host's network namespace.
     pub network: bool,
+    /// Who the sandbox's processes run as when the holder is real root; already validated.
+    pub run_as: RunAs,
 }
 
 /// A worker's request to the sandbox's PID 1.

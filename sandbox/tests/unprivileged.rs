@@ -1,4 +1,5 @@
-//! Without root, the holder falls back to a user namespace and cgroups are skipped.
+//! Without root, the holder falls back to a user namespace and cgroups are skipped; its
+//! processes keep the namespace's root (the worker's uid outside) but get no_new_privs.
 //!
 //! Run as root, the test re-runs itself as uid 65534 (nobody) and checks that run's verdict;
 //! run without root, it checks directly.
@@ -89,15 +90,16 @@ fn check_unprivileged() {
                 "id -u; cat /app/f.txt; echo; hostname; cat /proc/1/comm
                  if (echo x > /app/new) 2>/dev/null; then echo app-writable; else echo app-read-only; fi
                  echo t > /tmp/t && echo tmp-writable
-                 grep -c : /proc/net/dev",
+                 grep -c : /proc/net/dev
+                 grep NoNewPrivs: /proc/self/status | tr -d '\t '",
             )
             .await;
             assert_eq!(exit, Exit::Exited(0), "output: {out}");
             let lines: Vec<&str> = out.lines().collect();
             assert_eq!(
                 lines,
-                ["0", "bundle file", "rootless", "sand-sandbox-in", "app-read-only", "tmp-writable", "1"],
-                "inside, the user is root of its own namespace; the rest is isolated as with root"
+                ["0", "bundle file", "rootless", "sand-sandbox-in", "app-read-only", "tmp-writable", "1", "NoNewPrivs:1"],
+                "inside, the user is root of its own namespace with no_new_privs; the rest is isolated as with root"
             );
             sandbox.destroy().await.expect("destroy");
             assert!(!alive(holder), "the holder outlived destroy");

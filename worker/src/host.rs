@@ -16,7 +16,7 @@ use sand_app::{Code, Manifest};
 use sand_protocol::ids::GrainName;
 use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::{CallSpec, ErrorKind, GrainError};
-use sand_sandbox::{Limits, Sandbox, SandboxConfig};
+use sand_sandbox::{Limits, RunAs, Sandbox, SandboxConfig};
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::runtime::exec::{ExecGrain, ExecSpec};
@@ -119,6 +119,7 @@ impl AppHost {
                     network: manifest.network,
                     init_program: program.clone(),
                     init_args: args.clone(),
+                    run_as: RunAs::NOBODY,
                 };
                 let sandbox = Arc::new(
                     Sandbox::create(config)

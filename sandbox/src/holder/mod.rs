@@ -6,6 +6,12 @@
 //! then forks once: the child is PID 1 of the new pid namespace, builds the root and serves
 //! the control socket ([`pid1`]); the parent only waits for it and exits with its status.
 //!
+//! The holder and PID 1 keep root (they build the root and serve the worker), but no process
+//! PID 1 starts does: each one sets no_new_privs and, when the holder is real root, switches
+//! to the sandbox's unprivileged [`crate::RunAs`] identity with every capability dropped,
+//! before exec ([`privileges`]). In the user-namespace fallback of a non-root worker, its
+//! processes keep the namespace's root (the worker's own uid outside) with no_new_privs.
+//!
 //! Everything here runs before or without any other thread, which is what makes `unshare`,
 //! `fork` and the descriptor juggling below sound. Nothing here may panic on what the worker
 //! sends: a bad frame ends the sandbox with a message on stderr.
@@ -14,6 +20,7 @@
 
 mod loopback;
 mod pid1;
+mod privileges;
 mod rootfs;
 
 use std::io::{Read, Write};
@@ -29,6 +36,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{dup2_stdin, fork, getegid, geteuid, ForkResult};
 
 use crate::wire::{encode, Event, FrameBuffer, HolderConfig};
+use privileges::Privileges;
 
 /// The entry point of the holder program: call it first thing in `main` of the binary given as
 /// [`crate::SandboxConfig::init_program`], before any thread, runtime or logger exists.
@@ -52,8 +60,13 @@ fn run() -> Result<i32, String> {
     let control = take_control_socket()?;
     let mut frames = FrameBuffer::default();
     let config = read_config(&control, &mut frames)?;
-    let sources = match enter_namespaces(&config).and_then(|()| rootfs::Sources::open(&config)) {
-        Ok(sources) => sources,
+    let prepared = enter_namespaces(&config).and_then(|user_namespace| {
+        let privileges = Privileges::new(config.run_as, user_namespace)?;
+        let sources = rootfs::Sources::open(&config, &privileges)?;
+        Ok((privileges, sources))
+    });
+    let (privileges, sources) = match prepared {
+        Ok(prepared) => prepared,
         Err(reason) => {
             report(&control, &Event::SetupFailed(reason.clone()));
             return Err(reason);
@@ -61,7 +74,7 @@ fn run() -> Result<i32, String> {
     };
     // SAFETY: this process is single-threaded (checked above), so the child may run any code.
     match unsafe { fork() } {
-        Ok(ForkResult::Child) => pid1::run(control, frames, config, sources, fd3),
+        Ok(ForkResult::Child) => pid1::run(control, frames, config, sources, fd3, privileges),
         Ok(ForkResult::Parent { child }) => {
             // Only PID 1 holds the control socket now, so the worker closing its end reaches it.
             drop(control);
@@ -183,8 +196,8 @@ fn read_config(mut control: &UnixStream, frames: &mut FrameBuffer) -> Result<Hol
 }
 
 /// Unshares mount, ipc, uts, pid (and net) namespaces, inside a new user namespace when this
-/// process lacks the privilege to do it directly.
-fn enter_namespaces(config: &HolderConfig) -> Result<(), String> {
+/// process lacks the privilege to do it directly. Returns whether it entered a user namespace.
+fn enter_namespaces(config: &HolderConfig) -> Result<bool, String> {
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS
@@ -192,14 +205,16 @@ fn enter_namespaces(config: &HolderConfig) -> Result<(), String> {
     if !config.network {
         flags |= CloneFlags::CLONE_NEWNET;
     }
-    if !geteuid().is_root() {
+    let mut user_namespace = !geteuid().is_root();
+    if user_namespace {
         enter_user_namespace()?;
     }
     match unshare(flags) {
         Ok(()) => {}
         // Root without CAP_SYS_ADMIN (a container, say): a user namespace grants it.
-        Err(Errno::EPERM) if geteuid().is_root() => {
+        Err(Errno::EPERM) if !user_namespace => {
             enter_user_namespace()?;
+            user_namespace = true;
             unshare(flags).map_err(|e| format!("unshare of the sandbox namespaces: {e}"))?;
         }
         Err(e) => return Err(format!("unshare of the sandbox namespaces: {e}")),
@@ -212,7 +227,8 @@ fn enter_namespaces(config: &HolderConfig) -> Result<(), String> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(|e| format!("making / private: {e}"))
+    .map_err(|e| format!("making / private: {e}"))?;
+    Ok(user_namespace)
 }
 
 /// Enters a new user namespace where this process's uid and gid are mapped to 0.

@@ -1,12 +1,13 @@
 //! PID 1 of a sandbox: builds the root, then serves the control socket until it closes.
 //!
-//! It starts the processes the worker asks for, kills them on request, reports each one's
+//! It starts the processes the worker asks for, each with its privileges dropped
+//! ([`super::privileges`]), kills them on request, reports each one's
 //! exit, and reaps every zombie of the namespace (orphans are reparented to it). When the
 //! control socket closes it exits, and the kernel kills everything left in the pid namespace:
 //! no sandbox outlives its worker.
 
 use std::collections::{HashMap, VecDeque};
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -25,6 +26,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{dup2, dup3, sethostname, Pid};
 
+use super::privileges::Privileges;
 use super::{loopback, report, rootfs};
 use crate::wire::{Event, FrameBuffer, HolderConfig, Request, SpawnRequest, WireExit};
 
@@ -41,8 +43,9 @@ pub(super) fn run(
     config: HolderConfig,
     sources: rootfs::Sources,
     fd3: OwnedFd,
+    privileges: Privileges,
 ) -> ! {
-    let code = match serve(control, frames, &config, sources, fd3) {
+    let code = match serve(control, frames, &config, sources, fd3, privileges) {
         Ok(()) => 0,
         Err(reason) => {
             eprintln!("sand-sandbox-init: sandbox {:?}: {reason}", config.name);
@@ -58,6 +61,7 @@ fn serve(
     config: &HolderConfig,
     sources: rootfs::Sources,
     fd3: OwnedFd,
+    privileges: Privileges,
 ) -> Result<(), String> {
     // The outer holder only waits for us; if it is killed, so are we (and the namespace).
     set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("prctl(PR_SET_PDEATHSIG): {e}"))?;
@@ -85,6 +89,7 @@ fn serve(
         running: HashMap::new(),
         fd3,
         null,
+        privileges,
     };
     init.serve(&children)
 }
@@ -110,6 +115,8 @@ struct Init {
     /// Descriptor 3, /dev/null between spawns.
     fd3: OwnedFd,
     null: OwnedFd,
+    /// What every spawned process gives up before exec.
+    privileges: Privileges,
 }
 
 impl Init {
@@ -230,7 +237,7 @@ impl Init {
     }
 
     /// Starts a process with `channel` as its descriptor 3 (none without it) and `stdio` as
-    /// its standard streams.
+    /// its standard streams, its privileges dropped.
     fn spawn(
         &mut self,
         request: SpawnRequest,
@@ -238,6 +245,14 @@ impl Init {
         stdio: [Stdio; 3],
     ) -> Result<Event, String> {
         let id = request.id;
+        // The child changes directory itself, after dropping privileges: see `Privileges`.
+        let Ok(cwd) = CString::new(request.cwd.clone()) else {
+            return Ok(Event::Failed {
+                id,
+                error: "the working directory contains a NUL byte".into(),
+            });
+        };
+        let privileges = self.privileges;
         let has_channel = channel.is_some();
         // dup2 clears close-on-exec on descriptor 3 only, so the child inherits just the channel.
         // Without one, 3 stays /dev/null with close-on-exec: the child has no descriptor 3.
@@ -252,7 +267,8 @@ impl Init {
         // Every received descriptor is close-on-exec: Command places these three at 0, 1 and
         // 2 in the child, and our copies close when it returns, so no other process holds them.
         let [stdin, stdout, stderr] = stdio;
-        let spawned = Command::new(OsStr::from_bytes(&request.program))
+        let mut command = Command::new(OsStr::from_bytes(&request.program));
+        command
             .args(request.args.iter().map(|arg| OsStr::from_bytes(arg)))
             .env_clear()
             .envs(
@@ -261,12 +277,17 @@ impl Init {
                     .iter()
                     .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
             )
-            .current_dir(OsStr::from_bytes(&request.cwd))
             .stdin(stdin)
             .stdout(stdout)
             .stderr(stderr)
-            .process_group(0)
-            .spawn();
+            .process_group(0);
+        // SAFETY: the closure runs in the forked child of this single-threaded process, and
+        // `Privileges::apply` makes only async-signal-safe system calls and never allocates.
+        // A failure makes `spawn` return it without exec: nothing runs with root left.
+        unsafe {
+            command.pre_exec(move || privileges.apply(&cwd));
+        }
+        let spawned = command.spawn();
         if has_channel {
             // Put /dev/null back, so the channel's only holder is the new process.
             dup3(&self.null, &mut self.fd3, OFlag::O_CLOEXEC)
@@ -283,7 +304,13 @@ impl Init {
             }
             Err(e) => Event::Failed {
                 id,
-                error: e.to_string(),
+                error: match privileges.run_as() {
+                    Some(run_as) => format!(
+                        "{e} (dropping to uid {} gid {}, entering the working directory or exec failed)",
+                        run_as.uid, run_as.gid
+                    ),
+                    None => format!("{e} (entering the working directory or exec failed)"),
+                },
             },
         })
     }

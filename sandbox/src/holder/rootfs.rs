@@ -3,6 +3,8 @@
 //! Layout: the host's system directories read-only (symlinks such as `/bin -> usr/bin` kept as
 //! symlinks), the app bundle read-only at `/app`, each extra read-only path at its host path,
 //! a private `/tmp`, a minimal `/dev`, and the `/proc` of the sandbox's pid namespace.
+//! The sandbox's processes run unprivileged, so `/tmp` and `/dev/shm` are mode 1777 and the
+//! directories made to reach a read-only path are 0755.
 //!
 //! Every host source is opened (`O_PATH`) before anything is mounted and bound through
 //! `/proc/self/fd/N`, so building the root in place of `/tmp` cannot hide a source that lives
@@ -11,6 +13,7 @@
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{open, OFlag};
@@ -19,6 +22,7 @@ use nix::sys::stat::Mode;
 use nix::sys::statvfs::{statvfs, FsFlags};
 use nix::unistd::{chdir, chroot, pivot_root};
 
+use super::privileges::Privileges;
 use crate::cgroup::unescape_mount_path;
 use crate::wire::HolderConfig;
 
@@ -48,8 +52,13 @@ pub(super) struct Sources {
 }
 
 impl Sources {
-    /// Opens everything the root will bind.
-    pub(super) fn open(config: &HolderConfig) -> Result<Sources, String> {
+    /// Opens everything the root will bind, after checking that the sandbox's processes may
+    /// read the bundle and the read-only paths.
+    pub(super) fn open(config: &HolderConfig, privileges: &Privileges) -> Result<Sources, String> {
+        let bundle = Path::new(OsStr::from_bytes(&config.bundle_dir));
+        privileges
+            .check_reachable(bundle)
+            .map_err(|e| format!("the app bundle {e}"))?;
         let mut system = Vec::new();
         for path in SYSTEM_PATHS.map(Path::new) {
             match std::fs::symlink_metadata(path) {
@@ -67,6 +76,9 @@ impl Sources {
         let mut read_only = Vec::new();
         for bytes in &config.ro_paths {
             let path = Path::new(OsStr::from_bytes(bytes));
+            privileges
+                .check_reachable(path)
+                .map_err(|e| format!("the read-only path {e}"))?;
             let fd = open_path(path)?;
             let source = if path.is_dir() {
                 Source::Directory(fd)
@@ -81,7 +93,7 @@ impl Sources {
         }
         Ok(Sources {
             system,
-            bundle: open_path(Path::new(OsStr::from_bytes(&config.bundle_dir)))?,
+            bundle: open_path(bundle)?,
             read_only,
             devices,
         })
@@ -150,12 +162,10 @@ fn place(root: &Path, path: &Path, source: &Source) -> Result<Option<PathBuf>, S
             }
             return Ok(None);
         }
-        Source::Directory(_) if !exists => std::fs::create_dir_all(&target)
-            .map_err(|e| format!("creating mount point {}: {e}", target.display()))?,
+        Source::Directory(_) if !exists => make_dirs(&target)?,
         Source::File(_) if !exists => {
             if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                make_dirs(parent)?;
             }
             std::fs::File::create(&target)
                 .map_err(|e| format!("creating mount point {}: {e}", target.display()))?;
@@ -277,6 +287,22 @@ fn bind(source: &OwnedFd, target: &Path) -> Result<(), String> {
 fn mount_fs(fstype: &str, target: &Path, flags: MsFlags, data: &str) -> Result<(), String> {
     mount(Some(fstype), target, Some(fstype), flags, Some(data))
         .map_err(|e| format!("mounting {fstype} on {}: {e}", target.display()))
+}
+
+/// Creates `dir` and its missing parents, each mode 0755 whatever the umask, so the sandbox's
+/// unprivileged processes can pass through them to what is mounted below: an interpreter under
+/// `/root/.pyenv` is reachable although the host's `/root` is 0700. Only directories made here,
+/// in the sandbox's own tmpfs, are changed; an existing one is never touched.
+fn make_dirs(dir: &Path) -> Result<(), String> {
+    if dir.exists() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        make_dirs(parent)?;
+    }
+    std::fs::create_dir(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("making {} mode 0755: {e}", dir.display()))
 }
 
 fn make_dir(path: &Path) -> Result<(), String> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::fcntl::OFlag;
 use nix::unistd::pipe2;
-use sand_sandbox::{Exit, Limits, Process, ProcessSpec, Sandbox, SandboxConfig, StdioFds};
+use sand_sandbox::{Exit, Limits, Process, ProcessSpec, RunAs, Sandbox, SandboxConfig, StdioFds};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
@@ -45,6 +45,7 @@ pub fn config(name: &str, bundle: &Path) -> SandboxConfig {
         network: false,
         init_program: init_program(),
         init_args: Vec::new(),
+        run_as: RunAs::default(),
     }
 }
 

@@ -1,0 +1,348 @@
+//! A root worker's sandboxed processes run unprivileged: as the configured identity (nobody by
+//! default), with no_new_privs and no capability at all, so they cannot remount their root,
+//! mount anything or write the bundle. These need root; they fail, not skip, without it.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use common::{bundle, config, sh, spec, TEST_TIMEOUT};
+use sand_sandbox::{Exit, RunAs, Sandbox, SandboxError};
+use tokio::time::timeout;
+
+fn assert_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests check how a root worker drops privileges: run them as root"
+    );
+}
+
+/// The `/proc/self/status` fields a privilege drop shows in, as `name value` lines.
+const STATUS_FIELDS: &str = "grep -E '^(Uid|Gid|Groups|NoNewPrivs|CapInh|CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status | tr -s '\\t ' ' '";
+
+/// The value of `field` in the output of [`STATUS_FIELDS`].
+fn status_field<'a>(out: &'a str, field: &str) -> &'a str {
+    out.lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {field} in {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_run_as_nobody_with_no_privileges() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let app = bundle(&[]);
+        let sandbox = Sandbox::create(config("nobody", app.path()))
+            .await
+            .expect("create");
+        let (exit, out) = sh(&sandbox, STATUS_FIELDS).await;
+        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        assert_eq!(
+            status_field(&out, "Uid"),
+            "65534 65534 65534 65534",
+            "{out}"
+        );
+        assert_eq!(
+            status_field(&out, "Gid"),
+            "65534 65534 65534 65534",
+            "{out}"
+        );
+        assert_eq!(
+            status_field(&out, "Groups"),
+            "",
+            "no supplementary group: {out}"
+        );
+        assert_eq!(status_field(&out, "NoNewPrivs"), "1", "{out}");
+        for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(status_field(&out, set), "0000000000000000", "{set}: {out}");
+        }
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_run_as_the_configured_identity() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let app = bundle(&[]);
+        let mut custom = config("custom-id", app.path());
+        custom.run_as = RunAs {
+            uid: 4321,
+            gid: 4322,
+        };
+        let sandbox = Sandbox::create(custom).await.expect("create");
+        let (exit, out) = sh(&sandbox, STATUS_FIELDS).await;
+        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        assert_eq!(status_field(&out, "Uid"), "4321 4321 4321 4321", "{out}");
+        assert_eq!(status_field(&out, "Gid"), "4322 4322 4322 4322", "{out}");
+        assert_eq!(status_field(&out, "CapEff"), "0000000000000000", "{out}");
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remounting_mounting_and_writing_the_bundle_are_refused() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let app = bundle(&[("data.txt", "bundle data")]);
+        let sandbox = Sandbox::create(config("locked", app.path()))
+            .await
+            .expect("create");
+        let (exit, out) = sh(
+            &sandbox,
+            "if mount -o remount,rw / 2>/dev/null; then echo remounted-root; else echo remount-refused; fi
+             if mount -t tmpfs none /tmp 2>/dev/null; then echo mounted-tmpfs; else echo mount-refused; fi
+             if (echo x > /app/new) 2>/dev/null; then echo app-writable; else echo app-not-writable; fi
+             if (echo x >> /app/data.txt) 2>/dev/null; then echo bundle-file-writable; else echo bundle-file-not-writable; fi
+             echo scratch > /tmp/scratch && echo tmp-writable:$(stat -c %u:%g /tmp/scratch)
+             echo shared > /dev/shm/s && echo shm-writable
+             if kill -0 1 2>/dev/null; then echo can-signal-pid1; else echo pid1-out-of-reach; fi",
+        )
+        .await;
+        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "remount-refused",
+                "mount-refused",
+                "app-not-writable",
+                "bundle-file-not-writable",
+                "tmp-writable:65534:65534",
+                "shm-writable",
+                "pid1-out-of-reach",
+            ],
+            "{out}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(app.path().join("data.txt")).expect("read the bundle file"),
+            "bundle data"
+        );
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The mount system call itself, not the `mount` tool, fails with EPERM: a process with no
+/// capability cannot remount its root read-write or mount a new file system.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mount_system_call_fails_with_eperm() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let python = interpreter();
+        let app = bundle(&[("mount.py", MOUNT_PY)]);
+        let mut with_python = config("mount-syscall", app.path());
+        with_python.ro_paths = interpreter_prefix(&python).into_iter().collect();
+        let sandbox = Sandbox::create(with_python).await.expect("create");
+        let script = format!("exec {} /app/mount.py", python.display());
+        let (exit, out) = sh(&sandbox, &script).await;
+        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            ["remount: EPERM", "tmpfs: EPERM", "uid 65534"],
+            "{out}"
+        );
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+const MOUNT_PY: &str = r#"
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+MS_REMOUNT, MS_BIND = 32, 4096
+for name, args in [
+    ("remount", (None, b"/", None, MS_REMOUNT | MS_BIND, None)),
+    ("tmpfs", (b"none", b"/tmp", b"tmpfs", 0, None)),
+]:
+    if libc.mount(*args) == 0:
+        print(name + ": mounted")
+    else:
+        print(name + ": " + errno.errorcode[ctypes.get_errno()])
+print("uid", os.getuid())
+"#;
+
+/// An interpreter under `/root/.pyenv` (whose host `/root` is mode 0700) runs as nobody when
+/// its prefix is a read-only path, and can fork and watch a child by pidfd, as the Python
+/// zygote does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interpreter_under_root_runs_as_nobody() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let python = interpreter();
+        let app = bundle(&[("zygote.py", ZYGOTE_PY)]);
+        let mut with_python = config("pyenv", app.path());
+        with_python.ro_paths = interpreter_prefix(&python).into_iter().collect();
+        let sandbox = Sandbox::create(with_python).await.expect("create");
+        let script = format!("exec {} /app/zygote.py", python.display());
+        let (exit, out) = sh(&sandbox, &script).await;
+        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            ["uid 65534", "child exited 7"],
+            "{out}"
+        );
+        let (exit, out) = sh(&sandbox, "ls -A /root 2>/dev/null || true").await;
+        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        assert_eq!(
+            out.trim(),
+            if python.starts_with("/root/") {
+                ".pyenv"
+            } else {
+                ""
+            },
+            "only the interpreter's path is visible under /root: {out}"
+        );
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+const ZYGOTE_PY: &str = r#"
+import os, select
+print("uid", os.getuid(), flush=True)
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+fd = os.pidfd_open(pid)
+select.select([fd], [], [], 10)
+_, status = os.waitpid(pid, 0)
+print("child exited", os.waitstatus_to_exitcode(status))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_working_directory_nobody_cannot_enter_fails_the_spawn() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let app = bundle(&[]);
+        let private = app.path().join("private");
+        std::fs::create_dir(&private).expect("mkdir");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let sandbox = Sandbox::create(config("cwd", app.path()))
+            .await
+            .expect("create");
+        let (_ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let mut denied = spec("/bin/true", &[], theirs);
+        denied.cwd = "/app/private".into();
+        match sandbox.spawn(denied).await {
+            Err(SandboxError::Spawn { reason, .. }) => assert!(
+                reason.contains("Permission denied") && reason.contains("uid 65534"),
+                "{reason}"
+            ),
+            other => panic!("the spawn was not refused: {other:?}"),
+        }
+        let (exit, out) = sh(&sandbox, "echo still serving").await;
+        assert_eq!((exit, out.as_str()), (Exit::Exited(0), "still serving\n"));
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_nobody_cannot_read_is_a_clear_setup_error() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let app = bundle(&[("grains.py", "")]);
+        std::fs::set_permissions(app.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        match Sandbox::create(config("unreadable", app.path())).await {
+            Err(SandboxError::Setup { reason, .. }) => assert!(
+                reason.contains("the app bundle")
+                    && reason.contains("mode 700")
+                    && reason.contains("uid 65534 gid 65534"),
+                "{reason}"
+            ),
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(sandbox) => {
+                sandbox.destroy().await.expect("destroy");
+                panic!("a sandbox was made around a bundle its processes cannot read");
+            }
+        }
+        // Readable by its group, which is the sandbox's: accepted.
+        std::os::unix::fs::chown(app.path(), None, Some(65534)).expect("chgrp");
+        std::fs::set_permissions(app.path(), std::fs::Permissions::from_mode(0o750))
+            .expect("chmod");
+        let sandbox = Sandbox::create(config("group-readable", app.path()))
+            .await
+            .expect("create");
+        let (exit, out) = sh(&sandbox, "ls /app").await;
+        assert_eq!((exit, out.as_str()), (Exit::Exited(0), "grains.py\n"));
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_identity_is_refused_with_a_clear_error() {
+    timeout(TEST_TIMEOUT, async {
+        let app = bundle(&[]);
+        for (uid, gid) in [(0, 0), (0, 65534), (65534, 0)] {
+            let mut as_root = config("as-root", app.path());
+            as_root.run_as = RunAs { uid, gid };
+            match Sandbox::create(as_root).await {
+                Err(e @ SandboxError::RunAsRoot { .. }) => {
+                    let message = e.to_string();
+                    assert!(
+                        message.contains(&format!("uid {uid} gid {gid}"))
+                            && message.contains("not allowed"),
+                        "{message}"
+                    );
+                }
+                Err(other) => panic!("{uid}:{gid} refused for another reason: {other}"),
+                Ok(sandbox) => {
+                    sandbox.destroy().await.expect("destroy");
+                    panic!("a sandbox running as {uid}:{gid} was made");
+                }
+            }
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A Python interpreter for the tests: `SAND_TEST_PYTHON`, else the newest pyenv 3.x under
+/// `/root/.pyenv/versions` (outside the system directories, the case that matters), else the
+/// system's `/usr/bin/python3`.
+fn interpreter() -> PathBuf {
+    if let Some(python) = std::env::var_os("SAND_TEST_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let mut pyenv: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/root/.pyenv/versions")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let version: Vec<u32> = name
+                .split('.')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let python = entry.path().join("bin/python3");
+            (version >= vec![3, 9] && python.exists()).then_some((version, python))
+        })
+        .collect();
+    pyenv.sort();
+    pyenv
+        .pop()
+        .map_or_else(|| PathBuf::from("/usr/bin/python3"), |(_, python)| python)
+}
+
+/// The installation prefix an interpreter outside the system directories needs mounted.
+fn interpreter_prefix(python: &Path) -> Option<PathBuf> {
+    if python.starts_with("/usr") {
+        return None;
+    }
+    python.parent()?.parent().map(Path::to_path_buf)
+}
