@@ -54,7 +54,7 @@ pub struct Sandbox {
 pub struct ProcessSpec {
     /// Program path inside the sandbox (absolute).
     pub program: PathBuf,
-    /// Arguments after argv[0].
+    /// Arguments after `argv[0]`.
     pub args: Vec<OsString>,
     /// The complete environment; nothing is inherited.
     pub env: Vec<(OsString, OsString)>,

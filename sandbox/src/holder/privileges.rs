@@ -17,8 +17,9 @@
 //! With an empty bounding set, no exec can grant a capability back. The first failing step
 //! fails the spawn: exec never happens, so no process is left running as root.
 //!
-//! In the user-namespace fallback (a holder without root), only the worker's uid is mapped
-//! (to 0), so there is no other identity to switch to: those processes get no_new_privs only.
+//! In the user-namespace fallback (a worker without root, or without `CAP_SYS_ADMIN`), only
+//! the worker's uid is mapped (to 0), so there is no other identity to switch to: those
+//! processes get no_new_privs only.
 
 use std::ffi::CString;
 use std::io;
@@ -43,7 +44,8 @@ pub(super) enum Privileges {
         /// The highest capability number this kernel knows.
         last_cap: u32,
     },
-    /// The sandbox lives in a user namespace of an unprivileged worker: no_new_privs only.
+    /// The sandbox lives in a user namespace (a worker without root, or root without
+    /// `CAP_SYS_ADMIN`) where only the worker's uid is mapped: no_new_privs only.
     NoNewPrivsOnly,
 }
 
