@@ -182,7 +182,13 @@ pub fn unpack(bundle: &[u8], dest: &Path) -> Result<Manifest, BundleError> {
         path: dest.to_path_buf(),
         source,
     })?;
-    let result = extract(bundle, dest).and_then(|()| Ok(Manifest::load(dest)?));
+    let result = fs::set_permissions(dest, fs::Permissions::from_mode(0o755))
+        .map_err(|source| BundleError::Io {
+            path: dest.to_path_buf(),
+            source,
+        })
+        .and_then(|()| extract(bundle, dest))
+        .and_then(|()| Ok(Manifest::load(dest)?));
     if result.is_err() {
         // Best effort: the error being returned matters more than a failed cleanup.
         let _ = fs::remove_dir_all(dest);
@@ -286,11 +292,7 @@ fn extract(bundle: &[u8], dest: &Path) -> Result<(), BundleError> {
             source,
         };
         match entry.header().entry_type() {
-            tar::EntryType::Directory => match fs::create_dir(&target) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && target.is_dir() => {}
-                Err(source) => return Err(io_err(source)),
-            },
+            tar::EntryType::Directory => make_dirs(dest, &rel)?,
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let size = entry.header().size().map_err(stream_error)?;
                 if size > UNPACKED_BYTES_MAX {
@@ -298,19 +300,15 @@ fn extract(bundle: &[u8], dest: &Path) -> Result<(), BundleError> {
                         "entry {shown:?} declares {size} bytes"
                     )));
                 }
-                if let Some(parent) = target.parent() {
-                    // Parents are made from normal components below `dest`, and `dest` holds
-                    // only what this function made: no symlink can lead out.
-                    fs::create_dir_all(parent).map_err(|source| BundleError::Io {
-                        path: parent.to_path_buf(),
-                        source,
-                    })?;
+                if let Some(parent) = rel.parent() {
+                    make_dirs(dest, parent)?;
                 }
                 let executable = entry.header().mode().is_ok_and(|m| m & 0o111 != 0);
+                let mode = if executable { 0o755 } else { 0o644 };
                 let mut file = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
-                    .mode(if executable { 0o755 } else { 0o644 })
+                    .mode(mode)
                     .open(&target)
                     .map_err(|e| {
                         if e.kind() == io::ErrorKind::AlreadyExists {
@@ -319,6 +317,9 @@ fn extract(bundle: &[u8], dest: &Path) -> Result<(), BundleError> {
                             io_err(e)
                         }
                     })?;
+                // The umask narrowed the mode above; grains run as another user and must read it.
+                file.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(io_err)?;
                 let copied = io::copy(&mut entry, &mut file).map_err(stream_error)?;
                 if copied != size {
                     return Err(refuse("truncated"));
@@ -340,6 +341,30 @@ fn extract(bundle: &[u8], dest: &Path) -> Result<(), BundleError> {
     // Read to the end, so the gzip trailer's checksum is verified (and counted in the limit).
     io::copy(&mut stream, &mut io::sink()).map_err(stream_error)?;
     Ok(())
+}
+
+/// Makes each missing directory of `rel` below `dest`, mode 0755 whatever the umask: the
+/// sandbox's processes run as another user and must reach the files. `rel` holds only normal
+/// components, and `dest` only what unpacking made: no symlink can lead out.
+fn make_dirs(dest: &Path, rel: &Path) -> Result<(), BundleError> {
+    let mut dir = dest.to_path_buf();
+    for part in rel.components() {
+        dir.push(part);
+        make_dir(&dir).map_err(|source| BundleError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Makes one directory, mode 0755, unless it is there already.
+fn make_dir(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o755)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A read error of the stream: past the size limit, or corrupt.
