@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use sand_protocol::wire::ErrorKind;
+use sand_protocol::ids::Attempt;
+use sand_protocol::wire::{ErrorKind, Payload};
 use sand_worker::runtime::launch::{Exit, HostLauncher};
 use sand_worker::runtime::python::install_python_runtime;
 use sand_worker::runtime::zygote::{Zygote, ZygoteRuntime, ZygoteSpec};
@@ -22,6 +23,8 @@ import os, time
 def handle(event, ctx):
     if event["kind"] == "pid":
         return {"pid": os.getpid(), "ppid": os.getppid()}
+    if event["kind"] == "attempt":
+        return {"pid": os.getpid(), "attempt": ctx.attempt}
     if event["kind"] == "wait":
         with open(os.path.join(os.getcwd(), event["tag"] + ".pid"), "w") as f:
             f.write(str(os.getpid()))
@@ -388,6 +391,48 @@ async fn with_two_spares_two_instances_wait_and_the_oldest_serves_first() {
             "two new spares replace the used ones: {:?}",
             children(zygote)
         );
+    })
+    .await;
+    z.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_spare_killed_while_idle_runs_elsewhere_on_its_first_attempt() {
+    let app = app();
+    let z = start(app.spec.clone()).await;
+    let zygote = z.pid().expect("running");
+    // A large input (4 MiB): the worker takes a few milliseconds to frame it after taking the
+    // spare, so the spare's death is often reported in between; and no instance can take the
+    // whole frame while it dies, so no round can count as a call that started.
+    let input = format!(r#"{{"kind":"attempt","pad":"{}"}}"#, "x".repeat(4 << 20));
+    let mut used = Vec::new();
+    bounded(90, async {
+        for round in 0..5 {
+            assert!(
+                eventually(|| {
+                    let now = children(zygote);
+                    now.len() == 1 && !used.contains(&now[0])
+                })
+                .await,
+                "round {round}: a fresh spare: {:?}",
+                children(zygote)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let spare = children(zygote)[0];
+            used.push(spare);
+            kill(Pid::from_raw(spare as i32), Signal::SIGKILL).expect("kill the idle spare");
+            let r = z
+                .call(CallRequest {
+                    attempt: Attempt(1),
+                    input: Payload::from(input.as_str()),
+                    ..request("")
+                })
+                .await;
+            let v = value(&r);
+            assert_eq!(v["attempt"], 1, "round {round}: no retry was used");
+            assert_ne!(v["pid"], spare, "round {round}: another instance ran it");
+            used.push(v["pid"].as_u64().expect("a pid") as u32);
+        }
     })
     .await;
     z.stop().await;

@@ -33,6 +33,9 @@
 //! instance, sends its `SPARE` with the call's slot (before the call, so the worker has it
 //! before the `RESULT`), and writes the call to it.
 //!
+//! Only a `SPARE` carries an fd, exactly one; a message with any other number of fds breaks the
+//! wire (the worker closes every fd that came with it, and kills the zygote).
+//!
 //! **Results and ends.** The instance writes its `RESULT` to fd 3, then waits on its private
 //! socket: for the next call (`--reuse N`), or end-of-file, on which it exits. The worker closes
 //! the socket once it has read the result and wants no more calls there. The zygote watches
@@ -95,6 +98,12 @@ impl Kind {
             _ => return None,
         })
     }
+
+    /// How many file descriptors (`SCM_RIGHTS`) a message of this kind carries: a `SPARE` one,
+    /// the instance's private socket; every other kind none.
+    pub fn fds(self) -> usize {
+        usize::from(self == Kind::Spare)
+    }
 }
 
 /// A message the peer sent that breaks the wire.
@@ -126,6 +135,21 @@ pub enum WireError {
         kind: Kind,
         /// What is wrong.
         why: &'static str,
+    },
+    /// A message came with another number of file descriptors than its kind carries.
+    #[error("a {kind:?} message came with {count} fds; it carries {}", .kind.fds())]
+    Fds {
+        /// Its kind.
+        kind: Kind,
+        /// How many came.
+        count: usize,
+    },
+    /// A message came with more file descriptors than the receiver takes (the kernel closed
+    /// those beyond its buffer; the receiver closes the rest).
+    #[error("a {kind:?} message came with more fds than any message carries")]
+    FdsTruncated {
+        /// Its kind.
+        kind: Kind,
     },
 }
 
@@ -505,6 +529,23 @@ mod tests {
             done = r.push(h, b).expect("under the limit");
         }
         assert_eq!(done, Some(body));
+    }
+
+    #[test]
+    fn only_a_spare_carries_an_fd() {
+        for b in 0..=u8::MAX {
+            if let Some(kind) = Kind::from_u8(b) {
+                assert_eq!(kind.fds(), usize::from(b == 14), "{kind:?}");
+            }
+        }
+        let e = WireError::Fds {
+            kind: Kind::Spare,
+            count: 2,
+        };
+        assert_eq!(
+            e.to_string(),
+            "a Spare message came with 2 fds; it carries 1"
+        );
     }
 
     #[test]

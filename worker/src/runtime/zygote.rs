@@ -11,9 +11,15 @@
 //! zygote reports every instance's end (`DIED`); the worker knows which call each instance
 //! has. Calls run concurrently up to the grain's `concurrency`; more wait in line, in order.
 //!
+//! A call starts when its frame is written whole to an instance's socket. A spare found dead
+//! before that (its `DIED` came first, or the write failed) never had the call: the call goes to
+//! another spare or to the zygote, with no error and on the same attempt. An instance that dies
+//! after the write has crashed the call (its handler may have run).
+//!
 //! [`Zygote::call`] always returns a report: a dead zygote fails the calls in flight with
-//! `Crashed` and is started again on the next call; a zygote that breaks the wire is killed
-//! and its calls fail with `BadOutput`.
+//! `Crashed` and is started again on the next call; a zygote that breaks the wire (a message
+//! malformed, of a kind it must not send, or with fds its kind does not carry) is killed, its
+//! calls fail with `BadOutput`, and every fd it sent is closed.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -34,7 +40,7 @@ use tokio::net::{UnixDatagram, UnixStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::fd_passing;
+use super::fd_passing::{self, Received};
 use super::launch::{Exit, LaunchedProcess, Launcher, ProcessSpec};
 use super::{bounded_capture, output, CallReport, CallRequest};
 
@@ -298,6 +304,10 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// How many spares one call tries before it goes to the zygote: each one it tried was found
+/// dead before the call reached it. The bound is for a zygote that sends only dead spares.
+const SPARES_TRIED_MAX: u32 = 3;
+
 /// How long a call waits for the spare on its way before it asks the zygote to fork one for
 /// it. A working zygote forks the spare first in any case (it reads its channel in order), so
 /// waiting never delays a call; the bound is for a zygote that ignores `WANT`.
@@ -326,12 +336,25 @@ struct State {
     next_slot: u32,
     /// Instances waiting for a call, most recently used last.
     idle: Vec<Held>,
-    /// The instance serving each slot, once it is handed over.
+    /// The instance each slot is being handed to, until its frame is written whole.
+    handing: HashMap<u32, Handing>,
+    /// The instance serving each slot, once its frame is written (or the zygote wrote it).
     serving: HashMap<u32, Held>,
     /// How many `WANT`s are out whose `SPARE` is not yet here.
     spares_asked: u32,
     /// The call that takes the spare on its way, when it comes.
     claim: Option<(u32, oneshot::Sender<Held>)>,
+}
+
+/// A spare given a call whose frame is not yet written whole to it: the call has not started.
+struct Handing {
+    held: Held,
+    /// The write of the frame has begun. Before it, an end of the instance removes the entry
+    /// (the call goes elsewhere); during it, the end is kept here, and the write's outcome
+    /// decides.
+    writing: bool,
+    /// How the instance ended, when that was reported during the write.
+    ended: Option<Exit>,
 }
 
 /// How a call reaches an instance.
@@ -342,6 +365,8 @@ enum Route {
     Coming(oneshot::Receiver<Held>),
     /// Through the zygote, which forks an instance for it.
     Zygote,
+    /// Nowhere: the call no longer waits (this life ended, and failed it).
+    Settled,
 }
 
 /// An instance whose private socket the worker holds (the only copy: closing it ends the
@@ -359,6 +384,16 @@ enum Reply {
     Result(ResultMsg),
     Died(Exit),
     Failed(GrainError),
+}
+
+impl Handing {
+    fn new(held: Held) -> Self {
+        Self {
+            held,
+            writing: false,
+            ended: None,
+        }
+    }
 }
 
 impl Running {
@@ -444,7 +479,7 @@ impl Running {
 
     async fn call(&self, request: CallRequest, started: Instant) -> CallReport {
         let (tx, rx) = oneshot::channel();
-        let (slot, route) = {
+        let slot = {
             let mut state = lock(&self.state);
             if let Some(error) = &state.dead {
                 return CallReport::failed(error.clone(), started);
@@ -452,20 +487,7 @@ impl Running {
             state.next_slot = state.next_slot.wrapping_add(1).max(1);
             let slot = state.next_slot;
             state.waiting.insert(slot, tx);
-            let route = if let Some(mut held) = state.idle.pop() {
-                held.served += 1;
-                state.serving.insert(slot, held.clone());
-                Route::Held(held)
-            } else if state.spares_asked > 0 && state.claim.is_none() {
-                // A spare is on its way: it comes sooner than a fork the zygote would start
-                // only after forking it.
-                let (give, take) = oneshot::channel();
-                state.claim = Some((slot, give));
-                Route::Coming(take)
-            } else {
-                Route::Zygote
-            };
-            (slot, route)
+            slot
         };
         // From here on, a drop (the worker aborted the attempt) kills the call's instance.
         let mut pending = Pending {
@@ -481,28 +503,7 @@ impl Running {
         }
         .encode();
         let exchange = async {
-            let spare = match route {
-                Route::Held(held) => Some(held),
-                Route::Coming(mut take) => {
-                    match tokio::time::timeout(SPARE_WAIT_MAX, &mut take).await {
-                        // Dropped: this life ended.
-                        Ok(given) => given.ok(),
-                        Err(_) => self.unclaim(slot, take),
-                    }
-                }
-                Route::Zygote => None,
-            };
-            let handed = match spare {
-                Some(held) => {
-                    let written = write_frame(&held.sock, &private_frame(slot, &body)).await;
-                    // It died while idle (its DIED is on the way): ask the zygote instead.
-                    written.is_ok() || !self.unhand(slot, held.number)
-                }
-                None => false,
-            };
-            if !handed {
-                self.send(Kind::Call, slot, &body).await?;
-            }
+            self.hand_over(slot, &body).await?;
             Ok::<_, io::Error>(rx.await)
         };
         let exchanged = match request.timeout {
@@ -566,6 +567,104 @@ impl Running {
         }
     }
 
+    /// Hands the call in `slot` to an instance: a held spare, the spare on its way, or the
+    /// zygote, which forks one for it. A spare found dead before the call's frame is written
+    /// whole to it never had the call, which then tries the next way. An error: the zygote's
+    /// channel failed.
+    async fn hand_over(&self, slot: u32, body: &[u8]) -> io::Result<()> {
+        let mut frame = None;
+        for tried in 0.. {
+            let spare = match self.route(slot, tried < SPARES_TRIED_MAX) {
+                Route::Held(held) => held,
+                Route::Coming(mut take) => {
+                    let given = match tokio::time::timeout(SPARE_WAIT_MAX, &mut take).await {
+                        // Dropped: this life ended.
+                        Ok(given) => given.ok(),
+                        Err(_) => self.unclaim(slot, take),
+                    };
+                    match given {
+                        Some(held) => held,
+                        // The zygote is slow, or does not answer `WANT`.
+                        None => break,
+                    }
+                }
+                Route::Zygote => break,
+                Route::Settled => return Ok(()),
+            };
+            if self.begin_write(slot) {
+                let frame = frame.get_or_insert_with(|| private_frame(slot, body));
+                let written = write_frame(&spare.sock, frame).await;
+                if self.end_write(slot, written.is_ok()) {
+                    return Ok(());
+                }
+            }
+            tracing::debug!(
+                instance = spare.number,
+                "a spare was dead before a call reached it; the call goes on elsewhere"
+            );
+        }
+        self.send(Kind::Call, slot, body).await
+    }
+
+    /// The next way to an instance for the call in `slot`; with `spares` false, the zygote.
+    fn route(&self, slot: u32, spares: bool) -> Route {
+        let mut state = lock(&self.state);
+        if !state.waiting.contains_key(&slot) {
+            Route::Settled
+        } else if !spares {
+            Route::Zygote
+        } else if let Some(mut held) = state.idle.pop() {
+            held.served += 1;
+            state.handing.insert(slot, Handing::new(held.clone()));
+            Route::Held(held)
+        } else if state.spares_asked > 0 && state.claim.is_none() {
+            // A spare is on its way: it comes sooner than a fork the zygote would start only
+            // after forking it.
+            let (give, take) = oneshot::channel();
+            state.claim = Some((slot, give));
+            Route::Coming(take)
+        } else {
+            Route::Zygote
+        }
+    }
+
+    /// The write of the call's frame to its spare begins; false if the spare was reported
+    /// dead before (it never had the call).
+    fn begin_write(&self, slot: u32) -> bool {
+        match lock(&self.state).handing.get_mut(&slot) {
+            Some(handing) => {
+                handing.writing = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The write of the call's frame ended. Written whole, the call has started: its instance
+    /// serves it (and if its end was reported during the write, the call crashed). Returns
+    /// false when the write failed: the instance never had the call.
+    fn end_write(&self, slot: u32, written: bool) -> bool {
+        let ended = {
+            let mut state = lock(&self.state);
+            // Gone: the call's result came already, or this life ended; either settled it.
+            let Some(handing) = state.handing.remove(&slot) else {
+                return true;
+            };
+            if !written {
+                // Its socket closes with the last copy of `held`: a live instance exits.
+                return false;
+            }
+            if handing.ended.is_none() {
+                state.serving.insert(slot, handing.held);
+            }
+            handing.ended
+        };
+        if let Some(exit) = ended {
+            self.deliver(slot, Reply::Died(exit));
+        }
+        true
+    }
+
     /// Gives up waiting for the spare on its way (the zygote is slow, or does not answer
     /// `WANT`); returns it if it was given meanwhile.
     fn unclaim(&self, slot: u32, mut take: oneshot::Receiver<Held>) -> Option<Held> {
@@ -582,23 +681,15 @@ impl Running {
         take.try_recv().ok()
     }
 
-    /// Takes back a call from an instance that could not be written to. Returns whether the
-    /// call is still waiting (false: its instance's end was already delivered to it).
-    fn unhand(&self, slot: u32, number: u32) -> bool {
-        let mut state = lock(&self.state);
-        if state.serving.get(&slot).is_some_and(|h| h.number == number) {
-            state.serving.remove(&slot);
-        }
-        state.waiting.contains_key(&slot)
-    }
-
     /// Forgets a call nobody waits for any more; returns the number of the instance serving
     /// it, which the caller kills. Its socket is closed here (an instance that answered anyway
     /// then exits). A call not yet handed over has its instance killed when its `SPARE` comes.
     fn abandon(&self, slot: u32) -> Option<u32> {
         let mut state = lock(&self.state);
         state.waiting.remove(&slot);
-        state.serving.remove(&slot).map(|held| held.number)
+        let held = state.serving.remove(&slot);
+        held.or_else(|| state.handing.remove(&slot).map(|handing| handing.held))
+            .map(|held| held.number)
     }
 
     async fn send(&self, kind: Kind, slot: u32, body: &[u8]) -> io::Result<()> {
@@ -640,7 +731,7 @@ impl Running {
     /// Ends this life: fails every call in flight with `error`, closes the instances'
     /// sockets, kills the process group.
     fn shut_down(&self, error: GrainError) {
-        let (waiting, _idle, _serving, _claim) = {
+        let (waiting, _idle, _handing, _serving, _claim) = {
             let mut state = lock(&self.state);
             if state.dead.is_none() {
                 state.dead = Some(error.clone());
@@ -648,6 +739,7 @@ impl Running {
             (
                 std::mem::take(&mut state.waiting),
                 std::mem::take(&mut state.idle),
+                std::mem::take(&mut state.handing),
                 std::mem::take(&mut state.serving),
                 state.claim.take(),
             )
@@ -704,9 +796,9 @@ impl Running {
                             sock,
                             served: 1,
                         };
-                        state.serving.insert(claimed, held.clone());
+                        state.handing.insert(claimed, Handing::new(held.clone()));
                         // Refused only if the call is being dropped: its drop kills the
-                        // instance, now that it serves the slot.
+                        // instance, now that it is handed the slot.
                         let _ = give.send(held);
                     }
                     _ => {
@@ -722,6 +814,7 @@ impl Running {
                 }
                 false
             } else if state.waiting.contains_key(&slot) {
+                // The zygote forked it for the call and writes the call to it: it serves.
                 let held = Held {
                     number,
                     sock,
@@ -744,20 +837,42 @@ impl Running {
     /// is closed, and it exits.
     fn finish(&self, slot: u32) {
         let mut state = lock(&self.state);
-        if let Some(held) = state.serving.remove(&slot) {
+        // Still handing: the instance answered before the writer saw its write end.
+        let held = state.serving.remove(&slot);
+        if let Some(held) = held.or_else(|| state.handing.remove(&slot).map(|h| h.held)) {
             if self.prefork && held.served < self.reuse {
                 state.idle.push(held);
             }
         }
     }
 
-    /// An instance ended: forgets it, and says what it was.
-    fn instance_ended(&self, number: u32) -> Ended {
+    /// An instance ended (`exit`): forgets it, and says what it was.
+    fn instance_ended(&self, number: u32, exit: Exit) -> Ended {
         let mut state = lock(&self.state);
         let idle = state.idle.len();
         state.idle.retain(|held| held.number != number);
         if state.idle.len() < idle {
             return Ended::Idle;
+        }
+        let handing = state
+            .handing
+            .iter()
+            .find(|(_, handing)| handing.held.number == number)
+            .map(|(slot, handing)| (*slot, handing.writing));
+        match handing {
+            // Before the write: the call's writer finds the spare gone and goes elsewhere.
+            Some((slot, false)) => {
+                state.handing.remove(&slot);
+                return Ended::Idle;
+            }
+            // During the write: its outcome says whether the call started.
+            Some((slot, true)) => {
+                if let Some(handing) = state.handing.get_mut(&slot) {
+                    handing.ended = Some(exit);
+                }
+                return Ended::Idle;
+            }
+            None => {}
         }
         let slot = state
             .serving
@@ -803,7 +918,7 @@ async fn write_frame(sock: &UnixStream, mut frame: &[u8]) -> io::Result<()> {
 enum Ended {
     /// Not held: its socket was closed, or it was never handed over.
     Unheld,
-    /// A held spare, waiting for a call.
+    /// A held spare that had started no call (idle, or being handed one).
     Idle,
     /// Serving this slot's call, which it will never answer.
     Serving(u32),
@@ -819,14 +934,15 @@ async fn read_hello(chan: &UnixDatagram) -> Result<u32, Hello> {
     let mut buf = vec![0u8; HEADER_BYTES + PIECE_BODY_BYTES_MAX + 1];
     let mut parts = Reassembler::new(RECEIVE_BYTES_MAX);
     loop {
-        let (n, _fds) = receive(chan, &mut buf)
+        let got = receive(chan, &mut buf)
             .await
             .map_err(|e| Hello::Failed(ZygoteError::Channel(e)))?;
-        if n == 0 {
+        if got.len == 0 {
             return Err(Hello::Closed);
         }
         let wire = |e| Hello::Failed(ZygoteError::Wire(e));
-        let (header, body) = parse_piece(&buf[..n]).map_err(wire)?;
+        let (header, body) = parse_piece(&buf[..got.len]).map_err(wire)?;
+        fds_fit(header.kind, &got).map_err(wire)?;
         let Some(message) = parts.push(header, body).map_err(wire)? else {
             continue;
         };
@@ -846,11 +962,26 @@ async fn read_hello(chan: &UnixDatagram) -> Result<u32, Hello> {
 }
 
 /// One datagram from the channel, and the fds that came with it.
-async fn receive(chan: &UnixDatagram, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+async fn receive(chan: &UnixDatagram, buf: &mut [u8]) -> io::Result<Received> {
     chan.async_io(Interest::READABLE, || {
         fd_passing::receive(chan.as_fd(), &mut *buf)
     })
     .await
+}
+
+/// Whether a message came with exactly the fds its kind carries. Those that came are closed
+/// when `got` is dropped, whatever the answer.
+fn fds_fit(kind: Kind, got: &Received) -> Result<(), WireError> {
+    if got.fds_truncated {
+        Err(WireError::FdsTruncated { kind })
+    } else if got.fds.len() != kind.fds() {
+        Err(WireError::Fds {
+            kind,
+            count: got.fds.len(),
+        })
+    } else {
+        Ok(())
+    }
 }
 
 /// Reads results, deaths and spares off the channel for as long as the zygote lives.
@@ -864,8 +995,8 @@ async fn read_results(running: Arc<Running>) {
         )
     };
     loop {
-        let (n, mut fds) = match receive(&running.chan, &mut buf).await {
-            Ok((0, _)) => {
+        let mut got = match receive(&running.chan, &mut buf).await {
+            Ok(Received { len: 0, .. }) => {
                 let error = GrainError::new(ErrorKind::Crashed, "the zygote closed its channel");
                 return running.shut_down(error);
             }
@@ -878,29 +1009,30 @@ async fn read_results(running: Arc<Running>) {
                 return running.shut_down(error);
             }
         };
-        let (header, body) = match parse_piece(&buf[..n]) {
+        let (header, body) = match parse_piece(&buf[..got.len]) {
             Ok(piece) => piece,
             Err(e) => return running.shut_down(broken(e.to_string())),
         };
+        if let Err(e) = fds_fit(header.kind, &got) {
+            return running.shut_down(broken(e.to_string()));
+        }
         if header.kind == Kind::Spare {
-            let spare = SpareMsg::decode(body);
-            match (spare, fds.pop(), fds.is_empty() && !header.more) {
-                (Ok(spare), Some(sock), true) => {
+            match (SpareMsg::decode(body), got.fds.pop()) {
+                (Ok(spare), Some(sock)) if !header.more => {
                     running.on_spare(header.slot, spare.instance, sock).await;
                     continue;
                 }
-                (Err(e), _, _) => return running.shut_down(broken(e.to_string())),
+                (Err(e), _) => return running.shut_down(broken(e.to_string())),
                 _ => {
-                    let why = "a SPARE is one piece with exactly one fd";
+                    let why = "a SPARE is one piece";
                     return running.shut_down(broken(why.into()));
                 }
             }
         }
-        if !matches!(header.kind, Kind::Result | Kind::Died) || !fds.is_empty() {
+        if !matches!(header.kind, Kind::Result | Kind::Died) {
             return running.shut_down(broken(format!(
-                "a {:?} message from the zygote{}",
-                header.kind,
-                if fds.is_empty() { "" } else { " with fds" }
+                "a {:?} message from the zygote",
+                header.kind
             )));
         }
         let message = match parts.push(header, body) {
@@ -934,17 +1066,17 @@ async fn read_results(running: Arc<Running>) {
                 Ok(died) => died,
                 Err(e) => return running.shut_down(broken(e.to_string())),
             };
+            let exit = match died.end {
+                End::Exited(code) => Exit::Exited(code),
+                End::Signaled(sig) => Exit::Signaled(sig),
+            };
             // Most ends are of instances that owe nothing (their socket was closed): those
             // change nothing, and must not fork a spare while another call is handed over.
-            match running.instance_ended(died.instance) {
+            match running.instance_ended(died.instance, exit) {
                 Ended::Unheld => continue,
                 Ended::Idle => {}
                 Ended::Serving(slot) => {
                     parts.forget(slot);
-                    let exit = match died.end {
-                        End::Exited(code) => Exit::Exited(code),
-                        End::Signaled(sig) => Exit::Signaled(sig),
-                    };
                     running.deliver(slot, Reply::Died(exit));
                 }
             }
