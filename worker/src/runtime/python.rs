@@ -1,6 +1,8 @@
 //! The Python zygote runtime (`runtimes/python/sand_runtime.py`), built into the worker.
 
+use std::fs::Permissions;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// The runtime script's text.
@@ -10,15 +12,20 @@ pub const PYTHON_RUNTIME: &str = include_str!("../../../runtimes/python/sand_run
 pub const PYTHON_RUNTIME_FILE: &str = "sand_runtime.py";
 
 /// Writes the runtime script into `dir` (created if missing) and returns its path. Writes to a
-/// temporary name and renames, so a zygote starting meanwhile never reads half a file.
+/// temporary name and renames, so a zygote starting meanwhile never reads half a file. The
+/// directory is 0755 and the script 0644 whatever the umask: zygotes in a sandbox run as
+/// another user.
 pub fn install_python_runtime(dir: &Path) -> io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, Permissions::from_mode(0o755))?;
     let path = dir.join(PYTHON_RUNTIME_FILE);
     if std::fs::read(&path).is_ok_and(|text| text == PYTHON_RUNTIME.as_bytes()) {
+        std::fs::set_permissions(&path, Permissions::from_mode(0o644))?;
         return Ok(path);
     }
     let partial = dir.join(format!(".{PYTHON_RUNTIME_FILE}.{}", std::process::id()));
     std::fs::write(&partial, PYTHON_RUNTIME)?;
+    std::fs::set_permissions(&partial, Permissions::from_mode(0o644))?;
     std::fs::rename(&partial, &path)?;
     Ok(path)
 }
