@@ -253,8 +253,16 @@ enum Role {
     Client,
 }
 
-/// The auxiliary history: how many times each execution got its `Respond`.
-pub type History = BTreeMap<ExecId, u8>;
+/// The auxiliary history: what the properties need that no actor keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct History {
+    /// How many times each execution got its `Respond`.
+    pub responds: BTreeMap<ExecId, u8>,
+    /// Whether an answer nobody waited for left the gateway before it was durable (such an
+    /// answer is taken off the network at once, so the durability property cannot see it
+    /// there).
+    pub unread_answer_not_durable: bool,
+}
 
 const T0: Time = Time::ZERO;
 
@@ -373,7 +381,7 @@ impl ModelCfg {
             role,
             cfg: cfg.clone(),
         };
-        let actors = ActorModel::new(self.clone(), History::new())
+        let actors = ActorModel::new(self.clone(), History::default())
             .actor(node(Role::Gateway))
             .actors((0..self.workers).map(|w| node(Role::Worker(WorkerId(w as u32)))))
             .actor(node(Role::Client))
@@ -383,14 +391,14 @@ impl ModelCfg {
                     exec, first: true, ..
                 } => {
                     let mut h = history.clone();
-                    *h.entry(*exec).or_default() += 1;
+                    *h.responds.entry(*exec).or_default() += 1;
                     Some(h)
                 }
                 _ => None,
             });
         let mut properties = vec![
             Property::<SandModel>::always("each execution is answered at most once", |_, s| {
-                s.history.values().all(|n| *n <= 1)
+                s.history.responds.values().all(|n| *n <= 1)
             }),
             Property::<SandModel>::always("every answer is the correct one", |m, s| {
                 client(s).is_none_or(|c| {
@@ -539,10 +547,34 @@ impl Model for SandModel {
 /// earlier incarnation of a worker (a worker's incarnation only grows, by a restart or by being
 /// fenced). [`Node`] refuses these on delivery (see `is_stale`), so removing them changes no
 /// run; it only stops equal states from differing by dead letters.
+///
+/// Last, answers that nobody waits for (`request: None`: the request came to an earlier life
+/// of the gateway, and the client re-sent it under its idempotency key, or gets its answer
+/// from the look-up). The client ignores them, so their delivery is a no-op at any moment;
+/// the checker would otherwise explore every moment for it. The one thing a property reads in
+/// them is whether they are durable, and that cannot change while they wait (an ended
+/// execution's record on the disk stays ended), so it is checked here, once, into the history.
 fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
     let epoch = gateway(s).gq.state().epoch;
+    let unread_not_durable = s.network.iter_all().any(|env| match env.msg {
+        Msg::Answer {
+            request: None,
+            exec,
+            answer,
+            ..
+        } => gateway(s)
+            .durable
+            .execs
+            .get(exec)
+            .is_none_or(|e| e.status != ExecStatus::Done(answer.clone())),
+        _ => false,
+    });
+    if unread_not_durable {
+        s.history.unread_answer_not_durable = true;
+    }
     let dead = |env: &Envelope<&Msg>| match (env.msg, &*s.actor_states[usize::from(env.dst)]) {
         _ if gateway_restarted && env.dst == gateway_id() => true,
+        (Msg::Answer { request: None, .. }, _) => true,
         (Msg::ToWorker { epoch: e, .. }, _) if gateway_restarted => *e < epoch,
         (Msg::ToGateway { epoch: e, .. }, _) => *e < epoch,
         (Msg::Open { epoch: Some(e), .. }, _) => *e < epoch,
@@ -620,8 +652,8 @@ fn owners_are_live(g: &GatewayState) -> bool {
     })
 }
 
-/// A worker never holds an ack for progress the gateway's disk lacks, and the client never
-/// holds an answer the disk lacks.
+/// A worker never holds an ack for progress the gateway's disk lacks, and no answer leaves the
+/// gateway before the disk has it.
 fn acked_is_durable(_: &SandModel, s: &SandState) -> bool {
     let d = &gateway(s).durable;
     let workers_ok = workers(s).all(|w| {
@@ -640,7 +672,7 @@ fn acked_is_durable(_: &SandModel, s: &SandState) -> bool {
             .is_some_and(|e| e.status == ExecStatus::Done(answer.clone())),
         _ => true,
     });
-    workers_ok && answers_ok
+    workers_ok && answers_ok && !s.history.unread_answer_not_durable
 }
 
 /// A progress report that carries more than its root's own hop: a spawned call more than one

@@ -101,7 +101,7 @@ fn a_gateway_crash_and_a_false_suspicion_hold_every_property() {
         report.depth_max,
         report.elapsed.as_secs_f64()
     );
-    assert!(report.unique_states > 5_000_000, "{}", report.unique_states);
+    assert!(report.unique_states > 4_000_000, "{}", report.unique_states);
 }
 
 /// All three faults of the model together, bounded to 14 steps: not the exhaustive
@@ -230,7 +230,8 @@ fn early_join_is_caught() {
 
 /// The model drops messages on connections that are gone: after any step of the gateway-crash
 /// model (explored breadth-first for 20,000 states, so well past the crash), no message in the
-/// network is addressed to an earlier gateway epoch or to an earlier incarnation of a worker.
+/// network is addressed to an earlier gateway epoch or to an earlier incarnation of a worker,
+/// and no answer that nobody waits for is left in it.
 #[test]
 fn dead_letters_are_dropped() {
     use std::collections::{HashSet, VecDeque};
@@ -280,6 +281,9 @@ fn dead_letters_are_dropped() {
                         to >= w.lb.incarnation(),
                         "a message to a dead life: {env:?}"
                     );
+                }
+                (Msg::Answer { request: None, .. }, _) => {
+                    panic!("an answer nobody waits for was left in the network: {env:?}")
                 }
                 _ => {}
             }
