@@ -18,6 +18,7 @@ use sand_protocol::wire::Payload;
 
 pub mod exec;
 mod fd_passing;
+pub mod handoff;
 pub mod launch;
 mod output;
 pub mod python;

@@ -21,7 +21,6 @@
 //! malformed, of a kind it must not send, or with fds its kind does not carry) is killed, its
 //! calls fail with `BadOutput`, and every fd it sent is closed.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -41,6 +40,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::fd_passing::{self, Received};
+use super::handoff::{Ended, HandOff, Policy, Route, Spare, Written};
 use super::launch::{Exit, LaunchedProcess, Launcher, ProcessSpec};
 use super::{bounded_capture, output, CallReport, CallRequest};
 
@@ -318,82 +318,22 @@ struct Running {
     pid: u32,
     chan: UnixDatagram,
     process: Arc<dyn LaunchedProcess>,
-    /// Calls one instance serves before the worker closes its socket.
-    reuse: u32,
-    /// Whether the worker keeps spare instances (off: fork on demand).
-    prefork: bool,
-    /// How many spares it keeps, held or on their way.
-    spares: u32,
     state: Mutex<State>,
     reader: Mutex<Option<JoinHandle<()>>>,
 }
 
-#[derive(Default)]
-struct State {
-    /// Why this life ended, once it has.
-    dead: Option<GrainError>,
-    waiting: HashMap<u32, oneshot::Sender<Reply>>,
-    next_slot: u32,
-    /// Instances waiting for a call, most recently used last.
-    idle: Vec<Held>,
-    /// The instance each slot is being handed to, until its frame is written whole.
-    handing: HashMap<u32, Handing>,
-    /// The instance serving each slot, once its frame is written (or the zygote wrote it).
-    serving: HashMap<u32, Held>,
-    /// How many `WANT`s are out whose `SPARE` is not yet here.
-    spares_asked: u32,
-    /// The call that takes the spare on its way, when it comes.
-    claim: Option<(u32, oneshot::Sender<Held>)>,
-}
-
-/// A spare given a call whose frame is not yet written whole to it: the call has not started.
-struct Handing {
-    held: Held,
-    /// The write of the frame has begun. Before it, an end of the instance removes the entry
-    /// (the call goes elsewhere); during it, the end is kept here, and the write's outcome
-    /// decides.
-    writing: bool,
-    /// How the instance ended, when that was reported during the write.
-    ended: Option<Exit>,
-}
-
-/// How a call reaches an instance.
-enum Route {
-    /// Through a held spare.
-    Held(Held),
-    /// Through the spare on its way.
-    Coming(oneshot::Receiver<Held>),
-    /// Through the zygote, which forks an instance for it.
-    Zygote,
-    /// Nowhere: the call no longer waits (this life ended, and failed it).
-    Settled,
-}
+/// The hand-off bookkeeping, shared by the call futures and the reader and exit-watcher tasks
+/// (each of its methods is one critical section).
+type State = HandOff<Arc<UnixStream>, oneshot::Sender<Reply>, oneshot::Sender<Held>, GrainError>;
 
 /// An instance whose private socket the worker holds (the only copy: closing it ends the
 /// instance).
-#[derive(Clone)]
-struct Held {
-    /// The zygote's number for it.
-    number: u32,
-    sock: Arc<UnixStream>,
-    /// Calls given to it so far.
-    served: u32,
-}
+type Held = super::handoff::Held<Arc<UnixStream>>;
 
 enum Reply {
     Result(ResultMsg),
     Died(Exit),
     Failed(GrainError),
-}
-
-impl Handing {
-    fn new(held: Held) -> Self {
-        Self {
-            held,
-            writing: false,
-            ended: None,
-        }
-    }
 }
 
 impl Running {
@@ -461,10 +401,11 @@ impl Running {
             pid,
             chan,
             process,
-            reuse: if spec.prefork { spec.reuse.max(1) } else { 1 },
-            prefork: spec.prefork,
-            spares: if spec.prefork { spec.spares.max(1) } else { 0 },
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(Policy {
+                reuse: if spec.prefork { spec.reuse.max(1) } else { 1 },
+                prefork: spec.prefork,
+                spares: if spec.prefork { spec.spares.max(1) } else { 0 },
+            })),
             reader: Mutex::new(None),
         });
         *lock(&running.reader) = Some(tokio::spawn(read_results(running.clone())));
@@ -474,20 +415,15 @@ impl Running {
     }
 
     fn is_alive(&self) -> bool {
-        lock(&self.state).dead.is_none()
+        lock(&self.state).dead().is_none()
     }
 
     async fn call(&self, request: CallRequest, started: Instant) -> CallReport {
         let (tx, rx) = oneshot::channel();
-        let slot = {
-            let mut state = lock(&self.state);
-            if let Some(error) = &state.dead {
-                return CallReport::failed(error.clone(), started);
-            }
-            state.next_slot = state.next_slot.wrapping_add(1).max(1);
-            let slot = state.next_slot;
-            state.waiting.insert(slot, tx);
-            slot
+        let opened = lock(&self.state).open(tx);
+        let slot = match opened {
+            Ok(slot) => slot,
+            Err(error) => return CallReport::failed(error, started),
         };
         // From here on, a drop (the worker aborted the attempt) kills the call's instance.
         let mut pending = Pending {
@@ -529,7 +465,7 @@ impl Running {
             Ok(reply) => reply,
             Err(e) => {
                 pending.settled = true;
-                lock(&self.state).waiting.remove(&slot);
+                let _ = lock(&self.state).settle(slot);
                 let error = GrainError::new(
                     ErrorKind::Crashed,
                     format!("the zygote is unreachable: {e}"),
@@ -559,7 +495,7 @@ impl Running {
             },
             Ok(Reply::Failed(error)) => CallReport::failed(error, started),
             Err(_) => {
-                let error = lock(&self.state).dead.clone().unwrap_or_else(|| {
+                let error = lock(&self.state).dead().cloned().unwrap_or_else(|| {
                     GrainError::new(ErrorKind::Crashed, "the zygote dropped the call")
                 });
                 CallReport::failed(error, started)
@@ -580,7 +516,7 @@ impl Running {
                     let given = match tokio::time::timeout(SPARE_WAIT_MAX, &mut take).await {
                         // Dropped: this life ended.
                         Ok(given) => given.ok(),
-                        Err(_) => self.unclaim(slot, take),
+                        Err(_) => self.unclaim(slot, &mut take),
                     };
                     match given {
                         Some(held) => held,
@@ -607,77 +543,41 @@ impl Running {
     }
 
     /// The next way to an instance for the call in `slot`; with `spares` false, the zygote.
-    fn route(&self, slot: u32, spares: bool) -> Route {
-        let mut state = lock(&self.state);
-        if !state.waiting.contains_key(&slot) {
-            Route::Settled
-        } else if !spares {
-            Route::Zygote
-        } else if let Some(mut held) = state.idle.pop() {
-            held.served += 1;
-            state.handing.insert(slot, Handing::new(held.clone()));
-            Route::Held(held)
-        } else if state.spares_asked > 0 && state.claim.is_none() {
-            // A spare is on its way: it comes sooner than a fork the zygote would start only
-            // after forking it.
-            let (give, take) = oneshot::channel();
-            state.claim = Some((slot, give));
-            Route::Coming(take)
-        } else {
-            Route::Zygote
-        }
+    fn route(&self, slot: u32, spares: bool) -> Route<Arc<UnixStream>, oneshot::Receiver<Held>> {
+        lock(&self.state).route(slot, spares, oneshot::channel)
     }
 
     /// The write of the call's frame to its spare begins; false if the spare was reported
     /// dead before (it never had the call).
     fn begin_write(&self, slot: u32) -> bool {
-        match lock(&self.state).handing.get_mut(&slot) {
-            Some(handing) => {
-                handing.writing = true;
-                true
-            }
-            None => false,
-        }
+        lock(&self.state).begin_write(slot)
     }
 
     /// The write of the call's frame ended. Written whole, the call has started: its instance
     /// serves it (and if its end was reported during the write, the call crashed). Returns
     /// false when the write failed: the instance never had the call.
     fn end_write(&self, slot: u32, written: bool) -> bool {
-        let ended = {
-            let mut state = lock(&self.state);
-            // Gone: the call's result came already, or this life ended; either settled it.
-            let Some(handing) = state.handing.remove(&slot) else {
-                return true;
-            };
-            if !written {
-                // Its socket closes with the last copy of `held`: a live instance exits.
-                return false;
+        let written = lock(&self.state).end_write(slot, written);
+        match written {
+            Written::Settled | Written::Started => true,
+            // The instance's socket closes with its last copy, after the lock.
+            Written::Crashed(exit, _held) => {
+                self.deliver(slot, Reply::Died(exit));
+                true
             }
-            if handing.ended.is_none() {
-                state.serving.insert(slot, handing.held);
-            }
-            handing.ended
-        };
-        if let Some(exit) = ended {
-            self.deliver(slot, Reply::Died(exit));
+            // Its socket closes with the last copy of `held`: a live instance exits.
+            Written::Failed(_held) => false,
         }
-        true
     }
 
     /// Gives up waiting for the spare on its way (the zygote is slow, or does not answer
     /// `WANT`); returns it if it was given meanwhile.
-    fn unclaim(&self, slot: u32, mut take: oneshot::Receiver<Held>) -> Option<Held> {
-        let mut state = lock(&self.state);
-        if state
-            .claim
-            .as_ref()
-            .is_some_and(|(claimed, _)| *claimed == slot)
-        {
-            state.claim = None;
+    fn unclaim(&self, slot: u32, take: &mut oneshot::Receiver<Held>) -> Option<Held> {
+        if lock(&self.state).unclaim(slot) {
             return None;
         }
-        // The spare is given under this lock: if the claim is gone, it is in the channel.
+        // The spare is given under the lock (`Spare::Give`): if the claim is gone, it is in
+        // the channel.
         take.try_recv().ok()
     }
 
@@ -685,11 +585,8 @@ impl Running {
     /// it, which the caller kills. Its socket is closed here (an instance that answered anyway
     /// then exits). A call not yet handed over has its instance killed when its `SPARE` comes.
     fn abandon(&self, slot: u32) -> Option<u32> {
-        let mut state = lock(&self.state);
-        state.waiting.remove(&slot);
-        let held = state.serving.remove(&slot);
-        held.or_else(|| state.handing.remove(&slot).map(|handing| handing.held))
-            .map(|held| held.number)
+        let abandoned = lock(&self.state).abandon(slot);
+        abandoned.held.map(|held| held.number)
     }
 
     async fn send(&self, kind: Kind, slot: u32, body: &[u8]) -> io::Result<()> {
@@ -703,27 +600,16 @@ impl Running {
     /// call's result is out, or an instance is gone, never while a call is handed over: the
     /// zygote's fork takes a core for a millisecond and would compete with the call.
     async fn keep_spare(&self) {
-        let ask = {
-            let mut state = lock(&self.state);
-            let have = state.idle.len() as u32 + state.spares_asked;
-            let ask = if state.dead.is_none() {
-                self.spares.saturating_sub(have)
-            } else {
-                0
-            };
-            state.spares_asked += ask;
-            ask
-        };
+        let ask = lock(&self.state).ask_spares();
         for _ in 0..ask {
             if self.send(Kind::Want, 0, &[]).await.is_err() {
-                let mut state = lock(&self.state);
-                state.spares_asked = state.spares_asked.saturating_sub(1);
+                lock(&self.state).spare_not_asked();
             }
         }
     }
 
     fn deliver(&self, slot: u32, reply: Reply) {
-        if let Some(tx) = lock(&self.state).waiting.remove(&slot) {
+        if let Some(tx) = lock(&self.state).settle(slot) {
             let _ = tx.send(reply);
         }
     }
@@ -731,20 +617,9 @@ impl Running {
     /// Ends this life: fails every call in flight with `error`, closes the instances'
     /// sockets, kills the process group.
     fn shut_down(&self, error: GrainError) {
-        let (waiting, _idle, _handing, _serving, _claim) = {
-            let mut state = lock(&self.state);
-            if state.dead.is_none() {
-                state.dead = Some(error.clone());
-            }
-            (
-                std::mem::take(&mut state.waiting),
-                std::mem::take(&mut state.idle),
-                std::mem::take(&mut state.handing),
-                std::mem::take(&mut state.serving),
-                state.claim.take(),
-            )
-        };
-        for (_, tx) in waiting {
+        // The instances' sockets close when `remains` is dropped, at the end.
+        let remains = lock(&self.state).shut_down(error.clone());
+        for tx in remains.waiters {
             let _ = tx.send(Reply::Failed(error.clone()));
         }
         if let Some(reader) = lock(&self.reader).take() {
@@ -787,46 +662,20 @@ impl Running {
         };
         let unwanted = {
             let mut state = lock(&self.state);
-            if slot == 0 {
-                state.spares_asked = state.spares_asked.saturating_sub(1);
-                match state.claim.take() {
-                    Some((claimed, give)) if state.waiting.contains_key(&claimed) => {
-                        let held = Held {
-                            number,
-                            sock,
-                            served: 1,
-                        };
-                        state.handing.insert(claimed, Handing::new(held.clone()));
-                        // Refused only if the call is being dropped: its drop kills the
-                        // instance, now that it is handed the slot.
-                        let _ = give.send(held);
-                    }
-                    _ => {
-                        // A warm instance (reuse) is taken before a fresh one: most recently
-                        // used last.
-                        let held = Held {
-                            number,
-                            sock,
-                            served: 0,
-                        };
-                        state.idle.insert(0, held);
-                    }
+            match state.on_spare(slot, number, sock) {
+                Spare::Kept => None,
+                // Given under the lock: `unclaim` counts on a spare whose claim is gone being
+                // in the channel already. Refused only if the call is being dropped: its drop
+                // kills the instance, now that it is handed the slot.
+                Spare::Give(give, held) => {
+                    let _ = give.send(held);
+                    None
                 }
-                false
-            } else if state.waiting.contains_key(&slot) {
-                // The zygote forked it for the call and writes the call to it: it serves.
-                let held = Held {
-                    number,
-                    sock,
-                    served: 1,
-                };
-                state.serving.insert(slot, held);
-                false
-            } else {
-                true
+                Spare::Unwanted(sock) => Some(sock),
             }
         };
-        if unwanted {
+        // Its socket closes once the kill is sent.
+        if let Some(_sock) = unwanted {
             let _ = self
                 .send(Kind::Kill, slot, &KillMsg { instance: number }.encode())
                 .await;
@@ -836,56 +685,13 @@ impl Running {
     /// A slot's result is out: its instance waits for the next call (`reuse`), or its socket
     /// is closed, and it exits.
     fn finish(&self, slot: u32) {
-        let mut state = lock(&self.state);
-        // Still handing: the instance answered before the writer saw its write end.
-        let held = state.serving.remove(&slot);
-        if let Some(held) = held.or_else(|| state.handing.remove(&slot).map(|h| h.held)) {
-            if self.prefork && held.served < self.reuse {
-                state.idle.push(held);
-            }
-        }
+        let _let_go = lock(&self.state).finish(slot);
     }
 
-    /// An instance ended (`exit`): forgets it, and says what it was.
-    fn instance_ended(&self, number: u32, exit: Exit) -> Ended {
-        let mut state = lock(&self.state);
-        let idle = state.idle.len();
-        state.idle.retain(|held| held.number != number);
-        if state.idle.len() < idle {
-            return Ended::Idle;
-        }
-        let handing = state
-            .handing
-            .iter()
-            .find(|(_, handing)| handing.held.number == number)
-            .map(|(slot, handing)| (*slot, handing.writing));
-        match handing {
-            // Before the write: the call's writer finds the spare gone and goes elsewhere.
-            Some((slot, false)) => {
-                state.handing.remove(&slot);
-                return Ended::Idle;
-            }
-            // During the write: its outcome says whether the call started.
-            Some((slot, true)) => {
-                if let Some(handing) = state.handing.get_mut(&slot) {
-                    handing.ended = Some(exit);
-                }
-                return Ended::Idle;
-            }
-            None => {}
-        }
-        let slot = state
-            .serving
-            .iter()
-            .find(|(_, held)| held.number == number)
-            .map(|(slot, _)| *slot);
-        match slot {
-            Some(slot) => {
-                state.serving.remove(&slot);
-                Ended::Serving(slot)
-            }
-            None => Ended::Unheld,
-        }
+    /// An instance ended (`exit`): forgets it, and says what it was (the instances let go
+    /// are closed when the answer is dropped).
+    fn instance_ended(&self, number: u32, exit: Exit) -> Ended<Arc<UnixStream>> {
+        lock(&self.state).instance_ended(number, exit)
     }
 }
 
@@ -912,16 +718,6 @@ async fn write_frame(sock: &UnixStream, mut frame: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// What an instance that ended was to the worker.
-enum Ended {
-    /// Not held: its socket was closed, or it was never handed over.
-    Unheld,
-    /// A held spare that had started no call (idle, or being handed one).
-    Idle,
-    /// Serving this slot's call, which it will never answer.
-    Serving(u32),
 }
 
 enum Hello {
@@ -1074,8 +870,8 @@ async fn read_results(running: Arc<Running>) {
             // change nothing, and must not fork a spare while another call is handed over.
             match running.instance_ended(died.instance, exit) {
                 Ended::Unheld => continue,
-                Ended::Idle => {}
-                Ended::Serving(slot) => {
+                Ended::Idle(_let_go) => {}
+                Ended::Serving(slot, _let_go) => {
                     parts.forget(slot);
                     running.deliver(slot, Reply::Died(exit));
                 }
