@@ -145,9 +145,35 @@ pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
             "sand gateway: HTTP on http://{}, workers dial {}",
             gateway.http_addr, gateway.quic_addr
         );
-        let err = gateway.wait().await;
-        Err(err.into())
+        tokio::select! {
+            err = gateway.wait() => Err(err.into()),
+            signal = stop_signal() => {
+                // Every change the gateway acknowledged is already durable: stopping here is
+                // a crash it recovers from, without the wait.
+                say(&format!("sand gateway: {}, stopping", signal?));
+                Ok(ExitCode::SUCCESS)
+            }
+        }
     })
+}
+
+/// Prints a line on stdout, if stdout is still there: a process asked to stop must stop
+/// cleanly even when whoever read its output is gone (`println!` would panic).
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM (how `kill` and service managers ask a process to
+/// stop); returns the signal's name.
+async fn stop_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        _ = interrupt.recv() => Ok("SIGINT"),
+        _ = terminate.recv() => Ok("SIGTERM"),
+    }
 }
 
 fn worker_config(
@@ -196,13 +222,30 @@ async fn run_worker(
     config: WorkerConfig,
 ) -> Result<()> {
     let identity = certs::load_worker(cert_dir, config.lb.worker)?;
+    let worker = config.lb.worker;
     let (quic, link) = QuicWorker::start(gateway, server_name, &identity, QuicConfig::default())?;
-    let result = sand_worker::driver::run(config, link).await;
+    let driver = sand_worker::driver::run(config, link);
+    tokio::pin!(driver);
+    let ended = tokio::select! {
+        result = &mut driver => Some(result),
+        signal = stop_signal() => {
+            say(&format!("sand worker {worker}: {}, stopping", signal?));
+            None
+        }
+    };
+    // Closing the connection ends the driver's events: it then stops its zygotes and removes
+    // its sandboxes and their cgroups before it returns.
     quic.shutdown().await;
-    Ok(result?)
+    match ended {
+        Some(result) => {
+            result?;
+            bail!("the worker stopped: its link to the gateway closed")
+        }
+        None => Ok(driver.await?),
+    }
 }
 
-/// `sand worker`: serves until killed.
+/// `sand worker`: serves until SIGINT or SIGTERM, then removes its sandboxes.
 pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
     logging();
     let id = WorkerId(args.id);
@@ -291,17 +334,15 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
             Some(app) => println!("try: curl -s -X POST {url}/v1/apps/{app}/invoke -d '1'"),
             None => println!("deploy an app: sand deploy APP_DIR --gateway {url}"),
         }
+        // The worker watches for SIGINT and SIGTERM itself, and ends once its sandboxes are
+        // gone; the gateway stops with the process.
         tokio::select! {
             err = gateway.wait() => Err(err.into()),
             r = worker => match r {
-                Ok(Ok(())) => bail!("the worker stopped"),
+                Ok(Ok(())) => Ok(ExitCode::SUCCESS),
                 Ok(Err(e)) => Err(e),
                 Err(e) => Err(e.into()),
             },
-            _ = tokio::signal::ctrl_c() => {
-                println!("stopping");
-                Ok(ExitCode::SUCCESS)
-            }
         }
     })
 }

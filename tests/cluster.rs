@@ -547,3 +547,119 @@ fn an_idle_app_sandbox_is_torn_down_and_made_again_on_demand() {
     assert_eq!(cluster.invoke("pipeline", "2", "").1["output"], 25);
     assert_eq!(sandboxes_of(worker), 1);
 }
+
+/// The cgroups of the sandboxes process `pid` made (`<app>-<pid>-<n>` under its own cgroup's
+/// `sand/`), in the memory hierarchy (cgroup v1) or the unified one (v2).
+fn sandbox_cgroups(pid: u32) -> Vec<PathBuf> {
+    let table = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut found = Vec::new();
+    for line in table.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let root = match (id, controllers) {
+            ("0", "") => PathBuf::from("/sys/fs/cgroup"),
+            (_, c) if c.split(',').any(|c| c == "memory") => PathBuf::from("/sys/fs/cgroup/memory"),
+            _ => continue,
+        };
+        let parent = root.join(path.trim_start_matches('/')).join("sand");
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        let mark = format!("-{pid}-");
+        found.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().contains(&mark))
+                .map(|e| e.path()),
+        );
+    }
+    found
+}
+
+/// Sends `signal` (`TERM`, `INT`) to `child` and waits, bounded, for it to end.
+fn stop(child: &mut Child, signal: &str) -> std::process::ExitStatus {
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{signal} failed");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIG{signal} did not stop the process within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `sand dev`, the README's first command, stops on Ctrl-C and on SIGTERM alike, and leaves no
+/// sandbox behind.
+#[test]
+fn sand_dev_stops_on_sigint_and_sigterm_and_removes_its_sandboxes() {
+    for signal in ["INT", "TERM"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut dev = Command::new(SAND)
+            .args(["dev", repo("examples/pipeline").to_str().unwrap()])
+            .args(["--http", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start sand dev");
+        let mut out = BufReader::new(dev.stdout.take().expect("stdout"));
+        let mut url = None;
+        let mut line = String::new();
+        while url.is_none() {
+            line.clear();
+            if out.read_line(&mut line).expect("sand dev's output") == 0 {
+                let _ = dev.kill();
+                panic!("sand dev ended before it served");
+            }
+            // "sand dev: gateway at http://ADDR, one worker; Ctrl-C stops"
+            url = line
+                .split("gateway at ")
+                .nth(1)
+                .and_then(|s| s.split(',').next())
+                .map(str::to_owned);
+        }
+        let url = url.unwrap();
+        let (code, body) = post(&format!("{url}/v1/apps/pipeline/invoke"), "1", None);
+        assert_eq!((code, &body["output"]), (200, &Value::from(9)), "{body}");
+        let cgroups = sandbox_cgroups(dev.id());
+        assert_eq!(cgroups.len(), 1, "one sandbox for the app: {cgroups:?}");
+        let status = stop(&mut dev, signal);
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+        assert!(status.success(), "SIG{signal}: {status}, output {rest}");
+        assert!(rest.contains(&format!("SIG{signal}, stopping")), "{rest}");
+        for cgroup in cgroups {
+            assert!(!cgroup.exists(), "SIG{signal} left {}", cgroup.display());
+        }
+    }
+}
+
+/// A worker asked to stop removes its sandboxes before it exits; the gateway exits cleanly.
+#[test]
+fn a_worker_and_a_gateway_stop_cleanly_on_sigterm() {
+    let mut cluster = Cluster::start(1, &["examples/pipeline"]);
+    assert_eq!(cluster.invoke("pipeline", "1", "").1["output"], 9);
+    let (_, mut worker) = cluster.workers.remove(0);
+    let cgroups = sandbox_cgroups(worker.id());
+    assert_eq!(cgroups.len(), 1, "one sandbox for the app: {cgroups:?}");
+    let status = stop(&mut worker, "TERM");
+    assert!(status.success(), "the worker: {status}");
+    for cgroup in cgroups {
+        assert!(!cgroup.exists(), "the worker left {}", cgroup.display());
+    }
+    let mut gateway = cluster.gateway.take().expect("a gateway");
+    let status = stop(&mut gateway, "TERM");
+    assert!(status.success(), "the gateway: {status}");
+}

@@ -123,7 +123,11 @@ fn a_gateway_crash_and_a_worker_crash_hold_every_property() {
         report.depth_max,
         report.elapsed.as_secs_f64()
     );
-    assert!(report.unique_states > 10_000_000, "{}", report.unique_states);
+    assert!(
+        report.unique_states > 10_000_000,
+        "{}",
+        report.unique_states
+    );
 }
 
 /// Two executions at once, and a worker crash at every moment: the calls of both compete for

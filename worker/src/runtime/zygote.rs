@@ -25,6 +25,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -320,6 +321,8 @@ struct Running {
     process: Arc<dyn LaunchedProcess>,
     state: Mutex<State>,
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// Set when the worker stops the zygote itself: its end is then expected, not news.
+    stopping: AtomicBool,
 }
 
 /// The hand-off bookkeeping, shared by the call futures and the reader and exit-watcher tasks
@@ -407,6 +410,7 @@ impl Running {
                 spares: if spec.prefork { spec.spares.max(1) } else { 0 },
             })),
             reader: Mutex::new(None),
+            stopping: AtomicBool::new(false),
         });
         *lock(&running.reader) = Some(tokio::spawn(read_results(running.clone())));
         tokio::spawn(watch_exit(running.clone()));
@@ -631,6 +635,7 @@ impl Running {
     }
 
     async fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         self.shut_down(GrainError::new(
             ErrorKind::Unavailable,
             "the zygote was stopped",
@@ -884,7 +889,11 @@ async fn read_results(running: Arc<Running>) {
 /// Notices the zygote's death, fails its calls in flight, and kills what it left behind.
 async fn watch_exit(running: Arc<Running>) {
     let exit = running.process.wait().await;
-    tracing::warn!(pid = running.pid, %exit, "a grain's zygote ended");
+    if running.stopping.load(Ordering::Relaxed) {
+        tracing::debug!(pid = running.pid, %exit, "a stopped zygote ended");
+    } else {
+        tracing::warn!(pid = running.pid, %exit, "a grain's zygote ended");
+    }
     running.shut_down(GrainError::new(
         ErrorKind::Crashed,
         format!("the grain's zygote {exit}"),
