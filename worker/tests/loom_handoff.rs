@@ -407,6 +407,42 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
     );
 }
 
+/// Runs the call's side and the reader's side on two loom threads over `world`, and `main` on
+/// the model's own thread meanwhile; returns the call's outcome once both sides are done.
+fn race<T: Send + 'static>(
+    world: &Shared,
+    caller: impl FnOnce(&Shared) -> T + Send + 'static,
+    reader: impl FnOnce(&Shared) + Send + 'static,
+    main: impl FnOnce(&Shared),
+) -> T {
+    let caller = thread::spawn({
+        let world = world.clone();
+        move || caller(&world)
+    });
+    let reader = thread::spawn({
+        let world = world.clone();
+        move || reader(&world)
+    });
+    main(world);
+    let outcome = caller.join().expect("caller");
+    reader.join().expect("reader");
+    outcome
+}
+
+/// The reader's side after a written frame: once the write is done, the result, then (the
+/// socket closed after it) the instance's end with `exit`.
+fn result_then_end(wrote: Arc<AtomicU8>, exit: Exit) -> impl FnOnce(&Shared) + Send + 'static {
+    move |world| {
+        while wrote.load(Ordering::SeqCst) == 0 {
+            thread::yield_now();
+        }
+        result(world, 1);
+        if lock(world).let_go_of(1) {
+            instance_ended(world, 1, exit);
+        }
+    }
+}
+
 /// A call takes a held spare (route, begin_write, write, end_write) while the reader reports
 /// that spare's end. Written whole, the call crashed; the spare dead before the write (or the
 /// write failed), the call goes on to the zygote with no error, and the spare is let go once.
@@ -416,19 +452,15 @@ fn loom_a_held_spare_races_its_end() {
         model(move || {
             let world = world(ONE_SPARE);
             seed_spare(&world, 1);
-            let caller = thread::spawn({
-                let world = world.clone();
-                move || {
-                    let slot = open(&world, 10).expect("alive");
-                    (slot, hand_over(&world, slot, &[whole], None))
-                }
-            });
-            let reader = thread::spawn({
-                let world = world.clone();
-                move || instance_ended(&world, 1, KILLED)
-            });
-            let (slot, handed) = caller.join().expect("caller");
-            reader.join().expect("reader");
+            let (slot, handed) = race(
+                &world,
+                move |world| {
+                    let slot = open(world, 10).expect("alive");
+                    (slot, hand_over(world, slot, &[whole], None))
+                },
+                |world| instance_ended(world, 1, KILLED),
+                |_| {},
+            );
             let w = lock(&world);
             match handed {
                 HandedOver::Written(1) => {
@@ -467,27 +499,19 @@ fn loom_a_held_spare_races_its_result() {
         let world = world(ONE_SPARE);
         seed_spare(&world, 1);
         let wrote = Arc::new(AtomicU8::new(0));
-        let caller = thread::spawn({
-            let (world, wrote) = (world.clone(), wrote.clone());
-            move || {
-                let slot = open(&world, 10).expect("alive");
-                hand_over(&world, slot, &[true], Some(&wrote))
-            }
-        });
-        let reader = thread::spawn({
-            let (world, wrote) = (world.clone(), wrote.clone());
-            move || {
-                while wrote.load(Ordering::SeqCst) == 0 {
-                    thread::yield_now();
+        let handed = race(
+            &world,
+            {
+                let wrote = wrote.clone();
+                move |world| {
+                    let slot = open(world, 10).expect("alive");
+                    hand_over(world, slot, &[true], Some(&wrote))
                 }
-                result(&world, 1);
-                if lock(&world).let_go_of(1) {
-                    instance_ended(&world, 1, Exit::Exited(0));
-                }
-            }
-        });
-        assert_eq!(caller.join().expect("caller"), HandedOver::Written(1));
-        reader.join().expect("reader");
+            },
+            result_then_end(wrote, Exit::Exited(0)),
+            |_| {},
+        );
+        assert_eq!(handed, HandedOver::Written(1));
         let w = lock(&world);
         assert_eq!(w.replies(10), [Reply::Result], "{:?}", w.log);
         check_settled(&w, &[10]);
@@ -504,19 +528,15 @@ fn loom_a_call_waiting_for_the_coming_spare_races_its_arrival() {
     model(|| {
         let world = world(ONE_SPARE);
         keep_spare(&world);
-        let caller = thread::spawn({
-            let world = world.clone();
-            move || {
-                let slot = open(&world, 10).expect("alive");
-                (slot, hand_over(&world, slot, &[true], None))
-            }
-        });
-        let reader = thread::spawn({
-            let world = world.clone();
-            move || on_spare(&world, 0, 7)
-        });
-        let (slot, handed) = caller.join().expect("caller");
-        reader.join().expect("reader");
+        let (slot, handed) = race(
+            &world,
+            |world| {
+                let slot = open(world, 10).expect("alive");
+                (slot, hand_over(world, slot, &[true], None))
+            },
+            |world| on_spare(world, 0, 7),
+            |_| {},
+        );
         let w = lock(&world);
         let idle: Vec<u32> = w.hand.idle().map(|h| h.number).collect();
         let serving: Vec<(u32, u32)> = w.hand.serving().map(|(s, h)| (s, h.number)).collect();
@@ -597,32 +617,24 @@ fn loom_an_abandon_races_a_result_and_an_instance_end() {
         let world = world(ONE_SPARE);
         seed_spare(&world, 1);
         let wrote = Arc::new(AtomicU8::new(0));
-        let caller = thread::spawn({
-            let (world, wrote) = (world.clone(), wrote.clone());
-            move || {
-                let slot = open(&world, 10).expect("alive");
-                let handed = hand_over(&world, slot, &[true], Some(&wrote));
-                // The timeout fires unless the answer is there by then.
-                if lock(&world).replies(10).is_empty() {
-                    abandon(&world, 10, slot);
+        let handed = race(
+            &world,
+            {
+                let wrote = wrote.clone();
+                move |world| {
+                    let slot = open(world, 10).expect("alive");
+                    let handed = hand_over(world, slot, &[true], Some(&wrote));
+                    // The timeout fires unless the answer is there by then.
+                    if lock(world).replies(10).is_empty() {
+                        abandon(world, 10, slot);
+                    }
+                    handed
                 }
-                handed
-            }
-        });
-        let reader = thread::spawn({
-            let (world, wrote) = (world.clone(), wrote.clone());
-            move || {
-                while wrote.load(Ordering::SeqCst) == 0 {
-                    thread::yield_now();
-                }
-                result(&world, 1);
-                if lock(&world).let_go_of(1) {
-                    instance_ended(&world, 1, KILLED);
-                }
-            }
-        });
-        assert_eq!(caller.join().expect("caller"), HandedOver::Written(1));
-        reader.join().expect("reader");
+            },
+            result_then_end(wrote, KILLED),
+            |_| {},
+        );
+        assert_eq!(handed, HandedOver::Written(1));
         let w = lock(&world);
         check_settled(&w, &[10]);
         check_instances(&w, &[1]);
@@ -637,22 +649,18 @@ fn loom_an_abandon_races_the_coming_spare() {
     model(|| {
         let world = world(ONE_SPARE);
         keep_spare(&world);
-        let caller = thread::spawn({
-            let world = world.clone();
-            move || {
-                let slot = open(&world, 10).expect("alive");
-                let route = lock(&world).hand.route(slot, true, claim);
+        race(
+            &world,
+            |world| {
+                let slot = open(world, 10).expect("alive");
+                let route = lock(world).hand.route(slot, true, claim);
                 // Dropped while it waits (or, the spare given already, before its write).
                 drop(route);
-                abandon(&world, 10, slot);
-            }
-        });
-        let reader = thread::spawn({
-            let world = world.clone();
-            move || on_spare(&world, 0, 7)
-        });
-        caller.join().expect("caller");
-        reader.join().expect("reader");
+                abandon(world, 10, slot);
+            },
+            |world| on_spare(world, 0, 7),
+            |_| {},
+        );
         let w = lock(&world);
         assert!(!w.hand.claimed(), "no claim outlives the spare's coming");
         check_settled(&w, &[10]);
@@ -669,22 +677,17 @@ fn loom_a_death_races_a_held_hand_off_and_an_end() {
         model(move || {
             let world = world(ONE_SPARE);
             seed_spare(&world, 1);
-            let caller = thread::spawn({
-                let world = world.clone();
-                move || open(&world, 10).map(|slot| hand_over(&world, slot, &[true], None))
-            });
-            // The instance is killed with its zygote; its end may never be reported.
-            let reader = thread::spawn({
-                let world = world.clone();
-                move || {
+            race(
+                &world,
+                |world| open(world, 10).map(|slot| hand_over(world, slot, &[true], None)),
+                // The instance is killed with its zygote; its end may never be reported.
+                move |world| {
                     if reported {
-                        instance_ended(&world, 1, KILLED);
+                        instance_ended(world, 1, KILLED);
                     }
-                }
-            });
-            shut_down(&world);
-            caller.join().expect("caller");
-            reader.join().expect("reader");
+                },
+                shut_down,
+            );
             let w = lock(&world);
             check_settled(&w, &[10]);
             check_instances(&w, &[1]);
@@ -707,17 +710,12 @@ fn loom_a_death_races_the_coming_spare() {
     model(|| {
         let world = world(ONE_SPARE);
         keep_spare(&world);
-        let caller = thread::spawn({
-            let world = world.clone();
-            move || open(&world, 10).map(|slot| hand_over(&world, slot, &[true], None))
-        });
-        let reader = thread::spawn({
-            let world = world.clone();
-            move || on_spare(&world, 0, 7)
-        });
-        shut_down(&world);
-        let handed = caller.join().expect("caller");
-        reader.join().expect("reader");
+        let handed = race(
+            &world,
+            |world| open(world, 10).map(|slot| hand_over(world, slot, &[true], None)),
+            |world| on_spare(world, 0, 7),
+            shut_down,
+        );
         let w = lock(&world);
         check_settled(&w, &[10]);
         check_instances(&w, &[7]);
