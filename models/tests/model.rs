@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sand_models::check::{check, CheckOptions, CheckReport};
+use sand_models::check::{check, CheckOptions};
 use sand_models::model::{mutated, ModelCfg};
 use sand_protocol::mutations::Mutation;
 use stateright::Expectation;
@@ -44,20 +44,34 @@ fn gateway_crash() -> ModelCfg {
     }
 }
 
-fn assert_clean(report: &CheckReport) {
+/// Checks the `name`d model `cfg` to completion and asserts that every property holds;
+/// prints its figures. `states_min` is a tripwire: a change to the protocol or the model that
+/// shrinks the space below it probably stopped exploring something.
+fn holds_every_property(name: &str, cfg: ModelCfg, states_min: usize) {
+    let report = check(cfg, &CheckOptions::default());
     assert!(report.complete, "the check did not complete: {report:?}");
     let failures: Vec<_> = report.failures().map(|v| v.property).collect();
     assert!(
         failures.is_empty(),
         "properties failed: {failures:?}\n{report:#?}"
     );
+    println!(
+        "{name} model: {} unique states ({} in all), depth {}, {:.1} s",
+        report.unique_states,
+        report.states,
+        report.depth_max,
+        report.elapsed.as_secs_f64()
+    );
+    assert!(
+        report.unique_states > states_min,
+        "{name}: only {} states",
+        report.unique_states
+    );
 }
 
 #[test]
 fn a_quiet_chain_holds_every_property() {
-    let report = check(quiet(), &CheckOptions::default());
-    assert_clean(&report);
-    assert!(report.unique_states > 100, "{report:?}");
+    holds_every_property("quiet", quiet(), 100);
 }
 
 /// A worker crash and a false suspicion, in either order and at every moment, explored to
@@ -69,17 +83,7 @@ fn a_worker_crash_and_a_false_suspicion_hold_every_property() {
         suspicions: 1,
         ..quiet()
     };
-    let report = check(cfg, &CheckOptions::default());
-    assert_clean(&report);
-    println!(
-        "crash + suspicion model: {} unique states, depth {}, {:.1} s",
-        report.unique_states,
-        report.depth_max,
-        report.elapsed.as_secs_f64()
-    );
-    // A tripwire: a change to the protocol or the model that shrinks the space this much
-    // probably stopped exploring something.
-    assert!(report.unique_states > 100_000, "{}", report.unique_states);
+    holds_every_property("crash + suspicion", cfg, 100_000);
 }
 
 /// A gateway crash and a false suspicion, in either order and at every moment, explored to
@@ -92,16 +96,7 @@ fn a_gateway_crash_and_a_false_suspicion_hold_every_property() {
         suspicions: 1,
         ..quiet()
     };
-    let report = check(cfg, &CheckOptions::default());
-    assert_clean(&report);
-    println!(
-        "gateway crash + suspicion model: {} unique states ({} in all), depth {}, {:.1} s",
-        report.unique_states,
-        report.states,
-        report.depth_max,
-        report.elapsed.as_secs_f64()
-    );
-    assert!(report.unique_states > 4_000_000, "{}", report.unique_states);
+    holds_every_property("gateway crash + suspicion", cfg, 4_000_000);
 }
 
 /// A gateway crash and a worker crash, in either order and at every moment, explored to
@@ -114,20 +109,7 @@ fn a_gateway_crash_and_a_worker_crash_hold_every_property() {
         worker_crashes: 1,
         ..quiet()
     };
-    let report = check(cfg, &CheckOptions::default());
-    assert_clean(&report);
-    println!(
-        "gateway crash + worker crash model: {} unique states ({} in all), depth {}, {:.1} s",
-        report.unique_states,
-        report.states,
-        report.depth_max,
-        report.elapsed.as_secs_f64()
-    );
-    assert!(
-        report.unique_states > 10_000_000,
-        "{}",
-        report.unique_states
-    );
+    holds_every_property("gateway crash + worker crash", cfg, 10_000_000);
 }
 
 /// Two executions at once, and a worker crash at every moment: the calls of both compete for
@@ -139,15 +121,7 @@ fn two_executions_and_a_worker_crash_hold_every_property() {
         worker_crashes: 1,
         ..quiet()
     };
-    let report = check(cfg, &CheckOptions::default());
-    assert_clean(&report);
-    println!(
-        "two executions + worker crash model: {} unique states, depth {}, {:.1} s",
-        report.unique_states,
-        report.depth_max,
-        report.elapsed.as_secs_f64()
-    );
-    assert!(report.unique_states > 2_000_000, "{}", report.unique_states);
+    holds_every_property("two executions + worker crash", cfg, 2_000_000);
 }
 
 /// All three faults of the model together, bounded to 16 steps: not the exhaustive
@@ -210,9 +184,7 @@ fn a_fan_out_with_grain_errors_holds_every_property() {
         grain_errors: true,
         ..quiet()
     };
-    let report = check(cfg, &CheckOptions::default());
-    assert_clean(&report);
-    println!("fan-out model: {} unique states", report.unique_states);
+    holds_every_property("fan-out", cfg, 4_000);
 }
 
 #[test]
