@@ -170,6 +170,96 @@ for name, args in [
 print("uid", os.getuid())
 "#;
 
+/// The seccomp filter refuses new namespaces (by `unshare`, `setns` or `clone`), tracing, eBPF,
+/// performance counters, userfaultfd and the keyring, and answers `clone3` with ENOSYS, while
+/// `fork` and threads (which fall back from `clone3` to `clone`) go on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seccomp_filter_refuses_namespaces_and_tracing() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let python = interpreter();
+        let app = bundle(&[("syscalls.py", SYSCALLS_PY)]);
+        let mut with_python = config("seccomp", app.path());
+        with_python.ro_paths = interpreter_prefix(&python).into_iter().collect();
+        let sandbox = Sandbox::create(with_python).await.expect("create");
+        let script = format!("exec {} /app/syscalls.py", python.display());
+        let (exit, out) = sh(&sandbox, &script).await;
+        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            [
+                "unshare(CLONE_NEWUSER): EPERM",
+                "unshare(CLONE_NEWNET): EPERM",
+                "setns: EPERM",
+                "clone(CLONE_NEWUSER): EPERM",
+                "clone3: ENOSYS",
+                "ptrace: EPERM",
+                "keyctl: EPERM",
+                "bpf: EPERM",
+                "perf_event_open: EPERM",
+                "userfaultfd: EPERM",
+                "fork: ok",
+                "thread: ok",
+            ],
+            "{out}"
+        );
+        let (exit, out) = sh(&sandbox, "unshare --user true 2>&1; echo exit $?").await;
+        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        assert!(
+            out.contains("Operation not permitted") && !out.ends_with("exit 0\n"),
+            "the unshare tool: {out}"
+        );
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Makes each call and prints what it returned; a call that created something (a namespace, a
+/// child) says so, and such a child exits at once.
+const SYSCALLS_PY: &str = r#"
+import ctypes, errno, os, platform, threading
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = {
+    "x86_64": {"clone": 56, "keyctl": 250, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323},
+    "aarch64": {"clone": 220, "keyctl": 219, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282},
+}[platform.machine()]
+CLONE_NEWUSER, CLONE_NEWNET, SIGCHLD = 0x10000000, 0x40000000, 17
+
+def report(name, ret):
+    if ret == -1:
+        print(name + ": " + errno.errorcode[ctypes.get_errno()])
+    else:
+        print(name + ": returned " + str(ret))
+
+report("unshare(CLONE_NEWUSER)", libc.unshare(CLONE_NEWUSER))
+report("unshare(CLONE_NEWNET)", libc.unshare(CLONE_NEWNET))
+fd = os.open("/proc/self/ns/uts", os.O_RDONLY)
+report("setns", libc.setns(fd, 0))
+pid = libc.syscall(NR["clone"], CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0)
+if pid == 0:
+    os._exit(0)
+if pid > 0:
+    os.waitpid(pid, 0)
+report("clone(CLONE_NEWUSER)", pid)
+report("clone3", libc.syscall(435, 0, 0))
+report("ptrace", libc.ptrace(0, 0, 0, 0))
+report("keyctl", libc.syscall(NR["keyctl"], 0, -2, 1))
+report("bpf", libc.syscall(NR["bpf"], 0, 0, 0))
+report("perf_event_open", libc.syscall(NR["perf_event_open"], 0, 0, -1, -1, 0))
+report("userfaultfd", libc.syscall(NR["userfaultfd"], 0))
+child = os.fork()
+if child == 0:
+    os._exit(7)
+print("fork: " + ("ok" if os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 7 else "failed"))
+ran = []
+t = threading.Thread(target=lambda: ran.append(1))
+t.start()
+t.join()
+print("thread: " + ("ok" if ran else "failed"))
+"#;
+
 /// An interpreter under `/root/.pyenv` (whose host `/root` is mode 0700) runs as nobody when
 /// its prefix is a read-only path, and can fork and watch a child by pidfd, as the Python
 /// zygote does.

@@ -9,9 +9,10 @@
 //! The holder and PID 1 keep root (they build the root and serve the worker), but no process
 //! PID 1 starts does: each one sets no_new_privs and, when the holder is real root, switches
 //! to the sandbox's unprivileged [`crate::RunAs`] identity with every capability dropped,
-//! before exec ([`privileges`]). In the user-namespace fallback (a worker without root or
-//! without `CAP_SYS_ADMIN`), its processes keep the namespace's root (the worker's own uid
-//! outside) with no_new_privs.
+//! before exec ([`privileges`]), and installs a seccomp filter that refuses new namespaces,
+//! tracing and the kernel's other rarely needed surfaces ([`seccomp`]). In the user-namespace
+//! fallback (a worker without root or without `CAP_SYS_ADMIN`), its processes keep the
+//! namespace's root (the worker's own uid outside) with no_new_privs and the filter.
 //!
 //! Everything here runs before or without any other thread, which is what makes `unshare`,
 //! `fork` and the descriptor juggling below sound. Nothing here may panic on what the worker
@@ -23,6 +24,7 @@ mod loopback;
 mod pid1;
 mod privileges;
 mod rootfs;
+mod seccomp;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};

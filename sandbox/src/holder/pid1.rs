@@ -252,7 +252,7 @@ impl Init {
                 error: "the working directory contains a NUL byte".into(),
             });
         };
-        let privileges = self.privileges;
+        let privileges = self.privileges.clone();
         let has_channel = channel.is_some();
         // dup2 clears close-on-exec on descriptor 3 only, so the child inherits just the channel.
         // Without one, 3 stays /dev/null with close-on-exec: the child has no descriptor 3.
@@ -304,12 +304,14 @@ impl Init {
             }
             Err(e) => Event::Failed {
                 id,
-                error: match privileges.run_as() {
+                error: match self.privileges.run_as() {
                     Some(run_as) => format!(
-                        "{e} (dropping to uid {} gid {}, entering the working directory or exec failed)",
+                        "{e} (dropping to uid {} gid {}, installing the seccomp filter, entering the working directory or exec failed)",
                         run_as.uid, run_as.gid
                     ),
-                    None => format!("{e} (entering the working directory or exec failed)"),
+                    None => format!(
+                        "{e} (installing the seccomp filter, entering the working directory or exec failed)"
+                    ),
                 },
             },
         })

@@ -12,20 +12,22 @@
 //! 4. `setgroups([])` and `setresgid(g, g, g)` (they need `CAP_SETGID`, so before the uid);
 //! 5. `setresuid(u, u, u)`: with no uid left 0, the kernel clears the permitted, effective and
 //!    ambient sets;
-//! 6. `capset` to all zero, which also empties the inheritable set the uid change keeps.
+//! 6. `capset` to all zero, which also empties the inheritable set the uid change keeps;
+//! 7. install the seccomp filter of [`super::seccomp`].
 //!
 //! With an empty bounding set, no exec can grant a capability back. The first failing step
 //! fails the spawn: exec never happens, so no process is left running as root.
 //!
 //! In the user-namespace fallback (a worker without root, or without `CAP_SYS_ADMIN`), only
 //! the worker's uid is mapped (to 0), so there is no other identity to switch to: those
-//! processes get no_new_privs only.
+//! processes get no_new_privs and the seccomp filter only.
 
 use std::ffi::CString;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use super::seccomp::SyscallFilter;
 use crate::config::RunAs;
 
 /// Where the kernel says how many capabilities it knows.
@@ -33,9 +35,17 @@ const CAP_LAST_CAP: &str = "/proc/sys/kernel/cap_last_cap";
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets, in two 32-bit halves.
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// What a spawned process gives up before exec.
+/// What a spawned process gives up before exec: its identity, and the system calls of
+/// [`SyscallFilter`].
+#[derive(Debug, Clone)]
+pub(super) struct Privileges {
+    identity: Identity,
+    syscalls: SyscallFilter,
+}
+
+/// Whether a spawned process leaves root.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Privileges {
+enum Identity {
     /// The sandbox was built by real root: leave root for this identity, drop every
     /// capability up to and including `last_cap`.
     Drop {
@@ -54,8 +64,12 @@ impl Privileges {
     /// namespace to build the sandbox. Reads the kernel's last capability, so call it while
     /// the host's /proc is still mounted.
     pub(super) fn new(run_as: RunAs, user_namespace: bool) -> Result<Privileges, String> {
+        let syscalls = SyscallFilter::new()?;
         if user_namespace {
-            return Ok(Privileges::NoNewPrivsOnly);
+            return Ok(Privileges {
+                identity: Identity::NoNewPrivsOnly,
+                syscalls,
+            });
         }
         let text = std::fs::read_to_string(CAP_LAST_CAP)
             .map_err(|e| format!("reading {CAP_LAST_CAP}: {e}"))?;
@@ -65,14 +79,17 @@ impl Privileges {
             .ok()
             .filter(|&cap| cap < 64)
             .ok_or_else(|| format!("{CAP_LAST_CAP} holds {text:?}, not a capability number"))?;
-        Ok(Privileges::Drop { run_as, last_cap })
+        Ok(Privileges {
+            identity: Identity::Drop { run_as, last_cap },
+            syscalls,
+        })
     }
 
     /// The identity processes run as, for messages; `None` when they keep the namespace's.
     pub(super) fn run_as(&self) -> Option<RunAs> {
-        match self {
-            Privileges::Drop { run_as, .. } => Some(*run_as),
-            Privileges::NoNewPrivsOnly => None,
+        match self.identity {
+            Identity::Drop { run_as, .. } => Some(run_as),
+            Identity::NoNewPrivsOnly => None,
         }
     }
 
@@ -81,7 +98,7 @@ impl Privileges {
     /// error rather than a grain failing later. Only the path itself is checked: inside the
     /// sandbox it is a mount point, its host parents are out of the way.
     pub(super) fn check_reachable(&self, path: &Path) -> Result<(), String> {
-        let Privileges::Drop { run_as, .. } = *self else {
+        let Identity::Drop { run_as, .. } = self.identity else {
             return Ok(());
         };
         let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -109,16 +126,17 @@ impl Privileges {
         Ok(())
     }
 
-    /// Drops the privileges, then changes to `cwd` (as the new identity, so a directory it
-    /// may not enter is refused).
+    /// Drops the privileges, installs the seccomp filter, then changes to `cwd` (as the new
+    /// identity, so a directory it may not enter is refused).
     ///
     /// Runs in the child between fork and exec: it only makes async-signal-safe system calls
     /// and never allocates.
     pub(super) fn apply(&self, cwd: &CString) -> io::Result<()> {
         check(prctl(libc::PR_SET_NO_NEW_PRIVS, 1))?;
-        if let Privileges::Drop { run_as, last_cap } = *self {
+        if let Identity::Drop { run_as, last_cap } = self.identity {
             drop_root(run_as, last_cap)?;
         }
+        self.syscalls.apply()?;
         // SAFETY: `cwd` is a valid NUL-terminated string that outlives the call.
         check(unsafe { libc::chdir(cwd.as_ptr()) })
     }

@@ -1,0 +1,157 @@
+//! The system calls a sandboxed process may not make: a seccomp filter each process PID 1
+//! starts installs just before exec, after dropping its privileges.
+//!
+//! Dropping root and every capability already makes most dangerous calls fail. What it leaves
+//! open is the kernel surface an unprivileged process still reaches, which sandboxes close as
+//! Docker's default profile and Firecracker's jailer do:
+//!
+//! - new namespaces (`unshare`, `setns`, `clone` with a `CLONE_NEW*` flag): a user namespace
+//!   would give the grain every capability inside it, and with them mounts and much of the
+//!   kernel's rarely exercised code;
+//! - `clone3`, whose flags sit in memory a filter cannot read: it fails with `ENOSYS`, so the C
+//!   library falls back to `clone` (threads and `fork` go on working);
+//! - tracing and reading other processes (`ptrace`, `process_vm_readv`/`writev`), performance
+//!   counters, eBPF, `userfaultfd`, the kernel keyring, file handles that bypass path checks;
+//! - mounts, module loading, kexec, reboot, swap, clocks, accounting and quotas (refused for
+//!   lack of capabilities anyway; refused here too, whatever the identity).
+//!
+//! Every other call is allowed: grains are ordinary programs (Python with numpy, Rust
+//! binaries) and an allow-list would break them in ways nobody could predict. A refused call
+//! returns `EPERM`, as it would for an unprivileged process, so programs see an ordinary error.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// The flags of `clone` that make a new namespace.
+const CLONE_NEW_FLAGS: [u64; 8] = [
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    0x80, // CLONE_NEWTIME, which the libc crate does not name.
+];
+
+/// The calls refused outright with `EPERM`.
+const REFUSED: &[libc::c_long] = &[
+    // Namespaces and mounts.
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_open_tree,
+    libc::SYS_move_mount,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_mount_setattr,
+    // Other processes and the kernel's instruments.
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_perf_event_open,
+    libc::SYS_bpf,
+    libc::SYS_userfaultfd,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    // The machine itself.
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_syslog,
+    libc::SYS_vhangup,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_iopl,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_ioperm,
+];
+
+/// The compiled filters, shared by every spawn (the child only reads them).
+#[derive(Debug, Clone)]
+pub(super) struct SyscallFilter(Arc<[BpfProgram; 2]>);
+
+impl SyscallFilter {
+    /// Compiles the filters for the machine's architecture.
+    pub(super) fn new() -> Result<SyscallFilter, String> {
+        let arch = TargetArch::try_from(std::env::consts::ARCH)
+            .map_err(|e| format!("seccomp filter: {e}"))?;
+        let mut refused: BTreeMap<i64, Vec<SeccompRule>> =
+            REFUSED.iter().map(|&call| (call, Vec::new())).collect();
+        let new_namespace = CLONE_NEW_FLAGS
+            .iter()
+            .map(|&flag| {
+                let cond = SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Qword,
+                    SeccompCmpOp::MaskedEq(flag),
+                    flag,
+                )?;
+                SeccompRule::new(vec![cond])
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("seccomp filter: {e}"))?;
+        refused.insert(libc::SYS_clone, new_namespace);
+        let refused = compile(refused, libc::EPERM, arch)?;
+        let clone3 = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+        let clone3 = compile(clone3, libc::ENOSYS, arch)?;
+        Ok(SyscallFilter(Arc::new([refused, clone3])))
+    }
+
+    /// Installs the filters in this process (and so in everything it will exec and fork).
+    /// no_new_privs must be set already (it is, first thing, by `Privileges::apply`).
+    ///
+    /// Runs in the child between fork and exec: it only makes the `prctl` and `seccomp`
+    /// system calls, and never allocates.
+    pub(super) fn apply(&self) -> io::Result<()> {
+        for program in self.0.iter() {
+            seccompiler::apply_filter(program).map_err(|e| match e {
+                seccompiler::Error::Prctl(e) | seccompiler::Error::Seccomp(e) => e,
+                _ => io::Error::from_raw_os_error(libc::EINVAL),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// A filter that answers the calls in `rules` with `errno` and allows every other one.
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    errno: i32,
+    arch: TargetArch,
+) -> Result<BpfProgram, String> {
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno as u32),
+        arch,
+    )
+    .map_err(|e| format!("seccomp filter: {e}"))?;
+    filter
+        .try_into()
+        .map_err(|e| format!("seccomp filter: {e}"))
+}
