@@ -21,6 +21,21 @@ fn assert_root() {
 /// The `/proc/self/status` fields a privilege drop shows in, as `name value` lines.
 const STATUS_FIELDS: &str = "grep -E '^(Uid|Gid|Groups|NoNewPrivs|CapInh|CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status | tr -s '\\t ' ' '";
 
+/// Runs the Python `script` in a new sandbox named `name`, with the test's interpreter
+/// reachable, and asserts it exits 0; returns the sandbox, its bundle (alive as long as the
+/// sandbox) and the script's output.
+async fn run_python(name: &str, script: &str) -> (Sandbox, tempfile::TempDir, String) {
+    let python = interpreter();
+    let app = bundle(&[("script.py", script)]);
+    let mut with_python = config(name, app.path());
+    with_python.ro_paths = interpreter_prefix(&python).into_iter().collect();
+    let sandbox = Sandbox::create(with_python).await.expect("create");
+    let command = format!("exec {} /app/script.py", python.display());
+    let (exit, out) = sh(&sandbox, &command).await;
+    assert_eq!(exit, Exit::Exited(0), "output: {out}");
+    (sandbox, app, out)
+}
+
 /// The value of `field` in the output of [`STATUS_FIELDS`].
 fn status_field<'a>(out: &'a str, field: &str) -> &'a str {
     out.lines()
@@ -136,14 +151,7 @@ async fn remounting_mounting_and_writing_the_bundle_are_refused() {
 async fn the_mount_system_call_fails_with_eperm() {
     assert_root();
     timeout(TEST_TIMEOUT, async {
-        let python = interpreter();
-        let app = bundle(&[("mount.py", MOUNT_PY)]);
-        let mut with_python = config("mount-syscall", app.path());
-        with_python.ro_paths = interpreter_prefix(&python).into_iter().collect();
-        let sandbox = Sandbox::create(with_python).await.expect("create");
-        let script = format!("exec {} /app/mount.py", python.display());
-        let (exit, out) = sh(&sandbox, &script).await;
-        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        let (sandbox, _app, out) = run_python("mount-syscall", MOUNT_PY).await;
         assert_eq!(
             out.lines().collect::<Vec<_>>(),
             ["remount: EPERM", "tmpfs: EPERM", "uid 65534"],
@@ -177,14 +185,7 @@ print("uid", os.getuid())
 async fn the_seccomp_filter_refuses_namespaces_and_tracing() {
     assert_root();
     timeout(TEST_TIMEOUT, async {
-        let python = interpreter();
-        let app = bundle(&[("syscalls.py", SYSCALLS_PY)]);
-        let mut with_python = config("seccomp", app.path());
-        with_python.ro_paths = interpreter_prefix(&python).into_iter().collect();
-        let sandbox = Sandbox::create(with_python).await.expect("create");
-        let script = format!("exec {} /app/syscalls.py", python.display());
-        let (exit, out) = sh(&sandbox, &script).await;
-        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        let (sandbox, _app, out) = run_python("seccomp", SYSCALLS_PY).await;
         assert_eq!(
             out.lines().collect::<Vec<_>>(),
             [
@@ -267,14 +268,7 @@ print("thread: " + ("ok" if ran else "failed"))
 async fn an_interpreter_under_root_runs_as_nobody() {
     assert_root();
     timeout(TEST_TIMEOUT, async {
-        let python = interpreter();
-        let app = bundle(&[("zygote.py", ZYGOTE_PY)]);
-        let mut with_python = config("pyenv", app.path());
-        with_python.ro_paths = interpreter_prefix(&python).into_iter().collect();
-        let sandbox = Sandbox::create(with_python).await.expect("create");
-        let script = format!("exec {} /app/zygote.py", python.display());
-        let (exit, out) = sh(&sandbox, &script).await;
-        assert_eq!(exit, Exit::Exited(0), "output: {out}");
+        let (sandbox, _app, out) = run_python("pyenv", ZYGOTE_PY).await;
         assert_eq!(
             out.lines().collect::<Vec<_>>(),
             ["uid 65534", "child exited 7"],
@@ -284,7 +278,7 @@ async fn an_interpreter_under_root_runs_as_nobody() {
         assert_eq!(exit, Exit::Exited(0), "output: {out}");
         assert_eq!(
             out.trim(),
-            if python.starts_with("/root/") {
+            if interpreter().starts_with("/root/") {
                 ".pyenv"
             } else {
                 ""
