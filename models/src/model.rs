@@ -418,8 +418,8 @@ impl ModelCfg {
             Property::<SandModel>::eventually("every request is answered", answered),
         ];
         // In the fan-out model the fan-out's report always leaves before its branches finish,
-        // so nothing folds; chains coalesce.
-        if !self.fan_out {
+        // so nothing folds; chains coalesce, and a spawn folds past a hop from three grains on.
+        if !self.fan_out && self.chain >= 3 {
             properties.push(Property::<SandModel>::sometimes(
                 "progress is coalesced",
                 |_, s| s.network.iter_all().any(|env| coalesced(env.msg)),
