@@ -86,6 +86,19 @@ fn a_worker_crash_and_a_false_suspicion_hold_every_property() {
     holds_every_property("crash + suspicion", cfg, 100_000);
 }
 
+/// A chain of two grains through a worker crash and a false suspicion: nothing folds past a
+/// hop in so short a chain, and no property may ask for it.
+#[test]
+fn a_chain_of_two_holds_every_property() {
+    let cfg = ModelCfg {
+        chain: 2,
+        worker_crashes: 1,
+        suspicions: 1,
+        ..quiet()
+    };
+    holds_every_property("chain of 2, crash + suspicion", cfg, 25_000);
+}
+
 /// A gateway crash and a false suspicion, in either order and at every moment, explored to
 /// completion. (The model has all three faults at once; see the depth-bounded test
 /// below and the README for why it does not fit CI.)
