@@ -199,6 +199,7 @@ async fn the_seccomp_filter_refuses_namespaces_and_tracing() {
                 "bpf: EPERM",
                 "perf_event_open: EPERM",
                 "userfaultfd: EPERM",
+                "x32: EPERM",
                 "fork: ok",
                 "thread: ok",
             ],
@@ -250,6 +251,10 @@ report("keyctl", libc.syscall(NR["keyctl"], 0, -2, 1))
 report("bpf", libc.syscall(NR["bpf"], 0, 0, 0))
 report("perf_event_open", libc.syscall(NR["perf_event_open"], 0, 0, -1, -1, 0))
 report("userfaultfd", libc.syscall(NR["userfaultfd"], 0))
+if platform.machine() == "x86_64":
+    report("x32", libc.syscall(0x40000000 | 39, 0))  # x32 getpid
+else:
+    print("x32: EPERM")  # an x86_64 ABI only
 child = os.fork()
 if child == 0:
     os._exit(7)

@@ -10,6 +10,9 @@
 //!   kernel's rarely exercised code;
 //! - `clone3`, whose flags sit in memory a filter cannot read: it fails with `ENOSYS`, so the C
 //!   library falls back to `clone` (threads and `fork` go on working);
+//! - on x86_64, every x32 call (the same kernel functions under numbers with bit 30 set, which
+//!   no list of x86_64 numbers covers); calls of any other ABI kill the process, as the
+//!   compiled filter checks the architecture first;
 //! - tracing and reading other processes (`ptrace`, `process_vm_readv`/`writev`), performance
 //!   counters, eBPF, `userfaultfd`, the kernel keyring, file handles that bypass path checks;
 //! - mounts, module loading, kexec, reboot, swap, clocks, accounting and quotas (refused for
@@ -24,12 +27,13 @@ use std::io;
 use std::sync::Arc;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 
-/// The flags of `clone` that make a new namespace.
-const CLONE_NEW_FLAGS: [u64; 8] = [
+/// The flags of `clone` that make a new namespace (`CLONE_NEWTIME` only `unshare` and `clone3`
+/// take, both refused).
+const CLONE_NEW_FLAGS: [u64; 7] = [
     libc::CLONE_NEWNS as u64,
     libc::CLONE_NEWCGROUP as u64,
     libc::CLONE_NEWUTS as u64,
@@ -37,7 +41,6 @@ const CLONE_NEW_FLAGS: [u64; 8] = [
     libc::CLONE_NEWUSER as u64,
     libc::CLONE_NEWPID as u64,
     libc::CLONE_NEWNET as u64,
-    0x80, // CLONE_NEWTIME, which the libc crate does not name.
 ];
 
 /// The calls refused outright with `EPERM`.
@@ -93,7 +96,7 @@ const REFUSED: &[libc::c_long] = &[
 
 /// The compiled filters, shared by every spawn (the child only reads them).
 #[derive(Debug, Clone)]
-pub(super) struct SyscallFilter(Arc<[BpfProgram; 2]>);
+pub(super) struct SyscallFilter(Arc<Vec<BpfProgram>>);
 
 impl SyscallFilter {
     /// Compiles the filters for the machine's architecture.
@@ -119,7 +122,11 @@ impl SyscallFilter {
         let refused = compile(refused, libc::EPERM, arch)?;
         let clone3 = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
         let clone3 = compile(clone3, libc::ENOSYS, arch)?;
-        Ok(SyscallFilter(Arc::new([refused, clone3])))
+        let mut filters = vec![refused, clone3];
+        if cfg!(target_arch = "x86_64") {
+            filters.push(refuse_x32());
+        }
+        Ok(SyscallFilter(Arc::new(filters)))
     }
 
     /// Installs the filters in this process (and so in everything it will exec and fork).
@@ -136,6 +143,36 @@ impl SyscallFilter {
         }
         Ok(())
     }
+}
+
+/// A filter that refuses every x32 call: four instructions, which seccompiler's rules (one
+/// number each) cannot express.
+fn refuse_x32() -> BpfProgram {
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    let op = |code: u32, jt: u8, jf: u8, k: u32| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    vec![
+        // Load the call's number (offset 0 of `struct seccomp_data`).
+        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        // At or past the x32 bit: the next instruction; below it: skip one.
+        op(
+            libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+            0,
+            1,
+            X32_SYSCALL_BIT,
+        ),
+        op(
+            libc::BPF_RET | libc::BPF_K,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        op(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
 /// A filter that answers the calls in `rules` with `errno` and allows every other one.
