@@ -548,6 +548,13 @@ impl Model for SandModel {
 /// fenced). [`Node`] refuses these on delivery (see `is_stale`), so removing them changes no
 /// run; it only stops equal states from differing by dead letters.
 ///
+/// Likewise worker messages from an incarnation the global queue refuses for good
+/// ([`GlobalQueue::refuses`]: older than the one it knows, or declared dead). Their delivery
+/// only makes the gateway send that incarnation a `Fenced`, which is either addressed to a life
+/// that has ended (dropped at once) or another copy of the `Fenced` it sent when it declared the
+/// incarnation dead: it does so whenever the incarnation is connected, and one that is not has
+/// sent nothing on this epoch's connection yet.
+///
 /// Last, answers that nobody waits for (`request: None`: the request came to an earlier life
 /// of the gateway, and the client re-sent it under its idempotency key, or gets its answer
 /// from the look-up). The client ignores them, so their delivery is a no-op at any moment;
@@ -576,27 +583,44 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
         _ if gateway_restarted && env.dst == gateway_id() => true,
         (Msg::Answer { request: None, .. }, _) => true,
         (Msg::ToWorker { epoch: e, .. }, _) if gateway_restarted => *e < epoch,
-        (Msg::ToGateway { epoch: e, .. }, _) => *e < epoch,
+        (Msg::ToGateway { epoch: e, .. }, _) if *e < epoch => true,
+        (Msg::ToGateway { msg, .. }, State::Gateway(g)) => {
+            sender(msg).is_some_and(|i| g.gq.refuses(worker_of(env.src), i))
+        }
         (Msg::Open { epoch: Some(e), .. }, _) => *e < epoch,
         (Msg::ToWorker { msg, .. }, State::Worker(w)) => {
             addressee(msg).is_some_and(|i| i < w.lb.incarnation())
         }
         _ => false,
     };
-    if !s.network.iter_all().any(|env| dead(&env)) {
-        return;
-    }
-    let live: Vec<Envelope<Msg>> = s
+    // Removed in place: rebuilding the network from `iter_all` would not do, as stateright
+    // 0.31's iterator yields a message held `n > 1` times `n + 1` times.
+    let gone: Vec<Envelope<Msg>> = s
         .network
-        .iter_all()
-        .filter(|env| !dead(env))
+        .iter_deliverable()
+        .filter(|env| dead(env))
         .map(|env| Envelope {
             src: env.src,
             dst: env.dst,
             msg: env.msg.clone(),
         })
         .collect();
-    s.network = Network::new_unordered_nonduplicating(live);
+    if let Network::UnorderedNonDuplicating(multiset) = &mut s.network {
+        for env in &gone {
+            multiset.remove(env);
+        }
+    }
+}
+
+/// The worker incarnation a worker message speaks for; `None` for `Hello` (which opens a
+/// connection, see `is_stale`) and the driver's service messages.
+fn sender(msg: &ToGateway) -> Option<Incarnation> {
+    match msg {
+        ToGateway::Heartbeat { incarnation, .. } | ToGateway::Progress { incarnation, .. } => {
+            Some(*incarnation)
+        }
+        _ => None,
+    }
 }
 
 /// The worker incarnation a gateway message is addressed to; `None` for the driver's service
@@ -1094,5 +1118,41 @@ pub fn mutated(cfg: ModelCfg, m: Mutation) -> ModelCfg {
     ModelCfg {
         mutations: Mutations::only(m),
         ..cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dead letters leave the network, and every copy of every other message stays.
+    #[test]
+    fn dropping_dead_letters_keeps_every_copy_of_the_rest() {
+        let cfg = ModelCfg::default();
+        let client = Id::from(cfg.workers + 1);
+        let model = cfg.into_model();
+        let mut s = model.init_states().remove(0);
+        let invoke = Envelope {
+            src: client,
+            dst: gateway_id(),
+            msg: Msg::Invoke { request: 0 },
+        };
+        let to_dead_epoch = Envelope {
+            src: Id::from(1),
+            dst: gateway_id(),
+            msg: Msg::ToGateway {
+                epoch: 0,
+                msg: ToGateway::Hello {
+                    incarnation: Incarnation(1),
+                },
+            },
+        };
+        s.network =
+            Network::new_unordered_nonduplicating([invoke.clone(), invoke.clone(), to_dead_epoch]);
+        drop_dead_connections(&mut s, false);
+        let left: Vec<Envelope<&Msg>> = s.network.iter_deliverable().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].msg, &invoke.msg);
+        assert_eq!(s.network.len(), 2, "{:?}", s.network);
     }
 }

@@ -395,8 +395,7 @@ impl GlobalQueue {
         if incarnation > rec.incarnation {
             return; // A newer life that has not said Hello yet.
         }
-        let dead = rec.dead && !self.mutated(Mutation::AcceptDead);
-        if incarnation < rec.incarnation || dead {
+        if self.refuses(worker, incarnation) {
             self.fence(worker, incarnation);
             return;
         }
@@ -404,6 +403,16 @@ impl GlobalQueue {
         if let ToGateway::Progress { seq, reports, .. } = msg {
             self.on_progress(now, worker, rec, seq, reports);
         }
+    }
+
+    /// Whether everything but a `Hello` from this worker incarnation is refused, for good: it
+    /// is older than the incarnation the gateway knows, or that one was declared dead. Such a
+    /// message earns only a `Fenced`.
+    pub fn refuses(&self, worker: WorkerId, incarnation: Incarnation) -> bool {
+        self.state.workers.get(&worker).is_some_and(|rec| {
+            let dead = rec.dead && !self.mutated(Mutation::AcceptDead);
+            incarnation < rec.incarnation || (incarnation == rec.incarnation && dead)
+        })
     }
 
     fn on_hello(&mut self, now: Time, worker: WorkerId, incarnation: Incarnation) {
