@@ -48,6 +48,11 @@ pub struct CheckArgs {
     /// Progress messages a worker may have unacked at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
     window: u8,
+    /// Let the news of a gateway restart reach each worker and the client as a message, at
+    /// any later moment, instead of in the restart's step: a bigger model, to cross-check
+    /// that shortcut.
+    #[arg(long)]
+    restart_news_travels: bool,
     /// Switch on a deliberate protocol bug, to see the checker catch it (split-hop,
     /// visible-before-durable, accept-dead, arrival-order, no-resend, rerun-started,
     /// early-join).
@@ -82,6 +87,7 @@ impl CheckArgs {
             reconnects: self.reconnects,
             window: usize::from(self.window),
             fsync_each_batch: self.mutation == Some(Mutation::SplitHop),
+            restart_news_travels: self.restart_news_travels,
             mutations: self.mutation.map_or(Mutations::NONE, Mutations::only),
         }
     }
@@ -104,7 +110,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     }
     println!(
         "model: {} workers, {}, {} execution(s); faults: {} worker crash(es), {} suspicion(s) \
-         in all, {} gateway crash(es), {} reconnect(s) per worker life{}",
+         in all, {} gateway crash(es), {} reconnect(s) per worker life{}{}",
         cfg.workers,
         if cfg.fan_out {
             "a fan-out of 2 with a join".to_string()
@@ -116,6 +122,11 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         cfg.suspicions,
         cfg.gateway_crashes,
         cfg.reconnects,
+        if cfg.restart_news_travels {
+            "; restart news travels"
+        } else {
+            ""
+        },
         args.mutation
             .map(|m| format!("; mutation: {m}"))
             .unwrap_or_default(),

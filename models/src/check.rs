@@ -110,6 +110,7 @@ pub fn check_with_progress(
 ) -> CheckReport {
     let start = Instant::now();
     let out_of_time = Arc::new(AtomicBool::new(false));
+    let news_travels = cfg.restart_news_travels;
     let mut model = cfg.into_model();
     if let Some(t) = opts.timeout {
         model = model.with_deadline(start + t, out_of_time.clone());
@@ -144,7 +145,7 @@ pub fn check_with_progress(
                 Expectation::Sometimes => found.is_some(),
                 _ => found.is_none(),
             };
-            let trace = found.map(render);
+            let trace = found.map(|path| render(path, news_travels));
             let conclusive = match expectation {
                 Expectation::Always => true,
                 Expectation::Eventually => !cut,
@@ -205,7 +206,8 @@ fn watch(
 }
 
 /// A path as numbered steps a person can follow: who did what, and the messages in full.
-pub fn render(path: &Path<SandState, SandAction>) -> String {
+/// Unless `news_travels`, a gateway restart's step includes its peers learning of it.
+pub fn render(path: &Path<SandState, SandAction>, news_travels: bool) -> String {
     let mut out = String::new();
     let actors = path.last_state().actor_states.len();
     let actor = |id: stateright::actor::Id| match usize::from(id) {
@@ -217,6 +219,14 @@ pub fn render(path: &Path<SandState, SandAction>) -> String {
         let step = match action {
             ActorModelAction::Deliver { src, dst, msg } => {
                 format!("{} -> {}: {}", actor(src), actor(dst), message(&msg))
+            }
+            ActorModelAction::Timeout(id, Timer::Crash)
+                if usize::from(id) == 0 && !news_travels =>
+            {
+                format!(
+                    "gateway: {}; its workers and the client learn of it",
+                    timer_text(&Timer::Crash)
+                )
             }
             ActorModelAction::Timeout(id, timer) => {
                 format!("{}: {}", actor(id), timer_text(&timer))

@@ -11,9 +11,10 @@
 //!
 //! Connections are explicit: a message travels on the connection to one gateway epoch. When the
 //! gateway restarts, that connection is gone and whatever was on it is dropped, as QUIC would;
-//! the gateway tells every worker, which opens a new connection with `Hello`. A restarted
-//! worker opens a new one too; messages its earlier life sent may still arrive, which is harsher
-//! than QUIC and which the protocol must (and does) refuse by incarnation.
+//! every worker learns of it and opens a new connection with `Hello`, and the client re-sends
+//! what was not answered. A restarted worker opens a new one too; messages its earlier life
+//! sent may still arrive, which is harsher than QUIC and which the protocol must (and does)
+//! refuse by incarnation.
 //!
 //! Grains are deterministic: in a chain, grain `i` adds `i + 1` and hands on; with fan-out,
 //! the first grain fans out to two branches that double their input, and a join sums them.
@@ -28,13 +29,22 @@
 //!   from what it persisted. A crashed actor that stays down for a while adds nothing: while it
 //!   is down it receives nothing and sends nothing, and the rest of the cluster can do exactly
 //!   the same while the restarted actor's first messages (its `Hello`, or the gateway's
-//!   `Restarted`) are still in flight, undelivered. Messages sent to it before the crash wait
+//!   `Welcome`s) are still in flight, undelivered. Messages sent to it before the crash wait
 //!   in the network either way. So every run with a downtime is matched, step for step, by a
 //!   run with an instant restart, and the downtime's own states (the whole cluster's progress
 //!   times "this actor is down") are gone.
 //! - **Nothing persisted twice.** The gateway's durable state lives in its actor state (the
 //!   restart reads it there); workers persist nothing that their state does not already hold.
 //!   stateright's own storage slots stay empty.
+//! - **News of a gateway restart arrives at once.** Workers and the client learn of a restart
+//!   in the restart's own step. Learning later adds nothing the gateway could see: until a
+//!   worker learns, nothing reaches it (the old connection's messages died with it) and all it
+//!   sends is lost; its grains may finish meanwhile, and the reports it seals into lost
+//!   messages are re-sent after the `Welcome` in the very messages it would seal then, had
+//!   those grains finished after the `Welcome`. A client that learns late only skips a re-send
+//!   when an answer overtook the news, and a re-sent request of an answered execution is a
+//!   look-up that changes nothing. [`ModelCfg::restart_news_travels`] turns the shortcut off,
+//!   and a test checks that the gateway and the client reach the same states either way.
 //! - **Dead connections carry nothing.** A message on a connection that can never deliver it
 //!   again (to an earlier gateway epoch, or to an earlier incarnation of a worker) would only
 //!   sit in the network and split otherwise equal states; [`SandModel`] removes it at once, as
@@ -95,6 +105,10 @@ pub struct ModelCfg {
     /// Make one batch durable per write, instead of every pending batch at once (group
     /// commit): more interleavings, needed to crash between two batches of one event.
     pub fsync_each_batch: bool,
+    /// Let the news of a gateway restart travel as a `Restarted` message to each worker and the
+    /// client, delivered at any later moment, instead of arriving in the restart's step. The
+    /// news is about a connection, so a worker that restarts before it arrives never gets it.
+    pub restart_news_travels: bool,
     /// Deliberate protocol bugs to switch on.
     pub mutations: Mutations,
 }
@@ -115,6 +129,7 @@ impl Default for ModelCfg {
             reconnects: 0,
             window: 1,
             fsync_each_batch: false,
+            restart_news_travels: false,
             mutations: Mutations::NONE,
         }
     }
@@ -503,9 +518,31 @@ impl Model for SandModel {
     }
 
     fn next_state(&self, state: &SandState, action: SandAction) -> Option<SandState> {
-        let gateway_restarts = action == ActorModelAction::Timeout(gateway_id(), Timer::Crash);
+        let crashed = match action {
+            ActorModelAction::Timeout(id, Timer::Crash) => Some(id),
+            _ => None,
+        };
+        let gateway_restarts = crashed == Some(gateway_id());
         let mut next = self.actors.next_state(state, action)?;
         drop_dead_connections(&mut next, gateway_restarts);
+        if gateway_restarts && !self.cfg.restart_news_travels {
+            for peer in 1..=self.cfg.workers + 1 {
+                let news = ActorModelAction::Deliver {
+                    src: gateway_id(),
+                    dst: Id::from(peer),
+                    msg: Msg::Restarted,
+                };
+                if let Some(learned) = self.actors.next_state(&next, news) {
+                    next = learned;
+                }
+                drop_dead_connections(&mut next, false);
+            }
+        }
+        if let (Some(worker), true) = (crashed, self.cfg.restart_news_travels) {
+            if let Network::UnorderedNonDuplicating(multiset) = &mut next.network {
+                multiset.retain(|env, _| env.dst != worker || env.msg != Msg::Restarted);
+            }
+        }
         Some(next)
     }
 
