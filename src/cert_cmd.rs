@@ -57,7 +57,7 @@ pub fn run(args: CertArgs) -> anyhow::Result<()> {
         } => certs::issue_worker(dir, WorkerId(id)).context("issuing the worker certificate")?,
     };
     let IssuedFiles { cert, key } = issued;
-    println!(
+    out!(
         "wrote {} and its key {} (mode 0600)",
         cert.display(),
         key.display()

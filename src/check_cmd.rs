@@ -101,14 +101,14 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             addr.ip().is_loopback(),
             "the Explorer has no authentication: serve it on a loopback address, not {addr}"
         );
-        println!("serving the Explorer on http://{addr}/ (Ctrl-C to stop)");
+        out!("serving the Explorer on http://{addr}/ (Ctrl-C to stop)");
         cfg.into_model()
             .checker()
             .threads(args.threads.max(1))
             .serve(addr);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "model: {} workers, {}, {} execution(s); faults: {} worker crash(es), {} suspicion(s) \
          in all, {} gateway crash(es), {} reconnect(s) per worker life{}{}",
         cfg.workers,
@@ -162,7 +162,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     if live {
         eprintln!();
     }
-    println!(
+    out!(
         "explored {} unique states ({} in all), depth {}, in {:.1} s{}",
         report.unique_states,
         report.states,
@@ -188,12 +188,12 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             (_, false, true) => "VIOLATED",
             (_, false, false) => "unknown",
         };
-        println!("  {kind:<8} {verdict:<8} {}", v.property);
+        out!("  {kind:<8} {verdict:<8} {}", v.property);
     }
     let failures: Vec<_> = report.failures().collect();
     for v in &failures {
         if let Some(trace) = &v.trace {
-            println!("\ncounterexample to \"{}\":\n{trace}", v.property);
+            out!("\ncounterexample to \"{}\":\n{trace}", v.property);
         }
     }
     std::io::stdout().flush().context("writing the report")?;

@@ -156,7 +156,7 @@ fn error_text(body: &Value) -> String {
 /// `sand deploy DIR`.
 pub fn deploy(args: DeployArgs) -> Result<ExitCode> {
     let d = Client::from(args.target).deploy(&args.dir)?;
-    println!("deployed {}: {} grains, entry {}", d.app, d.grains, d.entry);
+    out!("deployed {}: {} grains, entry {}", d.app, d.grains, d.entry);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -180,15 +180,15 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
     let (status, body) = client.call(req, Some(input.as_bytes()))?;
     match status {
         200 if body.get("error").is_some() => {
-            println!("{}", serde_json::to_string_pretty(&body)?);
+            out!("{}", serde_json::to_string_pretty(&body)?);
             Ok(ExitCode::from(1))
         }
         200 => {
-            println!("{}", body["output"]);
+            out!("{}", body["output"]);
             Ok(ExitCode::SUCCESS)
         }
         202 => {
-            println!("{}", body["execution"].as_str().unwrap_or_default());
+            out!("{}", body["execution"].as_str().unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
         _ => bail!("invoke refused ({status}): {}", error_text(&body)),
@@ -216,7 +216,7 @@ pub fn status(args: ExecArgs) -> Result<ExitCode> {
                 }
             }
         }
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        out!("{}", serde_json::to_string_pretty(&body)?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -234,7 +234,7 @@ pub fn logs(args: ExecArgs) -> Result<ExitCode> {
     if status != 200 {
         bail!("{status}: {}", error_text(&body));
     }
-    println!(
+    out!(
         "execution {exec} ({}): {}",
         body["app"].as_str().unwrap_or("?"),
         body["status"].as_str().unwrap_or("?")
@@ -250,7 +250,7 @@ pub fn logs(args: ExecArgs) -> Result<ExitCode> {
             c[k].as_u64()
                 .map_or("-".to_owned(), |t| format!("+{}ms", t.saturating_sub(t0)))
         };
-        println!(
+        out!(
             "\n{} attempt {:x} on worker {} via {}{}: started {} ended {}{}",
             c["grain"].as_str().unwrap_or("?"),
             c["attempt"].as_u64().unwrap_or(0),
@@ -274,18 +274,18 @@ pub fn logs(args: ExecArgs) -> Result<ExitCode> {
         for stream in ["stdout", "stderr"] {
             let text = c[stream].as_str().unwrap_or_default();
             if !text.is_empty() {
-                println!("  {stream}:");
+                out!("  {stream}:");
                 for line in text.lines() {
-                    println!("    {line}");
+                    out!("    {line}");
                 }
             }
         }
     }
     if let Some(out) = body.get("output") {
-        println!("\noutput: {out}");
+        out!("\noutput: {out}");
     }
     if let Some(err) = body.get("error") {
-        println!("\nerror: {err}");
+        out!("\nerror: {err}");
     }
     Ok(ExitCode::SUCCESS)
 }

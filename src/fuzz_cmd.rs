@@ -63,9 +63,11 @@ pub fn run(args: FuzzArgs) -> anyhow::Result<ExitCode> {
     let mutation = args
         .mutation
         .map_or(String::new(), |m| format!(", mutation {m}"));
-    println!(
+    out!(
         "sand fuzz: seed {seed}, {} schedules of {} workers and {} executions{mutation}",
-        opts.schedules, opts.workers, opts.executions
+        opts.schedules,
+        opts.workers,
+        opts.executions
     );
     let bar = progress_bar(opts.schedules);
     let report = sim::fuzz(&opts, |done, _| {
@@ -74,15 +76,17 @@ pub fn run(args: FuzzArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     print_summary(&report);
     let Some(found) = &report.failure else {
-        println!("all properties held");
+        out!("all properties held");
         return Ok(ExitCode::SUCCESS);
     };
-    println!();
-    println!(
+    out!();
+    out!(
         "FAILED after {} schedules, seed {}: {}",
-        found.schedules_run, found.seed, found.original
+        found.schedules_run,
+        found.seed,
+        found.original
     );
-    println!(
+    out!(
         "shrunk from {} to {} steps in {} runs: {}",
         found.original_steps,
         found.schedule.steps.len(),
@@ -91,13 +95,13 @@ pub fn run(args: FuzzArgs) -> anyhow::Result<ExitCode> {
     );
     match (&found.replay_path, &found.save_error) {
         (Some(path), _) => {
-            println!("saved: {}", path.display());
-            println!("replay it with: sand fuzz --replay {}", path.display());
+            out!("saved: {}", path.display());
+            out!("replay it with: sand fuzz --replay {}", path.display());
         }
-        (None, Some(error)) => println!("the shrunk schedule could not be saved: {error}"),
+        (None, Some(error)) => out!("the shrunk schedule could not be saved: {error}"),
         (None, None) => {}
     }
-    println!(
+    out!(
         "or run the original again with: sand fuzz --seed {} --schedules 1 --workers {} --executions {}{}",
         found.seed,
         opts.workers,
@@ -114,7 +118,7 @@ const TRACE_LINES_SHOWN: usize = 80;
 fn replay(path: &Path) -> anyhow::Result<ExitCode> {
     let replay = sim::replay(path)?;
     let schedule = &replay.schedule;
-    println!(
+    out!(
         "replaying {}: seed {}, {} workers, {} steps{}",
         path.display(),
         schedule.seed,
@@ -126,39 +130,39 @@ fn replay(path: &Path) -> anyhow::Result<ExitCode> {
             .map(|m| format!(", mutation {m}"))
             .collect::<String>()
     );
-    println!("recorded: {}", replay.recorded);
+    out!("recorded: {}", replay.recorded);
     let trace_path = path.with_extension("trace.txt");
     match std::fs::write(&trace_path, replay.trace.join("\n") + "\n") {
-        Ok(()) => println!("full trace: {}", trace_path.display()),
-        Err(e) => println!(
+        Ok(()) => out!("full trace: {}", trace_path.display()),
+        Err(e) => out!(
             "the full trace could not be saved to {}: {e}",
             trace_path.display()
         ),
     }
     let skipped = replay.trace.len().saturating_sub(TRACE_LINES_SHOWN);
     if skipped > 0 {
-        println!(
+        out!(
             "trace (the last {TRACE_LINES_SHOWN} of {} lines):",
             replay.trace.len()
         );
     } else {
-        println!("trace:");
+        out!("trace:");
     }
     for line in &replay.trace[skipped..] {
-        println!("{line}");
+        out!("{line}");
     }
     match &replay.verdict {
         Err(failure) => {
-            println!("result: {failure}");
+            out!("result: {failure}");
             if replay.reproduced() {
-                println!("reproduced the recorded failure");
+                out!("reproduced the recorded failure");
             } else {
-                println!("a different failure than recorded");
+                out!("a different failure than recorded");
             }
             Ok(ExitCode::FAILURE)
         }
         Ok(stats) => {
-            println!(
+            out!(
                 "result: every property held ({} executions answered); the recorded failure did not reproduce",
                 stats.answered
             );
@@ -168,15 +172,16 @@ fn replay(path: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn print_summary(report: &FuzzReport) {
-    println!(
+    out!(
         "schedules: {} in {:.1} s ({:.1} schedules/s)",
         report.schedules_run,
         report.running.as_secs_f64(),
         report.schedules_per_second()
     );
-    println!(
+    out!(
         "executions checked: {}, steps: {}",
-        report.executions_checked, report.steps_run
+        report.executions_checked,
+        report.steps_run
     );
     let faults: Vec<String> = report
         .faults
@@ -184,7 +189,7 @@ fn print_summary(report: &FuzzReport) {
         .iter()
         .map(|(kind, n)| format!("{kind} {n}"))
         .collect();
-    println!("faults injected: {}", faults.join(", "));
+    out!("faults injected: {}", faults.join(", "));
 }
 
 fn progress_bar(total: u64) -> ProgressBar {

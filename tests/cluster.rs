@@ -218,6 +218,28 @@ fn sand(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A command whose reader went away (`sand check | head`) ends quietly with the status a shell
+/// gives SIGPIPE, instead of panicking on its next line.
+#[test]
+fn a_command_whose_reader_is_gone_ends_quietly() {
+    for args in [
+        &["check", "--worker-crashes", "0", "--suspicions", "0"][..],
+        &["fuzz", "--schedules", "1", "--seed", "1"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let out = Command::new(SAND)
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run sand");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "sand {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "sand {args:?}: {stderr}");
+    }
+}
+
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(60))
