@@ -40,8 +40,9 @@ pub struct GatewayArgs {
     /// Require `Authorization: Bearer TOKEN` on the API (or set SAND_TOKEN).
     #[arg(long, env = "SAND_TOKEN")]
     token: Option<String>,
-    /// Declare a silent worker dead after this many milliseconds.
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    /// Declare a silent worker dead after this many milliseconds (at least 500). Workers
+    /// heartbeat five times in that time: the gateway tells them so when they join.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
     failure_timeout_ms: u64,
 }
 

@@ -240,6 +240,29 @@ fn a_command_whose_reader_is_gone_ends_quietly() {
     }
 }
 
+/// The gateway refuses a failure timeout its workers' heartbeats cannot honour, with a clear
+/// error, and neither daemon takes a deliberate protocol bug: those are the checkers' alone.
+#[test]
+fn the_daemons_refuse_unsafe_settings_and_mutations() {
+    let refused = |args: &[&str]| {
+        let out = Command::new(SAND).args(args).output().expect("run sand");
+        assert!(!out.status.success(), "sand {args:?} ran");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = refused(&["gateway", "--failure-timeout-ms", "300"]);
+    assert!(stderr.contains("500"), "{stderr}");
+    for args in [
+        &["gateway", "--mutation", "rerun-started"][..],
+        &["worker", "--id", "1", "--mutation", "rerun-started"][..],
+    ] {
+        let stderr = refused(args);
+        assert!(
+            stderr.contains("unexpected argument '--mutation'"),
+            "{stderr}"
+        );
+    }
+}
+
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(60))

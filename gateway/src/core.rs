@@ -429,7 +429,10 @@ impl Core {
         let now = self.now();
         match ev {
             GatewayEvent::Connected(w) => {
+                // A new connection replaces the worker's old one, whether or not the old one's
+                // end was seen: nothing made for the old one may leave on it.
                 tracing::info!(worker = %w, "worker connected");
+                self.gq.handle(now, GqEvent::Disconnected(w));
             }
             GatewayEvent::Disconnected(w) => {
                 tracing::info!(worker = %w, "worker disconnected");
@@ -603,6 +606,8 @@ mod tests {
         core.event(GatewayEvent::Connected(WORKER));
         let hello = ToGateway::Hello {
             incarnation: INCARNATION,
+            resumed: false,
+            started: Vec::new(),
         };
         core.event(GatewayEvent::Message(WORKER, hello));
         core.drain().unwrap();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
-use sand_protocol::global_queue::GqConfig;
+use sand_protocol::global_queue::{ConfigError, GqConfig};
 use sand_transport_quic::certs::{self, CertError};
 use sand_transport_quic::quic::TransportError;
 use sand_transport_quic::quic::{QuicConfig, QuicGateway};
@@ -41,6 +41,9 @@ pub struct GatewayConfig {
 /// Why a gateway could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    /// The protocol's settings cannot be honoured.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The store could not be opened or written.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -79,6 +82,7 @@ pub struct Gateway {
 impl Gateway {
     /// Opens the store, recovers the queue, and starts serving workers and clients.
     pub async fn start(config: GatewayConfig) -> Result<Self, GatewayError> {
+        config.gq.validate()?;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| GatewayError::Io {
             what: format!(
                 "cannot make the data directory {}",

@@ -66,8 +66,10 @@ use std::time::Instant;
 
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
-use sand_protocol::ids::{AppName, CallId, ExecId, GrainName, Incarnation, WorkerId};
-use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus, RunKey};
+use sand_protocol::ids::{
+    AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId,
+};
+use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::mutations::{Mutation, Mutations};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
@@ -88,8 +90,9 @@ pub struct ModelCfg {
     pub executions: usize,
     /// Use the fan-out program (`f → [h, h] → j`) instead of a chain.
     pub fan_out: bool,
-    /// The second grain (and each fan-out branch) fails when run as attempt 0, its first
-    /// local run, so a retry must happen.
+    /// The second grain (and each fan-out branch) fails when run under the first attempt the
+    /// first gateway life hands out (its first local run, in the first lineage), so a retry
+    /// must happen.
     pub grain_errors: bool,
     /// How many times workers may crash, in all.
     pub worker_crashes: u64,
@@ -241,6 +244,10 @@ pub struct WorkerState {
     pub boots: u32,
     /// Connection breaks left in this life.
     pub reconnects: u32,
+    /// The attempts this incarnation started (the checker's record, not the worker's).
+    pub started: BTreeSet<RunKey>,
+    /// Whether this incarnation started an attempt twice.
+    pub started_twice: bool,
 }
 
 /// The client's state.
@@ -329,7 +336,7 @@ impl ModelCfg {
     /// What a grain returns: a pure function of the call.
     fn run_grain(&self, spec: &CallSpec) -> GrainResult {
         let g = spec.grain.as_str();
-        if self.grain_errors && (g == "g1" || g == "h") && spec.attempt.0 == 0 {
+        if self.grain_errors && (g == "g1" || g == "h") && spec.attempt == Attempt::epoch_floor(1) {
             return GrainResult::Error(GrainError::new(ErrorKind::Raised, "flaky"));
         }
         let n = number(&spec.input);
@@ -373,10 +380,7 @@ impl ModelCfg {
     }
 
     fn gq_config(&self) -> GqConfig {
-        GqConfig {
-            mutations: self.mutations,
-            ..GqConfig::default()
-        }
+        GqConfig::default()
     }
 
     fn lb_config(&self, worker: WorkerId) -> LbConfig {
@@ -384,7 +388,6 @@ impl ModelCfg {
             worker,
             window: self.window,
             overload_threshold: 8,
-            mutations: self.mutations,
             ..LbConfig::default()
         }
     }
@@ -422,6 +425,10 @@ impl ModelCfg {
                         .all(|(r, a)| a.iter().all(|a| *a == m.cfg.expected(*r)))
                 })
             }),
+            Property::<SandModel>::always(
+                "a worker starts each attempt at most once per incarnation",
+                |_, s| workers(s).all(|w| !w.started_twice),
+            ),
             Property::<SandModel>::always(
                 "every pending call is owned by a live incarnation or waits to be placed",
                 |_, s| owners_are_live(gateway(s)),
@@ -669,7 +676,7 @@ fn addressee(msg: &ToWorker) -> Option<Incarnation> {
         | ToWorker::Ack { incarnation, .. }
         | ToWorker::Cancel { incarnation, .. }
         | ToWorker::Abort { incarnation, .. }
-        | ToWorker::Fenced { incarnation } => Some(*incarnation),
+        | ToWorker::Fenced { incarnation, .. } => Some(*incarnation),
         _ => None,
     }
 }
@@ -907,7 +914,7 @@ fn is_stale(state: &State, src: Id, msg: &Msg) -> bool {
             let worker = worker_of(src);
             let known = g.gq.state().workers.get(&worker).map(|r| r.incarnation);
             match msg {
-                ToGateway::Hello { incarnation } => known.is_some_and(|k| *incarnation < k),
+                ToGateway::Hello { incarnation, .. } => known.is_some_and(|k| *incarnation < k),
                 _ => true,
             }
         }
@@ -932,10 +939,12 @@ fn start_worker(
     o: &mut Out<Node>,
 ) -> WorkerState {
     let mut w = WorkerState {
-        lb: LocalBus::new(cfg.lb_config(worker), incarnation),
+        lb: LocalBus::new(cfg.lb_config(worker), incarnation).with_mutations(cfg.mutations),
         epoch: None,
         boots,
         reconnects: cfg.reconnects,
+        started: BTreeSet::new(),
+        started_twice: false,
     };
     if cfg.reconnects > 0 {
         o.set_timer(Timer::Reconnect, model_timeout());
@@ -961,10 +970,11 @@ fn start_gateway(
             for actor in 1..=cfg.workers + 1 {
                 o.send(Id::from(actor), Msg::Restarted);
             }
-            (GlobalQueue::recover(cfg.gq_config(), T0, d.clone()), d)
+            let gq = GlobalQueue::recover(cfg.gq_config(), T0, d.clone());
+            (gq.with_mutations(cfg.mutations), d)
         }
         None => {
-            let mut gq = GlobalQueue::new(cfg.gq_config(), T0);
+            let mut gq = GlobalQueue::new(cfg.gq_config(), T0).with_mutations(cfg.mutations);
             gq.deploy(cfg.app_spec());
             (gq, DurableState::default())
         }
@@ -1139,13 +1149,15 @@ fn drain_worker(w: &mut WorkerState, o: &mut Out<Node>) {
                     o.send(gateway_id(), Msg::ToGateway { epoch, msg });
                 }
             }
-            LbOutput::Run(spec) => o.set_timer(
-                Timer::Grain((spec.exec, spec.call, spec.attempt)),
-                model_timeout(),
-            ),
+            LbOutput::Run(spec) => {
+                let run = (spec.exec, spec.call, spec.attempt);
+                w.started_twice |= !w.started.insert(run);
+                o.set_timer(Timer::Grain(run), model_timeout());
+            }
             LbOutput::Abort(run) => o.cancel_timer(Timer::Grain(run)),
-            // The incarnation is in the worker's state, which a restart reads.
-            LbOutput::Incarnation(_) => {}
+            // The incarnation is in the worker's state, which a restart reads; a new one has
+            // started nothing yet.
+            LbOutput::Incarnation(_) => w.started.clear(),
         }
     }
 }
@@ -1181,6 +1193,8 @@ mod tests {
                 epoch: 0,
                 msg: ToGateway::Hello {
                     incarnation: Incarnation(1),
+                    resumed: false,
+                    started: Vec::new(),
                 },
             },
         };

@@ -45,7 +45,7 @@ use proptest::strategy::{BoxedStrategy, NewTree, Strategy, Union, ValueTree};
 use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestRng, TestRunner};
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
-use sand_protocol::ids::{AppName, CallId, ExecId, GrainName, Incarnation, WorkerId};
+use sand_protocol::ids::{AppName, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::mutations::{Mutation, Mutations};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
@@ -234,6 +234,15 @@ pub enum Step {
         /// Its downtime, in milliseconds.
         down_ms: u32,
     },
+    /// A worker crashes, and its disk loses the record of its last incarnation: after `down_ms`
+    /// it restarts as an incarnation it already used (as after a power cut, before the fixed
+    /// driver's fsyncs, or with the file deleted).
+    CrashWorkerForgetful {
+        /// The worker.
+        worker: u8,
+        /// Its downtime, in milliseconds.
+        down_ms: u32,
+    },
     /// The gateway crashes after its first `persisted` unwritten batches reached the disk
     /// (without it being told); it recovers from the disk after `down_ms`.
     CrashGateway {
@@ -274,6 +283,8 @@ pub enum Property {
     /// Every pending call is owned by a live incarnation, or waits for a retry, or no worker is
     /// connected to take it.
     CallsOwned,
+    /// A worker starts each attempt of a call at most once per incarnation.
+    StartsOnce,
     /// The gateway accepts every invocation of the deployed app.
     Accepts,
     /// After healing, every owed execution is answered and every backlog drains, in bounded time.
@@ -294,6 +305,7 @@ impl fmt::Display for Property {
             Property::JoinFiresOnce => "a join fires once",
             Property::FencedChangesNothing => "a fenced incarnation changes nothing",
             Property::CallsOwned => "every pending call has a live owner or is about to be placed",
+            Property::StartsOnce => "a worker starts each attempt at most once per incarnation",
             Property::Accepts => "the gateway accepts invocations",
             Property::Liveness => "every owed execution is answered after healing",
             Property::NoPanic => "nothing panics",
@@ -338,6 +350,8 @@ pub struct FaultCounts {
     pub partitions: u64,
     /// Worker crashes (each followed by a restart as a new incarnation).
     pub worker_crashes: u64,
+    /// Worker crashes after which the worker restarted as an incarnation it had already used.
+    pub incarnations_reused: u64,
     /// Gateway crashes (each followed by recovery from the disk).
     pub gateway_crashes: u64,
     /// Batches lost because the gateway crashed before writing them.
@@ -352,12 +366,13 @@ pub struct FaultCounts {
 
 impl FaultCounts {
     /// Each kind with its name and count, in a fixed order.
-    pub fn by_kind(&self) -> [(&'static str, u64); 9] {
+    pub fn by_kind(&self) -> [(&'static str, u64); 10] {
         [
             ("connection breaks", self.connection_breaks),
             ("messages dropped", self.messages_dropped),
             ("partitions", self.partitions),
             ("worker crashes", self.worker_crashes),
+            ("incarnations reused", self.incarnations_reused),
             ("gateway crashes", self.gateway_crashes),
             ("batches lost", self.batches_lost),
             ("false suspicions", self.false_suspicions),
@@ -372,6 +387,7 @@ impl FaultCounts {
         self.messages_dropped += other.messages_dropped;
         self.partitions += other.partitions;
         self.worker_crashes += other.worker_crashes;
+        self.incarnations_reused += other.incarnations_reused;
         self.gateway_crashes += other.gateway_crashes;
         self.batches_lost += other.batches_lost;
         self.false_suspicions += other.false_suspicions;
@@ -774,6 +790,7 @@ struct Profile {
     brk: u32,
     partition: u32,
     crash_worker: u32,
+    forget_incarnation: u32,
     crash_gateway: u32,
     suspect: u32,
     gq_timer: u32,
@@ -812,6 +829,7 @@ impl Plan {
             brk: fault(&mut r, &[1, 2, 4, 8]),
             partition: fault(&mut r, &[1, 2]),
             crash_worker: fault(&mut r, &[1, 2]),
+            forget_incarnation: fault(&mut r, &[1]),
             crash_gateway: fault(&mut r, &[1, 2]),
             suspect: fault(&mut r, &[1, 2, 4]),
             gq_timer: fault(&mut r, &[1, 2]),
@@ -893,8 +911,14 @@ fn step_strategy(p: &Profile, workers: u32) -> BoxedStrategy<Step> {
         ),
         (
             p.crash_worker,
-            (worker, 0u32..12_000)
+            (worker.clone(), 0u32..12_000)
                 .prop_map(|(worker, down_ms)| Step::CrashWorker { worker, down_ms })
+                .boxed(),
+        ),
+        (
+            p.forget_incarnation,
+            (worker.clone(), 0u32..3000)
+                .prop_map(|(worker, down_ms)| Step::CrashWorkerForgetful { worker, down_ms })
                 .boxed(),
         ),
         (
@@ -1265,6 +1289,8 @@ struct Node {
     /// The last incarnation used, persisted by the worker so a restart picks a larger one.
     incarnation: Incarnation,
     running: Vec<CallSpec>,
+    /// The attempts its current incarnation started (the checker's record).
+    started: BTreeSet<RunKey>,
     connected: bool,
     /// While crashed: when it restarts.
     restart_at: Time,
@@ -1277,6 +1303,8 @@ struct Sim {
     program: Program,
     gq_config: GqConfig,
     lb_config: LbConfig,
+    /// The deliberate bugs switched on in every state machine the run makes.
+    mutations: Mutations,
     now: Time,
     gq: Option<GlobalQueue>,
     gateway_restart_at: Time,
@@ -1314,20 +1342,18 @@ impl Sim {
             failure_timeout: Duration::from_secs(5),
             timeout_grace: Duration::from_secs(1),
             held_max: 64,
-            mutations: config.mutations,
         };
         let lb_config = LbConfig {
             worker: WorkerId(0),
-            heartbeat_interval: Duration::from_secs(1),
             resend_interval: Duration::from_secs(1),
             overload_threshold: config.overload_threshold,
             window: config.window.max(1),
             message_weight_max: config.message_weight_max,
-            mutations: config.mutations,
         };
         let nodes = (0..config.workers.max(1))
             .map(|_| Node {
                 lb: None,
+                started: BTreeSet::new(),
                 incarnation: Incarnation(0),
                 running: Vec::new(),
                 connected: false,
@@ -1340,6 +1366,7 @@ impl Sim {
             program: schedule.program,
             gq_config,
             lb_config,
+            mutations: schedule.config.mutations,
             now: Time::ZERO,
             gq: None,
             gateway_restart_at: Time::ZERO,
@@ -1389,7 +1416,7 @@ impl Sim {
 
     /// A fresh cluster: the app deployed durably, every worker connected.
     fn setup(&mut self) -> Checked {
-        let mut gq = GlobalQueue::new(self.gq_config, Time::ZERO);
+        let mut gq = GlobalQueue::new(self.gq_config, Time::ZERO).with_mutations(self.mutations);
         gq.deploy(self.program.app_spec());
         self.gq = Some(gq);
         self.drain_gq()?;
@@ -1418,6 +1445,18 @@ impl Sim {
             Step::Partition { worker, ms } => self.partition(w(worker), u64::from(ms)),
             Step::CrashWorker { worker, down_ms } => {
                 self.crash_worker(w(worker), u64::from(down_ms))
+            }
+            Step::CrashWorkerForgetful { worker, down_ms } => {
+                let w = w(worker);
+                if self.nodes[w].lb.is_none() {
+                    return Ok(());
+                }
+                self.crash_worker(w, u64::from(down_ms))?;
+                let node = &mut self.nodes[w];
+                node.incarnation = Incarnation(node.incarnation.0.saturating_sub(1));
+                self.faults.incarnations_reused += 1;
+                self.note(|| format!("  w{w}: lost the record of its last incarnation"));
+                Ok(())
             }
             Step::CrashGateway { persisted, down_ms } => {
                 self.crash_gateway(usize::from(persisted), u64::from(down_ms))
@@ -1599,7 +1638,8 @@ impl Sim {
         if self.gq.is_some() {
             return Ok(());
         }
-        let gq = GlobalQueue::recover(self.gq_config, self.now, self.store.clone());
+        let gq = GlobalQueue::recover(self.gq_config, self.now, self.store.clone())
+            .with_mutations(self.mutations);
         self.gq = Some(gq);
         self.note(|| "  gateway: recovered from the disk".to_string());
         // An execution that ended durably while its answer waited for the crashed gateway to
@@ -1652,7 +1692,7 @@ impl Sim {
         };
         let wid = WorkerId(worker as u32);
         let incarnation = match &msg {
-            ToGateway::Hello { incarnation }
+            ToGateway::Hello { incarnation, .. }
             | ToGateway::Heartbeat { incarnation, .. }
             | ToGateway::Progress { incarnation, .. } => *incarnation,
             ToGateway::Fetch { .. } | ToGateway::Trace { .. } => return Ok(()), // Not protocol.
@@ -1763,9 +1803,19 @@ impl Sim {
                         });
                     }
                 }
-                LbOutput::Run(spec) => node.running.push(spec),
+                LbOutput::Run(spec) => {
+                    let run = (spec.exec, spec.call, spec.attempt);
+                    if !node.started.insert(run) {
+                        let why = format!("w{w} started {run:?} twice in {:?}", node.incarnation);
+                        return Err(self.fail(Property::StartsOnce, why));
+                    }
+                    node.running.push(spec);
+                }
                 LbOutput::Abort(run) => node.running.retain(|s| (s.exec, s.call, s.attempt) != run),
-                LbOutput::Incarnation(i) => node.incarnation = i,
+                LbOutput::Incarnation(i) => {
+                    node.incarnation = i;
+                    node.started.clear();
+                }
             }
         }
         Ok(())
@@ -1879,7 +1929,8 @@ impl Sim {
             worker: WorkerId(w as u32),
             ..self.lb_config
         };
-        node.lb = Some(LocalBus::new(config, incarnation));
+        node.lb = Some(LocalBus::new(config, incarnation).with_mutations(self.mutations));
+        node.started.clear();
         self.note(|| format!("  w{w}: started as {incarnation:?}"));
         self.connect(w)
     }
@@ -2095,11 +2146,12 @@ fn durable_before_visible(store: &DurableState, out: &GqOutput) -> Result<(), St
             ToWorker::Welcome {
                 incarnation,
                 applied: upto,
+                ..
             },
         ) => store.workers.get(w).is_some_and(|r| {
             r.incarnation > *incarnation || (r.incarnation == *incarnation && r.applied >= *upto)
         }),
-        GqOutput::Send(w, ToWorker::Fenced { incarnation }) => store
+        GqOutput::Send(w, ToWorker::Fenced { incarnation, .. }) => store
             .workers
             .get(w)
             .is_some_and(|r| r.incarnation > *incarnation || r.dead),

@@ -371,7 +371,7 @@ fn no_dead_letters(cfg: ModelCfg) -> (usize, usize) {
                         | ToWorker::Ack { incarnation, .. }
                         | ToWorker::Cancel { incarnation, .. }
                         | ToWorker::Abort { incarnation, .. }
-                        | ToWorker::Fenced { incarnation } => *incarnation,
+                        | ToWorker::Fenced { incarnation, .. } => *incarnation,
                         other => panic!("the model sent a service message: {other:?}"),
                     };
                     assert!(

@@ -19,7 +19,7 @@ use crate::durable::{
     Answer, Batch, CallRecord, DurableState, ExecRecord, ExecStatus, JoinRecord, LogIndex, Op,
     Owner, WorkerRecord,
 };
-use crate::ids::{AppName, Attempt, CallId, ExecId, Incarnation, Seq, WorkerId};
+use crate::ids::{AppName, Attempt, CallId, ExecId, Incarnation, RunKey, Seq, WorkerId};
 use crate::mutations::{Mutation, Mutations};
 use crate::policy::{AppSpec, GrainPolicy};
 use crate::time::Time;
@@ -34,7 +34,9 @@ pub type CallKey = (ExecId, CallId);
 /// Settings of a global queue.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct GqConfig {
-    /// A worker silent this long is declared dead and its calls re-dispatched.
+    /// A worker silent this long is declared dead and its calls re-dispatched. Workers heartbeat
+    /// every [`heartbeat_interval`](Self::heartbeat_interval), which the gateway derives from it
+    /// and sends in `Welcome`, so that the two cannot disagree.
     pub failure_timeout: Duration,
     /// Added to a grain's timeout before the gateway gives up on an attempt the worker did not
     /// report: the worker's own kill should come first.
@@ -42,8 +44,30 @@ pub struct GqConfig {
     /// How many early progress messages per worker are held back waiting for their
     /// predecessors; more are dropped (the worker re-sends them).
     pub held_max: usize,
-    /// Deliberate bugs for checkers; none in production.
-    pub mutations: Mutations,
+}
+
+impl GqConfig {
+    /// The shortest failure timeout a gateway runs with: below it, a heartbeat's share of the
+    /// timeout is within the reach of ordinary scheduling delays, and live workers would be
+    /// suspected.
+    pub const FAILURE_TIMEOUT_MIN: Duration = Duration::from_millis(500);
+
+    /// How many heartbeats a worker sends per failure timeout: a live, idle worker is suspected
+    /// only if this many in a row are late.
+    pub const HEARTBEATS_PER_TIMEOUT: u32 = 5;
+
+    /// How often workers heartbeat, as each `Welcome` tells them.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.failure_timeout / Self::HEARTBEATS_PER_TIMEOUT
+    }
+
+    /// Refuses settings under which a live, idle worker could be suspected.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.failure_timeout < Self::FAILURE_TIMEOUT_MIN {
+            return Err(ConfigError::FailureTimeout(self.failure_timeout));
+        }
+        Ok(())
+    }
 }
 
 impl Default for GqConfig {
@@ -52,9 +76,21 @@ impl Default for GqConfig {
             failure_timeout: Duration::from_secs(5),
             timeout_grace: Duration::from_secs(2),
             held_max: 1024,
-            mutations: Mutations::NONE,
         }
     }
+}
+
+/// Settings a global queue refuses to run with.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The failure timeout is below [`GqConfig::FAILURE_TIMEOUT_MIN`].
+    #[error(
+        "a failure timeout of {} ms is too short: live workers would be declared dead; use at \
+         least {} ms",
+        .0.as_millis(),
+        GqConfig::FAILURE_TIMEOUT_MIN.as_millis()
+    )]
+    FailureTimeout(Duration),
 }
 
 /// Something that happened, fed to [`GlobalQueue::handle`].
@@ -120,6 +156,11 @@ pub enum InvokeError {
 struct Link {
     /// Whether its current incarnation said `Hello` on a connection that is still open.
     connected: bool,
+    /// Counts the worker's connections as the queue saw them come and go: bumped by every
+    /// `Hello` (it opens one) and every `Disconnected`. A message made for one session is never
+    /// sent in another: the transport would put it on the worker's new connection, ahead of
+    /// what that connection's `Hello` decides (a dispatch sent twice, a `Welcome` out of turn).
+    session: u64,
     /// Progress messages that arrived before their predecessors.
     held: BTreeMap<Seq, Vec<Report>>,
 }
@@ -135,10 +176,14 @@ struct Link {
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct GlobalQueue {
     config: GqConfig,
+    /// Deliberate bugs, for checkers only: none unless [`with_mutations`](Self::with_mutations).
+    mutations: Mutations,
     /// Everything durable, including changes not yet reported persisted.
     state: DurableState,
     /// The next execution index in this epoch.
     next_index: u32,
+    /// The next placement index in this epoch: every placement's attempt is its own.
+    next_placement: u32,
     /// Idempotency keys of known executions.
     keys: BTreeMap<String, ExecId>,
     /// Pending calls by owner.
@@ -155,7 +200,7 @@ pub struct GlobalQueue {
     /// Outputs of the event being handled that must wait for its batch.
     after_batch: Vec<GqOutput>,
     /// Outputs waiting for their batch to be durable.
-    gated: Vec<(LogIndex, GqOutput)>,
+    gated: Vec<Gated>,
     outputs: VecDeque<GqOutput>,
 }
 
@@ -170,8 +215,10 @@ impl GlobalQueue {
     pub fn recover(config: GqConfig, now: Time, state: DurableState) -> Self {
         let mut gq = Self {
             config,
+            mutations: Mutations::NONE,
             state,
             next_index: 0,
+            next_placement: 0,
             keys: BTreeMap::new(),
             owned: BTreeMap::new(),
             links: BTreeMap::new(),
@@ -214,6 +261,13 @@ impl GlobalQueue {
         }
         gq.close_batch();
         gq
+    }
+
+    /// The same queue with deliberate bugs switched on, for the model checker and the simulator
+    /// to show that they catch them. The gateway never calls it: its queue runs as designed.
+    pub fn with_mutations(mut self, mutations: Mutations) -> Self {
+        self.mutations = mutations;
+        self
     }
 
     /// Deploys or replaces an app.
@@ -309,9 +363,9 @@ impl GlobalQueue {
         match event {
             GqEvent::Message(worker, msg) => self.on_message(now, worker, msg),
             GqEvent::Disconnected(worker) => {
-                if let Some(link) = self.links.get_mut(&worker) {
-                    link.connected = false;
-                }
+                let link = self.links.entry(worker).or_default();
+                link.connected = false;
+                link.session += 1;
             }
             GqEvent::Persisted(upto) => self.on_persisted(upto),
             GqEvent::Timeout(timer) => {
@@ -383,7 +437,7 @@ impl GlobalQueue {
 
     fn on_message(&mut self, now: Time, worker: WorkerId, msg: ToGateway) {
         let incarnation = match &msg {
-            ToGateway::Hello { incarnation } => return self.on_hello(now, worker, *incarnation),
+            ToGateway::Hello { .. } => return self.on_hello(now, worker, msg),
             ToGateway::Heartbeat { incarnation, .. } | ToGateway::Progress { incarnation, .. } => {
                 *incarnation
             }
@@ -396,6 +450,7 @@ impl GlobalQueue {
             return; // A newer life that has not said Hello yet.
         }
         if self.refuses(worker, incarnation) {
+            tracing::info!(%worker, incarnation = incarnation.0, "refused a message of a dead incarnation");
             self.fence(worker, incarnation);
             return;
         }
@@ -415,73 +470,122 @@ impl GlobalQueue {
         })
     }
 
-    fn on_hello(&mut self, now: Time, worker: WorkerId, incarnation: Incarnation) {
+    /// A worker opens a session. Only a reconnect of the live incarnation the gateway knows
+    /// resumes it; a life that does not say it resumes must be new, above every incarnation the
+    /// gateway knows, or it is fenced and told where to start; and any `Hello` that says the
+    /// known life has ended (a newer incarnation, or the known one starting over) declares it
+    /// dead first.
+    fn on_hello(&mut self, now: Time, worker: WorkerId, hello: ToGateway) {
+        let ToGateway::Hello {
+            incarnation,
+            resumed,
+            started,
+        } = hello
+        else {
+            return;
+        };
+        self.links.entry(worker).or_default().session += 1;
         let known = self.state.workers.get(&worker).copied();
-        match known {
-            Some(rec)
-                if incarnation < rec.incarnation
-                    || (incarnation == rec.incarnation && rec.dead) =>
-            {
-                self.fence(worker, incarnation);
-            }
-            Some(rec) if incarnation == rec.incarnation => {
-                // A reconnect: re-send what it may have missed.
-                self.links.entry(worker).or_default().connected = true;
-                self.touch(now, worker);
-                self.after_batch.push(GqOutput::Send(
-                    worker,
-                    ToWorker::Welcome {
-                        incarnation,
-                        applied: rec.applied,
-                    },
-                ));
-                let owner = Owner {
-                    worker,
-                    incarnation,
-                };
-                let keys: Vec<CallKey> = self
-                    .owned
-                    .get(&owner)
-                    .map(|s| s.iter().copied().collect())
-                    .unwrap_or_default();
-                for key in keys {
-                    if let Some(rec) = self.state.calls.get(&key) {
-                        let msg = ToWorker::Dispatch {
-                            incarnation,
-                            call: spec_of(rec),
-                        };
-                        self.send(worker, msg);
-                    }
-                }
-                self.place_waiting(now);
-            }
-            _ => {
-                // A new incarnation: whatever the old one owned is lost with it.
-                if let Some(old) = known.filter(|r| !r.dead) {
-                    self.declare_dead(now, worker, old);
-                }
-                self.commit(Op::PutWorker(
-                    worker,
-                    WorkerRecord {
-                        incarnation,
-                        dead: false,
-                        applied: Seq(0),
-                    },
-                ));
-                let link = self.links.entry(worker).or_default();
-                link.connected = true;
-                link.held.clear();
-                self.touch(now, worker);
-                self.after_batch.push(GqOutput::Send(
-                    worker,
-                    ToWorker::Welcome {
-                        incarnation,
-                        applied: Seq(0),
-                    },
-                ));
-                self.place_waiting(now);
+        let live = known.filter(|r| !r.dead);
+        if resumed && live.is_some_and(|r| r.incarnation == incarnation) {
+            return self.on_reconnect(now, worker, incarnation, &started);
+        }
+        if let Some(old) = live {
+            if incarnation > old.incarnation {
+                self.declare_dead(now, worker, old, Death::Replaced(incarnation));
+            } else if incarnation == old.incarnation && !resumed {
+                self.declare_dead(now, worker, old, Death::Restarted);
             }
         }
+        let above = known.is_none_or(|r| incarnation > r.incarnation);
+        if resumed || !above {
+            tracing::warn!(
+                %worker,
+                incarnation = incarnation.0,
+                known = known.map(|r| r.incarnation.0),
+                resumed,
+                "refused a Hello: the gateway cannot take it as this incarnation; it starts over"
+            );
+            if above {
+                // A life that says it resumes, unknown here (its record was lost): recorded
+                // dead, so that nothing it says counts.
+                let dead = WorkerRecord {
+                    incarnation,
+                    dead: true,
+                    applied: Seq(0),
+                };
+                self.commit(Op::PutWorker(worker, dead));
+            }
+            return self.fence(worker, incarnation);
+        }
+        self.commit(Op::PutWorker(
+            worker,
+            WorkerRecord {
+                incarnation,
+                dead: false,
+                applied: Seq(0),
+            },
+        ));
+        let link = self.links.entry(worker).or_default();
+        link.connected = true;
+        link.held.clear();
+        self.touch(now, worker);
+        tracing::info!(%worker, incarnation = incarnation.0, "worker joined");
+        self.after_batch.push(GqOutput::Send(
+            worker,
+            ToWorker::Welcome {
+                incarnation,
+                applied: Seq(0),
+                heartbeat: self.config.heartbeat_interval(),
+            },
+        ));
+        self.place_waiting(now);
+    }
+
+    /// The live incarnation opens a new connection: welcome it back, and re-send the dispatch
+    /// of every call it owns that it has not started (a started one's report is re-sent).
+    fn on_reconnect(
+        &mut self,
+        now: Time,
+        worker: WorkerId,
+        incarnation: Incarnation,
+        started: &[RunKey],
+    ) {
+        let applied = self
+            .state
+            .workers
+            .get(&worker)
+            .map_or(Seq(0), |r| r.applied);
+        self.links.entry(worker).or_default().connected = true;
+        self.touch(now, worker);
+        self.after_batch.push(GqOutput::Send(
+            worker,
+            ToWorker::Welcome {
+                incarnation,
+                applied,
+                heartbeat: self.config.heartbeat_interval(),
+            },
+        ));
+        let owner = Owner {
+            worker,
+            incarnation,
+        };
+        let resend: Vec<CallSpec> = self
+            .owned
+            .get(&owner)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.state.calls.get(key))
+            .filter(|c| {
+                let listed = started.contains(&(c.exec, c.call, c.attempt));
+                !listed || self.mutated(Mutation::RerunStarted)
+            })
+            .map(spec_of)
+            .collect();
+        for call in resend {
+            self.send(worker, ToWorker::Dispatch { incarnation, call });
+        }
+        self.place_waiting(now);
     }
 
     fn on_progress(
@@ -566,6 +670,8 @@ impl GlobalQueue {
             return;
         }
         let app = root.app.clone();
+        // A call spawned by a report inherits its root's attempt: the worker ran it under it.
+        let report_attempt = report.attempt;
         let effects = match report.outcome {
             Outcome::Failed(error) => return self.fail_attempt(now, key, error),
             Outcome::Done(effects) => effects,
@@ -629,7 +735,7 @@ impl GlobalQueue {
                     grain: new.grain,
                     input: new.input,
                     cont: new.cont,
-                    attempt: Attempt(0),
+                    attempt: report_attempt,
                     failures: 0,
                     owner: new.owned.then_some(owner),
                 },
@@ -747,7 +853,7 @@ impl GlobalQueue {
                         if self.links.get(&worker).is_some_and(|l| l.connected) {
                             self.fence(worker, rec.incarnation);
                         }
-                        self.declare_dead(now, worker, rec);
+                        self.declare_dead(now, worker, rec, Death::Silent);
                     }
                 }
             }
@@ -777,7 +883,8 @@ impl GlobalQueue {
     }
 
     /// Fences a worker incarnation for good and re-dispatches every call it owned.
-    fn declare_dead(&mut self, now: Time, worker: WorkerId, rec: WorkerRecord) {
+    fn declare_dead(&mut self, now: Time, worker: WorkerId, rec: WorkerRecord, why: Death) {
+        tracing::warn!(%worker, incarnation = rec.incarnation.0, reason = %why, "worker incarnation declared dead");
         self.commit(Op::PutWorker(worker, WorkerRecord { dead: true, ..rec }));
         self.timers.remove(&GqTimer::Suspect(worker));
         if let Some(link) = self.links.get_mut(&worker) {
@@ -791,16 +898,33 @@ impl GlobalQueue {
         let keys = self.owned.remove(&owner).unwrap_or_default();
         for key in keys {
             if let Some(mut call) = self.state.calls.get(&key).cloned() {
+                tracing::info!(
+                    exec = %call.exec,
+                    call = %call.call,
+                    attempt = ?call.attempt,
+                    %worker,
+                    incarnation = rec.incarnation.0,
+                    "re-dispatching a call: its owner was declared dead"
+                );
                 call.owner = None;
                 self.put_call(now, call);
             }
         }
     }
 
-    /// Tells an incarnation it is dead, once that is durable.
+    /// Tells an incarnation it is dead, once that is durable, and where to start again: above
+    /// every incarnation of the worker the gateway knows.
     fn fence(&mut self, worker: WorkerId, incarnation: Incarnation) {
-        self.after_batch
-            .push(GqOutput::Send(worker, ToWorker::Fenced { incarnation }));
+        let known = self.state.workers.get(&worker).map(|r| r.incarnation);
+        let successor = known.unwrap_or_default().max(incarnation).next();
+        tracing::info!(%worker, incarnation = incarnation.0, successor = successor.0, "fencing a worker incarnation");
+        self.after_batch.push(GqOutput::Send(
+            worker,
+            ToWorker::Fenced {
+                incarnation,
+                successor,
+            },
+        ));
     }
 
     /// Places every call that waits for a worker and is not backing off.
@@ -827,7 +951,8 @@ impl GlobalQueue {
         if rec.owner.is_none() && !backing_off {
             rec.owner = self.choose_worker();
             if let Some(owner) = rec.owner {
-                rec.attempt = rec.attempt.placed_after(self.state.epoch);
+                rec.attempt = Attempt::placement(self.state.epoch, self.next_placement);
+                self.next_placement += 1;
                 let msg = ToWorker::Dispatch {
                     incarnation: owner.incarnation,
                     call: spec_of(&rec),
@@ -913,12 +1038,16 @@ impl GlobalQueue {
         }
         self.durable = upto.min(self.logged);
         let durable = self.durable;
-        let (ready, waiting): (Vec<_>, Vec<_>) = self
-            .gated
-            .drain(..)
-            .partition(|(needs, _)| *needs <= durable);
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            self.gated.drain(..).partition(|g| g.needs <= durable);
         self.gated = waiting;
-        self.outputs.extend(ready.into_iter().map(|(_, out)| out));
+        for g in ready {
+            if self.session_of(&g.out) == g.session {
+                self.outputs.push_back(g.out);
+            } else {
+                tracing::debug!(output = ?g.out, "dropped: its worker's connection changed while it waited for the disk");
+            }
+        }
     }
 
     /// Sends a message, unless the epoch record is not yet durable: ids of this epoch must not
@@ -928,12 +1057,30 @@ impl GlobalQueue {
         if self.durable >= self.epoch_index {
             self.outputs.push_back(out);
         } else {
-            self.gated.push((self.epoch_index, out));
+            self.gate(self.epoch_index, out);
+        }
+    }
+
+    /// Holds an output until batch `needs` is durable.
+    fn gate(&mut self, needs: LogIndex, out: GqOutput) {
+        let session = self.session_of(&out);
+        self.gated.push(Gated {
+            needs,
+            session,
+            out,
+        });
+    }
+
+    /// The session of the worker a message goes to (0 for outputs that go to no worker).
+    fn session_of(&self, out: &GqOutput) -> u64 {
+        match out {
+            GqOutput::Send(worker, _) => self.links.get(worker).map_or(0, |l| l.session),
+            _ => 0,
         }
     }
 
     fn mutated(&self, m: Mutation) -> bool {
-        self.config.mutations.has(m)
+        self.mutations.has(m)
     }
 
     fn commit(&mut self, op: Op) {
@@ -953,12 +1100,44 @@ impl GlobalQueue {
         }
         let needs = self.logged;
         let eager = self.mutated(Mutation::VisibleBeforeDurable);
-        for out in self.after_batch.drain(..) {
+        for out in std::mem::take(&mut self.after_batch) {
             if needs <= self.durable || eager {
                 self.outputs.push_back(out);
             } else {
-                self.gated.push((needs, out));
+                self.gate(needs, out);
             }
+        }
+    }
+}
+
+/// An output waiting for a batch to be durable.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct Gated {
+    /// The batch it waits for.
+    needs: LogIndex,
+    /// The session of its worker's link when it was made.
+    session: u64,
+    out: GqOutput,
+}
+
+/// Why a worker incarnation was declared dead.
+#[derive(Clone, Copy, Debug)]
+enum Death {
+    /// It was silent for the failure timeout.
+    Silent,
+    /// The worker said `Hello` as a newer incarnation.
+    Replaced(Incarnation),
+    /// The worker said `Hello` as this incarnation, starting over: it restarted without the
+    /// record of its incarnation.
+    Restarted,
+}
+
+impl std::fmt::Display for Death {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Death::Silent => f.write_str("silent for the failure timeout"),
+            Death::Replaced(i) => write!(f, "replaced by incarnation {}", i.0),
+            Death::Restarted => f.write_str("restarted with an incarnation already in use"),
         }
     }
 }

@@ -138,23 +138,30 @@ impl fmt::Debug for Incarnation {
 
 /// One try at running a call: one placement decision.
 ///
-/// A worker that spawns a call itself runs attempt 0. The gateway gives every placement a fresh
-/// attempt, above the call's last and at least [`Attempt::epoch_floor`] of its epoch, so that a
-/// gateway rebuilt after a crash never repeats an attempt the lost one handed out. A worker may
-/// thus ignore a dispatch of an attempt it already started: it can only be a re-send. The gateway
-/// refuses results for any but a call's current attempt.
+/// Every placement the gateway makes gets an attempt of its own, unique in the cluster's life:
+/// the `index`-th placement of gateway epoch `epoch` (the epoch is durable and bumped at every
+/// gateway start, so a gateway rebuilt after a crash never repeats an attempt the lost one
+/// handed out). A call a worker spawns itself runs under its parent's attempt: one local lineage
+/// shares the number of the placement it grew from. So one attempt of one call is one run per
+/// worker incarnation, whatever happens: two lineages of a call grew from two placements and
+/// carry two numbers, and a placement of a call is never a number a lineage carries. A worker may
+/// thus ignore a dispatch of an attempt it already started: it can only be a re-send. The
+/// gateway refuses results for any but a call's current attempt.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct Attempt(pub u64);
 
+/// One attempt of one call: what a worker starts at most once per incarnation.
+pub type RunKey = (ExecId, CallId, Attempt);
+
 impl Attempt {
-    /// The lowest attempt the gateway of `epoch` hands out.
-    pub fn epoch_floor(epoch: u32) -> Self {
-        Self(u64::from(epoch) << 32)
+    /// The `index`-th placement of gateway epoch `epoch`.
+    pub fn placement(epoch: u32, index: u32) -> Self {
+        Self((u64::from(epoch) << 32) | u64::from(index))
     }
 
-    /// The attempt a placement in `epoch` takes after this one.
-    pub fn placed_after(self, epoch: u32) -> Self {
-        Self((self.0 + 1).max(Self::epoch_floor(epoch).0))
+    /// The first placement of gateway epoch `epoch`.
+    pub fn epoch_floor(epoch: u32) -> Self {
+        Self::placement(epoch, 0)
     }
 }
 

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use crate::ids::{Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
+use crate::ids::{Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq, WorkerId};
 use crate::mutations::{Mutation, Mutations};
 use crate::time::Time;
 use crate::wire::{
@@ -21,16 +21,11 @@ use crate::wire::{
     Return, ToGateway, ToWorker, FANOUT_MAX, PAYLOAD_BYTES_MAX,
 };
 
-/// One attempt of one call: unique within an incarnation.
-pub type RunKey = (ExecId, CallId, Attempt);
-
 /// Settings of a local bus.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct LbConfig {
     /// This worker.
     pub worker: WorkerId,
-    /// How often to heartbeat while connected.
-    pub heartbeat_interval: Duration,
     /// How long a sent progress message waits for its ack before being re-sent.
     pub resend_interval: Duration,
     /// With this many calls running, emitted calls go to the gateway instead of running here.
@@ -39,15 +34,12 @@ pub struct LbConfig {
     pub window: usize,
     /// A progress message stops taking reports once it weighs this many bytes.
     pub message_weight_max: usize,
-    /// Deliberate bugs for checkers; none in production.
-    pub mutations: Mutations,
 }
 
 impl Default for LbConfig {
     fn default() -> Self {
         Self {
             worker: WorkerId(0),
-            heartbeat_interval: Duration::from_secs(1),
             resend_interval: Duration::from_secs(1),
             overload_threshold: 64,
             // A chain's reports must not wait for acks: a gateway ack is a link round trip
@@ -56,7 +48,6 @@ impl Default for LbConfig {
             // link; with 16 it did not (sand-bench).
             window: 16,
             message_weight_max: 4 << 20,
-            mutations: Mutations::NONE,
         }
     }
 }
@@ -150,17 +141,26 @@ struct Unsent {
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct LocalBus {
     config: LbConfig,
+    /// Deliberate bugs, for checkers only: none unless [`with_mutations`](Self::with_mutations).
+    mutations: Mutations,
     incarnation: Incarnation,
     /// Whether the gateway welcomed this incarnation on the current connection.
     welcomed: bool,
+    /// Whether the gateway welcomed this incarnation on any connection: its `Hello` then says
+    /// it resumes.
+    resumed: bool,
+    /// How often to heartbeat, as the gateway's `Welcome` said.
+    heartbeat: Duration,
     connected: bool,
     /// Attempts running now.
     running: BTreeMap<RunKey, CallSpec>,
-    /// Attempts that finished, with the message that reports them once sent. Kept until acked,
-    /// so a re-sent dispatch of one is recognised and ignored.
+    /// Attempts that finished, with the message that reports them once sent. Kept until acked:
+    /// a reconnecting `Hello` lists them, so that the gateway does not dispatch them again.
     settled: BTreeMap<RunKey, Option<Seq>>,
-    /// Fan-outs whose join this worker may start.
-    joins: BTreeMap<(ExecId, CallId), LocalJoin>,
+    /// Fan-outs whose join this worker may start, by the join's run: its call under the
+    /// fan-out's attempt, which its branches run under too. Two attempts of a fan-out are two
+    /// lineages, and a branch contributes only to its own.
+    joins: BTreeMap<RunKey, LocalJoin>,
     unsent: Vec<Unsent>,
     /// Sent progress, kept until acked.
     inflight: BTreeMap<Seq, Vec<Report>>,
@@ -176,8 +176,11 @@ impl LocalBus {
     pub fn new(config: LbConfig, incarnation: Incarnation) -> Self {
         Self {
             config,
+            mutations: Mutations::NONE,
             incarnation,
             welcomed: false,
+            resumed: false,
+            heartbeat: Duration::ZERO,
             connected: false,
             running: BTreeMap::new(),
             settled: BTreeMap::new(),
@@ -191,15 +194,19 @@ impl LocalBus {
         }
     }
 
+    /// The same bus with deliberate bugs switched on, for the model checker and the simulator
+    /// to show that they catch them. The worker never calls it: its bus runs as designed.
+    pub fn with_mutations(mut self, mutations: Mutations) -> Self {
+        self.mutations = mutations;
+        self
+    }
+
     /// Handles one event.
     pub fn handle(&mut self, now: Time, event: LbEvent) {
         match event {
             LbEvent::Connected => {
-                self.connected = true;
                 self.welcomed = false;
-                self.send(ToGateway::Hello {
-                    incarnation: self.incarnation,
-                });
+                self.handle_connected();
             }
             LbEvent::Disconnected => {
                 self.connected = false;
@@ -278,26 +285,29 @@ impl LocalBus {
             | ToWorker::Ack { incarnation, .. }
             | ToWorker::Cancel { incarnation, .. }
             | ToWorker::Abort { incarnation, .. }
-            | ToWorker::Fenced { incarnation } => *incarnation,
+            | ToWorker::Fenced { incarnation, .. } => *incarnation,
             ToWorker::Bundle { .. } | ToWorker::AppChanged { .. } => return, // The driver's.
         };
         if incarnation != self.incarnation {
             return; // Addressed to another life of this worker.
         }
         match msg {
-            ToWorker::Welcome { applied, .. } => {
+            ToWorker::Welcome {
+                applied, heartbeat, ..
+            } => {
                 if !self.connected {
                     return;
                 }
                 self.welcomed = true;
+                self.resumed = true;
+                self.heartbeat = heartbeat;
                 self.on_ack(applied);
                 self.resend(now);
-                self.timers
-                    .insert(LbTimer::Heartbeat, now + self.config.heartbeat_interval);
+                self.timers.insert(LbTimer::Heartbeat, now + heartbeat);
             }
             ToWorker::Dispatch { call, .. } => {
                 let run = (call.exec, call.call, call.attempt);
-                let rerun = self.config.mutations.has(Mutation::RerunStarted);
+                let rerun = self.mutations.has(Mutation::RerunStarted);
                 if rerun || !self.running.contains_key(&run) && !self.settled.contains_key(&run) {
                     self.start(call);
                 }
@@ -315,7 +325,7 @@ impl LocalBus {
                     self.outputs.push_back(LbOutput::Abort(run));
                 }
                 self.settled.retain(|r, _| r.0 != exec);
-                self.joins.retain(|(e, _), _| *e != exec);
+                self.joins.retain(|(e, _, _), _| *e != exec);
             }
             ToWorker::Abort {
                 exec,
@@ -328,17 +338,19 @@ impl LocalBus {
                     self.outputs.push_back(LbOutput::Abort(run));
                 }
             }
-            ToWorker::Fenced { .. } => self.reincarnate(),
+            ToWorker::Fenced { successor, .. } => self.reincarnate(successor),
             ToWorker::Bundle { .. } | ToWorker::AppChanged { .. } => {} // Returned above.
         }
     }
 
-    /// Declared dead: kill everything, forget everything, come back as a new incarnation.
-    fn reincarnate(&mut self) {
+    /// Declared dead: kill everything, forget everything, come back as a new incarnation, at
+    /// least `successor`.
+    fn reincarnate(&mut self, successor: Incarnation) {
         for run in std::mem::take(&mut self.running).into_keys() {
             self.outputs.push_back(LbOutput::Abort(run));
         }
-        let fresh = Self::new(self.config, self.incarnation.next());
+        let fresh = Self::new(self.config, self.incarnation.next().max(successor))
+            .with_mutations(self.mutations);
         let outputs = std::mem::take(&mut self.outputs);
         let connected = self.connected;
         *self = fresh;
@@ -350,10 +362,15 @@ impl LocalBus {
         }
     }
 
+    /// Says `Hello` on a new connection, listing what this incarnation started and the gateway
+    /// has not acked, so that nothing started is dispatched to it again.
     fn handle_connected(&mut self) {
         self.connected = true;
+        let started = self.running.keys().chain(self.settled.keys()).copied();
         self.send(ToGateway::Hello {
             incarnation: self.incarnation,
+            resumed: self.resumed,
+            started: started.collect(),
         });
     }
 
@@ -365,7 +382,7 @@ impl LocalBus {
             Ok(GrainResult::Error(error)) | Err(error) => {
                 if let Cont::Join { join, .. } = spec.cont {
                     // The gateway retries the branch, perhaps elsewhere: it starts the join.
-                    self.joins.remove(&(spec.exec, join));
+                    self.joins.remove(&(spec.exec, join, spec.attempt));
                 }
                 Outcome::Failed(error)
             }
@@ -400,7 +417,7 @@ impl LocalBus {
         let Cont::Join { join, branch } = spec.cont else {
             return effects;
         };
-        let jkey = (spec.exec, join);
+        let jkey = (spec.exec, join, spec.attempt);
         let Some(local) = self.joins.get_mut(&jkey) else {
             return effects;
         };
@@ -417,13 +434,13 @@ impl LocalBus {
         let Ok(input) = Payload::json_array(local.contributions.iter().flatten()) else {
             return effects;
         };
-        if self.overloaded() || self.has_run(spec.exec, local.spec.call) {
+        if self.overloaded() || self.has_run(jkey) {
             return effects;
         }
         let join = CallSpec {
             exec: spec.exec,
             call: local.spec.call,
-            attempt: Attempt(0),
+            attempt: spec.attempt,
             app: local.fan_out.app.clone(),
             grain: local.spec.grain.clone(),
             input: input.clone(),
@@ -465,7 +482,7 @@ impl LocalBus {
         if all_local {
             let contributions = vec![None; join.branches as usize];
             self.joins.insert(
-                (spec.exec, join.call),
+                (spec.exec, join.call, spec.attempt),
                 LocalJoin {
                     spec: join,
                     fan_out: spec.clone(),
@@ -488,7 +505,7 @@ impl LocalBus {
         effects: &mut Effects,
     ) -> bool {
         let call = parent.call.child(index);
-        let local = !self.overloaded() && !self.has_run(parent.exec, call);
+        let local = !self.overloaded() && !self.has_run((parent.exec, call, parent.attempt));
         effects.spawned.push(NewCall {
             call,
             grain: grain.clone(),
@@ -500,7 +517,7 @@ impl LocalBus {
             self.start(CallSpec {
                 exec: parent.exec,
                 call,
-                attempt: Attempt(0),
+                attempt: parent.attempt,
                 app: parent.app.clone(),
                 grain,
                 input,
@@ -516,15 +533,16 @@ impl LocalBus {
         self.outputs.push_back(LbOutput::Run(spec));
     }
 
-    /// Whether this incarnation already started attempt 0 of the call. A parent that runs again
-    /// (a re-dispatch after its report was lost) emits the same call; running it a second time
-    /// under the same attempt would make a later re-send indistinguishable from it, so the
-    /// gateway places it instead, with a fresh attempt.
-    fn has_run(&self, exec: ExecId, call: CallId) -> bool {
-        if self.config.mutations.has(Mutation::RerunStarted) {
+    /// Whether this incarnation still remembers starting this attempt. A call spawned here runs
+    /// under its parent's attempt, so the attempts of one lineage never meet another's: two
+    /// attempts of a parent (a gateway that lost its first placement placed it again) spawn
+    /// different attempts of the same call. A parent attempt runs once per incarnation, so its
+    /// spawned attempt can be met again only while it is remembered; then the gateway places the
+    /// call instead, with a fresh attempt.
+    fn has_run(&self, run: RunKey) -> bool {
+        if self.mutations.has(Mutation::RerunStarted) {
             return false;
         }
-        let run = (exec, call, Attempt(0));
         self.running.contains_key(&run) || self.settled.contains_key(&run)
     }
 
@@ -579,8 +597,8 @@ impl LocalBus {
         });
     }
 
-    /// The unsent report that spawned this attempt here, and the index of its entry for it.
-    /// Only a locally spawned first attempt qualifies, and only while the result stays light.
+    /// The unsent report that spawned this attempt here, and the index of its entry for it: one of
+    /// the same lineage (the same attempt), only while the result stays light.
     fn fold_target(
         &self,
         exec: ExecId,
@@ -588,14 +606,11 @@ impl LocalBus {
         attempt: Attempt,
         effects: &Effects,
     ) -> Option<(usize, usize)> {
-        if attempt != Attempt(0) {
-            return None;
-        }
         self.unsent.iter().enumerate().find_map(|(i, u)| {
             let Outcome::Done(parent) = &u.report.outcome else {
                 return None;
             };
-            if u.report.exec != exec {
+            if u.report.exec != exec || u.report.attempt != attempt {
                 return None;
             }
             let at = parent
@@ -648,7 +663,7 @@ impl LocalBus {
 
     /// Sends every unacked message again, in order.
     fn resend(&mut self, now: Time) {
-        if self.config.mutations.has(Mutation::NoResend) {
+        if self.mutations.has(Mutation::NoResend) {
             return;
         }
         let msgs: Vec<ToGateway> = self
@@ -689,8 +704,7 @@ impl LocalBus {
                     incarnation: self.incarnation,
                     running: self.running.len() as u32,
                 });
-                self.timers
-                    .insert(LbTimer::Heartbeat, now + self.config.heartbeat_interval);
+                self.timers.insert(LbTimer::Heartbeat, now + self.heartbeat);
             }
             LbTimer::Resend => self.resend(now),
         }

@@ -1,8 +1,11 @@
 //! Deliberate protocol bugs, for showing that the model checker and the simulator catch them.
 //!
-//! Every switch is off by default and must stay off outside checkers: each one breaks a rule
-//! the protocol's correctness rests on. `sand check --mutation NAME` and the models' tests turn
-//! one on and expect a counterexample.
+//! Every switch is off by default and can only be turned on by the checkers: each one breaks a
+//! rule the protocol's correctness rests on. The switches are compiled into the shipped state
+//! machines (the checked code is the shipped code), but only `GlobalQueue::with_mutations` and
+//! `LocalBus::with_mutations` set them, and neither the gateway nor the worker calls those.
+//! `sand check --mutation NAME`, `sand fuzz --mutation NAME` and the models' tests turn one on
+//! and expect a counterexample.
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,7 +24,8 @@ pub enum Mutation {
     ArrivalOrder,
     /// The worker never re-sends unacked progress, on a timer or after a reconnect.
     NoResend,
-    /// The worker runs a re-sent dispatch of an attempt it already started.
+    /// The gateway re-sends a reconnecting worker the dispatches of attempts it says it started,
+    /// and the worker runs a dispatch of an attempt it already started.
     RerunStarted,
     /// The gateway fires a join as soon as one branch has contributed.
     EarlyJoin,

@@ -9,14 +9,15 @@
 //! the message, and done by `GlobalQueue` and `LocalBus`.
 
 use std::fmt;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq};
+use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq};
 
 /// The encoding version this build writes and reads.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// The largest encoded message, in bytes. A frame above it is refused without being read.
 pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
@@ -244,12 +245,21 @@ pub struct Report {
 /// A message from a worker to the gateway.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
 pub enum ToGateway {
-    /// Sent first on every connection. The gateway answers `Welcome`, or `Fenced` if this
-    /// incarnation was declared dead. A new incarnation makes the gateway re-dispatch at once
-    /// every call the older one owned.
+    /// Sent first on every connection. The gateway answers `Welcome`, or `Fenced` if it will not
+    /// take the sender as this incarnation. A new incarnation makes the gateway re-dispatch at
+    /// once every call the older one owned.
     Hello {
         /// The sender's incarnation.
         incarnation: Incarnation,
+        /// Whether the gateway welcomed this incarnation before, on an earlier connection: this
+        /// is a reconnect. A life that says `false` must be new to the gateway: one that names an
+        /// incarnation the gateway already knows is fenced, so a worker that lost the record of
+        /// its incarnation is never taken for its earlier life.
+        resumed: bool,
+        /// Every attempt this incarnation started whose report the gateway has not acked. On a
+        /// reconnect the gateway re-dispatches only the calls it sees the sender owning that are
+        /// not listed, so no dispatch of a started attempt is ever sent again.
+        started: Vec<RunKey>,
     },
     /// Sent every heartbeat interval while connected. The gateway resets the sender's failure
     /// timer.
@@ -314,16 +324,20 @@ pub struct RunTrace {
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
 pub enum ToWorker {
     /// Answers `Hello`. The worker drops its backups up to `applied`, re-sends the rest in
-    /// order, and starts sending new progress and heartbeats.
+    /// order, and starts sending new progress, and heartbeats every `heartbeat`.
     Welcome {
         /// The incarnation welcomed.
         incarnation: Incarnation,
         /// The last of its progress messages the gateway has durably applied.
         applied: Seq,
+        /// How often to heartbeat: the gateway derives it from its failure timeout, so that a
+        /// live, idle worker is never suspected.
+        heartbeat: Duration,
     },
-    /// Sent when the gateway places a call on the worker, and again after every `Hello` for
-    /// each call it still sees the worker owning. The worker runs it, unless it already started
-    /// this attempt in this incarnation: then it ignores it.
+    /// Sent when the gateway places a call on the worker, and again after a reconnecting `Hello`
+    /// for each call it still sees the worker owning that the `Hello` does not list as started.
+    /// The worker runs it, unless it already started this attempt in this incarnation: then it
+    /// ignores it.
     Dispatch {
         /// The incarnation addressed; another ignores it.
         incarnation: Incarnation,
@@ -356,11 +370,15 @@ pub enum ToWorker {
         /// The attempt to kill.
         attempt: Attempt,
     },
-    /// Sent in answer to anything from an incarnation the gateway declared dead. The worker
-    /// kills everything, forgets everything, and says `Hello` as a new incarnation.
+    /// Sent in answer to anything from an incarnation the gateway declared dead, and to a `Hello`
+    /// it will not take. The worker kills everything, forgets everything, and says `Hello` as a
+    /// new incarnation, at least `successor`.
     Fenced {
-        /// The dead incarnation.
+        /// The incarnation refused.
         incarnation: Incarnation,
+        /// Above every incarnation of the worker the gateway knows: the lowest it would welcome
+        /// as a new life.
+        successor: Incarnation,
     },
     /// Service, not protocol: answers `Fetch`. The LocalBus ignores it.
     Bundle {
@@ -477,6 +495,7 @@ mod tests {
             },
             ToWorker::Fenced {
                 incarnation: Incarnation(1),
+                successor: Incarnation(4),
             },
         ];
         for m in msgs {
@@ -501,6 +520,8 @@ mod tests {
     fn bad_frames_are_refused() {
         let good = encode(&ToGateway::Hello {
             incarnation: Incarnation(1),
+            resumed: false,
+            started: Vec::new(),
         })
         .unwrap();
         assert_eq!(decode::<ToGateway>(&[]), Err(DecodeError::Empty));

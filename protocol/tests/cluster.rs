@@ -114,6 +114,7 @@ fn check_durable_before_visible(store: &DurableState, out: &GqOutput) {
             ToWorker::Welcome {
                 incarnation,
                 applied: upto,
+                ..
             },
         ) => {
             let rec = store.workers.get(w);
@@ -125,7 +126,7 @@ fn check_durable_before_visible(store: &DurableState, out: &GqOutput) {
                 "{out:?} left before the progress it acks was durable: {rec:?}"
             );
         }
-        GqOutput::Send(w, ToWorker::Fenced { incarnation }) => {
+        GqOutput::Send(w, ToWorker::Fenced { incarnation, .. }) => {
             let rec = store.workers.get(w);
             assert!(
                 rec.is_some_and(|r| r.incarnation > *incarnation || r.dead),
@@ -347,7 +348,7 @@ impl Cluster {
         let gq = self.gq.as_ref().unwrap();
         let rec = gq.state().workers.get(&w).copied();
         let incarnation = match &msg {
-            ToGateway::Hello { incarnation }
+            ToGateway::Hello { incarnation, .. }
             | ToGateway::Heartbeat { incarnation, .. }
             | ToGateway::Progress { incarnation, .. } => *incarnation,
             ToGateway::Fetch { .. } | ToGateway::Trace { .. } => unreachable!("not sent here"),
@@ -620,7 +621,6 @@ fn gq_config() -> GqConfig {
         failure_timeout: Duration::from_secs(5),
         timeout_grace: Duration::from_secs(1),
         held_max: 64,
-        ..GqConfig::default()
     }
 }
 

@@ -37,6 +37,20 @@ fn policy() -> GrainPolicy {
     }
 }
 
+/// A worker's `Hello`, listing no started attempt.
+fn hello(incarnation: Incarnation, resumed: bool) -> ToGateway {
+    ToGateway::Hello {
+        incarnation,
+        resumed,
+        started: Vec::new(),
+    }
+}
+
+/// The heartbeat interval every `Welcome` of the default configuration gives.
+fn heartbeat() -> Duration {
+    GqConfig::default().heartbeat_interval()
+}
+
 /// The first attempt the gateway of epoch 1 hands out.
 fn first() -> Attempt {
     Attempt::epoch_floor(1)
@@ -99,14 +113,15 @@ impl Gq {
     }
 
     fn hello(&mut self, w: WorkerId, i: Incarnation) {
-        assert_eq!(self.msg(w, ToGateway::Hello { incarnation: i }), vec![]);
+        assert_eq!(self.msg(w, hello(i, false)), vec![]);
         assert_eq!(
             self.persist(),
             vec![send(
                 w,
                 ToWorker::Welcome {
                     incarnation: i,
-                    applied: Seq(0)
+                    applied: Seq(0),
+                    heartbeat: heartbeat(),
                 }
             )]
         );
@@ -200,10 +215,7 @@ fn nothing_is_sent_before_the_epoch_is_durable() {
         panic!("the epoch record comes first")
     };
     assert_eq!(b.ops, vec![Op::Epoch(1)]);
-    gq.handle(
-        T0,
-        GqEvent::Message(W0, ToGateway::Hello { incarnation: I1 }),
-    );
+    gq.handle(T0, GqEvent::Message(W0, hello(I1, false)));
     assert!(matches!(gq.poll_output(), Some(GqOutput::Persist(_))));
     assert_eq!(gq.poll_output(), None, "the Welcome waits for the disk");
     gq.handle(T0, GqEvent::Persisted(LogIndex(2)));
@@ -213,7 +225,8 @@ fn nothing_is_sent_before_the_epoch_is_durable() {
             W0,
             ToWorker::Welcome {
                 incarnation: I1,
-                applied: Seq(0)
+                applied: Seq(0),
+                heartbeat: heartbeat(),
             }
         ))
     );
@@ -272,7 +285,7 @@ fn a_call_waits_for_a_worker_then_is_placed_on_hello() {
     let mut t = Gq::new();
     let (exec, out) = t.invoke("1");
     assert_eq!(out, vec![], "no worker yet");
-    let out = t.msg(W0, ToGateway::Hello { incarnation: I1 });
+    let out = t.msg(W0, hello(I1, false));
     assert_eq!(out, vec![dispatch(W0, spec(exec, "a", "1", first()))]);
     let rec = &t.gq.state().calls[&(exec, exec.root_call())];
     assert_eq!(
@@ -325,7 +338,7 @@ fn progress_is_applied_in_the_order_sent() {
     };
     // c1 → value arrives first: held back, neither applied nor acked.
     assert_eq!(
-        t.progress(W0, 2, vec![done(exec, c1, Attempt(0), returns("9"))]),
+        t.progress(W0, 2, vec![done(exec, c1, first(), returns("9"))]),
         vec![]
     );
     assert_eq!(t.persist(), vec![]);
@@ -364,7 +377,8 @@ fn a_locally_run_call_is_owned_and_an_unowned_one_is_placed() {
     };
     // W0 owns c0 and one new call, so W1 is the least loaded.
     let out = t.progress(W0, 1, vec![done(exec, c0, first(), effects)]);
-    let mut placed = spec(exec, "b", "2", first());
+    // The call spawned here runs under its parent's attempt; the placed one gets a fresh one.
+    let mut placed = spec(exec, "b", "2", Attempt::placement(1, 1));
     placed.call = c0.child(1);
     assert_eq!(out, vec![dispatch(W1, placed)]);
     let owner = |i| {
@@ -397,7 +411,7 @@ fn a_failed_attempt_is_retried_after_a_backoff_then_fails_the_execution() {
     let retry = GqTimer::Retry(exec, c0);
     let at = t.gq.timers().find(|(t, _)| *t == retry).map(|(_, at)| at);
     assert_eq!(at, Some(T0 + Duration::from_millis(100)));
-    let second = first().placed_after(1);
+    let second = Attempt::placement(1, 1);
     assert_eq!(
         t.fire(retry),
         vec![dispatch(W0, spec(exec, "a", "1", second))]
@@ -462,7 +476,7 @@ fn a_silent_worker_is_declared_dead_and_its_calls_move() {
     let (exec, _) = t.invoke("1");
     t.persist();
     t.hello(W1, I1);
-    let second = first().placed_after(1);
+    let second = Attempt::placement(1, 1);
     assert_eq!(
         t.fire(GqTimer::Suspect(W0)),
         vec![dispatch(W1, spec(exec, "a", "1", second))]
@@ -473,7 +487,13 @@ fn a_silent_worker_is_declared_dead_and_its_calls_move() {
     assert_eq!(t.progress(W0, 1, vec![late]), vec![]);
     assert_eq!(t.gq.state(), &before);
     // Once at the suspicion (in case it is only slow), once in answer to its late message.
-    let fenced = send(W0, ToWorker::Fenced { incarnation: I1 });
+    let fenced = send(
+        W0,
+        ToWorker::Fenced {
+            incarnation: I1,
+            successor: Incarnation(2),
+        },
+    );
     assert_eq!(t.persist(), vec![fenced.clone(), fenced]);
     assert!(t.store.workers[&W0].dead);
 }
@@ -485,9 +505,9 @@ fn a_new_incarnation_loses_the_old_ones_calls_at_once() {
     let (exec, _) = t.invoke("1");
     t.persist();
     let i2 = I1.next();
-    let out = t.msg(W0, ToGateway::Hello { incarnation: i2 });
-    let mut call = spec(exec, "a", "1", first().placed_after(1));
-    call.attempt = first().placed_after(1);
+    let out = t.msg(W0, hello(i2, false));
+    let mut call = spec(exec, "a", "1", Attempt::placement(1, 1));
+    call.attempt = Attempt::placement(1, 1);
     assert_eq!(
         out,
         vec![send(
@@ -504,7 +524,8 @@ fn a_new_incarnation_loses_the_old_ones_calls_at_once() {
             W0,
             ToWorker::Welcome {
                 incarnation: i2,
-                applied: Seq(0)
+                applied: Seq(0),
+                heartbeat: heartbeat(),
             }
         )]
     );
@@ -519,12 +540,13 @@ fn a_reconnect_resends_the_dispatches_it_owns() {
     t.gq.handle(T0, GqEvent::Disconnected(W0));
     assert!(!t.gq.is_connected(W0));
     // Nothing new needs the disk, so the Welcome leaves at once, after the dispatch.
-    let out = t.msg(W0, ToGateway::Hello { incarnation: I1 });
+    let out = t.msg(W0, hello(I1, true));
     let welcome = send(
         W0,
         ToWorker::Welcome {
             incarnation: I1,
             applied: Seq(0),
+            heartbeat: heartbeat(),
         },
     );
     assert_eq!(
@@ -596,26 +618,31 @@ fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
     t.progress(
         W0,
         2,
-        vec![done(exec, c0.child(2), Attempt(0), contribute(2, "c"))],
+        vec![done(exec, c0.child(2), first(), contribute(2, "c"))],
     );
     // A second contribution for the same branch is ignored.
     t.progress(
         W0,
         3,
-        vec![done(exec, c0.child(0), Attempt(0), contribute(0, "a"))],
+        vec![done(exec, c0.child(0), first(), contribute(0, "a"))],
     );
     assert!(!t.gq.state().joins[&(exec, join)].fired);
     let out = t.progress(
         W0,
         4,
-        vec![done(exec, c0.child(1), Attempt(0), contribute(1, "b"))],
+        vec![done(exec, c0.child(1), first(), contribute(1, "b"))],
     );
-    let mut j = spec(exec, "j", "[a,b,c]", first());
+    // The gateway's own placement of the join: an attempt no lineage carries.
+    let mut j = spec(exec, "j", "[a,b,c]", Attempt::placement(1, 1));
     j.call = join;
-    assert_eq!(out, vec![dispatch(W0, j)], "both idle: the lowest id wins");
+    assert_eq!(
+        out,
+        vec![dispatch(W0, j.clone())],
+        "both idle: the lowest id wins"
+    );
     assert!(t.gq.state().joins[&(exec, join)].fired);
     // The join answers; nothing is left.
-    t.progress(W0, 5, vec![done(exec, join, first(), returns("abc"))]);
+    t.progress(W0, 5, vec![done(exec, join, j.attempt, returns("abc"))]);
     assert!(t.gq.state().calls.is_empty() && t.gq.state().joins.is_empty());
 }
 
@@ -652,7 +679,7 @@ fn a_join_started_by_the_worker_is_owned_by_it() {
         vec![]
     );
     let rec = &t.gq.state().calls[&(exec, join)];
-    assert_eq!((rec.owner.unwrap().worker, rec.attempt), (W0, Attempt(0)));
+    assert_eq!((rec.owner.unwrap().worker, rec.attempt), (W0, first()));
     assert!(t.gq.state().joins[&(exec, join)].fired);
 }
 
@@ -677,11 +704,7 @@ fn an_answer_cancels_the_calls_left_pending() {
         ..Effects::default()
     };
     t.progress(W0, 1, vec![done(exec, c0, first(), effects)]);
-    let out = t.progress(
-        W0,
-        2,
-        vec![done(exec, c0.child(0), Attempt(0), returns("x"))],
-    );
+    let out = t.progress(W0, 2, vec![done(exec, c0.child(0), first(), returns("x"))]);
     assert_eq!(out, vec![], "the cancel waits until the end is durable");
     assert!(t.gq.state().calls.is_empty());
     assert_eq!(
@@ -727,7 +750,7 @@ fn recovery_rebuilds_the_queue_from_its_records() {
     let (exec2, _) = r.invoke("2");
     assert_eq!((exec2.epoch(), exec.epoch()), (2, 1));
     // The worker reconnects with the same incarnation: its call is dispatched again.
-    let out = r.msg(W0, ToGateway::Hello { incarnation: I1 });
+    let out = r.msg(W0, hello(I1, true));
     assert!(out.contains(&dispatch(W0, spec(exec, "a", "1", first()))));
 }
 
@@ -758,4 +781,151 @@ fn forget_drops_only_ended_executions() {
     assert_eq!(t.gq.execution(exec), None);
     assert!(t.gq.remove_app(&app()));
     assert!(!t.gq.remove_app(&app()));
+}
+
+#[test]
+fn a_reconnect_redispatches_only_what_the_worker_has_not_started() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (e1, _) = t.invoke("1");
+    let (e2, _) = t.invoke("2");
+    t.persist();
+    t.gq.handle(T0, GqEvent::Disconnected(W0));
+    let started = vec![(e1, e1.root_call(), first())];
+    let out = t.msg(
+        W0,
+        ToGateway::Hello {
+            incarnation: I1,
+            resumed: true,
+            started,
+        },
+    );
+    let welcome = send(
+        W0,
+        ToWorker::Welcome {
+            incarnation: I1,
+            applied: Seq(0),
+            heartbeat: heartbeat(),
+        },
+    );
+    assert_eq!(
+        out,
+        vec![
+            dispatch(W0, spec(e2, "a", "2", Attempt::placement(1, 1))),
+            welcome
+        ],
+        "e1's call was started: its report will be re-sent, its dispatch is not"
+    );
+}
+
+#[test]
+fn a_hello_that_does_not_resume_a_known_incarnation_is_fenced_above_it() {
+    let mut t = Gq::new();
+    t.hello(W0, Incarnation(5));
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    // The worker restarted and lost its incarnation file: it says Hello as a life that does
+    // not resume, with the incarnation the gateway knows. That life is over: declared dead,
+    // and the worker told to start above it, once that is durable.
+    let fenced = |incarnation| {
+        send(
+            W0,
+            ToWorker::Fenced {
+                incarnation,
+                successor: Incarnation(6),
+            },
+        )
+    };
+    assert_eq!(t.msg(W0, hello(Incarnation(5), false)), vec![]);
+    assert_eq!(t.persist(), vec![fenced(Incarnation(5))]);
+    assert!(t.store.workers[&W0].dead, "the known life is over");
+    // An older one is fenced at once: nothing changes.
+    assert_eq!(
+        t.msg(W0, hello(Incarnation(2), false)),
+        vec![fenced(Incarnation(2))]
+    );
+    assert_eq!(t.store.calls[&(exec, exec.root_call())].owner, None);
+    // Above it, it is welcomed as a new life and gets the call again.
+    let i6 = Incarnation(6);
+    let out = t.msg(W0, hello(i6, false));
+    let again = ToWorker::Dispatch {
+        incarnation: i6,
+        call: spec(exec, "a", "1", Attempt::placement(1, 1)),
+    };
+    assert_eq!(out, vec![send(W0, again)]);
+    assert_eq!(t.store.workers.get(&W0).map(|r| r.dead), Some(true));
+    t.persist();
+    assert_eq!(t.store.workers[&W0].incarnation, i6);
+}
+
+#[test]
+fn a_resumed_hello_the_gateway_does_not_know_is_fenced_and_recorded_dead() {
+    let mut t = Gq::new();
+    assert_eq!(t.msg(W0, hello(Incarnation(3), true)), vec![]);
+    let fenced = send(
+        W0,
+        ToWorker::Fenced {
+            incarnation: Incarnation(3),
+            successor: Incarnation(4),
+        },
+    );
+    assert_eq!(t.persist(), vec![fenced]);
+    assert!(t.store.workers[&W0].dead);
+}
+
+#[test]
+fn a_failure_timeout_too_short_for_heartbeats_is_refused() {
+    let short = GqConfig {
+        failure_timeout: Duration::from_millis(499),
+        ..GqConfig::default()
+    };
+    let err = short.validate().unwrap_err();
+    assert!(err.to_string().contains("at least 500 ms"), "{err}");
+    let ok = GqConfig {
+        failure_timeout: Duration::from_millis(1000),
+        ..GqConfig::default()
+    };
+    assert_eq!(ok.validate(), Ok(()));
+    assert_eq!(ok.heartbeat_interval(), Duration::from_millis(200));
+    assert_eq!(
+        GqConfig::default().heartbeat_interval(),
+        Duration::from_secs(1)
+    );
+}
+
+/// A message that waited for the disk is sent only on the connection it was made for: the
+/// transport would put it on the worker's next one, before that one's `Hello` is applied, and
+/// that `Hello` decides again what to send (here, the dispatch would go twice).
+#[test]
+fn a_message_made_for_one_connection_never_leaves_on_the_next() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    // The gateway restarts; the worker says Hello before the new epoch is durable, so what
+    // that Hello decides waits.
+    let gq = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
+    let mut r = Gq {
+        gq,
+        store: t.store.clone(),
+        unpersisted: Vec::new(),
+    };
+    r.drain();
+    assert_eq!(r.msg(W0, hello(I1, true)), vec![]);
+    // Its connection breaks; it opens another and says Hello again.
+    r.gq.handle(T0, GqEvent::Disconnected(W0));
+    assert_eq!(r.msg(W0, hello(I1, true)), vec![]);
+    let welcome = send(
+        W0,
+        ToWorker::Welcome {
+            incarnation: I1,
+            applied: Seq(0),
+            heartbeat: heartbeat(),
+        },
+    );
+    assert_eq!(
+        r.persist(),
+        vec![dispatch(W0, spec(exec, "a", "1", first())), welcome],
+        "what the second Hello decided, once"
+    );
 }

@@ -47,6 +47,15 @@ fn root_spec() -> CallSpec {
     spec(root(), "a", "1", placed(), Cont::Client)
 }
 
+/// The gateway's `Welcome` of this worker's incarnation.
+fn welcome(applied: Seq) -> ToWorker {
+    ToWorker::Welcome {
+        incarnation: I1,
+        applied,
+        heartbeat: Duration::from_secs(1),
+    }
+}
+
 struct Lb {
     lb: LocalBus,
 }
@@ -65,15 +74,13 @@ impl Lb {
         };
         assert_eq!(
             t.on(LbEvent::Connected),
-            vec![LbOutput::Send(ToGateway::Hello { incarnation: I1 })]
-        );
-        assert_eq!(
-            t.msg(ToWorker::Welcome {
+            vec![LbOutput::Send(ToGateway::Hello {
                 incarnation: I1,
-                applied: Seq(0)
-            }),
-            vec![]
+                resumed: false,
+                started: vec![]
+            })]
         );
+        assert_eq!(t.msg(welcome(Seq(0))), vec![]);
         t
     }
 
@@ -176,7 +183,7 @@ fn a_next_call_runs_here_at_once_and_travels_with_the_completion() {
     let mut t = Lb::new(4, 8);
     let s = root_spec();
     t.dispatch(s.clone());
-    let child = spec(root().child(0), "b", "2", Attempt(0), Cont::Client);
+    let child = spec(root().child(0), "b", "2", placed(), Cont::Client);
     let out = t.finish(&s, next("b", "2"));
     let effects = Effects {
         spawned: vec![new_call(&child, true)],
@@ -193,9 +200,9 @@ fn unsent_hops_coalesce_and_sent_ones_are_never_merged() {
     let mut t = Lb::new(1, 8);
     let s = root_spec();
     t.dispatch(s.clone());
-    let c1 = spec(root().child(0), "b", "2", Attempt(0), Cont::Client);
-    let c2 = spec(c1.call.child(0), "c", "3", Attempt(0), Cont::Client);
-    let c3 = spec(c2.call.child(0), "d", "4", Attempt(0), Cont::Client);
+    let c1 = spec(root().child(0), "b", "2", placed(), Cont::Client);
+    let c2 = spec(c1.call.child(0), "c", "3", placed(), Cont::Client);
+    let c3 = spec(c2.call.child(0), "d", "4", placed(), Cont::Client);
     // c0 → c1 leaves at once: the window has room.
     let first = Effects {
         spawned: vec![new_call(&c1, true)],
@@ -238,7 +245,7 @@ fn an_overloaded_worker_hands_emitted_calls_to_the_gateway() {
     let other = spec(CallId(7), "x", "0", placed(), Cont::Client);
     t.dispatch(s.clone());
     t.dispatch(other);
-    let child = spec(root().child(0), "b", "2", Attempt(0), Cont::Client);
+    let child = spec(root().child(0), "b", "2", placed(), Cont::Client);
     let effects = Effects {
         spawned: vec![new_call(&child, false)],
         ..Effects::default()
@@ -261,7 +268,7 @@ fn a_fan_out_run_here_starts_its_join_here() {
             root().child(i),
             "c",
             v,
-            Attempt(0),
+            placed(),
             Cont::Join { join, branch: i },
         )
     };
@@ -298,7 +305,7 @@ fn a_fan_out_run_here_starts_its_join_here() {
         t.finish(&b1, GrainResult::Return(Payload::from("2"))),
         vec![]
     );
-    let j = spec(join, "j", "[1,2]", Attempt(0), Cont::Client);
+    let j = spec(join, "j", "[1,2]", placed(), Cont::Client);
     assert_eq!(
         t.finish(&b0, GrainResult::Return(Payload::from("1"))),
         vec![LbOutput::Run(j.clone())]
@@ -346,14 +353,14 @@ fn a_failed_branch_leaves_the_join_to_the_gateway() {
         root().child(0),
         "c",
         "1",
-        Attempt(0),
+        placed(),
         Cont::Join { join, branch: 0 },
     );
     let b1 = spec(
         root().child(1),
         "c",
         "2",
-        Attempt(0),
+        placed(),
         Cont::Join { join, branch: 1 },
     );
     let error = GrainError::new(ErrorKind::Raised, "no");
@@ -361,7 +368,7 @@ fn a_failed_branch_leaves_the_join_to_the_gateway() {
     let failed = Report {
         exec: exec(),
         call: b0.call,
-        attempt: Attempt(0),
+        attempt: placed(),
         outcome: Outcome::Failed(error),
     };
     assert_eq!(out, vec![progress(2, vec![failed])]);
@@ -407,26 +414,20 @@ fn unacked_progress_is_resent_on_a_timer_and_after_a_reconnect() {
     assert_eq!(t.on(LbEvent::Timeout(LbTimer::Resend)), sent);
     // A broken connection: nothing is sent until the gateway welcomes us again.
     assert_eq!(t.on(LbEvent::Disconnected), vec![]);
+    // The Hello resumes the incarnation and lists the attempt it ran, so that the gateway
+    // does not dispatch it again.
     assert_eq!(
         t.on(LbEvent::Connected),
-        vec![LbOutput::Send(ToGateway::Hello { incarnation: I1 })]
-    );
-    assert_eq!(
-        t.msg(ToWorker::Welcome {
+        vec![LbOutput::Send(ToGateway::Hello {
             incarnation: I1,
-            applied: Seq(0)
-        }),
-        sent
+            resumed: true,
+            started: vec![(s.exec, s.call, s.attempt)]
+        })]
     );
+    assert_eq!(t.msg(welcome(Seq(0))), sent);
     // A Welcome that says it was applied drops the backup instead.
     t.on(LbEvent::Connected);
-    assert_eq!(
-        t.msg(ToWorker::Welcome {
-            incarnation: I1,
-            applied: Seq(1)
-        }),
-        vec![]
-    );
+    assert_eq!(t.msg(welcome(Seq(1))), vec![]);
     assert_eq!(t.lb.backlog(), (0, 0));
 }
 
@@ -486,41 +487,60 @@ fn a_fenced_worker_forgets_everything_and_comes_back_new() {
     let mut t = Lb::new(4, 8);
     let s = root_spec();
     t.dispatch(s.clone());
-    let i2 = I1.next();
+    // The gateway knows a later incarnation (this worker's record of its own was lost): it
+    // comes back above it, as a life that does not resume.
+    let successor = Incarnation(7);
+    let fenced = ToWorker::Fenced {
+        incarnation: I1,
+        successor,
+    };
     assert_eq!(
-        t.msg(ToWorker::Fenced { incarnation: I1 }),
+        t.msg(fenced.clone()),
         vec![
             LbOutput::Abort((s.exec, s.call, s.attempt)),
-            LbOutput::Incarnation(i2),
-            LbOutput::Send(ToGateway::Hello { incarnation: i2 })
+            LbOutput::Incarnation(successor),
+            LbOutput::Send(ToGateway::Hello {
+                incarnation: successor,
+                resumed: false,
+                started: vec![]
+            })
         ]
     );
-    assert_eq!(t.lb.incarnation(), i2);
+    assert_eq!(t.lb.incarnation(), successor);
     // Messages to the old incarnation are ignored.
     assert_eq!(t.dispatch(s.clone()), vec![]);
-    assert_eq!(t.msg(ToWorker::Fenced { incarnation: I1 }), vec![]);
+    assert_eq!(t.msg(fenced), vec![]);
 }
 
 #[test]
-fn a_call_spawned_again_in_this_incarnation_goes_to_the_gateway() {
+fn a_parent_run_again_as_a_new_attempt_spawns_its_own_attempt_of_the_call() {
     let mut t = Lb::new(4, 8);
     let s = root_spec();
     t.dispatch(s.clone());
-    t.finish(&s, next("b", "2"));
-    // The gateway lost that report and runs the parent again, here, as a new attempt.
+    let first_child = spec(root().child(0), "b", "2", placed(), Cont::Client);
+    assert_eq!(
+        t.finish(&s, next("b", "2"))[0],
+        LbOutput::Run(first_child.clone())
+    );
+    // The gateway lost that report and runs the parent again, here, as a new attempt. Its
+    // child is the same call under the new attempt: a run of its own, never the first again.
     let mut again = s.clone();
-    again.attempt = placed().placed_after(1);
+    again.attempt = Attempt::placement(1, 1);
     assert_eq!(
         t.dispatch(again.clone()),
         vec![LbOutput::Run(again.clone())]
     );
-    let child = spec(root().child(0), "b", "2", Attempt(0), Cont::Client);
+    let child = spec(root().child(0), "b", "2", again.attempt, Cont::Client);
     let effects = Effects {
-        spawned: vec![new_call(&child, false)],
+        spawned: vec![new_call(&child, true)],
         ..Effects::default()
     };
     assert_eq!(
         t.finish(&again, next("b", "2")),
-        vec![progress(2, vec![report(&again, effects)])]
+        vec![
+            LbOutput::Run(child.clone()),
+            progress(2, vec![report(&again, effects)])
+        ]
     );
+    assert_ne!(child.attempt, first_child.attempt);
 }

@@ -195,6 +195,8 @@ mod tests {
     fn a_stream_ending_inside_a_frame_is_truncated() {
         let f = Frame::encode(&ToGateway::Hello {
             incarnation: Incarnation(3),
+            resumed: false,
+            started: Vec::new(),
         })
         .unwrap();
         let bytes = wire_bytes(&[f]);

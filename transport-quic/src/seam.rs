@@ -329,13 +329,22 @@ mod tests {
             running: 0
         }
         .carries_payload());
-        assert!(!ToGateway::Hello { incarnation: i }.carries_payload());
+        let hello = ToGateway::Hello {
+            incarnation: i,
+            resumed: true,
+            started: vec![],
+        };
+        assert!(!hello.carries_payload());
         assert!(ToGateway::Progress {
             incarnation: i,
             seq: sand_protocol::ids::Seq(1),
             reports: vec![]
         }
         .carries_payload());
-        assert!(!ToWorker::Fenced { incarnation: i }.carries_payload());
+        let fenced = ToWorker::Fenced {
+            incarnation: i,
+            successor: i.next(),
+        };
+        assert!(!fenced.carries_payload());
     }
 }

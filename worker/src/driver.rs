@@ -19,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::future::{AbortHandle, Abortable, Aborted};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
-use sand_protocol::ids::{AppName, Incarnation};
-use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus, RunKey};
+use sand_protocol::ids::{AppName, Incarnation, RunKey};
+use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
     AppBundle, CallSpec, ErrorKind, GrainError, RunTrace, ToGateway, ToWorker,

@@ -118,7 +118,7 @@ impl Harness {
         };
         h.incarnation = bounded(10, async {
             loop {
-                if let ToGateway::Hello { incarnation } = h.next_message().await {
+                if let ToGateway::Hello { incarnation, .. } = h.next_message().await {
                     break incarnation;
                 }
             }
@@ -127,6 +127,7 @@ impl Harness {
         let welcome = ToWorker::Welcome {
             incarnation: h.incarnation,
             applied: Seq(0),
+            heartbeat: Duration::from_secs(1),
         };
         h.send(welcome);
         h

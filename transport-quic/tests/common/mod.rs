@@ -134,6 +134,8 @@ pub fn heartbeat(n: u32) -> ToGateway {
 pub fn hello() -> ToGateway {
     ToGateway::Hello {
         incarnation: Incarnation(1),
+        resumed: false,
+        started: Vec::new(),
     }
 }
 
