@@ -25,7 +25,7 @@ use sand_protocol::time::Time;
 use sand_protocol::wire::{
     AppBundle, CallSpec, ErrorKind, GrainError, RunTrace, ToGateway, ToWorker,
 };
-use sand_transport_quic::seam::{WorkerEvent, WorkerLink, WorkerSender};
+use sand_transport_quic::seam::{SendError, WorkerEvent, WorkerLink, WorkerSender};
 use tokio::sync::mpsc;
 
 use crate::host::{AppHost, HostContext};
@@ -241,9 +241,16 @@ impl Driver {
         }
     }
 
+    /// Hands `msg` to the transport. Any refusal but `Encode` needs nothing more here: the
+    /// connection is gone or closing (the transport closes it rather than drop a message from a
+    /// live one), so `Disconnected` and `Connected` follow, after which the bus re-sends what is
+    /// unacked and the driver asks again for the bundles it waits for. Traces are not re-sent.
     fn send(&self, msg: ToGateway) {
-        if let Err(e) = self.sender.send(msg) {
-            tracing::debug!("not sent to the gateway: {e}");
+        match self.sender.send(msg) {
+            Ok(()) => {}
+            // Too large to encode: no reconnection will carry it.
+            Err(e @ SendError::Encode(_)) => tracing::error!("cannot send to the gateway: {e}"),
+            Err(e) => tracing::debug!("not sent to the gateway: {e}"),
         }
     }
 

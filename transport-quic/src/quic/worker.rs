@@ -232,6 +232,9 @@ async fn connect(
 
 fn log_end(gateway: SocketAddr, ended: &Ended) {
     match ended {
+        Ended::Overflowed | Ended::Violation(_) | Ended::Abandoned(_) | Ended::Panicked => {
+            warn!(%gateway, reason = %ended, "closed the connection to the gateway")
+        }
         Ended::Closed(ConnectionError::LocallyClosed) | Ended::Unwanted => {
             info!(%gateway, "closed the connection to the gateway")
         }
