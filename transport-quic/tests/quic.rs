@@ -16,7 +16,9 @@ use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
 use sand_transport_quic::quic::{
     self, QuicConfig, QuicGateway, QuicWorker, CLOSE_VIOLATION, SEND_QUEUE_BYTES_MIN,
 };
-use sand_transport_quic::seam::{GatewayEvent, GatewayLink, SendError, WorkerEvent, WorkerLink};
+use sand_transport_quic::seam::{
+    Events, GatewayEvent, GatewayLink, SendError, WorkerEvent, WorkerLink,
+};
 
 /// The bytes a worker says first on its control stream (pinned here: it is wire format).
 const PREAMBLE: &[u8; 4] = b"snd1";
@@ -224,6 +226,90 @@ async fn a_broken_connection_is_reopened_and_the_layer_above_resends() {
             gateway.open_connections() == 1
         })
         .await;
+    })
+    .await
+}
+
+/// Takes one side's events up to the end of a connection and the start of the next: only
+/// messages of `sent` (those of the ending connection), then the end, then the start.
+async fn expect_reconnection<E: std::fmt::Debug + PartialEq, M: std::fmt::Debug + PartialEq>(
+    events: &mut Events<E>,
+    message: impl Fn(&E) -> Option<&M>,
+    sent: &[M],
+    ended: E,
+    started: E,
+) {
+    loop {
+        let event = next(events).await;
+        if event == ended {
+            break;
+        }
+        match message(&event) {
+            Some(m) => assert!(sent.contains(m), "a message of another connection: {m:?}"),
+            None => panic!("unexpected {event:?}"),
+        }
+    }
+    assert_eq!(
+        next(events).await,
+        started,
+        "nothing comes between an end and a start"
+    );
+}
+
+/// However a worker's connection is replaced, no message of the old connection reaches either
+/// driver after the new one's `Connected`. Each round's messages are sent on that round's
+/// connection only; large ones are still arriving and being decoded when it is torn down, on a
+/// runtime with several threads, where a reader of the old connection may still be running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_message_of_an_old_connection_follows_the_new_ones_connected() {
+    bounded(async {
+        let pki = Pki::new();
+        let (gateway, mut gw) = start_gateway(&pki, config());
+        let (worker, mut link) = connect_worker(&pki, &gateway, &mut gw, GOOD).await;
+        const ROUNDS: u32 = 200;
+        const PER_ROUND: u32 = 4;
+        for round in 0..ROUNDS {
+            let tag = |i| round * PER_ROUND + i;
+            let to_worker: Vec<ToWorker> =
+                (0..PER_ROUND).map(|i| dispatch(tag(i), 1 << 20)).collect();
+            let to_gateway: Vec<ToGateway> = (0..PER_ROUND)
+                .map(|i| progress(u64::from(tag(i)), 1 << 20))
+                .collect();
+            for (d, p) in to_worker.iter().zip(&to_gateway) {
+                gw.sender.send(WorkerId(GOOD), d.clone()).unwrap();
+                link.sender.send(p.clone()).unwrap();
+            }
+            // Tear the connection down at a different point of the transfer each round.
+            tokio::time::sleep(Duration::from_micros(u64::from(round % 8) * 500)).await;
+            if round % 2 == 0 {
+                assert!(worker.reconnect());
+            } else {
+                assert!(gateway.disconnect(WorkerId(GOOD)));
+            }
+            let worker_side = expect_reconnection(
+                &mut link.events,
+                |e| match e {
+                    WorkerEvent::Message(m) => Some(m),
+                    _ => None,
+                },
+                &to_worker,
+                WorkerEvent::Disconnected,
+                WorkerEvent::Connected,
+            );
+            let gateway_side = expect_reconnection(
+                &mut gw.events,
+                |e| match e {
+                    GatewayEvent::Message(WorkerId(GOOD), m) => Some(m),
+                    _ => None,
+                },
+                &to_gateway,
+                GatewayEvent::Disconnected(WorkerId(GOOD)),
+                GatewayEvent::Connected(WorkerId(GOOD)),
+            );
+            tokio::join!(worker_side, gateway_side);
+        }
+        assert_quiet(&mut link.events, Duration::from_millis(100)).await;
+        assert_quiet(&mut gw.events, Duration::from_millis(100)).await;
     })
     .await
 }
