@@ -27,7 +27,7 @@ use sand_protocol::wire::{
 };
 use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
 use sand_transport_quic::quic::{self, QuicConfig, QuicGateway, QuicWorker};
-use sand_transport_quic::seam::{GatewayEvent, SendError, WorkerEvent};
+use sand_transport_quic::seam::{GatewayEvent, WorkerEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -37,6 +37,9 @@ const SAMPLES_PER_ROUND: usize = 4_000;
 const SMALL_BYTES: usize = 100;
 const BIG_BYTES: usize = 64 * 1024;
 const BIG_COUNT: usize = 1_000;
+/// Big messages sent and not yet received, at most: 16 MiB, well inside the default send queue,
+/// which a sender must never overflow (that would close the connection).
+const BIG_IN_FLIGHT_MAX: usize = 256;
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -279,12 +282,9 @@ impl SandPair {
         let start = Instant::now();
         let (mut sent, mut received) = (0, 0);
         while received < count {
-            while sent < count {
-                match self.gateway_sender.send(WorkerId(1), msg.clone()) {
-                    Ok(()) => sent += 1,
-                    Err(SendError::Full) => break,
-                    Err(e) => return Err(e.into()),
-                }
+            while sent < count && sent - received < BIG_IN_FLIGHT_MAX {
+                self.gateway_sender.send(WorkerId(1), msg.clone())?;
+                sent += 1;
             }
             match self.worker.events.recv().await {
                 Some(WorkerEvent::Message(_)) => received += 1,

@@ -9,8 +9,10 @@
 //! - [`mem`]: the same seam in memory, for tests and simulations, with links broken on demand.
 //! - [`certs`]: the cluster CA and the certificates of the gateway and workers.
 //!
-//! The transport never re-sends and never reorders within a stream; ordering across streams,
-//! retries and deduplication are the protocol's job (`sand_protocol`).
+//! The transport never re-sends, never reorders within a stream, and never skips a message on a
+//! live connection: a message it cannot queue closes the connection instead. Ordering across
+//! streams, re-sending after a reconnection, and deduplication are the protocol's job
+//! (`sand_protocol`). The whole contract is in [`seam`].
 
 pub mod certs;
 mod framing;

@@ -2,14 +2,16 @@
 //! and simulations break and restore by hand.
 //!
 //! It keeps the QUIC transport's contract (see [`crate::seam`]): events are well nested per
-//! peer, each link direction has a bounded queue ([`SendError::Full`] when it is full), and a
-//! message is encoded and decoded on the way, so the size limit and the encoding are exercised
-//! exactly as on the wire. Unlike QUIC it is fully ordered and spawns nothing: a `send` puts the
-//! message in the receiver's event stream at once, so a single-threaded test decides every
-//! interleaving.
+//! peer; each link direction has a bounded queue, and a message that does not fit breaks the
+//! link ([`SendError::Overflowed`], and `Disconnected` on both sides) rather than go missing
+//! from a live one; a message is encoded and decoded on the way, so the size limit and the
+//! encoding are exercised exactly as on the wire. Unlike QUIC it is fully ordered, loses nothing
+//! it accepted, and spawns nothing: a `send` puts the message in the receiver's event stream at
+//! once, so a single-threaded test decides every interleaving.
 //!
-//! A broken link stays broken until [`MemNetwork::connect`] is called: the test plays the part
-//! of the QUIC worker's reconnect loop, and so chooses when it succeeds.
+//! A broken link (by [`MemNetwork::break_link`] or by an overflow) stays broken until
+//! [`MemNetwork::connect`] is called: the test plays the part of the QUIC worker's reconnect
+//! loop, and so chooses when it succeeds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -117,18 +119,7 @@ impl MemNetwork {
     /// delivered to them. Returns whether it was connected.
     pub fn break_link(&self, id: WorkerId) -> bool {
         let mut state = self.shared.lock();
-        let State {
-            gateway, workers, ..
-        } = &mut *state;
-        let Some(peer) = workers.get_mut(&id) else {
-            return false;
-        };
-        if peer.link.take().is_none() {
-            return false;
-        }
-        peer.events.push(WorkerEvent::Disconnected);
-        gateway.push(GatewayEvent::Disconnected(id));
-        true
+        state.break_link(id)
     }
 
     /// Restores worker `id`'s link: both sides get `Connected`. Returns whether it was broken.
@@ -141,6 +132,21 @@ impl MemNetwork {
     pub fn is_connected(&self, id: WorkerId) -> bool {
         let state = self.shared.lock();
         state.workers.get(&id).is_some_and(|p| p.link.is_some())
+    }
+}
+
+impl State {
+    /// Breaks worker `id`'s link, if it is up, and tells both sides.
+    fn break_link(&mut self, id: WorkerId) -> bool {
+        let Some(peer) = self.workers.get_mut(&id) else {
+            return false;
+        };
+        if peer.link.take().is_none() {
+            return false;
+        }
+        peer.events.push(WorkerEvent::Disconnected);
+        self.gateway.push(GatewayEvent::Disconnected(id));
+        true
     }
 }
 
@@ -190,14 +196,13 @@ struct MemGatewayOutbox {
 impl GatewayOutbox for MemGatewayOutbox {
     fn send(&self, worker: WorkerId, msg: ToWorker) -> Result<(), SendError> {
         let msg = through_the_wire(&msg)?;
-        let state = self.shared.lock();
+        let mut state = self.shared.lock();
         let peer = state.workers.get(&worker).ok_or(SendError::NotConnected)?;
         let link = peer.link.as_ref().ok_or(SendError::NotConnected)?;
-        let credit = link
-            .to_worker
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| SendError::Full)?;
+        let Ok(credit) = link.to_worker.clone().try_acquire_owned() else {
+            state.break_link(worker);
+            return Err(SendError::Overflowed);
+        };
         if !peer
             .events
             .push_with_credit(WorkerEvent::Message(msg), credit)
@@ -217,7 +222,7 @@ struct MemWorkerOutbox {
 impl WorkerOutbox for MemWorkerOutbox {
     fn send(&self, msg: ToGateway) -> Result<(), SendError> {
         let msg = through_the_wire(&msg)?;
-        let state = self.shared.lock();
+        let mut state = self.shared.lock();
         let peer = state
             .workers
             .get(&self.id)
@@ -225,11 +230,10 @@ impl WorkerOutbox for MemWorkerOutbox {
             .filter(|p| p.generation == self.generation)
             .ok_or(SendError::NotConnected)?;
         let link = peer.link.as_ref().ok_or(SendError::NotConnected)?;
-        let credit = link
-            .to_gateway
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| SendError::Full)?;
+        let Ok(credit) = link.to_gateway.clone().try_acquire_owned() else {
+            state.break_link(self.id);
+            return Err(SendError::Overflowed);
+        };
         if !state
             .gateway
             .push_with_credit(GatewayEvent::Message(self.id, msg), credit)
@@ -293,23 +297,56 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_refuses_until_the_receiver_takes_messages() {
+    fn an_overflowing_queue_breaks_the_link_instead_of_dropping_the_message() {
         let (net, mut gw) = MemNetwork::new(3);
         let mut w1 = net.add_worker(W1);
         for i in 0..3 {
             gw.sender.send(W1, ack(i)).unwrap();
-            w1.sender.send(heartbeat(i as u32)).unwrap();
         }
-        assert_eq!(gw.sender.send(W1, ack(9)), Err(SendError::Full));
-        assert_eq!(w1.sender.send(heartbeat(9)), Err(SendError::Full));
-        assert_eq!(w1.events.try_recv(), Ok(WorkerEvent::Connected));
+        // The worker's driver took nothing: the fourth message does not fit, so the link ends
+        // rather than carrying on without it.
+        assert_eq!(gw.sender.send(W1, ack(3)), Err(SendError::Overflowed));
+        assert!(!net.is_connected(W1));
+        assert_eq!(gw.sender.send(W1, ack(4)), Err(SendError::NotConnected));
+        let mut want = vec![WorkerEvent::Connected];
+        want.extend((0..3).map(|i| WorkerEvent::Message(ack(i))));
+        want.push(WorkerEvent::Disconnected);
+        assert_eq!(drain(&mut w1.events), want);
+        assert_eq!(
+            drain(&mut gw.events),
+            vec![GatewayEvent::Connected(W1), GatewayEvent::Disconnected(W1)]
+        );
+
+        // The same the other way, on the restored link.
+        assert!(net.connect(W1));
+        for i in 0..3 {
+            w1.sender.send(heartbeat(i)).unwrap();
+        }
+        assert_eq!(w1.sender.send(heartbeat(3)), Err(SendError::Overflowed));
+        assert!(!net.is_connected(W1));
+        let mut want = vec![GatewayEvent::Connected(W1)];
+        want.extend((0..3).map(|i| GatewayEvent::Message(W1, heartbeat(i))));
+        want.push(GatewayEvent::Disconnected(W1));
+        assert_eq!(drain(&mut gw.events), want);
+        assert_eq!(
+            drain(&mut w1.events),
+            vec![WorkerEvent::Connected, WorkerEvent::Disconnected]
+        );
+    }
+
+    #[test]
+    fn taking_messages_makes_room_on_the_link() {
+        let (net, mut gw) = MemNetwork::new(3);
+        let mut w1 = net.add_worker(W1);
+        for i in 0..3 {
+            gw.sender.send(W1, ack(i)).unwrap();
+        }
         // Taking a lifecycle event frees nothing; taking a message frees one slot.
-        assert_eq!(gw.sender.send(W1, ack(9)), Err(SendError::Full));
+        assert_eq!(w1.events.try_recv(), Ok(WorkerEvent::Connected));
         assert_eq!(w1.events.try_recv(), Ok(WorkerEvent::Message(ack(0))));
         gw.sender.send(W1, ack(3)).unwrap();
-        assert_eq!(gw.sender.send(W1, ack(4)), Err(SendError::Full));
+        assert!(net.is_connected(W1));
         drain(&mut gw.events);
-        w1.sender.send(heartbeat(3)).unwrap();
     }
 
     #[test]
@@ -356,11 +393,12 @@ mod tests {
         let w1 = net.add_worker(W1);
         w1.sender.send(heartbeat(1)).unwrap();
         w1.sender.send(heartbeat(2)).unwrap();
-        assert_eq!(w1.sender.send(heartbeat(3)), Err(SendError::Full));
         net.break_link(W1);
         net.connect(W1);
+        // The two messages of the old link are still waiting for the gateway's driver.
+        w1.sender.send(heartbeat(3)).unwrap();
         w1.sender.send(heartbeat(4)).unwrap();
-        w1.sender.send(heartbeat(5)).unwrap();
+        assert!(net.is_connected(W1));
         assert_eq!(drain(&mut gw.events).len(), 7);
     }
 

@@ -14,19 +14,24 @@
 //! # What the transport promises, and what it does not
 //!
 //! - **Per peer, events are well nested**: `Connected`, then that connection's messages, then
-//!   `Disconnected`, then perhaps `Connected` again. No message of an older connection arrives
-//!   after the `Connected` of a newer one.
-//! - **Order holds within a stream, not across streams.** Small control messages share one
-//!   ordered stream; a payload-carrying message (`ToGateway::Progress`, `ToWorker::Dispatch`)
-//!   travels alone, so it may overtake or be overtaken. The protocol numbers its messages and
-//!   does not rely on the transport for order.
-//! - **Nothing is re-sent by the transport.** A message accepted by `send` may still be lost
-//!   when its connection breaks. After every `Connected` the protocol layer says `Hello` and
-//!   re-sends what is unacked.
-//! - **Sending never blocks and never buffers without bound.** Each peer has a bounded queue;
-//!   when it is full, `send` returns [`SendError::Full`] and the protocol's re-send timer takes
-//!   over. Received messages are bounded too: a peer whose messages the driver does not take is
-//!   slowed down by flow control.
+//!   `Disconnected`, then perhaps `Connected` again. No message of a connection arrives after
+//!   its `Disconnected`, so none after the `Connected` of a newer one.
+//! - **Order holds on the control stream, and only there.** Small control messages share one
+//!   ordered stream. Each payload-carrying message (`ToGateway::Progress` and `Trace`,
+//!   `ToWorker::Dispatch` and `Bundle`) travels on a stream of its own, so it may overtake or be
+//!   overtaken by another payload message and by any control message. The protocol numbers its
+//!   messages and does not rely on the transport for order.
+//! - **A message is lost only with its connection.** A message accepted by `send` is delivered
+//!   unless its connection breaks first; everything in flight when a connection breaks may be
+//!   lost, in either direction. A live connection never skips a message. The transport re-sends
+//!   nothing: after every `Connected` the protocol layer says `Hello` and re-sends what is
+//!   unacked.
+//! - **Sending never blocks and never buffers without bound.** Each peer has a bounded queue.
+//!   A message that does not fit is not dropped on its own: `send` returns
+//!   [`SendError::Overflowed`] and the transport closes that connection, so both sides see
+//!   `Disconnected` and the loss is a disconnection like any other. Received messages are
+//!   bounded too: a peer whose messages the driver does not take is slowed down by flow control,
+//!   and its own queue overflows in the end.
 
 use std::fmt;
 use std::future::Future;
@@ -63,17 +68,24 @@ pub enum WorkerEvent {
     Disconnected,
 }
 
-/// Why a message was not accepted for sending. In every case the message was dropped; the
-/// protocol layer keeps what it must re-send.
+/// Why a message was not accepted for sending; in every case it was not sent. After
+/// `NotConnected` or `Overflowed` the connection is gone or going, and `Disconnected` follows if
+/// it has not come yet: the protocol layer keeps what it must re-send, and re-sends it after the
+/// next `Connected`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// There is no open connection to the peer now.
+    /// There is no open connection to the peer now (or it is closing).
     #[error("no open connection to the peer; the message was not sent")]
     NotConnected,
-    /// The peer's send queue is full: it or the network is slower than the sender. Re-send later.
-    #[error("the send queue to the peer is full; the message was not sent, re-send it later")]
-    Full,
-    /// The message cannot be encoded (for example, it is above the size limit).
+    /// The peer's send queue overflowed: it or the network is slower than the sender. The
+    /// connection is being closed, so that the loss is seen as a disconnection.
+    #[error(
+        "the send queue to the peer overflowed; the message was not sent and the connection is \
+         closing"
+    )]
+    Overflowed,
+    /// The message cannot be encoded (for example, it is above the size limit). Nothing else
+    /// changes: the connection stays up.
     #[error("the message cannot be sent: {0}")]
     Encode(#[from] EncodeError),
 }

@@ -16,7 +16,9 @@ use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
 use sand_transport_quic::quic::{
     self, QuicConfig, QuicGateway, QuicWorker, CLOSE_VIOLATION, SEND_QUEUE_BYTES_MIN,
 };
-use sand_transport_quic::seam::{GatewayEvent, GatewayLink, SendError, WorkerEvent, WorkerLink};
+use sand_transport_quic::seam::{
+    Events, GatewayEvent, GatewayLink, SendError, WorkerEvent, WorkerLink,
+};
 
 /// The bytes a worker says first on its control stream (pinned here: it is wire format).
 const PREAMBLE: &[u8; 4] = b"snd1";
@@ -228,6 +230,90 @@ async fn a_broken_connection_is_reopened_and_the_layer_above_resends() {
     .await
 }
 
+/// Takes one side's events up to the end of a connection and the start of the next: only
+/// messages of `sent` (those of the ending connection), then the end, then the start.
+async fn expect_reconnection<E: std::fmt::Debug + PartialEq, M: std::fmt::Debug + PartialEq>(
+    events: &mut Events<E>,
+    message: impl Fn(&E) -> Option<&M>,
+    sent: &[M],
+    ended: E,
+    started: E,
+) {
+    loop {
+        let event = next(events).await;
+        if event == ended {
+            break;
+        }
+        match message(&event) {
+            Some(m) => assert!(sent.contains(m), "a message of another connection: {m:?}"),
+            None => panic!("unexpected {event:?}"),
+        }
+    }
+    assert_eq!(
+        next(events).await,
+        started,
+        "nothing comes between an end and a start"
+    );
+}
+
+/// However a worker's connection is replaced, no message of the old connection reaches either
+/// driver after the new one's `Connected`. Each round's messages are sent on that round's
+/// connection only; large ones are still arriving and being decoded when it is torn down, on a
+/// runtime with several threads, where a reader of the old connection may still be running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_message_of_an_old_connection_follows_the_new_ones_connected() {
+    bounded(async {
+        let pki = Pki::new();
+        let (gateway, mut gw) = start_gateway(&pki, config());
+        let (worker, mut link) = connect_worker(&pki, &gateway, &mut gw, GOOD).await;
+        const ROUNDS: u32 = 200;
+        const PER_ROUND: u32 = 4;
+        for round in 0..ROUNDS {
+            let tag = |i| round * PER_ROUND + i;
+            let to_worker: Vec<ToWorker> =
+                (0..PER_ROUND).map(|i| dispatch(tag(i), 1 << 20)).collect();
+            let to_gateway: Vec<ToGateway> = (0..PER_ROUND)
+                .map(|i| progress(u64::from(tag(i)), 1 << 20))
+                .collect();
+            for (d, p) in to_worker.iter().zip(&to_gateway) {
+                gw.sender.send(WorkerId(GOOD), d.clone()).unwrap();
+                link.sender.send(p.clone()).unwrap();
+            }
+            // Tear the connection down at a different point of the transfer each round.
+            tokio::time::sleep(Duration::from_micros(u64::from(round % 8) * 500)).await;
+            if round % 2 == 0 {
+                assert!(worker.reconnect());
+            } else {
+                assert!(gateway.disconnect(WorkerId(GOOD)));
+            }
+            let worker_side = expect_reconnection(
+                &mut link.events,
+                |e| match e {
+                    WorkerEvent::Message(m) => Some(m),
+                    _ => None,
+                },
+                &to_worker,
+                WorkerEvent::Disconnected,
+                WorkerEvent::Connected,
+            );
+            let gateway_side = expect_reconnection(
+                &mut gw.events,
+                |e| match e {
+                    GatewayEvent::Message(WorkerId(GOOD), m) => Some(m),
+                    _ => None,
+                },
+                &to_gateway,
+                GatewayEvent::Disconnected(WorkerId(GOOD)),
+                GatewayEvent::Connected(WorkerId(GOOD)),
+            );
+            tokio::join!(worker_side, gateway_side);
+        }
+        assert_quiet(&mut link.events, Duration::from_millis(100)).await;
+        assert_quiet(&mut gw.events, Duration::from_millis(100)).await;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_worker_reconnects_to_a_restarted_gateway() {
     bounded(async {
@@ -305,9 +391,26 @@ async fn a_newer_connection_of_a_worker_replaces_the_older() {
     .await
 }
 
+/// Sends `make(0)`, `make(1)`, ... until `send` refuses one, letting the connection move what it
+/// can in between; returns how many were accepted and why the next was refused.
+async fn send_until_refused(
+    mut send: impl FnMut(u32) -> Result<(), SendError>,
+) -> (u32, SendError) {
+    let mut accepted = 0u32;
+    loop {
+        match send(accepted) {
+            Ok(()) => accepted += 1,
+            Err(e) => return (accepted, e),
+        }
+        assert!(accepted < 400, "the send queue never filled");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[tokio::test]
-async fn a_slow_receiver_makes_send_return_full_not_buffer_without_bound() {
+async fn an_overflowing_send_queue_closes_the_connection_instead_of_dropping_a_message() {
     bounded(async {
+        let (logs, _guard) = Logs::capture();
         let pki = Pki::new();
         let small = QuicConfig {
             send_queue_bytes_max: SEND_QUEUE_BYTES_MIN,
@@ -322,38 +425,67 @@ async fn a_slow_receiver_makes_send_return_full_not_buffer_without_bound() {
             GatewayEvent::Connected(WorkerId(GOOD))
         );
 
-        // The worker's driver takes nothing while the gateway sends 1 MiB dispatches.
-        let mut accepted = 0u32;
-        let full = loop {
-            match gw.sender.send(WorkerId(GOOD), dispatch(accepted, 1 << 20)) {
-                Ok(()) => accepted += 1,
-                Err(SendError::Full) => break true,
-                Err(e) => panic!("unexpected {e}"),
-            }
-            assert!(accepted < 400, "the send queue never filled");
-            // Let the connection move what it can.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        };
-        assert!(full);
-        // Heartbeat-sized messages still go: they have their own stream and budget share.
-        gw.sender.send(WorkerId(GOOD), ack(1)).unwrap();
-
-        // Once the worker catches up, everything accepted arrives and sending works again.
-        let mut dispatches = 0;
-        let mut acks = 0;
-        while dispatches < accepted || acks < 1 {
+        // Gateway to worker: the worker's driver takes nothing while 1 MiB dispatches are sent.
+        // The queue is bounded, and once it overflows the connection ends: some of what was
+        // accepted may be lost with it, but nothing goes missing on a connection that lives on.
+        let (accepted, refused) =
+            send_until_refused(|i| gw.sender.send(WorkerId(GOOD), dispatch(i, 1 << 20))).await;
+        assert_eq!(refused, SendError::Overflowed);
+        assert_eq!(
+            gw.sender.send(WorkerId(GOOD), ack(1)),
+            Err(SendError::NotConnected),
+            "nothing is sent after the lost message"
+        );
+        let mut delivered = 0;
+        loop {
             match next(&mut link.events).await {
-                WorkerEvent::Message(ToWorker::Dispatch { .. }) => dispatches += 1,
-                WorkerEvent::Message(ToWorker::Ack { .. }) => acks += 1,
+                WorkerEvent::Message(ToWorker::Dispatch { .. }) => delivered += 1,
+                WorkerEvent::Disconnected => break,
                 other => panic!("unexpected {other:?}"),
             }
         }
-        wait_until("the send queue drains", || {
-            gw.sender
-                .send(WorkerId(GOOD), dispatch(999, 1 << 20))
-                .is_ok()
-        })
-        .await;
+        assert!(delivered <= accepted);
+        assert_eq!(
+            next(&mut gw.events).await,
+            GatewayEvent::Disconnected(WorkerId(GOOD))
+        );
+        logs.wait_for_warning(&["closed the worker's connection", "overflowed"])
+            .await;
+        // The worker comes back by itself, and the protocol would now re-send.
+        assert_eq!(next(&mut link.events).await, WorkerEvent::Connected);
+        assert_eq!(
+            next(&mut gw.events).await,
+            GatewayEvent::Connected(WorkerId(GOOD))
+        );
+        round_trip(&mut gw, &mut link, GOOD, 1).await;
+
+        // Worker to gateway, the same.
+        let (accepted, refused) =
+            send_until_refused(|i| link.sender.send(progress(u64::from(i) + 1, 1 << 20))).await;
+        assert_eq!(refused, SendError::Overflowed);
+        assert_eq!(
+            link.sender.send(heartbeat(2)),
+            Err(SendError::NotConnected),
+            "nothing is sent after the lost message"
+        );
+        let mut delivered = 0;
+        loop {
+            match next(&mut gw.events).await {
+                GatewayEvent::Message(_, ToGateway::Progress { .. }) => delivered += 1,
+                GatewayEvent::Disconnected(WorkerId(GOOD)) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(delivered <= accepted);
+        assert_eq!(next(&mut link.events).await, WorkerEvent::Disconnected);
+        logs.wait_for_warning(&["closed the connection to the gateway", "overflowed"])
+            .await;
+        assert_eq!(next(&mut link.events).await, WorkerEvent::Connected);
+        assert_eq!(
+            next(&mut gw.events).await,
+            GatewayEvent::Connected(WorkerId(GOOD))
+        );
+        round_trip(&mut gw, &mut link, GOOD, 2).await;
     })
     .await
 }
@@ -676,6 +808,62 @@ async fn an_oversize_frame_closes_the_connection_before_its_body_is_read() {
             next(&mut arena.gw.events).await,
             GatewayEvent::Disconnected(WorkerId(61))
         );
+        arena.check_unharmed().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_message_abandoned_on_a_live_connection_closes_it() {
+    bounded(async {
+        let mut arena = Arena::new().await;
+        // The peer resets a payload stream it was sending: the gateway must not carry on as if
+        // that message had never been sent.
+        let (_e, conn) = arena.raw_worker(62).await;
+        let _control = greet(&conn).await;
+        assert_eq!(
+            next(&mut arena.gw.events).await,
+            GatewayEvent::Connected(WorkerId(62))
+        );
+        let mut uni = conn.open_uni().await.unwrap();
+        uni.write_all(&100u32.to_be_bytes()).await.unwrap();
+        uni.write_all(&[0u8; 10]).await.unwrap();
+        uni.reset(VarInt::from_u32(0)).unwrap();
+        let reason = closed_for_violation(&conn).await;
+        assert!(reason.contains("abandoned"), "{reason}");
+        assert_eq!(
+            next(&mut arena.gw.events).await,
+            GatewayEvent::Disconnected(WorkerId(62))
+        );
+        arena.check_unharmed().await;
+
+        // The peer stops reading a payload stream the gateway is writing: the same.
+        let (_e, conn) = arena.raw_worker(63).await;
+        let _control = greet(&conn).await;
+        assert_eq!(
+            next(&mut arena.gw.events).await,
+            GatewayEvent::Connected(WorkerId(63))
+        );
+        arena
+            .gw
+            .sender
+            .send(WorkerId(63), dispatch(1, 8 << 20))
+            .unwrap();
+        let mut uni = conn.accept_uni().await.unwrap();
+        uni.stop(VarInt::from_u32(0)).unwrap();
+        // The gateway's log says why it closed: the close itself may be lost among the payload's
+        // packets on a loaded machine, and then this end learns of it from a stateless reset.
+        tokio::time::timeout(EVENT_TIME_MAX, conn.closed())
+            .await
+            .expect("the gateway did not close the connection");
+        assert_eq!(
+            next(&mut arena.gw.events).await,
+            GatewayEvent::Disconnected(WorkerId(63))
+        );
+        arena
+            .logs
+            .wait_for_warning(&["closed the worker's connection", "w63", "abandoned"])
+            .await;
         arena.check_unharmed().await;
     })
     .await

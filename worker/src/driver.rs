@@ -25,7 +25,7 @@ use sand_protocol::time::Time;
 use sand_protocol::wire::{
     AppBundle, CallSpec, ErrorKind, GrainError, RunTrace, ToGateway, ToWorker,
 };
-use sand_transport_quic::seam::{WorkerEvent, WorkerLink, WorkerSender};
+use sand_transport_quic::seam::{SendError, WorkerEvent, WorkerLink, WorkerSender};
 use tokio::sync::mpsc;
 
 use crate::host::{AppHost, HostContext};
@@ -58,6 +58,19 @@ pub enum WorkerError {
         path: PathBuf,
         /// Why it failed.
         source: std::io::Error,
+    },
+    /// The incarnation file exists but does not say which life this worker is in. Starting
+    /// over from the first incarnation could reuse a life the gateway knows.
+    #[error(
+        "the incarnation file {path} {problem}, so this worker cannot tell which of its lives \
+         comes next; to start it as a fresh worker, which the gateway then fences above its old \
+         life, remove the file"
+    )]
+    Incarnation {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
     },
 }
 
@@ -241,9 +254,16 @@ impl Driver {
         }
     }
 
+    /// Hands `msg` to the transport. Any refusal but `Encode` needs nothing more here: the
+    /// connection is gone or closing (the transport closes it rather than drop a message from a
+    /// live one), so `Disconnected` and `Connected` follow, after which the bus re-sends what is
+    /// unacked and the driver asks again for the bundles it waits for. Traces are not re-sent.
     fn send(&self, msg: ToGateway) {
-        if let Err(e) = self.sender.send(msg) {
-            tracing::debug!("not sent to the gateway: {e}");
+        match self.sender.send(msg) {
+            Ok(()) => {}
+            // Too large to encode: no reconnection will carry it.
+            Err(e @ SendError::Encode(_)) => tracing::error!("cannot send to the gateway: {e}"),
+            Err(e) => tracing::debug!("not sent to the gateway: {e}"),
         }
     }
 
@@ -499,20 +519,53 @@ fn trace_of(spec: &CallSpec, report: &CallReport, dispatched: bool) -> RunTrace 
 
 const INCARNATION_FILE: &str = "incarnation";
 
-/// The incarnation after the last one this worker used, saved before it is used.
+/// The incarnation after the last one this worker used, saved before it is used. A missing
+/// file means a fresh worker.
 fn next_incarnation(dir: &Path) -> Result<Incarnation, WorkerError> {
     let path = dir.join(INCARNATION_FILE);
-    let last = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    let next = Incarnation(last + 1);
+    let next = match load_incarnation(&path)? {
+        None => Incarnation(1),
+        Some(last) => {
+            last.0
+                .checked_add(1)
+                .map(Incarnation)
+                .ok_or_else(|| WorkerError::Incarnation {
+                    path,
+                    problem: format!("holds {}, the last incarnation there is", last.0),
+                })?
+        }
+    };
     save_incarnation(dir, next)?;
     Ok(next)
 }
 
-/// Saves an incarnation durably, so a restart picks a larger one.
+/// The incarnation saved at `path`, or `None` if none was ever saved.
+fn load_incarnation(path: &Path) -> Result<Option<Incarnation>, WorkerError> {
+    let bad = |problem| WorkerError::Incarnation {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad(format!("cannot be read ({e})"))),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    match text.trim().parse::<u64>() {
+        Ok(last) => Ok(Some(Incarnation(last))),
+        Err(_) if text.trim().is_empty() => Err(bad("is empty".to_string())),
+        Err(_) => Err(bad(format!(
+            "holds {:?}, not an incarnation number",
+            text.chars().take(40).collect::<String>()
+        ))),
+    }
+}
+
+/// Saves an incarnation durably before it is used: written to a temporary file and synced,
+/// renamed over the old file, and the directory synced, so that after a crash the file holds
+/// the old incarnation or the new one, whole, and a restart never reuses a life.
 fn save_incarnation(dir: &Path, incarnation: Incarnation) -> Result<(), WorkerError> {
+    use std::io::Write;
     let path = dir.join(INCARNATION_FILE);
     let partial = dir.join(format!("{INCARNATION_FILE}.partial"));
     let io = |what, source| WorkerError::Io {
@@ -520,11 +573,14 @@ fn save_incarnation(dir: &Path, incarnation: Incarnation) -> Result<(), WorkerEr
         path: path.clone(),
         source,
     };
-    let file = std::fs::File::create(&partial).map_err(|e| io("cannot write", e))?;
-    use std::io::Write;
-    (&file)
-        .write_all(incarnation.0.to_string().as_bytes())
+    let mut file = std::fs::File::create(&partial).map_err(|e| io("cannot write", e))?;
+    file.write_all(incarnation.0.to_string().as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| io("cannot write", e))?;
-    std::fs::rename(&partial, &path).map_err(|e| io("cannot replace", e))
+    drop(file);
+    std::fs::rename(&partial, &path).map_err(|e| io("cannot replace", e))?;
+    // The rename is durable only once the directory that records it is.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("cannot sync the directory of", e))
 }

@@ -2,7 +2,9 @@
 //! and reader, the payload-stream writers and readers, and how the connection ends.
 //!
 //! Every task a connection runs lives in a `JoinSet` owned by [`drive`]; when `drive` returns,
-//! they have all stopped. Nothing here decides what a message means.
+//! they have all stopped. Nothing here decides what a message means. A message that does not fit
+//! in the send budget ends the connection: the protocol recovers from a broken connection, never
+//! from a gap in a live one.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,11 +16,10 @@ use quinn::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinSet;
-use tracing::debug;
 
-use super::{TaskCounter, CLOSE_VIOLATION};
+use super::{TaskCounter, CLOSE_OVERFLOW, CLOSE_VIOLATION};
 use crate::framing::{self, Frame, FrameBuffer, FrameError, CONTROL_PREAMBLE, LEN_BYTES};
 use crate::seam::{Classify, SendError};
 
@@ -44,6 +45,7 @@ pub(crate) struct Outbox {
     control: mpsc::UnboundedSender<Queued>,
     payload: mpsc::UnboundedSender<Queued>,
     budget: Arc<Semaphore>,
+    overflowed: Arc<Notify>,
 }
 
 /// The receiving end of one connection's queues, consumed by [`drive`].
@@ -51,6 +53,8 @@ pub(crate) struct Inbox {
     control: mpsc::UnboundedReceiver<Queued>,
     payload: mpsc::UnboundedReceiver<Queued>,
     budget: Arc<Semaphore>,
+    /// Told once when a frame did not fit: [`drive`] then closes the connection.
+    overflowed: Arc<Notify>,
 }
 
 impl Outbox {
@@ -59,28 +63,39 @@ impl Outbox {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (payload_tx, payload_rx) = mpsc::unbounded_channel();
         let budget = Arc::new(Semaphore::new(bytes_max));
+        let overflowed = Arc::new(Notify::new());
         (
             Self {
                 control: control_tx,
                 payload: payload_tx,
                 budget: budget.clone(),
+                overflowed: overflowed.clone(),
             },
             Inbox {
                 control: control_rx,
                 payload: payload_rx,
                 budget,
+                overflowed,
             },
         )
     }
 
-    /// Queues an encoded frame without waiting.
+    /// Queues an encoded frame without waiting. A frame that does not fit in the budget ends
+    /// the connection: every later `enqueue` is refused at once, and [`drive`] closes it.
+    ///
+    /// Callers serialise the `enqueue`s of one connection (both endpoints hold a lock around
+    /// it), so no frame can slip in after one that was refused.
     pub(crate) fn enqueue(&self, frame: Frame, payload: bool) -> Result<(), SendError> {
         // Frames are at most MESSAGE_BYTES_MAX + 4 bytes (Frame::encode refuses more), far
         // below u32::MAX.
         let cost = u32::try_from(frame.wire_len() + FRAME_COST_BYTES).unwrap_or(u32::MAX);
         let budget = match self.budget.clone().try_acquire_many_owned(cost) {
             Ok(permit) => permit,
-            Err(TryAcquireError::NoPermits) => return Err(SendError::Full),
+            Err(TryAcquireError::NoPermits) => {
+                self.budget.close();
+                self.overflowed.notify_one();
+                return Err(SendError::Overflowed);
+            }
             Err(TryAcquireError::Closed) => return Err(SendError::NotConnected),
         };
         let queue = if payload {
@@ -119,6 +134,12 @@ pub(crate) enum Ended {
     Closed(ConnectionError),
     /// The peer broke the framing; this side closed the connection.
     Violation(FrameError),
+    /// A message for the peer did not fit in its send queue; this side closed the connection
+    /// rather than go on without it.
+    Overflowed,
+    /// A payload stream was given up (reset by its sender or stopped by its reader) while the
+    /// connection lived; this side closed the connection rather than go on without that message.
+    Abandoned(String),
     /// The peer finished its control stream.
     ControlFinished,
     /// Nobody wants this connection's messages any more.
@@ -132,6 +153,11 @@ impl fmt::Display for Ended {
         match self {
             Ended::Closed(e) => write!(f, "{e}"),
             Ended::Violation(e) => write!(f, "the peer broke the framing: {e}"),
+            Ended::Abandoned(e) => write!(f, "a message was abandoned on its stream: {e}"),
+            Ended::Overflowed => f.write_str(
+                "the send queue to the peer overflowed (the peer or the network is slower than \
+                 this side sends)",
+            ),
             Ended::ControlFinished => f.write_str("the peer finished its control stream"),
             Ended::Unwanted => f.write_str("the connection was replaced or is no longer wanted"),
             Ended::Panicked => f.write_str("a connection task panicked"),
@@ -178,6 +204,7 @@ where
         control,
         payload,
         budget,
+        overflowed,
     } = inbox;
     // Heartbeats and acks go before payload bytes whenever both are waiting.
     let _ = control_send.set_priority(1);
@@ -202,11 +229,15 @@ where
     )));
     let closed = conn.clone();
     tasks.spawn(counter.track(async move { Ended::Closed(closed.closed().await) }));
+    tasks.spawn(counter.track(async move {
+        overflowed.notified().await;
+        Ended::Overflowed
+    }));
 
     let ended = match tasks.join_next().await {
         Some(Ok(ended)) => ended,
         Some(Err(_)) => Ended::Panicked,
-        // Five tasks were spawned just above.
+        // Six tasks were spawned just above.
         None => Ended::Panicked,
     };
     budget.close();
@@ -214,6 +245,14 @@ where
         Ended::Violation(e) => {
             conn.close(VarInt::from_u32(CLOSE_VIOLATION), e.to_string().as_bytes())
         }
+        Ended::Abandoned(_) => conn.close(
+            VarInt::from_u32(CLOSE_VIOLATION),
+            ended.to_string().as_bytes(),
+        ),
+        Ended::Overflowed => conn.close(
+            VarInt::from_u32(CLOSE_OVERFLOW),
+            ended.to_string().as_bytes(),
+        ),
         Ended::ControlFinished | Ended::Unwanted | Ended::Panicked => conn.close(
             VarInt::from_u32(super::CLOSE_NORMAL),
             ended.to_string().as_bytes(),
@@ -251,7 +290,8 @@ async fn write_control(mut send: SendStream, mut queue: mpsc::UnboundedReceiver<
     Ended::Unwanted
 }
 
-/// Writes each payload frame on a stream of its own, up to `streams_max` at once.
+/// Writes each payload frame on a stream of its own, up to `streams_max` at once. Ends when a
+/// payload cannot be written, since its message would then be missing from a live connection.
 async fn write_payloads(
     conn: Connection,
     mut queue: mpsc::UnboundedReceiver<Queued>,
@@ -259,33 +299,47 @@ async fn write_payloads(
     counter: TaskCounter,
 ) -> Ended {
     let streams = Arc::new(Semaphore::new(streams_max as usize));
-    let mut writers = JoinSet::new();
-    while let Some(q) = queue.recv().await {
-        // The semaphore is never closed.
-        let Ok(stream) = streams.clone().acquire_owned().await else {
-            break;
-        };
-        let conn = conn.clone();
-        writers.spawn(counter.track(async move {
-            let _stream = stream;
-            if let Err(e) = write_payload(&conn, q).await {
-                // The connection is going down; its end is reported by `drive`.
-                debug!(error = %e, "a payload stream was not written");
+    let mut writers: JoinSet<Result<(), Ended>> = JoinSet::new();
+    loop {
+        tokio::select! {
+            queued = queue.recv() => {
+                // The outbox was dropped: the endpoint is shutting down.
+                let Some(q) = queued else {
+                    return Ended::Unwanted;
+                };
+                // Never closed: it lives as long as this task.
+                let Ok(stream) = streams.clone().acquire_owned().await else {
+                    return Ended::Panicked;
+                };
+                let conn = conn.clone();
+                writers.spawn(counter.track(async move {
+                    let _stream = stream;
+                    write_payload(&conn, q).await
+                }));
             }
-        }));
-        while writers.try_join_next().is_some() {}
+            Some(written) = writers.join_next() => match written {
+                Ok(Ok(())) => {}
+                Ok(Err(ended)) => return ended,
+                Err(_) => return Ended::Panicked,
+            },
+        }
     }
-    Ended::Unwanted
 }
 
-async fn write_payload(conn: &Connection, q: Queued) -> Result<(), String> {
-    let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+/// Writes one payload frame on a fresh stream. A peer that stops reading it before it is all
+/// handed to QUIC has given the message up; one that stops later is not noticed (a sand peer
+/// stops a stream only when its connection is going down).
+async fn write_payload(conn: &Connection, q: Queued) -> Result<(), Ended> {
+    let mut send = conn.open_uni().await.map_err(Ended::Closed)?;
     let mut chunks = [Bytes::copy_from_slice(&q.frame.head), q.frame.body];
     send.write_all_chunks(&mut chunks)
         .await
-        .map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
-    Ok(())
+        .map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(e) => Ended::Closed(e),
+            other => Ended::Abandoned(other.to_string()),
+        })?;
+    // Fails only on a stream already finished or reset, which nothing here does.
+    send.finish().map_err(|e| Ended::Abandoned(e.to_string()))
 }
 
 fn write_error(e: quinn::WriteError) -> Ended {
@@ -386,14 +440,14 @@ async fn read_payload<In: DeserializeOwned>(
                 missing: LEN_BYTES - got,
             }))
         }
-        Err(ReadExactError::ReadError(e)) => return lost_stream(e),
+        Err(ReadExactError::ReadError(e)) => return Err(lost_stream(e)),
     }
     let len = framing::body_len(head).map_err(Ended::Violation)?;
     // `read_to_end` grows its buffer as bytes arrive, never past `len`.
     let body = match recv.read_to_end(len).await {
         Ok(body) => body,
         Err(ReadToEndError::TooLong) => return Err(Ended::Violation(FrameError::Trailing)),
-        Err(ReadToEndError::Read(e)) => return lost_stream(e),
+        Err(ReadToEndError::Read(e)) => return Err(lost_stream(e)),
     };
     if body.len() < len {
         return Err(Ended::Violation(FrameError::Truncated {
@@ -408,15 +462,13 @@ async fn read_payload<In: DeserializeOwned>(
     Ok(())
 }
 
-fn lost_stream(e: quinn::ReadError) -> Result<(), Ended> {
+/// Why a payload stream could not be read to its end.
+fn lost_stream(e: quinn::ReadError) -> Ended {
     match e {
-        quinn::ReadError::ConnectionLost(e) => Err(Ended::Closed(e)),
-        // A peer may abandon a payload stream (reset it); that message is lost, which the
-        // protocol's re-sends cover.
-        other => {
-            debug!(error = %other, "a payload stream was abandoned by the peer");
-            Ok(())
-        }
+        quinn::ReadError::ConnectionLost(e) => Ended::Closed(e),
+        // The peer reset the stream. Its message would be missing from a live connection,
+        // which the protocol does not recover from.
+        other => Ended::Abandoned(other.to_string()),
     }
 }
 

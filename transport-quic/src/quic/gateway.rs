@@ -323,7 +323,7 @@ async fn serve(
 
 fn log_end(worker: WorkerId, peer: SocketAddr, ended: &Ended) {
     match ended {
-        Ended::Violation(_) | Ended::Panicked => {
+        Ended::Violation(_) | Ended::Abandoned(_) | Ended::Overflowed | Ended::Panicked => {
             warn!(%worker, %peer, reason = %ended, "closed the worker's connection")
         }
         Ended::Closed(ConnectionError::TimedOut) => {

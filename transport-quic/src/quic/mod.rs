@@ -5,22 +5,24 @@
 //!
 //! A worker opens one bidirectional **control stream** per connection, says the four bytes
 //! `snd1` and waits for the gateway to say them back; only then do both sides report
-//! `Connected`. Small messages (`Hello`, `Heartbeat`, `Welcome`, `Ack`, `Cancel`, `Abort`,
-//! `Fenced`) travel on it in order, at a higher priority than anything else. Each
-//! payload-carrying message (`ToGateway::Progress`, `ToWorker::Dispatch`) goes on a fresh
-//! **unidirectional stream** holding exactly one frame, so a large payload never holds up a
-//! heartbeat. Every frame is a `u32` big-endian length and a body made by
-//! [`sand_protocol::wire::encode`]; a length above [`sand_protocol::wire::MESSAGE_BYTES_MAX`] is
-//! refused before anything is read into memory for it.
+//! `Connected`. Small messages (`Hello`, `Heartbeat`, `Fetch`, `Welcome`, `Ack`, `AppChanged`,
+//! `Cancel`, `Abort`, `Fenced`) travel on it in order, at a higher priority than anything else.
+//! Each payload-carrying message (`ToGateway::Progress` and `Trace`, `ToWorker::Dispatch` and
+//! `Bundle`) goes on a fresh **unidirectional stream** holding exactly one frame, so a large
+//! payload never holds up a heartbeat. Every frame is a `u32` big-endian length and a body made
+//! by [`sand_protocol::wire::encode`]; a length above [`sand_protocol::wire::MESSAGE_BYTES_MAX`]
+//! is refused before anything is read into memory for it.
 //!
 //! # Failure
 //!
 //! Keep-alives (default every second) hold an idle connection open; a silent peer is dropped
 //! after the idle timeout (default five seconds). A peer that sends an oversize frame, garbage,
 //! or anything that does not decode has its connection closed with [`CLOSE_VIOLATION`] and a
-//! `tracing` warning. A peer without a valid certificate of the cluster CA is refused during the
-//! TLS handshake, also with a warning, and never appears as an event. The worker reconnects by
-//! itself with exponential backoff and jitter.
+//! `tracing` warning. A message that does not fit in its peer's send queue closes the
+//! connection with [`CLOSE_OVERFLOW`] and a warning, on either side: a connection never lives on
+//! with a message missing. A peer without a valid certificate of the cluster CA is refused
+//! during the TLS handshake, also with a warning, and never appears as an event. The worker
+//! reconnects by itself with exponential backoff and jitter.
 //!
 //! Both endpoints need a tokio runtime to run on (their tasks are spawned on the current one);
 //! the seam they hand out ([`crate::seam`]) does not.
@@ -53,7 +55,8 @@ pub const ALPN: &[u8] = b"sand/1";
 
 /// Close code: an orderly shutdown.
 pub const CLOSE_NORMAL: u32 = 0;
-/// Close code: the peer broke the framing (oversize frame, garbage, undecodable message).
+/// Close code: the peer broke the framing (oversize frame, garbage, undecodable message), or
+/// gave up a message on a live connection (reset or stopped its stream).
 pub const CLOSE_VIOLATION: u32 = 1;
 /// Close code: the peer's certificate names no worker.
 pub const CLOSE_IDENTITY: u32 = 2;
@@ -63,6 +66,9 @@ pub const CLOSE_REPLACED: u32 = 3;
 pub const CLOSE_DISCONNECTED: u32 = 4;
 /// Close code: the worker dropped its connection on purpose ([`QuicWorker::reconnect`]).
 pub const CLOSE_RECONNECT: u32 = 5;
+/// Close code: a message for the peer did not fit in its send queue. The connection ends rather
+/// than go on without that message.
+pub const CLOSE_OVERFLOW: u32 = 6;
 
 /// Settings of both endpoints. [`QuicConfig::default`] suits a cluster on a LAN.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +78,7 @@ pub struct QuicConfig {
     /// How long a connection may hear nothing before it is closed as dead.
     pub idle_timeout: Duration,
     /// The bytes of frames queued for one peer and not yet written, past which `send` returns
-    /// `Full`. At least one largest frame must fit.
+    /// `Overflowed` and the connection is closed. At least one largest frame must fit.
     pub send_queue_bytes_max: usize,
     /// The messages received from one peer and not yet taken by the driver, past which reading
     /// from that peer pauses (and QUIC flow control slows the peer down).

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use quinn::{Connection, ConnectionError, Endpoint, VarInt};
 use rustls_pki_types::ServerName;
-use sand_protocol::wire::ToGateway;
+use sand_protocol::wire::{ToGateway, ToWorker};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -89,8 +90,9 @@ impl QuicWorker {
     /// itself. Returns whether a connection was open.
     pub fn reconnect(&self) -> bool {
         match &*self.current.lock() {
-            Some((_, conn)) => {
-                conn.close(VarInt::from_u32(CLOSE_RECONNECT), b"worker reconnecting");
+            Some(open) => {
+                open.conn
+                    .close(VarInt::from_u32(CLOSE_RECONNECT), b"worker reconnecting");
                 true
             }
             None => false,
@@ -120,14 +122,59 @@ impl Drop for QuicWorker {
     }
 }
 
-/// The open connection, if any, and its outbound queues.
+/// The open connection, if any: the one `send` writes to and whose messages are delivered.
+/// Its `Connected` and `Disconnected` are said under the same lock that every delivery takes,
+/// so that the events stay well nested.
 #[derive(Debug, Default)]
-struct Current(Mutex<Option<(Outbox, Connection)>>);
+struct Current(Mutex<Option<Open>>);
+
+/// The worker's open connection.
+#[derive(Debug)]
+struct Open {
+    /// Tells this connection from the ones before and after it.
+    id: u64,
+    outbox: Outbox,
+    conn: Connection,
+}
 
 impl Current {
-    fn lock(&self) -> MutexGuard<'_, Option<(Outbox, Connection)>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Open>> {
         // Every change under this lock is one assignment, so a poisoned value is whole.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `open` the current connection and says `Connected`.
+    fn attach(&self, open: Open, events: &EventSender<WorkerEvent>) {
+        let mut current = self.lock();
+        *current = Some(open);
+        events.push(WorkerEvent::Connected);
+    }
+
+    /// Delivers a message of connection `id`, unless that connection is no longer current: a
+    /// reader of an ended connection may still be finishing on another thread when its
+    /// `Disconnected` is said.
+    fn deliver(
+        &self,
+        id: u64,
+        msg: ToWorker,
+        credit: OwnedSemaphorePermit,
+        events: &EventSender<WorkerEvent>,
+    ) -> bool {
+        let current = self.lock();
+        if current.as_ref().map(|open| open.id) != Some(id) {
+            return false;
+        }
+        events.push_with_credit(WorkerEvent::Message(msg), credit)
+    }
+
+    /// Forgets the current connection, refuses every later send to it, and says
+    /// `Disconnected`: nothing of it is delivered after this.
+    fn detach(&self, events: &EventSender<WorkerEvent>) {
+        let mut current = self.lock();
+        if let Some(open) = current.take() {
+            open.outbox.close();
+        }
+        events.push(WorkerEvent::Disconnected);
     }
 }
 
@@ -145,8 +192,8 @@ impl WorkerOutbox for QuicWorkerOutbox {
     fn send(&self, msg: ToGateway) -> Result<(), SendError> {
         let (frame, payload) = conn::encode(&msg)?;
         let current = self.current.lock();
-        let (outbox, _) = current.as_ref().ok_or(SendError::NotConnected)?;
-        outbox.enqueue(frame, payload)
+        let open = current.as_ref().ok_or(SendError::NotConnected)?;
+        open.outbox.enqueue(frame, payload)
     }
 }
 
@@ -164,34 +211,35 @@ struct LinkLoop {
 async fn link_loop(l: LinkLoop) {
     let mut backoff = Backoff::new(l.config.reconnect_delay_min, l.config.reconnect_delay_max);
     let mut failures: u32 = 0;
+    let mut conn_id: u64 = 0;
     while !l.events.is_closed() {
         match connect(&l).await {
             Ok((conn, control_send, control_recv)) => {
                 failures = 0;
                 backoff.reset();
+                conn_id += 1;
+                let id = conn_id;
                 let (outbox, inbox) = Outbox::new(l.config.send_queue_bytes_max);
-                *l.current.lock() = Some((outbox, conn.clone()));
+                let open = Open {
+                    id,
+                    outbox,
+                    conn: conn.clone(),
+                };
+                l.current.attach(open, &l.events);
                 info!(gateway = %l.gateway, "connected to the gateway");
-                l.events.push(WorkerEvent::Connected);
-                let events = l.events.clone();
+                let (current, events) = (l.current.clone(), l.events.clone());
                 let ended = conn::drive(Parts {
                     conn,
                     control_send,
                     control_recv,
                     inbox,
-                    deliver: Arc::new(move |msg, credit| {
-                        events.push_with_credit(WorkerEvent::Message(msg), credit)
-                    }),
+                    deliver: Arc::new(move |msg, credit| current.deliver(id, msg, credit, &events)),
                     recv_queue_len_max: l.config.recv_queue_len_max,
                     payload_streams_max: l.config.payload_streams_max,
                     tasks: l.tasks.clone(),
                 })
                 .await;
-                if let Some((outbox, _)) = l.current.lock().take() {
-                    outbox.close();
-                }
-                // Every task of the connection has stopped: no message can follow this.
-                l.events.push(WorkerEvent::Disconnected);
+                l.current.detach(&l.events);
                 log_end(l.gateway, &ended);
             }
             Err(error) => {
@@ -232,6 +280,9 @@ async fn connect(
 
 fn log_end(gateway: SocketAddr, ended: &Ended) {
     match ended {
+        Ended::Overflowed | Ended::Violation(_) | Ended::Abandoned(_) | Ended::Panicked => {
+            warn!(%gateway, reason = %ended, "closed the connection to the gateway")
+        }
         Ended::Closed(ConnectionError::LocallyClosed) | Ended::Unwanted => {
             info!(%gateway, "closed the connection to the gateway")
         }
