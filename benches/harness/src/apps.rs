@@ -77,6 +77,37 @@ def r3(event, ctx):
     return event + 3
 "#;
 
+const PIPELINE_GRAINS: &str = r#"
+"""The chain of examples/pipeline: double -> inc -> square, so input x answers (2x + 1)^2."""
+
+
+def double(event, ctx):
+    return ctx.next("inc", event * 2)
+
+
+def inc(event, ctx):
+    return ctx.next("square", event + 1)
+
+
+def square(event, ctx):
+    return event * event
+"#;
+
+/// What the pipeline app answers to `input`.
+pub fn pipeline_output(input: u64) -> u64 {
+    (2 * input + 1).pow(2)
+}
+
+/// Writes the pipeline app (three grains, see `pipeline_output`) under `root`: each instance
+/// serves up to `reuse` calls.
+pub fn pipeline(root: &Path, python: &Path, reuse: u64) -> Result<PathBuf> {
+    let grains: Vec<(String, String)> = ["double", "inc", "square"]
+        .iter()
+        .map(|g| (g.to_string(), g.to_string()))
+        .collect();
+    app(root, "pipeline", python, &grains, reuse, PIPELINE_GRAINS)
+}
+
 /// The app directories of one harness run.
 pub struct Apps {
     /// The 5-grain chain, a fresh instance per call.

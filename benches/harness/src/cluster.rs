@@ -1,7 +1,10 @@
 //! A sand cluster of real processes: one gateway and its workers, started from the `sand`
 //! binary built beside this harness, and killed when dropped.
+//!
+//! Either kind of process can be SIGKILLed and started again on the same data directory (and,
+//! for the gateway, the same ports): what a crash and a restart on the same host look like.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,6 +26,12 @@ pub struct ClusterSpec {
     pub link_delay: Option<Duration>,
     /// How long a silent worker has before the gateway declares it dead.
     pub failure_timeout: Duration,
+    /// How the workers isolate grains.
+    pub isolation: Isolation,
+    /// Make this process a child subreaper, so that what a killed worker leaves behind (its
+    /// grains' processes, with `Isolation::None`) becomes a child of this process: reaped as
+    /// it exits, and killed with the cluster.
+    pub adopt_orphans: bool,
 }
 
 impl Default for ClusterSpec {
@@ -32,8 +41,19 @@ impl Default for ClusterSpec {
             gateway_hops: false,
             link_delay: None,
             failure_timeout: Duration::from_secs(5),
+            isolation: Isolation::Sandbox,
+            adopt_orphans: false,
         }
     }
+}
+
+/// How a worker isolates grains (`sand worker --isolation`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Isolation {
+    /// One sandbox per app: namespaces and a cgroup (needs root).
+    Sandbox,
+    /// Plain processes on the host.
+    None,
 }
 
 /// A running cluster.
@@ -43,7 +63,10 @@ pub struct Cluster {
     spec: ClusterSpec,
     gateway: Child,
     workers: Vec<(u32, Child)>,
+    /// The API's base URL, `http://ADDR`.
     http: String,
+    /// The gateway's own QUIC address; a restarted gateway listens on it again.
+    gateway_quic: String,
     /// Where workers dial: the gateway's QUIC address, or the relay's.
     quic: String,
     relay: Option<DelayRelay>,
@@ -86,40 +109,22 @@ impl Cluster {
                 ],
             )?;
         }
-        let mut gateway = Command::new(sand)
-            .args([
-                "gateway",
-                "--http",
-                "127.0.0.1:0",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--failure-timeout-ms")
-            .arg(spec.failure_timeout.as_millis().to_string())
-            .arg("--data-dir")
-            .arg(dir.path().join("gateway"))
-            .arg("--certs")
-            .arg(&certs)
-            .stdout(Stdio::piped())
-            .stderr(log_file(dir.path(), "gateway")?)
-            .spawn()
-            .context("cannot start the gateway")?;
-        let (http, quic) = match gateway_addresses(&mut gateway) {
-            Ok(addrs) => addrs,
-            Err(e) => {
-                let _ = gateway.kill();
-                let _ = gateway.wait();
-                return Err(e);
-            }
-        };
+        if spec.adopt_orphans {
+            nix::sys::prctl::set_child_subreaper(true)
+                .context("cannot make this process a child subreaper")?;
+        }
+        let (gateway, http, gateway_quic) =
+            start_gateway(sand, dir.path(), &spec, "127.0.0.1:0", "127.0.0.1:0")?;
         let relay = match spec.link_delay {
             Some(delay) => {
-                let upstream = quic.parse().context("the gateway's QUIC address")?;
+                let upstream = gateway_quic.parse().context("the gateway's QUIC address")?;
                 Some(DelayRelay::start(upstream, delay)?)
             }
             None => None,
         };
-        let quic = relay.as_ref().map_or(quic, |r| r.addr.to_string());
+        let quic = relay
+            .as_ref()
+            .map_or_else(|| gateway_quic.clone(), |r| r.addr.to_string());
         let mut cluster = Self {
             sand: sand.to_owned(),
             dir,
@@ -127,6 +132,7 @@ impl Cluster {
             gateway,
             workers: Vec::new(),
             http,
+            gateway_quic,
             quic,
             relay,
             agent: ureq::AgentBuilder::new()
@@ -140,14 +146,24 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn start_worker(&mut self, id: u32) -> Result<()> {
+    /// Starts worker `id`: at first, or again after `kill_worker`, with the same id,
+    /// certificate and data directory (so it comes back as a new incarnation).
+    pub fn start_worker(&mut self, id: u32) -> Result<()> {
+        if self.worker_pid(id).is_some() {
+            bail!("worker {id} is already running");
+        }
+        let isolation: &[&str] = match self.spec.isolation {
+            Isolation::Sandbox => &[],
+            Isolation::None => &["--isolation", "none"],
+        };
         let child = Command::new(&self.sand)
             .args(["worker", "--gateway", &self.quic, "--id", &id.to_string()])
             .arg("--certs")
             .arg(self.dir.path().join("certs"))
             .arg("--data-dir")
-            .arg(self.dir.path().join(format!("worker-{id}")))
+            .arg(self.worker_dir(id))
             .args(self.spec.gateway_hops.then_some("--gateway-hops"))
+            .args(isolation)
             .stdout(Stdio::null())
             .stderr(log_file(self.dir.path(), &format!("worker-{id}"))?)
             .spawn()
@@ -188,6 +204,110 @@ impl Cluster {
     /// The gateway's pid.
     pub fn gateway_pid(&self) -> u32 {
         self.gateway.id()
+    }
+
+    /// The API's base URL, `http://ADDR`; it stays the same across gateway restarts.
+    pub fn http(&self) -> &str {
+        &self.http
+    }
+
+    /// Leaves the scratch directory in place when the cluster is dropped; returns its path.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        self.dir.disable_cleanup(true);
+        self.dir.path().to_owned()
+    }
+
+    fn worker_dir(&self, id: u32) -> PathBuf {
+        self.dir.path().join(format!("worker-{id}"))
+    }
+
+    /// The incarnation worker `id` last saved in its data directory: how many times it has
+    /// started, or been fenced by the gateway and come back. None before its first start.
+    pub fn incarnation(&self, id: u32) -> Option<u64> {
+        std::fs::read_to_string(self.worker_dir(id).join("incarnation"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// SIGKILLs the gateway, leaves it down for `down`, and starts it again on the same data
+    /// directory and ports. Its HTTP port may be briefly unavailable to a new listener, so
+    /// the start is tried again for a few seconds.
+    pub fn crash_gateway(&mut self, down: Duration) -> Result<()> {
+        self.gateway.kill().context("cannot kill the gateway")?;
+        self.gateway.wait().context("cannot reap the gateway")?;
+        std::thread::sleep(down);
+        let http_addr = self.http.trim_start_matches("http://").to_owned();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match start_gateway(
+                &self.sand,
+                self.dir.path(),
+                &self.spec,
+                &http_addr,
+                &self.gateway_quic,
+            ) {
+                Ok((gateway, http, quic)) => {
+                    self.gateway = gateway;
+                    if http != self.http || quic != self.gateway_quic {
+                        bail!(
+                            "the restarted gateway is on {http} and {quic}, not {} and {}",
+                            self.http,
+                            self.gateway_quic
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!(
+                        "the gateway did not start again within 10 s; its log is in {}",
+                        self.dir.path().display()
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// The processes of the cluster that ended without being killed by it, each named
+    /// ("gateway", "worker 2") with how it ended. A worker that ended is forgotten, so that
+    /// it can be started again; a gateway that ended stays down.
+    pub fn ended_by_themselves(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+        let mut ended = Vec::new();
+        if let Ok(Some(status)) = self.gateway.try_wait() {
+            ended.push(("gateway".to_owned(), status));
+        }
+        self.workers
+            .retain_mut(|(id, child)| match child.try_wait() {
+                Ok(Some(status)) => {
+                    ended.push((format!("worker {id}"), status));
+                    false
+                }
+                _ => true,
+            });
+        ended
+    }
+
+    /// Reaps the adopted orphans that have exited (see `ClusterSpec::adopt_orphans`).
+    pub fn reap_orphans(&self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag};
+        for pid in self.orphans() {
+            let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+        }
+    }
+
+    /// Children of this process that the cluster did not start: adopted orphans.
+    fn orphans(&self) -> Vec<nix::unistd::Pid> {
+        if !self.spec.adopt_orphans {
+            return Vec::new();
+        }
+        let ours: Vec<u32> = std::iter::once(self.gateway.id())
+            .chain(self.workers.iter().map(|(_, c)| c.id()))
+            .collect();
+        children_of_this_process()
+            .into_iter()
+            .filter(|pid| !ours.contains(pid))
+            .map(|pid| nix::unistd::Pid::from_raw(pid as i32))
+            .collect()
     }
 
     /// The pid of worker `id`.
@@ -242,6 +362,19 @@ impl Drop for Cluster {
         let _ = self.gateway.kill();
         let _ = self.gateway.wait();
         self.relay.take();
+        // Killing an orphan orphans its own children in turn: a few rounds take them all.
+        for _ in 0..10 {
+            let orphans = self.orphans();
+            if orphans.is_empty() {
+                break;
+            }
+            for &pid in &orphans {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            for pid in orphans {
+                let _ = nix::sys::wait::waitpid(pid, None);
+            }
+        }
     }
 }
 
@@ -295,6 +428,37 @@ impl Client {
     }
 }
 
+/// Starts a gateway on `http` and `listen` (port 0: any), with its store in `dir/gateway`;
+/// returns it with its API's base URL and its QUIC address once it is serving.
+fn start_gateway(
+    sand: &Path,
+    dir: &Path,
+    spec: &ClusterSpec,
+    http: &str,
+    listen: &str,
+) -> Result<(Child, String, String)> {
+    let mut gateway = Command::new(sand)
+        .args(["gateway", "--http", http, "--listen", listen])
+        .arg("--failure-timeout-ms")
+        .arg(spec.failure_timeout.as_millis().to_string())
+        .arg("--data-dir")
+        .arg(dir.join("gateway"))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .stdout(Stdio::piped())
+        .stderr(log_file(dir, "gateway")?)
+        .spawn()
+        .context("cannot start the gateway")?;
+    match gateway_addresses(&mut gateway) {
+        Ok((http, quic)) => Ok((gateway, http, quic)),
+        Err(e) => {
+            let _ = gateway.kill();
+            let _ = gateway.wait();
+            Err(e)
+        }
+    }
+}
+
 /// Reads "sand gateway: HTTP on http://ADDR, workers dial ADDR" from the gateway's stdout.
 fn gateway_addresses(gateway: &mut Child) -> Result<(String, String)> {
     let stdout = gateway.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -313,9 +477,37 @@ fn gateway_addresses(gateway: &mut Child) -> Result<(String, String)> {
     }
 }
 
+/// The log of process `name` in `dir`, appended to: a restarted process's log follows its
+/// previous life's, after a line that marks the restart.
 fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
     let path = dir.join(format!("{name}.log"));
-    std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if file.metadata().map(|m| m.len()).unwrap_or(0) > 0 {
+        writeln!(file, "----- sand-bench: {name} started again -----")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(file)
+}
+
+/// The pids of this process's children, whichever of its threads started them.
+fn children_of_this_process() -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 fn path_str(p: &Path) -> Result<&str> {

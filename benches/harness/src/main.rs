@@ -7,9 +7,13 @@
 //! ```text
 //! cargo build --release -p sand -p sand-bench && target/release/sand-bench --out bench-results
 //! ```
+//!
+//! `sand-bench chaos` is another kind of run: crashes under load, and a check that nothing
+//! was lost (see `chaos.rs`).
 
 mod alternatives;
 mod apps;
+mod chaos;
 mod cluster;
 mod cold_start;
 mod link;
@@ -24,7 +28,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::apps::{Apps, CHAIN_SUM};
 use crate::cluster::{Cluster, ClusterSpec};
@@ -34,8 +38,11 @@ use crate::report::{ChainRow, HopRow, MemoryRow, Results};
 /// sand's benchmark harness: latency, throughput, cold start, memory and recovery, with
 /// Celery and Ray on the same chain in the same run.
 #[derive(Parser, Debug)]
-#[command(name = "sand-bench")]
+#[command(name = "sand-bench", args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Another kind of run than the benchmarks.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Where results.json, results.md and the plots are written.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -59,6 +66,14 @@ struct Args {
     skip: Vec<Part>,
 }
 
+/// Runs other than the benchmarks.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Crashes under load: workers and the gateway SIGKILLed while keyed async invocations
+    /// go in; exits non-zero if any is lost or wrong.
+    Chaos(chaos::ChaosArgs),
+}
+
 /// The parts of a run.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum Part {
@@ -78,8 +93,15 @@ enum Part {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+    let outcome = match &args.command {
+        None => run(&args).map(|()| true),
+        Some(Command::Chaos(chaos)) => {
+            sand_binary(chaos.needs_root()).and_then(|sand| chaos::run(&sand, chaos))
+        }
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("sand-bench: {e:#}");
             ExitCode::FAILURE
@@ -91,8 +113,9 @@ fn progress(what: &str) {
     eprintln!("sand-bench: {what}");
 }
 
-fn run(args: &Args) -> Result<()> {
-    if !is_root() {
+/// The `sand` binary beside this one; fails without root when `root` is needed.
+fn sand_binary(root: bool) -> Result<PathBuf> {
+    if root && !is_root() {
         bail!("sand-bench needs root: sand's workers make sandboxes");
     }
     let exe = std::env::current_exe().context("cannot find this binary")?;
@@ -103,6 +126,11 @@ fn run(args: &Args) -> Result<()> {
             exe.display()
         );
     }
+    Ok(sand)
+}
+
+fn run(args: &Args) -> Result<()> {
+    let sand = sand_binary(true)?;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let repo = repo.canonicalize().context("cannot find the repository")?;
     let scratch = tempfile::Builder::new()
