@@ -117,7 +117,7 @@ impl Cluster {
     }
 
     /// Delivers every worker message to the gateway and persists what that wrote.
-    fn to_gateway_all(&mut self) {
+    fn deliver_to_gateway(&mut self) {
         for m in std::mem::take(&mut self.to_gateway) {
             self.gq.handle(T0, GqEvent::Message(W0, m));
             self.drain_gq();
@@ -131,7 +131,7 @@ impl Cluster {
     fn deliver_all(&mut self) {
         let mut held = Vec::new();
         loop {
-            self.to_gateway_all();
+            self.deliver_to_gateway();
             let (dispatches, control): (Vec<ToWorker>, Vec<ToWorker>) =
                 std::mem::take(&mut self.to_worker)
                     .into_iter()

@@ -45,7 +45,7 @@ async fn start(data_dir: &Path) -> Incarnation {
     let incarnation = bounded(10, async {
         loop {
             let event = gateway.events.recv().await.expect("the network lives");
-            if let GatewayEvent::Message(_, ToGateway::Hello { incarnation }) = event {
+            if let GatewayEvent::Message(_, ToGateway::Hello { incarnation, .. }) = event {
                 break incarnation;
             }
         }
