@@ -39,6 +39,16 @@ impl Cluster {
 
     /// The same, with a gateway that wants `token` on its API.
     fn start_with(workers: u32, apps: &[&str], token: Option<&str>) -> Self {
+        Self::start_full(workers, apps, token, 1500)
+    }
+
+    /// The same, with the gateway's failure timeout set.
+    fn start_full(
+        workers: u32,
+        apps: &[&str],
+        token: Option<&str>,
+        failure_timeout_ms: u64,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let certs = dir.path().join("certs");
         sand(&["cert", "init", "--dir", certs.to_str().unwrap()]);
@@ -69,7 +79,7 @@ impl Cluster {
             workers: Vec::new(),
             http: String::new(),
             quic: "127.0.0.1:0".into(),
-            failure_timeout_ms: 1500,
+            failure_timeout_ms,
             token: token.map(str::to_owned),
             idle_seconds: 300,
         };
@@ -261,6 +271,34 @@ fn the_daemons_refuse_unsafe_settings_and_mutations() {
             "{stderr}"
         );
     }
+}
+
+/// At the shortest failure timeout the gateway takes, idle workers are never suspected: they
+/// heartbeat as often as the gateway's `Welcome` says, not on a clock of their own. (A gateway at
+/// 1 s with workers heartbeating every 1 s fenced every idle worker once a second and never
+/// started one call: `shared/repro/stuck-call`.)
+#[test]
+fn idle_workers_are_not_suspected_at_the_shortest_failure_timeout() {
+    let cluster = Cluster::start_full(2, &["examples/pipeline"], None, 500);
+    let workers = || {
+        let (_, body) = get(&format!("{}/v1/workers", cluster.http));
+        let rows = body["workers"].as_array().cloned().unwrap_or_default();
+        let view: Vec<(u64, u64, bool, bool)> = rows
+            .iter()
+            .map(|w| {
+                let n = |k: &str| w[k].as_u64().unwrap_or(u64::MAX);
+                (n("id"), n("incarnation"), w["connected"] == true, w["dead"] == true)
+            })
+            .collect();
+        view
+    };
+    let before = workers();
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before.iter().all(|w| w.2 && !w.3), "{before:?}");
+    std::thread::sleep(Duration::from_secs(4)); // Eight failure timeouts, idle.
+    assert_eq!(workers(), before, "an idle worker was suspected");
+    let (code, body) = cluster.invoke("pipeline", "3", "");
+    assert_eq!((code, &body["output"]), (200, &serde_json::json!(49)), "{body}");
 }
 
 fn agent() -> ureq::Agent {
