@@ -287,7 +287,12 @@ fn idle_workers_are_not_suspected_at_the_shortest_failure_timeout() {
             .iter()
             .map(|w| {
                 let n = |k: &str| w[k].as_u64().unwrap_or(u64::MAX);
-                (n("id"), n("incarnation"), w["connected"] == true, w["dead"] == true)
+                (
+                    n("id"),
+                    n("incarnation"),
+                    w["connected"] == true,
+                    w["dead"] == true,
+                )
             })
             .collect();
         view
@@ -298,7 +303,11 @@ fn idle_workers_are_not_suspected_at_the_shortest_failure_timeout() {
     std::thread::sleep(Duration::from_secs(4)); // Eight failure timeouts, idle.
     assert_eq!(workers(), before, "an idle worker was suspected");
     let (code, body) = cluster.invoke("pipeline", "3", "");
-    assert_eq!((code, &body["output"]), (200, &serde_json::json!(49)), "{body}");
+    assert_eq!(
+        (code, &body["output"]),
+        (200, &serde_json::json!(49)),
+        "{body}"
+    );
 }
 
 fn agent() -> ureq::Agent {

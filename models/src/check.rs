@@ -243,8 +243,17 @@ pub fn render(path: &Path<SandState, SandAction>, news_travels: bool) -> String 
 
 fn message(msg: &Msg) -> String {
     match msg {
-        Msg::ToGateway { epoch, msg } => format!("{msg:?} (epoch {epoch})"),
-        Msg::ToWorker { epoch, msg } => format!("{msg:?} (epoch {epoch})"),
+        Msg::ToGateway { epoch, conn, msg }
+        | Msg::Open {
+            epoch: Some(epoch),
+            conn,
+            msg,
+        } => {
+            format!("{msg:?} (epoch {epoch}, connection {conn})")
+        }
+        Msg::ToWorker { epoch, conn, msg } => {
+            format!("{msg:?} (epoch {epoch}, connection {conn})")
+        }
         other => format!("{other:?}"),
     }
 }

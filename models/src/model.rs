@@ -9,12 +9,18 @@
 //! crash and restart from what it persisted, for a connection to break, and for any gateway
 //! timer to fire, which is how a false suspicion of a live worker is explored.
 //!
-//! Connections are explicit: a message travels on the connection to one gateway epoch. When the
-//! gateway restarts, that connection is gone and whatever was on it is dropped, as QUIC would;
-//! every worker learns of it and opens a new connection with `Hello`, and the client re-sends
-//! what was not answered. A restarted worker opens a new one too; messages its earlier life
-//! sent may still arrive, which is harsher than QUIC and which the protocol must (and does)
-//! refuse by incarnation.
+//! The network is the transport's contract (`transport-quic/README.md`), no more: any message
+//! may overtake any other (the QUIC transport orders only its control stream, and each payload
+//! message takes a stream of its own, so the model assumes no order at all), and messages are
+//! lost only with their connection, never on a live one. Connections are explicit: a message
+//! travels on one worker connection (`conn`) to one gateway epoch. When the gateway restarts,
+//! its connections are gone and whatever was on them is dropped, as QUIC would; every worker
+//! learns of it and opens a new connection with `Hello`, and the client re-sends what was not
+//! answered. A worker whose connection breaks opens the next one; nothing of the old one is
+//! delivered to it after that, and the gateway reads nothing of it once the new one's `Hello`
+//! arrived (the transport replaced it). A restarted worker opens a new one too; messages its
+//! earlier life sent may still arrive, which is harsher than QUIC and which the protocol must
+//! (and does) refuse by incarnation.
 //!
 //! Grains are deterministic: in a chain, grain `i` adds `i + 1` and hands on; with fan-out,
 //! the first grain fans out to two branches that double their input, and a join sums them.
@@ -166,20 +172,26 @@ pub enum Msg {
         /// connection, the epoch of the worker's open connection when a fenced worker says
         /// `Hello` as its next incarnation on it.
         epoch: Option<u32>,
+        /// The worker's connection it travels on (see [`WorkerState::conn`]).
+        conn: u32,
         /// The protocol message.
         msg: ToGateway,
     },
-    /// Worker → gateway, on the connection to gateway epoch `epoch`.
+    /// Worker → gateway, on the worker's connection `conn` to gateway epoch `epoch`.
     ToGateway {
         /// The gateway epoch the connection was opened to.
         epoch: u32,
+        /// The worker's connection.
+        conn: u32,
         /// The protocol message.
         msg: ToGateway,
     },
-    /// Gateway → worker, on the connection from gateway epoch `epoch`.
+    /// Gateway → worker, on the worker's connection `conn` from gateway epoch `epoch`.
     ToWorker {
         /// The gateway's epoch.
         epoch: u32,
+        /// The worker's connection, as the gateway last saw it opened.
+        conn: u32,
         /// The protocol message.
         msg: ToWorker,
     },
@@ -231,6 +243,9 @@ pub struct GatewayState {
     pub lookups: BTreeMap<ExecId, BTreeSet<u8>>,
     /// Global queue timers currently armed.
     pub armed: BTreeSet<GqTimer>,
+    /// Each worker's connection its latest `Open` came on: what the gateway sends goes on it,
+    /// and nothing from an older one is read any more (the transport replaced it).
+    pub conns: BTreeMap<WorkerId, u32>,
 }
 
 /// A worker actor's volatile state.
@@ -242,6 +257,10 @@ pub struct WorkerState {
     pub epoch: Option<u32>,
     /// How many times this worker started (what it persists, with its incarnation).
     pub boots: u32,
+    /// Its connection to the gateway within this life and gateway epoch: bumped when it breaks
+    /// and is opened again. What travelled on an earlier one is never delivered after it: the
+    /// transport's contract (`transport-quic/README.md`).
+    pub conn: u32,
     /// Connection breaks left in this life.
     pub reconnects: u32,
     /// The attempts this incarnation started (the checker's record, not the worker's).
@@ -628,13 +647,15 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
         (Msg::Answer { request: None, .. }, _) => true,
         (Msg::ToWorker { epoch: e, .. }, _) if gateway_restarted => *e < epoch,
         (Msg::ToGateway { epoch: e, .. }, _) if *e < epoch => true,
-        (Msg::ToGateway { msg, .. }, State::Gateway(g)) => {
-            sender(msg).is_some_and(|i| g.gq.refuses(worker_of(env.src), i))
+        (Msg::ToGateway { msg, conn, .. }, State::Gateway(g)) => {
+            replaced(g, env.src, *conn)
+                || sender(msg).is_some_and(|i| g.gq.refuses(worker_of(env.src), i))
         }
         (Msg::Open { epoch: Some(e), .. }, _) => *e < epoch,
-        (Msg::ToWorker { msg, .. }, State::Worker(w)) => {
-            addressee(msg).is_some_and(|i| i < w.lb.incarnation())
+        (Msg::ToWorker { conn, msg, .. }, State::Worker(w)) => {
+            *conn < w.conn || addressee(msg).is_some_and(|i| i < w.lb.incarnation())
         }
+        (Msg::Open { conn, .. }, State::Gateway(g)) => replaced(g, env.src, *conn),
         _ => false,
     };
     // Removed in place: rebuilding the network from `iter_all` would not do, as stateright
@@ -869,6 +890,7 @@ impl Actor for Node {
                     o.set_timer(Timer::Reconnect, model_timeout());
                 }
                 w.epoch = None;
+                w.conn += 1;
                 w.lb.handle(T0, LbEvent::Disconnected);
                 w.lb.handle(T0, LbEvent::Connected);
                 drain_worker(w, o);
@@ -906,9 +928,11 @@ impl Actor for Node {
 /// of a life that has ended).
 fn is_stale(state: &State, src: Id, msg: &Msg) -> bool {
     match (state, msg) {
-        (State::Gateway(g), Msg::ToGateway { epoch, .. }) => *epoch != g.gq.state().epoch,
-        (State::Gateway(g), Msg::Open { epoch, msg }) => {
-            if epoch.is_some_and(|e| e != g.gq.state().epoch) {
+        (State::Gateway(g), Msg::ToGateway { epoch, conn, .. }) => {
+            *epoch != g.gq.state().epoch || replaced(g, src, *conn)
+        }
+        (State::Gateway(g), Msg::Open { epoch, conn, msg }) => {
+            if epoch.is_some_and(|e| e != g.gq.state().epoch) || replaced(g, src, *conn) {
                 return true;
             }
             let worker = worker_of(src);
@@ -918,12 +942,19 @@ fn is_stale(state: &State, src: Id, msg: &Msg) -> bool {
                 _ => true,
             }
         }
-        (State::Worker(w), Msg::ToWorker { epoch, msg }) => {
+        (State::Worker(w), Msg::ToWorker { epoch, conn, msg }) => {
             w.epoch.is_some_and(|e| *epoch < e)
+                || *conn < w.conn
                 || addressee(msg).is_some_and(|i| i != w.lb.incarnation())
         }
         _ => false,
     }
+}
+
+/// Whether the gateway has seen the worker open a later connection than `conn`: the transport
+/// replaced that one, and reads nothing more from it.
+fn replaced(g: &GatewayState, src: Id, conn: u32) -> bool {
+    g.conns.get(&worker_of(src)).is_some_and(|c| conn < *c)
 }
 
 fn worker_of(actor: Id) -> WorkerId {
@@ -942,6 +973,7 @@ fn start_worker(
         lb: LocalBus::new(cfg.lb_config(worker), incarnation).with_mutations(cfg.mutations),
         epoch: None,
         boots,
+        conn: 0,
         reconnects: cfg.reconnects,
         started: BTreeSet::new(),
         started_twice: false,
@@ -998,6 +1030,7 @@ fn start_gateway(
         waiting: BTreeMap::new(),
         lookups: BTreeMap::new(),
         armed: BTreeSet::new(),
+        conns: BTreeMap::new(),
     };
     drain_gateway(cfg, &mut g, o);
     g
@@ -1020,9 +1053,11 @@ fn gateway_msg(cfg: &ModelCfg, g: &mut GatewayState, src: Id, msg: Msg, o: &mut 
                 wait.entry(inv.exec).or_default().insert(request);
             }
         }
-        Msg::Open { msg, .. } => {
+        Msg::Open { conn, msg, .. } => {
             // A new connection replaces the worker's old one.
-            g.gq.handle(T0, GqEvent::Disconnected(worker));
+            if g.conns.insert(worker, conn) != Some(conn) {
+                g.gq.handle(T0, GqEvent::Disconnected(worker));
+            }
             g.gq.handle(T0, GqEvent::Message(worker, msg));
         }
         Msg::ToGateway { msg, .. } => g.gq.handle(T0, GqEvent::Message(worker, msg)),
@@ -1056,7 +1091,11 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
             }
             GqOutput::Send(w, msg) => {
                 let epoch = g.gq.state().epoch;
-                o.send(Id::from(w.0 as usize + 1), Msg::ToWorker { epoch, msg });
+                let conn = g.conns.get(&w).copied().unwrap_or_default();
+                o.send(
+                    Id::from(w.0 as usize + 1),
+                    Msg::ToWorker { epoch, conn, msg },
+                );
             }
             GqOutput::Accepted(exec) => {
                 // A look-up for a retried request: answer it if the execution already ended.
@@ -1123,12 +1162,12 @@ fn worker_msg(w: &mut WorkerState, msg: Msg, o: &mut Out<Node>) {
             w.lb.handle(T0, LbEvent::Disconnected);
             w.lb.handle(T0, LbEvent::Connected);
         }
-        Msg::ToWorker { epoch, msg } => {
+        Msg::ToWorker { epoch, conn, msg } => {
             // The first answer on a new connection names the gateway epoch it belongs to.
             if w.epoch.is_none_or(|e| e < epoch) {
                 w.epoch = Some(epoch);
             }
-            if w.epoch == Some(epoch) {
+            if w.epoch == Some(epoch) && conn == w.conn {
                 w.lb.handle(T0, LbEvent::Message(msg));
             }
         }
@@ -1141,12 +1180,13 @@ fn drain_worker(w: &mut WorkerState, o: &mut Out<Node>) {
     while let Some(out) = w.lb.poll_output() {
         match out {
             LbOutput::Send(msg @ ToGateway::Hello { .. }) => {
-                let epoch = w.epoch;
-                o.send(gateway_id(), Msg::Open { epoch, msg })
+                let (epoch, conn) = (w.epoch, w.conn);
+                o.send(gateway_id(), Msg::Open { epoch, conn, msg })
             }
             LbOutput::Send(msg) => {
                 if let Some(epoch) = w.epoch {
-                    o.send(gateway_id(), Msg::ToGateway { epoch, msg });
+                    let conn = w.conn;
+                    o.send(gateway_id(), Msg::ToGateway { epoch, conn, msg });
                 }
             }
             LbOutput::Run(spec) => {
@@ -1191,6 +1231,7 @@ mod tests {
             dst: gateway_id(),
             msg: Msg::ToGateway {
                 epoch: 0,
+                conn: 0,
                 msg: ToGateway::Hello {
                     incarnation: Incarnation(1),
                     resumed: false,
