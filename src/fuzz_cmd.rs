@@ -27,7 +27,8 @@ pub struct FuzzArgs {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub executions: u32,
     /// Switch on a deliberate protocol bug, to see the fuzzer catch it: split-hop,
-    /// visible-before-durable, accept-dead, arrival-order, no-resend, rerun-started, early-join.
+    /// visible-before-durable, accept-dead, arrival-order, no-resend, rerun-started, early-join,
+    /// give-up-early, forget-keys, reuse-exec-ids, never-suspect.
     #[arg(long, value_name = "NAME")]
     pub mutation: Option<Mutation>,
     /// Run a saved failing schedule again, with a trace of what happened, instead of fuzzing.

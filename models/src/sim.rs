@@ -1,27 +1,41 @@
 //! The crash-schedule simulator: one gateway and many workers running the real `GlobalQueue` and
 //! `LocalBus`, driven through long random schedules of deliveries, delays, connection breaks,
-//! partitions, crashes, restarts and false suspicions.
+//! partitions, crashes, restarts, workers lost for good, false suspicions and client retries.
 //!
 //! It follows FoundationDB's simulator and TigerBeetle's VOPR. Everything a real cluster gets
-//! from outside — time, the network, the disk, the grains' behaviour — is simulated here and
-//! comes from one `u64` seed:
+//! from outside — time, the network, the disk, the grains' behaviour, the clients — is simulated
+//! here and comes from one `u64` seed:
 //!
 //! - A seed picks a [`Schedule`]: the cluster's settings, the grain [`Program`], and a list of
-//!   [`Step`]s. Steps name what happens next: a message delivered (any of those in flight, so
-//!   delivery order is random and a message's delay is however long it waits), an attempt
-//!   finished, a group of batches made durable, time passing (timers fire when due), or a fault.
+//!   [`Step`]s. Steps name what happens next: a request, a message delivered (any of those in
+//!   flight, so delivery order is random and a message's delay is however long it waits), an
+//!   attempt finished, a group of batches made durable, time passing (timers fire when due), or
+//!   a fault.
+//! - Each request carries an idempotency key of its own. Its client sends it again with that key
+//!   when the gateway was down, when a gateway crash broke its connection before it had its
+//!   answer, and at random (a `Retry` step: a broken connection, a client that gave up waiting).
 //! - Faults are biased toward danger, as FoundationDB's BUGGIFY does: each kind is switched on
 //!   in about half the schedules and is then frequent, and the rare paths (a gateway crash
 //!   between two batches of one group commit, a suspicion fired while a worker is busy, a
-//!   connection break with progress in flight) are ordinary events.
+//!   connection break with progress in flight) are ordinary events. Losing a worker for good is
+//!   the exception: rare, and never the last one.
 //! - The checkers are separate from the code under test. After every step they check safety:
-//!   one answer per execution, and the right one; nothing acked, welcomed, fenced, accepted or
-//!   answered before it is durable; a completed call never pending again; a join fired once; a
-//!   fenced incarnation changing nothing; every pending call owned by a live incarnation or
-//!   about to be placed. After the last step every fault heals, and liveness is checked: every
-//!   execution still owed is answered, and every worker's backlog drains, within a bound of
-//!   simulated time and without firing the gateway's `Deadline` timers (a healed cluster never
-//!   needs a call's timeout to make progress).
+//!   - one answer per execution, and the right one;
+//!   - one execution per idempotency key: a retry finds the execution the disk holds for its
+//!     key, and within one gateway life the one it was first given (only an execution whose
+//!     acceptance a crash lost may be replaced);
+//!   - an answer never changes once given: the execution's record keeps it, across restarts;
+//!   - durable before visible: no ack, welcome, fence, cancel, abort, acceptance or answer
+//!     leaves before the disk holds the state behind it;
+//!   - a completed call never pending again; a join fired once; a fenced incarnation changing
+//!     nothing; every pending call owned by a live incarnation or about to be placed; a worker
+//!     starting each attempt at most once per incarnation.
+//!
+//!   After the last step every fault heals but lost workers, which stay dead, and liveness is
+//!   checked: every request and every running execution is answered, and every remaining
+//!   worker's backlog drains, within a bound of simulated time and without firing the gateway's
+//!   `Deadline` timers (a healed cluster never needs a call's timeout to make progress; a lost
+//!   worker's calls move on by the failure detector alone).
 //! - A failing schedule is shrunk with proptest (its steps come from a proptest strategy fed by
 //!   a fixed-seed `TestRng`, so the same seed rebuilds the same value tree) and saved as JSON;
 //!   [`replay`] runs the saved steps exactly again and records a readable trace.
@@ -43,7 +57,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::any;
 use proptest::strategy::{BoxedStrategy, NewTree, Strategy, Union, ValueTree};
 use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestRng, TestRunner};
-use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op};
+use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
 use sand_protocol::ids::{AppName, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
@@ -206,7 +220,8 @@ pub struct Program {
 /// modulo its count, so any list of steps is a valid schedule (shrinking relies on that).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Step {
-    /// A client invokes the app with input `n` (it waits if the gateway is down).
+    /// A client invokes the app with input `n`: a new request, with an idempotency key of its
+    /// own (it waits if the gateway is down).
     Invoke(u32),
     /// The `i`-th message in flight, either way, arrives.
     Deliver(u16),
@@ -253,6 +268,12 @@ pub enum Step {
     },
     /// The gateway's failure detector fires for a worker now: a false suspicion if it is alive.
     Suspect(u8),
+    /// A worker crashes for good: it never restarts, not even when the faults heal. Skipped if
+    /// `workers - 1` have been lost already, so one is always left to come back.
+    KillWorker(u8),
+    /// The `i`-th request's client sends it again with the same idempotency key, as after its
+    /// connection broke or it gave up waiting.
+    Retry(u16),
     /// The `i`-th of the gateway's timers fires now, early.
     FireGqTimer(u16),
     /// The `timer`-th of a worker's timers fires now, early.
@@ -272,7 +293,15 @@ pub enum Property {
     /// Every answer is the chain's value, the refusing grain's error after its last retry, or
     /// (only if one of its attempts hit its deadline) a timeout error.
     CorrectAnswer,
-    /// No ack, welcome, fence, acceptance or answer leaves before the state behind it is durable.
+    /// Each idempotency key names one execution: the one the disk holds for it, if any, and
+    /// otherwise, within one gateway life, the first one named. Only an execution whose
+    /// acceptance a gateway crash lost may be replaced by a new one.
+    OneExecutionPerKey,
+    /// An answer never changes once given: the execution's record says the same for good,
+    /// across gateway restarts.
+    AnswerStays,
+    /// No ack, welcome, fence, cancel, abort, acceptance or answer leaves before the state behind
+    /// it is durable.
     DurableBeforeVisible,
     /// A call completed in the durable history never becomes pending again.
     CompletedStaysCompleted,
@@ -287,7 +316,8 @@ pub enum Property {
     StartsOnce,
     /// The gateway accepts every invocation of the deployed app.
     Accepts,
-    /// After healing, every owed execution is answered and every backlog drains, in bounded time.
+    /// After healing, every request and every running execution is answered and every backlog
+    /// drains, in bounded time, with at least one worker left.
     Liveness,
     /// Nothing panics.
     NoPanic,
@@ -300,6 +330,8 @@ impl fmt::Display for Property {
         f.write_str(match self {
             Property::OneAnswer => "one answer per execution",
             Property::CorrectAnswer => "every answer is correct",
+            Property::OneExecutionPerKey => "one execution per idempotency key",
+            Property::AnswerStays => "an answer never changes once given",
             Property::DurableBeforeVisible => "durable before visible",
             Property::CompletedStaysCompleted => "a completed call stays completed",
             Property::JoinFiresOnce => "a join fires once",
@@ -307,7 +339,7 @@ impl fmt::Display for Property {
             Property::CallsOwned => "every pending call has a live owner or is about to be placed",
             Property::StartsOnce => "a worker starts each attempt at most once per incarnation",
             Property::Accepts => "the gateway accepts invocations",
-            Property::Liveness => "every owed execution is answered after healing",
+            Property::Liveness => "every request is answered after healing",
             Property::NoPanic => "nothing panics",
             Property::Deterministic => "the same schedule gives the same trace",
         })
@@ -348,10 +380,13 @@ pub struct FaultCounts {
     pub messages_dropped: u64,
     /// Workers cut off from the gateway for a while.
     pub partitions: u64,
-    /// Worker crashes (each followed by a restart as a new incarnation).
+    /// Worker crashes (each followed by a restart as a new incarnation, unless the worker is
+    /// lost for good).
     pub worker_crashes: u64,
     /// Worker crashes after which the worker restarted as an incarnation it had already used.
     pub incarnations_reused: u64,
+    /// Workers crashed for good (never restarted).
+    pub workers_lost: u64,
     /// Gateway crashes (each followed by recovery from the disk).
     pub gateway_crashes: u64,
     /// Batches lost because the gateway crashed before writing them.
@@ -362,22 +397,26 @@ pub struct FaultCounts {
     pub early_timers: u64,
     /// Attempts that failed by the grain program (retried or final).
     pub grain_errors: u64,
+    /// Requests sent again with the same idempotency key.
+    pub requests_retried: u64,
 }
 
 impl FaultCounts {
     /// Each kind with its name and count, in a fixed order.
-    pub fn by_kind(&self) -> [(&'static str, u64); 10] {
+    pub fn by_kind(&self) -> [(&'static str, u64); 12] {
         [
             ("connection breaks", self.connection_breaks),
             ("messages dropped", self.messages_dropped),
             ("partitions", self.partitions),
             ("worker crashes", self.worker_crashes),
             ("incarnations reused", self.incarnations_reused),
+            ("workers lost", self.workers_lost),
             ("gateway crashes", self.gateway_crashes),
             ("batches lost", self.batches_lost),
             ("false suspicions", self.false_suspicions),
             ("timers fired early", self.early_timers),
             ("grain errors", self.grain_errors),
+            ("requests retried", self.requests_retried),
         ]
     }
 
@@ -388,11 +427,13 @@ impl FaultCounts {
         self.partitions += other.partitions;
         self.worker_crashes += other.worker_crashes;
         self.incarnations_reused += other.incarnations_reused;
+        self.workers_lost += other.workers_lost;
         self.gateway_crashes += other.gateway_crashes;
         self.batches_lost += other.batches_lost;
         self.false_suspicions += other.false_suspicions;
         self.early_timers += other.early_timers;
         self.grain_errors += other.grain_errors;
+        self.requests_retried += other.requests_retried;
     }
 }
 
@@ -401,7 +442,7 @@ impl FaultCounts {
 pub struct RunStats {
     /// Steps run in the fault phase.
     pub steps: usize,
-    /// Executions invoked and accepted by a gateway.
+    /// Executions a gateway started (a retry that found its request's execution starts none).
     pub executions: u64,
     /// Executions answered (each checked).
     pub answered: u64,
@@ -795,6 +836,11 @@ struct Profile {
     suspect: u32,
     gq_timer: u32,
     lb_timer: u32,
+    /// Losing a worker for good is rarer than any other step: when it is on, every other weight
+    /// counts sixteen times, so that a schedule loses a worker or two at any point of it rather
+    /// than all but one near its start.
+    kill_worker: u32,
+    retry: u32,
 }
 
 /// Everything a seed decides before the steps.
@@ -834,6 +880,8 @@ impl Plan {
             suspect: fault(&mut r, &[1, 2, 4]),
             gq_timer: fault(&mut r, &[1, 2]),
             lb_timer: fault(&mut r, &[1, 2, 4]),
+            kill_worker: 0,
+            retry: 0,
         };
         let config = SimConfig {
             workers: opts.workers.max(1),
@@ -848,6 +896,13 @@ impl Plan {
             width_max: r.pick(&[2, 3, 4]),
             refuse_every: r.pick(&[0, 5, 7]),
             flaky: r.below(2) == 0,
+        };
+        // Drawn last, so that the draws above, and a schedule without these faults, are what they
+        // were before these faults existed.
+        let profile = Profile {
+            kill_worker: fault(&mut r, &[1]),
+            retry: fault(&mut r, &[1, 2]),
+            ..profile
         };
         Plan {
             config,
@@ -927,8 +982,15 @@ fn step_strategy(p: &Profile, workers: u32) -> BoxedStrategy<Step> {
                 .prop_map(|(persisted, down_ms)| Step::CrashGateway { persisted, down_ms })
                 .boxed(),
         ),
+        (p.retry, any::<u16>().prop_map(Step::Retry).boxed()),
     ];
     arms.extend(faults.into_iter().filter(|(w, _)| *w > 0));
+    if p.kill_worker > 0 {
+        for (weight, _) in &mut arms {
+            *weight *= 16;
+        }
+        arms.push((p.kill_worker, worker.prop_map(Step::KillWorker).boxed()));
+    }
     Union::new_weighted(arms).boxed()
 }
 
@@ -1296,6 +1358,20 @@ struct Node {
     restart_at: Time,
     /// Until when it cannot reach the gateway.
     partitioned_until: Time,
+    /// Crashed for good: it never restarts.
+    lost: bool,
+}
+
+/// A client's request: its idempotency key is `r` and its index. The client sends it again with
+/// that key whenever it cannot know whether the gateway kept it.
+struct Request {
+    input: u32,
+    /// The execution the gateway last named for it, and in which of the gateway's lives.
+    exec: Option<(ExecId, u64)>,
+}
+
+fn request_key(r: usize) -> String {
+    format!("r{r}")
 }
 
 struct Sim {
@@ -1307,6 +1383,8 @@ struct Sim {
     mutations: Mutations,
     now: Time,
     gq: Option<GlobalQueue>,
+    /// The gateway's life: bumped by every recovery.
+    life: u64,
     gateway_restart_at: Time,
     /// The gateway's disk.
     store: DurableState,
@@ -1314,14 +1392,14 @@ struct Sim {
     unpersisted: Vec<Batch>,
     nodes: Vec<Node>,
     net: Vec<Envelope>,
-    /// Inputs of clients waiting for the gateway to come back.
-    waiting: Vec<u32>,
+    /// Every request made, in order.
+    requests: Vec<Request>,
+    /// Requests waiting for the gateway to come back, to be sent (again).
+    waiting: Vec<usize>,
+    /// The execution the disk holds for each idempotency key.
+    durable_keys: BTreeMap<String, ExecId>,
     inputs: BTreeMap<ExecId, u32>,
     answers: BTreeMap<ExecId, Answer>,
-    /// Executions that must be answered: every one accepted durably, or not yet crashed over.
-    owed: BTreeSet<ExecId>,
-    /// Executions whose acceptance the gateway reported durable.
-    accepted: BTreeSet<ExecId>,
     /// Executions one of whose attempts hit its deadline: they may fail with a timeout.
     timed_out: BTreeSet<ExecId>,
     /// Calls deleted in the durable history.
@@ -1359,6 +1437,7 @@ impl Sim {
                 connected: false,
                 restart_at: Time::ZERO,
                 partitioned_until: Time::ZERO,
+                lost: false,
             })
             .collect();
         Self {
@@ -1369,16 +1448,17 @@ impl Sim {
             mutations: schedule.config.mutations,
             now: Time::ZERO,
             gq: None,
+            life: 0,
             gateway_restart_at: Time::ZERO,
             store: DurableState::default(),
             unpersisted: Vec::new(),
             nodes,
             net: Vec::new(),
+            requests: Vec::new(),
             waiting: Vec::new(),
+            durable_keys: BTreeMap::new(),
             inputs: BTreeMap::new(),
             answers: BTreeMap::new(),
-            owed: BTreeSet::new(),
-            accepted: BTreeSet::new(),
             timed_out: BTreeSet::new(),
             deleted: BTreeSet::new(),
             fired: BTreeSet::new(),
@@ -1399,6 +1479,7 @@ impl Sim {
             self.note(|| format!("#{i} t={}ms {step:?}", now.as_millis()));
             self.apply(*step)?;
             self.check_calls_owned()?;
+            self.check_answers_stay()?;
         }
         self.step = None;
         self.note(|| "-- the faults stop: heal everything, then require liveness".to_string());
@@ -1462,6 +1543,14 @@ impl Sim {
                 self.crash_gateway(usize::from(persisted), u64::from(down_ms))
             }
             Step::Suspect(x) => self.suspect(w(x)),
+            Step::KillWorker(x) => self.kill_worker(w(x)),
+            Step::Retry(i) => {
+                if self.requests.is_empty() {
+                    return Ok(());
+                }
+                let r = usize::from(i) % self.requests.len();
+                self.send_request(r)
+            }
             Step::FireGqTimer(i) => self.fire_gq_timer(usize::from(i)),
             Step::FireLbTimer { worker, timer } => {
                 self.fire_lb_timer(w(worker), usize::from(timer))
@@ -1508,9 +1597,7 @@ impl Sim {
                         });
                     }
                 }
-                GqOutput::Accepted(exec) => {
-                    self.accepted.insert(exec);
-                }
+                GqOutput::Accepted(_) => {} // Checked above: durable when it leaves.
                 GqOutput::Respond(exec, answer) => self.on_answer(exec, answer)?,
             }
         }
@@ -1544,24 +1631,41 @@ impl Sim {
         Ok(())
     }
 
+    /// A new request.
     fn invoke(&mut self, input: u32) -> Checked {
+        self.requests.push(Request { input, exec: None });
+        self.send_request(self.requests.len() - 1)
+    }
+
+    /// Sends request `r` with its idempotency key, or queues it until the gateway is back.
+    fn send_request(&mut self, r: usize) -> Checked {
         let now = self.now;
         let Some(gq) = self.gq.as_mut() else {
-            self.waiting.push(input);
+            if !self.waiting.contains(&r) {
+                self.waiting.push(r);
+            }
             return Ok(());
         };
-        match gq.invoke(now, &app(), number(i64::from(input)), None) {
-            Ok(invoked) => {
-                let exec = invoked.exec;
-                self.inputs.insert(exec, input);
-                self.owed.insert(exec);
-                self.executions += 1;
-                self.note(|| format!("  client: invoked {exec:?} with {input}"));
-            }
+        let Request { input, exec: named } = self.requests[r];
+        let key = request_key(r);
+        let invoked = gq.invoke(now, &app(), number(i64::from(input)), Some(key.clone()));
+        let invoked = match invoked {
+            Ok(invoked) => invoked,
             Err(e) => {
                 let why = format!("the gateway refused an invocation of the deployed app: {e}");
                 return Err(self.fail(Property::Accepts, why));
             }
+        };
+        let exec = invoked.exec;
+        if named.is_some() {
+            self.faults.requests_retried += 1;
+        }
+        self.note(|| format!("  client: request {key} with {input} named {exec:?}"));
+        self.check_key(r, exec)?;
+        self.requests[r].exec = Some((exec, self.life));
+        self.inputs.insert(exec, input);
+        if invoked.fresh {
+            self.executions += 1;
         }
         self.drain_gq()
     }
@@ -1593,6 +1697,12 @@ impl Sim {
                 Op::DelCall(e, c) => {
                     self.deleted.insert((*e, *c));
                 }
+                Op::PutExec(e) => {
+                    if let Some(key) = &e.idempotency_key {
+                        self.durable_keys.insert(key.clone(), e.exec);
+                    }
+                }
+                Op::DelExec(e) => self.durable_keys.retain(|_, x| x != e),
                 Op::PutJoin(j) if j.fired => {
                     let key = (j.exec, j.spec.call);
                     let was = self.store.joins.get(&key).is_some_and(|d| d.fired);
@@ -1627,10 +1737,18 @@ impl Sim {
             }
         }
         self.gateway_restart_at = self.now + Duration::from_millis(down_ms);
-        // A client whose acceptance was not durable loses its connection and must retry: the
-        // crash may lose that execution, never one that was accepted.
-        let accepted = &self.accepted;
-        self.owed.retain(|e| accepted.contains(e));
+        // Every client still waiting for its answer lost its connection, and cannot know
+        // whether its request was kept: it sends it again, with the same key, once the gateway
+        // is back. The crash may lose an execution whose acceptance was not durable (the retry
+        // then starts afresh), never one that was.
+        for r in 0..self.requests.len() {
+            let answered = self.requests[r]
+                .exec
+                .is_some_and(|(e, _)| self.answers.contains_key(&e));
+            if !answered && !self.waiting.contains(&r) {
+                self.waiting.push(r);
+            }
+        }
         Ok(())
     }
 
@@ -1641,6 +1759,7 @@ impl Sim {
         let gq = GlobalQueue::recover(self.gq_config, self.now, self.store.clone())
             .with_mutations(self.mutations);
         self.gq = Some(gq);
+        self.life += 1;
         self.note(|| "  gateway: recovered from the disk".to_string());
         // An execution that ended durably while its answer waited for the crashed gateway to
         // learn so is never answered again: its client reads the answer from the durable record
@@ -1663,8 +1782,9 @@ impl Sim {
         for w in 0..self.nodes.len() {
             self.connect(w)?;
         }
-        for input in std::mem::take(&mut self.waiting) {
-            self.invoke(input)?;
+        self.check_answers_stay()?;
+        for r in std::mem::take(&mut self.waiting) {
+            self.send_request(r)?;
         }
         Ok(())
     }
@@ -1920,7 +2040,7 @@ impl Sim {
 
     fn restart_worker(&mut self, w: usize) -> Checked {
         let node = &mut self.nodes[w];
-        if node.lb.is_some() {
+        if node.lb.is_some() || node.lost {
             return Ok(());
         }
         node.incarnation = node.incarnation.next();
@@ -1933,6 +2053,19 @@ impl Sim {
         node.started.clear();
         self.note(|| format!("  w{w}: started as {incarnation:?}"));
         self.connect(w)
+    }
+
+    /// Crashes a worker for good, unless `workers - 1` have been lost already.
+    fn kill_worker(&mut self, w: usize) -> Checked {
+        let lost = self.nodes.iter().filter(|n| n.lost).count();
+        if self.nodes[w].lost || lost + 1 >= self.nodes.len() {
+            return Ok(());
+        }
+        self.crash_worker(w, 0)?;
+        self.nodes[w].lost = true;
+        self.faults.workers_lost += 1;
+        self.note(|| format!("  w{w}: lost for good"));
+        Ok(())
     }
 
     fn fire_lb_timer(&mut self, w: usize, i: usize) -> Checked {
@@ -1988,9 +2121,10 @@ impl Sim {
 
     // --- healing and liveness ------------------------------------------------------------------
 
-    /// Heals every fault, then runs the cluster with no more faults, delivering in order and
-    /// moving time to the next timer when nothing else moves, until every owed execution is
-    /// answered and every worker's backlog is empty; or fails.
+    /// Heals every fault but the loss of workers, then runs the cluster with no more faults,
+    /// delivering in order and moving time to the next timer when nothing else moves, until
+    /// every request and every running execution is answered and every remaining worker's
+    /// backlog is empty; or fails.
     fn heal_and_finish(&mut self) -> Checked {
         for node in &mut self.nodes {
             node.partitioned_until = Time::ZERO;
@@ -2001,7 +2135,13 @@ impl Sim {
             self.connect(w)?;
         }
         let healed_at = self.now;
-        let mut must = self.owed.clone();
+        // Every request now names an execution of this gateway life or one the disk holds: a
+        // request whose execution a crash lost was sent again when the gateway came back.
+        let mut must: BTreeSet<ExecId> = self
+            .requests
+            .iter()
+            .filter_map(|r| r.exec.map(|(e, _)| e))
+            .collect();
         if let Some(gq) = self.gq.as_ref() {
             let running = gq.state().execs.values();
             must.extend(
@@ -2029,9 +2169,9 @@ impl Sim {
             let drained = self
                 .nodes
                 .iter()
-                .all(|n| n.lb.as_ref().is_some_and(|lb| lb.backlog() == (0, 0)));
+                .all(|n| n.lost || n.lb.as_ref().is_some_and(|lb| lb.backlog() == (0, 0)));
             if answered && drained {
-                return Ok(());
+                return self.check_answers_stay();
             }
             if self.now > limit || !self.advance_time()? {
                 let why = self.stall_report(&must, healed_at);
@@ -2087,6 +2227,42 @@ impl Sim {
     }
 
     // --- checks --------------------------------------------------------------------------------
+
+    /// Request `r`'s key names one execution: the one the disk holds for it, if any; and within
+    /// one gateway life, the one named first. Only an execution whose acceptance a crash lost
+    /// (it never reached the disk) may be replaced, by the retry after the crash.
+    fn check_key(&self, r: usize, exec: ExecId) -> Checked {
+        let key = request_key(r);
+        let durable = self.durable_keys.get(&key).map(|e| (*e, "the disk holds"));
+        let named = self.requests[r]
+            .exec
+            .filter(|(_, life)| *life == self.life)
+            .map(|(e, _)| (e, "this gateway life named"));
+        for (want, why) in durable.into_iter().chain(named) {
+            if want != exec {
+                let why = format!("request {key} was given {exec:?}, but {why} {want:?} for it");
+                return Err(self.fail(Property::OneExecutionPerKey, why));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every answer given is still the execution's answer in the gateway's record, which a
+    /// client polls (and a retry with its key finds).
+    fn check_answers_stay(&self) -> Checked {
+        let Some(gq) = self.gq.as_ref() else {
+            return Ok(());
+        };
+        for (exec, answer) in &self.answers {
+            let status = gq.execution(*exec).map(|e| &e.status);
+            if !matches!(status, Some(ExecStatus::Done(a)) if a == answer) {
+                let why =
+                    format!("{exec:?} was answered {answer:?}, but its record says {status:?}");
+                return Err(self.fail(Property::AnswerStays, why));
+            }
+        }
+        Ok(())
+    }
 
     /// Every pending call is owned by a live incarnation; an unowned one waits for its retry
     /// timer, or for some worker to connect.
@@ -2155,6 +2331,30 @@ fn durable_before_visible(store: &DurableState, out: &GqOutput) -> Result<(), St
             .workers
             .get(w)
             .is_some_and(|r| r.incarnation > *incarnation || r.dead),
+        // The worker drops the execution's work: it must have ended.
+        GqOutput::Send(_, ToWorker::Cancel { exec, .. }) => store
+            .execs
+            .get(exec)
+            .is_some_and(|e| matches!(e.status, ExecStatus::Done(_))),
+        // The worker kills the attempt: it must no longer be running there.
+        GqOutput::Send(
+            worker,
+            ToWorker::Abort {
+                incarnation,
+                exec,
+                call,
+                attempt,
+            },
+        ) => {
+            let there = Owner {
+                worker: *worker,
+                incarnation: *incarnation,
+            };
+            store
+                .calls
+                .get(&(*exec, *call))
+                .is_none_or(|c| c.attempt != *attempt || c.owner != Some(there))
+        }
         GqOutput::Accepted(exec) => store.execs.contains_key(exec),
         GqOutput::Respond(exec, answer) => store
             .execs

@@ -1,6 +1,6 @@
 //! The crash-schedule simulator against the real protocol: clean schedules pass with every fault
-//! kind injected, each of the seven seeded bugs is caught within a bounded number of schedules,
-//! a caught failure is shrunk and replays exactly from its file, and runs are deterministic.
+//! kind injected, each seeded bug is caught within a bounded number of schedules, a caught
+//! failure is shrunk and replays exactly from its file, and runs are deterministic.
 //!
 //! Run in release: `cargo test -p sand-models --release --test sim -- --nocapture` also prints
 //! how many schedules each mutation took.
@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sand_models::sim::{
-    check_determinism, fuzz, replay, FuzzOptions, Property, ReplayError, Schedule, Step,
+    check_determinism, fuzz, replay, Failure, FoundFailure, FuzzOptions, Property, ReplayError,
+    Schedule, Step,
 };
 use sand_protocol::mutations::{Mutation, Mutations};
 
@@ -26,7 +27,8 @@ fn scratch_dir(name: &str) -> PathBuf {
 
 /// Fuzzes with one mutation and asserts it is caught within `schedules` schedules, violating
 /// one of `properties`, and that the shrunk schedule saved for it replays the same failure.
-fn catches(mutation: Mutation, schedules: u64, properties: &[Property]) {
+/// Returns what it found.
+fn catches(mutation: Mutation, schedules: u64, properties: &[Property]) -> FoundFailure {
     let dir = scratch_dir(mutation.name());
     let opts = FuzzOptions {
         seed: SEED,
@@ -70,6 +72,7 @@ fn catches(mutation: Mutation, schedules: u64, properties: &[Property]) {
     assert_eq!(replayed.verdict.unwrap_err(), found.failure);
     assert!(!replayed.trace.is_empty());
     std::fs::remove_dir_all(dir).unwrap();
+    found
 }
 
 #[test]
@@ -167,6 +170,22 @@ fn save_a_failure(dir: &Path) -> PathBuf {
     fuzz(&opts, |_, _| {}).failure.unwrap().replay_path.unwrap()
 }
 
+/// Runs the schedules of `seeds` with `mutation`, unshrunk, and returns their failures.
+fn failures(mutation: Mutation, seeds: std::ops::Range<u64>) -> Vec<(u64, Failure)> {
+    let opts = FuzzOptions {
+        mutations: Mutations::only(mutation),
+        ..FuzzOptions::default()
+    };
+    seeds
+        .filter_map(|seed| {
+            Schedule::generate(seed, &opts)
+                .run()
+                .err()
+                .map(|f| (seed, f))
+        })
+        .collect()
+}
+
 #[test]
 fn catches_split_hop() {
     // A hop lost between its two writes re-runs its parent where its child already ran.
@@ -236,5 +255,99 @@ fn giving_up_on_work_waits_until_it_is_durable() {
         if let Err(failure) = &replayed.verdict {
             panic!("{name}: {failure}\n{}", replayed.trace.join("\n"));
         }
+    }
+}
+
+#[test]
+fn catches_give_up_early() {
+    catches(Mutation::GiveUpEarly, 20, &[Property::DurableBeforeVisible]);
+    // Both messages are checked: some schedules are caught by a `Cancel`, others by an `Abort`,
+    // and by nothing else (everything else still waits for the disk).
+    let found = failures(Mutation::GiveUpEarly, SEED..SEED + 40);
+    let by = |what: &str| found.iter().any(|(_, f)| f.message.contains(what));
+    assert!(by("Cancel {") && by("Abort {"), "{found:#?}");
+    for (seed, f) in &found {
+        assert_eq!(
+            f.property,
+            Property::DurableBeforeVisible,
+            "seed {seed}: {f}"
+        );
+        assert!(
+            f.message.contains("Cancel {") || f.message.contains("Abort {"),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn catches_forget_keys() {
+    // A client retrying after a broken connection, or after a gateway crash whose log held its
+    // request, is given a second execution.
+    catches(Mutation::ForgetKeys, 20, &[Property::OneExecutionPerKey]);
+    // Both promises are checked: within a gateway life, and across a crash for a request whose
+    // acceptance reached the disk.
+    let found = failures(Mutation::ForgetKeys, SEED..SEED + 40);
+    let by = |what: &str| found.iter().any(|(_, f)| f.message.contains(what));
+    assert!(
+        by("this gateway life named") && by("the disk holds"),
+        "{found:#?}"
+    );
+    assert!(found
+        .iter()
+        .all(|(_, f)| f.property == Property::OneExecutionPerKey));
+}
+
+#[test]
+fn catches_reuse_exec_ids() {
+    // After a gateway restart a new execution takes an earlier one's id and record: an answered
+    // one's answer changes, or a running one's completed entry call becomes pending again.
+    catches(
+        Mutation::ReuseExecIds,
+        50,
+        &[Property::AnswerStays, Property::CompletedStaysCompleted],
+    );
+    let found = failures(Mutation::ReuseExecIds, SEED..SEED + 40);
+    let stays = found
+        .iter()
+        .filter(|(_, f)| f.property == Property::AnswerStays)
+        .count();
+    eprintln!(
+        "reuse-exec-ids: {stays} of {} failures are AnswerStays",
+        found.len()
+    );
+    assert!(stays > 0, "{found:#?}");
+}
+
+#[test]
+fn catches_never_suspect() {
+    let found = catches(Mutation::NeverSuspect, 300, &[Property::Liveness]);
+    // It takes a worker that never comes back: the same schedule with each lost worker
+    // restarting at once instead passes, mutation and all (its new life's Hello re-dispatches
+    // the calls the failure detector should have).
+    let steps = &found.schedule.steps;
+    assert!(
+        steps.iter().any(|s| matches!(s, Step::KillWorker(_))),
+        "{steps:?}"
+    );
+    let mut restarted = found.schedule.clone();
+    for step in &mut restarted.steps {
+        if let Step::KillWorker(worker) = *step {
+            *step = Step::CrashWorker { worker, down_ms: 0 };
+        }
+    }
+    if let Err(failure) = restarted.run() {
+        panic!("with every lost worker restarting, it still fails: {failure}");
+    }
+    // And only such schedules fail.
+    let opts = FuzzOptions::default();
+    let found = failures(Mutation::NeverSuspect, SEED..SEED + 100);
+    assert!(!found.is_empty());
+    for (seed, f) in &found {
+        assert_eq!(f.property, Property::Liveness, "seed {seed}: {f}");
+        let steps = Schedule::generate(*seed, &opts).steps;
+        assert!(
+            steps.iter().any(|s| matches!(s, Step::KillWorker(_))),
+            "seed {seed} lost no worker: {f}"
+        );
     }
 }

@@ -296,7 +296,8 @@ impl GlobalQueue {
         input: Payload,
         idempotency_key: Option<String>,
     ) -> Result<Invoked, InvokeError> {
-        if let Some(exec) = idempotency_key.as_ref().and_then(|k| self.keys.get(k)) {
+        let known = idempotency_key.as_ref().and_then(|k| self.keys.get(k));
+        if let Some(exec) = known.filter(|_| !self.mutated(Mutation::ForgetKeys)) {
             let exec = *exec;
             self.after_batch.push(GqOutput::Accepted(exec));
             self.close_batch();
@@ -310,7 +311,12 @@ impl GlobalQueue {
         if input.len() > PAYLOAD_BYTES_MAX {
             return Err(InvokeError::TooLarge(input.len()));
         }
-        let exec = ExecId::new(self.state.epoch, self.next_index);
+        let epoch = if self.mutated(Mutation::ReuseExecIds) {
+            1
+        } else {
+            self.state.epoch
+        };
+        let exec = ExecId::new(epoch, self.next_index);
         self.next_index += 1;
         let entry = spec.entry.clone();
         if let Some(key) = &idempotency_key {
@@ -845,6 +851,7 @@ impl GlobalQueue {
 
     fn on_timer(&mut self, now: Time, timer: GqTimer) {
         match timer {
+            GqTimer::Suspect(_) if self.mutated(Mutation::NeverSuspect) => {}
             GqTimer::Suspect(worker) => {
                 if let Some(rec) = self.state.workers.get(&worker).copied() {
                     if !rec.dead {
@@ -1101,7 +1108,11 @@ impl GlobalQueue {
         let needs = self.logged;
         let eager = self.mutated(Mutation::VisibleBeforeDurable);
         for out in std::mem::take(&mut self.after_batch) {
-            if needs <= self.durable || eager {
+            let gives_up = matches!(
+                out,
+                GqOutput::Send(_, ToWorker::Cancel { .. } | ToWorker::Abort { .. })
+            );
+            if needs <= self.durable || eager || gives_up && self.mutated(Mutation::GiveUpEarly) {
                 self.outputs.push_back(out);
             } else {
                 self.gate(needs, out);

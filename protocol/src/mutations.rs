@@ -29,11 +29,23 @@ pub enum Mutation {
     RerunStarted,
     /// The gateway fires a join as soon as one branch has contributed.
     EarlyJoin,
+    /// The gateway sends `Cancel` and `Abort` before the change behind them is durable: a crash
+    /// then leaves it expecting work the worker has dropped.
+    GiveUpEarly,
+    /// The gateway does not look an invocation's idempotency key up: a retried request starts a
+    /// second execution.
+    ForgetKeys,
+    /// The gateway leaves its epoch out of new execution ids: after a restart it hands out the
+    /// ids of earlier executions again, and a new one overwrites an answered one.
+    ReuseExecIds,
+    /// The gateway's failure detector does nothing when it fires: the calls of a worker that
+    /// never comes back are never re-dispatched.
+    NeverSuspect,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 7] = [
+    pub const ALL: [Mutation; 11] = [
         Mutation::SplitHop,
         Mutation::VisibleBeforeDurable,
         Mutation::AcceptDead,
@@ -41,6 +53,10 @@ impl Mutation {
         Mutation::NoResend,
         Mutation::RerunStarted,
         Mutation::EarlyJoin,
+        Mutation::GiveUpEarly,
+        Mutation::ForgetKeys,
+        Mutation::ReuseExecIds,
+        Mutation::NeverSuspect,
     ];
 
     /// The name used on the command line.
@@ -53,6 +69,10 @@ impl Mutation {
             Mutation::NoResend => "no-resend",
             Mutation::RerunStarted => "rerun-started",
             Mutation::EarlyJoin => "early-join",
+            Mutation::GiveUpEarly => "give-up-early",
+            Mutation::ForgetKeys => "forget-keys",
+            Mutation::ReuseExecIds => "reuse-exec-ids",
+            Mutation::NeverSuspect => "never-suspect",
         }
     }
 }
@@ -82,7 +102,7 @@ impl FromStr for Mutation {
 
 /// The set of mutations switched on: none by default.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
-pub struct Mutations(u8);
+pub struct Mutations(u16);
 
 impl Mutations {
     /// No mutation: the protocol as designed.
@@ -90,12 +110,12 @@ impl Mutations {
 
     /// Just this one.
     pub fn only(m: Mutation) -> Self {
-        Self(1 << m as u8)
+        Self(1 << m as u16)
     }
 
     /// Whether `m` is on.
     pub fn has(self, m: Mutation) -> bool {
-        self.0 & (1 << m as u8) != 0
+        self.0 & (1 << m as u16) != 0
     }
 }
 
