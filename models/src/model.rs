@@ -456,6 +456,12 @@ impl ModelCfg {
                 "what the gateway acked or answered is durable",
                 acked_is_durable,
             ),
+            Property::<SandModel>::always("one execution per idempotency key", |_, s| {
+                let execs = gateway(s).gq.state().execs.values();
+                let keys: Vec<&String> = execs.filter_map(|e| e.idempotency_key.as_ref()).collect();
+                let distinct: BTreeSet<&String> = keys.iter().copied().collect();
+                distinct.len() == keys.len()
+            }),
             Property::<SandModel>::eventually("every request is answered", answered),
         ];
         // In the fan-out model the fan-out's report always leaves before its branches finish,

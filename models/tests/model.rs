@@ -232,6 +232,14 @@ fn rerun_started_is_caught() {
     catches(cfg, Mutation::RerunStarted);
 }
 
+/// A gateway that does not look its idempotency keys up starts a second execution for the
+/// client's retry after a crash.
+#[test]
+fn forget_keys_is_caught() {
+    let (property, _) = catches(gateway_crash(), Mutation::ForgetKeys);
+    assert_eq!(property, "one execution per idempotency key");
+}
+
 #[test]
 fn early_join_is_caught() {
     let cfg = ModelCfg {
