@@ -493,6 +493,13 @@ impl ModelCfg {
             ));
         }
         if self.fan_out {
+            properties.push(Property::<SandModel>::always(
+                "a join fires only with every branch",
+                |_, s| {
+                    let joins = gateway(s).gq.state().joins.values();
+                    joins.filter(|j| j.fired).all(|j| j.is_complete())
+                },
+            ));
             properties.push(Property::<SandModel>::sometimes("a join fires", |_, s| {
                 gateway(s).gq.state().joins.values().any(|j| j.fired)
             }));
