@@ -297,7 +297,9 @@ fn group_commit_groups_and_keeps_order() {
     let watcher = std::thread::spawn(move || {
         // Every status seen is at least the one before: batches commit in order.
         let rt = rt();
-        let mut seen = vec![commits.borrow().upto];
+        // Marked seen, so that `changed` waits for a later status (a plain `borrow` would
+        // leave it unseen, and a thread that starts after the last commit would see it twice).
+        let mut seen = vec![commits.borrow_and_update().upto];
         rt.block_on(async {
             while tokio::time::timeout(Duration::from_secs(20), commits.changed())
                 .await

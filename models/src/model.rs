@@ -79,7 +79,9 @@ use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBu
 use sand_protocol::mutations::{Mutation, Mutations};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
-use sand_protocol::wire::{CallSpec, Cont, ErrorKind, GrainError, Payload, ToGateway, ToWorker};
+use sand_protocol::wire::{
+    CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, ToGateway, ToWorker,
+};
 use stateright::actor::{
     model_timeout, Actor, ActorModel, ActorModelAction, ActorModelState, Envelope, Id, Network, Out,
 };
@@ -448,6 +450,30 @@ impl ModelCfg {
                 "a worker starts each attempt at most once per incarnation",
                 |_, s| workers(s).all(|w| !w.started_twice),
             ),
+            // The worker ignores a dispatch of an attempt it started, but the gateway never sends
+            // one: a reconnecting Hello lists what was started.
+            Property::<SandModel>::always(
+                "no worker is sent a dispatch of an attempt it started",
+                |_, s| {
+                    s.network
+                        .iter_all()
+                        .all(|env| match (env.msg, actor(s, env.dst)) {
+                            (
+                                Msg::ToWorker {
+                                    msg: ToWorker::Dispatch { incarnation, call },
+                                    conn,
+                                    ..
+                                },
+                                State::Worker(w),
+                            ) => {
+                                *incarnation != w.lb.incarnation()
+                                    || *conn != w.conn
+                                    || !w.started.contains(&(call.exec, call.call, call.attempt))
+                            }
+                            _ => true,
+                        })
+                },
+            ),
             Property::<SandModel>::always(
                 "every pending call is owned by a live incarnation or waits to be placed",
                 |_, s| owners_are_live(gateway(s)),
@@ -490,6 +516,79 @@ impl ModelCfg {
             properties.push(Property::<SandModel>::sometimes(
                 "answered after a false suspicion",
                 |m, s| answered(m, s) && gateway(s).suspected > 0,
+            ));
+        }
+        // The protocol's branches that matter, each reached by a CI configuration; `sand check`
+        // lists them as "reached".
+        if self.window >= 2 {
+            properties.push(Property::<SandModel>::sometimes(
+                "the gateway holds back progress that arrived early",
+                |_, s| gateway(s).gq.held() > 0,
+            ));
+        }
+        if self.grain_errors {
+            properties.push(Property::<SandModel>::sometimes(
+                "a failed attempt is placed again",
+                |_, s| {
+                    let calls = gateway(s).gq.state().calls.values();
+                    calls
+                        .into_iter()
+                        .any(|c| c.failures > 0 && c.owner.is_some())
+                },
+            ));
+        }
+        if self.suspicions > 0 {
+            properties.push(Property::<SandModel>::sometimes(
+                "a live incarnation is fenced",
+                |_, s| {
+                    s.network
+                        .iter_all()
+                        .any(|env| match (env.msg, actor(s, env.dst)) {
+                            (Msg::ToWorker { msg, conn, .. }, State::Worker(w)) => {
+                                matches!(msg, ToWorker::Fenced { incarnation, .. }
+                                if *incarnation == w.lb.incarnation() && *conn == w.conn)
+                            }
+                            _ => false,
+                        })
+                },
+            ));
+        }
+        // With grain errors a first branch run fails, so the gateway joins; without, one worker
+        // runs every branch and joins itself.
+        if self.fan_out && !self.grain_errors {
+            properties.push(Property::<SandModel>::sometimes(
+                "a worker starts a join itself",
+                |_, s| {
+                    let joins = &gateway(s).gq.state().joins;
+                    s.network.iter_all().any(|env| match env.msg {
+                        Msg::ToGateway {
+                            msg: ToGateway::Progress { reports, .. },
+                            ..
+                        } => reports.iter().any(|r| match &r.outcome {
+                            Outcome::Done(e) => e
+                                .spawned
+                                .iter()
+                                .any(|c| c.owned && joins.contains_key(&(r.exec, c.call))),
+                            Outcome::Failed(_) => false,
+                        }),
+                        _ => false,
+                    })
+                },
+            ));
+        }
+        if self.fan_out && self.grain_errors {
+            properties.push(Property::<SandModel>::sometimes(
+                "the gateway starts a join",
+                |_, s| {
+                    let joins = &gateway(s).gq.state().joins;
+                    s.network.iter_all().any(|env| match env.msg {
+                        Msg::ToWorker {
+                            msg: ToWorker::Dispatch { call, .. },
+                            ..
+                        } => joins.contains_key(&(call.exec, call.call)),
+                        _ => false,
+                    })
+                },
             ));
         }
         if self.fan_out {
@@ -731,6 +830,10 @@ fn gateway(s: &SandState) -> &GatewayState {
     }
 }
 
+fn actor(s: &SandState, id: Id) -> &State {
+    &s.actor_states[usize::from(id)]
+}
+
 fn workers(s: &SandState) -> impl Iterator<Item = &WorkerState> + '_ {
     s.actor_states.iter().filter_map(|a| match &**a {
         State::Worker(w) => Some(&**w),
@@ -788,7 +891,7 @@ fn coalesced(msg: &Msg) -> bool {
         return false;
     };
     reports.iter().any(|r| match &r.outcome {
-        sand_protocol::wire::Outcome::Done(e) => {
+        Outcome::Done(e) => {
             let direct =
                 |c: CallId| c == r.call.child(0) || c == r.call.child(1) || c == r.call.join();
             let deep_spawn = e.spawned.iter().any(|c| !direct(c.call));

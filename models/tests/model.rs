@@ -173,6 +173,31 @@ fn a_deadline_stops_the_search_and_claims_nothing() {
     assert!(!liveness.conclusive, "{liveness:?}");
 }
 
+/// A window of two progress messages in flight, and a reconnect: reports overtake each other and
+/// the gateway holds the early ones back; a reconnect re-sends what was not acked.
+#[test]
+fn a_window_of_two_and_a_reconnect_hold_every_property() {
+    let cfg = ModelCfg {
+        window: 2,
+        reconnects: 1,
+        ..quiet()
+    };
+    holds_every_property("window of 2 + reconnect", cfg, 25_668);
+}
+
+/// A fan-out whose branches run on one worker, which starts the join itself, through a worker
+/// crash and a false suspicion.
+#[test]
+fn a_fan_out_with_a_worker_crash_and_a_suspicion_holds_every_property() {
+    let cfg = ModelCfg {
+        fan_out: true,
+        worker_crashes: 1,
+        suspicions: 1,
+        ..quiet()
+    };
+    holds_every_property("fan-out + crash + suspicion", cfg, 190_788);
+}
+
 #[test]
 fn a_fan_out_with_grain_errors_holds_every_property() {
     let cfg = ModelCfg {

@@ -427,6 +427,12 @@ impl GlobalQueue {
             && self.state.workers.get(&worker).is_some_and(|r| !r.dead)
     }
 
+    /// How many progress messages are held back, across workers, until their predecessors
+    /// arrive.
+    pub fn held(&self) -> usize {
+        self.links.values().map(|l| l.held.len()).sum()
+    }
+
     /// How many pending calls the worker's current incarnation owns.
     pub fn load(&self, worker: WorkerId) -> usize {
         self.state
