@@ -53,9 +53,8 @@ pub struct CheckArgs {
     /// that shortcut.
     #[arg(long)]
     restart_news_travels: bool,
-    /// Switch on a deliberate protocol bug, to see the checker catch it (split-hop,
-    /// visible-before-durable, accept-dead, arrival-order, no-resend, rerun-started,
-    /// early-join).
+    /// Switch on a deliberate protocol bug by name, to see the checker catch it (the names are
+    /// in `protocol/src/mutations.rs`; an unknown name lists them all).
     #[arg(long)]
     mutation: Option<Mutation>,
     /// Stop exploring past this many steps.

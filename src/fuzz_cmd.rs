@@ -26,9 +26,8 @@ pub struct FuzzArgs {
     /// Executions each schedule invokes.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub executions: u32,
-    /// Switch on a deliberate protocol bug, to see the fuzzer catch it: split-hop,
-    /// visible-before-durable, accept-dead, arrival-order, no-resend, rerun-started, early-join,
-    /// give-up-early, forget-keys, reuse-exec-ids, never-suspect.
+    /// Switch on a deliberate protocol bug by name, to see the checker catch it (the names are
+    /// in `protocol/src/mutations.rs`; an unknown name lists them all).
     #[arg(long, value_name = "NAME")]
     pub mutation: Option<Mutation>,
     /// Run a saved failing schedule again, with a trace of what happened, instead of fuzzing.

@@ -479,6 +479,10 @@ impl ModelCfg {
                 |_, s| owners_are_live(gateway(s)),
             ),
             Property::<SandModel>::always(
+                "a call waits for a worker only while it backs off or none is connected",
+                |_, s| waiting_calls_wait_for_a_reason(gateway(s)),
+            ),
+            Property::<SandModel>::always(
                 "what the gateway acked or answered is durable",
                 acked_is_durable,
             ),
@@ -855,6 +859,23 @@ fn owners_are_live(g: &GatewayState) -> bool {
                 .is_some_and(|r| r.incarnation == o.incarnation && !r.dead)
         })
     })
+}
+
+/// An unowned call is placed as soon as it may be: it waits only while its retry backs off, or
+/// while no live worker is connected to take it.
+fn waiting_calls_wait_for_a_reason(g: &GatewayState) -> bool {
+    let st = g.gq.state();
+    let backing_off: BTreeSet<(ExecId, CallId)> =
+        g.gq.timers()
+            .filter_map(|(t, _)| match t {
+                GqTimer::Retry(exec, call) => Some((exec, call)),
+                _ => None,
+            })
+            .collect();
+    let someone_connected = st.workers.keys().any(|w| g.gq.is_connected(*w));
+    st.calls
+        .values()
+        .all(|c| c.owner.is_some() || backing_off.contains(&(c.exec, c.call)) || !someone_connected)
 }
 
 /// A worker never holds an ack for progress the gateway's disk lacks, and no answer leaves the

@@ -265,6 +265,17 @@ fn forget_keys_is_caught() {
     assert_eq!(property, "one execution per idempotency key");
 }
 
+/// A gateway that does not place waiting calls when a worker joins leaves the client's call
+/// waiting with a worker there to take it.
+#[test]
+fn lazy_placement_is_caught() {
+    let (property, _) = catches(quiet(), Mutation::LazyPlacement);
+    assert_eq!(
+        property,
+        "a call waits for a worker only while it backs off or none is connected"
+    );
+}
+
 #[test]
 fn early_join_is_caught() {
     let cfg = ModelCfg {

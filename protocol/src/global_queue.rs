@@ -942,6 +942,9 @@ impl GlobalQueue {
 
     /// Places every call that waits for a worker and is not backing off.
     fn place_waiting(&mut self, now: Time) {
+        if self.mutated(Mutation::LazyPlacement) {
+            return;
+        }
         let waiting: Vec<CallRecord> = self
             .state
             .calls

@@ -41,11 +41,14 @@ pub enum Mutation {
     /// The gateway's failure detector does nothing when it fires: the calls of a worker that
     /// never comes back are never re-dispatched.
     NeverSuspect,
+    /// A worker's `Hello` does not place the calls that wait for a worker: they wait until
+    /// something else places them.
+    LazyPlacement,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 11] = [
+    pub const ALL: [Mutation; 12] = [
         Mutation::SplitHop,
         Mutation::VisibleBeforeDurable,
         Mutation::AcceptDead,
@@ -57,6 +60,7 @@ impl Mutation {
         Mutation::ForgetKeys,
         Mutation::ReuseExecIds,
         Mutation::NeverSuspect,
+        Mutation::LazyPlacement,
     ];
 
     /// The name used on the command line.
@@ -73,6 +77,7 @@ impl Mutation {
             Mutation::ForgetKeys => "forget-keys",
             Mutation::ReuseExecIds => "reuse-exec-ids",
             Mutation::NeverSuspect => "never-suspect",
+            Mutation::LazyPlacement => "lazy-placement",
         }
     }
 }
