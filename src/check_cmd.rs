@@ -45,6 +45,12 @@ pub struct CheckArgs {
     /// Connection breaks (without a crash) allowed per worker life.
     #[arg(long, default_value_t = 0)]
     reconnects: u32,
+    /// Firings of a worker's re-send timer allowed per worker life.
+    #[arg(long, default_value_t = 0)]
+    resends: u32,
+    /// Attempts the gateway may give up on at their deadline, in all (grains get a timeout).
+    #[arg(long, default_value_t = 0)]
+    deadlines: u32,
     /// Progress messages a worker may have unacked at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
     window: u8,
@@ -84,6 +90,8 @@ impl CheckArgs {
             suspicions: self.suspicions,
             gateway_crashes: self.gateway_crashes,
             reconnects: self.reconnects,
+            resends: self.resends,
+            deadlines: self.deadlines,
             window: usize::from(self.window),
             fsync_each_batch: self.mutation == Some(Mutation::SplitHop),
             restart_news_travels: self.restart_news_travels,
@@ -109,7 +117,8 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     }
     out!(
         "model: {} workers, {}, {} execution(s); faults: {} worker crash(es), {} suspicion(s) \
-         in all, {} gateway crash(es), {} reconnect(s) per worker life{}{}",
+         in all, {} gateway crash(es), {} reconnect(s) and {} re-send timer(s) per worker \
+         life, {} deadline(s) in all{}{}",
         cfg.workers,
         if cfg.fan_out {
             "a fan-out of 2 with a join".to_string()
@@ -121,6 +130,8 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         cfg.suspicions,
         cfg.gateway_crashes,
         cfg.reconnects,
+        cfg.resends,
+        cfg.deadlines,
         if cfg.restart_news_travels {
             "; restart news travels"
         } else {

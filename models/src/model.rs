@@ -75,7 +75,7 @@ use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTi
 use sand_protocol::ids::{
     AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId,
 };
-use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
+use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LbTimer, LocalBus};
 use sand_protocol::mutations::{Mutation, Mutations};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
@@ -111,6 +111,12 @@ pub struct ModelCfg {
     pub gateway_crashes: u32,
     /// How many times each worker's connection may break (without a crash) and reopen.
     pub reconnects: u32,
+    /// How many times, in each worker life, its re-send timer may fire while progress is
+    /// unacked (re-sending it all). Each firing spends the budget, so the timer adds no cycle.
+    pub resends: u32,
+    /// How many times, in all, the gateway may give up on an attempt at its deadline (grains
+    /// then have a timeout; its timer fires at any moment, as a slow grain's would).
+    pub deadlines: u32,
     /// Progress messages a worker may have unacked at once.
     pub window: usize,
     /// Make one batch durable per write, instead of every pending batch at once (group
@@ -138,6 +144,8 @@ impl Default for ModelCfg {
             suspicions: 1,
             gateway_crashes: 1,
             reconnects: 0,
+            resends: 0,
+            deadlines: 0,
             window: 1,
             fsync_each_batch: false,
             restart_news_travels: false,
@@ -210,6 +218,8 @@ pub enum Timer {
     Grain(RunKey),
     /// Worker: its connection breaks, and it opens a new one.
     Reconnect,
+    /// Worker: its re-send timer fires while progress is unacked.
+    Resend,
     /// Gateway or worker: it crashes and restarts at once from what it persisted. Set while the
     /// actor's crash budget lasts.
     Crash,
@@ -238,6 +248,8 @@ pub struct GatewayState {
     /// Suspicions fired, in all of the gateway's lives (the model's fault budget, not the
     /// gateway's knowledge).
     pub suspected: u32,
+    /// Deadlines fired, in all of the gateway's lives (likewise).
+    pub deadlines: u32,
     /// Requests waiting for each execution's answer.
     pub waiting: BTreeMap<ExecId, BTreeSet<u8>>,
     /// Retried requests that found their execution already ended: answered once the look-up's
@@ -265,6 +277,8 @@ pub struct WorkerState {
     pub conn: u32,
     /// Connection breaks left in this life.
     pub reconnects: u32,
+    /// Firings of its re-send timer left in this life.
+    pub resends: u32,
     /// The attempts this incarnation started (the checker's record, not the worker's).
     pub started: BTreeSet<RunKey>,
     /// Whether this incarnation started an attempt twice.
@@ -334,15 +348,15 @@ fn text(n: i64) -> Payload {
 }
 
 impl ModelCfg {
-    /// The app as the gateway sees it: no timeouts (every wait is explored anyway), two attempts
-    /// per grain.
+    /// The app as the gateway sees it: two attempts per grain, and a timeout only if deadlines
+    /// are explored (every wait is explored anyway; the timeout's length never matters here).
     fn app_spec(&self) -> AppSpec {
         let policy = GrainPolicy {
             attempts_max: 2,
             backoff_ms: 1,
             backoff_factor_milli: 2000,
             backoff_ms_max: 1,
-            timeout_ms: None,
+            timeout_ms: (self.deadlines > 0).then_some(1000),
         };
         let entry = if self.fan_out { named("f") } else { grain(0) };
         let mut grains: Vec<GrainName> = (0..self.chain).map(grain).collect();
@@ -528,6 +542,18 @@ impl ModelCfg {
             properties.push(Property::<SandModel>::sometimes(
                 "the gateway holds back progress that arrived early",
                 |_, s| gateway(s).gq.held() > 0,
+            ));
+        }
+        if self.resends > 0 {
+            properties.push(Property::<SandModel>::sometimes(
+                "a worker re-sends unacked progress on its timer",
+                |m, s| workers(s).any(|w| w.resends < m.cfg.resends),
+            ));
+        }
+        if self.deadlines > 0 {
+            properties.push(Property::<SandModel>::sometimes(
+                "answered after an attempt ran past its deadline",
+                |m, s| answered(m, s) && gateway(s).deadlines > 0,
             ));
         }
         if self.grain_errors {
@@ -947,7 +973,7 @@ impl Actor for Node {
     fn on_start(&self, _id: Id, _storage: &Option<()>, o: &mut Out<Self>) -> State {
         let cfg = &self.cfg;
         match self.role {
-            Role::Gateway => State::Gateway(Box::new(start_gateway(cfg, None, 0, o))),
+            Role::Gateway => State::Gateway(Box::new(start_gateway(cfg, None, (0, 0), o))),
             Role::Worker(w) => State::Worker(Box::new(start_worker(cfg, w, Incarnation(1), 1, o))),
             Role::Client => {
                 for request in 0..cfg.executions as u8 {
@@ -1005,8 +1031,10 @@ impl Actor for Node {
             }
             (State::Gateway(g), Timer::Gq(t)) => {
                 g.armed.remove(t);
-                if let GqTimer::Suspect(_) = t {
-                    g.suspected += 1;
+                match t {
+                    GqTimer::Suspect(_) => g.suspected += 1,
+                    GqTimer::Deadline(..) => g.deadlines += 1,
+                    GqTimer::Retry(..) => {}
                 }
                 g.gq.handle(T0, GqEvent::Timeout(*t));
                 drain_gateway(cfg, g, o);
@@ -1019,7 +1047,7 @@ impl Actor for Node {
                     o.cancel_timer(Timer::Gq(*t));
                 }
                 let durable = std::mem::take(&mut g.durable);
-                **g = start_gateway(cfg, Some(durable), g.suspected, o);
+                **g = start_gateway(cfg, Some(durable), (g.suspected, g.deadlines), o);
             }
             (State::Worker(w), Timer::Reconnect) => {
                 w.reconnects -= 1;
@@ -1030,6 +1058,11 @@ impl Actor for Node {
                 w.conn += 1;
                 w.lb.handle(T0, LbEvent::Disconnected);
                 w.lb.handle(T0, LbEvent::Connected);
+                drain_worker(w, o);
+            }
+            (State::Worker(w), Timer::Resend) => {
+                w.resends -= 1;
+                w.lb.handle(T0, LbEvent::Timeout(LbTimer::Resend));
                 drain_worker(w, o);
             }
             (State::Worker(w), Timer::Grain(run)) => {
@@ -1049,6 +1082,7 @@ impl Actor for Node {
                     o.cancel_timer(Timer::Grain((spec.exec, spec.call, spec.attempt)));
                 }
                 o.cancel_timer(Timer::Reconnect);
+                o.cancel_timer(Timer::Resend);
                 let worker = w.lb.config().worker;
                 let incarnation = w.lb.incarnation().next();
                 **w = start_worker(cfg, worker, incarnation, w.boots + 1, o);
@@ -1112,6 +1146,7 @@ fn start_worker(
         boots,
         conn: 0,
         reconnects: cfg.reconnects,
+        resends: cfg.resends,
         started: BTreeSet::new(),
         started_twice: false,
     };
@@ -1126,12 +1161,12 @@ fn start_worker(
     w
 }
 
-/// Starts the gateway: a fresh cluster, or a restart from the disk (`durable`). `suspected`
-/// carries the fault budget spent across lives.
+/// Starts the gateway: a fresh cluster, or a restart from the disk (`durable`). `spent` carries
+/// the fault budgets spent across lives: suspicions and deadlines.
 fn start_gateway(
     cfg: &ModelCfg,
     durable: Option<DurableState>,
-    suspected: u32,
+    spent: (u32, u32),
     o: &mut Out<Node>,
 ) -> GatewayState {
     let (mut gq, mut durable) = match durable {
@@ -1163,7 +1198,8 @@ fn start_gateway(
         gq,
         unpersisted: Vec::new(),
         durable,
-        suspected,
+        suspected: spent.0,
+        deadlines: spent.1,
         waiting: BTreeMap::new(),
         lookups: BTreeMap::new(),
         armed: BTreeSet::new(),
@@ -1277,11 +1313,17 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
         o.cancel_timer(Timer::Fsync);
     }
     // Suspicion is explored within its budget; a crashed worker is found by its new Hello.
+    // Deadlines likewise: a grain finishes at any moment anyway.
     let suspect = g.suspected < cfg.suspicions;
+    let deadline = g.deadlines < cfg.deadlines;
     let now: BTreeSet<GqTimer> =
         g.gq.timers()
             .map(|(t, _)| t)
-            .filter(|t| suspect || !matches!(t, GqTimer::Suspect(_)))
+            .filter(|t| match t {
+                GqTimer::Suspect(_) => suspect,
+                GqTimer::Deadline(..) => deadline,
+                GqTimer::Retry(..) => true,
+            })
             .collect();
     for t in g.armed.difference(&now) {
         o.cancel_timer(Timer::Gq(*t));
@@ -1336,6 +1378,12 @@ fn drain_worker(w: &mut WorkerState, o: &mut Out<Node>) {
             // started nothing yet.
             LbOutput::Incarnation(_) => w.started.clear(),
         }
+    }
+    // The re-send timer fires at any moment while it is set and the budget lasts.
+    if w.resends > 0 && w.lb.timers().any(|(t, _)| t == LbTimer::Resend) {
+        o.set_timer(Timer::Resend, model_timeout());
+    } else {
+        o.cancel_timer(Timer::Resend);
     }
 }
 

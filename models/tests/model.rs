@@ -198,6 +198,20 @@ fn a_fan_out_with_a_worker_crash_and_a_suspicion_holds_every_property() {
     holds_every_property("fan-out + crash + suspicion", cfg, 190_788);
 }
 
+/// The worker's re-send timer and the gateway's deadline, each fired once at any moment: a
+/// re-sent message arrives beside the first, and an attempt given up on is retried while the
+/// worker may still report it. Every firing spends a budget, so neither adds a cycle and the
+/// liveness verdict stays sound (stateright's `eventually` is not judged on cycles).
+#[test]
+fn a_resend_timer_and_a_deadline_hold_every_property() {
+    let cfg = ModelCfg {
+        resends: 1,
+        deadlines: 1,
+        ..quiet()
+    };
+    holds_every_property("re-send + deadline", cfg, 286_008);
+}
+
 #[test]
 fn a_fan_out_with_grain_errors_holds_every_property() {
     let cfg = ModelCfg {
