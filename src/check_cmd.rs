@@ -45,6 +45,9 @@ pub struct CheckArgs {
     /// Connection breaks (without a crash) allowed per worker life.
     #[arg(long, default_value_t = 0)]
     reconnects: u32,
+    /// Worker w0 may die for good at any moment (needs at least 2 workers).
+    #[arg(long)]
+    worker_dies: bool,
     /// Firings of a worker's re-send timer allowed per worker life.
     #[arg(long, default_value_t = 0)]
     resends: u32,
@@ -89,6 +92,7 @@ impl CheckArgs {
             worker_crashes: self.worker_crashes,
             suspicions: self.suspicions,
             gateway_crashes: self.gateway_crashes,
+            worker_dies: self.worker_dies,
             reconnects: self.reconnects,
             resends: self.resends,
             deadlines: self.deadlines,
@@ -103,6 +107,10 @@ impl CheckArgs {
 /// Runs `sand check`.
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.model_cfg();
+    anyhow::ensure!(
+        !cfg.worker_dies || cfg.workers >= 2,
+        "--worker-dies needs --workers 2 or more: the last worker never dies for good"
+    );
     if let Some(addr) = args.explore {
         anyhow::ensure!(
             addr.ip().is_loopback(),
@@ -118,7 +126,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     out!(
         "model: {} workers, {}, {} execution(s); faults: {} worker crash(es), {} suspicion(s) \
          in all, {} gateway crash(es), {} reconnect(s) and {} re-send timer(s) per worker \
-         life, {} deadline(s) in all{}{}",
+         life, {} deadline(s) in all{}{}{}",
         cfg.workers,
         if cfg.fan_out {
             "a fan-out of 2 with a join".to_string()
@@ -132,6 +140,11 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         cfg.reconnects,
         cfg.resends,
         cfg.deadlines,
+        if cfg.worker_dies {
+            "; w0 may die for good"
+        } else {
+            ""
+        },
         if cfg.restart_news_travels {
             "; restart news travels"
         } else {

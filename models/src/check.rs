@@ -265,6 +265,7 @@ fn timer_text(timer: &Timer) -> String {
         Timer::Grain(run) => format!("grain attempt {run:?} finishes"),
         Timer::Reconnect => "its connection breaks; it opens a new one".to_string(),
         Timer::Resend => "its re-send timer fires".to_string(),
+        Timer::Die => "DIES for good".to_string(),
         Timer::Crash => "CRASHES, and restarts from what it persisted".to_string(),
     }
 }

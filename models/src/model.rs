@@ -109,6 +109,10 @@ pub struct ModelCfg {
     pub suspicions: u32,
     /// How many times the gateway may crash.
     pub gateway_crashes: u32,
+    /// Worker `w0` may die for good at any moment (never the last worker: `w1` stays). The
+    /// gateway's failure detector then fires for it, as a timeout eventually does for a process
+    /// that is gone, and every request must still be answered: SAND's core promise.
+    pub worker_dies: bool,
     /// How many times each worker's connection may break (without a crash) and reopen.
     pub reconnects: u32,
     /// How many times, in each worker life, its re-send timer may fire while progress is
@@ -143,6 +147,7 @@ impl Default for ModelCfg {
             worker_crashes: 1,
             suspicions: 1,
             gateway_crashes: 1,
+            worker_dies: false,
             reconnects: 0,
             resends: 0,
             deadlines: 0,
@@ -176,6 +181,10 @@ pub enum Msg {
     /// Gateway → worker or client, after a gateway restart: the old connection is gone; dial
     /// again (a worker) or re-send what was not answered (the client).
     Restarted,
+    /// Dying worker → gateway: not a message of the protocol but the environment's word that
+    /// the worker is gone for good, after which the gateway's failure timer for it may fire at
+    /// any moment, whatever the suspicion budget.
+    Gone,
     /// Worker → gateway: a `Hello`, which (re)opens the worker's session.
     Open {
         /// The gateway epoch of the connection it travels on: `None` when it opens a new
@@ -220,6 +229,8 @@ pub enum Timer {
     Reconnect,
     /// Worker: its re-send timer fires while progress is unacked.
     Resend,
+    /// Worker `w0`: it dies for good.
+    Die,
     /// Gateway or worker: it crashes and restarts at once from what it persisted. Set while the
     /// actor's crash budget lasts.
     Crash,
@@ -250,6 +261,9 @@ pub struct GatewayState {
     pub suspected: u32,
     /// Deadlines fired, in all of the gateway's lives (likewise).
     pub deadlines: u32,
+    /// Workers gone for good, as the environment told the gateway (kept across its lives: the
+    /// failure detector finds a dead process after any restart too).
+    pub gone: BTreeSet<WorkerId>,
     /// Requests waiting for each execution's answer.
     pub waiting: BTreeMap<ExecId, BTreeSet<u8>>,
     /// Retried requests that found their execution already ended: answered once the look-up's
@@ -279,6 +293,8 @@ pub struct WorkerState {
     pub reconnects: u32,
     /// Firings of its re-send timer left in this life.
     pub resends: u32,
+    /// Whether it died for good: it receives, sends and runs nothing any more.
+    pub gone: bool,
     /// The attempts this incarnation started (the checker's record, not the worker's).
     pub started: BTreeSet<RunKey>,
     /// Whether this incarnation started an attempt twice.
@@ -544,6 +560,12 @@ impl ModelCfg {
                 |_, s| gateway(s).gq.held() > 0,
             ));
         }
+        if self.worker_dies {
+            properties.push(Property::<SandModel>::sometimes(
+                "answered after a worker died for good",
+                |m, s| answered(m, s) && workers(s).any(|w| w.gone),
+            ));
+        }
         if self.resends > 0 {
             properties.push(Property::<SandModel>::sometimes(
                 "a worker re-sends unacked progress on its timer",
@@ -795,8 +817,9 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
         }
         (Msg::Open { epoch: Some(e), .. }, _) => *e < epoch,
         (Msg::ToWorker { conn, msg, .. }, State::Worker(w)) => {
-            *conn < w.conn || addressee(msg).is_some_and(|i| i < w.lb.incarnation())
+            w.gone || *conn < w.conn || addressee(msg).is_some_and(|i| i < w.lb.incarnation())
         }
+        (Msg::Restarted, State::Worker(w)) => w.gone,
         (Msg::Open { conn, .. }, State::Gateway(g)) => replaced(g, env.src, *conn),
         _ => false,
     };
@@ -973,7 +996,9 @@ impl Actor for Node {
     fn on_start(&self, _id: Id, _storage: &Option<()>, o: &mut Out<Self>) -> State {
         let cfg = &self.cfg;
         match self.role {
-            Role::Gateway => State::Gateway(Box::new(start_gateway(cfg, None, (0, 0), o))),
+            Role::Gateway => {
+                State::Gateway(Box::new(start_gateway(cfg, None, Spent::default(), o)))
+            }
             Role::Worker(w) => State::Worker(Box::new(start_worker(cfg, w, Incarnation(1), 1, o))),
             Role::Client => {
                 for request in 0..cfg.executions as u8 {
@@ -991,6 +1016,7 @@ impl Actor for Node {
         }
         match state.to_mut() {
             State::Gateway(g) => gateway_msg(cfg, g, src, msg, o),
+            State::Worker(w) if w.gone => {}
             State::Worker(w) => worker_msg(w, msg, o),
             State::Client(c) => match msg {
                 Msg::Answer {
@@ -1032,6 +1058,7 @@ impl Actor for Node {
             (State::Gateway(g), Timer::Gq(t)) => {
                 g.armed.remove(t);
                 match t {
+                    GqTimer::Suspect(w) if g.gone.contains(w) => {}
                     GqTimer::Suspect(_) => g.suspected += 1,
                     GqTimer::Deadline(..) => g.deadlines += 1,
                     GqTimer::Retry(..) => {}
@@ -1047,7 +1074,12 @@ impl Actor for Node {
                     o.cancel_timer(Timer::Gq(*t));
                 }
                 let durable = std::mem::take(&mut g.durable);
-                **g = start_gateway(cfg, Some(durable), (g.suspected, g.deadlines), o);
+                let spent = Spent {
+                    suspected: g.suspected,
+                    deadlines: g.deadlines,
+                    gone: std::mem::take(&mut g.gone),
+                };
+                **g = start_gateway(cfg, Some(durable), spent, o);
             }
             (State::Worker(w), Timer::Reconnect) => {
                 w.reconnects -= 1;
@@ -1059,6 +1091,16 @@ impl Actor for Node {
                 w.lb.handle(T0, LbEvent::Disconnected);
                 w.lb.handle(T0, LbEvent::Connected);
                 drain_worker(w, o);
+            }
+            (State::Worker(w), Timer::Die) => {
+                for spec in w.lb.running() {
+                    o.cancel_timer(Timer::Grain((spec.exec, spec.call, spec.attempt)));
+                }
+                for t in [Timer::Reconnect, Timer::Resend, Timer::Crash] {
+                    o.cancel_timer(t);
+                }
+                w.gone = true;
+                o.send(gateway_id(), Msg::Gone);
             }
             (State::Worker(w), Timer::Resend) => {
                 w.resends -= 1;
@@ -1083,6 +1125,7 @@ impl Actor for Node {
                 }
                 o.cancel_timer(Timer::Reconnect);
                 o.cancel_timer(Timer::Resend);
+                o.cancel_timer(Timer::Die);
                 let worker = w.lb.config().worker;
                 let incarnation = w.lb.incarnation().next();
                 **w = start_worker(cfg, worker, incarnation, w.boots + 1, o);
@@ -1147,9 +1190,13 @@ fn start_worker(
         conn: 0,
         reconnects: cfg.reconnects,
         resends: cfg.resends,
+        gone: false,
         started: BTreeSet::new(),
         started_twice: false,
     };
+    if cfg.worker_dies && worker == WorkerId(0) {
+        o.set_timer(Timer::Die, model_timeout());
+    }
     if cfg.reconnects > 0 {
         o.set_timer(Timer::Reconnect, model_timeout());
     }
@@ -1161,12 +1208,20 @@ fn start_worker(
     w
 }
 
+/// What a gateway restart keeps of the environment: the fault budgets spent, and the workers gone.
+#[derive(Default)]
+struct Spent {
+    suspected: u32,
+    deadlines: u32,
+    gone: BTreeSet<WorkerId>,
+}
+
 /// Starts the gateway: a fresh cluster, or a restart from the disk (`durable`). `spent` carries
-/// the fault budgets spent across lives: suspicions and deadlines.
+/// what the environment keeps across its lives.
 fn start_gateway(
     cfg: &ModelCfg,
     durable: Option<DurableState>,
-    spent: (u32, u32),
+    spent: Spent,
     o: &mut Out<Node>,
 ) -> GatewayState {
     let (mut gq, mut durable) = match durable {
@@ -1198,8 +1253,9 @@ fn start_gateway(
         gq,
         unpersisted: Vec::new(),
         durable,
-        suspected: spent.0,
-        deadlines: spent.1,
+        suspected: spent.suspected,
+        deadlines: spent.deadlines,
+        gone: spent.gone,
         waiting: BTreeMap::new(),
         lookups: BTreeMap::new(),
         armed: BTreeSet::new(),
@@ -1234,6 +1290,9 @@ fn gateway_msg(cfg: &ModelCfg, g: &mut GatewayState, src: Id, msg: Msg, o: &mut 
             g.gq.handle(T0, GqEvent::Message(worker, msg));
         }
         Msg::ToGateway { msg, .. } => g.gq.handle(T0, GqEvent::Message(worker, msg)),
+        Msg::Gone => {
+            g.gone.insert(worker);
+        }
         _ => {}
     }
     drain_gateway(cfg, g, o);
@@ -1320,7 +1379,7 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
         g.gq.timers()
             .map(|(t, _)| t)
             .filter(|t| match t {
-                GqTimer::Suspect(_) => suspect,
+                GqTimer::Suspect(w) => suspect || g.gone.contains(w),
                 GqTimer::Deadline(..) => deadline,
                 GqTimer::Retry(..) => true,
             })

@@ -41,6 +41,14 @@ fn quiet() -> ModelCfg {
     }
 }
 
+fn dies() -> ModelCfg {
+    ModelCfg {
+        worker_dies: true,
+        suspicions: 1,
+        ..quiet()
+    }
+}
+
 fn gateway_crash() -> ModelCfg {
     ModelCfg {
         gateway_crashes: 1,
@@ -210,6 +218,20 @@ fn a_resend_timer_and_a_deadline_hold_every_property() {
         ..quiet()
     };
     holds_every_property("re-send + deadline", cfg, 286_008);
+}
+
+/// A worker that dies for good, at any moment, with a false suspicion of either worker: every
+/// request is still answered by the one left.
+#[test]
+fn a_worker_dead_for_good_leaves_every_request_answered() {
+    holds_every_property("worker dies + suspicion", dies(), 20_245);
+}
+
+/// A failure detector that does nothing leaves the calls of a dead worker with it for ever.
+#[test]
+fn never_suspect_is_caught() {
+    let (property, _) = catches(dies(), Mutation::NeverSuspect);
+    assert_eq!(property, "every request is answered");
 }
 
 #[test]
