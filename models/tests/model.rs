@@ -193,6 +193,28 @@ fn a_window_of_two_and_a_reconnect_hold_every_property() {
     holds_every_property("window of 2 + reconnect", cfg, 25_668);
 }
 
+/// A window of three: every hop of the chain may be in flight at once.
+#[test]
+fn a_window_of_three_and_a_reconnect_hold_every_property() {
+    let cfg = ModelCfg {
+        window: 3,
+        reconnects: 1,
+        ..quiet()
+    };
+    holds_every_property("window of 3 + reconnect", cfg, 33_280);
+}
+
+/// A fan-out and a gateway crash at every moment: the join's record and its branches' values
+/// are recovered from the disk.
+#[test]
+fn a_fan_out_and_a_gateway_crash_hold_every_property() {
+    let cfg = ModelCfg {
+        fan_out: true,
+        ..gateway_crash()
+    };
+    holds_every_property("fan-out + gateway crash", cfg, 1_433_845);
+}
+
 /// A fan-out whose branches run on one worker, which starts the join itself, through a worker
 /// crash and a false suspicion.
 #[test]
