@@ -116,6 +116,15 @@ impl Cluster {
         }
     }
 
+    /// A client invokes the chain; its acceptance is made durable.
+    fn invoke(&mut self) -> ExecId {
+        let exec = self.gq.invoke(T0, &app(), Payload::from("1"), None);
+        let exec = exec.expect("the app is deployed").exec;
+        self.drain_gq();
+        self.persist();
+        exec
+    }
+
     /// Delivers every worker message to the gateway and persists what that wrote.
     fn deliver_to_gateway(&mut self) {
         for m in std::mem::take(&mut self.to_gateway) {
@@ -212,12 +221,7 @@ fn chain(spec: &CallSpec) -> GrainResult {
 #[test]
 fn an_ack_that_overtakes_a_resent_dispatch_does_not_start_the_call_again() {
     let mut c = Cluster::new();
-    let exec =
-        c.gq.invoke(T0, &app(), Payload::from("1"), None)
-            .unwrap()
-            .exec;
-    c.drain_gq();
-    c.persist();
+    let exec = c.invoke();
     c.deliver_all();
     // `a` runs and chains to `b`, which starts here at once; the report of that hop is sent,
     // and then the gateway crashes before it arrives.
@@ -240,12 +244,7 @@ fn an_ack_that_overtakes_a_resent_dispatch_does_not_start_the_call_again() {
 fn a_worker_back_with_a_used_incarnation_is_not_welcomed_as_its_earlier_life() {
     let mut c = Cluster::new();
     // The worker's first life runs a hop and has it acked.
-    let first =
-        c.gq.invoke(T0, &app(), Payload::from("1"), None)
-            .unwrap()
-            .exec;
-    c.drain_gq();
-    c.persist();
+    let first = c.invoke();
     c.deliver_all();
     c.finish_one(chain);
     c.deliver_all();
@@ -257,12 +256,7 @@ fn a_worker_back_with_a_used_incarnation_is_not_welcomed_as_its_earlier_life() {
     c.running.clear();
     c.worker(LbEvent::Connected);
     c.deliver_all();
-    let second =
-        c.gq.invoke(T0, &app(), Payload::from("1"), None)
-            .unwrap()
-            .exec;
-    c.drain_gq();
-    c.persist();
+    let second = c.invoke();
     for _ in 0..2 {
         c.deliver_all();
         if !c.running.is_empty() {
@@ -292,12 +286,7 @@ fn a_worker_back_with_a_used_incarnation_is_not_welcomed_as_its_earlier_life() {
 #[test]
 fn two_attempts_of_a_call_in_one_incarnation_never_start_the_same_successor_twice() {
     let mut c = Cluster::bare();
-    let exec =
-        c.gq.invoke(T0, &app(), Payload::from("1"), None)
-            .unwrap()
-            .exec;
-    c.drain_gq();
-    c.persist();
+    let exec = c.invoke();
     // The worker joins; the gateway places the call on it, and crashes before either is durable.
     c.worker(LbEvent::Connected);
     for m in std::mem::take(&mut c.to_gateway) {

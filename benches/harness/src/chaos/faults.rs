@@ -5,6 +5,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 
 use crate::cluster::Cluster;
 
@@ -26,7 +28,7 @@ pub struct Plan {
 /// The faults of one run, as they are done.
 pub struct Faults {
     plan: Plan,
-    rng: SplitMix64,
+    rng: StdRng,
     start: Instant,
     next_kill: Instant,
     /// Killed workers, and when each is to be started again.
@@ -44,8 +46,8 @@ impl Faults {
     /// The faults of `plan`, their randomness drawn from `seed`, the first kill due one
     /// random interval after `start`.
     pub fn new(plan: Plan, seed: u64, start: Instant) -> Self {
-        let mut rng = SplitMix64(seed);
-        let next_kill = start + rng.between(plan.kill_every);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let next_kill = start + between(&mut rng, plan.kill_every);
         Self {
             plan,
             rng,
@@ -95,12 +97,12 @@ impl Faults {
                 .filter(|id| !self.down.iter().any(|(d, _)| d == id))
                 .collect();
             if !up.is_empty() {
-                let victim = up[self.rng.below(up.len())];
+                let victim = up[self.rng.random_range(0..up.len())];
                 cluster.kill_worker(victim)?;
                 self.worker_kills += 1;
                 self.down.push((victim, now + self.plan.worker_down));
             }
-            self.next_kill = now + self.rng.between(self.plan.kill_every);
+            self.next_kill = now + between(&mut self.rng, self.plan.kill_every);
         }
         cluster.reap_orphans();
         Ok(())
@@ -115,29 +117,10 @@ impl Faults {
     }
 }
 
-/// SplitMix64 (Steele, Lea and Flood, 2014): a small seeded generator, so that a seed names
-/// one schedule of kills.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0), up to a bias of n / 2^64.
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Uniform in lo..=hi, to the millisecond.
-    fn between(&mut self, (lo, hi): (Duration, Duration)) -> Duration {
-        let (lo, hi) = (lo.as_millis() as u64, hi.as_millis() as u64);
-        Duration::from_millis(lo + self.next() % (hi.saturating_sub(lo) + 1))
-    }
+/// Uniform in lo..=hi, to the millisecond.
+fn between(rng: &mut StdRng, (lo, hi): (Duration, Duration)) -> Duration {
+    let (lo, hi) = (lo.as_millis() as u64, hi.as_millis() as u64);
+    Duration::from_millis(rng.random_range(lo..=hi.max(lo)))
 }
 
 #[cfg(test)]
@@ -148,8 +131,10 @@ mod tests {
     fn intervals_stay_within_their_bounds_and_a_seed_repeats_them() {
         let bounds = (Duration::from_millis(1000), Duration::from_millis(3000));
         let draw = |seed| {
-            let mut rng = SplitMix64(seed);
-            (0..1000).map(|_| rng.between(bounds)).collect::<Vec<_>>()
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..1000)
+                .map(|_| between(&mut rng, bounds))
+                .collect::<Vec<_>>()
         };
         let a = draw(7);
         assert!(a.iter().all(|d| bounds.0 <= *d && *d <= bounds.1));
