@@ -500,6 +500,7 @@ impl GlobalQueue {
         let known = self.state.workers.get(&worker).copied();
         let live = known.filter(|r| !r.dead);
         if resumed && live.is_some_and(|r| r.incarnation == incarnation) {
+            let started = started.into_iter().collect();
             return self.on_reconnect(now, worker, incarnation, &started);
         }
         if let Some(old) = live {
@@ -561,7 +562,7 @@ impl GlobalQueue {
         now: Time,
         worker: WorkerId,
         incarnation: Incarnation,
-        started: &[RunKey],
+        started: &BTreeSet<RunKey>,
     ) {
         let applied = self
             .state
