@@ -52,6 +52,10 @@ impl Default for LbConfig {
     }
 }
 
+/// The shortest heartbeat interval a worker takes from a `Welcome`: whatever a gateway says, a
+/// worker does not spin on its heartbeat timer.
+pub const HEARTBEAT_MIN: Duration = Duration::from_millis(20);
+
 /// What a grain instance returned, as the worker's runtime reports it.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum GrainResult {
@@ -300,6 +304,7 @@ impl LocalBus {
                 }
                 self.welcomed = true;
                 self.resumed = true;
+                let heartbeat = heartbeat.max(HEARTBEAT_MIN);
                 self.heartbeat = heartbeat;
                 self.on_ack(applied);
                 self.resend(now);

@@ -544,3 +544,22 @@ fn a_parent_run_again_as_a_new_attempt_spawns_its_own_attempt_of_the_call() {
     );
     assert_ne!(child.attempt, first_child.attempt);
 }
+
+#[test]
+fn a_welcome_cannot_make_the_heartbeat_spin() {
+    let mut t = Lb::new(4, 8);
+    let zero = ToWorker::Welcome {
+        incarnation: I1,
+        applied: Seq(0),
+        heartbeat: Duration::ZERO,
+    };
+    t.on(LbEvent::Connected);
+    t.msg(zero);
+    let heartbeat =
+        t.lb.timers()
+            .find(|(timer, _)| *timer == LbTimer::Heartbeat);
+    assert_eq!(
+        heartbeat.map(|(_, at)| at),
+        Some(T0 + sand_protocol::local_bus::HEARTBEAT_MIN)
+    );
+}
