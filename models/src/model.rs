@@ -87,6 +87,8 @@ use stateright::actor::{
 };
 use stateright::{Model, Property};
 
+use crate::promises;
+
 /// The size of a model and the faults it may explore.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ModelCfg {
@@ -512,10 +514,7 @@ impl ModelCfg {
                 "a call waits for a worker only while it backs off or none is connected",
                 |_, s| waiting_calls_wait_for_a_reason(gateway(s)),
             ),
-            Property::<SandModel>::always(
-                "what the gateway acked or answered is durable",
-                acked_is_durable,
-            ),
+            Property::<SandModel>::always("what the gateway promised is durable", acked_is_durable),
             Property::<SandModel>::always("one execution per idempotency key", |_, s| {
                 let execs = gateway(s).gq.state().execs.values();
                 let keys: Vec<&String> = execs.filter_map(|e| e.idempotency_key.as_ref()).collect();
@@ -927,8 +926,9 @@ fn waiting_calls_wait_for_a_reason(g: &GatewayState) -> bool {
         .all(|c| c.owner.is_some() || backing_off.contains(&(c.exec, c.call)) || !someone_connected)
 }
 
-/// A worker never holds an ack for progress the gateway's disk lacks, and no answer leaves the
-/// gateway before the disk has it.
+/// A worker never holds an ack for progress the gateway's disk lacks, and nothing the gateway
+/// promises (an answer, an ack, a `Welcome`, a `Fenced`, a `Cancel`, an `Abort`) is on its way
+/// before the disk has it.
 fn acked_is_durable(_: &SandModel, s: &SandState) -> bool {
     let d = &gateway(s).durable;
     let workers_ok = workers(s).all(|w| {
@@ -940,14 +940,15 @@ fn acked_is_durable(_: &SandModel, s: &SandState) -> bool {
                     || (r.incarnation == w.lb.incarnation() && r.applied >= acked)
             })
     });
-    let answers_ok = s.network.iter_all().all(|env| match env.msg {
+    let messages_ok = s.network.iter_all().all(|env| match env.msg {
         Msg::Answer { exec, answer, .. } => d
             .execs
             .get(exec)
             .is_some_and(|e| e.status == ExecStatus::Done(answer.clone())),
+        Msg::ToWorker { msg, .. } => promises::sent_is_durable(d, worker_of(env.dst), msg),
         _ => true,
     });
-    workers_ok && answers_ok && !s.history.unread_answer_not_durable
+    workers_ok && messages_ok && !s.history.unread_answer_not_durable
 }
 
 /// A progress report that carries more than its root's own hop: a spawned call more than one

@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::any;
 use proptest::strategy::{BoxedStrategy, NewTree, Strategy, Union, ValueTree};
 use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestRng, TestRunner};
-use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
+use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
 use sand_protocol::ids::{AppName, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
@@ -66,6 +66,8 @@ use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{CallSpec, ErrorKind, GrainError, Payload, ToGateway, ToWorker};
 use serde::{Deserialize, Serialize};
+
+use crate::promises;
 
 /// The version of the replay file format this build writes and reads.
 pub const REPLAY_FORMAT: u32 = 1;
@@ -2315,54 +2317,7 @@ fn fingerprint(gq: &GlobalQueue) -> u64 {
 
 /// What leaves the gateway promises something only once the disk holds it.
 fn durable_before_visible(store: &DurableState, out: &GqOutput) -> Result<(), String> {
-    let ok = match out {
-        GqOutput::Send(w, ToWorker::Ack { incarnation, upto })
-        | GqOutput::Send(
-            w,
-            ToWorker::Welcome {
-                incarnation,
-                applied: upto,
-                ..
-            },
-        ) => store.workers.get(w).is_some_and(|r| {
-            r.incarnation > *incarnation || (r.incarnation == *incarnation && r.applied >= *upto)
-        }),
-        GqOutput::Send(w, ToWorker::Fenced { incarnation, .. }) => store
-            .workers
-            .get(w)
-            .is_some_and(|r| r.incarnation > *incarnation || r.dead),
-        // The worker drops the execution's work: it must have ended.
-        GqOutput::Send(_, ToWorker::Cancel { exec, .. }) => store
-            .execs
-            .get(exec)
-            .is_some_and(|e| matches!(e.status, ExecStatus::Done(_))),
-        // The worker kills the attempt: it must no longer be running there.
-        GqOutput::Send(
-            worker,
-            ToWorker::Abort {
-                incarnation,
-                exec,
-                call,
-                attempt,
-            },
-        ) => {
-            let there = Owner {
-                worker: *worker,
-                incarnation: *incarnation,
-            };
-            store
-                .calls
-                .get(&(*exec, *call))
-                .is_none_or(|c| c.attempt != *attempt || c.owner != Some(there))
-        }
-        GqOutput::Accepted(exec) => store.execs.contains_key(exec),
-        GqOutput::Respond(exec, answer) => store
-            .execs
-            .get(exec)
-            .is_some_and(|e| e.status == ExecStatus::Done(answer.clone())),
-        _ => true,
-    };
-    if ok {
+    if promises::is_durable(store, out) {
         Ok(())
     } else {
         Err(format!(

@@ -280,7 +280,7 @@ fn split_hop_is_caught() {
 #[test]
 fn visible_before_durable_is_caught() {
     let (property, _) = catches(gateway_crash(), Mutation::VisibleBeforeDurable);
-    assert_eq!(property, "what the gateway acked or answered is durable");
+    assert_eq!(property, "what the gateway promised is durable");
 }
 
 #[test]
@@ -313,6 +313,18 @@ fn rerun_started_is_caught() {
         ..quiet()
     };
     catches(cfg, Mutation::RerunStarted);
+}
+
+/// A gateway that tells a worker to abort an attempt before that decision is on its disk, and
+/// crashes, still expects the attempt the worker dropped.
+#[test]
+fn give_up_early_is_caught() {
+    let cfg = ModelCfg {
+        deadlines: 1,
+        ..gateway_crash()
+    };
+    let (property, _) = catches(cfg, Mutation::GiveUpEarly);
+    assert_eq!(property, "what the gateway promised is durable");
 }
 
 /// A gateway that does not look its idempotency keys up starts a second execution for the

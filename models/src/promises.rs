@@ -1,0 +1,65 @@
+//! What the gateway promises when it speaks, and whether its disk already holds it: the one rule
+//! "durable before visible", shared by the model and the simulator.
+//!
+//! An ack or a `Welcome` lets a worker drop its backups; a `Fenced`, a `Cancel` or an `Abort`
+//! lets it drop work; an `Accepted` or an answer tells a client something. Each may leave the
+//! gateway only once the state change behind it is on disk: a gateway that crashed before the
+//! write would otherwise still expect what was dropped, or forget what it said.
+
+use sand_protocol::durable::{DurableState, ExecStatus, Owner};
+use sand_protocol::global_queue::GqOutput;
+use sand_protocol::ids::WorkerId;
+use sand_protocol::wire::ToWorker;
+
+/// Whether the disk holds what `out` promises (outputs that promise nothing always pass).
+pub fn is_durable(store: &DurableState, out: &GqOutput) -> bool {
+    match out {
+        GqOutput::Send(worker, msg) => sent_is_durable(store, *worker, msg),
+        GqOutput::Accepted(exec) => store.execs.contains_key(exec),
+        GqOutput::Respond(exec, answer) => store
+            .execs
+            .get(exec)
+            .is_some_and(|e| e.status == ExecStatus::Done(answer.clone())),
+        GqOutput::Persist(_) => true,
+    }
+}
+
+/// Whether the disk holds what message `msg` to `worker` promises.
+pub fn sent_is_durable(store: &DurableState, worker: WorkerId, msg: &ToWorker) -> bool {
+    match msg {
+        ToWorker::Ack { incarnation, upto }
+        | ToWorker::Welcome {
+            incarnation,
+            applied: upto,
+            ..
+        } => store.workers.get(&worker).is_some_and(|r| {
+            r.incarnation > *incarnation || (r.incarnation == *incarnation && r.applied >= *upto)
+        }),
+        ToWorker::Fenced { incarnation, .. } => store
+            .workers
+            .get(&worker)
+            .is_some_and(|r| r.incarnation > *incarnation || r.dead),
+        // The worker drops the execution's work: it must have ended.
+        ToWorker::Cancel { exec, .. } => store
+            .execs
+            .get(exec)
+            .is_some_and(|e| matches!(e.status, ExecStatus::Done(_))),
+        // The worker kills the attempt: it must no longer be running there.
+        ToWorker::Abort {
+            incarnation,
+            exec,
+            call,
+            attempt,
+        } => {
+            let there = Owner {
+                worker,
+                incarnation: *incarnation,
+            };
+            store
+                .calls
+                .get(&(*exec, *call))
+                .is_none_or(|c| c.attempt != *attempt || c.owner != Some(there))
+        }
+        ToWorker::Dispatch { .. } | ToWorker::Bundle { .. } | ToWorker::AppChanged { .. } => true,
+    }
+}
