@@ -564,6 +564,27 @@ impl ModelCfg {
                 "answered after a worker died for good",
                 |m, s| answered(m, s) && workers(s).any(|w| w.gone),
             ));
+            properties.push(Property::<SandModel>::sometimes(
+                "a dead worker's call is dispatched again, to another",
+                |_, s| {
+                    let lost: BTreeSet<(ExecId, CallId)> = workers(s)
+                        .filter(|w| w.gone)
+                        .flat_map(|w| w.lb.running().map(|c| (c.exec, c.call)))
+                        .collect();
+                    s.network
+                        .iter_all()
+                        .any(|env| match (env.msg, actor(s, env.dst)) {
+                            (
+                                Msg::ToWorker {
+                                    msg: ToWorker::Dispatch { call, .. },
+                                    ..
+                                },
+                                State::Worker(w),
+                            ) => !w.gone && lost.contains(&(call.exec, call.call)),
+                            _ => false,
+                        })
+                },
+            ));
         }
         if self.resends > 0 {
             properties.push(Property::<SandModel>::sometimes(
