@@ -70,7 +70,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus};
+use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, Op};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
 use sand_protocol::ids::{
     AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId,
@@ -266,6 +266,9 @@ pub struct GatewayState {
     /// Workers gone for good, as the environment told the gateway (kept across its lives: the
     /// failure detector finds a dead process after any restart too).
     pub gone: BTreeSet<WorkerId>,
+    /// The joins the durable history fired, and whether one fired twice (the checker's record
+    /// of the disk's past, kept across the gateway's lives).
+    pub fired: Fired,
     /// Requests waiting for each execution's answer.
     pub waiting: BTreeMap<ExecId, BTreeSet<u8>>,
     /// Retried requests that found their execution already ended: answered once the look-up's
@@ -664,6 +667,10 @@ impl ModelCfg {
             ));
         }
         if self.fan_out {
+            properties.push(Property::<SandModel>::always(
+                "a join fires at most once",
+                |_, s| !gateway(s).fired.twice,
+            ));
             properties.push(Property::<SandModel>::always(
                 "a join fires only with every branch",
                 |_, s| {
@@ -1072,7 +1079,9 @@ impl Actor for Node {
                 };
                 let batches: Vec<Batch> = g.unpersisted.drain(..count).collect();
                 if let Some(last) = batches.last().map(|b| b.index) {
-                    batches.iter().for_each(|b| g.durable.apply_batch(b));
+                    for b in &batches {
+                        g.fired.write(&mut g.durable, b);
+                    }
                     g.gq.handle(T0, GqEvent::Persisted(last));
                 }
                 drain_gateway(cfg, g, o);
@@ -1100,6 +1109,7 @@ impl Actor for Node {
                     suspected: g.suspected,
                     deadlines: g.deadlines,
                     gone: std::mem::take(&mut g.gone),
+                    fired: std::mem::take(&mut g.fired),
                 };
                 **g = start_gateway(cfg, Some(durable), spent, o);
             }
@@ -1230,12 +1240,38 @@ fn start_worker(
     w
 }
 
-/// What a gateway restart keeps of the environment: the fault budgets spent, and the workers gone.
+/// What a gateway restart keeps of the environment: the fault budgets spent, the workers gone,
+/// and the checker's record of the durable history.
 #[derive(Default)]
 struct Spent {
     suspected: u32,
     deadlines: u32,
     gone: BTreeSet<WorkerId>,
+    fired: Fired,
+}
+
+/// The joins fired in the durable history, in the order the disk took the batches.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Fired {
+    joins: BTreeSet<(ExecId, CallId)>,
+    /// Whether a join was fired again after it was first fired.
+    pub twice: bool,
+}
+
+impl Fired {
+    /// Writes a batch to the disk, noting the joins it fires.
+    fn write(&mut self, durable: &mut DurableState, batch: &Batch) {
+        for op in &batch.ops {
+            if let Op::PutJoin(j) = op {
+                let key = (j.exec, j.spec.call);
+                let before = durable.joins.get(&key).is_some_and(|d| d.fired);
+                if j.fired && (before || !self.joins.insert(key)) {
+                    self.twice = true;
+                }
+            }
+            durable.apply(op);
+        }
+    }
 }
 
 /// Starts the gateway: a fresh cluster, or a restart from the disk (`durable`). `spent` carries
@@ -1278,6 +1314,7 @@ fn start_gateway(
         suspected: spent.suspected,
         deadlines: spent.deadlines,
         gone: spent.gone,
+        fired: spent.fired,
         waiting: BTreeMap::new(),
         lookups: BTreeMap::new(),
         armed: BTreeSet::new(),
@@ -1340,7 +1377,7 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
                 o.set_timer(Timer::Fsync, model_timeout());
             }
             GqOutput::Persist(b) => {
-                g.durable.apply_batch(&b);
+                g.fired.write(&mut g.durable, &b);
                 g.gq.handle(T0, GqEvent::Persisted(b.index));
             }
             GqOutput::Send(w, msg) => {

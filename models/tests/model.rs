@@ -212,7 +212,7 @@ fn a_fan_out_and_a_gateway_crash_hold_every_property() {
         fan_out: true,
         ..gateway_crash()
     };
-    holds_every_property("fan-out + gateway crash", cfg, 1_433_845);
+    holds_every_property("fan-out + gateway crash", cfg, 1_461_501);
 }
 
 /// A fan-out whose branches run on one worker, which starts the join itself, through a worker
@@ -225,7 +225,7 @@ fn a_fan_out_with_a_worker_crash_and_a_suspicion_holds_every_property() {
         suspicions: 1,
         ..quiet()
     };
-    holds_every_property("fan-out + crash + suspicion", cfg, 190_788);
+    holds_every_property("fan-out + crash + suspicion", cfg, 195_676);
 }
 
 /// The worker's re-send timer and the gateway's deadline, each fired once at any moment: a
@@ -325,6 +325,18 @@ fn give_up_early_is_caught() {
     };
     let (property, _) = catches(cfg, Mutation::GiveUpEarly);
     assert_eq!(property, "what the gateway promised is durable");
+}
+
+/// A gateway that fires a join a worker already started, when it applies the report that
+/// started it, runs the join twice.
+#[test]
+fn refire_join_is_caught() {
+    let cfg = ModelCfg {
+        fan_out: true,
+        ..quiet()
+    };
+    let (property, _) = catches(cfg, Mutation::RefireJoin);
+    assert_eq!(property, "a join fires at most once");
 }
 
 /// A gateway that does not look its idempotency keys up starts a second execution for the

@@ -231,6 +231,11 @@ fn catches_rerun_started() {
 }
 
 #[test]
+fn catches_refire_join() {
+    catches(Mutation::RefireJoin, 200, &[Property::JoinFiresOnce]);
+}
+
+#[test]
 fn catches_early_join() {
     catches(Mutation::EarlyJoin, 50, &[Property::CorrectAnswer]);
 }

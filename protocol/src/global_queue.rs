@@ -766,7 +766,8 @@ impl GlobalQueue {
         };
         let early =
             self.mutated(Mutation::EarlyJoin) && j.contributions.iter().any(Option::is_some);
-        if j.fired || !(j.is_complete() || early) {
+        let fired = j.fired && !self.mutated(Mutation::RefireJoin);
+        if fired || !(j.is_complete() || early) {
             return;
         }
         let mut j = j.clone();

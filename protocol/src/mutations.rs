@@ -44,11 +44,14 @@ pub enum Mutation {
     /// A worker's `Hello` does not place the calls that wait for a worker: they wait until
     /// something else places them.
     LazyPlacement,
+    /// The gateway fires a join whose last contribution it applies even if a worker already
+    /// started it (in the same report): the join runs twice.
+    RefireJoin,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 12] = [
+    pub const ALL: [Mutation; 13] = [
         Mutation::SplitHop,
         Mutation::VisibleBeforeDurable,
         Mutation::AcceptDead,
@@ -61,6 +64,7 @@ impl Mutation {
         Mutation::ReuseExecIds,
         Mutation::NeverSuspect,
         Mutation::LazyPlacement,
+        Mutation::RefireJoin,
     ];
 
     /// The name used on the command line.
@@ -78,6 +82,7 @@ impl Mutation {
             Mutation::ReuseExecIds => "reuse-exec-ids",
             Mutation::NeverSuspect => "never-suspect",
             Mutation::LazyPlacement => "lazy-placement",
+            Mutation::RefireJoin => "refire-join",
         }
     }
 }
