@@ -237,6 +237,10 @@ pub enum Step {
     /// A worker's connection breaks, dropping every message in flight on it both ways; it
     /// reconnects at the next tick.
     Break(u8),
+    /// The `i`-th message in flight is lost on a live connection, as when its queue overflows.
+    /// By the transport's contract (`transport-quic/README.md`) such a loss closes the
+    /// connection: the message, and whatever else is in flight on it, is lost with it.
+    Overflow(u16),
     /// A worker is cut off from the gateway for `ms` milliseconds.
     Partition {
         /// The worker.
@@ -378,6 +382,9 @@ impl std::error::Error for Failure {}
 pub struct FaultCounts {
     /// Connections broken (partitions and crashes included).
     pub connection_breaks: u64,
+    /// Messages lost on a live connection, as an overflowing queue loses them: each closed its
+    /// connection, as the transport's contract says.
+    pub overflows: u64,
     /// Messages lost with their connection.
     pub messages_dropped: u64,
     /// Workers cut off from the gateway for a while.
@@ -405,9 +412,10 @@ pub struct FaultCounts {
 
 impl FaultCounts {
     /// Each kind with its name and count, in a fixed order.
-    pub fn by_kind(&self) -> [(&'static str, u64); 12] {
+    pub fn by_kind(&self) -> [(&'static str, u64); 13] {
         [
             ("connection breaks", self.connection_breaks),
+            ("overflows", self.overflows),
             ("messages dropped", self.messages_dropped),
             ("partitions", self.partitions),
             ("worker crashes", self.worker_crashes),
@@ -425,6 +433,7 @@ impl FaultCounts {
     /// Adds another count to this one.
     pub fn add(&mut self, other: &FaultCounts) {
         self.connection_breaks += other.connection_breaks;
+        self.overflows += other.overflows;
         self.messages_dropped += other.messages_dropped;
         self.partitions += other.partitions;
         self.worker_crashes += other.worker_crashes;
@@ -843,6 +852,7 @@ struct Profile {
     /// than all but one near its start.
     kill_worker: u32,
     retry: u32,
+    overflow: u32,
 }
 
 /// Everything a seed decides before the steps.
@@ -884,6 +894,7 @@ impl Plan {
             lb_timer: fault(&mut r, &[1, 2, 4]),
             kill_worker: 0,
             retry: 0,
+            overflow: 0,
         };
         let config = SimConfig {
             workers: opts.workers.max(1),
@@ -904,6 +915,7 @@ impl Plan {
         let profile = Profile {
             kill_worker: fault(&mut r, &[1]),
             retry: fault(&mut r, &[1, 2]),
+            overflow: fault(&mut r, &[1, 2]),
             ..profile
         };
         Plan {
@@ -952,6 +964,7 @@ fn step_strategy(p: &Profile, workers: u32) -> BoxedStrategy<Step> {
     ];
     let faults: Vec<(u32, BoxedStrategy<Step>)> = vec![
         (p.brk, worker.clone().prop_map(Step::Break).boxed()),
+        (p.overflow, any::<u16>().prop_map(Step::Overflow).boxed()),
         (
             p.lb_timer,
             (worker.clone(), 0u8..2)
@@ -1521,6 +1534,19 @@ impl Sim {
             Step::Tick(ms) => self.tick(u64::from(ms)),
             Step::Break(x) => {
                 if self.break_connection(w(x))? {
+                    self.faults.connection_breaks += 1;
+                }
+                Ok(())
+            }
+            Step::Overflow(i) => {
+                let Some(lost) = (!self.net.is_empty()).then(|| usize::from(i) % self.net.len())
+                else {
+                    return Ok(());
+                };
+                let worker = self.net[lost].worker;
+                self.note(|| format!("  w{worker}: a message overflows its queue"));
+                self.faults.overflows += 1;
+                if self.break_connection(worker)? {
                     self.faults.connection_breaks += 1;
                 }
                 Ok(())
