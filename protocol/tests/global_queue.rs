@@ -46,9 +46,17 @@ fn hello(incarnation: Incarnation, resumed: bool) -> ToGateway {
     }
 }
 
-/// The heartbeat interval every `Welcome` of the default configuration gives.
-fn heartbeat() -> Duration {
-    GqConfig::default().heartbeat_interval()
+/// The `Welcome` of the default configuration to worker `w`'s incarnation.
+fn welcome(w: WorkerId, incarnation: Incarnation, applied: Seq) -> GqOutput {
+    let heartbeat = GqConfig::default().heartbeat_interval();
+    send(
+        w,
+        ToWorker::Welcome {
+            incarnation,
+            applied,
+            heartbeat,
+        },
+    )
 }
 
 /// The first attempt the gateway of epoch 1 hands out.
@@ -114,17 +122,7 @@ impl Gq {
 
     fn hello(&mut self, w: WorkerId, i: Incarnation) {
         assert_eq!(self.msg(w, hello(i, false)), vec![]);
-        assert_eq!(
-            self.persist(),
-            vec![send(
-                w,
-                ToWorker::Welcome {
-                    incarnation: i,
-                    applied: Seq(0),
-                    heartbeat: heartbeat(),
-                }
-            )]
-        );
+        assert_eq!(self.persist(), vec![welcome(w, i, Seq(0))]);
     }
 
     fn invoke(&mut self, input: &str) -> (ExecId, Vec<GqOutput>) {
@@ -219,17 +217,7 @@ fn nothing_is_sent_before_the_epoch_is_durable() {
     assert!(matches!(gq.poll_output(), Some(GqOutput::Persist(_))));
     assert_eq!(gq.poll_output(), None, "the Welcome waits for the disk");
     gq.handle(T0, GqEvent::Persisted(LogIndex(2)));
-    assert_eq!(
-        gq.poll_output(),
-        Some(send(
-            W0,
-            ToWorker::Welcome {
-                incarnation: I1,
-                applied: Seq(0),
-                heartbeat: heartbeat(),
-            }
-        ))
-    );
+    assert_eq!(gq.poll_output(), Some(welcome(W0, I1, Seq(0))));
 }
 
 #[test]
@@ -518,17 +506,7 @@ fn a_new_incarnation_loses_the_old_ones_calls_at_once() {
             }
         )]
     );
-    assert_eq!(
-        t.persist(),
-        vec![send(
-            W0,
-            ToWorker::Welcome {
-                incarnation: i2,
-                applied: Seq(0),
-                heartbeat: heartbeat(),
-            }
-        )]
-    );
+    assert_eq!(t.persist(), vec![welcome(W0, i2, Seq(0))]);
 }
 
 #[test]
@@ -541,14 +519,7 @@ fn a_reconnect_resends_the_dispatches_it_owns() {
     assert!(!t.gq.is_connected(W0));
     // Nothing new needs the disk, so the Welcome leaves at once, after the dispatch.
     let out = t.msg(W0, hello(I1, true));
-    let welcome = send(
-        W0,
-        ToWorker::Welcome {
-            incarnation: I1,
-            applied: Seq(0),
-            heartbeat: heartbeat(),
-        },
-    );
+    let welcome = welcome(W0, I1, Seq(0));
     assert_eq!(
         out,
         vec![dispatch(W0, spec(exec, "a", "1", first())), welcome]
@@ -800,14 +771,7 @@ fn a_reconnect_redispatches_only_what_the_worker_has_not_started() {
             started,
         },
     );
-    let welcome = send(
-        W0,
-        ToWorker::Welcome {
-            incarnation: I1,
-            applied: Seq(0),
-            heartbeat: heartbeat(),
-        },
-    );
+    let welcome = welcome(W0, I1, Seq(0));
     assert_eq!(
         out,
         vec![
@@ -915,14 +879,7 @@ fn a_message_made_for_one_connection_never_leaves_on_the_next() {
     // Its connection breaks; it opens another and says Hello again.
     r.gq.handle(T0, GqEvent::Disconnected(W0));
     assert_eq!(r.msg(W0, hello(I1, true)), vec![]);
-    let welcome = send(
-        W0,
-        ToWorker::Welcome {
-            incarnation: I1,
-            applied: Seq(0),
-            heartbeat: heartbeat(),
-        },
-    );
+    let welcome = welcome(W0, I1, Seq(0));
     assert_eq!(
         r.persist(),
         vec![dispatch(W0, spec(exec, "a", "1", first())), welcome],
