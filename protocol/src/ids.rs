@@ -124,9 +124,10 @@ impl fmt::Display for WorkerId {
 pub struct Incarnation(pub u64);
 
 impl Incarnation {
-    /// The next incarnation.
+    /// The next incarnation. It saturates: a `Fenced` naming the largest successor (from a
+    /// faulty peer) must not overflow a worker.
     pub fn next(self) -> Self {
-        Self(self.0 + 1)
+        Self(self.0.saturating_add(1))
     }
 }
 

@@ -563,3 +563,16 @@ fn a_welcome_cannot_make_the_heartbeat_spin() {
         Some(T0 + sand_protocol::local_bus::HEARTBEAT_MIN)
     );
 }
+
+#[test]
+fn a_fence_naming_the_largest_successor_does_not_overflow() {
+    let mut t = Lb::new(4, 8);
+    let top = Incarnation(u64::MAX);
+    for incarnation in [I1, top] {
+        t.msg(ToWorker::Fenced {
+            incarnation,
+            successor: top,
+        });
+    }
+    assert_eq!(t.lb.incarnation(), top);
+}
