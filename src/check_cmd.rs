@@ -54,6 +54,13 @@ pub struct CheckArgs {
     /// Attempts the gateway may give up on at their deadline, in all (grains get a timeout).
     #[arg(long, default_value_t = 0)]
     deadlines: u32,
+    /// The client also deploys a second app and then removes it, each change once the one
+    /// before is told durable.
+    #[arg(long)]
+    app_changes: bool,
+    /// Look-ups of its executions the client may make while it waits, in all.
+    #[arg(long, default_value_t = 0)]
+    polls: u32,
     /// Progress messages a worker may have unacked at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
     window: u8,
@@ -96,6 +103,8 @@ impl CheckArgs {
             reconnects: self.reconnects,
             resends: self.resends,
             deadlines: self.deadlines,
+            app_changes: self.app_changes,
+            polls: self.polls,
             window: usize::from(self.window),
             fsync_each_batch: self.mutation == Some(Mutation::SplitHop),
             restart_news_travels: self.restart_news_travels,
@@ -126,7 +135,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     out!(
         "model: {} workers, {}, {} execution(s); faults: {} worker crash(es), {} suspicion(s) \
          in all, {} gateway crash(es), {} reconnect(s) and {} re-send timer(s) per worker \
-         life, {} deadline(s) in all{}{}{}",
+         life, {} deadline(s) in all, {} look-up(s){}{}{}{}",
         cfg.workers,
         if cfg.fan_out {
             "a fan-out of 2 with a join".to_string()
@@ -140,6 +149,12 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         cfg.reconnects,
         cfg.resends,
         cfg.deadlines,
+        cfg.polls,
+        if cfg.app_changes {
+            "; a second app deployed and removed"
+        } else {
+            ""
+        },
         if cfg.worker_dies {
             "; w0 may die for good"
         } else {

@@ -9,10 +9,11 @@
 //!
 //! Nothing leaves the core before the state behind it is durable. The queue's in-memory state
 //! runs ahead of the disk (an execution is `Done` there as soon as its last report is applied),
-//! so the core answers from what the queue has *emitted* (`Accepted`, `Respond`), never from
-//! its state alone: an execution stays in [`Core`]'s running set until its `Respond`.
+//! so the core answers from what the queue *emits* (`Accepted`, `Respond`, `Deployed`,
+//! `Removed`) and looks executions up with [`GlobalQueue::execution`], which shows what the
+//! disk holds: the queue decides what is visible, and the model checks it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -65,17 +66,17 @@ pub enum Command {
         /// Its answer, or `None` if the execution is unknown.
         reply: oneshot::Sender<Option<Answer>>,
     },
-    /// Deploy or replace an app whose bundle is already in the store; the reply comes once the
-    /// deployment is durable.
+    /// Deploy or replace an app, code and all; the reply comes once the deployment is durable.
     Deploy {
         /// The app's policies.
         spec: AppSpec,
-        /// Its code, as stored.
+        /// Its code.
         bundle: AppBundle,
-        /// Done, or the store failed.
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        /// Fires once the deployment is durable.
+        reply: oneshot::Sender<()>,
     },
-    /// Remove an app; its running executions go on. The caller deletes its bundle after.
+    /// Remove an app, code and all; its running executions go on. The reply comes once the
+    /// removal is durable.
     Remove {
         /// The app.
         app: AppName,
@@ -161,18 +162,20 @@ pub struct Core {
     sender: GatewaySender,
     started: Instant,
     metrics: Arc<Metrics>,
-    bundles: BTreeMap<AppName, AppBundle>,
     /// Clients waiting for an acceptance to be durable, each with what `invoke` said.
     accepting: HashMap<ExecId, Vec<(Invoked, InvokeReply)>>,
     /// Clients waiting for an answer.
     answering: HashMap<ExecId, Vec<oneshot::Sender<Option<Answer>>>>,
-    /// Deployments waiting for their batch to be durable.
-    deploying: Vec<(LogIndex, oneshot::Sender<Result<(), StoreError>>)>,
+    /// Deployments waiting to be durable, per app in the order they were asked for (the
+    /// queue emits each app's `Deployed` in that order).
+    deploying: HashMap<AppName, VecDeque<oneshot::Sender<()>>>,
+    /// Removals waiting to be durable, likewise.
+    removing: HashMap<AppName, VecDeque<oneshot::Sender<bool>>>,
     /// The index of the last batch handed to the store.
     logged: LogIndex,
-    /// Executions not yet answered durably, with when each was accepted (for the latency
-    /// histogram; `None` if it was recovered from the store).
-    running: HashMap<ExecId, Option<Instant>>,
+    /// When each execution accepted in this life was, until its answer: for the latency
+    /// histogram only.
+    accepted_at: HashMap<ExecId, Instant>,
     /// The batches of the event being handled are waited on by nobody yet: append them
     /// deferred. Reset after every drain.
     defer_batches: bool,
@@ -188,21 +191,7 @@ impl Core {
         sender: GatewaySender,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
-        let mut bundles = BTreeMap::new();
-        for app in state.apps.keys() {
-            if let Some((digest, archive)) = store.bundle(app)? {
-                bundles.insert(app.clone(), AppBundle { digest, archive });
-            } else {
-                tracing::warn!(%app, "app is deployed but its bundle is missing; redeploy it");
-            }
-        }
         let traces = TraceBook::new(&state);
-        let running = state
-            .execs
-            .values()
-            .filter(|rec| rec.status == ExecStatus::Running)
-            .map(|rec| (rec.exec, None))
-            .collect();
         let started = Instant::now();
         let gq = GlobalQueue::recover(config, Time::from_millis(0), state);
         Ok(Self {
@@ -211,12 +200,12 @@ impl Core {
             sender,
             started,
             metrics,
-            bundles,
             accepting: HashMap::new(),
             answering: HashMap::new(),
-            deploying: Vec::new(),
+            deploying: HashMap::new(),
+            removing: HashMap::new(),
             logged: LogIndex(0),
-            running,
+            accepted_at: HashMap::new(),
             defer_batches: false,
             traces,
         })
@@ -262,7 +251,6 @@ impl Core {
                     }
                     let now = self.now();
                     self.gq.handle(now, GqEvent::Persisted(status.upto));
-                    self.release_deployments(status.upto);
                 }
                 () = sleep => {
                     let now = self.now();
@@ -324,29 +312,19 @@ impl Core {
                 bundle,
                 reply,
             } => {
-                let app = spec.name.clone();
-                self.bundles.insert(app.clone(), bundle);
-                self.gq.deploy(spec);
-                self.deploying.push((LogIndex(u64::MAX), reply));
-                self.announce(app);
+                let waiting = self.deploying.entry(spec.name.clone()).or_default();
+                waiting.push_back(reply);
+                self.gq.deploy(spec, bundle);
             }
             Command::Remove { app, reply } => {
-                let known = self.gq.remove_app(&app);
-                if known {
-                    self.bundles.remove(&app);
-                    self.announce(app);
-                }
-                let _ = reply.send(known);
+                self.removing
+                    .entry(app.clone())
+                    .or_default()
+                    .push_back(reply);
+                self.gq.remove_app(&app);
             }
             Command::Execution { exec, reply } => {
-                let mut record = self.gq.execution(exec).cloned();
-                if let Some(rec) = record.as_mut() {
-                    if self.running.contains_key(&exec) {
-                        // Ended in memory perhaps, but not answered durably: not visible yet.
-                        rec.status = ExecStatus::Running;
-                    }
-                }
-                let _ = reply.send(record);
+                let _ = reply.send(self.gq.execution(exec).cloned());
             }
             Command::Apps { reply } => {
                 let apps = self
@@ -354,14 +332,7 @@ impl Core {
                     .state()
                     .apps
                     .values()
-                    .map(|spec| {
-                        let digest = self
-                            .bundles
-                            .get(&spec.name)
-                            .map(|b| b.digest.clone())
-                            .unwrap_or_default();
-                        (spec.clone(), digest)
-                    })
+                    .map(|d| (d.spec.clone(), d.bundle.digest.clone()))
                     .collect();
                 let _ = reply.send(apps);
             }
@@ -384,7 +355,7 @@ impl Core {
         }
     }
 
-    /// Accepts an execution in the queue, and counts it as running until its `Respond`.
+    /// Accepts an execution in the queue, noting when for the latency histogram.
     fn invoke(
         &mut self,
         now: Time,
@@ -394,23 +365,25 @@ impl Core {
     ) -> Result<Invoked, InvokeError> {
         let invoked = self.gq.invoke(now, app, input, idempotency_key)?;
         if invoked.fresh {
-            self.running.insert(invoked.exec, Some(Instant::now()));
+            self.accepted_at.insert(invoked.exec, Instant::now());
         }
         Ok(invoked)
     }
 
-    /// Replies with an execution's answer once it is durable: at once if it ended before,
-    /// else when the queue emits its `Respond`.
+    /// Replies with an execution's answer once it is durable: at once if the disk has it,
+    /// else when the queue emits its `Respond`. `None` if the queue does not know it at all.
     fn answer(&mut self, exec: ExecId, reply: oneshot::Sender<Option<Answer>>) {
-        let status = self.gq.execution(exec).map(|rec| &rec.status);
-        match status {
-            None => {
-                let _ = reply.send(None);
-            }
-            Some(ExecStatus::Done(answer)) if !self.running.contains_key(&exec) => {
+        match self.gq.execution(exec).map(|rec| &rec.status) {
+            Some(ExecStatus::Done(answer)) => {
                 let _ = reply.send(Some(answer.clone()));
             }
-            Some(_) => self.answering.entry(exec).or_default().push(reply),
+            // Running, or accepted and not yet durably: its `Respond` will come.
+            _ if self.gq.state().execs.contains_key(&exec) => {
+                self.answering.entry(exec).or_default().push(reply);
+            }
+            _ => {
+                let _ = reply.send(None);
+            }
         }
     }
 
@@ -439,7 +412,7 @@ impl Core {
                 self.gq.handle(now, GqEvent::Disconnected(w));
             }
             GatewayEvent::Message(w, ToGateway::Fetch { app }) => {
-                let bundle = self.bundles.get(&app).cloned();
+                let bundle = self.gq.state().apps.get(&app).map(|d| d.bundle.clone());
                 if let Err(e) = self.sender.send(w, ToWorker::Bundle { app, bundle }) {
                     tracing::debug!(worker = %w, "bundle not sent: {e}");
                 }
@@ -501,7 +474,7 @@ impl Core {
                         Answer::Error(_) => "failed",
                     };
                     self.metrics.executions.get_or_create(&outcome.into()).inc();
-                    if let Some(t0) = self.running.remove(&exec).flatten() {
+                    if let Some(t0) = self.accepted_at.remove(&exec) {
                         self.metrics
                             .execution_seconds
                             .observe(t0.elapsed().as_secs_f64());
@@ -511,15 +484,23 @@ impl Core {
                         let _ = reply.send(Some(answer.clone()));
                     }
                 }
+                GqOutput::Deployed(app) => {
+                    if let Some(reply) = pop(&mut self.deploying, &app) {
+                        let _ = reply.send(());
+                    }
+                    self.announce(app);
+                }
+                GqOutput::Removed { app, existed } => {
+                    if let Some(reply) = pop(&mut self.removing, &app) {
+                        let _ = reply.send(existed);
+                    }
+                    if existed {
+                        self.announce(app);
+                    }
+                }
             }
         }
         self.defer_batches = false;
-        // A deployment waits for the batch its deploy closed: the last one logged.
-        for (index, _) in self.deploying.iter_mut() {
-            if index.0 == u64::MAX {
-                *index = self.logged;
-            }
-        }
         if !traces.is_empty() {
             if let Err(e) = self.store.put_traces(traces) {
                 tracing::warn!("could not record traces: {e}");
@@ -527,16 +508,16 @@ impl Core {
         }
         Ok(())
     }
+}
 
-    fn release_deployments(&mut self, durable: LogIndex) {
-        let (done, waiting) = std::mem::take(&mut self.deploying)
-            .into_iter()
-            .partition(|(index, _)| *index <= durable);
-        self.deploying = waiting;
-        for (_, reply) in done {
-            let _ = reply.send(Ok(()));
-        }
+/// The oldest of `app`'s waiting replies, dropping the app's entry once it has none.
+fn pop<T>(waiting: &mut HashMap<AppName, VecDeque<T>>, app: &AppName) -> Option<T> {
+    let queue = waiting.get_mut(app)?;
+    let first = queue.pop_front();
+    if queue.is_empty() {
+        waiting.remove(app);
     }
+    first
 }
 
 /// Spawns the core on the current tokio runtime; returns its handle and its task.
@@ -560,6 +541,8 @@ pub fn wall_ms() -> u64 {
 #[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
     use bytes::Bytes;
     use prometheus_client::registry::Registry;
     use sand_protocol::ids::{GrainName, Incarnation, Seq, WorkerId};
@@ -631,7 +614,6 @@ mod tests {
         });
         let now = core.now();
         core.gq.handle(now, GqEvent::Persisted(logged));
-        core.release_deployments(logged);
         core.drain().unwrap();
     }
 
@@ -700,8 +682,8 @@ mod tests {
         core.drain().unwrap();
         assert!(run.answer.try_recv().is_err(), "answered before durable");
         assert!(asked.try_recv().is_err(), "answered before durable");
-        let record = record.try_recv().unwrap().unwrap();
-        assert_eq!(record.status, ExecStatus::Running);
+        // Its acceptance rides with its answer (a synchronous run): the disk has neither.
+        assert_eq!(record.try_recv().unwrap(), None);
 
         settle(&mut core);
         let expected = Some(Answer::Value(Payload::new(&b"9"[..])));
@@ -712,6 +694,30 @@ mod tests {
         let (reply, mut again) = oneshot::channel();
         core.command(Command::Answer { exec, reply });
         assert_eq!(again.try_recv().unwrap(), expected);
+    }
+
+    #[test]
+    fn a_removal_is_answered_only_once_durable_and_a_crash_keeps_app_and_bundle_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gq.redb");
+        let (store, _) = Store::open(&path).unwrap();
+        let (mut core, _net, _worker) = core_with_worker(store);
+        let (reply, mut removed) = oneshot::channel();
+        core.command(Command::Remove {
+            app: AppName::new("one").unwrap(),
+            reply,
+        });
+        core.drain().unwrap();
+        assert!(
+            removed.try_recv().is_err(),
+            "the removal was answered before it was durable"
+        );
+        settle(&mut core);
+        assert!(removed.try_recv().unwrap());
+        // The app and its code left in one batch: a restart finds neither.
+        drop(core);
+        let (_, state) = Store::open(&path).unwrap();
+        assert!(state.apps.is_empty(), "{:?}", state.apps);
     }
 
     #[test]

@@ -211,23 +211,15 @@ async fn deploy(State(api): State<Api>, Path(app): Path<String>, body: Bytes) ->
         archive,
     };
     let grains: Vec<String> = spec.grains.keys().map(ToString::to_string).collect();
-    // The bundle first: an app is only deployed once its code can be fetched.
-    let store = api.store.clone();
-    let stored = bundle.clone();
-    let name = app.clone();
-    tokio::task::spawn_blocking(move || store.put_bundle(&name, &stored.digest, &stored.archive))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?;
     let entry = spec.entry.to_string();
+    // The app and its code are written in one batch; the reply comes once it is durable.
     api.core
         .ask(|reply| Command::Deploy {
             spec,
             bundle,
             reply,
         })
-        .await?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?;
+        .await?;
     Ok(
         Json(json!({"app": app.as_str(), "digest": digest, "entry": entry, "grains": grains}))
             .into_response(),
@@ -253,19 +245,8 @@ async fn list_apps(State(api): State<Api>) -> ApiResult {
 async fn remove(State(api): State<Api>, Path(app): Path<String>) -> ApiResult {
     let app = app_name(&app)?;
     let name = app.as_str().to_owned();
-    if api
-        .core
-        .ask(|reply| Command::Remove {
-            app: app.clone(),
-            reply,
-        })
-        .await?
-    {
-        let store = api.store.clone();
-        let deleted = tokio::task::spawn_blocking(move || store.delete_bundle(&app)).await;
-        if let Ok(Err(e)) = deleted {
-            tracing::warn!(app = %name, "the app is removed but its bundle was not deleted: {e}");
-        }
+    // The app and its code go in one batch; the reply comes once it is durable.
+    if api.core.ask(|reply| Command::Remove { app, reply }).await? {
         Ok(Json(json!({ "removed": name })).into_response())
     } else {
         Err(ApiError::not_found(

@@ -1,5 +1,5 @@
-//! The gateway's durable store: one redb file holding the global queue's durable state, the
-//! deployed apps' bundles, and call traces.
+//! The gateway's durable store: one redb file holding the global queue's durable state (the
+//! deployed apps' bundles included) and call traces.
 //!
 //! The global queue's state lives as tables, one row per entity (apps, execs, calls, joins,
 //! workers) plus `meta` (the epoch and the last committed [`LogIndex`]). Every [`Op`] is a put
@@ -52,10 +52,11 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::watch;
 
 use sand_protocol::durable::{
-    Batch, CallRecord, DurableState, ExecRecord, JoinRecord, LogIndex, Op, WorkerRecord,
+    Batch, CallRecord, Deployment, DurableState, ExecRecord, JoinRecord, LogIndex, Op, WorkerRecord,
 };
-use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, WorkerId};
+use sand_protocol::ids::{Attempt, CallId, ExecId, WorkerId};
 use sand_protocol::policy::AppSpec;
+use sand_protocol::wire::AppBundle;
 
 /// Where the commit thread stands, published after every commit.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
@@ -246,25 +247,6 @@ impl Store {
         self.send(&queue, Job::DeleteTraces(exec))
     }
 
-    /// Stores `app`'s bundle (replacing any earlier one) in its own durable transaction, and
-    /// returns once it is on disk. Blocking: call it from a blocking context.
-    pub fn put_bundle(&self, app: &AppName, digest: &str, bundle: &[u8]) -> Result<(), StoreError> {
-        self.shared.write_now(|txn| {
-            let mut t = txn.open_table(BUNDLES)?;
-            t.insert(app.as_str(), (digest, bundle))?;
-            Ok(())
-        })
-    }
-
-    /// Removes `app`'s bundle durably; returns whether there was one. Blocking.
-    pub fn delete_bundle(&self, app: &AppName) -> Result<bool, StoreError> {
-        self.shared.write_now(|txn| {
-            let mut t = txn.open_table(BUNDLES)?;
-            let existed = t.remove(app.as_str())?.is_some();
-            Ok(existed)
-        })
-    }
-
     /// Waits until batch `index` is durable. Fails if the commit thread failed first.
     pub async fn durable(&self, index: LogIndex) -> Result<(), StoreError> {
         let mut rx = self.commits.clone();
@@ -313,18 +295,6 @@ impl Store {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.shared.path
-    }
-
-    /// `app`'s bundle and its digest, if stored. Blocking.
-    pub fn bundle(&self, app: &AppName) -> Result<Option<(String, Bytes)>, StoreError> {
-        let s = &self.shared;
-        let txn = s.db.begin_read().map_err(|e| s.storage(e))?;
-        let t = txn.open_table(BUNDLES).map_err(|e| s.storage(e))?;
-        let found = t.get(app.as_str()).map_err(|e| s.storage(e))?;
-        Ok(found.map(|v| {
-            let (digest, bytes) = v.value();
-            (digest.to_string(), Bytes::copy_from_slice(bytes))
-        }))
     }
 
     /// The committed traces of `exec`, ordered by call and attempt. Blocking.
@@ -590,6 +560,7 @@ impl Shared {
         let last = LogIndex(read_meta(META_LAST_INDEX)?);
 
         let apps = txn.open_table(APPS).map_err(|e| self.storage(e))?;
+        let bundles = txn.open_table(BUNDLES).map_err(|e| self.storage(e))?;
         for row in apps.iter().map_err(|e| self.storage(e))? {
             let (k, v) = row.map_err(|e| self.storage(e))?;
             let spec: AppSpec = self.decode("apps", v.value())?;
@@ -600,7 +571,23 @@ impl Shared {
                     spec.name
                 )));
             }
-            state.apps.insert(spec.name.clone(), spec);
+            let found = bundles.get(k.value()).map_err(|e| self.storage(e))?;
+            let Some(row) = found else {
+                return Err(self.corrupt(format!(
+                    "app {} is deployed without its bundle (only a store written before bundles \
+                     and apps shared a transaction can be so; remove the app's row, or start \
+                     on a new store and deploy again)",
+                    spec.name
+                )));
+            };
+            let (digest, archive) = row.value();
+            let bundle = AppBundle {
+                digest: digest.to_owned(),
+                archive: Bytes::copy_from_slice(archive),
+            };
+            state
+                .apps
+                .insert(spec.name.clone(), Deployment { spec, bundle });
         }
         let execs = txn.open_table(EXECS).map_err(|e| self.storage(e))?;
         for row in execs.iter().map_err(|e| self.storage(e))? {
@@ -707,6 +694,7 @@ struct Tables<'txn> {
     path: &'txn Path,
     meta: redb::Table<'txn, &'static str, u64>,
     apps: redb::Table<'txn, &'static str, &'static [u8]>,
+    bundles: redb::Table<'txn, &'static str, (&'static str, &'static [u8])>,
     execs: redb::Table<'txn, u64, &'static [u8]>,
     calls: redb::Table<'txn, (u64, u64), &'static [u8]>,
     joins: redb::Table<'txn, (u64, u64), &'static [u8]>,
@@ -720,6 +708,7 @@ impl<'txn> Tables<'txn> {
             path,
             meta: txn.open_table(META)?,
             apps: txn.open_table(APPS)?,
+            bundles: txn.open_table(BUNDLES)?,
             execs: txn.open_table(EXECS)?,
             calls: txn.open_table(CALLS)?,
             joins: txn.open_table(JOINS)?,
@@ -733,11 +722,20 @@ impl<'txn> Tables<'txn> {
         let path = self.path;
         let done = match op {
             Op::Epoch(e) => self.meta.insert(META_EPOCH, u64::from(*e)).map(drop),
-            Op::PutApp(spec) => {
+            Op::PutApp(Deployment { spec, bundle }) => {
                 let value = encode(spec, path)?;
-                self.apps.insert(spec.name.as_str(), &value[..]).map(drop)
+                let name = spec.name.as_str();
+                let code = (bundle.digest.as_str(), &bundle.archive[..]);
+                self.apps
+                    .insert(name, &value[..])
+                    .and_then(|_| self.bundles.insert(name, code))
+                    .map(drop)
             }
-            Op::DelApp(app) => self.apps.remove(app.as_str()).map(drop),
+            Op::DelApp(app) => self
+                .apps
+                .remove(app.as_str())
+                .and_then(|_| self.bundles.remove(app.as_str()))
+                .map(drop),
             Op::PutExec(rec) => {
                 let value = encode(rec, path)?;
                 self.execs.insert(rec.exec.0, &value[..]).map(drop)
@@ -782,7 +780,7 @@ fn encode<T: Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, StoreError> {
 mod tests {
     use super::*;
     use sand_protocol::durable::{ExecStatus, Owner};
-    use sand_protocol::ids::{GrainName, Incarnation};
+    use sand_protocol::ids::{AppName, GrainName, Incarnation};
     use sand_protocol::wire::{Cont, Payload};
 
     /// Longer than any test runs: deferred work in these stores never commits by the clock.

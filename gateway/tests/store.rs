@@ -10,12 +10,12 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use sand_gateway::store::{Store, StoreError, Trace};
 use sand_protocol::durable::{
-    Answer, Batch, CallRecord, DurableState, ExecRecord, ExecStatus, JoinRecord, LogIndex, Op,
-    Owner, WorkerRecord,
+    Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, JoinRecord,
+    LogIndex, Op, Owner, WorkerRecord,
 };
 use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
-use sand_protocol::wire::{Cont, ErrorKind, GrainError, JoinSpec, Payload};
+use sand_protocol::wire::{AppBundle, Cont, ErrorKind, GrainError, JoinSpec, Payload};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -74,9 +74,9 @@ fn cont() -> impl Strategy<Value = Cont> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let app_spec = (app_name(), 1u32..5, 0u64..500, 1000u32..3000).prop_map(
-        |(name, attempts, backoff, factor)| {
-            Op::PutApp(AppSpec {
+    let app_spec = (app_name(), 1u32..5, 0u64..500, 1000u32..3000, payload()).prop_map(
+        |(name, attempts, backoff, factor, code)| {
+            let spec = AppSpec {
                 name,
                 entry: GrainName::new("g").unwrap(),
                 grains: BTreeMap::from([(
@@ -89,7 +89,12 @@ fn op() -> impl Strategy<Value = Op> {
                         timeout_ms: Some(1000),
                     },
                 )]),
-            })
+            };
+            let bundle = AppBundle {
+                digest: format!("{}", code.0.len()),
+                archive: code.0,
+            };
+            Op::PutApp(Deployment { spec, bundle })
         },
     );
     let exec = (
@@ -366,30 +371,59 @@ fn appends_out_of_order_are_refused() {
 }
 
 #[test]
-fn bundles_round_trip() {
+fn an_app_and_its_bundle_are_written_and_removed_together() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gq.redb");
-    let (store, _) = Store::open(&path).unwrap();
+    let deploy = |name: &str, digest: &str, archive: Bytes| {
+        let spec = AppSpec {
+            name: app(name),
+            entry: GrainName::new("g").unwrap(),
+            grains: BTreeMap::new(),
+        };
+        let bundle = AppBundle {
+            digest: digest.into(),
+            archive,
+        };
+        Op::PutApp(Deployment { spec, bundle })
+    };
     let big = Bytes::from((0..3_000_000u32).map(|i| i as u8).collect::<Vec<u8>>());
-    assert_eq!(store.bundle(&app("alpha")).unwrap(), None);
-    store.put_bundle(&app("alpha"), "d1", &big).unwrap();
-    store.put_bundle(&app("beta"), "d2", b"small").unwrap();
-    assert_eq!(
-        store.bundle(&app("alpha")).unwrap(),
-        Some(("d1".to_string(), big.clone()))
-    );
-    store.put_bundle(&app("beta"), "d3", b"newer").unwrap();
-    drop(store);
-
     let (store, _) = Store::open(&path).unwrap();
+    let batch = |index, ops| Batch {
+        index: LogIndex(index),
+        ops,
+    };
+    store
+        .append(batch(1, vec![deploy("alpha", "d1", big.clone())]))
+        .unwrap();
+    store
+        .append(batch(
+            2,
+            vec![deploy("beta", "d2", Bytes::from_static(b"small"))],
+        ))
+        .unwrap();
+    store
+        .append(batch(
+            3,
+            vec![deploy("beta", "d3", Bytes::from_static(b"newer"))],
+        ))
+        .unwrap();
+    store.close().unwrap();
+
+    let (store, state) = Store::open(&path).unwrap();
+    assert_eq!(state.apps[&app("alpha")].bundle.archive, big);
+    let beta = &state.apps[&app("beta")].bundle;
     assert_eq!(
-        store.bundle(&app("beta")).unwrap(),
-        Some(("d3".to_string(), Bytes::from_static(b"newer")))
+        (beta.digest.as_str(), &beta.archive[..]),
+        ("d3", &b"newer"[..])
     );
-    assert!(store.delete_bundle(&app("alpha")).unwrap());
-    assert!(!store.delete_bundle(&app("alpha")).unwrap());
-    assert_eq!(store.bundle(&app("alpha")).unwrap(), None);
-    assert!(store.bundle(&app("beta")).unwrap().is_some());
+    store
+        .append(batch(1, vec![Op::DelApp(app("alpha"))]))
+        .unwrap();
+    store.close().unwrap();
+
+    let (_, state) = Store::open(&path).unwrap();
+    let apps: Vec<&str> = state.apps.keys().map(AppName::as_str).collect();
+    assert_eq!(apps, ["beta"]);
 }
 
 fn trace(exec: ExecId, call: u64, attempt: u64, data: &str) -> Trace {

@@ -266,6 +266,7 @@ fn timer_text(timer: &Timer) -> String {
         Timer::Reconnect => "its connection breaks; it opens a new one".to_string(),
         Timer::Resend => "its re-send timer fires".to_string(),
         Timer::Die => "DIES for good".to_string(),
+        Timer::Poll => "it looks up the requests not yet answered".to_string(),
         Timer::Crash => "CRASHES, and restarts from what it persisted".to_string(),
     }
 }

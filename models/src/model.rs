@@ -70,7 +70,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, Op};
+use sand_protocol::durable::{Answer, Batch, DurableState, ExecRecord, ExecStatus, Op};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
 use sand_protocol::ids::{
     AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId,
@@ -80,7 +80,7 @@ use sand_protocol::mutations::{Mutation, Mutations};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
-    CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, ToGateway, ToWorker,
+    AppBundle, CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, ToGateway, ToWorker,
 };
 use stateright::actor::{
     model_timeout, Actor, ActorModel, ActorModelAction, ActorModelState, Envelope, Id, Network, Out,
@@ -123,6 +123,12 @@ pub struct ModelCfg {
     /// How many times, in all, the gateway may give up on an attempt at its deadline (grains
     /// then have a timeout; its timer fires at any moment, as a slow grain's would).
     pub deadlines: u32,
+    /// The client also deploys a second app and then removes it, one change at a time, each
+    /// once the gateway said the one before is durable.
+    pub app_changes: bool,
+    /// How many times, in all, the client may look its executions up while it waits (an
+    /// answer a look-up shows counts as the request's answer).
+    pub polls: u32,
     /// Progress messages a worker may have unacked at once.
     pub window: usize,
     /// Make one batch durable per write, instead of every pending batch at once (group
@@ -153,6 +159,8 @@ impl Default for ModelCfg {
             reconnects: 0,
             resends: 0,
             deadlines: 0,
+            app_changes: false,
+            polls: 0,
             window: 1,
             fsync_each_batch: false,
             restart_news_travels: false,
@@ -179,6 +187,22 @@ pub enum Msg {
         first: bool,
         /// The answer.
         answer: Answer,
+    },
+    /// Client → gateway: deploy the second app, or (`deploy: false`) remove it.
+    Change {
+        /// Deploy, or remove.
+        deploy: bool,
+    },
+    /// Gateway → client: the change is durable.
+    Changed {
+        /// The deploy (or else the removal) is.
+        deployed: bool,
+    },
+    /// Client → gateway: look up the execution of request `request` (the model's stand-in for
+    /// the execution id the client would hold).
+    Poll {
+        /// The request.
+        request: u8,
     },
     /// Gateway → worker or client, after a gateway restart: the old connection is gone; dial
     /// again (a worker) or re-send what was not answered (the client).
@@ -233,6 +257,8 @@ pub enum Timer {
     Resend,
     /// Worker `w0`: it dies for good.
     Die,
+    /// Client: it looks up every request not yet answered.
+    Poll,
     /// Gateway or worker: it crashes and restarts at once from what it persisted. Set while the
     /// actor's crash budget lasts.
     Crash,
@@ -311,6 +337,10 @@ pub struct WorkerState {
 pub struct ClientState {
     /// The answers received per request.
     pub answers: BTreeMap<u8, BTreeSet<Answer>>,
+    /// The app change under way (deploy, then remove), `None` once both are told durable.
+    pub change: Option<bool>,
+    /// Look-ups left.
+    pub polls: u32,
 }
 
 /// An actor of the model: its role and the model's configuration.
@@ -352,6 +382,17 @@ fn app() -> AppName {
     AppName::new("app").expect("a valid literal name")
 }
 
+fn second_app() -> AppName {
+    AppName::new("second").expect("a valid literal name")
+}
+
+fn bundle(digest: &str) -> AppBundle {
+    AppBundle {
+        digest: digest.into(),
+        archive: Default::default(),
+    }
+}
+
 fn grain(i: usize) -> GrainName {
     GrainName::new(format!("g{i}")).expect("a valid generated name")
 }
@@ -387,6 +428,15 @@ impl ModelCfg {
             entry,
             grains: grains.into_iter().map(|g| (g, policy)).collect(),
         }
+    }
+
+    /// The second app, which the client deploys and removes (`app_changes`).
+    fn second_app(&self) -> (AppSpec, AppBundle) {
+        let spec = AppSpec {
+            name: second_app(),
+            ..self.app_spec()
+        };
+        (spec, bundle("b1"))
     }
 
     /// What a grain returns: a pure function of the call.
@@ -666,6 +716,39 @@ impl ModelCfg {
                 },
             ));
         }
+        if self.app_changes {
+            properties.push(Property::<SandModel>::always(
+                "an app change is told only once durable",
+                |_, s| {
+                    let deployed = gateway(s).durable.apps.contains_key(&second_app());
+                    s.network.iter_all().all(|env| match env.msg {
+                        Msg::Changed { deployed: told } => *told == deployed,
+                        _ => true,
+                    })
+                },
+            ));
+            properties.push(Property::<SandModel>::sometimes(
+                "an app is deployed and removed, each told durable",
+                |_, s| client(s).is_some_and(|c| c.change.is_none()),
+            ));
+        }
+        if self.polls > 0 {
+            properties.push(Property::<SandModel>::sometimes(
+                "a look-up shows an answer",
+                |_, s| {
+                    s.network.iter_all().any(|env| {
+                        matches!(
+                            env.msg,
+                            Msg::Answer {
+                                request: Some(_),
+                                first: false,
+                                ..
+                            }
+                        )
+                    })
+                },
+            ));
+        }
         if self.fan_out {
             properties.push(Property::<SandModel>::always(
                 "a join fires at most once",
@@ -836,6 +919,10 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
     let dead = |env: &Envelope<&Msg>| match (env.msg, &*s.actor_states[usize::from(env.dst)]) {
         _ if gateway_restarted && env.dst == gateway_id() => true,
         (Msg::Answer { request: None, .. }, _) => true,
+        // A change told on a connection that died with the gateway (the client asks again on
+        // a new one), or one the client no longer waits for.
+        (Msg::Changed { .. }, _) if gateway_restarted => true,
+        (Msg::Changed { deployed }, State::Client(c)) => c.change != Some(*deployed),
         (Msg::ToWorker { epoch: e, .. }, _) if gateway_restarted => *e < epoch,
         (Msg::ToGateway { epoch: e, .. }, _) if *e < epoch => true,
         (Msg::ToGateway { msg, conn, .. }, State::Gateway(g)) => {
@@ -1033,7 +1120,18 @@ impl Actor for Node {
                 for request in 0..cfg.executions as u8 {
                     o.send(gateway_id(), Msg::Invoke { request });
                 }
-                State::Client(ClientState::default())
+                let change = cfg.app_changes.then_some(true);
+                if let Some(deploy) = change {
+                    o.send(gateway_id(), Msg::Change { deploy });
+                }
+                if cfg.polls > 0 {
+                    o.set_timer(Timer::Poll, model_timeout());
+                }
+                State::Client(ClientState {
+                    answers: BTreeMap::new(),
+                    change,
+                    polls: cfg.polls,
+                })
             }
         }
     }
@@ -1055,12 +1153,23 @@ impl Actor for Node {
                 } => {
                     c.answers.entry(request).or_default().insert(answer);
                 }
-                // Its connection broke with the gateway: retry, with the same idempotency key.
+                // The change is durable: the next one, if any.
+                Msg::Changed { deployed } if c.change == Some(deployed) => {
+                    c.change = deployed.then_some(false);
+                    if let Some(deploy) = c.change {
+                        o.send(gateway_id(), Msg::Change { deploy });
+                    }
+                }
+                // Its connection broke with the gateway: retry, with the same idempotency key
+                // (a change is idempotent).
                 Msg::Restarted => {
                     for request in 0..cfg.executions as u8 {
                         if !c.answers.contains_key(&request) {
                             o.send(gateway_id(), Msg::Invoke { request });
                         }
+                    }
+                    if let Some(deploy) = c.change {
+                        o.send(gateway_id(), Msg::Change { deploy });
                     }
                 }
                 _ => {}
@@ -1133,6 +1242,17 @@ impl Actor for Node {
                 }
                 w.gone = true;
                 o.send(gateway_id(), Msg::Gone);
+            }
+            (State::Client(c), Timer::Poll) => {
+                c.polls -= 1;
+                if c.polls > 0 {
+                    o.set_timer(Timer::Poll, model_timeout());
+                }
+                for request in 0..cfg.executions as u8 {
+                    if !c.answers.contains_key(&request) {
+                        o.send(gateway_id(), Msg::Poll { request });
+                    }
+                }
             }
             (State::Worker(w), Timer::Resend) => {
                 w.resends -= 1;
@@ -1292,7 +1412,7 @@ fn start_gateway(
         }
         None => {
             let mut gq = GlobalQueue::new(cfg.gq_config(), T0).with_mutations(cfg.mutations);
-            gq.deploy(cfg.app_spec());
+            gq.deploy(cfg.app_spec(), bundle("a1"));
             (gq, DurableState::default())
         }
     };
@@ -1339,6 +1459,38 @@ fn gateway_msg(cfg: &ModelCfg, g: &mut GatewayState, src: Id, msg: Msg, o: &mut 
                     &mut g.waiting
                 };
                 wait.entry(inv.exec).or_default().insert(request);
+            }
+        }
+        Msg::Change { deploy: true } => {
+            let (spec, bundle) = cfg.second_app();
+            g.gq.deploy(spec, bundle);
+        }
+        Msg::Change { deploy: false } => g.gq.remove_app(&second_app()),
+        Msg::Poll { request } => {
+            // The execution of the request's key, as the queue knows it (a client holds its
+            // id); what a look-up shows of it is what the queue says is visible.
+            let key = request.to_string();
+            let execs = g.gq.state().execs.values();
+            let exec = execs
+                .filter(|e| e.idempotency_key.as_ref() == Some(&key))
+                .map(|e| e.exec)
+                .next();
+            let seen = exec.and_then(|e| g.gq.execution(e)).cloned();
+            if let Some(ExecRecord {
+                exec,
+                status: ExecStatus::Done(answer),
+                ..
+            }) = seen
+            {
+                let client = Id::from(cfg.workers + 1);
+                let request = Some(request);
+                let msg = Msg::Answer {
+                    request,
+                    exec,
+                    first: false,
+                    answer,
+                };
+                o.send(client, msg);
             }
         }
         Msg::Open { conn, msg, .. } => {
@@ -1404,6 +1556,8 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
                     }
                 }
             }
+            GqOutput::Deployed(_) => o.send(client, Msg::Changed { deployed: true }),
+            GqOutput::Removed { .. } => o.send(client, Msg::Changed { deployed: false }),
             GqOutput::Respond(exec, answer) => {
                 // The first answer is the execution's one Respond; it goes out even when nobody
                 // waits any more (the request came to an earlier life of the gateway).

@@ -2,16 +2,18 @@
 //! "durable before visible", shared by the model and the simulator.
 //!
 //! An ack or a `Welcome` lets a worker drop its backups; a `Fenced`, a `Cancel` or an `Abort`
-//! lets it drop work; an `Accepted` or an answer tells a client something. Each may leave the
-//! gateway only once the state change behind it is on disk: a gateway that crashed before the
-//! write would otherwise still expect what was dropped, or forget what it said.
+//! lets it drop work; an `Accepted`, an answer, a `Deployed` or a `Removed` tells a client
+//! something. Each may leave the gateway only once the state change behind it is on disk: a
+//! gateway that crashed before the write would otherwise still expect what was dropped, or
+//! forget what it said.
 
 use sand_protocol::durable::{DurableState, ExecStatus, Owner};
 use sand_protocol::global_queue::GqOutput;
 use sand_protocol::ids::WorkerId;
 use sand_protocol::wire::ToWorker;
 
-/// Whether the disk holds what `out` promises (outputs that promise nothing always pass).
+/// Whether the disk holds what `out` promises (outputs that promise nothing always pass, and
+/// app changes are the caller's to check).
 pub fn is_durable(store: &DurableState, out: &GqOutput) -> bool {
     match out {
         GqOutput::Send(worker, msg) => sent_is_durable(store, *worker, msg),
@@ -20,7 +22,9 @@ pub fn is_durable(store: &DurableState, out: &GqOutput) -> bool {
             .execs
             .get(exec)
             .is_some_and(|e| e.status == ExecStatus::Done(answer.clone())),
-        GqOutput::Persist(_) => true,
+        // Whether what one says is on disk depends on the changes after it, which a write
+        // may make durable with it: the caller checks each against the batch that made it.
+        GqOutput::Deployed(_) | GqOutput::Removed { .. } | GqOutput::Persist(_) => true,
     }
 }
 

@@ -47,7 +47,7 @@
 //! outputs and public getters. Nothing here reads a clock or draws randomness except from the
 //! seed; the wall clock only measures throughput and bounds shrinking.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -64,7 +64,9 @@ use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBu
 use sand_protocol::mutations::{Mutation, Mutations};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
-use sand_protocol::wire::{CallSpec, ErrorKind, GrainError, Payload, ToGateway, ToWorker};
+use sand_protocol::wire::{
+    AppBundle, CallSpec, ErrorKind, GrainError, Payload, ToGateway, ToWorker,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::promises;
@@ -282,6 +284,11 @@ pub enum Step {
     Retry(u16),
     /// The `i`-th of the gateway's timers fires now, early.
     FireGqTimer(u16),
+    /// An operator deploys (`true`) or removes (`false`) a second app, whose code no request
+    /// runs: each change must be told only once durable.
+    ChangeApp(bool),
+    /// The `i`-th request's client looks its execution up: what it shows must be on disk.
+    Poll(u16),
     /// The `timer`-th of a worker's timers fires now, early.
     FireLbTimer {
         /// The worker.
@@ -780,6 +787,19 @@ fn app() -> AppName {
     AppName::new("app").expect("\"app\" is a valid app name")
 }
 
+/// The app an operator deploys and removes while the requests run.
+fn spare() -> AppName {
+    // Invariant: "spare" is a valid name (ASCII letters, 1 to 64 bytes).
+    AppName::new("spare").expect("\"spare\" is a valid app name")
+}
+
+fn bundle(digest: &str) -> AppBundle {
+    AppBundle {
+        digest: digest.into(),
+        archive: Default::default(),
+    }
+}
+
 fn grain(name: &'static str) -> GrainName {
     // Invariant: only the literal names "a" to "d" reach here, all valid.
     GrainName::new(name).expect("grain names a to d are valid")
@@ -853,6 +873,8 @@ struct Profile {
     kill_worker: u32,
     retry: u32,
     overflow: u32,
+    change_app: u32,
+    poll: u32,
 }
 
 /// Everything a seed decides before the steps.
@@ -895,6 +917,8 @@ impl Plan {
             kill_worker: 0,
             retry: 0,
             overflow: 0,
+            change_app: 0,
+            poll: 0,
         };
         let config = SimConfig {
             workers: opts.workers.max(1),
@@ -916,6 +940,8 @@ impl Plan {
             kill_worker: fault(&mut r, &[1]),
             retry: fault(&mut r, &[1, 2]),
             overflow: fault(&mut r, &[1, 2]),
+            change_app: fault(&mut r, &[1, 2]),
+            poll: fault(&mut r, &[1, 4]),
             ..profile
         };
         Plan {
@@ -998,6 +1024,11 @@ fn step_strategy(p: &Profile, workers: u32) -> BoxedStrategy<Step> {
                 .boxed(),
         ),
         (p.retry, any::<u16>().prop_map(Step::Retry).boxed()),
+        (
+            p.change_app,
+            any::<bool>().prop_map(Step::ChangeApp).boxed(),
+        ),
+        (p.poll, any::<u16>().prop_map(Step::Poll).boxed()),
     ];
     arms.extend(faults.into_iter().filter(|(w, _)| *w > 0));
     if p.kill_worker > 0 {
@@ -1405,6 +1436,13 @@ struct Sim {
     store: DurableState,
     /// Batches handed out and not yet written.
     unpersisted: Vec<Batch>,
+    /// The last batch the gateway's current life handed out, and the last one written.
+    logged: LogIndex,
+    written: LogIndex,
+    /// The app changes asked of the gateway's current life and not yet told, oldest first:
+    /// each with the batch that must be written before it is told (its own, or, for a removal
+    /// that finds nothing, the last one before it).
+    changes: VecDeque<LogIndex>,
     nodes: Vec<Node>,
     net: Vec<Envelope>,
     /// Every request made, in order.
@@ -1467,6 +1505,9 @@ impl Sim {
             gateway_restart_at: Time::ZERO,
             store: DurableState::default(),
             unpersisted: Vec::new(),
+            logged: LogIndex(0),
+            written: LogIndex(0),
+            changes: VecDeque::new(),
             nodes,
             net: Vec::new(),
             requests: Vec::new(),
@@ -1512,9 +1553,13 @@ impl Sim {
 
     /// A fresh cluster: the app deployed durably, every worker connected.
     fn setup(&mut self) -> Checked {
-        let mut gq = GlobalQueue::new(self.gq_config, Time::ZERO).with_mutations(self.mutations);
-        gq.deploy(self.program.app_spec());
+        let gq = GlobalQueue::new(self.gq_config, Time::ZERO).with_mutations(self.mutations);
         self.gq = Some(gq);
+        self.drain_gq()?;
+        self.changes.push_back(LogIndex(self.logged.0 + 1));
+        if let Some(gq) = self.gq.as_mut() {
+            gq.deploy(self.program.app_spec(), bundle("app"));
+        }
         self.drain_gq()?;
         self.persist(usize::MAX)?;
         for w in 0..self.nodes.len() {
@@ -1580,6 +1625,13 @@ impl Sim {
                 self.send_request(r)
             }
             Step::FireGqTimer(i) => self.fire_gq_timer(usize::from(i)),
+            Step::ChangeApp(deploy) => self.change_app(deploy),
+            Step::Poll(i) => {
+                if self.requests.is_empty() {
+                    return Ok(());
+                }
+                self.poll(usize::from(i) % self.requests.len())
+            }
             Step::FireLbTimer { worker, timer } => {
                 self.fire_lb_timer(w(worker), usize::from(timer))
             }
@@ -1615,7 +1667,10 @@ impl Sim {
                 return Err(self.fail(Property::DurableBeforeVisible, why));
             }
             match out {
-                GqOutput::Persist(batch) => self.unpersisted.push(batch),
+                GqOutput::Persist(batch) => {
+                    self.logged = batch.index;
+                    self.unpersisted.push(batch);
+                }
                 GqOutput::Send(w, msg) => {
                     let worker = w.0 as usize;
                     if self.nodes.get(worker).is_some_and(|n| n.connected) {
@@ -1626,6 +1681,19 @@ impl Sim {
                     }
                 }
                 GqOutput::Accepted(_) => {} // Checked above: durable when it leaves.
+                // A later change may be durable too, and undo what this one did: what must be
+                // written is its own batch.
+                GqOutput::Deployed(_) | GqOutput::Removed { .. } => {
+                    let needs = self.changes.pop_front();
+                    if needs.is_none_or(|needs| needs > self.written) {
+                        let why = format!(
+                            "{} before the disk held it (it needs batch {needs:?}; written: {:?})",
+                            describe_gq(&out).trim(),
+                            self.written
+                        );
+                        return Err(self.fail(Property::DurableBeforeVisible, why));
+                    }
+                }
                 GqOutput::Respond(exec, answer) => self.on_answer(exec, answer)?,
             }
         }
@@ -1638,6 +1706,52 @@ impl Sim {
             gq.handle(now, event);
         }
         self.drain_gq()
+    }
+
+    /// An operator deploys or removes the spare app (nothing, while the gateway is down).
+    fn change_app(&mut self, deploy: bool) -> Checked {
+        let Some(gq) = self.gq.as_mut() else {
+            return Ok(());
+        };
+        let writes = deploy || gq.state().apps.contains_key(&spare());
+        let needs = if writes {
+            LogIndex(self.logged.0 + 1)
+        } else {
+            self.logged
+        };
+        self.changes.push_back(needs);
+        if deploy {
+            let spec = AppSpec {
+                name: spare(),
+                ..self.program.app_spec()
+            };
+            gq.deploy(spec, bundle("spare"));
+        } else {
+            gq.remove_app(&spare());
+        }
+        self.drain_gq()
+    }
+
+    /// Request `r`'s client looks its execution up, as `GET /v1/executions/{id}` does: an
+    /// answer it shows must be on disk, and the one given, if one was.
+    fn poll(&mut self, r: usize) -> Checked {
+        let (Some(gq), Some((exec, _))) = (self.gq.as_ref(), self.requests[r].exec) else {
+            return Ok(());
+        };
+        let Some(ExecStatus::Done(shown)) = gq.execution(exec).map(|e| &e.status) else {
+            return Ok(());
+        };
+        let on_disk = self.store.execs.get(&exec).map(|e| &e.status);
+        if on_disk != Some(&ExecStatus::Done(shown.clone())) {
+            let why = format!("a look-up of {exec:?} showed {shown:?}; the disk holds {on_disk:?}");
+            return Err(self.fail(Property::DurableBeforeVisible, why));
+        }
+        if let Some(given) = self.answers.get(&exec).filter(|a| *a != shown) {
+            let why =
+                format!("a look-up of {exec:?} showed {shown:?}, but it was answered {given:?}");
+            return Err(self.fail(Property::AnswerStays, why));
+        }
+        Ok(())
     }
 
     fn on_answer(&mut self, exec: ExecId, answer: Answer) -> Checked {
@@ -1716,6 +1830,7 @@ impl Sim {
     /// Puts a batch on the disk, checking the durable history it extends.
     fn write(&mut self, batch: &Batch) -> Checked {
         self.note(|| format!("  disk: batch {:?} written", batch.index));
+        self.written = batch.index;
         for op in &batch.ops {
             match op {
                 Op::PutCall(c) if self.deleted.contains(&(c.exec, c.call)) => {
@@ -1724,6 +1839,18 @@ impl Sim {
                 }
                 Op::DelCall(e, c) => {
                     self.deleted.insert((*e, *c));
+                }
+                Op::PutExec(e)
+                    if self
+                        .answers
+                        .get(&e.exec)
+                        .is_some_and(|a| e.status != ExecStatus::Done(a.clone())) =>
+                {
+                    let why = format!(
+                        "{:?} was answered, but the disk's record becomes {e:?}",
+                        e.exec
+                    );
+                    return Err(self.fail(Property::AnswerStays, why));
                 }
                 Op::PutExec(e) => {
                     if let Some(key) = &e.idempotency_key {
@@ -1758,6 +1885,8 @@ impl Sim {
         self.faults.batches_lost += (batches.len() - keep) as u64;
         self.faults.gateway_crashes += 1;
         self.gq = None;
+        (self.logged, self.written) = (LogIndex(0), LogIndex(0));
+        self.changes.clear(); // Their operators' connections broke with it.
         self.note(|| format!("  gateway: crashed after writing {keep} batches"));
         for w in 0..self.nodes.len() {
             if self.break_connection(w)? {
@@ -2359,6 +2488,8 @@ fn describe_gq(out: &GqOutput) -> String {
         GqOutput::Send(w, msg) => format!("  gq → {w:?} sent: {msg:?}"),
         GqOutput::Accepted(exec) => format!("  gq: {exec:?} accepted"),
         GqOutput::Respond(exec, answer) => format!("  gq: {exec:?} answered {answer:?}"),
+        GqOutput::Deployed(app) => format!("  gq: {app} deployed"),
+        GqOutput::Removed { app, existed } => format!("  gq: {app} removed (deployed: {existed})"),
     }
 }
 

@@ -283,6 +283,46 @@ fn visible_before_durable_is_caught() {
     assert_eq!(property, "what the gateway promised is durable");
 }
 
+/// An app deployed and removed while a one-grain chain runs, across a gateway crash.
+fn app_changes() -> ModelCfg {
+    ModelCfg {
+        chain: 1,
+        app_changes: true,
+        ..gateway_crash()
+    }
+}
+
+/// A client that looks its execution up while it waits, across a gateway crash.
+fn look_ups() -> ModelCfg {
+    ModelCfg {
+        chain: 2,
+        polls: 1,
+        ..gateway_crash()
+    }
+}
+
+#[test]
+fn app_changes_across_a_gateway_crash_hold_every_property() {
+    holds_every_property("app changes + gateway crash", app_changes(), 78_195);
+}
+
+#[test]
+fn look_ups_across_a_gateway_crash_hold_every_property() {
+    holds_every_property("look-ups + gateway crash", look_ups(), 101_871);
+}
+
+#[test]
+fn app_change_early_is_caught() {
+    let (property, _) = catches(app_changes(), Mutation::AppChangeEarly);
+    assert_eq!(property, "an app change is told only once durable");
+}
+
+#[test]
+fn read_ahead_is_caught() {
+    let (property, _) = catches(look_ups(), Mutation::ReadAhead);
+    assert_eq!(property, "what the gateway promised is durable");
+}
+
 #[test]
 fn accept_dead_is_caught() {
     let cfg = ModelCfg {

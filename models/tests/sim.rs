@@ -206,6 +206,20 @@ fn catches_visible_before_durable() {
 }
 
 #[test]
+fn catches_app_change_early() {
+    catches(
+        Mutation::AppChangeEarly,
+        50,
+        &[Property::DurableBeforeVisible],
+    );
+}
+
+#[test]
+fn catches_read_ahead() {
+    catches(Mutation::ReadAhead, 200, &[Property::DurableBeforeVisible]);
+}
+
+#[test]
 fn catches_accept_dead() {
     catches(Mutation::AcceptDead, 50, &[Property::FencedChangesNothing]);
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use crate::policy::AppSpec;
-use crate::wire::{Cont, GrainError, JoinSpec, Payload};
+use crate::wire::{AppBundle, Cont, GrainError, JoinSpec, Payload};
 
 /// The position of a batch in the durable log, from 1 in each gateway incarnation.
 #[derive(
@@ -105,6 +105,16 @@ impl JoinRecord {
     }
 }
 
+/// A deployed app: its policies and its code, written together so that no crash can leave one
+/// without the other.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct Deployment {
+    /// The app's grains and policies.
+    pub spec: AppSpec,
+    /// Its code, as shipped to workers.
+    pub bundle: AppBundle,
+}
+
 /// What the gateway knows of a worker.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
 pub struct WorkerRecord {
@@ -121,8 +131,8 @@ pub struct WorkerRecord {
 pub enum Op {
     /// A gateway incarnation started; execution ids use it.
     Epoch(u32),
-    /// An app was deployed or replaced.
-    PutApp(AppSpec),
+    /// An app was deployed or replaced, code and all.
+    PutApp(Deployment),
     /// An app was removed.
     DelApp(AppName),
     /// An execution was accepted or ended.
@@ -156,7 +166,7 @@ pub struct DurableState {
     /// The latest gateway epoch.
     pub epoch: u32,
     /// Deployed apps.
-    pub apps: BTreeMap<AppName, AppSpec>,
+    pub apps: BTreeMap<AppName, Deployment>,
     /// Executions, running and ended (until forgotten).
     pub execs: BTreeMap<ExecId, ExecRecord>,
     /// Pending calls.
@@ -173,7 +183,7 @@ impl DurableState {
         match op {
             Op::Epoch(e) => self.epoch = *e,
             Op::PutApp(a) => {
-                self.apps.insert(a.name.clone(), a.clone());
+                self.apps.insert(a.spec.name.clone(), a.clone());
             }
             Op::DelApp(a) => {
                 self.apps.remove(a);

@@ -16,16 +16,16 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use crate::durable::{
-    Answer, Batch, CallRecord, DurableState, ExecRecord, ExecStatus, JoinRecord, LogIndex, Op,
-    Owner, WorkerRecord,
+    Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, JoinRecord,
+    LogIndex, Op, Owner, WorkerRecord,
 };
 use crate::ids::{AppName, Attempt, CallId, ExecId, Incarnation, RunKey, Seq, WorkerId};
 use crate::mutations::{Mutation, Mutations};
 use crate::policy::{AppSpec, GrainPolicy};
 use crate::time::Time;
 use crate::wire::{
-    CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, Report, ToGateway, ToWorker,
-    FANOUT_MAX, PAYLOAD_BYTES_MAX,
+    AppBundle, CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, Report, ToGateway,
+    ToWorker, FANOUT_MAX, PAYLOAD_BYTES_MAX,
 };
 
 /// A call's key: calls are unique within their execution.
@@ -129,6 +129,15 @@ pub enum GqOutput {
     Accepted(ExecId),
     /// The execution ended, durably: give the client this answer. Emitted once per execution.
     Respond(ExecId, Answer),
+    /// The app's deployment (by [`GlobalQueue::deploy`]) is durable.
+    Deployed(AppName),
+    /// A [`GlobalQueue::remove_app`] is durable: the app is gone, or was not deployed.
+    Removed {
+        /// The app.
+        app: AppName,
+        /// Whether it was deployed.
+        existed: bool,
+    },
 }
 
 /// What [`GlobalQueue::invoke`] did.
@@ -180,6 +189,10 @@ pub struct GlobalQueue {
     mutations: Mutations,
     /// Everything durable, including changes not yet reported persisted.
     state: DurableState,
+    /// Executions that batches not yet durable change: what the disk holds of each (`None`:
+    /// nothing), and the last of those batches. Look-ups answer from it: nobody sees a change
+    /// a crash could take back.
+    unsynced: BTreeMap<ExecId, (LogIndex, Option<ExecRecord>)>,
     /// The next execution index in this epoch.
     next_index: u32,
     /// The next placement index in this epoch: every placement's attempt is its own.
@@ -217,6 +230,7 @@ impl GlobalQueue {
             config,
             mutations: Mutations::NONE,
             state,
+            unsynced: BTreeMap::new(),
             next_index: 0,
             next_placement: 0,
             keys: BTreeMap::new(),
@@ -270,20 +284,27 @@ impl GlobalQueue {
         self
     }
 
-    /// Deploys or replaces an app.
-    pub fn deploy(&mut self, spec: AppSpec) {
-        self.commit(Op::PutApp(spec));
+    /// Deploys or replaces an app, code and all. Emits `Deployed` once the deployment is
+    /// durable.
+    pub fn deploy(&mut self, spec: AppSpec, bundle: AppBundle) {
+        let app = spec.name.clone();
+        self.commit(Op::PutApp(Deployment { spec, bundle }));
+        self.after_batch.push(GqOutput::Deployed(app));
         self.close_batch();
     }
 
-    /// Removes an app. Its running executions go on.
-    pub fn remove_app(&mut self, app: &AppName) -> bool {
-        let known = self.state.apps.contains_key(app);
-        if known {
+    /// Removes an app, code and all; its running executions go on. Emits `Removed` once what
+    /// it says is durable: the removal, or (for an app not deployed) the absence it found.
+    pub fn remove_app(&mut self, app: &AppName) {
+        let existed = self.state.apps.contains_key(app);
+        if existed {
             self.commit(Op::DelApp(app.clone()));
-            self.close_batch();
         }
-        known
+        self.after_batch.push(GqOutput::Removed {
+            app: app.clone(),
+            existed,
+        });
+        self.close_batch();
     }
 
     /// Accepts an execution of `app` with `input`, or finds the earlier one with the same
@@ -307,6 +328,7 @@ impl GlobalQueue {
             .state
             .apps
             .get(app)
+            .map(|d| &d.spec)
             .ok_or_else(|| InvokeError::UnknownApp(app.clone()))?;
         if input.len() > PAYLOAD_BYTES_MAX {
             return Err(InvokeError::TooLarge(input.len()));
@@ -406,9 +428,14 @@ impl GlobalQueue {
         self.timers.values().min().copied()
     }
 
-    /// An execution's record.
+    /// An execution's record as a client may see it: what the disk holds. An execution whose
+    /// acceptance is not durable yet is unknown, and one whose end is not durable yet still
+    /// runs. (The queue's own state runs ahead of the disk: see [`state`](Self::state).)
     pub fn execution(&self, exec: ExecId) -> Option<&ExecRecord> {
-        self.state.execs.get(&exec)
+        match self.unsynced.get(&exec) {
+            Some((_, on_disk)) if !self.mutated(Mutation::ReadAhead) => on_disk.as_ref(),
+            _ => self.state.execs.get(&exec),
+        }
     }
 
     /// The durable state, including changes not yet persisted.
@@ -1027,7 +1054,7 @@ impl GlobalQueue {
         self.state
             .apps
             .get(app)
-            .map(|a| a.policy(&rec.grain))
+            .map(|a| a.spec.policy(&rec.grain))
             .unwrap_or_default()
     }
 
@@ -1056,6 +1083,7 @@ impl GlobalQueue {
         }
         self.durable = upto.min(self.logged);
         let durable = self.durable;
+        self.unsynced.retain(|_, (last, _)| *last > durable);
         let (ready, waiting): (Vec<_>, Vec<_>) =
             self.gated.drain(..).partition(|g| g.needs <= durable);
         self.gated = waiting;
@@ -1102,6 +1130,12 @@ impl GlobalQueue {
     }
 
     fn commit(&mut self, op: Op) {
+        if let Op::PutExec(ExecRecord { exec, .. }) | Op::DelExec(exec) = &op {
+            let on_disk = self.state.execs.get(exec).cloned();
+            let batch = LogIndex(self.logged.0 + 1);
+            let entry = self.unsynced.entry(*exec).or_insert((batch, on_disk));
+            entry.0 = batch;
+        }
         self.state.apply(&op);
         self.batch.push(op);
     }
@@ -1123,7 +1157,12 @@ impl GlobalQueue {
                 out,
                 GqOutput::Send(_, ToWorker::Cancel { .. } | ToWorker::Abort { .. })
             );
-            if needs <= self.durable || eager || gives_up && self.mutated(Mutation::GiveUpEarly) {
+            let app_change = matches!(out, GqOutput::Deployed(_) | GqOutput::Removed { .. });
+            if needs <= self.durable
+                || eager
+                || gives_up && self.mutated(Mutation::GiveUpEarly)
+                || app_change && self.mutated(Mutation::AppChangeEarly)
+            {
                 self.outputs.push_back(out);
             } else {
                 self.gate(needs, out);

@@ -47,11 +47,17 @@ pub enum Mutation {
     /// The gateway fires a join whose last contribution it applies even if a worker already
     /// started it (in the same report): the join runs twice.
     RefireJoin,
+    /// The gateway tells a client an app was deployed or removed before the change is durable:
+    /// a crash then undoes what the client was told.
+    AppChangeEarly,
+    /// The gateway answers look-ups of an execution from its memory, not from what its disk
+    /// holds: a client may see an answer a crash then takes back.
+    ReadAhead,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 13] = [
+    pub const ALL: [Mutation; 15] = [
         Mutation::SplitHop,
         Mutation::VisibleBeforeDurable,
         Mutation::AcceptDead,
@@ -65,6 +71,8 @@ impl Mutation {
         Mutation::NeverSuspect,
         Mutation::LazyPlacement,
         Mutation::RefireJoin,
+        Mutation::AppChangeEarly,
+        Mutation::ReadAhead,
     ];
 
     /// The name used on the command line.
@@ -83,6 +91,8 @@ impl Mutation {
             Mutation::NeverSuspect => "never-suspect",
             Mutation::LazyPlacement => "lazy-placement",
             Mutation::RefireJoin => "refire-join",
+            Mutation::AppChangeEarly => "app-change-early",
+            Mutation::ReadAhead => "read-ahead",
         }
     }
 }

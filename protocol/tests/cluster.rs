@@ -20,7 +20,9 @@ use sand_protocol::ids::{AppName, CallId, ExecId, GrainName, Incarnation, Worker
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
-use sand_protocol::wire::{CallSpec, ErrorKind, GrainError, Payload, ToGateway, ToWorker};
+use sand_protocol::wire::{
+    AppBundle, CallSpec, ErrorKind, GrainError, Payload, ToGateway, ToWorker,
+};
 
 const WORKERS: usize = 3;
 
@@ -206,7 +208,13 @@ struct Cluster {
 impl Cluster {
     fn new(window: usize) -> Self {
         let mut gq = GlobalQueue::new(gq_config(), Time::ZERO);
-        gq.deploy(app_spec());
+        gq.deploy(
+            app_spec(),
+            AppBundle {
+                digest: "d".into(),
+                archive: Default::default(),
+            },
+        );
         let lb_config = LbConfig {
             window,
             overload_threshold: 3,
@@ -259,6 +267,7 @@ impl Cluster {
                 GqOutput::Respond(exec, answer) => {
                     self.answers.entry(exec).or_default().push(answer);
                 }
+                GqOutput::Deployed(_) | GqOutput::Removed { .. } => {}
             }
         }
     }

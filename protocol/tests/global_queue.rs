@@ -10,8 +10,8 @@ use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq, 
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
-    CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload, Report,
-    Return, ToGateway, ToWorker,
+    AppBundle, CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload,
+    Report, Return, ToGateway, ToWorker,
 };
 
 const W0: WorkerId = WorkerId(0);
@@ -25,6 +25,13 @@ fn grain(s: &str) -> GrainName {
 
 fn app() -> AppName {
     AppName::new("app").unwrap()
+}
+
+fn bundle() -> AppBundle {
+    AppBundle {
+        digest: "d".into(),
+        archive: Default::default(),
+    }
 }
 
 fn policy() -> GrainPolicy {
@@ -75,20 +82,23 @@ impl Gq {
     /// A queue with `app` deployed and everything persisted.
     fn new() -> Self {
         let mut gq = GlobalQueue::new(GqConfig::default(), T0);
-        gq.deploy(AppSpec {
-            name: app(),
-            entry: grain("a"),
-            grains: [(grain("a"), policy()), (grain("b"), policy())]
-                .into_iter()
-                .collect(),
-        });
+        gq.deploy(
+            AppSpec {
+                name: app(),
+                entry: grain("a"),
+                grains: [(grain("a"), policy()), (grain("b"), policy())]
+                    .into_iter()
+                    .collect(),
+            },
+            bundle(),
+        );
         let mut t = Self {
             gq,
             store: DurableState::default(),
             unpersisted: Vec::new(),
         };
         assert_eq!(t.drain(), vec![]);
-        t.persist();
+        assert_eq!(t.persist(), vec![GqOutput::Deployed(app())]);
         t
     }
 
@@ -748,10 +758,12 @@ fn forget_drops_only_ended_executions() {
         1,
         vec![done(exec, exec.root_call(), first(), returns("1"))],
     );
+    t.persist();
     assert!(t.gq.forget(exec));
+    t.drain();
+    assert!(t.gq.execution(exec).is_some(), "forgotten before durable");
+    t.persist();
     assert_eq!(t.gq.execution(exec), None);
-    assert!(t.gq.remove_app(&app()));
-    assert!(!t.gq.remove_app(&app()));
 }
 
 #[test]
@@ -884,5 +896,74 @@ fn a_message_made_for_one_connection_never_leaves_on_the_next() {
         r.persist(),
         vec![dispatch(W0, spec(exec, "a", "1", first())), welcome],
         "what the second Hello decided, once"
+    );
+}
+
+#[test]
+fn deploys_and_removals_are_told_only_once_durable_and_carry_the_code() {
+    let mut t = Gq::new();
+    let other = AppName::new("other").unwrap();
+    let spec = AppSpec {
+        name: other.clone(),
+        entry: grain("a"),
+        grains: [(grain("a"), policy())].into_iter().collect(),
+    };
+    t.gq.deploy(spec.clone(), bundle());
+    assert_eq!(t.drain(), vec![], "told before durable");
+    assert_eq!(t.persist(), vec![GqOutput::Deployed(other.clone())]);
+    assert_eq!(
+        t.store.apps[&other].bundle,
+        bundle(),
+        "the code is in the same write"
+    );
+
+    t.gq.remove_app(&other);
+    assert_eq!(t.drain(), vec![], "told before durable");
+    assert!(t.store.apps.contains_key(&other));
+    let removed = GqOutput::Removed {
+        app: other.clone(),
+        existed: true,
+    };
+    assert_eq!(t.persist(), vec![removed]);
+    assert!(
+        !t.store.apps.contains_key(&other),
+        "the code goes with the app"
+    );
+
+    // A second removal finds nothing, and says so once the disk agrees: at once here.
+    t.gq.remove_app(&other);
+    let absent = GqOutput::Removed {
+        app: other,
+        existed: false,
+    };
+    assert_eq!(t.drain(), vec![absent]);
+}
+
+#[test]
+fn a_look_up_sees_only_what_the_disk_holds() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    assert_eq!(t.gq.execution(exec), None, "accepted, not yet durably");
+    t.persist();
+    assert_eq!(t.gq.execution(exec).unwrap().status, ExecStatus::Running);
+    t.progress(
+        W0,
+        1,
+        vec![done(exec, exec.root_call(), first(), returns("7"))],
+    );
+    assert!(
+        matches!(t.gq.state().execs[&exec].status, ExecStatus::Done(_)),
+        "the queue's own state runs ahead"
+    );
+    assert_eq!(
+        t.gq.execution(exec).unwrap().status,
+        ExecStatus::Running,
+        "ended, not yet durably"
+    );
+    t.persist();
+    assert_eq!(
+        t.gq.execution(exec).unwrap().status,
+        ExecStatus::Done(Answer::Value(Payload::from("7")))
     );
 }

@@ -13,7 +13,7 @@ use sand_protocol::ids::{AppName, ExecId, GrainName, Incarnation, RunKey, Worker
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
-use sand_protocol::wire::{CallSpec, Payload, ToGateway, ToWorker};
+use sand_protocol::wire::{AppBundle, CallSpec, Payload, ToGateway, ToWorker};
 
 const W0: WorkerId = WorkerId(0);
 const T0: Time = Time::ZERO;
@@ -55,14 +55,20 @@ impl Cluster {
     /// A gateway with a two-grain chain `a → b` deployed, and a worker not yet connected.
     fn bare() -> Self {
         let mut gq = GlobalQueue::new(GqConfig::default(), T0);
-        gq.deploy(AppSpec {
-            name: app(),
-            entry: grain("a"),
-            grains: [("a", GrainPolicy::default()), ("b", GrainPolicy::default())]
-                .into_iter()
-                .map(|(g, p)| (grain(g), p))
-                .collect(),
-        });
+        gq.deploy(
+            AppSpec {
+                name: app(),
+                entry: grain("a"),
+                grains: [("a", GrainPolicy::default()), ("b", GrainPolicy::default())]
+                    .into_iter()
+                    .map(|(g, p)| (grain(g), p))
+                    .collect(),
+            },
+            AppBundle {
+                digest: "d".into(),
+                archive: Default::default(),
+            },
+        );
         let mut c = Self {
             gq,
             disk: DurableState::default(),
@@ -85,7 +91,7 @@ impl Cluster {
                 GqOutput::Persist(b) => self.unpersisted.push(b),
                 GqOutput::Send(_, m) => self.to_worker.push(m),
                 GqOutput::Respond(exec, _) => self.answers.push(exec),
-                GqOutput::Accepted(_) => {}
+                GqOutput::Accepted(_) | GqOutput::Deployed(_) | GqOutput::Removed { .. } => {}
             }
         }
     }
