@@ -15,7 +15,7 @@ use bytes::Bytes;
 use sand_gateway::store::Store;
 use sand_protocol::durable::{Batch, CallRecord, ExecRecord, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, WorkerId};
-use sand_protocol::wire::{Cont, Payload};
+use sand_protocol::wire::{Cont, Payload, Reason};
 
 fn main() {
     let batches: u64 = std::env::var("STORE_BENCH_BATCHES")
@@ -114,6 +114,7 @@ fn hop(n: u64, payload: &Payload) -> Batch {
         cont: Cont::Client,
         attempt: Attempt(0),
         failures: 0,
+        reason: Reason::First,
         owner: Some(Owner {
             worker: WorkerId(1),
             incarnation: Incarnation(1),

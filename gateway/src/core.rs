@@ -22,7 +22,7 @@ use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, Invo
 use sand_protocol::ids::{AppName, ExecId};
 use sand_protocol::policy::AppSpec;
 use sand_protocol::time::Time;
-use sand_protocol::wire::{AppBundle, Payload, ToGateway, ToWorker};
+use sand_protocol::wire::{AppBundle, Payload, Reason, ToGateway, ToWorker};
 use sand_transport_quic::seam::{Events, GatewayEvent, GatewaySender};
 use tokio::sync::{mpsc, oneshot};
 
@@ -191,7 +191,7 @@ impl Core {
         sender: GatewaySender,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
-        let traces = TraceBook::new(&state);
+        let traces = TraceBook::default();
         let started = Instant::now();
         let gq = GlobalQueue::recover(config, Time::from_millis(0), state);
         Ok(Self {
@@ -431,12 +431,6 @@ impl Core {
     fn drain(&mut self) -> Result<(), StoreError> {
         let mut traces = Vec::new();
         let outputs: Vec<GqOutput> = std::iter::from_fn(|| self.gq.poll_output()).collect();
-        // Ownership first: a dispatch may come out before the batch that records it.
-        for out in &outputs {
-            if let GqOutput::Persist(batch) = out {
-                self.traces.observe(&batch.ops);
-            }
-        }
         for out in outputs {
             match out {
                 GqOutput::Persist(batch) => {
@@ -448,13 +442,14 @@ impl Core {
                     }
                 }
                 GqOutput::Send(w, msg) => {
-                    if let ToWorker::Dispatch { call, .. } = &msg {
-                        self.metrics.gateway_hops.inc();
-                        let t = self.traces.dispatched(w, call, wall_ms());
-                        if t.recovery {
-                            self.metrics.recoveries.inc();
+                    if let ToWorker::Dispatch { call, reason, .. } = &msg {
+                        if let Some(t) = self.traces.dispatched(w, call, *reason, wall_ms()) {
+                            self.metrics.gateway_hops.inc();
+                            if *reason == Reason::Recovery {
+                                self.metrics.recoveries.inc();
+                            }
+                            traces.push(t.into_write(call.exec));
                         }
-                        traces.push(t.into_write(call.exec));
                     }
                     if let Err(e) = self.sender.send(w, msg) {
                         tracing::debug!(worker = %w, "not sent: {e}");

@@ -380,7 +380,7 @@ const META_FORMAT: &str = "format";
 const META_EPOCH: &str = "epoch";
 const META_LAST_INDEX: &str = "last_index";
 /// The layout this build writes. Bump it when a table's encoding changes.
-const FORMAT: u64 = 1;
+const FORMAT: u64 = 2;
 
 /// The most jobs written in one transaction, so one transaction stays bounded under a flood.
 const GROUP_JOBS_MAX: usize = 8192;
@@ -781,7 +781,7 @@ mod tests {
     use super::*;
     use sand_protocol::durable::{ExecStatus, Owner};
     use sand_protocol::ids::{AppName, GrainName, Incarnation};
-    use sand_protocol::wire::{Cont, Payload};
+    use sand_protocol::wire::{Cont, Payload, Reason};
 
     /// Longer than any test runs: deferred work in these stores never commits by the clock.
     const FOREVER: Duration = Duration::from_secs(3600);
@@ -808,6 +808,7 @@ mod tests {
                     cont: Cont::Client,
                     attempt: Attempt(1),
                     failures: 0,
+                    reason: Reason::First,
                     owner: Some(Owner {
                         worker: WorkerId(1),
                         incarnation: Incarnation(1),

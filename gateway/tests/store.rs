@@ -15,7 +15,7 @@ use sand_protocol::durable::{
 };
 use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
-use sand_protocol::wire::{AppBundle, Cont, ErrorKind, GrainError, JoinSpec, Payload};
+use sand_protocol::wire::{AppBundle, Cont, ErrorKind, GrainError, JoinSpec, Payload, Reason};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -137,6 +137,7 @@ fn op() -> impl Strategy<Value = Op> {
                     cont,
                     attempt: Attempt(attempt),
                     failures,
+                    reason: [Reason::First, Reason::Retry, Reason::Recovery][failures as usize % 3],
                     owner: owner.map(|(w, i)| Owner {
                         worker: WorkerId(w),
                         incarnation: Incarnation(i),
@@ -286,6 +287,7 @@ fn overwrite(i: u64, keys: u32) -> Batch {
                 cont: Cont::Client,
                 attempt: Attempt(i),
                 failures: 0,
+                reason: Reason::First,
                 owner: None,
             }),
             Op::DelCall(exec, CallId(i)),

@@ -545,7 +545,10 @@ impl ModelCfg {
                         .all(|env| match (env.msg, actor(s, env.dst)) {
                             (
                                 Msg::ToWorker {
-                                    msg: ToWorker::Dispatch { incarnation, call },
+                                    msg:
+                                        ToWorker::Dispatch {
+                                            incarnation, call, ..
+                                        },
                                     conn,
                                     ..
                                 },

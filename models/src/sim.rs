@@ -57,15 +57,17 @@ use std::time::{Duration, Instant};
 use proptest::prelude::any;
 use proptest::strategy::{BoxedStrategy, NewTree, Strategy, Union, ValueTree};
 use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestRng, TestRunner};
-use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op};
+use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
-use sand_protocol::ids::{AppName, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId};
+use sand_protocol::ids::{
+    AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId,
+};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::mutations::{Mutation, Mutations};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
-    AppBundle, CallSpec, ErrorKind, GrainError, Payload, ToGateway, ToWorker,
+    AppBundle, CallSpec, ErrorKind, GrainError, Payload, Reason, ToGateway, ToWorker,
 };
 use serde::{Deserialize, Serialize};
 
@@ -332,6 +334,10 @@ pub enum Property {
     /// After healing, every request and every running execution is answered and every backlog
     /// drains, in bounded time, with at least one worker left.
     Liveness,
+    /// Every dispatch says why it was sent, as the history of its call shows: a recovery if
+    /// its owner was lost since it was last placed, else a retry if an attempt failed, else a
+    /// first attempt.
+    DispatchReason,
     /// Nothing panics.
     NoPanic,
     /// The same schedule gives the same trace.
@@ -353,6 +359,7 @@ impl fmt::Display for Property {
             Property::StartsOnce => "a worker starts each attempt at most once per incarnation",
             Property::Accepts => "the gateway accepts invocations",
             Property::Liveness => "every request is answered after healing",
+            Property::DispatchReason => "a dispatch says why it was sent",
             Property::NoPanic => "nothing panics",
             Property::Deterministic => "the same schedule gives the same trace",
         })
@@ -1439,6 +1446,10 @@ struct Sim {
     /// The last batch the gateway's current life handed out, and the last one written.
     logged: LogIndex,
     written: LogIndex,
+    /// Each pending call's history as the gateway's current life wrote it, and as the disk
+    /// holds it: what a dispatch's reason is checked against.
+    placements: Placements,
+    durable_placements: Placements,
     /// The app changes asked of the gateway's current life and not yet told, oldest first:
     /// each with the batch that must be written before it is told (its own, or, for a removal
     /// that finds nothing, the last one before it).
@@ -1507,6 +1518,8 @@ impl Sim {
             unpersisted: Vec::new(),
             logged: LogIndex(0),
             written: LogIndex(0),
+            placements: Placements::default(),
+            durable_placements: Placements::default(),
             changes: VecDeque::new(),
             nodes,
             net: Vec::new(),
@@ -1660,6 +1673,12 @@ impl Sim {
             return Ok(());
         };
         let outputs: Vec<GqOutput> = std::iter::from_fn(|| gq.poll_output()).collect();
+        // The history first: a dispatch may come out before the batch that records it.
+        for out in &outputs {
+            if let GqOutput::Persist(batch) = out {
+                self.placements.observe(batch);
+            }
+        }
         for out in outputs {
             out.hash(&mut self.hash);
             self.note(|| describe_gq(&out));
@@ -1672,6 +1691,11 @@ impl Sim {
                     self.unpersisted.push(batch);
                 }
                 GqOutput::Send(w, msg) => {
+                    if let ToWorker::Dispatch { call, reason, .. } = &msg {
+                        if let Err(why) = self.placements.dispatched(call, *reason) {
+                            return Err(self.fail(Property::DispatchReason, why));
+                        }
+                    }
                     let worker = w.0 as usize;
                     if self.nodes.get(worker).is_some_and(|n| n.connected) {
                         self.net.push(Envelope {
@@ -1831,6 +1855,7 @@ impl Sim {
     fn write(&mut self, batch: &Batch) -> Checked {
         self.note(|| format!("  disk: batch {:?} written", batch.index));
         self.written = batch.index;
+        self.durable_placements.observe(batch);
         for op in &batch.ops {
             match op {
                 Op::PutCall(c) if self.deleted.contains(&(c.exec, c.call)) => {
@@ -1886,6 +1911,7 @@ impl Sim {
         self.faults.gateway_crashes += 1;
         self.gq = None;
         (self.logged, self.written) = (LogIndex(0), LogIndex(0));
+        self.placements = self.durable_placements.clone();
         self.changes.clear(); // Their operators' connections broke with it.
         self.note(|| format!("  gateway: crashed after writing {keep} batches"));
         for w in 0..self.nodes.len() {
@@ -2479,6 +2505,74 @@ fn durable_before_visible(store: &DurableState, out: &GqOutput) -> Result<(), St
             "{} before the disk held it",
             describe_gq(out).trim()
         ))
+    }
+}
+
+/// A call's attempt, owner and failure count as last recorded, and whether it lost an owner
+/// since its attempt was placed.
+type CallHistory = (Attempt, Option<Owner>, u32, bool);
+
+/// Each pending call's placement history, read off the batches that record it: the oracle
+/// for a dispatch's reason, kept apart from the reason the queue writes in the record.
+#[derive(Clone, Debug, Default)]
+struct Placements {
+    /// Per call: its attempt, owner and failure count as last recorded, and whether it lost
+    /// an owner (without failing) since its attempt was last placed.
+    calls: HashMap<(ExecId, CallId), CallHistory>,
+    /// The reason each placement's history gives it, kept for the whole run.
+    placed: HashMap<RunKey, Reason>,
+}
+
+impl Placements {
+    fn observe(&mut self, batch: &Batch) {
+        for op in &batch.ops {
+            match op {
+                Op::PutCall(rec) => {
+                    let key = (rec.exec, rec.call);
+                    let before = self.calls.get(&key);
+                    let mut lost = match before {
+                        Some((_, _, failures, _)) if *failures != rec.failures => false,
+                        Some((_, owner, _, lost)) => {
+                            *lost || owner.is_some() && *owner != rec.owner
+                        }
+                        None => false,
+                    };
+                    let placed = before.is_none_or(|(attempt, ..)| *attempt != rec.attempt);
+                    if placed && rec.owner.is_some() {
+                        let reason = match (lost, rec.failures) {
+                            (true, _) => Reason::Recovery,
+                            (false, 0) => Reason::First,
+                            (false, _) => Reason::Retry,
+                        };
+                        self.placed
+                            .insert((rec.exec, rec.call, rec.attempt), reason);
+                        lost = false;
+                    }
+                    self.calls
+                        .insert(key, (rec.attempt, rec.owner, rec.failures, lost));
+                }
+                // Its placements stay: a dispatch that waited for the disk may leave after.
+                Op::DelCall(exec, call) => {
+                    self.calls.remove(&(*exec, *call));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Checks a dispatch's reason against the history of its placement.
+    fn dispatched(&self, call: &CallSpec, reason: Reason) -> Result<(), String> {
+        let run = (call.exec, call.call, call.attempt);
+        match self.placed.get(&run) {
+            _ if reason == Reason::Resent => Ok(()),
+            Some(want) if *want == reason => Ok(()),
+            Some(want) => Err(format!(
+                "{run:?} was dispatched as {reason:?}; its history makes it {want:?}"
+            )),
+            None => Err(format!(
+                "{run:?} was dispatched ({reason:?}) but never placed"
+            )),
+        }
     }
 }
 

@@ -220,6 +220,11 @@ fn catches_read_ahead() {
 }
 
 #[test]
+fn catches_unmarked_recovery() {
+    catches(Mutation::UnmarkedRecovery, 50, &[Property::DispatchReason]);
+}
+
+#[test]
 fn catches_accept_dead() {
     catches(Mutation::AcceptDead, 50, &[Property::FencedChangesNothing]);
 }
@@ -246,7 +251,13 @@ fn catches_rerun_started() {
 
 #[test]
 fn catches_refire_join() {
-    catches(Mutation::RefireJoin, 200, &[Property::JoinFiresOnce]);
+    // The join placed again while a worker runs it: its history makes that second placement a
+    // recovery of a call never lost, which the dispatch's reason may show first.
+    catches(
+        Mutation::RefireJoin,
+        200,
+        &[Property::JoinFiresOnce, Property::DispatchReason],
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use crate::policy::AppSpec;
-use crate::wire::{AppBundle, Cont, GrainError, JoinSpec, Payload};
+use crate::wire::{AppBundle, Cont, GrainError, JoinSpec, Payload, Reason};
 
 /// The position of a batch in the durable log, from 1 in each gateway incarnation.
 #[derive(
@@ -81,6 +81,8 @@ pub struct CallRecord {
     pub attempt: Attempt,
     /// How many attempts failed (crashes of the host not counted).
     pub failures: u32,
+    /// Why its current attempt was placed, or its next one will be (never `Resent`).
+    pub reason: Reason,
     /// Who runs the current attempt; `None` while it waits to be placed.
     pub owner: Option<Owner>,
 }

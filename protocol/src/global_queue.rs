@@ -24,7 +24,7 @@ use crate::mutations::{Mutation, Mutations};
 use crate::policy::{AppSpec, GrainPolicy};
 use crate::time::Time;
 use crate::wire::{
-    AppBundle, CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, Report, ToGateway,
+    AppBundle, CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, Reason, Report, ToGateway,
     ToWorker, FANOUT_MAX, PAYLOAD_BYTES_MAX,
 };
 
@@ -268,6 +268,7 @@ impl GlobalQueue {
                 Some(_) => {
                     // Its owner was declared dead before the crash; re-dispatch it.
                     rec.owner = None;
+                    rec.reason = Reason::Recovery;
                     gq.put_call(now, rec);
                 }
                 None => {}
@@ -361,6 +362,7 @@ impl GlobalQueue {
                 cont: Cont::Client,
                 attempt: Attempt(0),
                 failures: 0,
+                reason: Reason::First,
                 owner: None,
             },
         );
@@ -623,7 +625,13 @@ impl GlobalQueue {
             .map(spec_of)
             .collect();
         for call in resend {
-            self.send(worker, ToWorker::Dispatch { incarnation, call });
+            let reason = Reason::Resent;
+            let msg = ToWorker::Dispatch {
+                incarnation,
+                call,
+                reason,
+            };
+            self.send(worker, msg);
         }
         self.place_waiting(now);
     }
@@ -777,6 +785,7 @@ impl GlobalQueue {
                     cont: new.cont,
                     attempt: report_attempt,
                     failures: 0,
+                    reason: Reason::First,
                     owner: new.owned.then_some(owner),
                 },
             );
@@ -814,6 +823,7 @@ impl GlobalQueue {
                     cont: j.spec.cont,
                     attempt: Attempt(0),
                     failures: 0,
+                    reason: Reason::First,
                     owner: None,
                 };
                 self.commit(Op::PutJoin(j));
@@ -842,6 +852,7 @@ impl GlobalQueue {
             now + policy.backoff(rec.failures),
         );
         rec.owner = None;
+        rec.reason = Reason::Retry;
         self.put_call(now, rec);
     }
 
@@ -949,6 +960,7 @@ impl GlobalQueue {
                     "re-dispatching a call: its owner was declared dead"
                 );
                 call.owner = None;
+                call.reason = Reason::Recovery;
                 self.put_call(now, call);
             }
         }
@@ -998,9 +1010,14 @@ impl GlobalQueue {
             if let Some(owner) = rec.owner {
                 rec.attempt = Attempt::placement(self.state.epoch, self.next_placement);
                 self.next_placement += 1;
+                let reason = match rec.reason {
+                    Reason::Recovery if self.mutated(Mutation::UnmarkedRecovery) => Reason::First,
+                    reason => reason,
+                };
                 let msg = ToWorker::Dispatch {
                     incarnation: owner.incarnation,
                     call: spec_of(&rec),
+                    reason,
                 };
                 self.send(owner.worker, msg);
             }

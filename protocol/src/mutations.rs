@@ -53,11 +53,14 @@ pub enum Mutation {
     /// The gateway answers look-ups of an execution from its memory, not from what its disk
     /// holds: a client may see an answer a crash then takes back.
     ReadAhead,
+    /// The gateway dispatches a call whose owner was lost as if it were its first attempt: the
+    /// trace hides the recovery.
+    UnmarkedRecovery,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 15] = [
+    pub const ALL: [Mutation; 16] = [
         Mutation::SplitHop,
         Mutation::VisibleBeforeDurable,
         Mutation::AcceptDead,
@@ -73,6 +76,7 @@ impl Mutation {
         Mutation::RefireJoin,
         Mutation::AppChangeEarly,
         Mutation::ReadAhead,
+        Mutation::UnmarkedRecovery,
     ];
 
     /// The name used on the command line.
@@ -93,6 +97,7 @@ impl Mutation {
             Mutation::RefireJoin => "refire-join",
             Mutation::AppChangeEarly => "app-change-early",
             Mutation::ReadAhead => "read-ahead",
+            Mutation::UnmarkedRecovery => "unmarked-recovery",
         }
     }
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq};
 
 /// The encoding version this build writes and reads.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 
 /// The largest encoded message, in bytes. A frame above it is refused without being read.
 pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
@@ -343,6 +343,8 @@ pub enum ToWorker {
         incarnation: Incarnation,
         /// The call to run.
         call: CallSpec,
+        /// Why it is sent: what an execution's trace shows.
+        reason: Reason,
     },
     /// Sent once the progress up to `upto` is durable. The worker drops those backups.
     Ack {
@@ -394,6 +396,20 @@ pub enum ToWorker {
         /// The app.
         app: AppName,
     },
+}
+
+/// Why the gateway dispatches a call's attempt.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum Reason {
+    /// The call's first attempt.
+    First,
+    /// An attempt after a failed one (an error, or a deadline passed), once its backoff is over.
+    Retry,
+    /// Its owner was lost before the attempt ended (declared dead, or followed by a new life):
+    /// it runs again.
+    Recovery,
+    /// The same attempt again, to the reconnected life that owns it and has not started it.
+    Resent,
 }
 
 /// A deployed app's code, as shipped to workers.
@@ -488,6 +504,7 @@ mod tests {
             ToWorker::Dispatch {
                 incarnation: Incarnation(3),
                 call: spec(),
+                reason: Reason::Recovery,
             },
             ToWorker::Ack {
                 incarnation: Incarnation(3),
@@ -555,6 +572,7 @@ mod tests {
         let m = ToWorker::Dispatch {
             incarnation: Incarnation(0),
             call: s,
+            reason: Reason::First,
         };
         assert!(matches!(encode(&m), Err(EncodeError::TooLarge(_))));
     }

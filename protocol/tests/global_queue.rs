@@ -11,7 +11,7 @@ use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
     AppBundle, CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload,
-    Report, Return, ToGateway, ToWorker,
+    Reason, Report, Return, ToGateway, ToWorker,
 };
 
 const W0: WorkerId = WorkerId(0);
@@ -177,12 +177,13 @@ fn spec(exec: ExecId, g: &str, input: &str, attempt: Attempt) -> CallSpec {
     }
 }
 
-fn dispatch(w: WorkerId, call: CallSpec) -> GqOutput {
+fn dispatch(w: WorkerId, call: CallSpec, reason: Reason) -> GqOutput {
     send(
         w,
         ToWorker::Dispatch {
             incarnation: I1,
             call,
+            reason,
         },
     )
 }
@@ -235,7 +236,10 @@ fn an_invocation_is_dispatched_at_once_and_accepted_once_durable() {
     let mut t = Gq::new();
     t.hello(W0, I1);
     let (exec, out) = t.invoke("1");
-    assert_eq!(out, vec![dispatch(W0, spec(exec, "a", "1", first()))]);
+    assert_eq!(
+        out,
+        vec![dispatch(W0, spec(exec, "a", "1", first()), Reason::First)]
+    );
     assert_eq!(t.persist(), vec![GqOutput::Accepted(exec)]);
     assert_eq!(t.store.execs[&exec].status, ExecStatus::Running);
 }
@@ -284,7 +288,10 @@ fn a_call_waits_for_a_worker_then_is_placed_on_hello() {
     let (exec, out) = t.invoke("1");
     assert_eq!(out, vec![], "no worker yet");
     let out = t.msg(W0, hello(I1, false));
-    assert_eq!(out, vec![dispatch(W0, spec(exec, "a", "1", first()))]);
+    assert_eq!(
+        out,
+        vec![dispatch(W0, spec(exec, "a", "1", first()), Reason::First)]
+    );
     let rec = &t.gq.state().calls[&(exec, exec.root_call())];
     assert_eq!(
         rec.owner,
@@ -378,7 +385,7 @@ fn a_locally_run_call_is_owned_and_an_unowned_one_is_placed() {
     // The call spawned here runs under its parent's attempt; the placed one gets a fresh one.
     let mut placed = spec(exec, "b", "2", Attempt::placement(1, 1));
     placed.call = c0.child(1);
-    assert_eq!(out, vec![dispatch(W1, placed)]);
+    assert_eq!(out, vec![dispatch(W1, placed, Reason::First)]);
     let owner = |i| {
         t.gq.state().calls[&(exec, c0.child(i))]
             .owner
@@ -412,7 +419,7 @@ fn a_failed_attempt_is_retried_after_a_backoff_then_fails_the_execution() {
     let second = Attempt::placement(1, 1);
     assert_eq!(
         t.fire(retry),
-        vec![dispatch(W0, spec(exec, "a", "1", second))]
+        vec![dispatch(W0, spec(exec, "a", "1", second), Reason::Retry)]
     );
     // A late report of the first attempt changes nothing.
     let before = t.gq.state().clone();
@@ -477,7 +484,7 @@ fn a_silent_worker_is_declared_dead_and_its_calls_move() {
     let second = Attempt::placement(1, 1);
     assert_eq!(
         t.fire(GqTimer::Suspect(W0)),
-        vec![dispatch(W1, spec(exec, "a", "1", second))]
+        vec![dispatch(W1, spec(exec, "a", "1", second), Reason::Recovery)]
     );
     // Anything the dead incarnation says is refused, once the fence is durable.
     let before = t.gq.state().clone();
@@ -512,7 +519,8 @@ fn a_new_incarnation_loses_the_old_ones_calls_at_once() {
             W0,
             ToWorker::Dispatch {
                 incarnation: i2,
-                call
+                call,
+                reason: Reason::Recovery,
             }
         )]
     );
@@ -532,7 +540,10 @@ fn a_reconnect_resends_the_dispatches_it_owns() {
     let welcome = welcome(W0, I1, Seq(0));
     assert_eq!(
         out,
-        vec![dispatch(W0, spec(exec, "a", "1", first())), welcome]
+        vec![
+            dispatch(W0, spec(exec, "a", "1", first()), Reason::Resent),
+            welcome
+        ]
     );
     assert!(t.gq.is_connected(W0));
 }
@@ -618,7 +629,7 @@ fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
     j.call = join;
     assert_eq!(
         out,
-        vec![dispatch(W0, j.clone())],
+        vec![dispatch(W0, j.clone(), Reason::First)],
         "both idle: the lowest id wins"
     );
     assert!(t.gq.state().joins[&(exec, join)].fired);
@@ -732,7 +743,7 @@ fn recovery_rebuilds_the_queue_from_its_records() {
     assert_eq!((exec2.epoch(), exec.epoch()), (2, 1));
     // The worker reconnects with the same incarnation: its call is dispatched again.
     let out = r.msg(W0, hello(I1, true));
-    assert!(out.contains(&dispatch(W0, spec(exec, "a", "1", first()))));
+    assert!(out.contains(&dispatch(W0, spec(exec, "a", "1", first()), Reason::Resent)));
 }
 
 #[test]
@@ -787,7 +798,11 @@ fn a_reconnect_redispatches_only_what_the_worker_has_not_started() {
     assert_eq!(
         out,
         vec![
-            dispatch(W0, spec(e2, "a", "2", Attempt::placement(1, 1))),
+            dispatch(
+                W0,
+                spec(e2, "a", "2", Attempt::placement(1, 1)),
+                Reason::Resent
+            ),
             welcome
         ],
         "e1's call was started: its report will be re-sent, its dispatch is not"
@@ -827,6 +842,7 @@ fn a_hello_that_does_not_resume_a_known_incarnation_is_fenced_above_it() {
     let again = ToWorker::Dispatch {
         incarnation: i6,
         call: spec(exec, "a", "1", Attempt::placement(1, 1)),
+        reason: Reason::Recovery,
     };
     assert_eq!(out, vec![send(W0, again)]);
     assert_eq!(t.store.workers.get(&W0).map(|r| r.dead), Some(true));
@@ -894,7 +910,10 @@ fn a_message_made_for_one_connection_never_leaves_on_the_next() {
     let welcome = welcome(W0, I1, Seq(0));
     assert_eq!(
         r.persist(),
-        vec![dispatch(W0, spec(exec, "a", "1", first())), welcome],
+        vec![
+            dispatch(W0, spec(exec, "a", "1", first()), Reason::Resent),
+            welcome
+        ],
         "what the second Hello decided, once"
     );
 }

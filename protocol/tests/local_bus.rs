@@ -8,8 +8,8 @@ use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnatio
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LbTimer, LocalBus};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
-    CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload, Report,
-    Return, ToGateway, ToWorker,
+    CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload, Reason,
+    Report, Return, ToGateway, ToWorker,
 };
 
 const I1: Incarnation = Incarnation(1);
@@ -97,6 +97,7 @@ impl Lb {
         self.msg(ToWorker::Dispatch {
             incarnation: I1,
             call,
+            reason: Reason::First,
         })
     }
 

@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq};
 use sand_protocol::wire::{
-    decode, encode, CallSpec, Cont, Effects, NewCall, Outcome, Payload, Report, ToGateway,
+    decode, encode, CallSpec, Cont, Effects, NewCall, Outcome, Payload, Reason, Report, ToGateway,
     ToWorker, WIRE_VERSION,
 };
 
@@ -42,6 +42,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
         encode(&ToWorker::Dispatch {
             incarnation: Incarnation(1),
             call,
+            reason: Reason::First,
         })
         .unwrap(),
         encode(&ToGateway::Progress {

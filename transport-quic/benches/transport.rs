@@ -23,7 +23,7 @@ use bytes::Bytes;
 use quinn::Endpoint;
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use sand_protocol::wire::{
-    encode, CallSpec, Cont, Effects, Outcome, Payload, Report, Return, ToGateway, ToWorker,
+    encode, CallSpec, Cont, Effects, Outcome, Payload, Reason, Report, Return, ToGateway, ToWorker,
 };
 use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
 use sand_transport_quic::quic::{self, QuicConfig, QuicGateway, QuicWorker};
@@ -171,6 +171,7 @@ fn dispatch(bytes: usize) -> ToWorker {
             input: Payload(Bytes::from(vec![b'x'; bytes])),
             cont: Cont::Client,
         },
+        reason: Reason::First,
     }
 }
 

@@ -251,7 +251,7 @@ mod tests {
     use crate::seam::TryRecvError;
     use bytes::Bytes;
     use sand_protocol::ids::{Attempt, ExecId, Incarnation, Seq};
-    use sand_protocol::wire::{CallSpec, Cont, Payload, MESSAGE_BYTES_MAX};
+    use sand_protocol::wire::{CallSpec, Cont, Payload, Reason, MESSAGE_BYTES_MAX};
 
     fn heartbeat(n: u32) -> ToGateway {
         ToGateway::Heartbeat {
@@ -443,6 +443,7 @@ mod tests {
                 input: Payload(Bytes::from(vec![0u8; MESSAGE_BYTES_MAX])),
                 cont: Cont::Client,
             },
+            reason: Reason::First,
         };
         assert!(matches!(gw.sender.send(W1, big), Err(SendError::Encode(_))));
     }

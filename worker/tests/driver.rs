@@ -15,7 +15,7 @@ use common::{bounded, TempDir, PYTHON};
 use sand_protocol::ids::{AppName, Attempt, ExecId, Incarnation, Seq, WorkerId};
 use sand_protocol::local_bus::LbConfig;
 use sand_protocol::wire::{
-    AppBundle, CallSpec, Cont, Outcome, Payload, Report, RunTrace, ToGateway, ToWorker,
+    AppBundle, CallSpec, Cont, Outcome, Payload, Reason, Report, RunTrace, ToGateway, ToWorker,
 };
 use sand_transport_quic::mem::MemNetwork;
 use sand_transport_quic::seam::{GatewayEvent, GatewayLink};
@@ -175,7 +175,11 @@ impl Harness {
             cont: Cont::Client,
         };
         let incarnation = self.incarnation;
-        self.send(ToWorker::Dispatch { incarnation, call });
+        self.send(ToWorker::Dispatch {
+            incarnation,
+            call,
+            reason: Reason::First,
+        });
         let mut reports = Vec::new();
         loop {
             let ToGateway::Progress {
@@ -314,7 +318,11 @@ async fn a_local_chain_runs_ahead_of_the_gateways_acks() {
         cont: Cont::Client,
     };
     let incarnation = h.incarnation;
-    h.send(ToWorker::Dispatch { incarnation, call });
+    h.send(ToWorker::Dispatch {
+        incarnation,
+        call,
+        reason: Reason::First,
+    });
     // Nothing is acked, yet all five grains run: no local hop waits for the gateway.
     bounded(60, async {
         while h.traces.len() < 5 {

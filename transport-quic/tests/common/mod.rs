@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use sand_protocol::wire::{
-    CallSpec, Cont, Effects, Outcome, Payload, Report, Return, ToGateway, ToWorker,
+    CallSpec, Cont, Effects, Outcome, Payload, Reason, Report, Return, ToGateway, ToWorker,
 };
 use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
 use sand_transport_quic::quic::{QuicConfig, QuicGateway, QuicWorker};
@@ -181,6 +181,7 @@ pub fn dispatch(index: u32, bytes: usize) -> ToWorker {
             input: Payload(Bytes::from(vec![b'1'; bytes])),
             cont: Cont::Client,
         },
+        reason: Reason::First,
     }
 }
 
