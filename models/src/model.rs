@@ -573,8 +573,10 @@ impl ModelCfg {
             Property::<SandModel>::always("what the gateway promised is durable", acked_is_durable),
             Property::<SandModel>::always("one execution per idempotency key", |_, s| {
                 let execs = gateway(s).gq.state().execs.values();
-                let keys: Vec<&String> = execs.filter_map(|e| e.idempotency_key.as_ref()).collect();
-                let distinct: BTreeSet<&String> = keys.iter().copied().collect();
+                let keys: Vec<(&AppName, &String)> = execs
+                    .filter_map(|e| Some((&e.app, e.idempotency_key.as_ref()?)))
+                    .collect();
+                let distinct: BTreeSet<_> = keys.iter().copied().collect();
                 distinct.len() == keys.len()
             }),
             Property::<SandModel>::eventually("every request is answered", answered),

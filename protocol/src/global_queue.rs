@@ -197,8 +197,9 @@ pub struct GlobalQueue {
     next_index: u32,
     /// The next placement index in this epoch: every placement's attempt is its own.
     next_placement: u32,
-    /// Idempotency keys of known executions.
-    keys: BTreeMap<String, ExecId>,
+    /// Idempotency keys of known executions. A key is its app's: the same key sent to two
+    /// apps names two executions.
+    keys: BTreeMap<(AppName, String), ExecId>,
     /// Pending calls by owner.
     owned: BTreeMap<Owner, BTreeSet<CallKey>>,
     links: BTreeMap<WorkerId, Link>,
@@ -249,7 +250,7 @@ impl GlobalQueue {
         gq.commit(Op::Epoch(epoch));
         for rec in gq.state.execs.values() {
             if let Some(key) = &rec.idempotency_key {
-                gq.keys.insert(key.clone(), rec.exec);
+                gq.keys.insert((rec.app.clone(), key.clone()), rec.exec);
             }
         }
         let workers: Vec<(WorkerId, WorkerRecord)> =
@@ -318,7 +319,9 @@ impl GlobalQueue {
         input: Payload,
         idempotency_key: Option<String>,
     ) -> Result<Invoked, InvokeError> {
-        let known = idempotency_key.as_ref().and_then(|k| self.keys.get(k));
+        let known = idempotency_key
+            .as_ref()
+            .and_then(|k| self.keys.get(&(app.clone(), k.clone())));
         if let Some(exec) = known.filter(|_| !self.mutated(Mutation::ForgetKeys)) {
             let exec = *exec;
             self.after_batch.push(GqOutput::Accepted(exec));
@@ -343,7 +346,7 @@ impl GlobalQueue {
         self.next_index += 1;
         let entry = spec.entry.clone();
         if let Some(key) = &idempotency_key {
-            self.keys.insert(key.clone(), exec);
+            self.keys.insert((app.clone(), key.clone()), exec);
         }
         self.commit(Op::PutExec(ExecRecord {
             exec,
@@ -381,7 +384,7 @@ impl GlobalQueue {
             return false;
         }
         if let Some(k) = &rec.idempotency_key {
-            self.keys.remove(k);
+            self.keys.remove(&(rec.app.clone(), k.clone()));
         }
         self.commit(Op::DelExec(exec));
         self.close_batch();

@@ -986,3 +986,33 @@ fn a_look_up_sees_only_what_the_disk_holds() {
         ExecStatus::Done(Answer::Value(Payload::from("7")))
     );
 }
+
+#[test]
+fn an_idempotency_key_names_an_execution_of_its_own_app_only() {
+    let mut t = Gq::new();
+    let other = AppName::new("other").unwrap();
+    let spec = AppSpec {
+        name: other.clone(),
+        entry: grain("a"),
+        grains: [(grain("a"), policy())].into_iter().collect(),
+    };
+    t.gq.deploy(spec, bundle());
+    t.persist();
+    let key = Some("k".to_string());
+    let mine = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let theirs = t.gq.invoke(T0, &other, Payload::from("2"), key.clone());
+    let (mine, theirs) = (mine.unwrap(), theirs.unwrap());
+    assert!(
+        theirs.fresh,
+        "another app's execution was returned for its key"
+    );
+    assert_ne!(mine.exec, theirs.exec);
+    // Each app's retry finds its own, in this life and the next.
+    let again = t.gq.invoke(T0, &other, Payload::from("2"), key.clone());
+    assert_eq!(again.unwrap().exec, theirs.exec);
+    t.drain();
+    t.persist();
+    let mut recovered = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
+    let found = recovered.invoke(T0, &app(), Payload::from("1"), key);
+    assert_eq!(found.unwrap().exec, mine.exec);
+}
