@@ -120,7 +120,7 @@ fn a_gateway_crash_and_a_false_suspicion_hold_every_property() {
         suspicions: 1,
         ..quiet()
     };
-    holds_every_property("gateway crash + suspicion", cfg, 4_548_753);
+    holds_every_property("gateway crash + suspicion", cfg, 4_549_585);
 }
 
 /// A gateway crash and a worker crash, in either order and at every moment, explored to
@@ -132,7 +132,7 @@ fn a_gateway_crash_and_a_worker_crash_hold_every_property() {
         worker_crashes: 1,
         ..quiet()
     };
-    holds_every_property("gateway crash + worker crash", cfg, 1_081_198);
+    holds_every_property("gateway crash + worker crash", cfg, 1_095_574);
 }
 
 /// Two executions at once, and a worker crash at every moment: the calls of both compete for
@@ -154,7 +154,7 @@ fn a_worker_crash_a_suspicion_and_a_gateway_crash_hold_every_property() {
     holds_every_property(
         "worker crash + suspicion + gateway crash",
         ModelCfg::default(),
-        38_581_838,
+        39_048_784,
     );
 }
 
@@ -190,7 +190,7 @@ fn a_window_of_two_and_a_reconnect_hold_every_property() {
         reconnects: 1,
         ..quiet()
     };
-    holds_every_property("window of 2 + reconnect", cfg, 25_668);
+    holds_every_property("window of 2 + reconnect", cfg, 25_756);
 }
 
 /// A window of three: every hop of the chain may be in flight at once.
@@ -201,7 +201,7 @@ fn a_window_of_three_and_a_reconnect_hold_every_property() {
         reconnects: 1,
         ..quiet()
     };
-    holds_every_property("window of 3 + reconnect", cfg, 33_280);
+    holds_every_property("window of 3 + reconnect", cfg, 33_368);
 }
 
 /// A fan-out and a gateway crash at every moment: the join's record and its branches' values
@@ -225,7 +225,7 @@ fn a_fan_out_with_a_worker_crash_and_a_suspicion_holds_every_property() {
         suspicions: 1,
         ..quiet()
     };
-    holds_every_property("fan-out + crash + suspicion", cfg, 195_676);
+    holds_every_property("fan-out + crash + suspicion", cfg, 195_862);
 }
 
 /// The worker's re-send timer and the gateway's deadline, each fired once at any moment: a
