@@ -4,9 +4,11 @@
 //! of three grains, and `fanout`, three branches and a join. Clients send every request twice
 //! with its `Idempotency-Key`, synchronously or not, and again after every failure; pollers
 //! and an auditor follow every execution named (see `load.rs`). Meanwhile a schedule drawn
-//! from the seed SIGKILLs workers and the gateway, pauses them with SIGSTOP for longer than
-//! the failure timeout, and makes a worker's link to the gateway drop and reorder datagrams,
-//! or drop them all for longer than the transport's idle timeout (see `faults.rs`). When the
+//! from the seed SIGKILLs workers and the gateway, cuts their power (each host's data
+//! directory is a lazy filesystem that forgets what was not synced), pauses them with SIGSTOP
+//! for longer than the failure timeout, and makes a worker's link to the gateway drop and
+//! reorder datagrams, or drop them all for longer than the transport's idle timeout (see
+//! `faults.rs`). When the
 //! schedule is over every host is healed; each execution then has a bound to end in, and
 //! every execution named is polled once more. A pure checker judges the recorded history (see
 //! `check.rs` for its rules).
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{SigSet, Signal};
+use sand_lazyfs::Cut;
 
 use self::check::{check, History, Request, Verdict};
 use self::faults::{Faults, Plan};
@@ -59,7 +62,8 @@ pub enum Preset {
     Short,
     /// Thousands of executions in a few minutes.
     Standard,
-    /// 20,000 executions, 60 worker kills, 6 gateway kills, pauses and link faults.
+    /// 20,000 executions, 60 worker kills, 6 gateway kills, 6 power cuts, pauses and link
+    /// faults.
     Long,
 }
 
@@ -86,6 +90,9 @@ pub struct Config {
     pub worker_kills: usize,
     /// Gateway SIGKILLs.
     pub gateway_kills: usize,
+    /// Power cuts: every other one the gateway's. With none, the hosts' data directories
+    /// are plain directories.
+    pub power_cuts: usize,
     /// SIGSTOP pauses, longer than the failure timeout: every third the gateway's.
     pub pauses: usize,
     /// Faults of a worker's link: lossy and partitioned in turn.
@@ -120,7 +127,8 @@ pub struct Config {
 
 impl Config {
     /// The short run: 3 workers, 300 requests over 25 s of faults (2 worker kills, a gateway
-    /// kill, a pause, a lossy link and a partition), in about a minute.
+    /// kill, a power cut of the gateway, a pause, a lossy link and a partition), in about a
+    /// minute.
     pub fn short(seed: u64) -> Self {
         Self {
             preset: Preset::Short,
@@ -133,6 +141,7 @@ impl Config {
             span: Duration::from_secs(25),
             worker_kills: 2,
             gateway_kills: 1,
+            power_cuts: 1,
             pauses: 1,
             link_faults: 2,
             failure_timeout: Duration::from_millis(1000),
@@ -160,6 +169,7 @@ impl Config {
             span: Duration::from_secs(90),
             worker_kills: 15,
             gateway_kills: 2,
+            power_cuts: 2,
             pauses: 4,
             link_faults: 6,
             deadline: Duration::from_secs(60),
@@ -168,7 +178,7 @@ impl Config {
     }
 
     /// The long run: 20,000 requests over 8 minutes of faults (60 worker kills, 6 gateway
-    /// kills, 12 pauses, 24 link faults).
+    /// kills, 6 power cuts, 12 pauses, 24 link faults).
     pub fn long(seed: u64) -> Self {
         Self {
             preset: Preset::Long,
@@ -178,6 +188,7 @@ impl Config {
             span: Duration::from_secs(480),
             worker_kills: 60,
             gateway_kills: 6,
+            power_cuts: 6,
             pauses: 12,
             link_faults: 24,
             deadline: Duration::from_secs(120),
@@ -200,6 +211,7 @@ impl Config {
             span: self.span,
             worker_kills: self.worker_kills,
             gateway_kills: self.gateway_kills,
+            power_cuts: self.power_cuts,
             pauses: self.pauses,
             link_faults: self.link_faults,
             failure_timeout: self.failure_timeout,
@@ -227,9 +239,10 @@ impl Config {
 /// faults; exits non-zero if anything was lost or wrong.
 ///
 /// Every value left out comes from the preset: `--short` (300 requests, 25 s of faults: 2
-/// worker kills, 1 gateway kill, 1 pause, 2 link faults), the default (3,000 requests, 90 s:
-/// 15, 2, 4, 6) or `--long` (20,000 requests, 480 s: 60, 6, 12, 24). All use 3 workers, half
-/// the POSTs synchronous, and a failure timeout of 1,000 ms.
+/// worker kills, 1 gateway kill, 1 power cut, 1 pause, 2 link faults), the default (3,000
+/// requests, 90 s: 15, 2, 2, 4, 6) or `--long` (20,000 requests, 480 s: 60, 6, 6, 12, 24).
+/// All use 3 workers, half the POSTs synchronous, and a failure timeout of 1,000 ms. Power
+/// cuts need root and /dev/fuse.
 #[derive(clap::Args, Debug)]
 pub struct ChaosArgs {
     /// The short preset, as `cargo test` runs it.
@@ -265,6 +278,9 @@ pub struct ChaosArgs {
     /// Gateway SIGKILLs.
     #[arg(long)]
     gateway_kills: Option<usize>,
+    /// Power cuts (every other one the gateway's).
+    #[arg(long)]
+    power_cuts: Option<usize>,
     /// SIGSTOP pauses longer than the failure timeout (every third the gateway's).
     #[arg(long)]
     pauses: Option<usize>,
@@ -330,6 +346,7 @@ impl ChaosArgs {
         set(&mut c.span, self.faults_s.map(s));
         set(&mut c.worker_kills, self.worker_kills);
         set(&mut c.gateway_kills, self.gateway_kills);
+        set(&mut c.power_cuts, self.power_cuts);
         set(&mut c.pauses, self.pauses);
         set(&mut c.link_faults, self.link_faults);
         set(&mut c.failure_timeout, self.failure_timeout_ms.map(ms));
@@ -412,6 +429,7 @@ pub fn run(sand: &Path, config: &Config, stop: Arc<AtomicBool>) -> Result<Report
             adopt_orphans: true,
             relay: Some(Duration::ZERO),
             seed: config.seed,
+            power: config.power_cuts > 0,
             ..ClusterSpec::default()
         },
     )?;
@@ -440,8 +458,12 @@ pub fn run(sand: &Path, config: &Config, stop: Arc<AtomicBool>) -> Result<Report
         Err(e) if stop.load(Ordering::Relaxed) => return Err(e),
         Err(e) => {
             let kept = cluster.keep_dir();
+            let saved = match cluster.save_disks() {
+                Ok(()) => String::new(),
+                Err(e) => format!(" ({e:#})"),
+            };
             return Err(e.context(format!(
-                "the cluster's logs and stores are kept in {}",
+                "the cluster's logs and stores are kept in {}{saved}",
                 kept.display()
             )));
         }
@@ -459,6 +481,7 @@ pub fn run(sand: &Path, config: &Config, stop: Arc<AtomicBool>) -> Result<Report
     let mut kept = None;
     if !verdict.passed() || config.keep {
         let dir = cluster.keep_dir();
+        cluster.save_disks()?;
         let evidence = keep_evidence(&dir, &cluster, &history, &verdict)
             .with_context(|| format!("cannot write the evidence into {}", dir.display()))?;
         summary.push_str(&format!(
@@ -737,6 +760,44 @@ impl std::fmt::Display for Summary<'_> {
             .map(|r| r.dropped())
             .sum();
         row(f, "datagrams", format!("{dropped} dropped by the links"))?;
+        let disks = self.cluster.disk_stats();
+        if !disks.is_empty() {
+            let sum = |stat: fn(&sand_lazyfs::Stats) -> u64| -> u64 {
+                disks.iter().map(|(_, s)| stat(s)).sum()
+            };
+            row(
+                f,
+                "disks",
+                format!(
+                    "{} lazy filesystems: {} bytes written, {} file and {} directory fsyncs",
+                    disks.len(),
+                    sum(|s| s.bytes_written),
+                    sum(|s| s.fsyncs),
+                    sum(|s| s.fsyncdirs)
+                ),
+            )?;
+        }
+        if !self.faults.cuts.is_empty() {
+            let lost = self
+                .faults
+                .cuts
+                .iter()
+                .fold(Cut::default(), |sum, (_, cut)| Cut {
+                    bytes_lost: sum.bytes_lost + cut.bytes_lost,
+                    files_reverted: sum.files_reverted + cut.files_reverted,
+                    entries_lost: sum.entries_lost + cut.entries_lost,
+                    inodes_lost: sum.inodes_lost + cut.inodes_lost,
+                });
+            row(
+                f,
+                "power cuts",
+                format!(
+                    "lost {} unsynced bytes, reverted {} files, lost {} directory entries and {} \
+                     files or directories",
+                    lost.bytes_lost, lost.files_reverted, lost.entries_lost, lost.inodes_lost
+                ),
+            )?;
+        }
         row(
             f,
             "gateway lives",
@@ -910,7 +971,7 @@ mod tests {
             let faults = faults::schedule(&c.plan(), c.seed).expect("the faults fit");
             assert_eq!(
                 faults.len(),
-                c.worker_kills + c.gateway_kills + c.pauses + c.link_faults,
+                c.worker_kills + c.gateway_kills + c.power_cuts + c.pauses + c.link_faults,
                 "{preset:?}"
             );
         }

@@ -5,7 +5,9 @@
 //! again on the same data directory (and, for the gateway, the same ports): what a crash and a
 //! restart on the same host look like. It can be paused (SIGSTOP) and resumed, as a host that
 //! stalls does. Each worker can reach the gateway through its own [`Relay`], whose weather is
-//! the network's faults.
+//! the network's faults. And each host's data directory can be its own lazy filesystem
+//! ([`LazyFs`]), so that its power can be cut: the host and everything it started die at once,
+//! and every write it had not synced is lost.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
@@ -17,9 +19,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use sand_lazyfs::{Cut, LazyFs};
 use serde_json::Value;
 
 use crate::link::Relay;
+use crate::memory;
 
 /// How long a gateway may take to start (recover its store, bind its ports) and say where it
 /// listens.
@@ -32,6 +37,16 @@ pub enum Host {
     Gateway,
     /// Worker `id`.
     Worker(u32),
+}
+
+impl Host {
+    /// The name of its data directory and log in the cluster's directory.
+    fn file_name(self) -> String {
+        match self {
+            Self::Gateway => "gateway".to_owned(),
+            Self::Worker(id) => format!("worker-{id}"),
+        }
+    }
 }
 
 impl std::fmt::Display for Host {
@@ -64,6 +79,9 @@ pub struct ClusterSpec {
     /// grains' processes, with `Isolation::None`) becomes a child of this process: reaped as
     /// it exits, and killed with the cluster.
     pub adopt_orphans: bool,
+    /// Each host's data directory is its own lazy filesystem, so that its power can be cut
+    /// (needs root and `/dev/fuse`).
+    pub power: bool,
 }
 
 impl Default for ClusterSpec {
@@ -76,6 +94,7 @@ impl Default for ClusterSpec {
             failure_timeout: Duration::from_secs(5),
             isolation: Isolation::Sandbox,
             adopt_orphans: false,
+            power: false,
         }
     }
 }
@@ -105,6 +124,9 @@ pub struct Cluster {
     gateway_quic: String,
     /// Each worker's relay, if workers dial through relays.
     relays: BTreeMap<u32, Relay>,
+    /// Each host's data directory, if they are lazy filesystems. Unmounted when the cluster
+    /// is dropped, after every process is dead.
+    disks: BTreeMap<Host, LazyFs>,
     agent: ureq::Agent,
 }
 
@@ -148,6 +170,20 @@ impl Cluster {
             nix::sys::prctl::set_child_subreaper(true)
                 .context("cannot make this process a child subreaper")?;
         }
+        let mut disks = BTreeMap::new();
+        if spec.power {
+            let hosts = std::iter::once(Host::Gateway).chain((1..=spec.workers).map(Host::Worker));
+            for host in hosts {
+                let path = dir.path().join(host.file_name());
+                std::fs::create_dir(&path)
+                    .with_context(|| format!("cannot make {}", path.display()))?;
+                let disk = LazyFs::mount(&path).with_context(|| {
+                    format!("cannot mount a lazy filesystem on {}", path.display())
+                })?;
+                disks.insert(host, disk);
+            }
+        }
+        // From here on, a failure drops the disks: unmounted, as the processes are not started.
         let (gateway, http, gateway_quic) =
             start_gateway(sand, dir.path(), &spec, "127.0.0.1:0", "127.0.0.1:0")?;
         let mut relays = BTreeMap::new();
@@ -168,6 +204,7 @@ impl Cluster {
             http,
             gateway_quic,
             relays,
+            disks,
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(60))
                 .build(),
@@ -202,7 +239,7 @@ impl Cluster {
             .args(self.spec.gateway_hops.then_some("--gateway-hops"))
             .args(isolation)
             .stdout(Stdio::null())
-            .stderr(log_file(self.dir.path(), &format!("worker-{id}"))?)
+            .stderr(log_file(self.dir.path(), &Host::Worker(id).file_name())?)
             .spawn()
             .context("cannot start a worker")?;
         self.workers.push((id, child));
@@ -271,7 +308,23 @@ impl Cluster {
     }
 
     fn worker_dir(&self, id: u32) -> PathBuf {
-        self.dir.path().join(format!("worker-{id}"))
+        self.dir.path().join(Host::Worker(id).file_name())
+    }
+
+    /// What each host's lazy filesystem has seen since it was mounted.
+    pub fn disk_stats(&self) -> Vec<(Host, sand_lazyfs::Stats)> {
+        self.disks.iter().map(|(h, d)| (*h, d.stats())).collect()
+    }
+
+    /// Copies each lazy filesystem's files (what its host sees now) into `HOST.disk` beside
+    /// it, so that they outlive the mount; for a directory kept as evidence.
+    pub fn save_disks(&self) -> Result<()> {
+        for (host, disk) in &self.disks {
+            let to = self.dir.path().join(format!("{}.disk", host.file_name()));
+            copy_tree(disk.mountpoint(), &to)
+                .with_context(|| format!("cannot copy the {host}'s files to {}", to.display()))?;
+        }
+        Ok(())
     }
 
     /// The incarnation worker `id` last saved in its data directory: how many times it has
@@ -302,6 +355,23 @@ impl Cluster {
         Ok(())
     }
 
+    /// Cuts the power of a host: its process and every process it started are stopped (so
+    /// that none forks or writes any more) and SIGKILLed, and its data directory forgets every
+    /// write not yet synced. Start it again with `restart`.
+    pub fn cut_power(&mut self, host: Host) -> Result<Cut> {
+        if !self.disks.contains_key(&host) {
+            bail!("the {host}'s data directory is not a lazy filesystem: start the cluster with `power`");
+        }
+        let pid = self.pid(host)?;
+        let tree = freeze(pid)?;
+        self.kill(host)?;
+        for p in tree {
+            // Already gone, if it was a thread group's leader that the kill took with it.
+            let _ = nix::sys::signal::kill(as_pid(p), Signal::SIGKILL);
+        }
+        Ok(self.disks[&host].cut_power())
+    }
+
     /// Starts a host that is down again, on its data directory (and for the gateway, its
     /// ports).
     pub fn restart(&mut self, host: Host) -> Result<()> {
@@ -322,13 +392,16 @@ impl Cluster {
     }
 
     fn signal(&self, host: Host, signal: Signal) -> Result<()> {
-        let pid = match host {
+        nix::sys::signal::kill(as_pid(self.pid(host)?), signal)
+            .with_context(|| format!("cannot send {signal} to the {host}"))
+    }
+
+    fn pid(&self, host: Host) -> Result<u32> {
+        match host {
             Host::Gateway => self.gateway_pid(),
             Host::Worker(id) => self.worker_pid(id),
         }
-        .ok_or_else(|| anyhow!("the {host} is not running"))?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
-            .with_context(|| format!("cannot send {signal} to the {host}"))
+        .ok_or_else(|| anyhow!("the {host} is not running"))
     }
 
     /// Starts the gateway again on the same data directory and ports. Its HTTP port may be
@@ -398,7 +471,7 @@ impl Cluster {
     }
 
     /// Children of this process that the cluster did not start: adopted orphans.
-    fn orphans(&self) -> Vec<nix::unistd::Pid> {
+    fn orphans(&self) -> Vec<Pid> {
         if !self.spec.adopt_orphans {
             return Vec::new();
         }
@@ -410,7 +483,7 @@ impl Cluster {
         children_of_this_process()
             .into_iter()
             .filter(|pid| !ours.contains(pid))
-            .map(|pid| nix::unistd::Pid::from_raw(pid as i32))
+            .map(as_pid)
             .collect()
     }
 
@@ -468,7 +541,47 @@ impl Drop for Cluster {
                 let _ = nix::sys::wait::waitpid(pid, None);
             }
         }
+        // Every process that wrote to them is dead.
+        self.disks.clear();
     }
+}
+
+/// Stops `pid` and every process descended from it with SIGSTOP, again until no new one
+/// appears (a process forking as it was stopped); returns the descendants.
+fn freeze(pid: u32) -> Result<std::collections::BTreeSet<u32>> {
+    nix::sys::signal::kill(as_pid(pid), Signal::SIGSTOP)
+        .with_context(|| format!("cannot stop process {pid}"))?;
+    let mut stopped = std::collections::BTreeSet::new();
+    loop {
+        let tree = memory::descendants(pid);
+        if tree.is_subset(&stopped) {
+            return Ok(stopped);
+        }
+        for &p in tree.difference(&stopped) {
+            // One that has exited meanwhile needs no stopping.
+            let _ = nix::sys::signal::kill(as_pid(p), Signal::SIGSTOP);
+        }
+        stopped.extend(tree);
+    }
+}
+
+fn as_pid(pid: u32) -> Pid {
+    Pid::from_raw(pid as i32)
+}
+
+/// Copies the directories and regular files under `from` to `to`.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 /// One client of the HTTP API.

@@ -13,6 +13,8 @@ use anyhow::{anyhow, bail, Result};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+use sand_lazyfs::Cut;
+
 use crate::cluster::{Cluster, Host};
 use crate::link::Weather;
 
@@ -27,6 +29,8 @@ pub struct Plan {
     pub worker_kills: usize,
     /// Gateway SIGKILLs.
     pub gateway_kills: usize,
+    /// Power cuts: every other one the gateway's, the rest a worker's.
+    pub power_cuts: usize,
     /// SIGSTOP pauses: every third one the gateway's, the rest a worker's.
     pub pauses: usize,
     /// Faults of a worker's link: lossy and partitioned, in turn.
@@ -42,6 +46,9 @@ pub struct Plan {
 pub enum Kind {
     /// SIGKILL; started again when the fault is over.
     Kill,
+    /// The host and everything it started SIGKILLed, and every write its disk had not synced
+    /// lost; started again when the fault is over.
+    PowerCut,
     /// SIGSTOP; SIGCONT when the fault is over.
     Pause,
     /// The worker's link drops and reorders datagrams.
@@ -69,9 +76,11 @@ pub struct Fault {
 }
 
 /// The names of the kinds of fault, by host, in the order a summary gives them.
-pub const NAMES: [&str; 6] = [
+pub const NAMES: [&str; 8] = [
     "worker kill",
     "gateway kill",
+    "worker power cut",
+    "gateway power cut",
     "worker pause",
     "gateway pause",
     "lossy link",
@@ -85,10 +94,12 @@ impl Fault {
         match (self.kind, gateway) {
             (Kind::Kill, false) => NAMES[0],
             (Kind::Kill, true) => NAMES[1],
-            (Kind::Pause, false) => NAMES[2],
-            (Kind::Pause, true) => NAMES[3],
-            (Kind::Lossy { .. }, _) => NAMES[4],
-            (Kind::Partition, _) => NAMES[5],
+            (Kind::PowerCut, false) => NAMES[2],
+            (Kind::PowerCut, true) => NAMES[3],
+            (Kind::Pause, false) => NAMES[4],
+            (Kind::Pause, true) => NAMES[5],
+            (Kind::Lossy { .. }, _) => NAMES[6],
+            (Kind::Partition, _) => NAMES[7],
         }
     }
 
@@ -102,6 +113,7 @@ impl std::fmt::Display for Fault {
         let (host, lasts) = (self.host, self.lasts.as_secs_f64());
         match self.kind {
             Kind::Kill => write!(f, "SIGKILL to the {host}, down {lasts:.1} s"),
+            Kind::PowerCut => write!(f, "power cut of the {host}, down {lasts:.1} s"),
             Kind::Pause => write!(f, "SIGSTOP to the {host}, SIGCONT in {lasts:.1} s"),
             Kind::Lossy { drop, jitter } => write!(
                 f,
@@ -133,6 +145,10 @@ pub fn schedule(plan: &Plan, seed: u64) -> Result<Vec<Fault>> {
     }
     for _ in 0..plan.gateway_kills {
         want(&mut rng, Some(Host::Gateway), Kind::Kill, ms(200, 1500));
+    }
+    for i in 0..plan.power_cuts {
+        let host = (i % 2 == 0).then_some(Host::Gateway);
+        want(&mut rng, host, Kind::PowerCut, ms(200, 1500));
     }
     let pause = (plan.failure_timeout * 3 / 2, plan.failure_timeout * 3);
     for i in 0..plan.pauses {
@@ -207,6 +223,8 @@ pub struct Faults {
     active: Vec<(Fault, Instant)>,
     /// Faults started, by name.
     pub done: BTreeMap<&'static str, usize>,
+    /// What each power cut lost, in order.
+    pub cuts: Vec<(Host, Cut)>,
     /// Processes that ended without being killed, with when and how.
     pub unplanned: Vec<String>,
 }
@@ -220,6 +238,7 @@ impl Faults {
             start,
             active: Vec::new(),
             done: BTreeMap::new(),
+            cuts: Vec::new(),
             unplanned: Vec::new(),
         }
     }
@@ -256,7 +275,9 @@ impl Faults {
             }
             self.next += 1;
             say(&format!("{at:6.1} s: {fault}"));
-            strike(cluster, &fault)?;
+            if let Some(cut) = strike(cluster, &fault)? {
+                self.cuts.push((fault.host, cut));
+            }
             *self.done.entry(fault.name()).or_default() += 1;
             self.active.push((fault, now + fault.lasts));
         }
@@ -275,22 +296,24 @@ impl Faults {
     }
 }
 
-/// Starts a fault.
-fn strike(cluster: &mut Cluster, fault: &Fault) -> Result<()> {
+/// Starts a fault; what a power cut lost.
+fn strike(cluster: &mut Cluster, fault: &Fault) -> Result<Option<Cut>> {
     match fault.kind {
-        Kind::Kill => cluster.kill(fault.host),
-        Kind::Pause => cluster.pause(fault.host),
+        Kind::Kill => cluster.kill(fault.host)?,
+        Kind::PowerCut => return cluster.cut_power(fault.host).map(Some),
+        Kind::Pause => cluster.pause(fault.host)?,
         Kind::Lossy { drop, jitter } => {
-            weather(cluster, fault.host, Weather::Lossy { drop, jitter })
+            weather(cluster, fault.host, Weather::Lossy { drop, jitter })?
         }
-        Kind::Partition => weather(cluster, fault.host, Weather::Partitioned),
+        Kind::Partition => weather(cluster, fault.host, Weather::Partitioned)?,
     }
+    Ok(None)
 }
 
 /// Ends a fault: the host is up, running, and on a clear link again.
 fn heal(cluster: &mut Cluster, fault: &Fault) -> Result<()> {
     match fault.kind {
-        Kind::Kill => cluster.restart(fault.host),
+        Kind::Kill | Kind::PowerCut => cluster.restart(fault.host),
         Kind::Pause => cluster.resume(fault.host),
         Kind::Lossy { .. } | Kind::Partition => weather(cluster, fault.host, Weather::Clear),
     }
@@ -321,6 +344,7 @@ mod tests {
             span: Duration::from_secs(300),
             worker_kills: 60,
             gateway_kills: 6,
+            power_cuts: 6,
             pauses: 12,
             link_faults: 24,
             failure_timeout: Duration::from_secs(1),
@@ -335,6 +359,8 @@ mod tests {
         let count = |name| faults.iter().filter(|f| f.name() == name).count();
         assert_eq!(count("worker kill"), 60);
         assert_eq!(count("gateway kill"), 6);
+        assert_eq!(count("gateway power cut"), 3);
+        assert_eq!(count("worker power cut"), 3);
         assert_eq!(count("gateway pause"), 4);
         assert_eq!(count("worker pause"), 8);
         assert_eq!((count("lossy link"), count("partition")), (12, 12));
@@ -345,7 +371,7 @@ mod tests {
                 Kind::Pause => assert!(f.lasts > p.failure_timeout, "{f:?}"),
                 Kind::Partition => assert!(f.lasts > p.idle_timeout, "{f:?}"),
                 Kind::Lossy { .. } => assert_ne!(f.host, Host::Gateway),
-                Kind::Kill => {}
+                Kind::Kill | Kind::PowerCut => {}
             }
             let overlapping = faults.iter().filter(|g| {
                 g.host == f.host && g != &f && g.at < f.end() + SETTLE && f.at < g.end() + SETTLE
