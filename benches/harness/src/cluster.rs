@@ -183,17 +183,9 @@ impl Cluster {
                 disks.insert(host, disk);
             }
         }
-        // From here on, a failure drops the disks: unmounted, as the processes are not started.
         let (gateway, http, gateway_quic) =
             start_gateway(sand, dir.path(), &spec, "127.0.0.1:0", "127.0.0.1:0")?;
-        let mut relays = BTreeMap::new();
-        if let Some(delay) = spec.relay {
-            let upstream = gateway_quic.parse().context("the gateway's QUIC address")?;
-            for id in 1..=spec.workers {
-                let seed = spec.seed.wrapping_add(u64::from(id) << 32);
-                relays.insert(id, Relay::start(upstream, delay, seed)?);
-            }
-        }
+        // From here on, dropping the cluster kills what it started.
         let mut cluster = Self {
             sand: sand.to_owned(),
             dir,
@@ -203,12 +195,24 @@ impl Cluster {
             workers: Vec::new(),
             http,
             gateway_quic,
-            relays,
+            relays: BTreeMap::new(),
             disks,
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(60))
                 .build(),
         };
+        if let Some(delay) = cluster.spec.relay {
+            let upstream = cluster
+                .gateway_quic
+                .parse()
+                .context("the gateway's QUIC address")?;
+            for id in 1..=cluster.spec.workers {
+                let seed = cluster.spec.seed.wrapping_add(u64::from(id) << 32);
+                cluster
+                    .relays
+                    .insert(id, Relay::start(upstream, delay, seed)?);
+            }
+        }
         for id in 1..=cluster.spec.workers {
             cluster.start_worker(id)?;
         }
@@ -366,7 +370,7 @@ impl Cluster {
         let tree = freeze(pid)?;
         self.kill(host)?;
         for p in tree {
-            // Already gone, if it was a thread group's leader that the kill took with it.
+            // One that died meanwhile (its pid namespace's init went first) needs no signal.
             let _ = nix::sys::signal::kill(as_pid(p), Signal::SIGKILL);
         }
         Ok(self.disks[&host].cut_power())
