@@ -823,11 +823,12 @@ impl std::fmt::Display for Summary<'_> {
             Preset::Standard => "",
             Preset::Long => " --long",
         };
+        let keys = if c.shared_keys { " --shared-keys" } else { "" };
         row(
             f,
             "replay",
             format!(
-                "sand-bench chaos{preset} --seed {} (with the same other flags)",
+                "sand-bench chaos{preset}{keys} --seed {} (with the same other flags)",
                 c.seed
             ),
         )?;
