@@ -93,9 +93,31 @@ def square(event, ctx):
     return event * event
 "#;
 
+const FANOUT_GRAINS: &str = r#"
+"""A fan-out with a join: x goes to three branches that square x, x + 1 and x + 2, and the
+join adds their squares up."""
+
+
+def split(event, ctx):
+    return ctx.fan_out([("square", event + i) for i in range(3)], join="total")
+
+
+def square(event, ctx):
+    return event * event
+
+
+def total(squares, ctx):
+    return sum(squares)
+"#;
+
 /// What the pipeline app answers to `input`.
 pub fn pipeline_output(input: u64) -> u64 {
     (2 * input + 1).pow(2)
+}
+
+/// What the fanout app answers to `input`: x² + (x + 1)² + (x + 2)².
+pub fn fanout_output(input: u64) -> u64 {
+    (0..3).map(|i| (input + i).pow(2)).sum()
 }
 
 /// Writes the pipeline app (three grains, see `pipeline_output`) under `root`: each instance
@@ -106,6 +128,16 @@ pub fn pipeline(root: &Path, python: &Path, reuse: u64) -> Result<PathBuf> {
         .map(|g| (g.to_string(), g.to_string()))
         .collect();
     app(root, "pipeline", python, &grains, reuse, PIPELINE_GRAINS)
+}
+
+/// Writes the fanout app (a split, three branches and a join, see `fanout_output`) under
+/// `root`: each instance serves up to `reuse` calls.
+pub fn fanout(root: &Path, python: &Path, reuse: u64) -> Result<PathBuf> {
+    let grains: Vec<(String, String)> = ["split", "square", "total"]
+        .iter()
+        .map(|g| (g.to_string(), g.to_string()))
+        .collect();
+    app(root, "fanout", python, &grains, reuse, FANOUT_GRAINS)
 }
 
 /// The app directories of one harness run.

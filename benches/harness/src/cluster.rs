@@ -1,18 +1,62 @@
 //! A sand cluster of real processes: one gateway and its workers, started from the `sand`
 //! binary built beside this harness, and killed when dropped.
 //!
-//! Either kind of process can be SIGKILLed and started again on the same data directory (and,
-//! for the gateway, the same ports): what a crash and a restart on the same host look like.
+//! Each process is a [`Host`] with its own data directory. A host can be SIGKILLed and started
+//! again on the same data directory (and, for the gateway, the same ports): what a crash and a
+//! restart on the same host look like. It can be paused (SIGSTOP) and resumed, as a host that
+//! stalls does. Each worker can reach the gateway through its own [`Relay`], whose weather is
+//! the network's faults. And each host's data directory can be its own lazy filesystem
+//! ([`LazyFs`]), so that its power can be cut: the host and everything it started die at once,
+//! and every write it had not synced is lost.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use sand_lazyfs::{Cut, LazyFs};
 use serde_json::Value;
 
-use crate::link::DelayRelay;
+use crate::link::Relay;
+use crate::memory;
+
+/// How long a gateway may take to start (recover its store, bind its ports) and say where it
+/// listens.
+const GATEWAY_START_MAX: Duration = Duration::from_secs(30);
+
+/// One process of the cluster, and the machine it stands for.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum Host {
+    /// The gateway.
+    Gateway,
+    /// Worker `id`.
+    Worker(u32),
+}
+
+impl Host {
+    /// The name of its data directory and log in the cluster's directory.
+    fn file_name(self) -> String {
+        match self {
+            Self::Gateway => "gateway".to_owned(),
+            Self::Worker(id) => format!("worker-{id}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Gateway => f.write_str("gateway"),
+            Self::Worker(id) => write!(f, "worker {id}"),
+        }
+    }
+}
 
 /// How to start a cluster.
 #[derive(Clone, Debug)]
@@ -21,9 +65,12 @@ pub struct ClusterSpec {
     pub workers: u32,
     /// Every emitted call goes through the gateway (the ablation), not the local bus.
     pub gateway_hops: bool,
-    /// Workers reach the gateway through a relay that delays each datagram this long, each
-    /// way (an emulated data-center link); directly when None.
-    pub link_delay: Option<Duration>,
+    /// Each worker reaches the gateway through its own relay, which delays each datagram this
+    /// long each way (an emulated data-center link) and can be told to drop, reorder or cut
+    /// them; directly when None.
+    pub relay: Option<Duration>,
+    /// Seeds the relays' random draws.
+    pub seed: u64,
     /// How long a silent worker has before the gateway declares it dead.
     pub failure_timeout: Duration,
     /// How the workers isolate grains.
@@ -32,6 +79,9 @@ pub struct ClusterSpec {
     /// grains' processes, with `Isolation::None`) becomes a child of this process: reaped as
     /// it exits, and killed with the cluster.
     pub adopt_orphans: bool,
+    /// Each host's data directory is its own lazy filesystem, so that its power can be cut
+    /// (needs root and `/dev/fuse`).
+    pub power: bool,
 }
 
 impl Default for ClusterSpec {
@@ -39,10 +89,12 @@ impl Default for ClusterSpec {
         Self {
             workers: 1,
             gateway_hops: false,
-            link_delay: None,
+            relay: None,
+            seed: 0,
             failure_timeout: Duration::from_secs(5),
             isolation: Isolation::Sandbox,
             adopt_orphans: false,
+            power: false,
         }
     }
 }
@@ -61,15 +113,20 @@ pub struct Cluster {
     sand: PathBuf,
     dir: tempfile::TempDir,
     spec: ClusterSpec,
-    gateway: Child,
+    /// None while it is down.
+    gateway: Option<Child>,
+    /// How many times the gateway has started: the life it is in.
+    gateway_lives: Arc<AtomicU32>,
     workers: Vec<(u32, Child)>,
     /// The API's base URL, `http://ADDR`.
     http: String,
     /// The gateway's own QUIC address; a restarted gateway listens on it again.
     gateway_quic: String,
-    /// Where workers dial: the gateway's QUIC address, or the relay's.
-    quic: String,
-    relay: Option<DelayRelay>,
+    /// Each worker's relay, if workers dial through relays.
+    relays: BTreeMap<u32, Relay>,
+    /// Each host's data directory, if they are lazy filesystems. Unmounted when the cluster
+    /// is dropped, after every process is dead.
+    disks: BTreeMap<Host, LazyFs>,
     agent: ureq::Agent,
 }
 
@@ -113,32 +170,49 @@ impl Cluster {
             nix::sys::prctl::set_child_subreaper(true)
                 .context("cannot make this process a child subreaper")?;
         }
+        let mut disks = BTreeMap::new();
+        if spec.power {
+            let hosts = std::iter::once(Host::Gateway).chain((1..=spec.workers).map(Host::Worker));
+            for host in hosts {
+                let path = dir.path().join(host.file_name());
+                std::fs::create_dir(&path)
+                    .with_context(|| format!("cannot make {}", path.display()))?;
+                let disk = LazyFs::mount(&path).with_context(|| {
+                    format!("cannot mount a lazy filesystem on {}", path.display())
+                })?;
+                disks.insert(host, disk);
+            }
+        }
         let (gateway, http, gateway_quic) =
             start_gateway(sand, dir.path(), &spec, "127.0.0.1:0", "127.0.0.1:0")?;
-        let relay = match spec.link_delay {
-            Some(delay) => {
-                let upstream = gateway_quic.parse().context("the gateway's QUIC address")?;
-                Some(DelayRelay::start(upstream, delay)?)
-            }
-            None => None,
-        };
-        let quic = relay
-            .as_ref()
-            .map_or_else(|| gateway_quic.clone(), |r| r.addr.to_string());
+        // From here on, dropping the cluster kills what it started.
         let mut cluster = Self {
             sand: sand.to_owned(),
             dir,
             spec,
-            gateway,
+            gateway: Some(gateway),
+            gateway_lives: Arc::new(AtomicU32::new(1)),
             workers: Vec::new(),
             http,
             gateway_quic,
-            quic,
-            relay,
+            relays: BTreeMap::new(),
+            disks,
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(60))
                 .build(),
         };
+        if let Some(delay) = cluster.spec.relay {
+            let upstream = cluster
+                .gateway_quic
+                .parse()
+                .context("the gateway's QUIC address")?;
+            for id in 1..=cluster.spec.workers {
+                let seed = cluster.spec.seed.wrapping_add(u64::from(id) << 32);
+                cluster
+                    .relays
+                    .insert(id, Relay::start(upstream, delay, seed)?);
+            }
+        }
         for id in 1..=cluster.spec.workers {
             cluster.start_worker(id)?;
         }
@@ -146,9 +220,9 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Starts worker `id`: at first, or again after `kill_worker`, with the same id,
-    /// certificate and data directory (so it comes back as a new incarnation).
-    pub fn start_worker(&mut self, id: u32) -> Result<()> {
+    /// Starts worker `id`: at first, or again after `kill`, with the same id, certificate and
+    /// data directory (so it comes back as a new incarnation).
+    fn start_worker(&mut self, id: u32) -> Result<()> {
         if self.worker_pid(id).is_some() {
             bail!("worker {id} is already running");
         }
@@ -156,8 +230,12 @@ impl Cluster {
             Isolation::Sandbox => &[],
             Isolation::None => &["--isolation", "none"],
         };
+        let dial = self
+            .relays
+            .get(&id)
+            .map_or_else(|| self.gateway_quic.clone(), |r| r.addr.to_string());
         let child = Command::new(&self.sand)
-            .args(["worker", "--gateway", &self.quic, "--id", &id.to_string()])
+            .args(["worker", "--gateway", &dial, "--id", &id.to_string()])
             .arg("--certs")
             .arg(self.dir.path().join("certs"))
             .arg("--data-dir")
@@ -165,7 +243,7 @@ impl Cluster {
             .args(self.spec.gateway_hops.then_some("--gateway-hops"))
             .args(isolation)
             .stdout(Stdio::null())
-            .stderr(log_file(self.dir.path(), &format!("worker-{id}"))?)
+            .stderr(log_file(self.dir.path(), &Host::Worker(id).file_name())?)
             .spawn()
             .context("cannot start a worker")?;
         self.workers.push((id, child));
@@ -201,9 +279,25 @@ impl Cluster {
         .map(drop)
     }
 
-    /// The gateway's pid.
-    pub fn gateway_pid(&self) -> u32 {
-        self.gateway.id()
+    /// The gateway's pid, unless it is down.
+    pub fn gateway_pid(&self) -> Option<u32> {
+        self.gateway.as_ref().map(Child::id)
+    }
+
+    /// The gateway's life (1 in its first start), counted up each time it starts again: read
+    /// it before and after an exchange with the API to know which life answered.
+    pub fn gateway_lives(&self) -> Arc<AtomicU32> {
+        self.gateway_lives.clone()
+    }
+
+    /// How many workers the cluster has: ids 1..=workers.
+    pub fn workers(&self) -> u32 {
+        self.spec.workers
+    }
+
+    /// Worker `id`'s relay, if workers dial through relays.
+    pub fn relay(&self, id: u32) -> Option<&Relay> {
+        self.relays.get(&id)
     }
 
     /// The API's base URL, `http://ADDR`; it stays the same across gateway restarts.
@@ -218,7 +312,23 @@ impl Cluster {
     }
 
     fn worker_dir(&self, id: u32) -> PathBuf {
-        self.dir.path().join(format!("worker-{id}"))
+        self.dir.path().join(Host::Worker(id).file_name())
+    }
+
+    /// What each host's lazy filesystem has seen since it was mounted.
+    pub fn disk_stats(&self) -> Vec<(Host, sand_lazyfs::Stats)> {
+        self.disks.iter().map(|(h, d)| (*h, d.stats())).collect()
+    }
+
+    /// Copies each lazy filesystem's files (what its host sees now) into `HOST.disk` beside
+    /// it, so that they outlive the mount; for a directory kept as evidence.
+    pub fn save_disks(&self) -> Result<()> {
+        for (host, disk) in &self.disks {
+            let to = self.dir.path().join(format!("{}.disk", host.file_name()));
+            copy_tree(disk.mountpoint(), &to)
+                .with_context(|| format!("cannot copy the {host}'s files to {}", to.display()))?;
+        }
+        Ok(())
     }
 
     /// The incarnation worker `id` last saved in its data directory: how many times it has
@@ -229,13 +339,81 @@ impl Cluster {
             .and_then(|s| s.trim().parse().ok())
     }
 
-    /// SIGKILLs the gateway, leaves it down for `down`, and starts it again on the same data
-    /// directory and ports. Its HTTP port may be briefly unavailable to a new listener, so
-    /// the start is tried again for a few seconds.
-    pub fn crash_gateway(&mut self, down: Duration) -> Result<()> {
-        self.gateway.kill().context("cannot kill the gateway")?;
-        self.gateway.wait().context("cannot reap the gateway")?;
-        std::thread::sleep(down);
+    /// SIGKILLs a host and reaps it.
+    pub fn kill(&mut self, host: Host) -> Result<()> {
+        let mut child = match host {
+            Host::Gateway => self.gateway.take(),
+            Host::Worker(id) => self
+                .workers
+                .iter()
+                .position(|(w, _)| *w == id)
+                .map(|i| self.workers.remove(i).1),
+        }
+        .ok_or_else(|| anyhow!("the {host} is not running"))?;
+        child
+            .kill()
+            .with_context(|| format!("cannot kill the {host}"))?;
+        child
+            .wait()
+            .with_context(|| format!("cannot reap the {host}"))?;
+        Ok(())
+    }
+
+    /// Cuts the power of a host: its process and every process it started are stopped (so
+    /// that none forks or writes any more) and SIGKILLed, and its data directory forgets every
+    /// write not yet synced. Start it again with `restart`.
+    pub fn cut_power(&mut self, host: Host) -> Result<Cut> {
+        if !self.disks.contains_key(&host) {
+            bail!("the {host}'s data directory is not a lazy filesystem: start the cluster with `power`");
+        }
+        let pid = self.pid(host)?;
+        let tree = freeze(pid)?;
+        self.kill(host)?;
+        for p in tree {
+            // One that died meanwhile (its pid namespace's init went first) needs no signal.
+            let _ = nix::sys::signal::kill(as_pid(p), Signal::SIGKILL);
+        }
+        Ok(self.disks[&host].cut_power())
+    }
+
+    /// Starts a host that is down again, on its data directory (and for the gateway, its
+    /// ports).
+    pub fn restart(&mut self, host: Host) -> Result<()> {
+        match host {
+            Host::Gateway => self.start_gateway_again(),
+            Host::Worker(id) => self.start_worker(id),
+        }
+    }
+
+    /// Stops a running host with SIGSTOP: it keeps its sockets and state, and does nothing.
+    pub fn pause(&self, host: Host) -> Result<()> {
+        self.signal(host, Signal::SIGSTOP)
+    }
+
+    /// Lets a paused host go on (SIGCONT).
+    pub fn resume(&self, host: Host) -> Result<()> {
+        self.signal(host, Signal::SIGCONT)
+    }
+
+    fn signal(&self, host: Host, signal: Signal) -> Result<()> {
+        nix::sys::signal::kill(as_pid(self.pid(host)?), signal)
+            .with_context(|| format!("cannot send {signal} to the {host}"))
+    }
+
+    fn pid(&self, host: Host) -> Result<u32> {
+        match host {
+            Host::Gateway => self.gateway_pid(),
+            Host::Worker(id) => self.worker_pid(id),
+        }
+        .ok_or_else(|| anyhow!("the {host} is not running"))
+    }
+
+    /// Starts the gateway again on the same data directory and ports. Its HTTP port may be
+    /// briefly unavailable to a new listener, so the start is tried again for a few seconds.
+    fn start_gateway_again(&mut self) -> Result<()> {
+        if self.gateway.is_some() {
+            bail!("the gateway is already running");
+        }
         let http_addr = self.http.trim_start_matches("http://").to_owned();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -247,7 +425,8 @@ impl Cluster {
                 &self.gateway_quic,
             ) {
                 Ok((gateway, http, quic)) => {
-                    self.gateway = gateway;
+                    self.gateway = Some(gateway);
+                    self.gateway_lives.fetch_add(1, Ordering::SeqCst);
                     if http != self.http || quic != self.gateway_quic {
                         bail!(
                             "the restarted gateway is on {http} and {quic}, not {} and {}",
@@ -268,18 +447,18 @@ impl Cluster {
         }
     }
 
-    /// The processes of the cluster that ended without being killed by it, each named
-    /// ("gateway", "worker 2") with how it ended. A worker that ended is forgotten, so that
-    /// it can be started again; a gateway that ended stays down.
-    pub fn ended_by_themselves(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+    /// The hosts whose process ended without being killed by the cluster, with how it ended.
+    /// A worker that ended is forgotten, so that it can be started again; a gateway that ended
+    /// stays as it is.
+    pub fn ended_by_themselves(&mut self) -> Vec<(Host, std::process::ExitStatus)> {
         let mut ended = Vec::new();
-        if let Ok(Some(status)) = self.gateway.try_wait() {
-            ended.push(("gateway".to_owned(), status));
+        if let Some(Ok(Some(status))) = self.gateway.as_mut().map(Child::try_wait) {
+            ended.push((Host::Gateway, status));
         }
         self.workers
             .retain_mut(|(id, child)| match child.try_wait() {
                 Ok(Some(status)) => {
-                    ended.push((format!("worker {id}"), status));
+                    ended.push((Host::Worker(*id), status));
                     false
                 }
                 _ => true,
@@ -296,17 +475,19 @@ impl Cluster {
     }
 
     /// Children of this process that the cluster did not start: adopted orphans.
-    fn orphans(&self) -> Vec<nix::unistd::Pid> {
+    fn orphans(&self) -> Vec<Pid> {
         if !self.spec.adopt_orphans {
             return Vec::new();
         }
-        let ours: Vec<u32> = std::iter::once(self.gateway.id())
+        let ours: Vec<u32> = self
+            .gateway_pid()
+            .into_iter()
             .chain(self.workers.iter().map(|(_, c)| c.id()))
             .collect();
         children_of_this_process()
             .into_iter()
             .filter(|pid| !ours.contains(pid))
-            .map(|pid| nix::unistd::Pid::from_raw(pid as i32))
+            .map(as_pid)
             .collect()
     }
 
@@ -316,19 +497,6 @@ impl Cluster {
             .iter()
             .find(|(w, _)| *w == id)
             .map(|(_, c)| c.id())
-    }
-
-    /// Kills worker `id` with SIGKILL and reaps it.
-    pub fn kill_worker(&mut self, id: u32) -> Result<()> {
-        let i = self
-            .workers
-            .iter()
-            .position(|(w, _)| *w == id)
-            .ok_or_else(|| anyhow!("no worker {id}"))?;
-        let (_, mut child) = self.workers.remove(i);
-        child.kill().context("cannot kill the worker")?;
-        child.wait().context("cannot reap the worker")?;
-        Ok(())
     }
 
     /// A GET on the API, as JSON.
@@ -359,9 +527,11 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = self.gateway.kill();
-        let _ = self.gateway.wait();
-        self.relay.take();
+        if let Some(gateway) = &mut self.gateway {
+            let _ = gateway.kill();
+            let _ = gateway.wait();
+        }
+        self.relays.clear();
         // Killing an orphan orphans its own children in turn: a few rounds take them all.
         for _ in 0..10 {
             let orphans = self.orphans();
@@ -375,7 +545,47 @@ impl Drop for Cluster {
                 let _ = nix::sys::wait::waitpid(pid, None);
             }
         }
+        // Every process that wrote to them is dead.
+        self.disks.clear();
     }
+}
+
+/// Stops `pid` and every process descended from it with SIGSTOP, again until no new one
+/// appears (a process forking as it was stopped); returns the descendants.
+fn freeze(pid: u32) -> Result<std::collections::BTreeSet<u32>> {
+    nix::sys::signal::kill(as_pid(pid), Signal::SIGSTOP)
+        .with_context(|| format!("cannot stop process {pid}"))?;
+    let mut stopped = std::collections::BTreeSet::new();
+    loop {
+        let tree = memory::descendants(pid);
+        if tree.is_subset(&stopped) {
+            return Ok(stopped);
+        }
+        for &p in tree.difference(&stopped) {
+            // One that has exited meanwhile needs no stopping.
+            let _ = nix::sys::signal::kill(as_pid(p), Signal::SIGSTOP);
+        }
+        stopped.extend(tree);
+    }
+}
+
+fn as_pid(pid: u32) -> Pid {
+    Pid::from_raw(pid as i32)
+}
+
+/// Copies the directories and regular files under `from` to `to`.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 /// One client of the HTTP API.
@@ -459,12 +669,21 @@ fn start_gateway(
     }
 }
 
-/// Reads "sand gateway: HTTP on http://ADDR, workers dial ADDR" from the gateway's stdout.
+/// Reads "sand gateway: HTTP on http://ADDR, workers dial ADDR" from the gateway's stdout,
+/// waiting [`GATEWAY_START_MAX`] at most.
 fn gateway_addresses(gateway: &mut Child) -> Result<(String, String)> {
     let stdout = gateway.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The reader ends when the line comes or the gateway's stdout closes (it exits, or is
+    // killed when it takes too long).
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(read);
+    });
+    let line = rx
+        .recv_timeout(GATEWAY_START_MAX)
+        .map_err(|_| anyhow!("the gateway did not start within {GATEWAY_START_MAX:?}"))?
         .context("the gateway said nothing")?;
     let http = line
         .split("HTTP on ")

@@ -8,20 +8,8 @@
 //! cargo build --release -p sand -p sand-bench && target/release/sand-bench --out bench-results
 //! ```
 //!
-//! `sand-bench chaos` is another kind of run: crashes under load, and a check that nothing
-//! was lost (see `chaos.rs`).
-
-mod alternatives;
-mod apps;
-mod chaos;
-mod cluster;
-mod cold_start;
-mod link;
-mod measure;
-mod memory;
-mod plot;
-mod recovery;
-mod report;
+//! `sand-bench chaos` is another kind of run: crashes, pauses and link faults under load, and
+//! a check of the history that nothing was lost or wrong (see `chaos.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,10 +18,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::apps::{Apps, CHAIN_SUM};
-use crate::cluster::{Cluster, ClusterSpec};
-use crate::measure::{latency, throughput};
-use crate::report::{ChainRow, HopRow, MemoryRow, Results};
+use sand_bench::apps::{Apps, CHAIN_SUM};
+use sand_bench::cluster::{Cluster, ClusterSpec};
+use sand_bench::measure::{latency, throughput};
+use sand_bench::report::{ChainRow, HopRow, MemoryRow, Results};
+use sand_bench::{alternatives, chaos, cold_start, link, memory, plot, recovery};
 
 /// sand's benchmark harness: latency, throughput, cold start, memory and recovery, with
 /// Celery and Ray on the same chain in the same run.
@@ -69,8 +58,8 @@ struct Args {
 /// Runs other than the benchmarks.
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Crashes under load: workers and the gateway SIGKILLed while keyed async invocations
-    /// go in; exits non-zero if any is lost or wrong.
+    /// A history check under faults: workers and the gateway SIGKILLed and paused, links
+    /// broken, while keyed invocations go in; exits non-zero if any is lost or wrong.
     Chaos(chaos::ChaosArgs),
 }
 
@@ -96,7 +85,7 @@ fn main() -> ExitCode {
     let outcome = match &args.command {
         None => run(&args).map(|()| true),
         Some(Command::Chaos(chaos)) => {
-            sand_binary(chaos.needs_root()).and_then(|sand| chaos::run(&sand, chaos))
+            sand_binary(chaos.needs_root()).and_then(|sand| chaos::main(&sand, chaos))
         }
     };
     match outcome {
@@ -177,7 +166,7 @@ fn run(args: &Args) -> Result<()> {
 
     if want(Part::Link) {
         let delay = Duration::from_micros(250);
-        let rtt = link::DelayRelay::round_trip(delay)?;
+        let rtt = link::Relay::round_trip(delay)?;
         progress(&format!(
             "emulated link: {} ms round trip (median; p99 {} ms)",
             plot::number(rtt.median_ms),
@@ -191,7 +180,7 @@ fn run(args: &Args) -> Result<()> {
                 &sand,
                 ClusterSpec {
                     gateway_hops,
-                    link_delay: Some(delay),
+                    relay: Some(delay),
                     ..ClusterSpec::default()
                 },
             )?;

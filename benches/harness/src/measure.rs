@@ -90,7 +90,10 @@ pub fn throughput(
 ) -> Result<Throughput> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let cpu_before = cpu_seconds(cluster.gateway_pid());
+    let cpu_before = cluster
+        .gateway_pid()
+        .context("the gateway is down")
+        .and_then(cpu_seconds);
     let start = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|c| {
@@ -119,7 +122,10 @@ pub fn throughput(
     // Count what finished within the window; chains in flight at the deadline do not count.
     let chains = done.load(Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu_after = cpu_seconds(cluster.gateway_pid());
+    let cpu_after = cluster
+        .gateway_pid()
+        .context("the gateway is down")
+        .and_then(cpu_seconds);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::cluster::{Cluster, ClusterSpec};
+use crate::cluster::{Cluster, ClusterSpec, Host};
 
 /// What the recovery run saw.
 #[derive(Clone, Debug, Serialize)]
@@ -52,7 +52,7 @@ pub fn run(sand: &Path, app: &Path, chains: usize) -> Result<Recovery> {
     // Into the second of three 300 ms steps.
     std::thread::sleep(Duration::from_millis(450));
     let mut cluster = cluster;
-    cluster.kill_worker(2)?;
+    cluster.kill(Host::Worker(2))?;
     let killed = Instant::now();
     let mut answered: BTreeMap<String, (Duration, serde_json::Value)> = BTreeMap::new();
     let deadline = killed + Duration::from_secs(60);

@@ -1,120 +1,210 @@
-//! The chaos run's faults: a worker SIGKILLed, and started again, at random intervals drawn
-//! from a seeded generator; and the gateway SIGKILLed and started again once, when enough
-//! requests have been accepted.
+//! The chaos run's faults: a schedule drawn up front from the seed, so that a seed names every
+//! fault of a run (what, to which host, when, for how long); and an executor that does each
+//! fault when its time comes and heals it when its time is over.
+//!
+//! One host suffers one fault at a time. Every fault is over before the schedule's span ends:
+//! then every host is up, running, and on a clear link, and the run can require progress.
 
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::cluster::Cluster;
+use sand_lazyfs::Cut;
 
-/// What to break, and when.
+use crate::cluster::{Cluster, Host};
+use crate::link::Weather;
+
+/// How many faults of each kind to draw, and within what.
 #[derive(Clone, Debug)]
 pub struct Plan {
     /// Workers in the cluster, ids 1..=workers.
     pub workers: u32,
-    /// The shortest and the longest wait between two worker kills.
-    pub kill_every: (Duration, Duration),
-    /// How long a killed worker stays down.
-    pub worker_down: Duration,
-    /// Kill the gateway once this many requests are accepted (never if None).
-    pub gateway_kill_after: Option<usize>,
-    /// How long the gateway stays down.
-    pub gateway_down: Duration,
-}
-
-/// The faults of one run, as they are done.
-pub struct Faults {
-    plan: Plan,
-    rng: StdRng,
-    start: Instant,
-    next_kill: Instant,
-    /// Killed workers, and when each is to be started again.
-    down: Vec<(u32, Instant)>,
-    gateway_killed: bool,
-    /// Workers SIGKILLed.
+    /// How long the faults go on.
+    pub span: Duration,
+    /// Workers SIGKILLed and started again.
     pub worker_kills: usize,
     /// Gateway SIGKILLs.
     pub gateway_kills: usize,
-    /// Processes that ended without being killed, with when and how.
-    pub unplanned: Vec<String>,
+    /// Power cuts: every other one the gateway's, the rest a worker's.
+    pub power_cuts: usize,
+    /// SIGSTOP pauses: every third one the gateway's, the rest a worker's.
+    pub pauses: usize,
+    /// Faults of a worker's link: lossy and partitioned, in turn.
+    pub link_faults: usize,
+    /// The gateway's failure timeout: a pause lasts longer.
+    pub failure_timeout: Duration,
+    /// The transport's idle timeout: a partition lasts longer, so that connections break.
+    pub idle_timeout: Duration,
 }
 
-impl Faults {
-    /// The faults of `plan`, their randomness drawn from `seed`, the first kill due one
-    /// random interval after `start`.
-    pub fn new(plan: Plan, seed: u64, start: Instant) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let next_kill = start + between(&mut rng, plan.kill_every);
-        Self {
-            plan,
-            rng,
-            start,
-            next_kill,
-            down: Vec::new(),
-            gateway_killed: false,
-            worker_kills: 0,
-            gateway_kills: 0,
-            unplanned: Vec::new(),
+/// What a fault does to its host.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Kind {
+    /// SIGKILL; started again when the fault is over.
+    Kill,
+    /// The host and everything it started SIGKILLed, and every write its disk had not synced
+    /// lost; started again when the fault is over.
+    PowerCut,
+    /// SIGSTOP; SIGCONT when the fault is over.
+    Pause,
+    /// The worker's link drops and reorders datagrams.
+    Lossy {
+        /// The probability that a datagram is dropped.
+        drop: f64,
+        /// The longest extra delay of a datagram.
+        jitter: Duration,
+    },
+    /// The worker's link drops every datagram.
+    Partition,
+}
+
+/// One fault of the schedule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fault {
+    /// When it starts, from the start of the faults.
+    pub at: Duration,
+    /// How long it lasts.
+    pub lasts: Duration,
+    /// Whom it strikes.
+    pub host: Host,
+    /// What it does.
+    pub kind: Kind,
+}
+
+/// The names of the kinds of fault, by host, in the order a summary gives them.
+pub const NAMES: [&str; 8] = [
+    "worker kill",
+    "gateway kill",
+    "worker power cut",
+    "gateway power cut",
+    "worker pause",
+    "gateway pause",
+    "lossy link",
+    "partition",
+];
+
+impl Fault {
+    /// The kind's name, by host: one of [`NAMES`].
+    pub fn name(&self) -> &'static str {
+        let gateway = self.host == Host::Gateway;
+        match (self.kind, gateway) {
+            (Kind::Kill, false) => NAMES[0],
+            (Kind::Kill, true) => NAMES[1],
+            (Kind::PowerCut, false) => NAMES[2],
+            (Kind::PowerCut, true) => NAMES[3],
+            (Kind::Pause, false) => NAMES[4],
+            (Kind::Pause, true) => NAMES[5],
+            (Kind::Lossy { .. }, _) => NAMES[6],
+            (Kind::Partition, _) => NAMES[7],
         }
     }
 
-    /// Does whatever is due at `now`, with `accepted` requests accepted so far: starts again
-    /// the workers whose time down is over, kills the gateway if its turn has come, kills a
-    /// worker if one is due. A worker that ended by itself is noted and started again; a
-    /// gateway that did is an error.
-    pub fn tick(&mut self, cluster: &mut Cluster, accepted: usize, now: Instant) -> Result<()> {
-        let at = now.duration_since(self.start).as_secs_f64();
-        for (name, status) in cluster.ended_by_themselves() {
-            if name == "gateway" {
-                bail!("at {at:.1} s the gateway ended by itself ({status})");
-            }
-            self.unplanned
-                .push(format!("at {at:.1} s {name} ended by itself ({status})"));
-            let id = name.trim_start_matches("worker ").parse()?;
-            self.down.push((id, now));
+    fn end(&self) -> Duration {
+        self.at + self.lasts
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (host, lasts) = (self.host, self.lasts.as_secs_f64());
+        match self.kind {
+            Kind::Kill => write!(f, "SIGKILL to the {host}, down {lasts:.1} s"),
+            Kind::PowerCut => write!(f, "power cut of the {host}, down {lasts:.1} s"),
+            Kind::Pause => write!(f, "SIGSTOP to the {host}, SIGCONT in {lasts:.1} s"),
+            Kind::Lossy { drop, jitter } => write!(
+                f,
+                "the {host}'s link drops {:.0}% and jitters up to {} ms for {lasts:.1} s",
+                drop * 100.0,
+                jitter.as_millis()
+            ),
+            Kind::Partition => write!(f, "the {host}'s link is cut for {lasts:.1} s"),
         }
-        let mut due = Vec::new();
-        self.down.retain(|&(id, up_at)| {
-            if up_at <= now {
-                due.push(id);
-            }
-            up_at > now
+    }
+}
+
+/// The least time between two faults of one host: a host started again gets to reconnect.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// Draws the faults of `plan` from `seed`, in the order they start. Fails if they do not fit
+/// in the span, one fault per host at a time.
+pub fn schedule(plan: &Plan, seed: u64) -> Result<Vec<Fault>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ms = |lo: u64, hi: u64| (Duration::from_millis(lo), Duration::from_millis(hi));
+    let mut wanted: Vec<(Host, Kind, Duration)> = Vec::new();
+    let mut want = |rng: &mut StdRng, host: Option<Host>, kind, lasts| {
+        let host = host.unwrap_or_else(|| Host::Worker(rng.random_range(1..=plan.workers)));
+        let lasts = between(rng, lasts);
+        wanted.push((host, kind, lasts));
+    };
+    for _ in 0..plan.worker_kills {
+        want(&mut rng, None, Kind::Kill, ms(0, 1000));
+    }
+    for _ in 0..plan.gateway_kills {
+        want(&mut rng, Some(Host::Gateway), Kind::Kill, ms(200, 1500));
+    }
+    for i in 0..plan.power_cuts {
+        let host = (i % 2 == 0).then_some(Host::Gateway);
+        want(&mut rng, host, Kind::PowerCut, ms(200, 1500));
+    }
+    let pause = (plan.failure_timeout * 3 / 2, plan.failure_timeout * 3);
+    for i in 0..plan.pauses {
+        let host = (i % 3 == 0).then_some(Host::Gateway);
+        want(&mut rng, host, Kind::Pause, pause);
+    }
+    let partition = (
+        plan.idle_timeout + Duration::from_secs(1),
+        plan.idle_timeout + Duration::from_secs(3),
+    );
+    for i in 0..plan.link_faults {
+        if i % 2 == 0 {
+            let kind = Kind::Lossy {
+                drop: rng.random_range(0.05..0.3),
+                jitter: between(&mut rng, ms(1, 20)),
+            };
+            want(&mut rng, None, kind, ms(2000, 6000));
+        } else {
+            want(&mut rng, None, Kind::Partition, partition);
+        }
+    }
+    // The longest first: they are the hardest to fit.
+    wanted.sort_by_key(|&(_, _, lasts)| Reverse(lasts));
+    let mut placed: Vec<Fault> = Vec::with_capacity(wanted.len());
+    for (host, kind, lasts) in wanted {
+        let latest = plan.span.checked_sub(lasts).ok_or_else(|| {
+            anyhow!(
+                "a {lasts:?} fault of the {host} does not fit in {:?}",
+                plan.span
+            )
+        })?;
+        let fits = |at: Duration| {
+            placed
+                .iter()
+                .filter(|f| f.host == host)
+                .all(|f| at + lasts + SETTLE <= f.at || f.end() + SETTLE <= at)
+        };
+        let at = (0..1000)
+            .map(|_| between(&mut rng, (Duration::ZERO, latest)))
+            .find(|&at| fits(at))
+            .ok_or_else(|| {
+                anyhow!(
+                    "the faults of the {host} do not fit in {:?}, one at a time: ask for fewer \
+                     or a longer span",
+                    plan.span
+                )
+            })?;
+        placed.push(Fault {
+            at,
+            lasts,
+            host,
+            kind,
         });
-        for id in due {
-            cluster.start_worker(id)?;
-        }
-        if !self.gateway_killed && self.plan.gateway_kill_after.is_some_and(|n| accepted >= n) {
-            self.gateway_killed = true;
-            eprintln!("chaos {at:6.1} s: SIGKILL to the gateway, after {accepted} accepted");
-            cluster.crash_gateway(self.plan.gateway_down)?;
-            self.gateway_kills += 1;
-        }
-        if now >= self.next_kill {
-            let up: Vec<u32> = (1..=self.plan.workers)
-                .filter(|id| !self.down.iter().any(|(d, _)| d == id))
-                .collect();
-            if !up.is_empty() {
-                let victim = up[self.rng.random_range(0..up.len())];
-                cluster.kill_worker(victim)?;
-                self.worker_kills += 1;
-                self.down.push((victim, now + self.plan.worker_down));
-            }
-            self.next_kill = now + between(&mut self.rng, self.plan.kill_every);
-        }
-        cluster.reap_orphans();
-        Ok(())
     }
-
-    /// The faults stop: every worker still down is started again now.
-    pub fn stop(&mut self, cluster: &mut Cluster) -> Result<()> {
-        for (id, _) in std::mem::take(&mut self.down) {
-            cluster.start_worker(id)?;
-        }
-        Ok(())
-    }
+    placed.sort_by_key(|f| (f.at, f.host));
+    Ok(placed)
 }
 
 /// Uniform in lo..=hi, to the millisecond.
@@ -123,24 +213,198 @@ fn between(rng: &mut StdRng, (lo, hi): (Duration, Duration)) -> Duration {
     Duration::from_millis(rng.random_range(lo..=hi.max(lo)))
 }
 
+/// The faults of one run, as they are done.
+pub struct Faults {
+    schedule: Vec<Fault>,
+    /// The next fault of the schedule to start.
+    next: usize,
+    start: Instant,
+    /// Faults under way, with when each is over.
+    active: Vec<(Fault, Instant)>,
+    /// Faults started, by name.
+    pub done: BTreeMap<&'static str, usize>,
+    /// What each power cut lost, in order.
+    pub cuts: Vec<(Host, Cut)>,
+    /// Processes that ended without being killed, with when and how.
+    pub unplanned: Vec<String>,
+}
+
+impl Faults {
+    /// The faults of `schedule`, its times counted from `start`.
+    pub fn new(schedule: Vec<Fault>, start: Instant) -> Self {
+        Self {
+            schedule,
+            next: 0,
+            start,
+            active: Vec::new(),
+            done: BTreeMap::new(),
+            cuts: Vec::new(),
+            unplanned: Vec::new(),
+        }
+    }
+
+    /// Whether every fault has been done and healed.
+    pub fn finished(&self) -> bool {
+        self.next == self.schedule.len() && self.active.is_empty()
+    }
+
+    /// Does whatever is due at `now`: starts again a worker that ended by itself (noted), heals
+    /// the faults that are over, starts the faults that are due. A gateway that ended by
+    /// itself is an error.
+    pub fn tick(&mut self, cluster: &mut Cluster, now: Instant) -> Result<()> {
+        let at = now.duration_since(self.start).as_secs_f64();
+        for (host, status) in cluster.ended_by_themselves() {
+            if host == Host::Gateway {
+                bail!("at {at:.1} s the gateway ended by itself ({status})");
+            }
+            self.unplanned.push(format!(
+                "at {at:.1} s the {host} ended by itself ({status})"
+            ));
+            cluster.restart(host)?;
+        }
+        let (over, going): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|&(_, until)| until <= now);
+        self.active = going;
+        for (fault, _) in over {
+            heal(cluster, &fault)?;
+        }
+        while let Some(&fault) = self.schedule.get(self.next) {
+            if self.start + fault.at > now {
+                break;
+            }
+            self.next += 1;
+            say(&format!("{at:6.1} s: {fault}"));
+            if let Some(cut) = strike(cluster, &fault)? {
+                self.cuts.push((fault.host, cut));
+            }
+            *self.done.entry(fault.name()).or_default() += 1;
+            self.active.push((fault, now + fault.lasts));
+        }
+        cluster.reap_orphans();
+        Ok(())
+    }
+
+    /// The faults stop: what is under way is healed now, and what was still to come is not
+    /// done.
+    pub fn stop(&mut self, cluster: &mut Cluster) -> Result<()> {
+        self.next = self.schedule.len();
+        for (fault, _) in std::mem::take(&mut self.active) {
+            heal(cluster, &fault)?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts a fault; what a power cut lost.
+fn strike(cluster: &mut Cluster, fault: &Fault) -> Result<Option<Cut>> {
+    match fault.kind {
+        Kind::Kill => cluster.kill(fault.host)?,
+        Kind::PowerCut => return cluster.cut_power(fault.host).map(Some),
+        Kind::Pause => cluster.pause(fault.host)?,
+        Kind::Lossy { drop, jitter } => {
+            weather(cluster, fault.host, Weather::Lossy { drop, jitter })?
+        }
+        Kind::Partition => weather(cluster, fault.host, Weather::Partitioned)?,
+    }
+    Ok(None)
+}
+
+/// Ends a fault: the host is up, running, and on a clear link again.
+fn heal(cluster: &mut Cluster, fault: &Fault) -> Result<()> {
+    match fault.kind {
+        Kind::Kill | Kind::PowerCut => cluster.restart(fault.host),
+        Kind::Pause => cluster.resume(fault.host),
+        Kind::Lossy { .. } | Kind::Partition => weather(cluster, fault.host, Weather::Clear),
+    }
+}
+
+fn weather(cluster: &Cluster, host: Host, weather: Weather) -> Result<()> {
+    let relay = match host {
+        Host::Worker(id) => cluster.relay(id),
+        Host::Gateway => None,
+    };
+    relay
+        .ok_or_else(|| anyhow!("the {host} has no relay of its own to break"))?
+        .set_weather(weather);
+    Ok(())
+}
+
+fn say(line: &str) {
+    eprintln!("chaos {line}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn plan() -> Plan {
+        Plan {
+            workers: 3,
+            span: Duration::from_secs(300),
+            worker_kills: 60,
+            gateway_kills: 6,
+            power_cuts: 6,
+            pauses: 12,
+            link_faults: 24,
+            failure_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+        }
+    }
+
     #[test]
-    fn intervals_stay_within_their_bounds_and_a_seed_repeats_them() {
+    fn a_schedule_has_every_fault_asked_for_one_per_host_at_a_time_within_the_span() {
+        let p = plan();
+        let faults = schedule(&p, 7).expect("a schedule");
+        let count = |name| faults.iter().filter(|f| f.name() == name).count();
+        assert_eq!(count("worker kill"), 60);
+        assert_eq!(count("gateway kill"), 6);
+        assert_eq!(count("gateway power cut"), 3);
+        assert_eq!(count("worker power cut"), 3);
+        assert_eq!(count("gateway pause"), 4);
+        assert_eq!(count("worker pause"), 8);
+        assert_eq!((count("lossy link"), count("partition")), (12, 12));
+        assert!(faults.windows(2).all(|w| w[0].at <= w[1].at));
+        for f in &faults {
+            assert!(f.end() <= p.span, "{f:?} ends after the span");
+            match f.kind {
+                Kind::Pause => assert!(f.lasts > p.failure_timeout, "{f:?}"),
+                Kind::Partition => assert!(f.lasts > p.idle_timeout, "{f:?}"),
+                Kind::Lossy { .. } => assert_ne!(f.host, Host::Gateway),
+                Kind::Kill | Kind::PowerCut => {}
+            }
+            let overlapping = faults.iter().filter(|g| {
+                g.host == f.host && g != &f && g.at < f.end() + SETTLE && f.at < g.end() + SETTLE
+            });
+            assert_eq!(
+                overlapping.count(),
+                0,
+                "{f:?} overlaps another fault of its host"
+            );
+        }
+        let workers: Vec<Host> = (1..=3).map(Host::Worker).collect();
+        assert!(workers.iter().all(|w| faults.iter().any(|f| f.host == *w)));
+        assert_eq!(schedule(&p, 7).expect("a schedule"), faults);
+        assert_ne!(schedule(&p, 8).expect("a schedule"), faults);
+    }
+
+    #[test]
+    fn faults_that_cannot_fit_are_refused() {
+        let mut p = plan();
+        p.span = Duration::from_secs(30);
+        assert!(schedule(&p, 7).is_err());
+        p.span = Duration::from_secs(3);
+        p.link_faults = 2;
+        assert!(schedule(&p, 7).is_err(), "a partition longer than the span");
+    }
+
+    #[test]
+    fn intervals_stay_within_their_bounds() {
         let bounds = (Duration::from_millis(1000), Duration::from_millis(3000));
-        let draw = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            (0..1000)
-                .map(|_| between(&mut rng, bounds))
-                .collect::<Vec<_>>()
-        };
-        let a = draw(7);
-        assert!(a.iter().all(|d| bounds.0 <= *d && *d <= bounds.1));
-        assert!(a.iter().any(|d| *d < Duration::from_millis(1100)));
-        assert!(a.iter().any(|d| *d > Duration::from_millis(2900)));
-        assert_eq!(a, draw(7));
-        assert_ne!(a, draw(8));
+        let mut rng = StdRng::seed_from_u64(7);
+        let drawn: Vec<Duration> = (0..1000).map(|_| between(&mut rng, bounds)).collect();
+        assert!(drawn.iter().all(|d| bounds.0 <= *d && *d <= bounds.1));
+        assert!(drawn.iter().any(|d| *d < Duration::from_millis(1100)));
+        assert!(drawn.iter().any(|d| *d > Duration::from_millis(2900)));
     }
 }
