@@ -120,8 +120,8 @@ pub struct Config {
     pub show: usize,
     /// Keep the cluster's directory even if the run passes.
     pub keep: bool,
-    /// Use each key in both apps (one request of each), to see whether keys are scoped per
-    /// app; else every request has a key of its own.
+    /// Use each key in both apps (one request of each), so that the check shows keys scoped
+    /// per app; else every request has a key of its own.
     pub shared_keys: bool,
 }
 
@@ -155,7 +155,7 @@ impl Config {
             progress: Duration::from_secs(5),
             show: 5,
             keep: false,
-            shared_keys: false,
+            shared_keys: true,
         }
     }
 
@@ -316,9 +316,10 @@ pub struct ChaosArgs {
     /// that fails always keeps it.
     #[arg(long)]
     keep: bool,
-    /// Use each idempotency key in both apps, to see whether keys are scoped per app.
+    /// Give every request an idempotency key of its own, instead of using each key in both
+    /// apps (one request of each).
     #[arg(long)]
-    shared_keys: bool,
+    own_keys: bool,
 }
 
 impl ChaosArgs {
@@ -357,7 +358,7 @@ impl ChaosArgs {
         set(&mut c.progress, self.progress_s.map(s));
         set(&mut c.show, self.show);
         c.keep = self.keep;
-        c.shared_keys = self.shared_keys;
+        c.shared_keys = !self.own_keys;
         c
     }
 }
@@ -823,7 +824,7 @@ impl std::fmt::Display for Summary<'_> {
             Preset::Standard => "",
             Preset::Long => " --long",
         };
-        let keys = if c.shared_keys { " --shared-keys" } else { "" };
+        let keys = if c.shared_keys { "" } else { " --own-keys" };
         row(
             f,
             "replay",
@@ -979,18 +980,18 @@ mod tests {
     }
 
     #[test]
-    fn requests_alternate_between_the_apps_with_keys_of_their_own_unless_shared() {
+    fn requests_alternate_between_the_apps_sharing_keys_unless_told_not_to() {
         let mut c = Config::short(7);
         c.requests = 4;
         let r = c.requests();
         let apps: Vec<&str> = r.iter().map(|r| r.app.as_str()).collect();
         assert_eq!(apps, ["pipeline", "fanout", "pipeline", "fanout"]);
-        let keys: std::collections::BTreeSet<&str> = r.iter().map(|r| r.key.as_str()).collect();
-        assert_eq!(keys.len(), 4);
-        c.shared_keys = true;
-        let r = c.requests();
         assert_eq!(r[0].key, r[1].key);
         assert_ne!(r[1].key, r[2].key);
+        c.shared_keys = false;
+        let r = c.requests();
+        let keys: std::collections::BTreeSet<&str> = r.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys.len(), 4);
         assert_eq!(expected("fanout", 1), 14);
         assert_eq!(expected("pipeline", 1), 9);
     }
