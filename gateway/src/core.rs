@@ -22,7 +22,9 @@ use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, Invo
 use sand_protocol::ids::{AppName, ExecId};
 use sand_protocol::policy::AppSpec;
 use sand_protocol::time::Time;
-use sand_protocol::wire::{AppBundle, Payload, Reason, ToGateway, ToWorker};
+use sand_protocol::wire::{
+    AppBundle, Payload, Reason, ServiceToGateway, ServiceToWorker, ToWorker, Up,
+};
 use sand_transport_quic::seam::{Events, GatewayEvent, GatewaySender};
 use tokio::sync::{mpsc, oneshot};
 
@@ -393,7 +395,7 @@ impl Core {
             if self.gq.is_connected(*w) {
                 let _ = self
                     .sender
-                    .send(*w, ToWorker::AppChanged { app: app.clone() });
+                    .send(*w, ServiceToWorker::AppChanged { app: app.clone() });
             }
         }
     }
@@ -411,19 +413,21 @@ impl Core {
                 tracing::info!(worker = %w, "worker disconnected");
                 self.gq.handle(now, GqEvent::Disconnected(w));
             }
-            GatewayEvent::Message(w, ToGateway::Fetch { app }) => {
+            GatewayEvent::Message(w, Up::Protocol(msg)) => {
+                self.gq.handle(now, GqEvent::Message(w, msg))
+            }
+            GatewayEvent::Message(w, Up::Service(ServiceToGateway::Fetch { app })) => {
                 let bundle = self.gq.state().apps.get(&app).map(|d| d.bundle.clone());
-                if let Err(e) = self.sender.send(w, ToWorker::Bundle { app, bundle }) {
+                if let Err(e) = self.sender.send(w, ServiceToWorker::Bundle { app, bundle }) {
                     tracing::debug!(worker = %w, "bundle not sent: {e}");
                 }
             }
-            GatewayEvent::Message(w, ToGateway::Trace { runs }) => {
+            GatewayEvent::Message(w, Up::Service(ServiceToGateway::Trace { runs })) => {
                 let writes = self.traces.runs(w, runs, &self.metrics);
                 if let Err(e) = self.store.put_traces(writes) {
                     tracing::warn!("could not record traces: {e}");
                 }
             }
-            GatewayEvent::Message(w, msg) => self.gq.handle(now, GqEvent::Message(w, msg)),
         }
     }
 
@@ -541,7 +545,7 @@ mod tests {
     use bytes::Bytes;
     use prometheus_client::registry::Registry;
     use sand_protocol::ids::{GrainName, Incarnation, Seq, WorkerId};
-    use sand_protocol::wire::{CallSpec, Cont, Effects, Outcome, Report, Return};
+    use sand_protocol::wire::{CallSpec, Cont, Down, Effects, Outcome, Report, Return, ToGateway};
     use sand_transport_quic::mem::MemNetwork;
     use sand_transport_quic::seam::{Events, WorkerEvent};
 
@@ -587,7 +591,7 @@ mod tests {
             resumed: false,
             started: Vec::new(),
         };
-        core.event(GatewayEvent::Message(WORKER, hello));
+        core.event(GatewayEvent::Message(WORKER, hello.into()));
         core.drain().unwrap();
         settle(&mut core);
         (core, net, worker.events)
@@ -615,7 +619,7 @@ mod tests {
     /// The next call dispatched to the worker.
     fn dispatched(events: &mut Events<WorkerEvent>) -> CallSpec {
         loop {
-            if let WorkerEvent::Message(ToWorker::Dispatch { call, .. }) =
+            if let WorkerEvent::Message(Down::Protocol(ToWorker::Dispatch { call, .. })) =
                 events.try_recv().unwrap()
             {
                 return call;
@@ -643,7 +647,7 @@ mod tests {
             seq: Seq(seq),
             reports: vec![report],
         };
-        GatewayEvent::Message(WORKER, msg)
+        GatewayEvent::Message(WORKER, msg.into())
     }
 
     fn run(core: &mut Core, input: &'static [u8]) -> Run {

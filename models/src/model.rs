@@ -936,7 +936,7 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
         }
         (Msg::Open { epoch: Some(e), .. }, _) => *e < epoch,
         (Msg::ToWorker { conn, msg, .. }, State::Worker(w)) => {
-            w.gone || *conn < w.conn || addressee(msg).is_some_and(|i| i < w.lb.incarnation())
+            w.gone || *conn < w.conn || addressee(msg) < w.lb.incarnation()
         }
         (Msg::Restarted, State::Worker(w)) => w.gone,
         (Msg::Open { conn, .. }, State::Gateway(g)) => replaced(g, env.src, *conn),
@@ -961,28 +961,26 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
     }
 }
 
-/// The worker incarnation a worker message speaks for; `None` for `Hello` (which opens a
-/// connection, see `is_stale`) and the driver's service messages.
+/// The worker incarnation a worker message speaks for; `None` for `Hello`, which opens a
+/// connection (see `is_stale`).
 fn sender(msg: &ToGateway) -> Option<Incarnation> {
     match msg {
         ToGateway::Heartbeat { incarnation, .. } | ToGateway::Progress { incarnation, .. } => {
             Some(*incarnation)
         }
-        _ => None,
+        ToGateway::Hello { .. } => None,
     }
 }
 
-/// The worker incarnation a gateway message is addressed to; `None` for the driver's service
-/// messages, which the model never sends.
-fn addressee(msg: &ToWorker) -> Option<Incarnation> {
+/// The worker incarnation a gateway message is addressed to.
+fn addressee(msg: &ToWorker) -> Incarnation {
     match msg {
         ToWorker::Welcome { incarnation, .. }
         | ToWorker::Dispatch { incarnation, .. }
         | ToWorker::Ack { incarnation, .. }
         | ToWorker::Cancel { incarnation, .. }
         | ToWorker::Abort { incarnation, .. }
-        | ToWorker::Fenced { incarnation, .. } => Some(*incarnation),
-        _ => None,
+        | ToWorker::Fenced { incarnation, .. } => *incarnation,
     }
 }
 
@@ -1316,7 +1314,7 @@ fn is_stale(state: &State, src: Id, msg: &Msg) -> bool {
         (State::Worker(w), Msg::ToWorker { epoch, conn, msg }) => {
             w.epoch.is_some_and(|e| *epoch < e)
                 || *conn < w.conn
-                || addressee(msg).is_some_and(|i| i != w.lb.incarnation())
+                || addressee(msg) != w.lb.incarnation()
         }
         _ => false,
     }

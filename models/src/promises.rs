@@ -64,6 +64,6 @@ pub fn sent_is_durable(store: &DurableState, worker: WorkerId, msg: &ToWorker) -
                 .get(&(*exec, *call))
                 .is_none_or(|c| c.attempt != *attempt || c.owner != Some(there))
         }
-        ToWorker::Dispatch { .. } | ToWorker::Bundle { .. } | ToWorker::AppChanged { .. } => true,
+        ToWorker::Dispatch { .. } => true,
     }
 }

@@ -1998,7 +1998,6 @@ impl Sim {
             ToGateway::Hello { incarnation, .. }
             | ToGateway::Heartbeat { incarnation, .. }
             | ToGateway::Progress { incarnation, .. } => *incarnation,
-            ToGateway::Fetch { .. } | ToGateway::Trace { .. } => return Ok(()), // Not protocol.
         };
         let fenced = gq.state().workers.get(&wid).is_some_and(|r| {
             incarnation < r.incarnation || (incarnation == r.incarnation && r.dead)

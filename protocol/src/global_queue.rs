@@ -96,7 +96,7 @@ pub enum ConfigError {
 /// Something that happened, fed to [`GlobalQueue::handle`].
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum GqEvent {
-    /// A worker's message arrived (the transport authenticated the worker).
+    /// A worker's protocol message arrived (the transport authenticated the worker).
     Message(WorkerId, ToGateway),
     /// A worker's connection closed. Its calls stay with it until the failure timeout.
     Disconnected(WorkerId),
@@ -485,7 +485,6 @@ impl GlobalQueue {
             ToGateway::Heartbeat { incarnation, .. } | ToGateway::Progress { incarnation, .. } => {
                 *incarnation
             }
-            ToGateway::Fetch { .. } | ToGateway::Trace { .. } => return, // The driver's.
         };
         let Some(rec) = self.state.workers.get(&worker).copied() else {
             return; // It has not said Hello: nothing it says counts yet.

@@ -8,7 +8,8 @@
 //!
 //! - [`ids`]: executions, calls (derived deterministically from their parent), workers,
 //!   incarnations, attempts.
-//! - [`wire`]: the messages and their versioned binary encoding.
+//! - [`wire`]: the messages, the envelopes that keep the drivers' service traffic apart from
+//!   them, and their versioned binary encoding.
 //! - [`global_queue`]: the gateway's durable record of every pending call and who owns it.
 //! - [`local_bus`]: a worker's queue of the calls it runs itself, and its backups.
 //! - [`durable`]: the records the global queue persists, and the state they rebuild.

@@ -86,7 +86,7 @@ pub enum LbEvent {
     Connected,
     /// The connection to the gateway broke.
     Disconnected,
-    /// A message from the gateway arrived.
+    /// A protocol message from the gateway arrived.
     Message(ToWorker),
     /// A grain instance finished an attempt the bus asked to run.
     Finished {
@@ -290,7 +290,6 @@ impl LocalBus {
             | ToWorker::Cancel { incarnation, .. }
             | ToWorker::Abort { incarnation, .. }
             | ToWorker::Fenced { incarnation, .. } => *incarnation,
-            ToWorker::Bundle { .. } | ToWorker::AppChanged { .. } => return, // The driver's.
         };
         if incarnation != self.incarnation {
             return; // Addressed to another life of this worker.
@@ -344,7 +343,6 @@ impl LocalBus {
                 }
             }
             ToWorker::Fenced { successor, .. } => self.reincarnate(successor),
-            ToWorker::Bundle { .. } | ToWorker::AppChanged { .. } => {} // Returned above.
         }
     }
 

@@ -1,23 +1,32 @@
 //! The messages between the gateway and its workers, and their binary encoding.
 //!
-//! Every message names the incarnation it belongs to, so a receiver can refuse what an older
-//! life of a worker said. The encoding is a one-byte version followed by postcard (serde's
-//! compact varint format). A frame is at most [`MESSAGE_BYTES_MAX`] long; decoding any byte
-//! string returns a message or an error, never a panic.
+//! Two kinds of message share a connection. Protocol messages ([`ToGateway`], [`ToWorker`]) are
+//! the two-level queue's: each names the incarnation it belongs to, so a receiver can refuse
+//! what an older life of a worker said, and only they reach `GlobalQueue` and `LocalBus`, so the
+//! model checker hashes protocol state alone. Service messages ([`ServiceToGateway`],
+//! [`ServiceToWorker`]) are the drivers' own traffic: bundles and traces, which the protocol
+//! neither numbers nor recovers. Every frame holds one envelope, [`Up`] from a worker or [`Down`]
+//! from the gateway, that says which kind it carries.
+//!
+//! The encoding is a one-byte version followed by postcard (serde's compact varint format) of
+//! the envelope. A frame is at most [`MESSAGE_BYTES_MAX`] long; decoding any byte string returns
+//! an envelope or an error, never a panic.
 //!
 //! This module does not decide anything: what a receiver must do with each message is written on
-//! the message, and done by `GlobalQueue` and `LocalBus`.
+//! the message, and done by `GlobalQueue` and `LocalBus` for protocol messages, by the drivers
+//! for service messages.
 
 use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq};
 
 /// The encoding version this build writes and reads.
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 
 /// The largest encoded message, in bytes. A frame above it is refused without being read.
 pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
@@ -281,43 +290,6 @@ pub enum ToGateway {
         /// Applied in order, each alone: a stale one is skipped, the rest still apply.
         reports: Vec<Report>,
     },
-    /// Service, not protocol: asks for an app's bundle, on the worker's first call of the app
-    /// or after `AppChanged`. The gateway's driver answers `Bundle`; the GlobalQueue ignores it.
-    Fetch {
-        /// The app wanted.
-        app: AppName,
-    },
-    /// Service, not protocol: what the worker saw of finished runs, for the execution's trace.
-    /// Best effort: never re-sent, lost with its connection. The GlobalQueue ignores it.
-    Trace {
-        /// The runs, oldest first.
-        runs: Vec<RunTrace>,
-    },
-}
-
-/// How one run of a call went, as its worker saw it: the raw matter of an execution's trace.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
-pub struct RunTrace {
-    /// The execution.
-    pub exec: ExecId,
-    /// The call.
-    pub call: CallId,
-    /// The attempt run.
-    pub attempt: Attempt,
-    /// The grain.
-    pub grain: GrainName,
-    /// True if the gateway dispatched it; false if the worker's local bus started it.
-    pub dispatched: bool,
-    /// Wall-clock start and end, in milliseconds since the Unix epoch.
-    pub started_ms: u64,
-    /// See `started_ms`.
-    pub ended_ms: u64,
-    /// `None` if it finished (returned, chained or fanned out); else how it failed.
-    pub error: Option<GrainError>,
-    /// The run's captured stdout, bounded by the worker.
-    pub stdout: Bytes,
-    /// The run's captured stderr, bounded by the worker.
-    pub stderr: Bytes,
 }
 
 /// A message from the gateway to a worker.
@@ -382,16 +354,63 @@ pub enum ToWorker {
         /// as a new life.
         successor: Incarnation,
     },
-    /// Service, not protocol: answers `Fetch`. The LocalBus ignores it.
+}
+
+/// A service message from a worker's driver to the gateway's.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum ServiceToGateway {
+    /// Asks for an app's bundle, on the worker's first call of the app or after `AppChanged`.
+    /// The gateway answers `Bundle`. Lost with its connection: the worker asks again after the
+    /// next `Connected`.
+    Fetch {
+        /// The app wanted.
+        app: AppName,
+    },
+    /// What the worker saw of finished runs, for the execution's trace. Best effort: never
+    /// re-sent, lost with its connection.
+    Trace {
+        /// The runs, oldest first.
+        runs: Vec<RunTrace>,
+    },
+}
+
+/// How one run of a call went, as its worker saw it: the raw matter of an execution's trace.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct RunTrace {
+    /// The execution.
+    pub exec: ExecId,
+    /// The call.
+    pub call: CallId,
+    /// The attempt run.
+    pub attempt: Attempt,
+    /// The grain.
+    pub grain: GrainName,
+    /// True if the gateway dispatched it; false if the worker's local bus started it.
+    pub dispatched: bool,
+    /// Wall-clock start and end, in milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// See `started_ms`.
+    pub ended_ms: u64,
+    /// `None` if it finished (returned, chained or fanned out); else how it failed.
+    pub error: Option<GrainError>,
+    /// The run's captured stdout, bounded by the worker.
+    pub stdout: Bytes,
+    /// The run's captured stderr, bounded by the worker.
+    pub stderr: Bytes,
+}
+
+/// A service message from the gateway's driver to a worker's.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum ServiceToWorker {
+    /// Answers `Fetch`.
     Bundle {
         /// The app asked for.
         app: AppName,
         /// Its deployed bundle, or `None` if it is not deployed.
         bundle: Option<AppBundle>,
     },
-    /// Service, not protocol: the app was redeployed or removed. The worker retires its sandbox
-    /// of the app once idle, and fetches the bundle again at the next call. The LocalBus
-    /// ignores it.
+    /// The app was redeployed or removed. The worker retires its sandbox of the app once idle,
+    /// and fetches the bundle again at the next call.
     AppChanged {
         /// The app.
         app: AppName,
@@ -419,6 +438,62 @@ pub struct AppBundle {
     pub digest: String,
     /// The gzip'd tar of the app directory.
     pub archive: Bytes,
+}
+
+/// What one frame from a worker to the gateway holds.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum Up {
+    /// For the gateway's `GlobalQueue`.
+    Protocol(ToGateway),
+    /// For the gateway's driver.
+    Service(ServiceToGateway),
+}
+
+/// What one frame from the gateway to a worker holds.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub enum Down {
+    /// For the worker's `LocalBus`.
+    Protocol(ToWorker),
+    /// For the worker's driver.
+    Service(ServiceToWorker),
+}
+
+impl From<ToGateway> for Up {
+    fn from(msg: ToGateway) -> Self {
+        Up::Protocol(msg)
+    }
+}
+
+impl From<ServiceToGateway> for Up {
+    fn from(msg: ServiceToGateway) -> Self {
+        Up::Service(msg)
+    }
+}
+
+impl From<ToWorker> for Down {
+    fn from(msg: ToWorker) -> Self {
+        Down::Protocol(msg)
+    }
+}
+
+impl From<ServiceToWorker> for Down {
+    fn from(msg: ServiceToWorker) -> Self {
+        Down::Service(msg)
+    }
+}
+
+/// What a frame holds: [`Up`] or [`Down`], never a bare message, so that every receiver can tell
+/// protocol from service traffic.
+pub trait Envelope: Serialize + DeserializeOwned + sealed::Sealed {}
+
+impl Envelope for Up {}
+impl Envelope for Down {}
+
+mod sealed {
+    /// Keeps [`Envelope`](super::Envelope) to the two envelopes.
+    pub trait Sealed {}
+    impl Sealed for super::Up {}
+    impl Sealed for super::Down {}
 }
 
 /// Why bytes could not be decoded into a message.
@@ -452,8 +527,8 @@ pub enum EncodeError {
     Serde(String),
 }
 
-/// Encodes a message as one frame: the version byte, then postcard.
-pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
+/// Encodes an envelope as one frame: the version byte, then postcard.
+pub fn encode<E: Envelope>(msg: &E) -> Result<Vec<u8>, EncodeError> {
     let out = postcard::to_extend(msg, vec![WIRE_VERSION])
         .map_err(|e| EncodeError::Serde(e.to_string()))?;
     if out.len() > MESSAGE_BYTES_MAX {
@@ -463,7 +538,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
 }
 
 /// Decodes one frame made by [`encode`].
-pub fn decode<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, DecodeError> {
+pub fn decode<E: Envelope>(frame: &[u8]) -> Result<E, DecodeError> {
     let (&version, body) = frame.split_first().ok_or(DecodeError::Empty)?;
     if frame.len() > MESSAGE_BYTES_MAX {
         return Err(DecodeError::TooLarge(frame.len()));
@@ -515,10 +590,25 @@ mod tests {
                 successor: Incarnation(4),
             },
         ];
-        for m in msgs {
+        let app = AppName::new("app").unwrap();
+        let service = [
+            ServiceToWorker::Bundle {
+                app: app.clone(),
+                bundle: Some(AppBundle {
+                    digest: "d1".into(),
+                    archive: Bytes::from_static(b"tar"),
+                }),
+            },
+            ServiceToWorker::AppChanged { app: app.clone() },
+        ];
+        let downs = msgs
+            .into_iter()
+            .map(Down::from)
+            .chain(service.map(Down::from));
+        for m in downs {
             let frame = encode(&m).unwrap();
             assert_eq!(frame[0], WIRE_VERSION);
-            assert_eq!(decode::<ToWorker>(&frame), Ok(m));
+            assert_eq!(decode::<Down>(&frame), Ok(m));
         }
         let p = ToGateway::Progress {
             incarnation: Incarnation(1),
@@ -530,37 +620,80 @@ mod tests {
                 outcome: Outcome::Failed(GrainError::new(ErrorKind::Raised, "boom")),
             }],
         };
-        assert_eq!(decode::<ToGateway>(&encode(&p).unwrap()), Ok(p));
+        let trace = ServiceToGateway::Trace {
+            runs: vec![RunTrace {
+                exec: spec().exec,
+                call: spec().call,
+                attempt: Attempt(0),
+                grain: spec().grain,
+                dispatched: true,
+                started_ms: 1,
+                ended_ms: 2,
+                error: None,
+                stdout: Bytes::from_static(b"out"),
+                stderr: Bytes::new(),
+            }],
+        };
+        let ups = [
+            Up::from(p),
+            Up::from(ServiceToGateway::Fetch { app }),
+            Up::from(trace),
+        ];
+        for m in ups {
+            assert_eq!(decode::<Up>(&encode(&m).unwrap()), Ok(m));
+        }
+    }
+
+    #[test]
+    fn frames_from_before_the_envelopes_are_refused_by_their_version() {
+        // An old worker's first frame, `Hello { incarnation: 1, resumed: false, started: [] }`,
+        // the same in versions 2 and 3. Read as this version's body, it would pass for an
+        // `Up::Protocol(Heartbeat)` of incarnation 0: the version byte is all that tells them
+        // apart.
+        for version in [2, 3] {
+            let old_hello = [version, 0, 1, 0, 0];
+            let refused = decode::<Up>(&old_hello).unwrap_err();
+            assert_eq!(refused, DecodeError::Version(version));
+            assert_eq!(
+                refused.to_string(),
+                format!(
+                    "wire version {version} is not supported (this build speaks version \
+                     {WIRE_VERSION})"
+                )
+            );
+            let misread: Up = postcard::from_bytes(&old_hello[1..]).unwrap();
+            assert!(matches!(misread, Up::Protocol(ToGateway::Heartbeat { .. })));
+        }
     }
 
     #[test]
     fn bad_frames_are_refused() {
-        let good = encode(&ToGateway::Hello {
+        let good = encode(&Up::Protocol(ToGateway::Hello {
             incarnation: Incarnation(1),
             resumed: false,
             started: Vec::new(),
-        })
+        }))
         .unwrap();
-        assert_eq!(decode::<ToGateway>(&[]), Err(DecodeError::Empty));
+        assert_eq!(decode::<Up>(&[]), Err(DecodeError::Empty));
         let mut wrong_version = good.clone();
         wrong_version[0] = 9;
-        assert_eq!(
-            decode::<ToGateway>(&wrong_version),
-            Err(DecodeError::Version(9))
-        );
+        assert_eq!(decode::<Up>(&wrong_version), Err(DecodeError::Version(9)));
         let mut trailing = good.clone();
         trailing.push(0);
-        assert_eq!(
-            decode::<ToGateway>(&trailing),
-            Err(DecodeError::Trailing(1))
-        );
+        assert_eq!(decode::<Up>(&trailing), Err(DecodeError::Trailing(1)));
         assert!(matches!(
-            decode::<ToGateway>(&good[..1]),
+            decode::<Up>(&good[..1]),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut no_such_envelope = good.clone();
+        no_such_envelope[1] = 2;
+        assert!(matches!(
+            decode::<Up>(&no_such_envelope),
             Err(DecodeError::Malformed(_))
         ));
         let huge = vec![WIRE_VERSION; MESSAGE_BYTES_MAX + 1];
         assert_eq!(
-            decode::<ToGateway>(&huge),
+            decode::<Up>(&huge),
             Err(DecodeError::TooLarge(MESSAGE_BYTES_MAX + 1))
         );
     }
@@ -574,7 +707,21 @@ mod tests {
             call: s,
             reason: Reason::First,
         };
-        assert!(matches!(encode(&m), Err(EncodeError::TooLarge(_))));
+        assert!(matches!(
+            encode(&Down::Protocol(m)),
+            Err(EncodeError::TooLarge(_))
+        ));
+        let bundle = ServiceToWorker::Bundle {
+            app: AppName::new("app").unwrap(),
+            bundle: Some(AppBundle {
+                digest: "d1".into(),
+                archive: Bytes::from(vec![0; MESSAGE_BYTES_MAX]),
+            }),
+        };
+        assert!(matches!(
+            encode(&Down::Service(bundle)),
+            Err(EncodeError::TooLarge(_))
+        ));
     }
 
     #[test]

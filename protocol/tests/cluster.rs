@@ -360,7 +360,6 @@ impl Cluster {
             ToGateway::Hello { incarnation, .. }
             | ToGateway::Heartbeat { incarnation, .. }
             | ToGateway::Progress { incarnation, .. } => *incarnation,
-            ToGateway::Fetch { .. } | ToGateway::Trace { .. } => unreachable!("not sent here"),
         };
         let fenced = rec.is_some_and(|r| {
             incarnation < r.incarnation || (incarnation == r.incarnation && r.dead)

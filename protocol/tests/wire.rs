@@ -1,12 +1,15 @@
-//! Property tests of the wire encoding: decoding never panics, and what is encoded decodes.
+//! Property tests of the wire encoding: decoding never panics, and what is encoded decodes, for
+//! both envelopes and both kinds of message in them.
 
 #![allow(clippy::unwrap_used)] // Tests unwrap what they built to be valid.
 
+use bytes::Bytes;
 use proptest::prelude::*;
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq};
 use sand_protocol::wire::{
-    decode, encode, CallSpec, Cont, Effects, NewCall, Outcome, Payload, Reason, Report, ToGateway,
-    ToWorker, WIRE_VERSION,
+    decode, encode, AppBundle, CallSpec, Cont, Down, Effects, EncodeError, NewCall, Outcome,
+    Payload, Reason, Report, RunTrace, ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
+    WIRE_VERSION,
 };
 
 fn sample_frames() -> Vec<Vec<u8>> {
@@ -38,20 +41,51 @@ fn sample_frames() -> Vec<Vec<u8>> {
             ..Effects::default()
         }),
     };
+    let run = RunTrace {
+        exec,
+        call: call.call,
+        attempt: Attempt(0),
+        grain: call.grain.clone(),
+        dispatched: false,
+        started_ms: 1_700_000_000_000,
+        ended_ms: 1_700_000_000_012,
+        error: None,
+        stdout: Bytes::from_static(b"hello\n"),
+        stderr: Bytes::new(),
+    };
+    let bundle = ServiceToWorker::Bundle {
+        app: call.app.clone(),
+        bundle: Some(AppBundle {
+            digest: "abc".into(),
+            archive: Bytes::from_static(b"\x1f\x8b tar"),
+        }),
+    };
     vec![
-        encode(&ToWorker::Dispatch {
+        down(ToWorker::Dispatch {
             incarnation: Incarnation(1),
             call,
             reason: Reason::First,
         })
         .unwrap(),
-        encode(&ToGateway::Progress {
+        up(ToGateway::Progress {
             incarnation: Incarnation(1),
             seq: Seq(5),
             reports: vec![report],
         })
         .unwrap(),
+        down(bundle).unwrap(),
+        up(ServiceToGateway::Trace { runs: vec![run] }).unwrap(),
     ]
+}
+
+/// Encodes a message to a worker, in its envelope.
+fn down(msg: impl Into<Down>) -> Result<Vec<u8>, EncodeError> {
+    encode(&msg.into())
+}
+
+/// Encodes a message to the gateway, in its envelope.
+fn up(msg: impl Into<Up>) -> Result<Vec<u8>, EncodeError> {
+    encode(&msg.into())
 }
 
 proptest! {
@@ -60,19 +94,19 @@ proptest! {
     /// Any byte string decodes to a message or an error.
     #[test]
     fn decoding_any_bytes_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = decode::<ToGateway>(&bytes);
-        let _ = decode::<ToWorker>(&bytes);
+        let _ = decode::<Up>(&bytes);
+        let _ = decode::<Down>(&bytes);
         if let Some(b) = bytes.first_mut() {
             *b = WIRE_VERSION;
         }
-        let _ = decode::<ToGateway>(&bytes);
-        let _ = decode::<ToWorker>(&bytes);
+        let _ = decode::<Up>(&bytes);
+        let _ = decode::<Down>(&bytes);
     }
 
     /// Valid frames with random bytes overwritten or cut short decode to a message or an error.
     #[test]
     fn decoding_corrupted_frames_never_panics(
-        which in 0usize..2,
+        which in 0usize..4,
         edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
         cut in any::<usize>(),
     ) {
@@ -82,21 +116,30 @@ proptest! {
             frame[i] = byte;
         }
         frame.truncate(cut % (frame.len() + 1));
-        let _ = decode::<ToGateway>(&frame);
-        let _ = decode::<ToWorker>(&frame);
+        let _ = decode::<Up>(&frame);
+        let _ = decode::<Down>(&frame);
     }
 
     /// Heartbeats of any value round-trip.
     #[test]
     fn heartbeats_round_trip(incarnation in any::<u64>(), running in any::<u32>()) {
         let m = ToGateway::Heartbeat { incarnation: Incarnation(incarnation), running };
-        prop_assert_eq!(decode::<ToGateway>(&encode(&m).unwrap()), Ok(m));
+        prop_assert_eq!(decode::<Up>(&up(m.clone()).unwrap()), Ok(Up::Protocol(m)));
+    }
+
+    /// App-change notices of any app name round-trip, as service messages.
+    #[test]
+    fn app_changes_round_trip(name in "[a-z][a-z0-9-]{0,30}") {
+        let m = ServiceToWorker::AppChanged { app: AppName::new(&name).unwrap() };
+        prop_assert_eq!(decode::<Down>(&down(m.clone()).unwrap()), Ok(Down::Service(m)));
     }
 }
 
 #[test]
 fn sample_frames_decode() {
     let frames = sample_frames();
-    assert!(decode::<ToWorker>(&frames[0]).is_ok());
-    assert!(decode::<ToGateway>(&frames[1]).is_ok());
+    assert!(matches!(decode::<Down>(&frames[0]), Ok(Down::Protocol(_))));
+    assert!(matches!(decode::<Up>(&frames[1]), Ok(Up::Protocol(_))));
+    assert!(matches!(decode::<Down>(&frames[2]), Ok(Down::Service(_))));
+    assert!(matches!(decode::<Up>(&frames[3]), Ok(Up::Service(_))));
 }

@@ -23,7 +23,8 @@ use bytes::Bytes;
 use quinn::Endpoint;
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use sand_protocol::wire::{
-    encode, CallSpec, Cont, Effects, Outcome, Payload, Reason, Report, Return, ToGateway, ToWorker,
+    encode, CallSpec, Cont, Down, Effects, Outcome, Payload, Reason, Report, Return, ToGateway,
+    ToWorker, Up,
 };
 use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
 use sand_transport_quic::quic::{self, QuicConfig, QuicGateway, QuicWorker};
@@ -96,8 +97,8 @@ async fn run() -> Result<(), BoxError> {
         results[3].mib_per_s.push(tcp.throughput(BIG_COUNT).await?);
     }
 
-    let hb = encode(&heartbeat())?.len() + 4;
-    let ack = encode(&ack())?.len() + 4;
+    let hb = encode(&Up::from(heartbeat()))?.len() + 4;
+    let ack = encode(&Down::from(ack()))?.len() + 4;
     println!();
     println!(
         "| transport | round trip median (µs) | round trip p99 (µs) | 64 KiB messages (MiB/s) |"
@@ -225,7 +226,7 @@ impl SandPair {
             while let Some(event) = gw.events.recv().await {
                 if let GatewayEvent::Message(w, msg) = event {
                     let reply = match msg {
-                        ToGateway::Heartbeat { .. } => reply_ack.clone(),
+                        Up::Protocol(ToGateway::Heartbeat { .. }) => reply_ack.clone(),
                         _ => reply_dispatch.clone(),
                     };
                     if gw.sender.send(w, reply).is_err() {

@@ -5,9 +5,7 @@
 //! its four bytes are read, before any buffer for the body is grown. It does no I/O.
 
 use bytes::{Buf, Bytes, BytesMut};
-use sand_protocol::wire::{self, DecodeError, EncodeError, MESSAGE_BYTES_MAX};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use sand_protocol::wire::{self, DecodeError, EncodeError, Envelope, MESSAGE_BYTES_MAX};
 
 /// Bytes in a frame's length prefix.
 pub(crate) const LEN_BYTES: usize = 4;
@@ -22,7 +20,7 @@ pub(crate) enum FrameError {
     /// The length prefix announces more than the protocol allows.
     #[error("frame of {0} bytes announced, above the {max} byte limit", max = MESSAGE_BYTES_MAX)]
     Oversize(usize),
-    /// The body is not a message.
+    /// The body is not an envelope.
     #[error("undecodable frame: {0}")]
     Decode(#[from] DecodeError),
     /// A stream ended inside a frame.
@@ -39,18 +37,18 @@ pub(crate) enum FrameError {
     Preamble([u8; 4]),
 }
 
-/// One encoded message, ready to write: its length prefix and its body.
+/// One encoded envelope, ready to write: its length prefix and its body.
 #[derive(Debug, Clone)]
 pub(crate) struct Frame {
     /// The length prefix.
     pub(crate) head: [u8; LEN_BYTES],
-    /// The encoded message.
+    /// The encoded envelope.
     pub(crate) body: Bytes,
 }
 
 impl Frame {
     /// Encodes `msg`. Refuses it when above [`MESSAGE_BYTES_MAX`].
-    pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Self, EncodeError> {
+    pub(crate) fn encode<E: Envelope>(msg: &E) -> Result<Self, EncodeError> {
         let body = wire::encode(msg)?;
         // `wire::encode` refuses anything above MESSAGE_BYTES_MAX (16 MiB), so it fits a u32.
         let len = u32::try_from(body.len()).map_err(|_| EncodeError::TooLarge(body.len()))?;
@@ -75,8 +73,8 @@ pub(crate) fn body_len(head: [u8; LEN_BYTES]) -> Result<usize, FrameError> {
     Ok(len)
 }
 
-/// Decodes a frame body into a message.
-pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+/// Decodes a frame body into an envelope.
+pub(crate) fn decode<E: Envelope>(body: &[u8]) -> Result<E, FrameError> {
     Ok(wire::decode(body)?)
 }
 
@@ -136,7 +134,7 @@ impl FrameBuffer {
 mod tests {
     use super::*;
     use sand_protocol::ids::Incarnation;
-    use sand_protocol::wire::ToGateway;
+    use sand_protocol::wire::{ToGateway, Up};
 
     fn wire_bytes(frames: &[Frame]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -149,10 +147,12 @@ mod tests {
 
     #[test]
     fn frames_are_cut_from_chunks_of_any_size() {
-        let msgs: Vec<ToGateway> = (0..5)
-            .map(|i| ToGateway::Heartbeat {
-                incarnation: Incarnation(i),
-                running: i as u32 * 1000,
+        let msgs: Vec<Up> = (0..5)
+            .map(|i| {
+                Up::Protocol(ToGateway::Heartbeat {
+                    incarnation: Incarnation(i),
+                    running: i as u32 * 1000,
+                })
             })
             .collect();
         let frames: Vec<Frame> = msgs.iter().map(|m| Frame::encode(m).unwrap()).collect();
@@ -163,7 +163,7 @@ mod tests {
             for piece in bytes.chunks(chunk) {
                 buf.extend(piece);
                 while let Some(body) = buf.next_body().unwrap() {
-                    got.push(decode::<ToGateway>(&body).unwrap());
+                    got.push(decode::<Up>(&body).unwrap());
                 }
             }
             assert_eq!(got, msgs, "chunk size {chunk}");
@@ -193,11 +193,11 @@ mod tests {
 
     #[test]
     fn a_stream_ending_inside_a_frame_is_truncated() {
-        let f = Frame::encode(&ToGateway::Hello {
+        let f = Frame::encode(&Up::Protocol(ToGateway::Hello {
             incarnation: Incarnation(3),
             resumed: false,
             started: Vec::new(),
-        })
+        }))
         .unwrap();
         let bytes = wire_bytes(&[f]);
         let mut buf = FrameBuffer::default();
@@ -212,11 +212,11 @@ mod tests {
     #[test]
     fn garbage_bodies_are_decode_errors() {
         assert!(matches!(
-            decode::<ToGateway>(&[1, 200, 200, 200]),
+            decode::<Up>(&[1, 200, 200, 200]),
             Err(FrameError::Decode(_))
         ));
         assert!(matches!(
-            decode::<ToGateway>(&[]),
+            decode::<Up>(&[]),
             Err(FrameError::Decode(DecodeError::Empty))
         ));
     }

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sand_protocol::ids::WorkerId;
-use sand_protocol::wire::{ToGateway, ToWorker};
+use sand_protocol::wire::{Down, Envelope, Up};
 use tokio::sync::Semaphore;
 
 use crate::framing::{self, Frame};
@@ -178,10 +178,7 @@ impl Shared {
 }
 
 /// Encodes and decodes a message as the wire would, so the same size limit and encoding apply.
-fn through_the_wire<T>(msg: &T) -> Result<T, SendError>
-where
-    T: serde::Serialize + serde::de::DeserializeOwned,
-{
+fn through_the_wire<E: Envelope>(msg: &E) -> Result<E, SendError> {
     let frame = Frame::encode(msg)?;
     // A message this build encoded always decodes in this build: the protocol's own tests
     // round-trip every message kind. A failure would be a protocol bug, reported as such.
@@ -194,7 +191,7 @@ struct MemGatewayOutbox {
 }
 
 impl GatewayOutbox for MemGatewayOutbox {
-    fn send(&self, worker: WorkerId, msg: ToWorker) -> Result<(), SendError> {
+    fn send(&self, worker: WorkerId, msg: Down) -> Result<(), SendError> {
         let msg = through_the_wire(&msg)?;
         let mut state = self.shared.lock();
         let peer = state.workers.get(&worker).ok_or(SendError::NotConnected)?;
@@ -220,7 +217,7 @@ struct MemWorkerOutbox {
 }
 
 impl WorkerOutbox for MemWorkerOutbox {
-    fn send(&self, msg: ToGateway) -> Result<(), SendError> {
+    fn send(&self, msg: Up) -> Result<(), SendError> {
         let msg = through_the_wire(&msg)?;
         let mut state = self.shared.lock();
         let peer = state
@@ -250,21 +247,25 @@ mod tests {
     use super::*;
     use crate::seam::TryRecvError;
     use bytes::Bytes;
+    use sand_protocol::ids::AppName;
     use sand_protocol::ids::{Attempt, ExecId, Incarnation, Seq};
-    use sand_protocol::wire::{CallSpec, Cont, Payload, Reason, MESSAGE_BYTES_MAX};
+    use sand_protocol::wire::{
+        CallSpec, Cont, Payload, Reason, ServiceToGateway, ServiceToWorker, ToGateway, ToWorker,
+        MESSAGE_BYTES_MAX,
+    };
 
-    fn heartbeat(n: u32) -> ToGateway {
-        ToGateway::Heartbeat {
+    fn heartbeat(n: u32) -> Up {
+        Up::Protocol(ToGateway::Heartbeat {
             incarnation: Incarnation(1),
             running: n,
-        }
+        })
     }
 
-    fn ack(n: u64) -> ToWorker {
-        ToWorker::Ack {
+    fn ack(n: u64) -> Down {
+        Down::Protocol(ToWorker::Ack {
             incarnation: Incarnation(1),
             upto: Seq(n),
-        }
+        })
     }
 
     fn drain<E>(events: &mut Events<E>) -> Vec<E> {
@@ -294,6 +295,35 @@ mod tests {
         let mut want = vec![WorkerEvent::Connected];
         want.extend((0..5).map(|i| WorkerEvent::Message(ack(i))));
         assert_eq!(drain(&mut w2.events), want);
+    }
+
+    #[test]
+    fn service_messages_share_the_link_with_protocol_ones() {
+        let (net, mut gw) = MemNetwork::new(16);
+        let mut w1 = net.add_worker(W1);
+        let app = AppName::new("app").unwrap();
+        w1.sender.send(heartbeat(1)).unwrap();
+        let fetch = ServiceToGateway::Fetch { app: app.clone() };
+        w1.sender.send(fetch.clone()).unwrap();
+        let bundle = ServiceToWorker::Bundle { app, bundle: None };
+        gw.sender.send(W1, bundle.clone()).unwrap();
+        gw.sender.send(W1, ack(1)).unwrap();
+        assert_eq!(
+            drain(&mut gw.events),
+            vec![
+                GatewayEvent::Connected(W1),
+                GatewayEvent::Message(W1, heartbeat(1)),
+                GatewayEvent::Message(W1, Up::Service(fetch)),
+            ]
+        );
+        assert_eq!(
+            drain(&mut w1.events),
+            vec![
+                WorkerEvent::Connected,
+                WorkerEvent::Message(Down::Service(bundle)),
+                WorkerEvent::Message(ack(1)),
+            ]
+        );
     }
 
     #[test]

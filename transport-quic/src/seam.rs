@@ -16,11 +16,15 @@
 //! - **Per peer, events are well nested**: `Connected`, then that connection's messages, then
 //!   `Disconnected`, then perhaps `Connected` again. No message of a connection arrives after
 //!   its `Disconnected`, so none after the `Connected` of a newer one.
+//! - **Envelopes, not bare messages.** Each event and each send carries one envelope ([`Up`] from
+//!   a worker, [`Down`] from the gateway): a protocol message for the state machines, or a
+//!   service message (bundles, traces) for the drivers. Both kinds travel alike.
 //! - **Order holds on the control stream, and only there.** Small control messages share one
-//!   ordered stream. Each payload-carrying message (`ToGateway::Progress` and `Trace`,
-//!   `ToWorker::Dispatch` and `Bundle`) travels on a stream of its own, so it may overtake or be
-//!   overtaken by another payload message and by any control message. The protocol numbers its
-//!   messages and does not rely on the transport for order.
+//!   ordered stream. Each payload-carrying message (`ToGateway::Progress`,
+//!   `ServiceToGateway::Trace`, `ToWorker::Dispatch`, `ServiceToWorker::Bundle`) travels on a
+//!   stream of its own, so it may overtake or be overtaken by another payload message and by any
+//!   control message. The protocol numbers its messages and does not rely on the transport for
+//!   order.
 //! - **A message is lost only with its connection.** A message accepted by `send` is delivered
 //!   unless its connection breaks first; everything in flight when a connection breaks may be
 //!   lost, in either direction. A live connection never skips a message. The transport re-sends
@@ -39,7 +43,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use sand_protocol::ids::WorkerId;
-use sand_protocol::wire::{EncodeError, ToGateway, ToWorker};
+use sand_protocol::wire::{
+    Down, EncodeError, ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
+};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 /// What the gateway hears from its workers.
@@ -49,7 +55,7 @@ pub enum GatewayEvent {
     /// sent from now on.
     Connected(WorkerId),
     /// A worker sent a message on its current connection.
-    Message(WorkerId, ToGateway),
+    Message(WorkerId, Up),
     /// A worker's connection ended (closed, timed out, broken, or replaced by a newer one).
     /// Messages sent to it and not yet delivered may be lost.
     Disconnected(WorkerId),
@@ -62,7 +68,7 @@ pub enum WorkerEvent {
     /// now says `Hello` and re-sends what is unacked.
     Connected,
     /// The gateway sent a message on the current connection.
-    Message(ToWorker),
+    Message(Down),
     /// The connection ended. The transport reconnects by itself; `Connected` follows when it
     /// succeeds.
     Disconnected,
@@ -95,16 +101,16 @@ pub enum SendError {
 /// Implemented by [`crate::quic`] and [`crate::mem`]; a simulator may bring its own.
 pub trait GatewayOutbox: Send + Sync + 'static {
     /// Queues `msg` for `worker`'s current connection without waiting.
-    fn send(&self, worker: WorkerId, msg: ToWorker) -> Result<(), SendError>;
+    fn send(&self, worker: WorkerId, msg: Down) -> Result<(), SendError>;
 }
 
 /// Sends messages from a worker to the gateway: the worker half of a transport.
 pub trait WorkerOutbox: Send + Sync + 'static {
     /// Queues `msg` for the current connection to the gateway without waiting.
-    fn send(&self, msg: ToGateway) -> Result<(), SendError>;
+    fn send(&self, msg: Up) -> Result<(), SendError>;
 }
 
-/// A cloneable handle that sends [`ToWorker`] messages to connected workers.
+/// A cloneable handle that sends messages to connected workers.
 #[derive(Clone)]
 pub struct GatewaySender {
     outbox: Arc<dyn GatewayOutbox>,
@@ -116,9 +122,10 @@ impl GatewaySender {
         Self { outbox }
     }
 
-    /// Queues `msg` for `worker` without waiting; see [`SendError`] for why it may be refused.
-    pub fn send(&self, worker: WorkerId, msg: ToWorker) -> Result<(), SendError> {
-        self.outbox.send(worker, msg)
+    /// Queues `msg` (a [`ToWorker`], a [`ServiceToWorker`] or a [`Down`]) for `worker` without
+    /// waiting; see [`SendError`] for why it may be refused.
+    pub fn send(&self, worker: WorkerId, msg: impl Into<Down>) -> Result<(), SendError> {
+        self.outbox.send(worker, msg.into())
     }
 }
 
@@ -128,7 +135,7 @@ impl fmt::Debug for GatewaySender {
     }
 }
 
-/// A cloneable handle that sends [`ToGateway`] messages on the worker's current connection.
+/// A cloneable handle that sends messages on the worker's current connection.
 #[derive(Clone)]
 pub struct WorkerSender {
     outbox: Arc<dyn WorkerOutbox>,
@@ -140,9 +147,10 @@ impl WorkerSender {
         Self { outbox }
     }
 
-    /// Queues `msg` without waiting; see [`SendError`] for why it may be refused.
-    pub fn send(&self, msg: ToGateway) -> Result<(), SendError> {
-        self.outbox.send(msg)
+    /// Queues `msg` (a [`ToGateway`], a [`ServiceToGateway`] or an [`Up`]) without waiting; see
+    /// [`SendError`] for why it may be refused.
+    pub fn send(&self, msg: impl Into<Up>) -> Result<(), SendError> {
+        self.outbox.send(msg.into())
     }
 }
 
@@ -287,27 +295,30 @@ pub(crate) trait Classify {
     fn carries_payload(&self) -> bool;
 }
 
-impl Classify for ToGateway {
+impl Classify for Up {
     fn carries_payload(&self) -> bool {
         match self {
-            ToGateway::Progress { .. } | ToGateway::Trace { .. } => true,
-            ToGateway::Hello { .. } | ToGateway::Heartbeat { .. } | ToGateway::Fetch { .. } => {
-                false
-            }
+            Up::Protocol(ToGateway::Progress { .. }) => true,
+            Up::Protocol(ToGateway::Hello { .. } | ToGateway::Heartbeat { .. }) => false,
+            Up::Service(ServiceToGateway::Trace { .. }) => true,
+            Up::Service(ServiceToGateway::Fetch { .. }) => false,
         }
     }
 }
 
-impl Classify for ToWorker {
+impl Classify for Down {
     fn carries_payload(&self) -> bool {
         match self {
-            ToWorker::Dispatch { .. } | ToWorker::Bundle { .. } => true,
-            ToWorker::AppChanged { .. }
-            | ToWorker::Welcome { .. }
-            | ToWorker::Ack { .. }
-            | ToWorker::Cancel { .. }
-            | ToWorker::Abort { .. }
-            | ToWorker::Fenced { .. } => false,
+            Down::Protocol(ToWorker::Dispatch { .. }) => true,
+            Down::Protocol(
+                ToWorker::Welcome { .. }
+                | ToWorker::Ack { .. }
+                | ToWorker::Cancel { .. }
+                | ToWorker::Abort { .. }
+                | ToWorker::Fenced { .. },
+            ) => false,
+            Down::Service(ServiceToWorker::Bundle { .. }) => true,
+            Down::Service(ServiceToWorker::AppChanged { .. }) => false,
         }
     }
 }
@@ -316,7 +327,7 @@ impl Classify for ToWorker {
 #[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 mod tests {
     use super::*;
-    use sand_protocol::ids::Incarnation;
+    use sand_protocol::ids::{AppName, Incarnation, Seq};
     use tokio::sync::Semaphore;
 
     #[test]
@@ -336,27 +347,37 @@ mod tests {
     #[test]
     fn only_payload_messages_leave_the_control_stream() {
         let i = Incarnation(1);
-        assert!(!ToGateway::Heartbeat {
-            incarnation: i,
-            running: 0
-        }
-        .carries_payload());
-        let hello = ToGateway::Hello {
-            incarnation: i,
-            resumed: true,
-            started: vec![],
-        };
-        assert!(!hello.carries_payload());
-        assert!(ToGateway::Progress {
-            incarnation: i,
-            seq: sand_protocol::ids::Seq(1),
-            reports: vec![]
-        }
-        .carries_payload());
-        let fenced = ToWorker::Fenced {
+        let app = AppName::new("app").unwrap();
+        let control = [
+            Up::from(ToGateway::Heartbeat {
+                incarnation: i,
+                running: 0,
+            }),
+            Up::from(ToGateway::Hello {
+                incarnation: i,
+                resumed: true,
+                started: vec![],
+            }),
+            Up::from(ServiceToGateway::Fetch { app: app.clone() }),
+        ];
+        assert!(control.iter().all(|m| !m.carries_payload()));
+        let payload = [
+            Up::from(ToGateway::Progress {
+                incarnation: i,
+                seq: Seq(1),
+                reports: vec![],
+            }),
+            Up::from(ServiceToGateway::Trace { runs: vec![] }),
+        ];
+        assert!(payload.iter().all(Classify::carries_payload));
+        let fenced = Down::from(ToWorker::Fenced {
             incarnation: i,
             successor: i.next(),
-        };
+        });
         assert!(!fenced.carries_payload());
+        let changed = Down::from(ServiceToWorker::AppChanged { app: app.clone() });
+        assert!(!changed.carries_payload());
+        let bundle = Down::from(ServiceToWorker::Bundle { app, bundle: None });
+        assert!(bundle.carries_payload());
     }
 }

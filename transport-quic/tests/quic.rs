@@ -7,11 +7,15 @@ mod common;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::*;
 use quinn::{ConnectionError, Endpoint, VarInt};
 use rand::{RngExt, SeedableRng};
-use sand_protocol::ids::WorkerId;
-use sand_protocol::wire::{ToGateway, ToWorker, MESSAGE_BYTES_MAX};
+use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, WorkerId};
+use sand_protocol::wire::{
+    AppBundle, Down, RunTrace, ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
+    MESSAGE_BYTES_MAX, WIRE_VERSION,
+};
 use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
 use sand_transport_quic::quic::{
     self, QuicConfig, QuicGateway, QuicWorker, CLOSE_VIOLATION, SEND_QUEUE_BYTES_MIN,
@@ -30,12 +34,12 @@ async fn round_trip(gw: &mut GatewayLink, worker: &mut WorkerLink, id: u32, n: u
     worker.sender.send(heartbeat(n)).unwrap();
     assert_eq!(
         next(&mut gw.events).await,
-        GatewayEvent::Message(WorkerId(id), heartbeat(n))
+        GatewayEvent::Message(WorkerId(id), heartbeat(n).into())
     );
     gw.sender.send(WorkerId(id), ack(u64::from(n))).unwrap();
     assert_eq!(
         next(&mut worker.events).await,
-        WorkerEvent::Message(ack(u64::from(n)))
+        WorkerEvent::Message(ack(u64::from(n)).into())
     );
 }
 
@@ -56,12 +60,14 @@ async fn messages_round_trip_in_order_per_stream() {
         let (mut from1, mut from2) = (Vec::new(), Vec::new());
         while from1.len() + from2.len() < 2 * N as usize {
             match next(&mut gw.events).await {
-                GatewayEvent::Message(WorkerId(1), ToGateway::Heartbeat { running, .. }) => {
-                    from1.push(running)
-                }
-                GatewayEvent::Message(WorkerId(2), ToGateway::Heartbeat { running, .. }) => {
-                    from2.push(running)
-                }
+                GatewayEvent::Message(
+                    WorkerId(1),
+                    Up::Protocol(ToGateway::Heartbeat { running, .. }),
+                ) => from1.push(running),
+                GatewayEvent::Message(
+                    WorkerId(2),
+                    Up::Protocol(ToGateway::Heartbeat { running, .. }),
+                ) => from2.push(running),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -82,7 +88,7 @@ async fn messages_round_trip_in_order_per_stream() {
         for i in 0..N {
             assert_eq!(
                 next(&mut l2.events).await,
-                WorkerEvent::Message(ack(u64::from(i)))
+                WorkerEvent::Message(ack(u64::from(i)).into())
             );
         }
 
@@ -97,16 +103,19 @@ async fn messages_round_trip_in_order_per_stream() {
         let mut dispatches = Vec::new();
         for _ in 0..20 {
             match next(&mut l1.events).await {
-                WorkerEvent::Message(m @ ToWorker::Dispatch { .. }) => dispatches.push(m),
+                WorkerEvent::Message(Down::Protocol(m @ ToWorker::Dispatch { .. })) => {
+                    dispatches.push(m)
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
         let mut progresses = Vec::new();
         for _ in 0..20 {
             match next(&mut gw.events).await {
-                GatewayEvent::Message(WorkerId(1), m @ ToGateway::Progress { .. }) => {
-                    progresses.push(m)
-                }
+                GatewayEvent::Message(
+                    WorkerId(1),
+                    Up::Protocol(m @ ToGateway::Progress { .. }),
+                ) => progresses.push(m),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -136,9 +145,12 @@ async fn a_large_payload_does_not_hold_up_heartbeats() {
         link.sender.send(progress(1, BIG)).unwrap();
         link.sender.send(heartbeat(1)).unwrap();
         let first = next(&mut gw.events).await;
-        assert_eq!(first, GatewayEvent::Message(WorkerId(GOOD), heartbeat(1)));
+        assert_eq!(
+            first,
+            GatewayEvent::Message(WorkerId(GOOD), heartbeat(1).into())
+        );
         match next(&mut gw.events).await {
-            GatewayEvent::Message(_, ToGateway::Progress { reports, .. }) => {
+            GatewayEvent::Message(_, Up::Protocol(ToGateway::Progress { reports, .. })) => {
                 assert_eq!(reports.len(), 1)
             }
             other => panic!("unexpected {other:?}"),
@@ -147,11 +159,87 @@ async fn a_large_payload_does_not_hold_up_heartbeats() {
         // Gateway to worker, the same with a large dispatch and an ack.
         gw.sender.send(WorkerId(GOOD), dispatch(1, BIG)).unwrap();
         gw.sender.send(WorkerId(GOOD), ack(1)).unwrap();
-        assert_eq!(next(&mut link.events).await, WorkerEvent::Message(ack(1)));
+        assert_eq!(
+            next(&mut link.events).await,
+            WorkerEvent::Message(ack(1).into())
+        );
         match next(&mut link.events).await {
-            WorkerEvent::Message(ToWorker::Dispatch { call, .. }) => {
+            WorkerEvent::Message(Down::Protocol(ToWorker::Dispatch { call, .. })) => {
                 assert_eq!(call.input.len(), BIG)
             }
+            other => panic!("unexpected {other:?}"),
+        }
+    })
+    .await
+}
+
+/// Service messages travel as protocol ones of their size do: a large `Trace` or `Bundle` on a
+/// stream of its own, a `Fetch` or `AppChanged` on the ordered control stream, not held up.
+#[tokio::test]
+async fn large_service_payloads_do_not_hold_up_control_messages() {
+    bounded(async {
+        let pki = Pki::new();
+        let (gateway, mut gw) = start_gateway(&pki, config());
+        let (_w, mut link) = connect_worker(&pki, &gateway, &mut gw, GOOD).await;
+        const BIG: usize = 12 << 20;
+        let app = AppName::new("app").unwrap();
+
+        // Worker to gateway: a large trace, then a fetch that must not wait for it.
+        let exec = ExecId::new(1, 1);
+        let run = RunTrace {
+            exec,
+            call: exec.root_call(),
+            attempt: Attempt(0),
+            grain: GrainName::new("grain").unwrap(),
+            dispatched: true,
+            started_ms: 1,
+            ended_ms: 2,
+            error: None,
+            stdout: Bytes::from(vec![b'o'; BIG]),
+            stderr: Bytes::new(),
+        };
+        link.sender
+            .send(ServiceToGateway::Trace { runs: vec![run] })
+            .unwrap();
+        let fetch = ServiceToGateway::Fetch { app: app.clone() };
+        link.sender.send(fetch.clone()).unwrap();
+        assert_eq!(
+            next(&mut gw.events).await,
+            GatewayEvent::Message(WorkerId(GOOD), fetch.into())
+        );
+        match next(&mut gw.events).await {
+            GatewayEvent::Message(_, Up::Service(ServiceToGateway::Trace { runs })) => {
+                assert_eq!(runs[0].stdout.len(), BIG)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        // Gateway to worker: a large bundle, then an app change and an ack, in their order.
+        let bundle = AppBundle {
+            digest: "d1".into(),
+            archive: Bytes::from(vec![b'z'; BIG]),
+        };
+        let bundle = ServiceToWorker::Bundle {
+            app: app.clone(),
+            bundle: Some(bundle),
+        };
+        gw.sender.send(WorkerId(GOOD), bundle).unwrap();
+        let changed = ServiceToWorker::AppChanged { app };
+        gw.sender.send(WorkerId(GOOD), changed.clone()).unwrap();
+        gw.sender.send(WorkerId(GOOD), ack(1)).unwrap();
+        assert_eq!(
+            next(&mut link.events).await,
+            WorkerEvent::Message(changed.into())
+        );
+        assert_eq!(
+            next(&mut link.events).await,
+            WorkerEvent::Message(ack(1).into())
+        );
+        match next(&mut link.events).await {
+            WorkerEvent::Message(Down::Service(ServiceToWorker::Bundle {
+                bundle: Some(bundle),
+                ..
+            })) => assert_eq!(bundle.archive.len(), BIG),
             other => panic!("unexpected {other:?}"),
         }
     })
@@ -174,7 +262,7 @@ async fn a_broken_connection_is_reopened_and_the_layer_above_resends() {
         for _ in 0..2 {
             assert!(matches!(
                 next(&mut gw.events).await,
-                GatewayEvent::Message(_, ToGateway::Progress { .. })
+                GatewayEvent::Message(_, Up::Protocol(ToGateway::Progress { .. }))
             ));
         }
 
@@ -197,12 +285,12 @@ async fn a_broken_connection_is_reopened_and_the_layer_above_resends() {
         }
         assert_eq!(
             next(&mut gw.events).await,
-            GatewayEvent::Message(WorkerId(GOOD), hello())
+            GatewayEvent::Message(WorkerId(GOOD), hello().into())
         );
         let mut resent = Vec::new();
         for _ in 0..2 {
             match next(&mut gw.events).await {
-                GatewayEvent::Message(_, m) => resent.push(m),
+                GatewayEvent::Message(_, Up::Protocol(m)) => resent.push(m),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -289,7 +377,7 @@ async fn no_message_of_an_old_connection_follows_the_new_ones_connected() {
             let worker_side = expect_reconnection(
                 &mut link.events,
                 |e| match e {
-                    WorkerEvent::Message(m) => Some(m),
+                    WorkerEvent::Message(Down::Protocol(m)) => Some(m),
                     _ => None,
                 },
                 &to_worker,
@@ -299,7 +387,7 @@ async fn no_message_of_an_old_connection_follows_the_new_ones_connected() {
             let gateway_side = expect_reconnection(
                 &mut gw.events,
                 |e| match e {
-                    GatewayEvent::Message(WorkerId(GOOD), m) => Some(m),
+                    GatewayEvent::Message(WorkerId(GOOD), Up::Protocol(m)) => Some(m),
                     _ => None,
                 },
                 &to_gateway,
@@ -439,7 +527,7 @@ async fn an_overflowing_send_queue_closes_the_connection_instead_of_dropping_a_m
         let mut delivered = 0;
         loop {
             match next(&mut link.events).await {
-                WorkerEvent::Message(ToWorker::Dispatch { .. }) => delivered += 1,
+                WorkerEvent::Message(Down::Protocol(ToWorker::Dispatch { .. })) => delivered += 1,
                 WorkerEvent::Disconnected => break,
                 other => panic!("unexpected {other:?}"),
             }
@@ -471,7 +559,9 @@ async fn an_overflowing_send_queue_closes_the_connection_instead_of_dropping_a_m
         let mut delivered = 0;
         loop {
             match next(&mut gw.events).await {
-                GatewayEvent::Message(_, ToGateway::Progress { .. }) => delivered += 1,
+                GatewayEvent::Message(_, Up::Protocol(ToGateway::Progress { .. })) => {
+                    delivered += 1
+                }
                 GatewayEvent::Disconnected(WorkerId(GOOD)) => break,
                 other => panic!("unexpected {other:?}"),
             }
@@ -505,7 +595,7 @@ async fn large_messages_fit_and_oversize_ones_are_refused_at_send() {
         let near = MESSAGE_BYTES_MAX - 1024;
         gw.sender.send(WorkerId(GOOD), dispatch(1, near)).unwrap();
         match next(&mut link.events).await {
-            WorkerEvent::Message(ToWorker::Dispatch { call, .. }) => {
+            WorkerEvent::Message(Down::Protocol(ToWorker::Dispatch { call, .. })) => {
                 assert_eq!(call.input.len(), near)
             }
             other => panic!("unexpected {other:?}"),
@@ -957,6 +1047,39 @@ async fn garbage_bytes_close_the_connection() {
             .count();
         // 4 bad preambles, 4 garbage control streams, 1 undecodable body, 3 bad payload streams.
         assert_eq!(violations, 12, "one clear warning per bad connection");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_worker_of_an_older_wire_version_is_told_which_version_the_gateway_speaks() {
+    bounded(async {
+        let mut arena = Arena::new().await;
+        let (_e, conn) = arena.raw_worker(74).await;
+        let (mut send, _recv) = greet(&conn).await;
+        assert_eq!(
+            next(&mut arena.gw.events).await,
+            GatewayEvent::Connected(WorkerId(74))
+        );
+        // A version 3 worker's first frame: `Hello { incarnation: 1, resumed: false,
+        // started: [] }`, not in an envelope.
+        let old_hello = [3, 0, 1, 0, 0];
+        let mut frame = (old_hello.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&old_hello);
+        send.write_all(&frame).await.unwrap();
+        let reason = closed_for_violation(&conn).await;
+        let mismatch =
+            format!("wire version 3 is not supported (this build speaks version {WIRE_VERSION})");
+        assert!(reason.contains(&mismatch), "{reason}");
+        assert_eq!(
+            next(&mut arena.gw.events).await,
+            GatewayEvent::Disconnected(WorkerId(74))
+        );
+        arena
+            .logs
+            .wait_for_warning(&["closed the worker's connection", "w74", &mismatch])
+            .await;
+        arena.check_unharmed().await;
     })
     .await
 }

@@ -23,7 +23,8 @@ use sand_protocol::ids::{AppName, Incarnation, RunKey};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
-    AppBundle, CallSpec, ErrorKind, GrainError, RunTrace, ToGateway, ToWorker,
+    AppBundle, CallSpec, Down, ErrorKind, GrainError, RunTrace, ServiceToGateway, ServiceToWorker,
+    ToGateway, ToWorker, Up,
 };
 use sand_transport_quic::seam::{SendError, WorkerEvent, WorkerLink, WorkerSender};
 use tokio::sync::mpsc;
@@ -230,26 +231,28 @@ impl Driver {
                     .map(|(a, _)| a.clone())
                     .collect();
                 for app in fetching {
-                    self.send(ToGateway::Fetch { app });
+                    self.send(ServiceToGateway::Fetch { app });
                 }
             }
             WorkerEvent::Disconnected => {
                 self.connected = false;
                 self.lb.handle(now, LbEvent::Disconnected);
             }
-            WorkerEvent::Message(ToWorker::Bundle { app, bundle }) => self.bundle(app, bundle),
-            WorkerEvent::Message(ToWorker::AppChanged { app }) => {
-                if let Some(Slot::Ready(host)) = self.apps.remove(&app) {
-                    tracing::info!(%app, "app changed; retiring its host");
-                    retire(host);
-                }
-            }
-            WorkerEvent::Message(msg) => {
+            WorkerEvent::Message(Down::Protocol(msg)) => {
                 if let ToWorker::Dispatch { call, .. } = &msg {
                     self.dispatching = Some((call.exec, call.call, call.attempt));
                 }
                 // Its `Run`, if the bus starts it, comes out in the drain that follows.
                 self.lb.handle(now, LbEvent::Message(msg));
+            }
+            WorkerEvent::Message(Down::Service(ServiceToWorker::Bundle { app, bundle })) => {
+                self.bundle(app, bundle)
+            }
+            WorkerEvent::Message(Down::Service(ServiceToWorker::AppChanged { app })) => {
+                if let Some(Slot::Ready(host)) = self.apps.remove(&app) {
+                    tracing::info!(%app, "app changed; retiring its host");
+                    retire(host);
+                }
             }
         }
     }
@@ -258,7 +261,7 @@ impl Driver {
     /// connection is gone or closing (the transport closes it rather than drop a message from a
     /// live one), so `Disconnected` and `Connected` follow, after which the bus re-sends what is
     /// unacked and the driver asks again for the bundles it waits for. Traces are not re-sent.
-    fn send(&self, msg: ToGateway) {
+    fn send(&self, msg: impl Into<Up>) {
         match self.sender.send(msg) {
             Ok(()) => {}
             // Too large to encode: no reconnection will carry it.
@@ -317,7 +320,7 @@ impl Driver {
             None => {
                 let app = spec.app.clone();
                 self.apps.insert(app.clone(), Slot::Fetching(vec![spec]));
-                self.send(ToGateway::Fetch { app });
+                self.send(ServiceToGateway::Fetch { app });
             }
         }
     }
@@ -427,7 +430,7 @@ impl Driver {
     fn flush_traces(&mut self) {
         if self.connected && !self.traces.is_empty() {
             let runs = std::mem::take(&mut self.traces);
-            self.send(ToGateway::Trace { runs });
+            self.send(ServiceToGateway::Trace { runs });
         } else if self.traces.len() > 4096 {
             self.traces.drain(..2048); // Best effort: keep the newest while disconnected.
         }

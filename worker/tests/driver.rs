@@ -15,7 +15,8 @@ use common::{bounded, TempDir, PYTHON};
 use sand_protocol::ids::{AppName, Attempt, ExecId, Incarnation, Seq, WorkerId};
 use sand_protocol::local_bus::LbConfig;
 use sand_protocol::wire::{
-    AppBundle, CallSpec, Cont, Outcome, Payload, Reason, Report, RunTrace, ToGateway, ToWorker,
+    AppBundle, CallSpec, Cont, Down, Outcome, Payload, Reason, Report, RunTrace, ServiceToGateway,
+    ServiceToWorker, ToGateway, ToWorker, Up,
 };
 use sand_transport_quic::mem::MemNetwork;
 use sand_transport_quic::seam::{GatewayEvent, GatewayLink};
@@ -133,7 +134,7 @@ impl Harness {
         h
     }
 
-    fn send(&self, msg: ToWorker) {
+    fn send(&self, msg: impl Into<Down>) {
         self.gateway
             .sender
             .send(WORKER, msg)
@@ -148,13 +149,13 @@ impl Harness {
                 continue;
             };
             match msg {
-                ToGateway::Fetch { app } => {
+                Up::Protocol(msg) => return msg,
+                Up::Service(ServiceToGateway::Fetch { app }) => {
                     let bundle = self.bundles.iter().find(|(a, _)| *a == app);
                     let bundle = bundle.map(|(_, b)| b.clone());
-                    self.send(ToWorker::Bundle { app, bundle });
+                    self.send(ServiceToWorker::Bundle { app, bundle });
                 }
-                ToGateway::Trace { runs } => self.traces.extend(runs.iter().cloned()),
-                msg => return msg,
+                Up::Service(ServiceToGateway::Trace { runs }) => self.traces.extend(runs),
             }
         }
     }

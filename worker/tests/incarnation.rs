@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{bounded, TempDir};
 use sand_protocol::ids::{Incarnation, WorkerId};
 use sand_protocol::local_bus::LbConfig;
-use sand_protocol::wire::ToGateway;
+use sand_protocol::wire::{ToGateway, Up};
 use sand_transport_quic::mem::MemNetwork;
 use sand_transport_quic::seam::GatewayEvent;
 use sand_worker::driver::{self, WorkerConfig, WorkerError};
@@ -45,7 +45,9 @@ async fn start(data_dir: &Path) -> Incarnation {
     let incarnation = bounded(10, async {
         loop {
             let event = gateway.events.recv().await.expect("the network lives");
-            if let GatewayEvent::Message(_, ToGateway::Hello { incarnation, .. }) = event {
+            if let GatewayEvent::Message(_, Up::Protocol(ToGateway::Hello { incarnation, .. })) =
+                event
+            {
                 break incarnation;
             }
         }

@@ -14,8 +14,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{
     Connection, ConnectionError, ReadExactError, ReadToEndError, RecvStream, SendStream, VarInt,
 };
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use sand_protocol::wire::Envelope;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinSet;
 
@@ -117,8 +116,8 @@ impl Outbox {
     }
 }
 
-/// Encodes a message for [`Outbox::enqueue`], and says which stream it takes.
-pub(crate) fn encode<M: Serialize + Classify>(msg: &M) -> Result<(Frame, bool), SendError> {
+/// Encodes an envelope for [`Outbox::enqueue`], and says which stream it takes.
+pub(crate) fn encode<E: Envelope + Classify>(msg: &E) -> Result<(Frame, bool), SendError> {
     Ok((Frame::encode(msg)?, msg.carries_payload()))
 }
 
@@ -188,7 +187,7 @@ pub(crate) struct Parts<In> {
 /// Runs a connection until it ends, then stops every task it started and closes it.
 pub(crate) async fn drive<In>(parts: Parts<In>) -> Ended
 where
-    In: DeserializeOwned + Send + 'static,
+    In: Envelope + Send + 'static,
 {
     let Parts {
         conn,
@@ -351,7 +350,7 @@ fn write_error(e: quinn::WriteError) -> Ended {
 }
 
 /// Reads control frames in order and delivers them. Ends only with the connection.
-async fn read_control<In: DeserializeOwned>(
+async fn read_control<In: Envelope>(
     mut recv: RecvStream,
     credits: Arc<Semaphore>,
     deliver: Deliver<In>,
@@ -395,7 +394,7 @@ async fn read_control<In: DeserializeOwned>(
 /// is behind, streams wait unaccepted and QUIC flow control holds the peer back, so at most
 /// `recv_queue_len_max` payloads are in memory. Ends when the connection ends or a stream breaks
 /// the framing.
-async fn read_payloads<In: DeserializeOwned + Send + 'static>(
+async fn read_payloads<In: Envelope + Send + 'static>(
     conn: Connection,
     credits: Arc<Semaphore>,
     deliver: Deliver<In>,
@@ -427,7 +426,7 @@ async fn read_payloads<In: DeserializeOwned + Send + 'static>(
 }
 
 /// Reads the one frame of a payload stream and delivers it with `credit`.
-async fn read_payload<In: DeserializeOwned>(
+async fn read_payload<In: Envelope>(
     mut recv: RecvStream,
     credit: OwnedSemaphorePermit,
     deliver: Deliver<In>,

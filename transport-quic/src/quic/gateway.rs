@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use quinn::{Connection, ConnectionError, Endpoint, Incoming, VarInt};
 use rustls_pki_types::CertificateDer;
 use sand_protocol::ids::WorkerId;
-use sand_protocol::wire::{ToGateway, ToWorker};
+use sand_protocol::wire::{Down, Up};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
@@ -181,7 +181,7 @@ impl Registry {
         &self,
         worker: WorkerId,
         conn_id: u64,
-        msg: ToGateway,
+        msg: Up,
         credit: OwnedSemaphorePermit,
     ) -> bool {
         let peers = self.lock();
@@ -209,7 +209,7 @@ struct QuicGatewayOutbox {
 }
 
 impl GatewayOutbox for QuicGatewayOutbox {
-    fn send(&self, worker: WorkerId, msg: ToWorker) -> Result<(), SendError> {
+    fn send(&self, worker: WorkerId, msg: Down) -> Result<(), SendError> {
         // Encode before taking the lock: a large payload must not hold up other senders.
         let (frame, payload) = conn::encode(&msg)?;
         let peers = self.registry.lock();

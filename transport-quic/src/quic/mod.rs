@@ -5,13 +5,15 @@
 //!
 //! A worker opens one bidirectional **control stream** per connection, says the four bytes
 //! `snd1` and waits for the gateway to say them back; only then do both sides report
-//! `Connected`. Small messages (`Hello`, `Heartbeat`, `Fetch`, `Welcome`, `Ack`, `AppChanged`,
-//! `Cancel`, `Abort`, `Fenced`) travel on it in order, at a higher priority than anything else.
-//! Each payload-carrying message (`ToGateway::Progress` and `Trace`, `ToWorker::Dispatch` and
-//! `Bundle`) goes on a fresh **unidirectional stream** holding exactly one frame, so a large
-//! payload never holds up a heartbeat. Every frame is a `u32` big-endian length and a body made
-//! by [`sand_protocol::wire::encode`]; a length above [`sand_protocol::wire::MESSAGE_BYTES_MAX`]
-//! is refused before anything is read into memory for it.
+//! `Connected`. Small messages, protocol (`Hello`, `Heartbeat`, `Welcome`, `Ack`, `Cancel`,
+//! `Abort`, `Fenced`) and service (`Fetch`, `AppChanged`) alike, travel on it in order, at a
+//! higher priority than anything else. Each payload-carrying message (`ToGateway::Progress`,
+//! `ServiceToGateway::Trace`, `ToWorker::Dispatch`, `ServiceToWorker::Bundle`) goes on a fresh
+//! **unidirectional stream** holding exactly one frame, so a large payload never holds up a
+//! heartbeat. Every frame is a `u32` big-endian length and a body made by
+//! [`sand_protocol::wire::encode`] of one envelope (`Up` or `Down`); a length above
+//! [`sand_protocol::wire::MESSAGE_BYTES_MAX`] is refused before anything is read into memory for
+//! it.
 //!
 //! # Failure
 //!

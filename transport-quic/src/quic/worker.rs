@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use quinn::{Connection, ConnectionError, Endpoint, VarInt};
 use rustls_pki_types::ServerName;
-use sand_protocol::wire::{ToGateway, ToWorker};
+use sand_protocol::wire::{Down, Up};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -156,7 +156,7 @@ impl Current {
     fn deliver(
         &self,
         id: u64,
-        msg: ToWorker,
+        msg: Down,
         credit: OwnedSemaphorePermit,
         events: &EventSender<WorkerEvent>,
     ) -> bool {
@@ -189,7 +189,7 @@ struct QuicWorkerOutbox {
 }
 
 impl WorkerOutbox for QuicWorkerOutbox {
-    fn send(&self, msg: ToGateway) -> Result<(), SendError> {
+    fn send(&self, msg: Up) -> Result<(), SendError> {
         let (frame, payload) = conn::encode(&msg)?;
         let current = self.current.lock();
         let open = current.as_ref().ok_or(SendError::NotConnected)?;
