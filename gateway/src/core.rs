@@ -92,7 +92,7 @@ pub enum Command {
         /// Its record, or `None` if unknown.
         reply: oneshot::Sender<Option<ExecRecord>>,
     },
-    /// List the deployed apps.
+    /// List the deployed apps, as the disk holds them.
     Apps {
         /// Each app's spec and bundle digest.
         reply: oneshot::Sender<Vec<(AppSpec, String)>>,
@@ -331,9 +331,8 @@ impl Core {
             Command::Apps { reply } => {
                 let apps = self
                     .gq
-                    .state()
-                    .apps
-                    .values()
+                    .deployed()
+                    .into_iter()
                     .map(|d| (d.spec.clone(), d.bundle.digest.clone()))
                     .collect();
                 let _ = reply.send(apps);

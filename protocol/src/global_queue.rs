@@ -193,6 +193,8 @@ pub struct GlobalQueue {
     /// nothing), and the last of those batches. Look-ups answer from it: nobody sees a change
     /// a crash could take back.
     unsynced: BTreeMap<ExecId, (LogIndex, Option<ExecRecord>)>,
+    /// Likewise for apps that batches not yet durable deploy or remove.
+    unsynced_apps: BTreeMap<AppName, (LogIndex, Option<Deployment>)>,
     /// The next execution index in this epoch.
     next_index: u32,
     /// The next placement index in this epoch: every placement's attempt is its own.
@@ -232,6 +234,7 @@ impl GlobalQueue {
             mutations: Mutations::NONE,
             state,
             unsynced: BTreeMap::new(),
+            unsynced_apps: BTreeMap::new(),
             next_index: 0,
             next_placement: 0,
             keys: BTreeMap::new(),
@@ -441,6 +444,23 @@ impl GlobalQueue {
             Some((_, on_disk)) if !self.mutated(Mutation::ReadAhead) => on_disk.as_ref(),
             _ => self.state.execs.get(&exec),
         }
+    }
+
+    /// The deployed apps as a client may see them: what the disk holds.
+    pub fn deployed(&self) -> Vec<&Deployment> {
+        let names: BTreeSet<&AppName> = self
+            .state
+            .apps
+            .keys()
+            .chain(self.unsynced_apps.keys())
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|app| match self.unsynced_apps.get(app) {
+                Some((_, on_disk)) => on_disk.as_ref(),
+                None => self.state.apps.get(app),
+            })
+            .collect()
     }
 
     /// The durable state, including changes not yet persisted.
@@ -1103,6 +1123,7 @@ impl GlobalQueue {
         self.durable = upto.min(self.logged);
         let durable = self.durable;
         self.unsynced.retain(|_, (last, _)| *last > durable);
+        self.unsynced_apps.retain(|_, (last, _)| *last > durable);
         let (ready, waiting): (Vec<_>, Vec<_>) =
             self.gated.drain(..).partition(|g| g.needs <= durable);
         self.gated = waiting;
@@ -1153,6 +1174,20 @@ impl GlobalQueue {
             let on_disk = self.state.execs.get(exec).cloned();
             let batch = LogIndex(self.logged.0 + 1);
             let entry = self.unsynced.entry(*exec).or_insert((batch, on_disk));
+            entry.0 = batch;
+        }
+        if let Op::PutApp(Deployment {
+            spec: AppSpec { name: app, .. },
+            ..
+        })
+        | Op::DelApp(app) = &op
+        {
+            let on_disk = self.state.apps.get(app).cloned();
+            let batch = LogIndex(self.logged.0 + 1);
+            let entry = self
+                .unsynced_apps
+                .entry(app.clone())
+                .or_insert((batch, on_disk));
             entry.0 = batch;
         }
         self.state.apply(&op);

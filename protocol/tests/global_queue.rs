@@ -929,6 +929,13 @@ fn deploys_and_removals_are_told_only_once_durable_and_carry_the_code() {
     };
     t.gq.deploy(spec.clone(), bundle());
     assert_eq!(t.drain(), vec![], "told before durable");
+    let listed = |t: &Gq| -> Vec<String> {
+        t.gq.deployed()
+            .iter()
+            .map(|d| d.spec.name.to_string())
+            .collect()
+    };
+    assert_eq!(listed(&t), ["app"], "listed before durable");
     assert_eq!(t.persist(), vec![GqOutput::Deployed(other.clone())]);
     assert_eq!(
         t.store.apps[&other].bundle,
@@ -936,9 +943,15 @@ fn deploys_and_removals_are_told_only_once_durable_and_carry_the_code() {
         "the code is in the same write"
     );
 
+    assert_eq!(listed(&t), ["app", "other"]);
     t.gq.remove_app(&other);
     assert_eq!(t.drain(), vec![], "told before durable");
     assert!(t.store.apps.contains_key(&other));
+    assert_eq!(
+        listed(&t),
+        ["app", "other"],
+        "gone from the list before durable"
+    );
     let removed = GqOutput::Removed {
         app: other.clone(),
         existed: true,
@@ -948,6 +961,7 @@ fn deploys_and_removals_are_told_only_once_durable_and_carry_the_code() {
         !t.store.apps.contains_key(&other),
         "the code goes with the app"
     );
+    assert_eq!(listed(&t), ["app"]);
 
     // A second removal finds nothing, and says so once the disk agrees: at once here.
     t.gq.remove_app(&other);
