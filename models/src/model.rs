@@ -1485,15 +1485,7 @@ fn gateway_msg(cfg: &ModelCfg, g: &mut GatewayState, src: Id, msg: Msg, o: &mut 
                 ..
             }) = seen
             {
-                let client = Id::from(cfg.workers + 1);
-                let request = Some(request);
-                let msg = Msg::Answer {
-                    request,
-                    exec,
-                    first: false,
-                    answer,
-                };
-                o.send(client, msg);
+                look_up_answer(cfg, request, exec, answer, o);
             }
         }
         Msg::Open { conn, msg, .. } => {
@@ -1547,15 +1539,7 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
                 // A look-up for a retried request: answer it if the execution already ended.
                 if let Some(ExecStatus::Done(answer)) = g.gq.execution(exec).map(|e| &e.status) {
                     for request in g.lookups.remove(&exec).unwrap_or_default() {
-                        let answer = answer.clone();
-                        let request = Some(request);
-                        let msg = Msg::Answer {
-                            request,
-                            exec,
-                            first: false,
-                            answer,
-                        };
-                        o.send(client, msg);
+                        look_up_answer(cfg, request, exec, answer.clone(), o);
                     }
                 }
             }
@@ -1607,6 +1591,17 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
         o.set_timer(Timer::Gq(*t), model_timeout());
     }
     g.armed = now;
+}
+
+/// Answers request `request` with what a look-up found: its execution's durable answer.
+fn look_up_answer(cfg: &ModelCfg, request: u8, exec: ExecId, answer: Answer, o: &mut Out<Node>) {
+    let msg = Msg::Answer {
+        request: Some(request),
+        exec,
+        first: false,
+        answer,
+    };
+    o.send(Id::from(cfg.workers + 1), msg);
 }
 
 fn worker_msg(w: &mut WorkerState, msg: Msg, o: &mut Out<Node>) {

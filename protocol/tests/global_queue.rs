@@ -27,6 +27,17 @@ fn app() -> AppName {
     AppName::new("app").unwrap()
 }
 
+/// A second app, `other`, of one grain.
+fn other_app() -> (AppName, AppSpec) {
+    let name = AppName::new("other").unwrap();
+    let spec = AppSpec {
+        name: name.clone(),
+        entry: grain("a"),
+        grains: [(grain("a"), policy())].into_iter().collect(),
+    };
+    (name, spec)
+}
+
 fn bundle() -> AppBundle {
     AppBundle {
         digest: "d".into(),
@@ -921,12 +932,7 @@ fn a_message_made_for_one_connection_never_leaves_on_the_next() {
 #[test]
 fn deploys_and_removals_are_told_only_once_durable_and_carry_the_code() {
     let mut t = Gq::new();
-    let other = AppName::new("other").unwrap();
-    let spec = AppSpec {
-        name: other.clone(),
-        entry: grain("a"),
-        grains: [(grain("a"), policy())].into_iter().collect(),
-    };
+    let (other, spec) = other_app();
     t.gq.deploy(spec.clone(), bundle());
     assert_eq!(t.drain(), vec![], "told before durable");
     let listed = |t: &Gq| -> Vec<String> {
@@ -1004,12 +1010,7 @@ fn a_look_up_sees_only_what_the_disk_holds() {
 #[test]
 fn an_idempotency_key_names_an_execution_of_its_own_app_only() {
     let mut t = Gq::new();
-    let other = AppName::new("other").unwrap();
-    let spec = AppSpec {
-        name: other.clone(),
-        entry: grain("a"),
-        grains: [(grain("a"), policy())].into_iter().collect(),
-    };
+    let (other, spec) = other_app();
     t.gq.deploy(spec, bundle());
     t.persist();
     let key = Some("k".to_string());
