@@ -189,12 +189,10 @@ pub struct GlobalQueue {
     mutations: Mutations,
     /// Everything durable, including changes not yet reported persisted.
     state: DurableState,
-    /// Executions that batches not yet durable change: what the disk holds of each (`None`:
-    /// nothing), and the last of those batches. Look-ups answer from it: nobody sees a change
-    /// a crash could take back.
-    unsynced: BTreeMap<ExecId, (LogIndex, Option<ExecRecord>)>,
-    /// Likewise for apps that batches not yet durable deploy or remove.
-    unsynced_apps: BTreeMap<AppName, (LogIndex, Option<Deployment>)>,
+    /// What the disk holds of executions and apps that batches not yet durable change.
+    /// Look-ups answer from it: nobody sees a change a crash could take back.
+    unsynced: OnDisk<ExecId, ExecRecord>,
+    unsynced_apps: OnDisk<AppName, Deployment>,
     /// The next execution index in this epoch.
     next_index: u32,
     /// The next placement index in this epoch: every placement's attempt is its own.
@@ -233,8 +231,8 @@ impl GlobalQueue {
             config,
             mutations: Mutations::NONE,
             state,
-            unsynced: BTreeMap::new(),
-            unsynced_apps: BTreeMap::new(),
+            unsynced: OnDisk::default(),
+            unsynced_apps: OnDisk::default(),
             next_index: 0,
             next_placement: 0,
             keys: BTreeMap::new(),
@@ -440,26 +438,19 @@ impl GlobalQueue {
     /// acceptance is not durable yet is unknown, and one whose end is not durable yet still
     /// runs. (The queue's own state runs ahead of the disk: see [`state`](Self::state).)
     pub fn execution(&self, exec: ExecId) -> Option<&ExecRecord> {
-        match self.unsynced.get(&exec) {
-            Some((_, on_disk)) if !self.mutated(Mutation::ReadAhead) => on_disk.as_ref(),
-            _ => self.state.execs.get(&exec),
+        if self.mutated(Mutation::ReadAhead) {
+            return self.state.execs.get(&exec);
         }
+        self.unsynced.view(&exec, &self.state.execs)
     }
 
     /// The deployed apps as a client may see them: what the disk holds.
     pub fn deployed(&self) -> Vec<&Deployment> {
-        let names: BTreeSet<&AppName> = self
-            .state
-            .apps
-            .keys()
-            .chain(self.unsynced_apps.keys())
-            .collect();
+        let apps = &self.state.apps;
+        let names: BTreeSet<&AppName> = apps.keys().chain(self.unsynced_apps.keys()).collect();
         names
             .into_iter()
-            .filter_map(|app| match self.unsynced_apps.get(app) {
-                Some((_, on_disk)) => on_disk.as_ref(),
-                None => self.state.apps.get(app),
-            })
+            .filter_map(|app| self.unsynced_apps.view(app, apps))
             .collect()
     }
 
@@ -1122,8 +1113,8 @@ impl GlobalQueue {
         }
         self.durable = upto.min(self.logged);
         let durable = self.durable;
-        self.unsynced.retain(|_, (last, _)| *last > durable);
-        self.unsynced_apps.retain(|_, (last, _)| *last > durable);
+        self.unsynced.settle(durable);
+        self.unsynced_apps.settle(durable);
         let (ready, waiting): (Vec<_>, Vec<_>) =
             self.gated.drain(..).partition(|g| g.needs <= durable);
         self.gated = waiting;
@@ -1170,25 +1161,19 @@ impl GlobalQueue {
     }
 
     fn commit(&mut self, op: Op) {
-        if let Op::PutExec(ExecRecord { exec, .. }) | Op::DelExec(exec) = &op {
-            let on_disk = self.state.execs.get(exec).cloned();
-            let batch = LogIndex(self.logged.0 + 1);
-            let entry = self.unsynced.entry(*exec).or_insert((batch, on_disk));
-            entry.0 = batch;
-        }
-        if let Op::PutApp(Deployment {
-            spec: AppSpec { name: app, .. },
-            ..
-        })
-        | Op::DelApp(app) = &op
-        {
-            let on_disk = self.state.apps.get(app).cloned();
-            let batch = LogIndex(self.logged.0 + 1);
-            let entry = self
+        let batch = LogIndex(self.logged.0 + 1);
+        match &op {
+            Op::PutExec(ExecRecord { exec, .. }) | Op::DelExec(exec) => {
+                self.unsynced.change(*exec, &self.state.execs, batch);
+            }
+            Op::PutApp(Deployment {
+                spec: AppSpec { name: app, .. },
+                ..
+            })
+            | Op::DelApp(app) => self
                 .unsynced_apps
-                .entry(app.clone())
-                .or_insert((batch, on_disk));
-            entry.0 = batch;
+                .change(app.clone(), &self.state.apps, batch),
+            _ => {}
         }
         self.state.apply(&op);
         self.batch.push(op);
@@ -1222,6 +1207,42 @@ impl GlobalQueue {
                 self.gate(needs, out);
             }
         }
+    }
+}
+
+/// What the disk holds of entities that batches not yet durable change: for each, its durable
+/// value (`None`: absent) and the last of those batches.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+struct OnDisk<K, V>(BTreeMap<K, (LogIndex, Option<V>)>);
+
+impl<K, V> Default for OnDisk<K, V> {
+    fn default() -> Self {
+        Self(BTreeMap::new())
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> OnDisk<K, V> {
+    /// Notes that batch `batch` changes `key`, whose value in `live` is still the one before.
+    fn change(&mut self, key: K, live: &BTreeMap<K, V>, batch: LogIndex) {
+        let before = live.get(&key).cloned();
+        self.0.entry(key).or_insert((batch, before)).0 = batch;
+    }
+
+    /// Forgets what every batch up to `durable` changed: the disk has it.
+    fn settle(&mut self, durable: LogIndex) {
+        self.0.retain(|_, (last, _)| *last > durable);
+    }
+
+    /// `key`'s value as the disk holds it, given its `live` one.
+    fn view<'a>(&'a self, key: &K, live: &'a BTreeMap<K, V>) -> Option<&'a V> {
+        match self.0.get(key) {
+            Some((_, on_disk)) => on_disk.as_ref(),
+            None => live.get(key),
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.keys()
     }
 }
 

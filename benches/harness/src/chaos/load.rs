@@ -310,24 +310,10 @@ impl Load {
         while self.going() {
             let (sent, life) = self.clock();
             let reply = api.invoke(&r.app, &r.key, r.input, wait)?;
-            let named = match &reply {
-                Posted::Accepted(exec) | Posted::Answered(exec, _) => Some(exec.clone()),
-                Posted::Forgotten(_) => None,
-                Posted::Unavailable(why) => {
-                    *lock(&self.last_failure) = why.clone();
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    self.record(
-                        sent,
-                        life,
-                        What::Post {
-                            request: job.request,
-                            sync: job.sync,
-                            reply,
-                        },
-                    );
-                    std::thread::sleep(RETRY_PAUSE);
-                    continue;
-                }
+            let outcome = match &reply {
+                Posted::Accepted(exec) | Posted::Answered(exec, _) => Ok(Some(exec.clone())),
+                Posted::Forgotten(_) => Ok(None),
+                Posted::Unavailable(why) => Err(why.clone()),
             };
             self.record(
                 sent,
@@ -338,6 +324,15 @@ impl Load {
                     reply,
                 },
             );
+            let named = match outcome {
+                Ok(named) => named,
+                Err(why) => {
+                    *lock(&self.last_failure) = why;
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(RETRY_PAUSE);
+                    continue;
+                }
+            };
             if let Some(exec) = named {
                 if lock(&self.named).insert(exec.clone()) {
                     lock(&self.inboxes[job.request % self.inboxes.len()]).push(exec);
