@@ -192,11 +192,11 @@ impl Core {
         state: sand_protocol::durable::DurableState,
         sender: GatewaySender,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, StoreError> {
+    ) -> Self {
         let traces = TraceBook::default();
         let started = Instant::now();
         let gq = GlobalQueue::recover(config, Time::from_millis(0), state);
-        Ok(Self {
+        Self {
             gq,
             store,
             sender,
@@ -210,7 +210,7 @@ impl Core {
             accepted_at: HashMap::new(),
             defer_batches: false,
             traces,
-        })
+        }
     }
 
     fn now(&self) -> Time {
@@ -564,8 +564,7 @@ mod tests {
             state,
             link.sender,
             metrics,
-        )
-        .unwrap();
+        );
         core.drain().unwrap();
         let spec = AppSpec {
             name: AppName::new("one").unwrap(),

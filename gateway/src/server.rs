@@ -108,7 +108,7 @@ impl Gateway {
             state,
             link.sender,
             metrics.clone(),
-        )?;
+        );
         let (handle, core_task) = core::spawn(core, link.events);
         let listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
