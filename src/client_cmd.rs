@@ -2,10 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::CertificateDer;
+use sand_gateway::token::Token;
 use serde_json::Value;
 
 /// Where the API is, for every client command.
@@ -19,9 +23,56 @@ pub struct Target {
         global = true
     )]
     gateway: String,
-    /// The API's bearer token, if the gateway wants one.
-    #[arg(long, env = "SAND_TOKEN", global = true)]
-    token: Option<String>,
+    /// The file (mode 0600) with the API's bearer token. Without it: SAND_TOKEN; without
+    /// that, for a gateway on this machine, `.sand/token` (the one `sand dev` makes) if it
+    /// exists.
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    #[arg(long = "token", hide = true, global = true, value_parser = refuse_token_on_argv)]
+    _token: Option<String>,
+    /// For an `https://` gateway: trust only this CA certificate (PEM), such as the cluster's
+    /// `ca.crt`, instead of the system's roots.
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+}
+
+/// Where `sand dev` keeps its token by default, which the CLI reads for a gateway on this
+/// machine.
+const DEV_TOKEN_FILE: &str = ".sand/token";
+
+/// The `--token` a command line may not carry: every local user reads argv in `ps`.
+pub fn refuse_token_on_argv(_: &str) -> Result<String, String> {
+    Err(
+        "a token on the command line is visible to every user of this machine (ps); put it in \
+         a file only you can read (--token-file FILE) or in SAND_TOKEN"
+            .into(),
+    )
+}
+
+/// The token an operator gave: the one in `file`, or else the one in SAND_TOKEN, if any.
+pub fn operator_token(file: Option<&Path>) -> Result<Option<Token>> {
+    if let Some(file) = file {
+        return Ok(Some(Token::read(file)?));
+    }
+    match std::env::var("SAND_TOKEN") {
+        Ok(text) => Ok(Some(Token::new(&text, "in SAND_TOKEN")?)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("SAND_TOKEN is not valid text"),
+    }
+}
+
+/// Whether the API at `base` (`http[s]://host[:port][/...]`) is on this machine.
+fn is_loopback(base: &str) -> bool {
+    let authority = base.split_once("://").map_or(base, |(_, rest)| rest);
+    let authority = authority.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `sand deploy`.
@@ -77,32 +128,44 @@ pub struct Deployed {
 #[derive(Clone, Debug)]
 pub struct Client {
     base: String,
-    token: Option<String>,
+    token: Option<Token>,
     agent: ureq::Agent,
 }
 
 impl Client {
-    /// A client of the API at `base` (`http://host:port`).
-    pub fn new(base: String, token: Option<String>) -> Self {
-        let agent = ureq::AgentBuilder::new()
+    /// A client of the API at `base` (`http[s]://host:port`), sending `token` if given and
+    /// trusting only the CA certificate in `ca` (PEM) for `https`, if given.
+    pub fn new(base: String, token: Option<Token>, ca: Option<&Path>) -> Result<Self> {
+        let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
-            .timeout(Duration::from_secs(330))
-            .build();
-        Self {
+            .timeout(Duration::from_secs(330));
+        if let Some(ca) = ca {
+            agent = agent.tls_config(trusting(ca)?);
+        }
+        Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             token,
-            agent,
-        }
+            agent: agent.build(),
+        })
     }
 
-    fn from(target: Target) -> Self {
-        Self::new(target.gateway, target.token)
+    fn from(target: Target) -> Result<Self> {
+        let token = match operator_token(target.token_file.as_deref())? {
+            Some(token) => Some(token),
+            // The dev token goes only to a gateway on this machine: never to one named by a
+            // mistyped or hostile --gateway.
+            None if is_loopback(&target.gateway) && Path::new(DEV_TOKEN_FILE).exists() => {
+                Some(Token::read(Path::new(DEV_TOKEN_FILE))?)
+            }
+            None => None,
+        };
+        Self::new(target.gateway, token, target.ca.as_deref())
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
         let req = self.agent.request(method, &format!("{}{path}", self.base));
         match &self.token {
-            Some(t) => req.set("Authorization", &format!("Bearer {t}")),
+            Some(t) => req.set("Authorization", &format!("Bearer {}", t.expose())),
             None => req,
         }
     }
@@ -146,6 +209,29 @@ impl Client {
     }
 }
 
+/// A TLS client configuration that trusts only the CA certificates in `ca` (PEM).
+fn trusting(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("cannot read the CA certificate {}", ca.display()))?
+    {
+        let cert = cert.with_context(|| format!("{} is not PEM certificates", ca.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("cannot trust {}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no certificate", ca.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("no TLS version in common with rustls")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 fn error_text(body: &Value) -> String {
     match body["error"]["message"].as_str() {
         Some(m) => m.to_owned(),
@@ -155,7 +241,7 @@ fn error_text(body: &Value) -> String {
 
 /// `sand deploy DIR`.
 pub fn deploy(args: DeployArgs) -> Result<ExitCode> {
-    let d = Client::from(args.target).deploy(&args.dir)?;
+    let d = Client::from(args.target)?.deploy(&args.dir)?;
     out!("deployed {}: {} grains, entry {}", d.app, d.grains, d.entry);
     Ok(ExitCode::SUCCESS)
 }
@@ -165,7 +251,7 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
     let input = args.input.unwrap_or_else(|| "null".into());
     serde_json::from_str::<Value>(&input)
         .map_err(|e| anyhow!("the input is not JSON ({e}): {input}"))?;
-    let client = Client::from(args.target);
+    let client = Client::from(args.target)?;
     let query = if args.asynchronous {
         "?async=true".to_owned()
     } else {
@@ -197,7 +283,7 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
 
 /// `sand status [EXEC]`.
 pub fn status(args: ExecArgs) -> Result<ExitCode> {
-    let client = Client::from(args.target);
+    let client = Client::from(args.target)?;
     let paths = match &args.exec {
         Some(exec) => vec![format!("/v1/executions/{exec}")],
         None => vec!["/v1/workers".to_owned(), "/v1/apps".to_owned()],
@@ -226,7 +312,7 @@ pub fn logs(args: ExecArgs) -> Result<ExitCode> {
     let exec = args
         .exec
         .ok_or_else(|| anyhow!("which execution? `sand logs EXEC_ID`"))?;
-    let client = Client::from(args.target);
+    let client = Client::from(args.target)?;
     let (status, body) = client.call(
         client.request("GET", &format!("/v1/executions/{exec}")),
         None,
@@ -266,7 +352,7 @@ pub fn logs(args: ExecArgs) -> Result<ExitCode> {
             match c["error"].as_object() {
                 Some(e) => format!(
                     ", failed: {}",
-                    e.get("message").and_then(Value::as_str).unwrap_or("?")
+                    printable(e.get("message").and_then(Value::as_str).unwrap_or("?"))
                 ),
                 None => String::new(),
             },
@@ -276,16 +362,68 @@ pub fn logs(args: ExecArgs) -> Result<ExitCode> {
             if !text.is_empty() {
                 out!("  {stream}:");
                 for line in text.lines() {
-                    out!("    {line}");
+                    out!("    {}", printable(line));
                 }
             }
         }
     }
+    // JSON escapes C0 controls in strings, but not DEL or C1 ones.
     if let Some(out) = body.get("output") {
-        out!("\noutput: {out}");
+        out!("\noutput: {}", printable(&out.to_string()));
     }
     if let Some(err) = body.get("error") {
-        out!("\nerror: {err}");
+        out!("\nerror: {}", printable(&err.to_string()));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `text` (what an app wrote) made safe for a terminal: control characters, which could move
+/// the cursor, rewrite earlier lines or set the window title, are shown as escapes (`\x1b`,
+/// `\u{9b}`); tab and newline stay.
+fn printable(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' | '\n' => shown.push(c),
+            c if c.is_ascii_control() => shown.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() => shown.extend(c.escape_unicode()),
+            c => shown.push(c),
+        }
+    }
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_apps_output_cannot_drive_the_terminal() {
+        // Clear the screen, set the window title, a C1 CSI, a carriage return over the line.
+        let hostile = "ok\x1b[2J\x1b]0;pwned\x07\u{9b}31m\rfake\tcol\\x1b\n";
+        assert_eq!(
+            printable(hostile),
+            "ok\\x1b[2J\\x1b]0;pwned\\x07\\u{9b}31m\\x0dfake\tcol\\x1b\n"
+        );
+        assert_eq!(printable("plain text, ünïcödé"), "plain text, ünïcödé");
+    }
+
+    #[test]
+    fn only_a_gateway_on_this_machine_gets_the_dev_token() {
+        for local in [
+            "http://127.0.0.1:8080",
+            "https://localhost/v1",
+            "http://[::1]:80",
+            "127.0.0.2:1",
+        ] {
+            assert!(is_loopback(local), "{local}");
+        }
+        for remote in [
+            "http://10.0.0.1:8080",
+            "https://localhost.evil.example",
+            "http://[2001:db8::1]:80",
+        ] {
+            assert!(!is_loopback(remote), "{remote}");
+        }
+    }
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use sand_gateway::serve::{self, Limits};
+use sand_gateway::token::{Token, TOKEN_FILE};
 use sand_gateway::{Gateway, GatewayConfig};
 use sand_protocol::global_queue::GqConfig;
 use sand_protocol::ids::WorkerId;
@@ -37,13 +39,57 @@ pub struct GatewayArgs {
     /// The address workers dial (QUIC, UDP).
     #[arg(long, default_value = "127.0.0.1:7443")]
     listen: SocketAddr,
-    /// Require `Authorization: Bearer TOKEN` on the API (or set SAND_TOKEN).
-    #[arg(long, env = "SAND_TOKEN")]
-    token: Option<String>,
+    /// Require `Authorization: Bearer TOKEN` on the API, with the token in this file (mode
+    /// 0600); or set SAND_TOKEN. Without one, the API must listen on a loopback address.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long = "token", hide = true, value_parser = client_cmd::refuse_token_on_argv)]
+    _token: Option<String>,
+    /// Serve the API without a token on an address other hosts reach: anyone who reaches it
+    /// may deploy code and read every execution.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Serve the API over TLS with this certificate chain (PEM), such as the cluster's
+    /// `gateway.crt`; needs --http-tls-key.
+    #[arg(long, requires = "http_tls_key", value_name = "FILE")]
+    http_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --http-tls-cert.
+    #[arg(long, requires = "http_tls_cert", value_name = "FILE")]
+    http_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    http_args: HttpArgs,
     /// Declare a silent worker dead after this many milliseconds (at least 500). Workers
     /// heartbeat five times in that time: the gateway tells them so when they join.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
     failure_timeout_ms: u64,
+}
+
+/// The HTTP API's hosts and limits, for `sand gateway` and `sand dev`.
+#[derive(Args, Debug)]
+pub struct HttpArgs {
+    /// A host name the API answers to, besides localhost and IP addresses (repeatable): the
+    /// name clients use in their URLs. Requests naming any other host are refused.
+    #[arg(long = "http-host", value_name = "NAME")]
+    hosts: Vec<String>,
+    /// At most this many API connections at once; more wait to be accepted.
+    #[arg(long, default_value_t = serve::MAX_CONNECTIONS_DEFAULT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    http_max_connections: usize,
+    /// Close an API connection that has not sent a whole request head within this many
+    /// milliseconds (slow or idle clients).
+    #[arg(long, default_value_t = serve::HEADER_TIMEOUT_DEFAULT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    http_header_timeout_ms: u64,
+}
+
+impl HttpArgs {
+    fn apply(self, config: &mut GatewayConfig) {
+        config.http_hosts = self.hosts;
+        config.http_limits = Limits {
+            max_connections: self.http_max_connections,
+            header_timeout: Duration::from_millis(self.http_header_timeout_ms),
+        };
+    }
 }
 
 /// How to isolate grains.
@@ -99,6 +145,8 @@ pub struct DevArgs {
     /// How grains are isolated.
     #[arg(long, value_enum, default_value = "sandbox")]
     isolation: IsolationArg,
+    #[command(flatten)]
+    http_args: HttpArgs,
 }
 
 fn logging() {
@@ -129,6 +177,10 @@ fn gateway_config(
         http_addr: http,
         quic_addr: listen,
         token: None,
+        insecure_no_auth: false,
+        http_hosts: Vec::new(),
+        http_tls: None,
+        http_limits: Limits::default(),
         gq: GqConfig::default(),
         quic: QuicConfig::default(),
     }
@@ -138,13 +190,17 @@ fn gateway_config(
 pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
     logging();
     let mut config = gateway_config(args.data_dir, args.certs, args.http, args.listen);
-    config.token = args.token;
+    config.token = client_cmd::operator_token(args.token_file.as_deref())?;
+    config.insecure_no_auth = args.insecure_no_auth;
+    config.http_tls = args.http_tls_cert.zip(args.http_tls_key);
+    args.http_args.apply(&mut config);
     config.gq.failure_timeout = Duration::from_millis(args.failure_timeout_ms);
     runtime()?.block_on(async move {
         let gateway = Gateway::start(config).await?;
         println!(
-            "sand gateway: HTTP on http://{}, workers dial {}",
-            gateway.http_addr, gateway.quic_addr
+            "sand gateway: HTTP on {}, workers dial {}",
+            gateway.http_url(),
+            gateway.quic_addr
         );
         tokio::select! {
             err = gateway.wait() => Err(err.into()),
@@ -305,6 +361,15 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
         "127.0.0.1:0".parse()?,
     );
     gconfig.gq.failure_timeout = Duration::from_secs(5);
+    // The dev API always wants a token, whatever its address: a web page the developer
+    // visits, or another local user, can reach a loopback port too.
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot make the data directory {}", args.data_dir.display()))?;
+    let token_file = std::path::absolute(args.data_dir.join(TOKEN_FILE))
+        .context("cannot resolve the data directory")?;
+    let token = Token::read_or_create(&token_file)?;
+    gconfig.token = Some(token.clone());
+    args.http_args.apply(&mut gconfig);
     let wconfig = worker_config(
         worker_id,
         args.data_dir.join("worker-1"),
@@ -313,7 +378,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
     )?;
     runtime()?.block_on(async move {
         let gateway = Gateway::start(gconfig).await?;
-        let url = format!("http://{}", gateway.http_addr);
+        let url = gateway.http_url();
         let quic_addr = gateway.quic_addr;
         let worker =
             tokio::spawn(
@@ -321,7 +386,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
             );
         let mut entry = None;
         for app in &args.apps {
-            let client = client_cmd::Client::new(url.clone(), None);
+            let client = client_cmd::Client::new(url.clone(), Some(token.clone()), None)?;
             let app = app.clone();
             let deployed = tokio::task::spawn_blocking(move || client.deploy(&app)).await??;
             println!(
@@ -331,9 +396,18 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
             entry.get_or_insert(deployed.app);
         }
         println!("sand dev: gateway at {url}, one worker; Ctrl-C stops");
+        // The token stays in its file (mode 0600): this output may end up in logs others read.
+        println!("the API wants the token in {}", token_file.display());
         match entry {
-            Some(app) => println!("try: curl -s -X POST {url}/v1/apps/{app}/invoke -d '1'"),
-            None => println!("deploy an app: sand deploy APP_DIR --gateway {url}"),
+            Some(app) => println!(
+                "try: curl -s -X POST {url}/v1/apps/{app}/invoke -H \"Authorization: Bearer \
+                 $(cat {})\" -H 'Content-Type: application/json' -d '1'",
+                token_file.display()
+            ),
+            None => println!(
+                "deploy an app: sand deploy APP_DIR --gateway {url} --token-file {}",
+                token_file.display()
+            ),
         }
         // The worker watches for SIGINT and SIGTERM itself, and ends once its sandboxes are
         // gone; the gateway stops with the process.

@@ -10,13 +10,18 @@
 //!
 //! Every failure is a 4xx or 5xx with `{"error": {"code": ..., "message": ...}}`. With a token
 //! configured, every `/v1` route wants `Authorization: Bearer TOKEN`.
+//!
+//! Every route refuses what a browser tricked by another site would send (see [`same_site`]):
+//! a `Host` that is not `localhost`, an IP address or a name the operator gave (DNS
+//! rebinding), an `Origin` other than the host's own, and a `POST` whose body is not
+//! `application/json` (a cross-site form post).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -31,6 +36,7 @@ use serde_json::{json, Value};
 use crate::core::{Command, CoreHandle, CoreStopped};
 use crate::metrics::{Metrics, Status};
 use crate::store::Store;
+use crate::token::Token;
 use crate::trace::CallTrace;
 
 /// The largest app bundle accepted: it travels to workers in one message.
@@ -52,7 +58,9 @@ pub struct Api {
     /// The registry `/metrics` encodes.
     pub registry: Arc<Registry>,
     /// The bearer token `/v1` wants, if any.
-    pub token: Option<Arc<str>>,
+    pub token: Option<Arc<Token>>,
+    /// Host names, besides `localhost` and IP addresses, requests may name.
+    pub hosts: Arc<[String]>,
 }
 
 /// A failed request: its status and a JSON account.
@@ -117,6 +125,7 @@ pub fn router(api: Api) -> Router {
             ApiError::not_found("no_route", "no such route; see the API table in the README")
         })
         .layer(DefaultBodyLimit::max(BUNDLE_BYTES_MAX))
+        .layer(middleware::from_fn_with_state(api.clone(), same_site))
         .layer(middleware::from_fn_with_state(api.clone(), count))
         .with_state(api)
 }
@@ -126,18 +135,96 @@ async fn authorize(State(api): State<Api>, req: Request, next: Next) -> Response
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(&**token) {
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !given.is_some_and(|given| token.matches(given)) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "this gateway wants `Authorization: Bearer TOKEN`",
+                "this gateway wants `Authorization: Bearer TOKEN` with its token (`sand dev` \
+                 keeps it in DATA_DIR/token; the CLI reads --token-file or SAND_TOKEN)",
             )
             .into_response();
         }
     }
     next.run(req).await
+}
+
+/// Refuses what a browser would send on behalf of another site: a `Host` the API does not
+/// answer to (a DNS rebinding: `evil.example` made to resolve to this address), an `Origin`
+/// other than the `Host` (a cross-origin request), and a `POST` whose body is not
+/// `application/json` (a cross-site form post, which browsers send as `text/plain` or a form
+/// encoding without asking). Bundle uploads are `PUT`s, which a browser sends cross-site
+/// only after a CORS preflight this API never grants.
+async fn same_site(State(api): State<Api>, req: Request, next: Next) -> Response {
+    match check_same_site(&api.hosts, req.method(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn check_same_site(hosts: &[String], method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let host = text(header::HOST).ok_or_else(|| {
+        ApiError::bad_request(
+            "no_host",
+            "the request has no Host header (HTTP/1.1 wants one)",
+        )
+    })?;
+    if !host_allowed(hosts, host) {
+        return Err(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "unknown_host",
+            format!(
+                "this API answers to localhost, IP addresses and the names its operator gives \
+                 with --http-host, not to `{host}` (a guard against DNS rebinding)"
+            ),
+        ));
+    }
+    if let Some(origin) = text(header::ORIGIN) {
+        let authority = origin.split_once("://").map(|(_, rest)| rest);
+        if !authority.is_some_and(|a| a.eq_ignore_ascii_case(host)) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                format!(
+                    "a request from the web page at `{origin}` may not use this API at `{host}`"
+                ),
+            ));
+        }
+    }
+    if method == Method::POST {
+        let media_type = text(header::CONTENT_TYPE)
+            .and_then(|t| t.split(';').next())
+            .map(str::trim);
+        if !media_type.is_some_and(|t| t.eq_ignore_ascii_case("application/json")) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not_json",
+                "a POST body must come with `Content-Type: application/json`",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the API answers to `host` (a `Host` header: a name or an address, and a port).
+/// An IP address cannot be rebound: a browser sends it only to a page loaded from that very
+/// address. `localhost` resolves on this machine, not through an attacker's DNS. Any other
+/// name must be one the operator gave. The port is not checked: a rebinding attacker names
+/// the right one anyway, and port forwards (`ssh -L 9000:localhost:8080`) change it.
+fn host_allowed(hosts: &[String], host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || hosts.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
 /// Counts answers by status; refuses a body whose announced length is over the limit before

@@ -2,14 +2,17 @@
 //!
 //! - [`core`]: the one task that owns the [`GlobalQueue`](sand_protocol::global_queue::GlobalQueue);
 //! - [`store`]: the durable store (redb, group commit);
-//! - [`http`]: the client API; [`metrics`]: what `/metrics` shows; [`trace`]: execution traces;
+//! - [`http`]: the client API; [`serve`]: its connections; [`token`]: its bearer token;
+//! - [`metrics`]: what `/metrics` shows; [`trace`]: execution traces;
 //! - [`server`]: all of it started together.
 
 pub mod core;
 pub mod http;
 pub mod metrics;
+pub mod serve;
 pub mod server;
 pub mod store;
+pub mod token;
 pub mod trace;
 
 pub use server::{Gateway, GatewayConfig, GatewayError};

@@ -1,5 +1,6 @@
 //! A running gateway: the store, the core, QUIC for workers and HTTP for clients.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +15,9 @@ use tokio::task::JoinHandle;
 use crate::core::{self, Core, CoreHandle};
 use crate::http::{self, Api};
 use crate::metrics::Metrics;
+use crate::serve::{self, Limits, TlsError};
 use crate::store::{Store, StoreError};
+use crate::token::Token;
 
 /// The file of the embedded store, in the data directory.
 pub const STORE_FILE: &str = "gateway.redb";
@@ -30,8 +33,16 @@ pub struct GatewayConfig {
     pub http_addr: SocketAddr,
     /// The address workers dial (QUIC).
     pub quic_addr: SocketAddr,
-    /// The bearer token the API wants, if any.
-    pub token: Option<String>,
+    /// The bearer token the API wants on `/v1`, if any.
+    pub token: Option<Token>,
+    /// Serve the API without a token on an address other hosts reach (refused otherwise).
+    pub insecure_no_auth: bool,
+    /// Host names, besides `localhost` and IP addresses, the API answers to.
+    pub http_hosts: Vec<String>,
+    /// The HTTP API's certificate chain and key (PEM files), to serve it over TLS.
+    pub http_tls: Option<(PathBuf, PathBuf)>,
+    /// The HTTP server's connection limit and header deadline.
+    pub http_limits: Limits,
     /// The protocol's settings (failure timeout and so on).
     pub gq: GqConfig,
     /// The transport's settings.
@@ -61,6 +72,16 @@ pub enum GatewayError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The HTTP API would be open to other hosts without a token.
+    #[error(
+        "the HTTP API on {0} is reachable from other hosts and has no token: give one \
+         (--token-file FILE or SAND_TOKEN), listen on a loopback address, or, to serve it \
+         open to anyone who reaches it, pass --insecure-no-auth"
+    )]
+    NoToken(SocketAddr),
+    /// The HTTP API's TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// A task of the gateway ended unexpectedly.
     #[error("the gateway's {0} task stopped unexpectedly")]
     Stopped(&'static str),
@@ -72,10 +93,12 @@ pub struct Gateway {
     pub http_addr: SocketAddr,
     /// The QUIC endpoint's bound address.
     pub quic_addr: SocketAddr,
+    /// Whether the HTTP API is served over TLS.
+    pub https: bool,
     /// Asks the core.
     pub core: CoreHandle,
     core_task: JoinHandle<Result<(), StoreError>>,
-    http_task: JoinHandle<std::io::Result<()>>,
+    http_task: JoinHandle<Infallible>,
     quic: QuicGateway,
 }
 
@@ -83,6 +106,17 @@ impl Gateway {
     /// Opens the store, recovers the queue, and starts serving workers and clients.
     pub async fn start(config: GatewayConfig) -> Result<Self, GatewayError> {
         config.gq.validate()?;
+        if config.token.is_none()
+            && !config.http_addr.ip().is_loopback()
+            && !config.insecure_no_auth
+        {
+            return Err(GatewayError::NoToken(config.http_addr));
+        }
+        let https = config.http_tls.is_some();
+        let tls = match &config.http_tls {
+            Some((cert, key)) => Some(serve::tls_config(cert, key)?),
+            None => None,
+        };
         std::fs::create_dir_all(&config.data_dir).map_err(|source| GatewayError::Io {
             what: format!(
                 "cannot make the data directory {}",
@@ -125,19 +159,27 @@ impl Gateway {
             store,
             metrics,
             registry: Arc::new(registry),
-            token: config.token.map(Into::into),
+            token: config.token.map(Arc::new),
+            hosts: config.http_hosts.into(),
         };
         let app = http::router(api);
-        let http_task = tokio::spawn(async move { axum::serve(listener, app).await });
+        let http_task = tokio::spawn(serve::serve(listener, app, config.http_limits, tls));
         tracing::info!(http = %http_addr, quic = %quic.local_addr(), "gateway serving");
         Ok(Self {
             http_addr,
             quic_addr: quic.local_addr(),
+            https,
             core: handle,
             core_task,
             http_task,
             quic,
         })
+    }
+
+    /// The HTTP API's base URL: `http://ADDR` or `https://ADDR`.
+    pub fn http_url(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr)
     }
 
     /// Serves until a task fails; returns why.
@@ -147,10 +189,7 @@ impl Gateway {
                 Ok(Err(e)) => GatewayError::Store(e),
                 _ => GatewayError::Stopped("core"),
             },
-            r = &mut self.http_task => match r {
-                Ok(Err(source)) => GatewayError::Io { what: "the HTTP server failed".into(), source },
-                _ => GatewayError::Stopped("HTTP"),
-            },
+            _ = &mut self.http_task => GatewayError::Stopped("HTTP"),
         };
         self.quic.shutdown().await;
         err
