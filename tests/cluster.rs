@@ -50,6 +50,9 @@ impl Cluster {
         failure_timeout_ms: u64,
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        if let Some(token) = token {
+            private_file(&dir.path().join("token"), token);
+        }
         let certs = dir.path().join("certs");
         sand(&["cert", "init", "--dir", certs.to_str().unwrap()]);
         sand(&[
@@ -90,9 +93,10 @@ impl Cluster {
         cluster.wait_for_workers(workers as usize);
         for app in apps {
             let dir = repo(app);
+            let token_file = cluster.dir.path().join("token");
             let mut args = vec!["deploy", dir.to_str().unwrap(), "--gateway", &cluster.http];
-            if let Some(t) = &cluster.token {
-                args.extend(["--token", t]);
+            if cluster.token.is_some() {
+                args.extend(["--token-file", token_file.to_str().unwrap()]);
             }
             let out = sand(&args);
             assert!(out.contains("deployed"), "{out}");
@@ -108,7 +112,18 @@ impl Cluster {
             .arg(self.dir.path().join("gateway"))
             .arg("--certs")
             .arg(self.dir.path().join("certs"))
-            .args(self.token.iter().flat_map(|t| ["--token", t]))
+            .args(
+                self.token
+                    .as_ref()
+                    .map(|_| {
+                        [
+                            "--token-file".into(),
+                            self.dir.path().join("token").into_os_string(),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -215,6 +230,28 @@ impl Drop for Cluster {
             let _ = g.wait();
         }
     }
+}
+
+/// A child process, killed and reaped when dropped (also when a test fails).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Writes `text` to a new file at `path` that only its owner may read.
+fn private_file(path: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .expect("a private file");
+    std::io::Write::write_all(&mut file, text.as_bytes()).expect("write it");
 }
 
 /// Runs a short `sand` command that must succeed; returns its stdout.
@@ -333,7 +370,7 @@ fn get(url: &str) -> (u16, Value) {
 }
 
 fn post(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
-    let mut req = agent().post(url);
+    let mut req = agent().post(url).set("Content-Type", "application/json");
     if let Some(k) = key {
         req = req.set("Idempotency-Key", k);
     }
@@ -452,7 +489,7 @@ fn bad_requests_get_json_errors() {
     let mut tcp =
         std::net::TcpStream::connect(base.trim_start_matches("http://")).expect("connect");
     let head = format!(
-        "PUT /v1/apps/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        "PUT /v1/apps/big HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         20 << 20
     );
     std::io::Write::write_all(&mut tcp, head.as_bytes()).expect("send the head");
@@ -584,6 +621,236 @@ fn a_gateway_with_a_token_refuses_requests_without_it() {
     );
 }
 
+/// Sends `head` (a request head without its final blank line) and `body` over a new
+/// connection to `http` (`http://ADDR`); returns the status and the JSON body of the reply.
+fn raw(http: &str, head: &str, body: &str) -> (u16, Value) {
+    use std::io::{Read as _, Write as _};
+    let mut tcp =
+        std::net::TcpStream::connect(http.trim_start_matches("http://")).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let request = format!(
+        "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).expect("send");
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).expect("a reply");
+    let code = reply
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{reply}"));
+    let json = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (code, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+/// What a web page could make a browser send is refused: a Host the API does not answer to
+/// (DNS rebinding), another site's Origin, and a POST that is not JSON (a cross-site form).
+#[test]
+fn the_api_refuses_what_a_browser_could_be_tricked_into_sending() {
+    let cluster = Cluster::start(0, &["examples/pipeline"]);
+    let port = cluster.http.rsplit(':').next().unwrap().to_owned();
+    let invoke = "POST /v1/apps/pipeline/invoke?async=true HTTP/1.1";
+    let json = "Content-Type: application/json";
+    let refused = [
+        ("rebound host", format!("GET /v1/apps HTTP/1.1\r\nHost: evil.example:{port}"), "", 421, "unknown_host"),
+        ("rebound host, invoke", format!("{invoke}\r\nHost: evil.example:{port}\r\n{json}"), "1", 421, "unknown_host"),
+        ("no host", "GET /v1/apps HTTP/1.0".to_owned(), "", 400, "no_host"),
+        ("foreign origin", format!("GET /v1/apps HTTP/1.1\r\nHost: localhost:{port}\r\nOrigin: http://evil.example"), "", 403, "cross_origin"),
+        ("null origin", format!("{invoke}\r\nHost: 127.0.0.1:{port}\r\nOrigin: null\r\n{json}"), "1", 403, "cross_origin"),
+        ("text/plain post", format!("{invoke}\r\nHost: 127.0.0.1:{port}\r\nContent-Type: text/plain"), "1", 415, "not_json"),
+        ("form post", format!("{invoke}\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-www-form-urlencoded"), "1", 415, "not_json"),
+        ("untyped post", format!("{invoke}\r\nHost: 127.0.0.1:{port}"), "1", 415, "not_json"),
+    ];
+    for (what, head, body, code, error) in refused {
+        let (got, reply) = raw(&cluster.http, &head, body);
+        assert_eq!(
+            (got, reply["error"]["code"].as_str()),
+            (code, Some(error)),
+            "{what}: {reply}"
+        );
+        assert!(reply["error"]["message"].is_string(), "{what}: {reply}");
+    }
+    // The same requests, as the API's own pages or clients send them, are served.
+    let served = [
+        format!(
+            "GET /v1/apps HTTP/1.1\r\nHost: localhost:{port}\r\nOrigin: http://localhost:{port}"
+        ),
+        format!("GET /v1/apps HTTP/1.1\r\nHost: [::1]:{port}"),
+        format!(
+            "{invoke}\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json; charset=utf-8"
+        ),
+    ];
+    for head in served {
+        let (code, reply) = raw(&cluster.http, &head, "1");
+        assert!(code == 200 || code == 202, "{head}: {code} {reply}");
+    }
+}
+
+/// Makes a CA and a gateway certificate for `localhost` in `dir/certs`.
+fn gateway_certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    sand(&["cert", "init", "--dir", certs.to_str().unwrap()]);
+    sand(&[
+        "cert",
+        "issue",
+        "gateway",
+        "--name",
+        "localhost",
+        "--dir",
+        certs.to_str().unwrap(),
+    ]);
+    certs
+}
+
+/// Starts `sand gateway` with `args` and a store and certificates in `dir`; returns it with
+/// its first line, or, if it exits within 20 s, its exit status and stderr.
+fn try_gateway(dir: &Path, args: &[&str], token: Option<&str>) -> Result<(Killed, String), String> {
+    let log = dir.join("gateway.log");
+    let mut cmd = Command::new(SAND);
+    cmd.args(["gateway", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir.join("gateway"))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .env_remove("SAND_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("a log file"));
+    if let Some(t) = token {
+        cmd.env("SAND_TOKEN", t);
+    }
+    let mut child = Killed(cmd.spawn().expect("start the gateway"));
+    let stdout = child.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(line) if !line.is_empty() => Ok((child, line)),
+        _ => {
+            let _ = child.0.kill();
+            let status = child.0.wait().expect("reap the gateway");
+            let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+            Err(format!("{status}: {stderr}"))
+        }
+    }
+}
+
+/// Starts `sand gateway` as [`try_gateway`] does, expecting it to refuse (`why` it must);
+/// returns its stderr.
+fn refused_gateway(dir: &Path, args: &[&str], token: Option<&str>, why: &str) -> String {
+    match try_gateway(dir, args, token) {
+        Ok((_child, line)) => panic!("{why}: {line}"),
+        Err(stderr) => stderr,
+    }
+}
+
+/// A gateway other hosts can reach does not start without a token unless told
+/// `--insecure-no-auth`; a token on the command line is refused (every local user reads argv).
+#[test]
+fn a_gateway_reachable_from_other_hosts_wants_a_token() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    gateway_certs(dir.path());
+    let refused = refused_gateway(
+        dir.path(),
+        &["--http", "0.0.0.0:0"],
+        None,
+        "a gateway open to every host without a token started",
+    );
+    assert!(
+        refused.contains("--insecure-no-auth") && refused.contains("0.0.0.0"),
+        "{refused}"
+    );
+    let argv = refused_gateway(
+        dir.path(),
+        &["--http", "127.0.0.1:0", "--token", "s3cret"],
+        None,
+        "a gateway took its token on the command line",
+    );
+    assert!(
+        argv.contains("--token-file") && argv.contains("SAND_TOKEN"),
+        "{argv}"
+    );
+    let exposed = dir.path().join("exposed-token");
+    std::fs::write(&exposed, "s3cret").expect("write a token file");
+    std::fs::set_permissions(
+        &exposed,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod 644");
+    let exposed = refused_gateway(
+        dir.path(),
+        &["--token-file", exposed.to_str().unwrap()],
+        None,
+        "a gateway took a token other users can read",
+    );
+    assert!(exposed.contains("chmod 600"), "{exposed}");
+    for (args, token) in [
+        (&["--http", "0.0.0.0:0", "--insecure-no-auth"][..], None),
+        (&["--http", "0.0.0.0:0"][..], Some("s3cret")),
+    ] {
+        let (_child, line) =
+            try_gateway(dir.path(), args, token).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert!(line.contains("HTTP on http://0.0.0.0:"), "{line}");
+    }
+}
+
+/// Over TLS, the API serves a client that trusts the cluster CA, and no other.
+#[test]
+fn the_api_over_tls_serves_a_client_that_trusts_its_ca() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = gateway_certs(dir.path());
+    let (cert, key) = (certs.join("gateway.crt"), certs.join("gateway.key"));
+    let args = [
+        "--http",
+        "127.0.0.1:0",
+        "--http-tls-cert",
+        cert.to_str().unwrap(),
+        "--http-tls-key",
+        key.to_str().unwrap(),
+    ];
+    let (_gateway, line) = try_gateway(dir.path(), &args, None).expect("a TLS gateway");
+    let port = line
+        .split("HTTP on https://127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_else(|| panic!("no https address in {line:?}"))
+        .to_owned();
+    let url = format!("https://localhost:{port}");
+    let ca = certs.join("ca.crt");
+    let status = |extra: &[&str]| {
+        Command::new(SAND)
+            .args(["status", "--gateway", &url])
+            .args(extra)
+            .env_remove("SAND_TOKEN")
+            .output()
+            .expect("run sand status")
+    };
+    let trusted = status(&["--ca", ca.to_str().unwrap()]);
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    assert!(String::from_utf8_lossy(&trusted.stdout).contains("\"workers\""));
+    let untrusted = status(&[]);
+    assert!(
+        !untrusted.status.success(),
+        "a client that does not trust the CA was served"
+    );
+    let plain = Command::new(SAND)
+        .args(["status", "--gateway", &format!("http://localhost:{port}")])
+        .output()
+        .expect("run sand status");
+    assert!(
+        !plain.status.success(),
+        "plain HTTP was served on the TLS port"
+    );
+}
+
 /// The sandbox holders a worker has running: its children started as `sand __sandbox-init`.
 fn sandboxes_of(worker: u32) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -692,42 +959,135 @@ fn stop(child: &mut Child, signal: &str) -> std::process::ExitStatus {
     }
 }
 
+/// Starts `sand dev` with the pipeline app and its data in `dir`; returns it, the rest of its
+/// output and its API's URL.
+fn start_dev(dir: &Path) -> (Killed, BufReader<std::process::ChildStdout>, String) {
+    let mut dev = Killed(
+        Command::new(SAND)
+            .args(["dev", repo("examples/pipeline").to_str().unwrap()])
+            .args(["--http", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start sand dev"),
+    );
+    let mut out = BufReader::new(dev.0.stdout.take().expect("stdout"));
+    let mut before = String::new();
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).expect("sand dev's output") == 0 {
+            panic!("sand dev ended before it served: {before}");
+        }
+        // "sand dev: gateway at http://ADDR, one worker; Ctrl-C stops"
+        if let Some(url) = line
+            .split("gateway at ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+        {
+            return (dev, out, url.to_owned());
+        }
+        before.push_str(&line);
+    }
+}
+
+/// `sand dev` makes a token only its user can read, wants it on every `/v1` request, never
+/// prints it, and the CLI finds it (`.sand/token`, `--token-file`, SAND_TOKEN).
+#[test]
+fn sand_dev_wants_its_private_token_and_the_cli_finds_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let data = cwd.path().join(".sand");
+    let (mut dev, mut out, url) = start_dev(&data);
+    let token_file = data.join("token");
+    let mode = std::fs::metadata(&token_file)
+        .expect("a token file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the token file's mode: {mode:o}");
+    let token = std::fs::read_to_string(&token_file).expect("the token");
+    let token = token.trim();
+    assert_eq!(token.len(), 64, "256 bits in hex: {token}");
+
+    let invoke = format!("{url}/v1/apps/pipeline/invoke");
+    let (code, body) = post(&invoke, "1", None);
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{body}"
+    );
+    let with = |t: &str| {
+        answer(
+            agent()
+                .post(&invoke)
+                .set("Content-Type", "application/json")
+                .set("Authorization", &format!("Bearer {t}"))
+                .send_string("1"),
+        )
+    };
+    let (code, body) = with(&format!("{}x", &token[..63]));
+    assert_eq!(code, 401, "a wrong token was taken: {body}");
+    let (code, body) = with(token);
+    assert_eq!((code, &body["output"]), (200, &Value::from(9)), "{body}");
+
+    let cli = |args: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(SAND);
+        cmd.args(["invoke", "pipeline", "2", "--gateway", &url])
+            .args(args)
+            .current_dir(cwd.path());
+        cmd.env_remove("SAND_TOKEN");
+        if let Some(t) = env {
+            cmd.env("SAND_TOKEN", t);
+        }
+        let out = cmd.output().expect("run sand invoke");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(cli(&[], None).1, "25", "the CLI reads .sand/token");
+    assert_eq!(
+        cli(&["--token-file", token_file.to_str().unwrap()], None).1,
+        "25"
+    );
+    assert_eq!(cli(&[], Some(token)).1, "25", "the CLI reads SAND_TOKEN");
+    let (ok, _, stderr) = cli(&[], Some("wrong"));
+    assert!(!ok && stderr.contains("401"), "{stderr}");
+    let (ok, _, stderr) = cli(&["--token", token], None);
+    assert!(!ok && stderr.contains("visible to every user"), "{stderr}");
+
+    // Not printed: stdout may end up in logs other users read.
+    let _ = stop(&mut dev.0, "TERM");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+    assert!(!rest.contains(token), "sand dev printed its token: {rest}");
+    let curl = format!("Authorization: Bearer $(cat {})", token_file.display());
+    assert!(
+        rest.contains(&curl),
+        "no curl line with the token file: {rest}"
+    );
+}
+
 /// `sand dev`, the README's first command, stops on Ctrl-C and on SIGTERM alike, and leaves no
 /// sandbox behind.
 #[test]
 fn sand_dev_stops_on_sigint_and_sigterm_and_removes_its_sandboxes() {
     for signal in ["INT", "TERM"] {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut dev = Command::new(SAND)
-            .args(["dev", repo("examples/pipeline").to_str().unwrap()])
-            .args(["--http", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sand dev");
-        let mut out = BufReader::new(dev.stdout.take().expect("stdout"));
-        let mut url = None;
-        let mut line = String::new();
-        while url.is_none() {
-            line.clear();
-            if out.read_line(&mut line).expect("sand dev's output") == 0 {
-                let _ = dev.kill();
-                panic!("sand dev ended before it served");
-            }
-            // "sand dev: gateway at http://ADDR, one worker; Ctrl-C stops"
-            url = line
-                .split("gateway at ")
-                .nth(1)
-                .and_then(|s| s.split(',').next())
-                .map(str::to_owned);
-        }
-        let url = url.unwrap();
-        let (code, body) = post(&format!("{url}/v1/apps/pipeline/invoke"), "1", None);
+        let (mut dev, mut out, url) = start_dev(dir.path());
+        let token = std::fs::read_to_string(dir.path().join("token")).expect("the dev token");
+        let (code, body) = answer(
+            agent()
+                .post(&format!("{url}/v1/apps/pipeline/invoke"))
+                .set("Content-Type", "application/json")
+                .set("Authorization", &format!("Bearer {}", token.trim()))
+                .send_string("1"),
+        );
         assert_eq!((code, &body["output"]), (200, &Value::from(9)), "{body}");
-        let cgroups = sandbox_cgroups(dev.id());
+        let cgroups = sandbox_cgroups(dev.0.id());
         assert_eq!(cgroups.len(), 1, "one sandbox for the app: {cgroups:?}");
-        let status = stop(&mut dev, signal);
+        let status = stop(&mut dev.0, signal);
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut out, &mut rest);
         assert!(status.success(), "SIG{signal}: {status}, output {rest}");

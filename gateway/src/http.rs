@@ -607,6 +607,85 @@ mod tests {
     }
 
     #[test]
+    fn hosts_are_localhost_ip_addresses_or_named_by_the_operator() {
+        let named = ["sand.example".to_owned()];
+        for ok in [
+            "localhost",
+            "LOCALHOST:8080",
+            "localhost.:8080",
+            "127.0.0.1:8080",
+            "10.1.2.3",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "sand.example:443",
+            "Sand.Example",
+        ] {
+            assert!(host_allowed(&named, ok), "{ok}");
+        }
+        for refused in [
+            "evil.example:8080",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "[::1",
+            "[evil]:80",
+            "",
+            "sand.example.evil",
+        ] {
+            assert!(!host_allowed(&named, refused), "{refused}");
+        }
+    }
+
+    #[test]
+    fn only_same_site_json_posts_pass() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        let json = ("content-type", "Application/JSON; charset=utf-8");
+        let host = ("host", "localhost:8080");
+        let code = |method: Method, pairs: &[(&'static str, &'static str)]| {
+            check_same_site(&[], &method, &headers(pairs)).map_err(|e| e.code)
+        };
+        assert_eq!(code(Method::POST, &[host, json]), Ok(()));
+        assert_eq!(
+            code(
+                Method::POST,
+                &[host, json, ("origin", "http://localhost:8080")]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            code(Method::PUT, &[host]),
+            Ok(()),
+            "bundles keep their type"
+        );
+        assert_eq!(code(Method::POST, &[host]), Err("not_json"));
+        assert_eq!(
+            code(Method::POST, &[host, ("content-type", "text/plain")]),
+            Err("not_json")
+        );
+        assert_eq!(
+            code(Method::POST, &[host, ("content-type", "application/jsonp")]),
+            Err("not_json")
+        );
+        for origin in ["http://evil.example", "null", "http://localhost:8081"] {
+            assert_eq!(
+                code(Method::GET, &[host, ("origin", origin)]),
+                Err("cross_origin"),
+                "{origin}"
+            );
+        }
+        assert_eq!(code(Method::GET, &[]), Err("no_host"));
+        assert_eq!(
+            code(Method::GET, &[("host", "evil.example")]),
+            Err("unknown_host")
+        );
+    }
+
+    #[test]
     fn inputs_must_be_json() {
         assert_eq!(json_input(b"").unwrap().0.as_ref(), b"null");
         assert_eq!(

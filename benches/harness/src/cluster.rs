@@ -625,7 +625,11 @@ impl Client {
 
     fn post(&self, path: &str, input: u64) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        match self.agent.post(&url).send_string(&input.to_string()) {
+        let req = self
+            .agent
+            .post(&url)
+            .set("Content-Type", "application/json");
+        match req.send_string(&input.to_string()) {
             Ok(r) => Ok(r.into_json()?),
             Err(ureq::Error::Status(code, r)) => {
                 bail!(
