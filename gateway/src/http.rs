@@ -11,7 +11,7 @@
 //! Every failure is a 4xx or 5xx with `{"error": {"code": ..., "message": ...}}`. With a token
 //! configured, every `/v1` route wants `Authorization: Bearer TOKEN`.
 //!
-//! Every route refuses what a browser tricked by another site would send (see [`same_site`]):
+//! Every route refuses what a browser tricked by another site would send:
 //! a `Host` that is not `localhost`, an IP address or a name the operator gave (DNS
 //! rebinding), an `Origin` other than the host's own, and a `POST` whose body is not
 //! `application/json` (a cross-site form post).
