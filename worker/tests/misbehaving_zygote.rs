@@ -19,7 +19,8 @@ use sand_worker::runtime::CallRequest;
 /// The fake zygote. `FAKE_MODE` picks its fault; it counts its lives in `lives` (in its working
 /// directory), so a restarted zygote can behave differently. A call that reaches it (`CALL`) is
 /// answered by the zygote itself: it hands over one end of a fresh socket pair as the call's
-/// instance (`SPARE` with the call's slot) and writes `RESULT` with the call's attempt.
+/// instance (`SPARE` with the call's slot) and writes the result, with the call's attempt, on
+/// the other end as the instance would.
 ///
 /// - `dead-spare`: the first `WANT` is answered 50 ms later with a spare whose instance is
 ///   already dead (its end of the socket is closed), followed at once by its `DIED`.
@@ -28,7 +29,7 @@ use sand_worker::runtime::CallRequest;
 const FAKE_ZYGOTE: &str = r#"
 import json, os, socket, struct, time
 
-CALL, WANT, READY, RESULT, DIED, SPARE = 1, 4, 10, 12, 13, 14
+CALL, WANT, READY, DIED, SPARE = 1, 4, 10, 13, 14
 HEADER = struct.Struct("<BBI")
 
 def send(chan, kind, slot, body=b""):
@@ -75,7 +76,8 @@ def main():
             _exec, _call, attempt = struct.unpack_from("<QQQ", body)
             result = json.dumps({"return": {"attempt": attempt, "life": lives}}).encode()
             head = struct.pack("<IIIIQQ", os.getpid(), len(result), 0, 0, 0, 0)
-            send(chan, RESULT, slot, head + result)
+            frame = head + result
+            theirs.sendall(struct.pack("<II", 4 + len(frame), slot) + frame)
             theirs.close()
 
 main()
