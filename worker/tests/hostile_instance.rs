@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use sand_grain::wire::RESULT_BYTES_MAX;
 use sand_protocol::wire::ErrorKind;
 use sand_worker::runtime::launch::HostLauncher;
 use sand_worker::runtime::python::install_python_runtime;
@@ -69,6 +70,18 @@ def handle(event, ctx):
             body = result_body("forged")
             own.sendall(struct.pack("<II", 4 + len(body), slot) + body)
             sent += 1
+        time.sleep(0.5)
+    elif kind == "flood-own-socket":
+        # A head for its own call (the test gives its slot) claiming `len` bytes, then `send`.
+        own.sendall(struct.pack("<II", event["len"], event["slot"]))
+        chunk = b"\0" * (1 << 20)
+        left = event["send"]
+        try:
+            while left > 0:
+                own.sendall(chunk[:left])
+                left -= len(chunk)
+        except OSError:
+            pass
         time.sleep(0.5)
     elif kind == "read-zygote":
         zygote = os.getppid()
@@ -218,5 +231,44 @@ async fn an_instance_cannot_read_its_zygote_nor_steal_its_channel() {
             "pidfd_getfd": "Operation not permitted",
         })
     );
+    z.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_flooding_its_socket_makes_the_worker_hold_at_most_one_result() {
+    let app = app();
+    let z = Zygote::start(Arc::new(HostLauncher), spec(&app, PYTHON.into()))
+        .await
+        .expect("the zygote starts");
+    bounded(60, async {
+        // Slot 1: a result of exactly the bound, then 4 MiB more: read, and refused as malformed.
+        let flood = format!(
+            r#"{{"kind":"flood-own-socket","slot":1,"len":{},"send":{}}}"#,
+            4 + RESULT_BYTES_MAX,
+            RESULT_BYTES_MAX + (4 << 20)
+        );
+        let r = z.call(request(&flood)).await;
+        let m = error(&r, ErrorKind::BadOutput);
+        assert!(m.contains("malformed"), "{m}");
+        // Slot 2: a head claiming 4 GiB: refused before any of it is read.
+        let flood = r#"{"kind":"flood-own-socket","slot":2,"len":4294967295,"send":1048576}"#;
+        let r = z.call(request(flood)).await;
+        let m = error(&r, ErrorKind::BadOutput);
+        assert!(m.contains("exceeds"), "{m}");
+        let stats = z.stats();
+        assert_eq!(
+            stats.result_bytes_peak, RESULT_BYTES_MAX,
+            "the worker held the one result it read, and no more: {stats:?}"
+        );
+        assert_eq!(stats.result_bytes, 0, "and holds nothing now: {stats:?}");
+        assert!(stats.broken_instances >= 1, "{stats:?}");
+        let r = z.call(request(r#"{"kind":"forge-on-fd3"}"#)).await;
+        assert_eq!(
+            value(&r),
+            serde_json::json!({"forger": 0}),
+            "it keeps serving"
+        );
+    })
+    .await;
     z.stop().await;
 }
