@@ -1,15 +1,17 @@
 //! The zygote loop of a Rust grain: the same behaviour as the Python runtime.
 //!
 //! The zygote makes itself non-dumpable before it says `READY`, so its instances (which inherit
-//! that) cannot read it or each other through `/proc`, ptrace or `pidfd_getfd`. It forks instances and hands each one's private socket to the worker (`SPARE`, by
-//! `SCM_RIGHTS`), so the worker writes calls straight to an instance without waking the zygote.
-//! It forks a spare when the worker asks (`WANT`, sent once a call's result is out, never while
-//! a call is handed over); a `CALL` that reaches it (the worker held no spare) forks an instance
-//! on the spot, hands it over already serving the call, and relays the call. The instance runs
-//! the handler with its stdout and stderr captured in memory files, writes its result
-//! on its private socket (it closed its copy of fd 3 first thing), and then waits on its private socket for the next call (`--reuse N`) or
-//! the end-of-file of the worker closing it, on which it exits. The zygote watches every
-//! instance by pidfd and reports each end as `DIED`; `KILL` names an instance by its number.
+//! that) cannot read it or each other through `/proc`, ptrace or `pidfd_getfd`. It forks
+//! instances and hands each one's private socket to the worker (`SPARE`, by `SCM_RIGHTS`), so
+//! the worker writes calls straight to an instance without waking the zygote. It forks a spare
+//! when the worker asks (`WANT`, sent once a call's result is out, never while a call is handed
+//! over); a `CALL` that reaches it (the worker held no spare) forks an instance on the spot,
+//! hands it over already serving the call, and relays the call. The instance closes its copy of
+//! fd 3 first thing, runs the handler with its stdout and stderr captured in memory files,
+//! writes its result on its private socket, and then waits there for the next call
+//! (`--reuse N`) or the end-of-file of the worker closing it, on which it exits. The zygote
+//! watches every instance by pidfd and reports each end as `DIED`; `KILL` names an instance by
+//! its number.
 
 #![allow(unsafe_code)] // fork, taking fd 3, and _exit in forked children.
 
@@ -219,7 +221,7 @@ impl Zygote<'_> {
 
     /// The worker held no spare for this call: fork one, hand it over already serving the call
     /// (its `SPARE`, with the call's slot, goes out before the call, so the worker has it
-    /// before the `RESULT`), and relay the call.
+    /// before its result), and relay the call.
     fn call(&mut self, slot: u32, call: &[u8]) {
         let ours = self.hand_over(slot);
         // A failed write means it died: its DIED reports the call.
