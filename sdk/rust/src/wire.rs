@@ -38,6 +38,11 @@
 //! the zygote as `CALL`: the zygote forks an instance, sends its `SPARE` with the call's slot
 //! (before the call, so the worker can read the instance's result), and writes the call to it.
 //!
+//! | private frame | direction | slot | body |
+//! |---|---|---|---|
+//! | call | worker → instance | the call's | the `CALL` body ([`CallMsg`]) |
+//! | result | instance → worker | the call it holds | [`ResultMsg`], at most [`RESULT_BYTES_MAX`] |
+//!
 //! **Results and ends.** The instance writes its result as a private frame ([`ResultMsg`] body,
 //! at most [`RESULT_BYTES_MAX`]) on its private socket, then waits there: for the next call
 //! (`--reuse N`), or end-of-file, on which it exits. A result is the only thing an instance
