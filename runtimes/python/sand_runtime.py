@@ -5,7 +5,9 @@ The worker starts it by exec:
     python3 -u sand_runtime.py --app-dir DIR --module grains.py --handler NAME
                                [--reuse N] [--fork-on-demand]
 
-with fd 3 a SOCK_SEQPACKET socket to the worker. It imports the grain's module once (the app
+with fd 3 a SOCK_SEQPACKET socket to the worker. It makes itself non-dumpable (so its
+instances, which inherit that, cannot read it or each other through /proc, ptrace or
+pidfd_getfd; without ctypes it refuses to load the grain), imports the grain's module once (the app
 dir is on sys.path and is the cwd, so vendored packages work), says READY, then forks one
 instance per call. The zygote itself is single-threaded and never runs a handler.
 
@@ -22,11 +24,12 @@ instance per call. The zygote itself is single-threaded and never runs a handler
 - An instance rehearses the call path once before it waits (see `rehearse`), so a call does
   not pay for the copy-on-write faults of the runtime's own code.
 - An instance serves one call, or up to `--reuse N` calls, then exits.
-- An instance writes its result straight to fd 3 (datagrams are atomic) and then lingers until
-  the worker closes its socket (the worker has read the result), so its exit never delays
-  the reader.
+- An instance closes its copy of fd 3 before any handler code runs, writes its result on its
+  private socket (the worker takes there only the result of the call the instance holds), and
+  then lingers until the worker closes the socket (it has read the result), so its exit never
+  delays the reader and its DIED never overtakes its result.
 - `--fork-on-demand` is the SAND baseline, for benchmarks: the worker holds no spares, so
-  every call forks when it arrives, and the instance exits as soon as its result is written.
+  every call forks when it arrives, and the instance serves that one call.
 
 The wire is documented in sdk/rust/src/wire.rs (crate sand-grain); keep the two equal.
 """
@@ -41,7 +44,7 @@ import struct
 import sys
 import traceback
 
-CALL, KILL, WANT, READY, LOAD_FAILED, RESULT, DIED, SPARE = 1, 3, 4, 10, 11, 12, 13, 14
+CALL, KILL, WANT, READY, LOAD_FAILED, DIED, SPARE = 1, 3, 4, 10, 11, 13, 14
 MORE = 1
 HEADER = struct.Struct("<BBI")
 PIECE_BODY_MAX = 60 * 1024
@@ -169,21 +172,39 @@ def recv_exact(sock, n):
     return buf
 
 
-def parent_death_signal_setter():
-    """A function that makes the calling process die with its parent, resolved once in the
-    zygote so an instance pays only the syscall (None without ctypes: best effort)."""
+def libc_prctl():
+    """libc's prctl, or None without ctypes."""
     try:
         import ctypes
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (ImportError, OSError, AttributeError):
+        return None
+
+
+def parent_death_signal_setter(prctl):
+    """A function that makes the calling process die with its parent, resolved once in the
+    zygote so an instance pays only the syscall (None without ctypes: best effort)."""
+    if prctl is None:
         return None
     PR_SET_PDEATHSIG = 1
     return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
+def make_undumpable(prctl):
+    """Makes this process non-dumpable, or raises: its instances must not read it."""
+    PR_SET_DUMPABLE = 0x4
+    if prctl is None:
+        raise OSError("cannot make the zygote non-dumpable: ctypes is unavailable")
+    import ctypes
+
+    zero = ctypes.c_ulong(0)
+    if prctl(PR_SET_DUMPABLE, zero, zero, zero, zero) != 0:
+        raise OSError(ctypes.get_errno(), "cannot make the zygote non-dumpable")
+
+
 def answer(handler, call, out_fd, err_fd, pid):
-    """Runs one call (a CALL body) and returns its RESULT body, with the captured output."""
+    """Runs one call (a CALL body) and returns its result frame's body, with the captured output."""
     result = run_call(handler, call)
     try:
         sys.stdout.flush()
@@ -208,8 +229,9 @@ def rehearse(out_fd, err_fd):
     answer(lambda event, ctx: ctx.next("rehearsal", event), memoryview(call), out_fd, err_fd, 0)
 
 
-def instance_main(chan, sock, handler, calls_max, linger):
-    """One forked instance: serve up to calls_max calls from the private socket, then exit."""
+def instance_main(sock, handler, calls_max):
+    """One forked instance: serve up to calls_max calls from the private socket, answering each
+    there, then wait for the worker to close it (it has read the last result), and exit."""
     out_fd = os.memfd_create("sand-stdout")
     err_fd = os.memfd_create("sand-stderr")
     os.dup2(out_fd, 1)
@@ -223,32 +245,29 @@ def instance_main(chan, sock, handler, calls_max, linger):
             os._exit(0)
         slot = PRIVATE_LEN.unpack_from(msg)[0]
         body = answer(handler, memoryview(msg)[PRIVATE_LEN.size:], out_fd, err_fd, pid)
-        send_message(chan, RESULT, slot, body)
+        sock.sendall(private_frame(slot, body))
         served += 1
-    if linger:
-        # Linger until the worker closes our socket (it has read the result).
-        while recv_private(sock) is not None:
-            pass
+    while recv_private(sock) is not None:
+        pass
     os._exit(0)
 
 
 def private_frame(slot, body):
-    """A CALL as an instance reads it from its private socket."""
+    """A frame on an instance's private socket: a CALL to it, or its result."""
     return PRIVATE_LEN.pack(PRIVATE_LEN.size + len(body)) + PRIVATE_LEN.pack(slot) + body
 
 
 class Zygote:
-    def __init__(self, chan, handler, reuse, prefork):
+    def __init__(self, chan, handler, reuse, prefork, prctl):
         self.chan = chan
         self.handler = handler
         self.reuse = reuse if prefork else 1
-        self.prefork = prefork
         self.live = {}  # pidfd -> (instance number, pid) of every instance not yet reaped
         self.by_number = {}  # instance number -> pid, for KILL
         self.numbered = 0  # the last instance number given
         self.partial = {}  # slot -> bytearray of a CALL still arriving
         self.poll = select.poll()
-        self.die_with_parent = parent_death_signal_setter()
+        self.die_with_parent = parent_death_signal_setter(prctl)
         self.poll.register(chan.fileno(), select.POLLIN)
 
     def hand_over(self, slot):
@@ -258,12 +277,14 @@ class Zygote:
         pid = os.fork()
         if pid == 0:
             try:
+                # Before any handler code: the instance keeps no way to the zygote's channel.
+                self.chan.close()
                 ours.close()
                 for pidfd in self.live:
                     os.close(pidfd)
                 if self.die_with_parent is not None:
                     self.die_with_parent()
-                instance_main(self.chan, theirs, self.handler, self.reuse, self.prefork)
+                instance_main(theirs, self.handler, self.reuse)
             finally:
                 os._exit(70)
         theirs.close()
@@ -283,7 +304,7 @@ class Zygote:
     def call(self, slot, body):
         """The worker held no spare for this call: fork one, hand it over already serving the
         call (SPARE with the call's slot, sent before the call so it reaches the worker
-        before the RESULT), and relay the call."""
+        before its result), and relay the call."""
         ours = self.hand_over(slot)
         try:
             ours.sendall(private_frame(slot, body))
@@ -410,13 +431,15 @@ def load_handler(opts):
 def main():
     opts = parse_args(sys.argv[1:])
     chan = socket.socket(fileno=3)
+    prctl = libc_prctl()
     try:
+        make_undumpable(prctl)
         handler = load_handler(opts)
     except BaseException as e:
         send_message(chan, LOAD_FAILED, 0, describe_exception(e).encode())
         os._exit(1)
     send_message(chan, READY, 0, struct.pack("<I", os.getpid()))
-    Zygote(chan, handler, opts["reuse"], opts["prefork"]).serve()
+    Zygote(chan, handler, opts["reuse"], opts["prefork"], prctl).serve()
 
 
 if __name__ == "__main__":

@@ -127,3 +127,59 @@ async fn a_missing_binary_is_unavailable() {
     let r = bounded(30, g.call(request("1"))).await;
     assert!(error(&r, ErrorKind::Unavailable).contains("absent"));
 }
+
+/// Writes a valid result of 600 kB, and holds it in the worker for a second before exiting.
+const FLOOD: &str = r#"#!/usr/bin/python3
+import json, sys, time
+sys.stdin.read()
+sys.stdout.write(json.dumps({"return": "x" * 600000}))
+sys.stdout.flush()
+time.sleep(1)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_calls_in_flight_share_one_output_budget_and_what_does_not_fit_is_cut_and_counted() {
+    let dir = TempDir::new("exec-flood");
+    let program = dir.write("flood.py", FLOOD);
+    let budget = 1 << 20;
+    let g = Arc::new(ExecGrain::with_output_budget(
+        Arc::new(HostLauncher),
+        ExecSpec {
+            program,
+            app_dir: dir.path().to_path_buf(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            concurrency: 4,
+        },
+        budget,
+    ));
+    bounded(60, async {
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let g = g.clone();
+                tokio::spawn(async move { g.call(request("{}")).await })
+            })
+            .collect();
+        let mut cut = 0;
+        for call in calls {
+            let r = call.await.expect("the call task");
+            if let GrainResult::Error(e) = &r.result {
+                assert_eq!(e.kind, ErrorKind::BadOutput, "{e:?}");
+                assert!(e.message.contains("the result was cut"), "{}", e.message);
+                cut += 1;
+            }
+        }
+        assert!(cut >= 3, "four 600 kB results do not fit 1 MiB: {cut} cut");
+        let dropped = g.output_dropped_bytes();
+        assert!(
+            dropped >= 4 * 600_000 - budget as u64,
+            "every byte beyond the budget is counted: {dropped}"
+        );
+        let alone = g.call(request("{}")).await;
+        assert_eq!(
+            returned(&alone).len(),
+            600_002,
+            "the budget is given back: a call alone fits"
+        );
+    })
+    .await;
+}

@@ -1,7 +1,7 @@
 //! Loom models of the zygote's hand-off bookkeeping ([`sand_worker::runtime::handoff`]): the
 //! same `HandOff` the zygote's host runs, under a loom mutex, with each racing side making the
 //! host's own sequence of critical sections (see `runtime/zygote.rs`: `hand_over`, `abandon`,
-//! `read_results`, `on_spare`, `shut_down`). Loom runs every interleaving of those sections.
+//! `read_results`, `read_instance`, `on_spare`, `instance_broke`, `shut_down`). Loom runs every interleaving of those sections.
 //!
 //! Checked at the end of every interleaving:
 //! - every call is settled exactly once (one reply, a refusal, or given up by its caller),
@@ -294,14 +294,31 @@ fn instance_ended(world: &Shared, number: u32, exit: Exit) {
     keep_spare(world);
 }
 
-/// `read_results` on a `RESULT`: `finish`, `deliver`, then `keep_spare`.
-fn result(world: &Shared, slot: u32) {
+/// `read_instance` on a result of instance `number` for `slot`: `holds`, then (its body read)
+/// `finish`, `deliver` and `keep_spare`; or, for a call it does not hold, `instance_broke`.
+fn result(world: &Shared, number: u32, slot: u32) {
+    if !lock(world).hand.holds(number, slot) {
+        return broke(world, number);
+    }
     {
         let mut w = lock(world);
         let let_go = w.hand.finish(slot);
         w.let_go(let_go);
     }
     deliver(world, slot, Reply::Result);
+    keep_spare(world);
+}
+
+/// `Running::instance_broke`: `broke` (its call fails), then `keep_spare`.
+fn broke(world: &Shared, number: u32) {
+    {
+        let mut w = lock(world);
+        let broken = w.hand.broke(number);
+        if let Some((_, Waiter(call))) = broken.call {
+            w.log.push(Event::Reply(call, Reply::Failed));
+        }
+        w.let_go(broken.held);
+    }
     keep_spare(world);
 }
 
@@ -436,7 +453,7 @@ fn result_then_end(wrote: Arc<AtomicU8>, exit: Exit) -> impl FnOnce(&Shared) + S
         while wrote.load(Ordering::SeqCst) == 0 {
             thread::yield_now();
         }
-        result(world, 1);
+        result(world, 1, 1);
         if lock(world).let_go_of(1) {
             instance_ended(world, 1, exit);
         }
@@ -725,5 +742,45 @@ fn loom_a_death_races_the_coming_spare() {
             "no instance serves in a dead life: {handed:?} {:?}",
             w.log
         );
+    });
+}
+
+/// A held spare breaks the wire (sends a result for a call it does not hold) while a call takes
+/// it, and its end (the kill) is reported after. Whenever the break lands (idle, being handed
+/// the call, serving it), the call is settled once (failed, or sent on to the zygote when the
+/// spare was gone before it took it), and the instance is let go once.
+#[test]
+fn loom_an_instance_breaking_the_wire_races_its_hand_off() {
+    model(|| {
+        let world = world(ONE_SPARE);
+        seed_spare(&world, 1);
+        let handed = race(
+            &world,
+            |world| {
+                let slot = open(world, 10).expect("alive");
+                hand_over(world, slot, &[true], None)
+            },
+            |world| {
+                result(world, 1, 7);
+                instance_ended(world, 1, KILLED);
+            },
+            |_| {},
+        );
+        let w = lock(&world);
+        match handed {
+            // It broke while serving the call, or while being handed it (the writer then found
+            // the call settled).
+            HandedOver::Written(1) | HandedOver::Settled => {
+                assert_eq!(w.replies(10), [Reply::Failed], "{:?}", w.log);
+            }
+            HandedOver::ToZygote => assert!(w.replies(10).is_empty(), "{:?}", w.log),
+            other => panic!("the call ended {other:?}: {:?}", w.log),
+        }
+        check_instances(&w, &[1]);
+        drop(w);
+        shut_down(&world);
+        let w = lock(&world);
+        check_settled(&w, &[10]);
+        check_instances(&w, &[1]);
     });
 }

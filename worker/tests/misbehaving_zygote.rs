@@ -19,16 +19,21 @@ use sand_worker::runtime::CallRequest;
 /// The fake zygote. `FAKE_MODE` picks its fault; it counts its lives in `lives` (in its working
 /// directory), so a restarted zygote can behave differently. A call that reaches it (`CALL`) is
 /// answered by the zygote itself: it hands over one end of a fresh socket pair as the call's
-/// instance (`SPARE` with the call's slot) and writes `RESULT` with the call's attempt.
+/// instance (`SPARE` with the call's slot) and writes the result, with the call's attempt, on
+/// the other end as the instance would.
 ///
 /// - `dead-spare`: the first `WANT` is answered 50 ms later with a spare whose instance is
 ///   already dead (its end of the socket is closed), followed at once by its `DIED`.
+/// - `more-for-invented-slots`: in its first life a `CALL` is answered with 300 result pieces of
+///   60 KiB on fd 3, each flagged `MORE`, for slots no call holds (the worker used to keep them
+///   all); from its second life on it behaves.
 /// - `too-many-fds`: in its first life a `CALL` is answered with a `SPARE` carrying 6 fds, in its
 ///   second with one carrying 2; from its third life on it behaves.
 const FAKE_ZYGOTE: &str = r#"
 import json, os, socket, struct, time
 
 CALL, WANT, READY, RESULT, DIED, SPARE = 1, 4, 10, 12, 13, 14
+MORE = 1
 HEADER = struct.Struct("<BBI")
 
 def send(chan, kind, slot, body=b""):
@@ -65,6 +70,13 @@ def main():
                 send(chan, DIED, 0, struct.pack("<IBi", number, 1, 9))
         elif kind == CALL:
             number += 1
+            if mode == "more-for-invented-slots" and lives == 1:
+                for invented in range(1000, 1300):
+                    try:
+                        chan.send(struct.pack("<BBI", RESULT, MORE, invented) + b"x" * 60 * 1024)
+                    except OSError:
+                        break
+                continue
             if mode == "too-many-fds" and lives <= 2:
                 fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(6 if lives == 1 else 2)]
                 spare(chan, slot, number, fds)
@@ -75,7 +87,8 @@ def main():
             _exec, _call, attempt = struct.unpack_from("<QQQ", body)
             result = json.dumps({"return": {"attempt": attempt, "life": lives}}).encode()
             head = struct.pack("<IIIIQQ", os.getpid(), len(result), 0, 0, 0, 0)
-            send(chan, RESULT, slot, head + result)
+            frame = head + result
+            theirs.sendall(struct.pack("<II", 4 + len(frame), slot) + frame)
             theirs.close()
 
 main()
@@ -204,6 +217,31 @@ fn a_spare_with_too_many_fds_is_a_protocol_error_and_leaks_no_fd() {
             now = open_fds();
         }
         assert_eq!(now, before, "every fd the zygotes sent was closed");
+        drop(fake.dir);
+    });
+}
+
+#[test]
+fn result_pieces_on_fd_3_for_invented_slots_are_not_kept_and_the_grain_keeps_serving() {
+    serially(async {
+        let fake = fake("more-for-invented-slots");
+        let z = Zygote::start(Arc::new(HostLauncher), fake.spec.clone())
+            .await
+            .expect("the fake zygote starts");
+        let report = z.call(first_attempt()).await;
+        let message = error(&report, ErrorKind::BadOutput);
+        assert!(
+            message.contains("the zygote broke the wire: a Result message from the zygote"),
+            "{message}"
+        );
+        assert_eq!(
+            z.stats().result_bytes_peak,
+            0,
+            "nothing of the pieces was kept"
+        );
+        let v = value(&z.call(first_attempt()).await);
+        assert_eq!(v["life"], 2, "a new zygote serves: {v}");
+        z.stop().await;
         drop(fake.dir);
     });
 }

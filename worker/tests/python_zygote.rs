@@ -398,7 +398,13 @@ while True:
     if mode == "unknown-kind":
         chan.send(struct.pack("<BBI", 99, 0, slot) + b"junk")
     elif mode == "lying-lengths":
-        chan.send(struct.pack("<BBI", 12, 0, slot) + struct.pack("<IIIIQQ", 1, 1000, 0, 0, 0, 0) + b"{}")
+        ours, theirs = socket.socketpair()
+        spare = struct.pack("<BBI", 14, 0, slot) + struct.pack("<II", 1, os.getpid())
+        socket.send_fds(chan, [spare], [ours.fileno()])
+        ours.close()
+        result = struct.pack("<IIIIQQ", 1, 1000, 0, 0, 0, 0) + b"{}"
+        theirs.sendall(struct.pack("<II", 4 + len(result), slot) + result)
+        keep = theirs
     elif mode == "short":
         chan.send(b"\x0c\x00")
 "#;

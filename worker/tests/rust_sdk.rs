@@ -138,3 +138,14 @@ async fn a_call_reaches_a_held_spare_while_the_zygote_is_stopped() {
     .await;
     z.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_has_no_channel_to_the_zygote_and_nothing_of_it_is_dumpable() {
+    let (_dir, z) = start(1).await;
+    let r = bounded(30, z.call(request(r#""reach""#))).await;
+    assert_eq!(
+        value(&r),
+        serde_json::json!({"fd3_is_a_socket": false, "dumpable": false})
+    );
+    z.stop().await;
+}

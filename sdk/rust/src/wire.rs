@@ -1,12 +1,12 @@
-//! The zygote wire: how the worker and a zygote (and the zygote's instances) talk over fd 3.
+//! The zygote wire: how the worker talks to a zygote over its fd 3, and to each of the zygote's
+//! instances over the instance's private socket.
 //!
 //! fd 3 of a zygote is one end of an `AF_UNIX` `SOCK_SEQPACKET` socket pair; the worker holds the
 //! other end. Every datagram is one *piece*: a 6-byte header (`kind: u8`, `flags: u8`,
 //! `slot: u32` little-endian) and at most [`PIECE_BODY_BYTES_MAX`] bytes of body. A message is
 //! the bodies of consecutive pieces of the same `(kind, slot)`, the last one without the
-//! [`MORE`] flag. Datagrams are atomic, so an instance writes its result straight to the
-//! worker's socket, even while other instances (sharing the same fd) write theirs: the pieces of
-//! different slots may interleave, and the receiver reassembles them by `(kind, slot)`.
+//! [`MORE`] flag. fd 3 is the zygote's alone: an instance closes its inherited copy before it
+//! runs any handler code, so nothing an instance does can reach it.
 //!
 //! A slot is the worker's number for one call in flight on that zygote. An *instance number* is
 //! the zygote's number for one forked instance, never reused within the zygote's life (a pid
@@ -15,37 +15,55 @@
 //! | kind | direction | slot | body |
 //! |---|---|---|---|
 //! | `CALL` 1 | worker → zygote | the call's | exec u64, call u64, attempt u64 (LE), then the input JSON |
-//! | `KILL` 3 | worker → zygote | the call's | instance u32: kill that instance (a timeout, an abandoned call) |
+//! | `KILL` 3 | worker → zygote | the call's | instance u32: kill that instance (a timeout, an abandoned call, a broken wire) |
 //! | `WANT` 4 | worker → zygote | 0 | empty: fork a spare instance and send it (`SPARE`) |
 //! | `READY` 10 | zygote → worker | 0 | pid u32: the grain is loaded |
 //! | `LOAD_FAILED` 11 | zygote → worker | 0 | UTF-8 text: why the grain could not be loaded |
-//! | `RESULT` 12 | instance → worker | the call's | [`ResultMsg`] |
-//! | `DIED` 13 | zygote → worker | 0 | instance u32, how u8 (0 exited, 1 signal), code i32: an instance ended (every end is reported) |
-//! | `SPARE` 14 | zygote → worker | 0, or a call's | instance u32, pid u32, and one fd by `SCM_RIGHTS`: the instance's private socket |
+//! | `DIED` 13 | zygote → worker | 0 | instance u32, how u8 (0 exited, 1 signal), code i32: an instance ended (every end is reported); one piece |
+//! | `SPARE` 14 | zygote → worker | 0, or a call's | instance u32, pid u32, and one fd by `SCM_RIGHTS`: the instance's private socket; one piece |
+//!
+//! Results (kind 12, `RESULT`) do not travel on fd 3: a zygote that sends anything but `DIED`
+//! and `SPARE` after `READY`, a `DIED` or `SPARE` in more than one
+//! piece, or a message with fds its kind does not carry, breaks the wire; the worker closes
+//! every fd that came with it and kills the zygote. The worker buffers no partial message of
+//! fd 3 after `READY`, and before it at most [`HELLO_BYTES_MAX`].
 //!
 //! **Hand-over.** Each instance has a private `SOCK_STREAM` socket. The zygote forks it, sends
 //! the worker its end of that socket (`SPARE`) and closes its own copy, so the worker holds the
-//! only end. A `SPARE` with slot 0 is idle: the worker writes a call to it as a *private frame*
-//! ([`private_frame`]: length u32 counting what follows, slot u32, the `CALL` body), any size,
-//! without waking the zygote. The worker asks for a spare with `WANT` once a call's result is
-//! out, never while a call is handed over, so the fork does not compete with the call. A call
-//! for which the worker holds no spare goes to the zygote as `CALL`: the zygote forks an
-//! instance, sends its `SPARE` with the call's slot (before the call, so the worker has it
-//! before the `RESULT`), and writes the call to it.
+//! only end. Both ways, the socket carries *private frames* ([`private_frame`]: length u32
+//! counting what follows, slot u32, then the body). A `SPARE` with slot 0 is idle: the worker
+//! writes a call to it (the `CALL` body), any size, without waking the zygote. The worker asks
+//! for a spare with `WANT` once a call's result is out, never while a call is handed over, so
+//! the fork does not compete with the call. A call for which the worker holds no spare goes to
+//! the zygote as `CALL`: the zygote forks an instance, sends its `SPARE` with the call's slot
+//! (before the call, so the worker can read the instance's result), and writes the call to it.
 //!
-//! Only a `SPARE` carries an fd, exactly one; a message with any other number of fds breaks the
-//! wire (the worker closes every fd that came with it, and kills the zygote).
+//! | private frame | direction | slot | body |
+//! |---|---|---|---|
+//! | call | worker → instance | the call's | the `CALL` body ([`CallMsg`]) |
+//! | result | instance → worker | the call it holds | [`ResultMsg`], at most [`RESULT_BYTES_MAX`] |
 //!
-//! **Results and ends.** The instance writes its `RESULT` to fd 3, then waits on its private
-//! socket: for the next call (`--reuse N`), or end-of-file, on which it exits. The worker closes
-//! the socket once it has read the result and wants no more calls there. The zygote watches
-//! every instance by pidfd and reports each end as `DIED`; the worker knows which call (if any)
-//! it gave that instance, and ignores the ends of instances that owe nothing. An instance's
-//! `RESULT` is queued before the `DIED` of its end, so a result is never mistaken for a death.
+//! **Results and ends.** The instance writes its result as a private frame ([`ResultMsg`] body,
+//! at most [`RESULT_BYTES_MAX`]) on its private socket, then waits there: for the next call
+//! (`--reuse N`), or end-of-file, on which it exits. A result is the only thing an instance
+//! sends, and the worker takes from an instance only the result of the call it holds, once: a
+//! frame for another slot, a second result, a result while it holds no call, or one above the
+//! bound is the instance breaking the wire. The worker kills that instance and fails its call
+//! with `BadOutput`; other calls are unaffected (the instance cannot name them). The worker
+//! shuts the socket down once it has the result and wants no more calls there. The zygote
+//! watches every instance by pidfd and reports each end as `DIED`; the worker knows which call
+//! (if any) it gave that instance, and ignores the ends of instances that owe nothing. An
+//! instance exits only at its socket's end-of-file, after the worker has read its result, so a
+//! result is never mistaken for a death.
 //!
 //! A result document is JSON, one of `{"return": v}`, `{"next": [grain, v]}`,
 //! `{"fan_out": [[grain, v], ...], "join": grain}`, `{"error": "text"}` (the handler raised) or
 //! `{"error": "text", "kind": "bad_output"}` (the runtime could not encode what it returned).
+//!
+//! **Reach.** A zygote makes itself non-dumpable (`PR_SET_DUMPABLE` 0) before it loads the
+//! grain, and its instances inherit that: an instance cannot open another's or the zygote's
+//! `/proc/<pid>/mem`, `fd/`, `environ`, nor ptrace them or take their fds (`pidfd_getfd`). A
+//! runtime that cannot do so does not load the grain (`LOAD_FAILED`).
 //!
 //! The Python runtime (`runtimes/python/sand_runtime.py`) speaks the same wire; keep them equal.
 
@@ -59,6 +77,18 @@ pub const HEADER_BYTES: usize = 6;
 pub const PIECE_BODY_BYTES_MAX: usize = 60 * 1024;
 /// The most bytes of a call's stdout, and of its stderr, sent with its result.
 pub const CAPTURE_BYTES_MAX: usize = 64 * 1024;
+/// The most bytes of a message between the worker and a grain (equal to the worker's own
+/// bound, `sand_protocol::wire::MESSAGE_BYTES_MAX`).
+pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
+/// The most bytes of a result frame's body ([`ResultMsg`]) an instance may send: a result
+/// document of [`MESSAGE_BYTES_MAX`], two captures, and the fields.
+pub const RESULT_BYTES_MAX: usize = MESSAGE_BYTES_MAX + 2 * CAPTURE_BYTES_MAX + RESULT_HEAD_BYTES;
+/// The most bytes the worker buffers of a zygote's first message (`READY` or `LOAD_FAILED`).
+pub const HELLO_BYTES_MAX: usize = 64 * 1024;
+/// The length of a [`ResultMsg`]'s fields before its byte strings.
+const RESULT_HEAD_BYTES: usize = 32;
+/// The length of a private frame's head: length u32, slot u32.
+pub const PRIVATE_HEAD_BYTES: usize = 8;
 /// The header flag saying that the message continues in the next piece of its `(kind, slot)`.
 pub const MORE: u8 = 1;
 
@@ -75,7 +105,8 @@ pub enum Kind {
     Ready = 10,
     /// The grain could not be loaded.
     LoadFailed = 11,
-    /// A call's result.
+    /// A call's result: the kind of what an instance sends on its private socket, never a
+    /// piece on fd 3.
     Result = 12,
     /// An instance ended.
     Died = 13,
@@ -125,6 +156,12 @@ pub enum WireError {
         kind: Kind,
         /// Its slot.
         slot: u32,
+        /// The receiver's limit.
+        limit: usize,
+    },
+    /// The partial messages of a channel grew past the receiver's limit for all of them.
+    #[error("the partial messages of a channel exceed {limit} bytes in all")]
+    TooMuchHeld {
         /// The receiver's limit.
         limit: usize,
     },
@@ -200,27 +237,36 @@ pub fn pieces(kind: Kind, slot: u32, body: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Joins pieces back into messages, per `(kind, slot)`, refusing any message above a limit.
+/// Joins pieces back into messages, per `(kind, slot)`, refusing any message above a limit,
+/// and any piece that would make the partial messages of the channel hold more than another.
 #[derive(Debug)]
 pub struct Reassembler {
     partial: HashMap<(Kind, u32), Vec<u8>>,
     limit: usize,
+    total_limit: usize,
+    /// The bytes of all partial messages.
+    held: usize,
 }
 
 impl Reassembler {
-    /// A reassembler that refuses messages longer than `limit` bytes.
-    pub fn new(limit: usize) -> Self {
+    /// A reassembler that refuses messages longer than `limit` bytes, and partial messages
+    /// holding more than `total_limit` bytes in all.
+    pub fn new(limit: usize, total_limit: usize) -> Self {
         Self {
             partial: HashMap::new(),
             limit,
+            total_limit,
+            held: 0,
         }
     }
 
     /// Adds a piece; returns the message it completes, if any. A message that grows past the
-    /// limit is dropped and reported once, when it overflows.
+    /// limit, or a piece past the total limit, is dropped and reported once, when it
+    /// overflows.
     pub fn push(&mut self, header: Header, body: &[u8]) -> Result<Option<Vec<u8>>, WireError> {
         let key = (header.kind, header.slot);
         let mut message = self.partial.remove(&key).unwrap_or_default();
+        self.held -= message.len();
         if message.len() + body.len() > self.limit {
             return Err(WireError::TooLarge {
                 kind: header.kind,
@@ -228,8 +274,14 @@ impl Reassembler {
                 limit: self.limit,
             });
         }
+        if header.more && self.held + message.len() + body.len() > self.total_limit {
+            return Err(WireError::TooMuchHeld {
+                limit: self.total_limit,
+            });
+        }
         message.extend_from_slice(body);
         if header.more {
+            self.held += message.len();
             self.partial.insert(key, message);
             Ok(None)
         } else {
@@ -237,9 +289,9 @@ impl Reassembler {
         }
     }
 
-    /// Forgets any partial message of `slot` (its sender is gone).
-    pub fn forget(&mut self, slot: u32) {
-        self.partial.retain(|(_, s), _| *s != slot);
+    /// The bytes held in partial messages.
+    pub fn held(&self) -> usize {
+        self.held
     }
 }
 
@@ -279,8 +331,8 @@ impl CallMsg {
     }
 }
 
-/// The body of a `RESULT` message: the result document and the call's captured output.
-#[derive(Clone, PartialEq, Eq, Debug)]
+/// The body of an instance's result frame: the result document and the call's captured output.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct ResultMsg {
     /// The pid of the instance that ran the call (as the zygote sees it).
     pub pid: u32,
@@ -343,14 +395,22 @@ impl ResultMsg {
     }
 }
 
-/// A call as an instance reads it from its private socket: length u32 (of what follows), slot
-/// u32, then the `CALL` body ([`CallMsg`]).
-pub fn private_frame(slot: u32, call: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(8 + call.len());
-    frame.extend_from_slice(&((4 + call.len()) as u32).to_le_bytes());
+/// A frame on an instance's private socket: length u32 (of what follows), slot u32, then the
+/// body: a `CALL` body ([`CallMsg`]) from the worker, a [`ResultMsg`] from the instance.
+pub fn private_frame(slot: u32, body: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(PRIVATE_HEAD_BYTES + body.len());
+    frame.extend_from_slice(&((4 + body.len()) as u32).to_le_bytes());
     frame.extend_from_slice(&slot.to_le_bytes());
-    frame.extend_from_slice(call);
+    frame.extend_from_slice(body);
     frame
+}
+
+/// A private frame's head: the slot, and the length of the body that follows. None: the
+/// length cannot even hold the slot.
+pub fn parse_private_head(head: [u8; PRIVATE_HEAD_BYTES]) -> Option<(u32, usize)> {
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let slot = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    Some((slot, len.checked_sub(4)?))
 }
 
 /// The body of a `SPARE` message (its socket travels beside it, by `SCM_RIGHTS`).
@@ -521,7 +581,7 @@ mod tests {
         let body: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
         let ps = pieces(Kind::Result, 7, &body);
         assert_eq!(ps.len(), 4);
-        let mut r = Reassembler::new(1 << 20);
+        let mut r = Reassembler::new(1 << 20, 1 << 20);
         let mut done = None;
         for (i, p) in ps.iter().enumerate() {
             let (h, b) = parse_piece(p).expect("a piece we made parses");
@@ -561,14 +621,56 @@ mod tests {
         assert!(DiedMsg::decode(b"\x01\0\0\0\x01\0\0\0").is_err());
         assert!(SpareMsg::decode(b"\x01\0\0\0\x02\0\0\0\x03").is_err());
         assert!(KillMsg::decode(b"\x01\0").is_err());
-        let mut r = Reassembler::new(10);
+        let mut r = Reassembler::new(10, 100);
         let eleven = pieces(Kind::Call, 1, &[0; 11]);
         let (h, b) = parse_piece(&eleven[0]).expect("parses");
         assert!(matches!(r.push(h, b), Err(WireError::TooLarge { .. })));
     }
 
     #[test]
+    fn partial_messages_for_invented_slots_hold_at_most_the_total_limit() {
+        let mut r = Reassembler::new(PIECE_BODY_BYTES_MAX * 4, PIECE_BODY_BYTES_MAX * 8);
+        let body = vec![7u8; PIECE_BODY_BYTES_MAX];
+        let mut refused = 0;
+        for slot in 1..=100u32 {
+            let header = Header {
+                kind: Kind::Call,
+                more: true,
+                slot,
+            };
+            match r.push(header, &body) {
+                Ok(None) => {}
+                Err(WireError::TooMuchHeld { .. }) => refused += 1,
+                other => panic!("slot {slot}: {other:?}"),
+            }
+            assert!(r.held() <= PIECE_BODY_BYTES_MAX * 8, "slot {slot}");
+        }
+        assert_eq!(
+            refused, 92,
+            "the first 8 slots fill the total, the rest are refused"
+        );
+        // A piece that ends a message never counts against the total: it frees what it held.
+        let last = Header {
+            kind: Kind::Call,
+            more: false,
+            slot: 1,
+        };
+        let done = r.push(last, b"end").expect("ends").expect("a message");
+        assert_eq!(done.len(), PIECE_BODY_BYTES_MAX + 3);
+        assert_eq!(r.held(), PIECE_BODY_BYTES_MAX * 7);
+    }
+
+    #[test]
+    fn a_private_head_gives_the_slot_and_the_body_length() {
+        let frame = private_frame(9, b"abc");
+        let head: [u8; PRIVATE_HEAD_BYTES] = frame[..8].try_into().expect("8 bytes");
+        assert_eq!(parse_private_head(head), Some((9, 3)));
+        assert_eq!(parse_private_head([3, 0, 0, 0, 1, 0, 0, 0]), None);
+    }
+
+    #[test]
     fn result_round_trips() {
+        assert_eq!(RESULT_HEAD_BYTES, ResultMsg::default().encode().len());
         let m = ResultMsg {
             pid: 42,
             result: br#"{"return":1}"#.to_vec(),

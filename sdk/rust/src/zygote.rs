@@ -1,14 +1,17 @@
 //! The zygote loop of a Rust grain: the same behaviour as the Python runtime.
 //!
-//! The zygote forks instances and hands each one's private socket to the worker (`SPARE`, by
-//! `SCM_RIGHTS`), so the worker writes calls straight to an instance without waking the zygote.
-//! It forks a spare when the worker asks (`WANT`, sent once a call's result is out, never while
-//! a call is handed over); a `CALL` that reaches it (the worker held no spare) forks an instance
-//! on the spot, hands it over already serving the call, and relays the call. The instance runs
-//! the handler with its stdout and stderr captured in memory files, writes its `RESULT`
-//! straight to fd 3, and then waits on its private socket for the next call (`--reuse N`) or
-//! the end-of-file of the worker closing it, on which it exits. The zygote watches every
-//! instance by pidfd and reports each end as `DIED`; `KILL` names an instance by its number.
+//! The zygote makes itself non-dumpable before it says `READY`, so its instances (which inherit
+//! that) cannot read it or each other through `/proc`, ptrace or `pidfd_getfd`. It forks
+//! instances and hands each one's private socket to the worker (`SPARE`, by `SCM_RIGHTS`), so
+//! the worker writes calls straight to an instance without waking the zygote. It forks a spare
+//! when the worker asks (`WANT`, sent once a call's result is out, never while a call is handed
+//! over); a `CALL` that reaches it (the worker held no spare) forks an instance on the spot,
+//! hands it over already serving the call, and relays the call. The instance closes its copy of
+//! fd 3 first thing, runs the handler with its stdout and stderr captured in memory files,
+//! writes its result on its private socket, and then waits there for the next call
+//! (`--reuse N`) or the end-of-file of the worker closing it, on which it exits. The zygote
+//! watches every instance by pidfd and reports each end as `DIED`; `KILL` names an instance by
+//! its number.
 
 #![allow(unsafe_code)] // fork, taking fd 3, and _exit in forked children.
 
@@ -31,12 +34,10 @@ use serde_json::Value;
 
 use crate::wire::{
     parse_piece, pieces, private_frame, CallMsg, DiedMsg, End, KillMsg, Kind, Reassembler,
-    ResultMsg, SpareMsg, CAPTURE_BYTES_MAX, CHANNEL_FD, HEADER_BYTES, PIECE_BODY_BYTES_MAX,
+    ResultMsg, SpareMsg, CAPTURE_BYTES_MAX, CHANNEL_FD, HEADER_BYTES, MESSAGE_BYTES_MAX,
+    PIECE_BODY_BYTES_MAX,
 };
 use crate::{Ctx, Output};
-
-/// The largest message the zygote accepts (a call's input is at most 6 MiB).
-const MESSAGE_BYTES_MAX: usize = 16 << 20;
 
 /// Runs the zygote loop with `handler` as the grain; never returns. Call it first thing in
 /// `main`, before any thread starts. Arguments (given by sand): `--reuse N` (calls per
@@ -87,15 +88,20 @@ fn start(handler: &dyn Fn(Value, &Ctx) -> Result<Output, String>) -> Result<Neve
         send_message(&chan, Kind::LoadFailed, 0, why.as_bytes());
         return Err(why.into());
     }
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        let why = format!("cannot make the zygote non-dumpable ({e}): its instances could read it");
+        send_message(&chan, Kind::LoadFailed, 0, why.as_bytes());
+        return Err(why);
+    }
     send_message(&chan, Kind::Ready, 0, &std::process::id().to_le_bytes());
     let mut zygote = Zygote {
         chan,
         handler,
         reuse: if prefork { reuse } else { 1 },
-        prefork,
         instances: Vec::new(),
         numbered: 0,
-        calls: Reassembler::new(MESSAGE_BYTES_MAX),
+        // The worker is trusted, and what the zygote holds is in the app's own memory limit.
+        calls: Reassembler::new(MESSAGE_BYTES_MAX, usize::MAX),
     };
     zygote.serve()
 }
@@ -141,7 +147,6 @@ struct Zygote<'h> {
     chan: OwnedFd,
     handler: &'h dyn Fn(Value, &Ctx) -> Result<Output, String>,
     reuse: u32,
-    prefork: bool,
     /// Every instance not yet reaped.
     instances: Vec<Instance>,
     /// The last instance number given.
@@ -216,7 +221,7 @@ impl Zygote<'_> {
 
     /// The worker held no spare for this call: fork one, hand it over already serving the call
     /// (its `SPARE`, with the call's slot, goes out before the call, so the worker has it
-    /// before the `RESULT`), and relay the call.
+    /// before its result), and relay the call.
     fn call(&mut self, slot: u32, call: &[u8]) {
         let ours = self.hand_over(slot);
         // A failed write means it died: its DIED reports the call.
@@ -243,10 +248,15 @@ impl Zygote<'_> {
         // any code; it never returns from this function (it ends in _exit).
         let pid = match unsafe { fork() } {
             Ok(ForkResult::Child) => {
+                // Before any handler code: the instance keeps no way to the zygote's channel
+                // (the `OwnedFd` is never used nor dropped again: the child ends in _exit).
+                if nix::unistd::close(self.chan.as_raw_fd()).is_err() {
+                    exit_now(73);
+                }
                 drop(ours);
                 self.instances.clear(); // closes the other instances' pidfds in this copy
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-                instance_main(&self.chan, theirs, self.handler, self.reuse, self.prefork)
+                instance_main(theirs, self.handler, self.reuse)
             }
             Ok(ForkResult::Parent { child }) => child,
             Err(e) => {
@@ -374,12 +384,13 @@ fn recv_private(sock: &OwnedFd) -> Option<Vec<u8>> {
 const STDOUT_NAME: &CStr = c"sand-stdout";
 const STDERR_NAME: &CStr = c"sand-stderr";
 
+/// One forked instance: serves up to `calls_max` calls from its private socket, answering each
+/// there, then waits for the worker to close the socket (it has read the last result), and
+/// exits.
 fn instance_main(
-    chan: &OwnedFd,
     sock: OwnedFd,
     handler: &dyn Fn(Value, &Ctx) -> Result<Output, String>,
     calls_max: u32,
-    linger: bool,
 ) -> ! {
     let captures = memfd_create(STDOUT_NAME, MFdFlags::MFD_CLOEXEC)
         .and_then(|out| Ok((out, memfd_create(STDERR_NAME, MFdFlags::MFD_CLOEXEC)?)));
@@ -412,11 +423,11 @@ fn instance_main(
             stderr_total,
         }
         .encode();
-        send_message(chan, Kind::Result, slot, &body);
+        if write_all(&sock, &private_frame(slot, &body)).is_err() {
+            exit_now(0); // the worker let it go
+        }
     }
-    if linger {
-        while recv_private(&sock).is_some() {}
-    }
+    while recv_private(&sock).is_some() {}
     exit_now(0)
 }
 

@@ -11,11 +11,18 @@
 //! A process killed by a signal, or exiting non-zero without an error document, is `Crashed`;
 //! one that exits 0 with anything else on stdout is `BadOutput`. Its stderr is captured
 //! (bounded) into the report; its stdout is the result, so the report's `stdout` stays empty.
+//!
+//! What the worker buffers of a grain's output is bounded per grain, not only per call: the
+//! calls in flight share an output budget ([`OUTPUT_BUDGET_BYTES`] by default). A call whose
+//! output does not fit is cut: its stderr ends in [`TRUNCATED_MARK`](super::TRUNCATED_MARK),
+//! its stdout fails the call with `BadOutput`; [`ExecGrain::output_dropped_bytes`] counts the
+//! bytes dropped.
 
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -25,7 +32,7 @@ use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::{ErrorKind, GrainError, MESSAGE_BYTES_MAX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::launch::{Exit, Launcher, ProcessSpec, StdioFds};
 use super::{bounded_capture, output, CallReport, CallRequest, CAPTURE_BYTES_MAX};
@@ -44,21 +51,43 @@ pub struct ExecSpec {
     pub concurrency: usize,
 }
 
+/// The bytes of output (stdout and stderr) the calls of one `exec` grain may hold at once, by
+/// default: room for four calls of the largest result.
+pub const OUTPUT_BUDGET_BYTES: usize = 4 * (MESSAGE_BYTES_MAX + CAPTURE_BYTES_MAX);
+
 /// An `exec` grain: a fresh process per call, through a [`Launcher`].
 pub struct ExecGrain {
     launcher: Arc<dyn Launcher>,
     spec: ExecSpec,
     line: Semaphore,
+    /// The output budget: one permit per byte the grain's calls may hold.
+    output: Semaphore,
+    output_budget: usize,
+    /// Bytes of output dropped because the budget was spent.
+    dropped: AtomicU64,
 }
 
 impl ExecGrain {
-    /// An `exec` grain; nothing starts until a call.
+    /// An `exec` grain with the default output budget; nothing starts until a call.
     pub fn new(launcher: Arc<dyn Launcher>, spec: ExecSpec) -> Self {
+        Self::with_output_budget(launcher, spec, OUTPUT_BUDGET_BYTES)
+    }
+
+    /// An `exec` grain whose calls hold at most `budget` bytes of output at once.
+    pub fn with_output_budget(launcher: Arc<dyn Launcher>, spec: ExecSpec, budget: usize) -> Self {
         Self {
             launcher,
             line: Semaphore::new(spec.concurrency.max(1)),
             spec,
+            output: Semaphore::new(budget),
+            output_budget: budget,
+            dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes of output dropped so far because the grain's calls held their whole budget.
+    pub fn output_dropped_bytes(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Runs one call in a new process. Never panics; every failure is a `GrainResult::Error`.
@@ -114,8 +143,8 @@ impl ExecGrain {
             };
             let (_, out, err) = tokio::join!(
                 feed,
-                read_head(stdout, MESSAGE_BYTES_MAX),
-                read_head(stderr, CAPTURE_BYTES_MAX)
+                self.read_head(stdout, MESSAGE_BYTES_MAX),
+                self.read_head(stderr, CAPTURE_BYTES_MAX)
             );
             (out, err, process.wait().await)
         };
@@ -133,16 +162,34 @@ impl ExecGrain {
                 }
             },
         };
-        let (out, out_total) = out?;
-        let (err, err_total) = err?;
+        let out = out?;
+        let err = err?;
+        if out.cut || err.cut {
+            tracing::warn!(
+                program = %self.spec.program.display(),
+                budget = self.output_budget,
+                "an exec call's output was cut: the grain's calls hold their whole output budget"
+            );
+        }
         let mut instance_exit = None;
         let result = match exit {
-            _ if out_total > MESSAGE_BYTES_MAX as u64 => GrainResult::Error(GrainError::new(
+            _ if out.total > MESSAGE_BYTES_MAX as u64 => GrainResult::Error(GrainError::new(
                 ErrorKind::BadOutput,
-                format!("the grain wrote {out_total} bytes on stdout, above {MESSAGE_BYTES_MAX}"),
+                format!(
+                    "the grain wrote {} bytes on stdout, above {MESSAGE_BYTES_MAX}",
+                    out.total
+                ),
             )),
-            Exit::Exited(0) => output::parse(&out),
-            Exit::Exited(_) => match output::parse(&out) {
+            _ if out.cut => GrainResult::Error(GrainError::new(
+                ErrorKind::BadOutput,
+                format!(
+                    "the result was cut: the grain's calls in flight hold more than {} bytes of \
+                     output at once (fewer calls at once, or smaller results, fit)",
+                    self.output_budget
+                ),
+            )),
+            Exit::Exited(0) => output::parse(&out.head),
+            Exit::Exited(_) => match output::parse(&out.head) {
                 raised @ GrainResult::Error(GrainError {
                     kind: ErrorKind::Raised,
                     ..
@@ -166,7 +213,7 @@ impl ExecGrain {
         Ok(CallReport {
             result,
             stdout: Bytes::new(),
-            stderr: bounded_capture(&err, err_total),
+            stderr: bounded_capture(&err.head, err.total),
             started,
             finished: Instant::now(),
             instance_exit,
@@ -179,18 +226,52 @@ fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
-/// Reads to end-of-file, keeping the first `limit` bytes; returns them and the total.
-async fn read_head(mut from: pipe::Receiver, limit: usize) -> io::Result<(Vec<u8>, u64)> {
-    let mut head = Vec::new();
-    let mut total = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return Ok((head, total));
+/// What a call wrote on one pipe, as the worker keeps it.
+struct Head<'a> {
+    /// The first bytes, at most the pipe's limit.
+    head: Vec<u8>,
+    /// How many bytes came in all.
+    total: u64,
+    /// Whether bytes under the limit were dropped because the budget was spent.
+    cut: bool,
+    /// The budget `head` holds, given back when the call's report is made.
+    held: Option<SemaphorePermit<'a>>,
+}
+
+impl ExecGrain {
+    /// Reads to end-of-file, keeping the first `limit` bytes for as long as the grain's output
+    /// budget has room; from the first byte it has none for, keeps nothing more.
+    async fn read_head(&self, mut from: pipe::Receiver, limit: usize) -> io::Result<Head<'_>> {
+        let mut kept = Head {
+            head: Vec::new(),
+            total: 0,
+            cut: false,
+            held: None,
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                let dropped = kept.total.min(limit as u64) - kept.head.len() as u64;
+                self.dropped.fetch_add(dropped, Ordering::Relaxed);
+                return Ok(kept);
+            }
+            kept.total += n as u64;
+            let keep = n.min(limit.saturating_sub(kept.head.len()));
+            if keep == 0 || kept.cut {
+                continue;
+            }
+            // A chunk is at most 64 KiB: it fits a u32 count of permits.
+            match self.output.try_acquire_many(keep as u32) {
+                Ok(permit) => {
+                    match &mut kept.held {
+                        Some(held) => held.merge(permit),
+                        None => kept.held = Some(permit),
+                    }
+                    kept.head.extend_from_slice(&buf[..keep]);
+                }
+                Err(_) => kept.cut = true,
+            }
         }
-        total += n as u64;
-        let room = limit.saturating_sub(head.len());
-        head.extend_from_slice(&buf[..n.min(room)]);
     }
 }

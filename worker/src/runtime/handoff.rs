@@ -141,6 +141,14 @@ pub struct Abandoned<S, W> {
     pub held: Option<Held<S>>,
 }
 
+/// What an instance that broke the wire leaves behind.
+pub struct Broken<S, W> {
+    /// The call it held and that call's waiter, if it still waited: the host fails it.
+    pub call: Option<(u32, W)>,
+    /// The instance, if still held: the host kills it, and closes its socket.
+    pub held: Option<Held<S>>,
+}
+
 /// What an ended life leaves behind.
 pub struct Remains<S, W, C> {
     /// The calls in flight, which the host fails.
@@ -355,6 +363,55 @@ impl<S: Clone, W, C, D: Clone> HandOff<S, W, C, D> {
             None
         } else {
             Some(held)
+        }
+    }
+
+    /// Whether the instance `number` holds the call in `slot` (serves it, or is being handed
+    /// it): the only result it may send.
+    pub fn holds(&self, number: u32, slot: u32) -> bool {
+        self.serving
+            .get(&slot)
+            .is_some_and(|held| held.number == number)
+            || self
+                .handing
+                .get(&slot)
+                .is_some_and(|handing| handing.held.number == number)
+    }
+
+    /// The instance `number` broke the wire (sent what it must not): forgets it, and takes
+    /// the call it held, which the host fails.
+    pub fn broke(&mut self, number: u32) -> Broken<S, W> {
+        if let Some(at) = self.idle.iter().position(|held| held.number == number) {
+            let held = self.idle.remove(at);
+            return Broken {
+                call: None,
+                held: Some(held),
+            };
+        }
+        let handing = self
+            .handing
+            .iter()
+            .find(|(_, handing)| handing.held.number == number)
+            .map(|(slot, _)| *slot);
+        let serving = self
+            .serving
+            .iter()
+            .find(|(_, held)| held.number == number)
+            .map(|(slot, _)| *slot);
+        let (slot, held) = match (handing, serving) {
+            // Being handed the call: its writer finds it gone and takes the call as settled.
+            (Some(slot), _) => (slot, self.handing.remove(&slot).map(|h| h.held)),
+            (None, Some(slot)) => (slot, self.serving.remove(&slot)),
+            (None, None) => {
+                return Broken {
+                    call: None,
+                    held: None,
+                }
+            }
+        };
+        Broken {
+            call: self.waiting.remove(&slot).map(|waiter| (slot, waiter)),
+            held,
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use sand_protocol::ids::{Attempt, CallId, ExecId};
 use sand_protocol::local_bus::GrainResult;
-use sand_protocol::wire::Payload;
+use sand_protocol::wire::{Payload, MESSAGE_BYTES_MAX};
 
 pub mod exec;
 mod fd_passing;
@@ -81,6 +81,9 @@ impl CallReport {
 
 /// The most bytes of a call's stdout, and of its stderr, a report keeps.
 pub const CAPTURE_BYTES_MAX: usize = sand_grain::wire::CAPTURE_BYTES_MAX;
+
+// The grain's wire bounds a result by the same number as the worker's own messages.
+const _: () = assert!(sand_grain::wire::MESSAGE_BYTES_MAX == MESSAGE_BYTES_MAX);
 
 /// Appended to captured output that was cut at [`CAPTURE_BYTES_MAX`].
 pub const TRUNCATED_MARK: &str = "...[truncated]";

@@ -5,7 +5,9 @@
 //! socket that is the zygote's fd 3, in the wire of [`sand_grain::wire`]. The zygote hands the
 //! worker each instance's private socket (`SPARE`), so a call goes straight from the worker to a
 //! spare instance it holds, and the zygote is not on the call's path; the instance writes its
-//! `RESULT` straight back. Once the result is out, the worker keeps the instance for its next
+//! result straight back on that socket, where the worker takes only the result of the call the
+//! instance holds (fd 3 is the zygote's alone: an instance closes its copy before any handler
+//! code runs). Once the result is out, the worker keeps the instance for its next
 //! call (`reuse`) or closes its socket (it exits), and asks for the next spare (`WANT`). A call
 //! for which no spare is held goes to the zygote (`CALL`), which forks an instance for it. The
 //! zygote reports every instance's end (`DIED`); the worker knows which call each instance
@@ -18,23 +20,31 @@
 //!
 //! [`Zygote::call`] always returns a report: a dead zygote fails the calls in flight with
 //! `Crashed` and is started again on the next call; a zygote that breaks the wire (a message
-//! malformed, of a kind it must not send, or with fds its kind does not carry) is killed, its
-//! calls fail with `BadOutput`, and every fd it sent is closed.
+//! malformed, of a kind it must not send, in pieces where it is one, or with fds its kind does
+//! not carry) is killed, its calls fail with `BadOutput`, and every fd it sent is closed. An
+//! instance that breaks the wire (a result for a call it does not hold, a second one, one above
+//! [`RESULT_BYTES_MAX`]) is killed and its own call fails with `BadOutput`; the other calls go
+//! on.
+//!
+//! What the worker holds for a zygote is bounded: nothing of fd 3 after `READY` (a `DIED` and a
+//! `SPARE` are one piece each), at most [`HELLO_BYTES_MAX`] before it, and per instance at most
+//! the one result it owes, read as it comes; [`Zygote::stats`] counts it.
 
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, Shutdown, SockFlag, SockType};
 use sand_grain::wire::{
-    parse_piece, pieces, private_frame, CallMsg, DiedMsg, End, KillMsg, Kind, Reassembler,
-    ResultMsg, SpareMsg, WireError, CAPTURE_BYTES_MAX, HEADER_BYTES, PIECE_BODY_BYTES_MAX,
+    parse_piece, parse_private_head, pieces, private_frame, CallMsg, DiedMsg, End, KillMsg, Kind,
+    Reassembler, ResultMsg, SpareMsg, WireError, HEADER_BYTES, HELLO_BYTES_MAX,
+    PIECE_BODY_BYTES_MAX, PRIVATE_HEAD_BYTES, RESULT_BYTES_MAX,
 };
-use sand_protocol::wire::{ErrorKind, GrainError, MESSAGE_BYTES_MAX};
+use sand_protocol::wire::{ErrorKind, GrainError};
 use tokio::io::Interest;
 use tokio::net::{UnixDatagram, UnixStream};
 use tokio::sync::{oneshot, Semaphore};
@@ -184,10 +194,62 @@ pub enum ZygoteError {
     Wire(WireError),
 }
 
+/// What the worker holds, and has refused, for one grain's zygote (over all its lives).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZygoteStats {
+    /// Bytes of instances' results being read now.
+    pub result_bytes: usize,
+    /// The most bytes of results ever being read at once.
+    pub result_bytes_peak: usize,
+    /// Instances killed for breaking the wire.
+    pub broken_instances: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    result_bytes: AtomicUsize,
+    result_bytes_peak: AtomicUsize,
+    broken_instances: AtomicU64,
+}
+
+/// Bytes of a result being read, counted in [`Counters`] until dropped.
+struct HeldBytes<'a> {
+    counters: &'a Counters,
+    bytes: usize,
+}
+
+impl HeldBytes<'_> {
+    fn add(&mut self, bytes: usize) {
+        self.bytes += bytes;
+        let now = self
+            .counters
+            .result_bytes
+            .fetch_add(bytes, Ordering::Relaxed)
+            + bytes;
+        self.counters
+            .result_bytes_peak
+            .fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn sub(&mut self, bytes: usize) {
+        self.bytes -= bytes;
+        self.counters
+            .result_bytes
+            .fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Drop for HeldBytes<'_> {
+    fn drop(&mut self) {
+        self.sub(self.bytes);
+    }
+}
+
 /// One grain's zygote, started again whenever it is found dead.
 pub struct Zygote {
     launcher: Arc<dyn Launcher>,
     spec: ZygoteSpec,
+    counters: Arc<Counters>,
     line: Semaphore,
     current: Mutex<Option<Arc<Running>>>,
     restart: tokio::sync::Mutex<()>,
@@ -199,11 +261,13 @@ impl Zygote {
         launcher: Arc<dyn Launcher>,
         spec: ZygoteSpec,
     ) -> Result<Zygote, ZygoteError> {
-        let running = Running::start(launcher.as_ref(), &spec).await?;
+        let counters = Arc::new(Counters::default());
+        let running = Running::start(launcher.as_ref(), &spec, counters.clone()).await?;
         Ok(Zygote {
             line: Semaphore::new(spec.concurrency.max(1)),
             launcher,
             spec,
+            counters,
             current: Mutex::new(Some(running)),
             restart: tokio::sync::Mutex::new(()),
         })
@@ -236,6 +300,15 @@ impl Zygote {
         self.live().map(|r| r.pid)
     }
 
+    /// What the worker holds, and has refused, for this grain.
+    pub fn stats(&self) -> ZygoteStats {
+        ZygoteStats {
+            result_bytes: self.counters.result_bytes.load(Ordering::Relaxed),
+            result_bytes_peak: self.counters.result_bytes_peak.load(Ordering::Relaxed),
+            broken_instances: self.counters.broken_instances.load(Ordering::Relaxed),
+        }
+    }
+
     /// Kills the zygote and every instance, waits (bounded) for it to end, and refuses later
     /// calls with `Unavailable`.
     pub async fn stop(&self) {
@@ -259,7 +332,8 @@ impl Zygote {
             return Ok(running);
         }
         tracing::info!(grain = ?self.spec.runtime, "starting the grain's zygote again");
-        let running = Running::start(self.launcher.as_ref(), &self.spec).await?;
+        let running =
+            Running::start(self.launcher.as_ref(), &self.spec, self.counters.clone()).await?;
         *lock(&self.current) = Some(running.clone());
         Ok(running)
     }
@@ -280,9 +354,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The guarded maps stay consistent at every step: a panic elsewhere cannot corrupt them.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
-
-/// The largest message accepted from a zygote: a result document and two captures.
-const RECEIVE_BYTES_MAX: usize = MESSAGE_BYTES_MAX + 2 * CAPTURE_BYTES_MAX + 64;
 
 /// A call handed to an instance (or to the zygote) and not yet answered; if its future is
 /// dropped first, the call's instance is killed (a kill is one datagram, sent without waiting).
@@ -319,6 +390,7 @@ struct Running {
     pid: u32,
     chan: UnixDatagram,
     process: Arc<dyn LaunchedProcess>,
+    counters: Arc<Counters>,
     state: Mutex<State>,
     reader: Mutex<Option<JoinHandle<()>>>,
     /// Set when the worker stops the zygote itself: its end is then expected, not news.
@@ -327,11 +399,23 @@ struct Running {
 
 /// The hand-off bookkeeping, shared by the call futures and the reader and exit-watcher tasks
 /// (each of its methods is one critical section).
-type State = HandOff<Arc<UnixStream>, oneshot::Sender<Reply>, oneshot::Sender<Held>, GrainError>;
+type State = HandOff<Arc<Line>, oneshot::Sender<Reply>, oneshot::Sender<Held>, GrainError>;
 
 /// An instance whose private socket the worker holds (the only copy: closing it ends the
 /// instance).
-type Held = super::handoff::Held<Arc<UnixStream>>;
+type Held = super::handoff::Held<Arc<Line>>;
+
+/// An instance's private socket, as the worker holds it: calls are written to it, and the
+/// instance's reader task ([`read_instance`]) reads its results from it. Dropping the last copy
+/// shuts the socket down both ways: the instance reads end-of-file and exits, and its reader
+/// reads what is left, then end-of-file, and ends (closing the socket with its copy).
+struct Line(Arc<UnixStream>);
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        let _ = nix::sys::socket::shutdown(self.0.as_raw_fd(), Shutdown::Both);
+    }
+}
 
 enum Reply {
     Result(ResultMsg),
@@ -343,6 +427,7 @@ impl Running {
     async fn start(
         launcher: &dyn Launcher,
         spec: &ZygoteSpec,
+        counters: Arc<Counters>,
     ) -> Result<Arc<Running>, ZygoteError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -404,6 +489,7 @@ impl Running {
             pid,
             chan,
             process,
+            counters,
             state: Mutex::new(State::new(Policy {
                 reuse: if spec.prefork { spec.reuse.max(1) } else { 1 },
                 prefork: spec.prefork,
@@ -533,7 +619,7 @@ impl Running {
             };
             if self.begin_write(slot) {
                 let frame = frame.get_or_insert_with(|| private_frame(slot, body));
-                let written = write_frame(&spare.sock, frame).await;
+                let written = write_frame(&spare.sock.0, frame).await;
                 if self.end_write(slot, written.is_ok()) {
                     return Ok(());
                 }
@@ -547,7 +633,7 @@ impl Running {
     }
 
     /// The next way to an instance for the call in `slot`; with `spares` false, the zygote.
-    fn route(&self, slot: u32, spares: bool) -> Route<Arc<UnixStream>, oneshot::Receiver<Held>> {
+    fn route(&self, slot: u32, spares: bool) -> Route<Arc<Line>, oneshot::Receiver<Held>> {
         lock(&self.state).route(slot, spares, oneshot::channel)
     }
 
@@ -648,9 +734,9 @@ impl Running {
         }
     }
 
-    /// A `SPARE` came: hold the instance idle, or serving the call it was handed with. The
-    /// instance of a call given up meanwhile is killed.
-    async fn on_spare(&self, slot: u32, number: u32, sock: OwnedFd) {
+    /// A `SPARE` came: hold the instance idle, or serving the call it was handed with, and
+    /// read its results. The instance of a call given up meanwhile is killed.
+    async fn on_spare(self: &Arc<Self>, slot: u32, number: u32, sock: OwnedFd) {
         let sock = std::os::unix::net::UnixStream::from(sock);
         let sock = match sock
             .set_nonblocking(true)
@@ -665,9 +751,10 @@ impl Running {
                 return;
             }
         };
+        let line = Arc::new(Line(sock.clone()));
         let unwanted = {
             let mut state = lock(&self.state);
-            match state.on_spare(slot, number, sock) {
+            match state.on_spare(slot, number, line) {
                 Spare::Kept => None,
                 // Given under the lock: `unclaim` counts on a spare whose claim is gone being
                 // in the channel already. Refused only if the call is being dropped: its drop
@@ -680,11 +767,46 @@ impl Running {
             }
         };
         // Its socket closes once the kill is sent.
-        if let Some(_sock) = unwanted {
+        if let Some(_line) = unwanted {
             let _ = self
                 .send(Kind::Kill, slot, &KillMsg { instance: number }.encode())
                 .await;
+            return;
         }
+        // Read only once the bookkeeping knows what the instance holds.
+        tokio::spawn(read_instance(self.clone(), number, sock));
+    }
+
+    /// The instance `number` broke the wire (`why`): it is killed, and the call it held fails
+    /// with `BadOutput`.
+    async fn instance_broke(&self, number: u32, why: String) {
+        tracing::warn!(instance = number, %why, "a grain's instance broke the wire");
+        self.counters
+            .broken_instances
+            .fetch_add(1, Ordering::Relaxed);
+        let broken = lock(&self.state).broke(number);
+        let slot = match broken.call {
+            Some((slot, waiter)) => {
+                let error = GrainError::new(
+                    ErrorKind::BadOutput,
+                    format!("the instance broke the wire: {why}"),
+                );
+                let _ = waiter.send(Reply::Failed(error));
+                slot
+            }
+            None => 0,
+        };
+        // Its socket closes once the kill is sent.
+        let _held = broken.held;
+        let _ = self
+            .send(Kind::Kill, slot, &KillMsg { instance: number }.encode())
+            .await;
+        self.keep_spare().await;
+    }
+
+    /// Whether the instance `number` holds the call in `slot`.
+    fn holds(&self, number: u32, slot: u32) -> bool {
+        lock(&self.state).holds(number, slot)
     }
 
     /// A slot's result is out: its instance waits for the next call (`reuse`), or its socket
@@ -695,7 +817,7 @@ impl Running {
 
     /// An instance ended (`exit`): forgets it, and says what it was (the instances let go
     /// are closed when the answer is dropped).
-    fn instance_ended(&self, number: u32, exit: Exit) -> Ended<Arc<UnixStream>> {
+    fn instance_ended(&self, number: u32, exit: Exit) -> Ended<Arc<Line>> {
         lock(&self.state).instance_ended(number, exit)
     }
 }
@@ -733,7 +855,7 @@ enum Hello {
 /// Reads the zygote's first message: `READY` (its pid) or `LOAD_FAILED`.
 async fn read_hello(chan: &UnixDatagram) -> Result<u32, Hello> {
     let mut buf = vec![0u8; HEADER_BYTES + PIECE_BODY_BYTES_MAX + 1];
-    let mut parts = Reassembler::new(RECEIVE_BYTES_MAX);
+    let mut parts = Reassembler::new(HELLO_BYTES_MAX, HELLO_BYTES_MAX);
     loop {
         let got = receive(chan, &mut buf)
             .await
@@ -785,10 +907,10 @@ fn fds_fit(kind: Kind, got: &Received) -> Result<(), WireError> {
     }
 }
 
-/// Reads results, deaths and spares off the channel for as long as the zygote lives.
+/// Reads deaths and spares off the channel for as long as the zygote lives. Each is one piece,
+/// so nothing is buffered between reads.
 async fn read_results(running: Arc<Running>) {
     let mut buf = vec![0u8; HEADER_BYTES + PIECE_BODY_BYTES_MAX + 1];
-    let mut parts = Reassembler::new(RECEIVE_BYTES_MAX);
     let broken = |why: String| {
         GrainError::new(
             ErrorKind::BadOutput,
@@ -817,73 +939,131 @@ async fn read_results(running: Arc<Running>) {
         if let Err(e) = fds_fit(header.kind, &got) {
             return running.shut_down(broken(e.to_string()));
         }
-        if header.kind == Kind::Spare {
-            match (SpareMsg::decode(body), got.fds.pop()) {
-                (Ok(spare), Some(sock)) if !header.more => {
-                    running.on_spare(header.slot, spare.instance, sock).await;
-                    continue;
-                }
-                (Err(e), _) => return running.shut_down(broken(e.to_string())),
-                _ => {
-                    let why = "a SPARE is one piece";
-                    return running.shut_down(broken(why.into()));
-                }
-            }
-        }
-        if !matches!(header.kind, Kind::Result | Kind::Died) {
+        if !matches!(header.kind, Kind::Spare | Kind::Died) {
             return running.shut_down(broken(format!(
                 "a {:?} message from the zygote",
                 header.kind
             )));
         }
-        let message = match parts.push(header, body) {
-            Ok(Some(message)) => message,
-            Ok(None) => continue,
-            Err(e) => {
-                parts.forget(header.slot);
-                running.deliver(
-                    header.slot,
-                    Reply::Failed(GrainError::new(ErrorKind::BadOutput, e.to_string())),
-                );
-                if let Some(number) = running.abandon(header.slot) {
-                    let kill = KillMsg { instance: number }.encode();
-                    let _ = running.send(Kind::Kill, header.slot, &kill).await;
+        if header.more {
+            let why = format!("a {:?} is one piece", header.kind);
+            return running.shut_down(broken(why));
+        }
+        if header.kind == Kind::Spare {
+            match (SpareMsg::decode(body), got.fds.pop()) {
+                (Ok(spare), Some(sock)) => {
+                    running.on_spare(header.slot, spare.instance, sock).await;
                 }
+                (Err(e), _) => return running.shut_down(broken(e.to_string())),
+                // `fds_fit` checked that a SPARE came with its fd.
+                (Ok(_), None) => {}
+            }
+            continue;
+        }
+        let died = match DiedMsg::decode(body) {
+            Ok(died) => died,
+            Err(e) => return running.shut_down(broken(e.to_string())),
+        };
+        let exit = match died.end {
+            End::Exited(code) => Exit::Exited(code),
+            End::Signaled(sig) => Exit::Signaled(sig),
+        };
+        // Most ends are of instances that owe nothing (their socket was closed): those
+        // change nothing, and must not fork a spare while another call is handed over.
+        match running.instance_ended(died.instance, exit) {
+            Ended::Unheld => continue,
+            Ended::Idle(_let_go) => {}
+            Ended::Serving(slot, _let_go) => running.deliver(slot, Reply::Died(exit)),
+        }
+        running.keep_spare().await;
+    }
+}
+
+/// Reads the results of the instance `number` off its private socket until end-of-file (the
+/// worker let the instance go, or it ended). Takes only the result of the call the instance
+/// holds, of at most [`RESULT_BYTES_MAX`], checked before its body is read; anything else
+/// breaks the wire.
+async fn read_instance(running: Arc<Running>, number: u32, sock: Arc<UnixStream>) {
+    loop {
+        let mut head = [0u8; PRIVATE_HEAD_BYTES];
+        if read_exact(&sock, &mut head).await.is_err() {
+            return;
+        }
+        let why = match parse_private_head(head) {
+            None => "a frame too short to hold a slot".to_string(),
+            Some((_, len)) if len > RESULT_BYTES_MAX => {
+                format!("a result of {len} bytes exceeds {RESULT_BYTES_MAX}")
+            }
+            Some((slot, _)) if !running.holds(number, slot) => {
+                format!("a result for slot {slot}, which is not the call it holds")
+            }
+            Some((slot, len)) => {
+                let mut held = HeldBytes {
+                    counters: &running.counters,
+                    bytes: 0,
+                };
+                let Ok(body) = read_body(&sock, len, &mut held).await else {
+                    return;
+                };
+                let reply = match ResultMsg::decode(&body) {
+                    Ok(result) => Reply::Result(result),
+                    Err(e) => Reply::Failed(GrainError::new(ErrorKind::BadOutput, e.to_string())),
+                };
+                drop(body);
+                drop(held);
+                // Free the instance first: a caller that has its result can count on it being
+                // free for its next call (what `reuse` promises).
+                running.finish(slot);
+                running.deliver(slot, reply);
+                running.keep_spare().await;
                 continue;
             }
         };
-        if header.kind == Kind::Result {
-            let reply = match ResultMsg::decode(&message) {
-                Ok(result) => Reply::Result(result),
-                Err(e) => Reply::Failed(GrainError::new(ErrorKind::BadOutput, e.to_string())),
-            };
-            // Free the instance first: a caller that has its result can count on it being
-            // free for its next call (what `reuse` promises).
-            running.finish(header.slot);
-            running.deliver(header.slot, reply);
-            running.keep_spare().await;
-        } else {
-            let died = match DiedMsg::decode(&message) {
-                Ok(died) => died,
-                Err(e) => return running.shut_down(broken(e.to_string())),
-            };
-            let exit = match died.end {
-                End::Exited(code) => Exit::Exited(code),
-                End::Signaled(sig) => Exit::Signaled(sig),
-            };
-            // Most ends are of instances that owe nothing (their socket was closed): those
-            // change nothing, and must not fork a spare while another call is handed over.
-            match running.instance_ended(died.instance, exit) {
-                Ended::Unheld => continue,
-                Ended::Idle(_let_go) => {}
-                Ended::Serving(slot, _let_go) => {
-                    parts.forget(slot);
-                    running.deliver(slot, Reply::Died(exit));
-                }
-            }
-            running.keep_spare().await;
+        return running.instance_broke(number, why).await;
+    }
+}
+
+/// The next bytes from an instance's socket (0: end-of-file).
+async fn read_some(sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        sock.readable().await?;
+        match sock.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
         }
     }
+}
+
+/// Fills `buf` from an instance's socket; an error at end-of-file.
+async fn read_exact(sock: &UnixStream, buf: &mut [u8]) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match read_some(sock, &mut buf[got..]).await? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    Ok(())
+}
+
+/// Reads a result's body of `len` bytes as it comes (never more than has come, plus one
+/// read's room), counting what it holds in `held`.
+async fn read_body(sock: &UnixStream, len: usize, held: &mut HeldBytes<'_>) -> io::Result<Vec<u8>> {
+    const STEP: usize = 64 * 1024;
+    let mut body = Vec::new();
+    while body.len() < len {
+        let at = body.len();
+        let room = (len - at).min(STEP);
+        held.add(room);
+        body.resize(at + room, 0);
+        let n = read_some(sock, &mut body[at..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        body.truncate(at + n);
+        held.sub(room - n);
+    }
+    Ok(body)
 }
 
 /// Notices the zygote's death, fails its calls in flight, and kills what it left behind.

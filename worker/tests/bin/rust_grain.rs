@@ -1,6 +1,7 @@
 //! A grain written with the Rust SDK, for the worker's tests and benchmark. Its input picks a
 //! behaviour: a number is doubled; `"next"`, `"fan_out"`, `"fail"`, `"panic"`, `"crash"`,
-//! `"pid"`, `"ctx"`, `"print"` and `"sleep"` do what they say.
+//! `"pid"`, `"ctx"`, `"print"` and `"sleep"` do what they say; `"reach"` says whether the
+//! instance still has a socket on fd 3 (the zygote's channel) and whether it is dumpable.
 
 use sand_grain::{serve, Ctx, Output, Value};
 
@@ -23,6 +24,16 @@ fn handle(event: Value, ctx: &Ctx) -> Result<Output, String> {
             println!("to stdout");
             eprintln!("to stderr");
             Ok(Value::Null.into())
+        }
+        Some("reach") => {
+            use std::os::unix::fs::FileTypeExt;
+            let fd3_is_a_socket =
+                std::fs::metadata("/proc/self/fd/3").is_ok_and(|meta| meta.file_type().is_socket());
+            let dumpable = nix::sys::prctl::get_dumpable().map_err(|e| e.to_string())?;
+            Ok(
+                serde_json::json!({"fd3_is_a_socket": fd3_is_a_socket, "dumpable": dumpable})
+                    .into(),
+            )
         }
         Some("sleep") => {
             std::thread::sleep(std::time::Duration::from_secs(60));
