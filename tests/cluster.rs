@@ -755,3 +755,116 @@ fn a_worker_and_a_gateway_stop_cleanly_on_sigterm() {
     let status = stop(&mut gateway, "TERM");
     assert!(status.success(), "the gateway: {status}");
 }
+
+/// Writes an app `name` with one grain, `grain.py`'s `peek`, and the manifest lines `extra`, in
+/// the cluster's directory; returns its directory.
+fn write_app(cluster: &Cluster, name: &str, extra: &str, code: &str) -> PathBuf {
+    let dir = cluster.dir.path().join("apps").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = format!(
+        "name = \"{name}\"\nentry = \"peek\"\n{extra}\n[grains.peek]\nruntime = \"python\"\n\
+         module = \"grain.py\"\nhandler = \"peek\"\n"
+    );
+    std::fs::write(dir.join("sand.toml"), manifest).unwrap();
+    std::fs::write(dir.join("grain.py"), code).unwrap();
+    dir
+}
+
+/// Deploys `dir`, which the gateway must refuse; returns what `sand deploy` said.
+fn deploy_refused(cluster: &Cluster, dir: &Path) -> String {
+    let out = Command::new(SAND)
+        .args(["deploy", dir.to_str().unwrap(), "--gateway", &cluster.http])
+        .output()
+        .expect("run sand");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "deployed: {stderr}");
+    stderr
+}
+
+/// The directory of the one bundle version of `app` on worker 1.
+fn bundle_dir(cluster: &Cluster, app: &str) -> PathBuf {
+    let apps = cluster.dir.path().join("worker-1").join("apps").join(app);
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(&apps)
+        .unwrap_or_else(|e| panic!("{}: {e}", apps.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(versions.len(), 1, "one version of {app}: {versions:?}");
+    versions.pop().unwrap()
+}
+
+/// The issue's attack: an interpreter path that makes the worker mount a host directory (the
+/// bundles of other apps, the gateway's store), or network access an app grants itself. The
+/// gateway refuses each at deploy, naming the key, the value and the flag that would allow it.
+#[test]
+fn an_app_cannot_name_a_host_interpreter_or_grant_itself_network() {
+    let cluster = Cluster::start(1, &["tests/apps/shell"]);
+    assert_eq!(cluster.invoke("shell", "\"x\"", "").0, 200);
+    let other_bundle = bundle_dir(&cluster, "shell");
+    let gateway_dir = cluster.dir.path().join("gateway");
+    for python in [
+        other_bundle.join("x").join("python"),
+        gateway_dir.join("x").join("python"),
+    ] {
+        let python = python.display().to_string();
+        let app = write_app(&cluster, "evil", &format!("python = {python:?}\n"), "");
+        let said = deploy_refused(&cluster, &app);
+        assert!(
+            said.contains("`python`") && said.contains(&python) && said.contains("--python"),
+            "{said}"
+        );
+    }
+    let app = write_app(&cluster, "evil", "network = true\n", "");
+    let said = deploy_refused(&cluster, &app);
+    assert!(
+        said.contains("`network`") && said.contains("--allow-network evil"),
+        "{said}"
+    );
+    let (_, apps) = get(&format!("{}/v1/apps", cluster.http));
+    assert_eq!(apps["apps"].as_array().map(Vec::len), Some(1), "{apps}");
+}
+
+/// A sandboxed grain learns no host path of the worker's data directory (not from its argv,
+/// environment or working directory), and cannot list or read another app's bundle, its own
+/// bundle's host path, the worker's data directory or the gateway's.
+#[test]
+fn a_sandboxed_grain_sees_no_host_data_directory() {
+    let cluster = Cluster::start(1, &["tests/apps/shell"]);
+    assert_eq!(cluster.invoke("shell", "\"x\"", "").0, 200);
+    let code = r#"
+import os, sys
+def peek(paths, ctx):
+    reached = {}
+    for p in paths:
+        try:
+            os.listdir(p)
+            reached[p] = "listed"
+        except NotADirectoryError:
+            open(p).read()
+            reached[p] = "read"
+        except OSError as e:
+            reached[p] = type(e).__name__
+    return {"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd(), "reached": reached}
+"#;
+    let app = write_app(&cluster, "peek", "", code);
+    sand(&["deploy", app.to_str().unwrap(), "--gateway", &cluster.http]);
+    let worker_dir = cluster.dir.path().join("worker-1");
+    let paths: Vec<String> = [
+        worker_dir.clone(),
+        bundle_dir(&cluster, "shell"),
+        bundle_dir(&cluster, "shell").join("sand.toml"),
+        worker_dir.join("apps").join("peek"),
+        cluster.dir.path().join("gateway"),
+    ]
+    .iter()
+    .map(|p| p.display().to_string())
+    .collect();
+    let (code, body) = cluster.invoke("peek", &serde_json::to_string(&paths).unwrap(), "");
+    assert_eq!(code, 200, "{body}");
+    let out = &body["output"];
+    for p in &paths {
+        assert_eq!(out["reached"][p], "FileNotFoundError", "{p}: {body}");
+    }
+    let seen = format!("{} {} {}", out["argv"], out["env"], out["cwd"]);
+    let host = cluster.dir.path().display().to_string();
+    assert!(!seen.contains(&host), "{host} seen in {seen}");
+}
