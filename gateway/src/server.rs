@@ -32,6 +32,8 @@ pub struct GatewayConfig {
     pub quic_addr: SocketAddr,
     /// The bearer token the API wants, if any.
     pub token: Option<String>,
+    /// What apps may ask of the host: a deploy that asks for more is refused.
+    pub policy: sand_app::Policy,
     /// The protocol's settings (failure timeout and so on).
     pub gq: GqConfig,
     /// The transport's settings.
@@ -126,6 +128,7 @@ impl Gateway {
             metrics,
             registry: Arc::new(registry),
             token: config.token.map(Into::into),
+            policy: Arc::new(config.policy),
         };
         let app = http::router(api);
         let http_task = tokio::spawn(async move { axum::serve(listener, app).await });

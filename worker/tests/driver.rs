@@ -12,11 +12,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{bounded, TempDir, PYTHON};
+use sand_app::Policy;
 use sand_protocol::ids::{AppName, Attempt, ExecId, Incarnation, Seq, WorkerId};
 use sand_protocol::local_bus::LbConfig;
 use sand_protocol::wire::{
-    AppBundle, CallSpec, Cont, Down, GrainError, Outcome, Payload, Reason, Report, RunTrace, ServiceToGateway,
-    ServiceToWorker, ToGateway, ToWorker, Up,
+    AppBundle, CallSpec, Cont, Down, GrainError, Outcome, Payload, Reason, Report, RunTrace,
+    ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
 };
 use sand_transport_quic::mem::MemNetwork;
 use sand_transport_quic::seam::{GatewayEvent, GatewayLink};
@@ -54,7 +55,13 @@ def whole(event, ctx):
 
 /// Writes an app of `grains` (the first is the entry), each with `reuse`, and packs it.
 fn app(root: &Path, name: &str, grains: &[&str], reuse: u32) -> AppBundle {
-    app_with(root, name, grains, reuse, &format!("python = \"{PYTHON}\"\n"))
+    app_with(
+        root,
+        name,
+        grains,
+        reuse,
+        &format!("python = \"{PYTHON}\"\n"),
+    )
 }
 
 /// As [`app`], with the manifest's top-level lines `extra`.
@@ -104,6 +111,7 @@ impl Harness {
             host: HostContext {
                 isolation: Isolation::None,
                 python_runtime,
+                policy: Policy::default(),
             },
             idle_teardown: Duration::from_secs(600),
             trace_interval: Duration::from_millis(20),
@@ -396,8 +404,14 @@ async fn an_app_the_workers_policy_refuses_fails_with_a_grain_error() {
     std::os::unix::fs::symlink(PYTHON, elsewhere.join("python3")).expect("symlink");
     let python = format!("python = {:?}\n", elsewhere.join("python3"));
     let bundles = vec![
-        (name("python"), app_with(dir.path(), "python", &["whole"], 1, &python)),
-        (name("network"), app_with(dir.path(), "network", &["whole"], 1, "network = true\n")),
+        (
+            name("python"),
+            app_with(dir.path(), "python", &["whole"], 1, &python),
+        ),
+        (
+            name("network"),
+            app_with(dir.path(), "network", &["whole"], 1, "network = true\n"),
+        ),
     ];
     let mut h = Harness::start(LbConfig::default(), bundles, dir).await;
     let e = whole(&mut h, "python").await.expect_err("the app ran");
@@ -424,7 +438,10 @@ async fn a_bundle_digest_that_is_not_lowercase_hex_is_refused() {
     let mut h = Harness::start(LbConfig::default(), vec![(name("evil"), evil)], dir).await;
     let e = whole(&mut h, "evil").await.expect_err("the app ran");
     assert!(e.message.contains("digest"), "{e:?}");
-    assert!(!apps.join("x").exists(), "unpacked outside the app's directory");
+    assert!(
+        !apps.join("x").exists(),
+        "unpacked outside the app's directory"
+    );
     h.stop().await;
 }
 
@@ -437,7 +454,10 @@ async fn bundles_are_not_readable_by_other_users() {
     let one = app(dir.path(), "one", &["whole"], 1);
     let mut h = Harness::start(LbConfig::default(), vec![(name("one"), one)], dir).await;
     assert_eq!(whole(&mut h, "one").await.expect("runs"), "16");
-    let mode = std::fs::metadata(&apps).expect("apps dir").permissions().mode();
+    let mode = std::fs::metadata(&apps)
+        .expect("apps dir")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", apps.display());
     h.stop().await;
 }
