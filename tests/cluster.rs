@@ -823,9 +823,11 @@ fn an_app_cannot_name_a_host_interpreter_or_grant_itself_network() {
     assert_eq!(apps["apps"].as_array().map(Vec::len), Some(1), "{apps}");
 }
 
-/// A sandboxed grain learns no host path of the worker's data directory (not from its argv,
-/// environment or working directory), and cannot list or read another app's bundle, its own
-/// bundle's host path, the worker's data directory or the gateway's.
+/// A sandboxed grain learns no host path of the worker's data directory from its argv,
+/// environment or working directory, and cannot list or read another app's bundle, its own
+/// bundle's host path, the worker's data directory or the gateway's. (`/proc/self/mountinfo`
+/// still shows the host paths of `/app` and `/sand/runtime` as their mounts' roots: a bind
+/// mount's root is its path in the source file system.)
 #[test]
 fn a_sandboxed_grain_sees_no_host_data_directory() {
     let cluster = Cluster::start(1, &["tests/apps/shell"]);

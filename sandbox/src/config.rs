@@ -195,6 +195,37 @@ mod tests {
     }
 
     #[test]
+    fn a_read_only_path_goes_below_the_root_without_dot_dot() {
+        let config = |inside: &str| SandboxConfig {
+            name: "ro".into(),
+            bundle_dir: "/".into(),
+            ro_paths: vec![ReadOnlyPath {
+                host: "/usr".into(),
+                inside: inside.into(),
+            }],
+            limits: Limits::default(),
+            network: false,
+            init_program: "/bin/true".into(),
+            init_args: Vec::new(),
+            run_as: RunAs::default(),
+        };
+        for bad in ["sand/runtime", "/", "/sand/../proc"] {
+            assert!(
+                matches!(
+                    validate(&config(bad)),
+                    Err(SandboxError::ReadOnlyPath { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        let holder = validate(&config("/sand/runtime")).expect("a valid config");
+        assert_eq!(
+            holder.ro_paths,
+            vec![(b"/usr".to_vec(), b"/sand/runtime".to_vec())]
+        );
+    }
+
+    #[test]
     fn root_identities_are_refused() {
         for (uid, gid) in [(0, 0), (0, 65534), (65534, 0)] {
             assert!(
