@@ -29,6 +29,8 @@ struct Cluster {
     failure_timeout_ms: u64,
     token: Option<String>,
     idle_seconds: u64,
+    /// The operator's policy flags, for the gateway and every worker.
+    policy: Vec<String>,
 }
 
 impl Cluster {
@@ -39,15 +41,17 @@ impl Cluster {
 
     /// The same, with a gateway that wants `token` on its API.
     fn start_with(workers: u32, apps: &[&str], token: Option<&str>) -> Self {
-        Self::start_full(workers, apps, token, 1500)
+        Self::start_full(workers, apps, token, 1500, &[])
     }
 
-    /// The same, with the gateway's failure timeout set.
+    /// The same, with the gateway's failure timeout set, and `policy` (flags such as
+    /// `--python PATH`) given to the gateway and every worker.
     fn start_full(
         workers: u32,
         apps: &[&str],
         token: Option<&str>,
         failure_timeout_ms: u64,
+        policy: &[&str],
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let certs = dir.path().join("certs");
@@ -82,6 +86,7 @@ impl Cluster {
             failure_timeout_ms,
             token: token.map(str::to_owned),
             idle_seconds: 300,
+            policy: policy.iter().map(|&f| f.to_owned()).collect(),
         };
         cluster.start_gateway();
         for id in 1..=workers {
@@ -109,6 +114,7 @@ impl Cluster {
             .arg("--certs")
             .arg(self.dir.path().join("certs"))
             .args(self.token.iter().flat_map(|t| ["--token", t]))
+            .args(&self.policy)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -140,6 +146,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("worker-{id}")))
             .args(["--idle-seconds", &self.idle_seconds.to_string()])
+            .args(&self.policy)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -279,7 +286,7 @@ fn the_daemons_refuse_unsafe_settings_and_mutations() {
 /// call: `shared/repro/stuck-call`.)
 #[test]
 fn idle_workers_are_not_suspected_at_a_one_second_failure_timeout() {
-    let cluster = Cluster::start_full(2, &["examples/pipeline"], None, 1000);
+    let cluster = Cluster::start_full(2, &["examples/pipeline"], None, 1000, &[]);
     let workers = || {
         let (_, body) = get(&format!("{}/v1/workers", cluster.http));
         let rows = body["workers"].as_array().cloned().unwrap_or_default();
@@ -869,4 +876,50 @@ def peek(paths, ctx):
     let seen = format!("{} {} {}", out["argv"], out["env"], out["cwd"]);
     let host = cluster.dir.path().display().to_string();
     assert!(!seen.contains(&host), "{host} seen in {seen}");
+}
+
+/// An interpreter outside the system directories, with its installation prefix: the newest
+/// under `/root/.pyenv/versions` if there is one, else the system's (which needs no prefix).
+fn interpreter_with_prefix() -> (PathBuf, Option<PathBuf>) {
+    let versions = std::fs::read_dir("/root/.pyenv/versions")
+        .into_iter()
+        .flatten();
+    let newest = versions
+        .flatten()
+        .map(|e| e.path().join("bin").join("python3"))
+        .filter(|p| p.is_file())
+        .max();
+    match newest {
+        Some(python) => {
+            let prefix = python.parent().and_then(Path::parent).map(Path::to_owned);
+            (python, prefix)
+        }
+        None => (PathBuf::from("/usr/bin/python3"), None),
+    }
+}
+
+/// The operator allows an interpreter with `--python PATH=PREFIX` on the gateway and the
+/// worker: an app naming it deploys, and its sandbox mounts PREFIX for it (and nothing the
+/// manifest names), so its grains run there; the system's interpreter, no longer allowed, is
+/// refused.
+#[test]
+fn an_interpreter_the_operator_allows_runs_with_the_prefix_the_operator_names() {
+    let (python, prefix) = interpreter_with_prefix();
+    let flag = match &prefix {
+        Some(prefix) => format!("{}={}", python.display(), prefix.display()),
+        None => python.display().to_string(),
+    };
+    let cluster = Cluster::start_full(1, &[], None, 1500, &["--python", &flag]);
+    let code = "import sys\ndef peek(event, ctx):\n    return sys.executable\n";
+    let named = format!("python = {:?}\n", python.display().to_string());
+    let app = write_app(&cluster, "allowed", &named, code);
+    sand(&["deploy", app.to_str().unwrap(), "--gateway", &cluster.http]);
+    let (status, body) = cluster.invoke("allowed", "null", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["output"], python.display().to_string(), "{body}");
+    if prefix.is_some() {
+        let system = write_app(&cluster, "system", "python = \"/usr/bin/python3\"\n", code);
+        let said = deploy_refused(&cluster, &system);
+        assert!(said.contains(&python.display().to_string()), "{said}");
+    }
 }

@@ -136,6 +136,8 @@ struct Driver {
     newest: HashMap<AppName, String>,
     /// How many hosts (starting, running or shutting down) use each bundle version.
     bundle_users: HashMap<(AppName, String), usize>,
+    /// Bundle versions removed so far: numbers their directories on the way out.
+    bundles_removed: u64,
     traces: Vec<RunTrace>,
     connected: bool,
 }
@@ -171,6 +173,7 @@ pub async fn run(config: WorkerConfig, link: WorkerLink) -> Result<(), WorkerErr
         host_events,
         newest: HashMap::new(),
         bundle_users: HashMap::new(),
+        bundles_removed: 0,
         traces: Vec::new(),
         connected: false,
     };
@@ -433,7 +436,7 @@ impl Driver {
     /// Removes `app`'s bundle versions that are neither the newest nor in use. Each is renamed
     /// away at once, so an unpack of the same version later never meets it half removed, then
     /// removed off the driver's thread.
-    fn prune(&self, app: &AppName) {
+    fn prune(&mut self, app: &AppName) {
         let dir = self.app_dir(app);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return; // Nothing unpacked yet.
@@ -449,7 +452,8 @@ impl Driver {
             if in_use || self.newest.get(app).is_some_and(|d| d == digest) {
                 continue;
             }
-            let doomed = dir.join(format!(".removed-{digest}"));
+            self.bundles_removed += 1;
+            let doomed = dir.join(format!(".removed-{}", self.bundles_removed));
             match std::fs::rename(entry.path(), &doomed) {
                 Ok(()) => {
                     tracing::info!(%app, digest, "removing an old bundle version");
