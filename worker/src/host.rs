@@ -116,52 +116,47 @@ impl AppHost {
             .map_err(|e| format!("refused by this worker's policy: {e}"))?;
         // After the check, only an app without python grains may have no interpreter.
         let python = ctx.policy.python(&manifest).ok();
-        let (launcher, sandbox, app_dir, python_runtime): (Arc<dyn Launcher>, _, _, _) =
-            match &ctx.isolation {
-                Isolation::None => (
-                    Arc::new(HostLauncher),
-                    None,
-                    bundle_dir.to_owned(),
-                    ctx.python_runtime.clone(),
-                ),
-                Isolation::Sandbox { program, args } => {
-                    let runtime_inside = Path::new(SANDBOX_RUNTIME_DIR);
-                    let mut ro_paths = vec![ReadOnlyPath {
-                        host: runtime_dir(&ctx.python_runtime),
-                        inside: runtime_inside.to_owned(),
-                    }];
-                    if let Some(PythonChoice::Host(interpreter)) = python {
-                        ro_paths.extend(interpreter.mounts.iter().map(ReadOnlyPath::same));
-                    }
-                    let script = ctx.python_runtime.file_name().unwrap_or_default();
-                    let config = SandboxConfig {
-                        name: manifest.name.as_str().replace('.', "-"),
-                        bundle_dir: bundle_dir.to_owned(),
-                        ro_paths,
-                        limits: Limits {
-                            memory_bytes: manifest.memory_bytes(),
-                            pids_max: Some(1024),
-                            cpu_millis: None,
-                        },
-                        network: manifest.network,
-                        init_program: program.clone(),
-                        init_args: args.clone(),
-                        run_as: RunAs::NOBODY,
-                    };
-                    let sandbox = Arc::new(
-                        Sandbox::create(config)
-                            .await
-                            .map_err(|e| format!("cannot make the sandbox: {e}"))?,
-                    );
-                    let launcher = Arc::new(SandboxLauncher(sandbox.clone()));
-                    (
-                        launcher as Arc<dyn Launcher>,
-                        Some(sandbox),
-                        PathBuf::from(SANDBOX_APP_DIR),
-                        runtime_inside.join(script),
-                    )
+        let (launcher, sandbox, app_dir): (Arc<dyn Launcher>, _, _) = match &ctx.isolation {
+            Isolation::None => (Arc::new(HostLauncher), None, bundle_dir.to_owned()),
+            Isolation::Sandbox { program, args } => {
+                let mut ro_paths = vec![ReadOnlyPath {
+                    host: runtime_dir(&ctx.python_runtime),
+                    inside: SANDBOX_RUNTIME_DIR.into(),
+                }];
+                if let Some(PythonChoice::Host(interpreter)) = python {
+                    ro_paths.extend(interpreter.mounts.iter().map(ReadOnlyPath::same));
                 }
-            };
+                let config = SandboxConfig {
+                    name: manifest.name.as_str().replace('.', "-"),
+                    bundle_dir: bundle_dir.to_owned(),
+                    ro_paths,
+                    limits: Limits {
+                        memory_bytes: manifest.memory_bytes(),
+                        pids_max: Some(1024),
+                        cpu_millis: None,
+                    },
+                    network: manifest.network,
+                    init_program: program.clone(),
+                    init_args: args.clone(),
+                    run_as: RunAs::NOBODY,
+                };
+                let sandbox = Arc::new(
+                    Sandbox::create(config)
+                        .await
+                        .map_err(|e| format!("cannot make the sandbox: {e}"))?,
+                );
+                let launcher = Arc::new(SandboxLauncher(sandbox.clone()));
+                (
+                    launcher as Arc<dyn Launcher>,
+                    Some(sandbox),
+                    PathBuf::from(SANDBOX_APP_DIR),
+                )
+            }
+        };
+        let python_runtime = match (&sandbox, ctx.python_runtime.file_name()) {
+            (Some(_), Some(script)) => Path::new(SANDBOX_RUNTIME_DIR).join(script),
+            _ => ctx.python_runtime.clone(),
+        };
         let python = python.map(|choice| match choice {
             PythonChoice::Host(interpreter) => interpreter.path.clone(),
             PythonChoice::Bundled(path) => app_dir.join(path),

@@ -487,3 +487,32 @@ async fn an_old_bundle_version_is_removed_once_its_host_is_retired() {
     assert_eq!(whole(&mut h, "app").await.expect("v2 still runs"), "16");
     h.stop().await;
 }
+
+/// An app may ship its interpreter in its bundle (a relative `python`): no policy needs to
+/// allow it, and its python grains run with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interpreter_shipped_in_the_bundle_runs_the_python_grains() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("driver-bundled");
+    let marker = dir.path().join("ran-the-bundled-interpreter");
+    let bin = dir.path().join("shipped").join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    let script = format!(
+        "#!/bin/sh\necho ran > {:?}\nexec {PYTHON} \"$@\"\n",
+        marker.display().to_string()
+    );
+    std::fs::write(bin.join("py"), script).expect("write the interpreter");
+    std::fs::set_permissions(bin.join("py"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let shipped = app_with(
+        dir.path(),
+        "shipped",
+        &["whole"],
+        1,
+        "python = \"bin/py\"\n",
+    );
+    let mut h = Harness::start(LbConfig::default(), vec![(name("shipped"), shipped)], dir).await;
+    assert_eq!(whole(&mut h, "shipped").await.expect("runs"), "16");
+    assert!(marker.exists(), "the grain ran with another interpreter");
+    h.stop().await;
+}
