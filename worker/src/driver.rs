@@ -453,7 +453,11 @@ impl Driver {
                 continue;
             }
             self.bundles_removed += 1;
-            let doomed = dir.join(format!(".removed-{}", self.bundles_removed));
+            let doomed = dir.join(format!(
+                ".removed-{}-{}",
+                std::process::id(),
+                self.bundles_removed
+            ));
             match std::fs::rename(entry.path(), &doomed) {
                 Ok(()) => {
                     tracing::info!(%app, digest, "removing an old bundle version");
