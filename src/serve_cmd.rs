@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use sand_app::policy::APP_MEMORY_MB_MAX_DEFAULT;
+use sand_app::{Interpreter, Policy};
 use sand_gateway::serve::{self, Limits};
 use sand_gateway::token::{Token, TOKEN_FILE};
 use sand_gateway::{Gateway, GatewayConfig};
 use sand_protocol::global_queue::GqConfig;
-use sand_protocol::ids::WorkerId;
+use sand_protocol::ids::{AppName, WorkerId};
 use sand_protocol::local_bus::LbConfig;
 use sand_transport_quic::certs;
 use sand_transport_quic::quic::{QuicConfig, QuicWorker};
@@ -62,6 +64,44 @@ pub struct GatewayArgs {
     /// heartbeat five times in that time: the gateway tells them so when they join.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
     failure_timeout_ms: u64,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// The operator's policy: what apps may ask of the host. Give the gateway and every worker the
+/// same: the gateway refuses a deploy that asks for more, a worker refuses to host it.
+#[derive(Args, Debug)]
+pub struct PolicyArgs {
+    /// An interpreter apps may name as `python`: PATH, or PATH=PREFIX to mount the directory
+    /// PREFIX (say, a pyenv version's) read-only into their sandboxes for it. Repeatable; the
+    /// first is the interpreter of apps that name none [default: /usr/bin/python3]
+    #[arg(long = "python", value_name = "PATH[=PREFIX]")]
+    python: Vec<Interpreter>,
+    /// An app whose sandbox may have network access (`network = true`). Repeatable.
+    #[arg(long = "allow-network", value_name = "APP", value_parser = app_name)]
+    allow_network: Vec<AppName>,
+    /// The most memory one app's grains may ask for together (`memory_mb`), in MiB.
+    #[arg(long, default_value_t = APP_MEMORY_MB_MAX_DEFAULT)]
+    app_memory_mb_max: u64,
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> Policy {
+        let default = Policy::default();
+        Policy {
+            interpreters: if self.python.is_empty() {
+                default.interpreters
+            } else {
+                self.python.clone()
+            },
+            network_apps: self.allow_network.iter().cloned().collect(),
+            app_memory_mb_max: self.app_memory_mb_max,
+        }
+    }
+}
+
+fn app_name(s: &str) -> Result<AppName, String> {
+    AppName::new(s).map_err(|e| e.to_string())
 }
 
 /// The HTTP API's hosts and limits, for `sand gateway` and `sand dev`.
@@ -129,6 +169,8 @@ pub struct WorkerArgs {
     /// without its local bus, for the ablation benchmark.
     #[arg(long)]
     gateway_hops: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 /// `sand dev`.
@@ -147,6 +189,8 @@ pub struct DevArgs {
     isolation: IsolationArg,
     #[command(flatten)]
     http_args: HttpArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 fn logging() {
@@ -170,6 +214,7 @@ fn gateway_config(
     certs: PathBuf,
     http: SocketAddr,
     listen: SocketAddr,
+    policy: Policy,
 ) -> GatewayConfig {
     GatewayConfig {
         data_dir,
@@ -181,6 +226,7 @@ fn gateway_config(
         http_hosts: Vec::new(),
         http_tls: None,
         http_limits: Limits::default(),
+        policy,
         gq: GqConfig::default(),
         quic: QuicConfig::default(),
     }
@@ -189,7 +235,13 @@ fn gateway_config(
 /// `sand gateway`: serves until killed.
 pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
     logging();
-    let mut config = gateway_config(args.data_dir, args.certs, args.http, args.listen);
+    let mut config = gateway_config(
+        args.data_dir,
+        args.certs,
+        args.http,
+        args.listen,
+        args.policy.policy(),
+    );
     config.token = client_cmd::operator_token(args.token_file.as_deref())?;
     config.insecure_no_auth = args.insecure_no_auth;
     config.http_tls = args.http_tls_cert.zip(args.http_tls_key);
@@ -238,6 +290,7 @@ fn worker_config(
     data_dir: PathBuf,
     isolation: IsolationArg,
     idle: Duration,
+    policy: Policy,
 ) -> Result<WorkerConfig> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot make the data directory {}", data_dir.display()))?;
@@ -266,6 +319,7 @@ fn worker_config(
         host: HostContext {
             isolation,
             python_runtime,
+            policy,
         },
         idle_teardown: idle,
         trace_interval: Duration::from_millis(100),
@@ -314,6 +368,7 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
         data_dir,
         args.isolation,
         Duration::from_secs(args.idle_seconds),
+        args.policy.policy(),
     )?;
     if args.gateway_hops {
         // The local bus sends emitted calls to the gateway once this many calls run here.
@@ -359,6 +414,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
         cert_dir.clone(),
         args.http,
         "127.0.0.1:0".parse()?,
+        args.policy.policy(),
     );
     gconfig.gq.failure_timeout = Duration::from_secs(5);
     // The dev API always wants a token, whatever its address: a web page the developer
@@ -375,6 +431,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
         args.data_dir.join("worker-1"),
         args.isolation,
         Duration::from_secs(300),
+        args.policy.policy(),
     )?;
     runtime()?.block_on(async move {
         let gateway = Gateway::start(gconfig).await?;

@@ -29,6 +29,8 @@ struct Cluster {
     failure_timeout_ms: u64,
     token: Option<String>,
     idle_seconds: u64,
+    /// The operator's policy flags, for the gateway and every worker.
+    policy: Vec<String>,
 }
 
 impl Cluster {
@@ -39,15 +41,17 @@ impl Cluster {
 
     /// The same, with a gateway that wants `token` on its API.
     fn start_with(workers: u32, apps: &[&str], token: Option<&str>) -> Self {
-        Self::start_full(workers, apps, token, 1500)
+        Self::start_full(workers, apps, token, 1500, &[])
     }
 
-    /// The same, with the gateway's failure timeout set.
+    /// The same, with the gateway's failure timeout set, and `policy` (flags such as
+    /// `--python PATH`) given to the gateway and every worker.
     fn start_full(
         workers: u32,
         apps: &[&str],
         token: Option<&str>,
         failure_timeout_ms: u64,
+        policy: &[&str],
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         if let Some(token) = token {
@@ -85,6 +89,7 @@ impl Cluster {
             failure_timeout_ms,
             token: token.map(str::to_owned),
             idle_seconds: 300,
+            policy: policy.iter().map(|&f| f.to_owned()).collect(),
         };
         cluster.start_gateway();
         for id in 1..=workers {
@@ -124,6 +129,7 @@ impl Cluster {
                     .into_iter()
                     .flatten(),
             )
+            .args(&self.policy)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -155,6 +161,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("worker-{id}")))
             .args(["--idle-seconds", &self.idle_seconds.to_string()])
+            .args(&self.policy)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -316,7 +323,7 @@ fn the_daemons_refuse_unsafe_settings_and_mutations() {
 /// call: `shared/repro/stuck-call`.)
 #[test]
 fn idle_workers_are_not_suspected_at_a_one_second_failure_timeout() {
-    let cluster = Cluster::start_full(2, &["examples/pipeline"], None, 1000);
+    let cluster = Cluster::start_full(2, &["examples/pipeline"], None, 1000, &[]);
     let workers = || {
         let (_, body) = get(&format!("{}/v1/workers", cluster.http));
         let rows = body["workers"].as_array().cloned().unwrap_or_default();
@@ -1114,4 +1121,165 @@ fn a_worker_and_a_gateway_stop_cleanly_on_sigterm() {
     let mut gateway = cluster.gateway.take().expect("a gateway");
     let status = stop(&mut gateway, "TERM");
     assert!(status.success(), "the gateway: {status}");
+}
+
+/// Writes an app `name` with one grain, `grain.py`'s `peek`, and the manifest lines `extra`, in
+/// the cluster's directory; returns its directory.
+fn write_app(cluster: &Cluster, name: &str, extra: &str, code: &str) -> PathBuf {
+    let dir = cluster.dir.path().join("apps").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = format!(
+        "name = \"{name}\"\nentry = \"peek\"\n{extra}\n[grains.peek]\nruntime = \"python\"\n\
+         module = \"grain.py\"\nhandler = \"peek\"\n"
+    );
+    std::fs::write(dir.join("sand.toml"), manifest).unwrap();
+    std::fs::write(dir.join("grain.py"), code).unwrap();
+    dir
+}
+
+/// Deploys `dir`, which the gateway must refuse; returns what `sand deploy` said.
+fn deploy_refused(cluster: &Cluster, dir: &Path) -> String {
+    let out = Command::new(SAND)
+        .args(["deploy", dir.to_str().unwrap(), "--gateway", &cluster.http])
+        .output()
+        .expect("run sand");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "deployed: {stderr}");
+    stderr
+}
+
+/// The directory of the one bundle version of `app` on worker 1.
+fn bundle_dir(cluster: &Cluster, app: &str) -> PathBuf {
+    let apps = cluster.dir.path().join("worker-1").join("apps").join(app);
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(&apps)
+        .unwrap_or_else(|e| panic!("{}: {e}", apps.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(versions.len(), 1, "one version of {app}: {versions:?}");
+    versions.pop().unwrap()
+}
+
+/// The issue's attack: an interpreter path that makes the worker mount a host directory (the
+/// bundles of other apps, the gateway's store), or network access an app grants itself. The
+/// gateway refuses each at deploy, naming the key, the value and the flag that would allow it.
+#[test]
+fn an_app_cannot_name_a_host_interpreter_or_grant_itself_network() {
+    let cluster = Cluster::start(1, &["tests/apps/shell"]);
+    assert_eq!(cluster.invoke("shell", "\"x\"", "").0, 200);
+    let other_bundle = bundle_dir(&cluster, "shell");
+    let gateway_dir = cluster.dir.path().join("gateway");
+    for python in [
+        other_bundle.join("x").join("python"),
+        gateway_dir.join("x").join("python"),
+    ] {
+        let python = python.display().to_string();
+        let app = write_app(&cluster, "evil", &format!("python = {python:?}\n"), "");
+        let said = deploy_refused(&cluster, &app);
+        assert!(
+            said.contains("`python`") && said.contains(&python) && said.contains("--python"),
+            "{said}"
+        );
+    }
+    let app = write_app(&cluster, "evil", "network = true\n", "");
+    let said = deploy_refused(&cluster, &app);
+    assert!(
+        said.contains("`network`") && said.contains("--allow-network evil"),
+        "{said}"
+    );
+    let (_, apps) = get(&format!("{}/v1/apps", cluster.http));
+    assert_eq!(apps["apps"].as_array().map(Vec::len), Some(1), "{apps}");
+}
+
+/// A sandboxed grain learns no host path of the worker's data directory from its argv,
+/// environment or working directory, and cannot list or read another app's bundle, its own
+/// bundle's host path, the worker's data directory or the gateway's. (`/proc/self/mountinfo`
+/// still shows the host paths of `/app` and `/sand/runtime` as their mounts' roots: a bind
+/// mount's root is its path in the source file system.)
+#[test]
+fn a_sandboxed_grain_sees_no_host_data_directory() {
+    let cluster = Cluster::start(1, &["tests/apps/shell"]);
+    assert_eq!(cluster.invoke("shell", "\"x\"", "").0, 200);
+    let code = r#"
+import os, sys
+def peek(paths, ctx):
+    reached = {}
+    for p in paths:
+        try:
+            os.listdir(p)
+            reached[p] = "listed"
+        except NotADirectoryError:
+            open(p).read()
+            reached[p] = "read"
+        except OSError as e:
+            reached[p] = type(e).__name__
+    return {"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd(), "reached": reached}
+"#;
+    let app = write_app(&cluster, "peek", "", code);
+    sand(&["deploy", app.to_str().unwrap(), "--gateway", &cluster.http]);
+    let worker_dir = cluster.dir.path().join("worker-1");
+    let paths: Vec<String> = [
+        worker_dir.clone(),
+        bundle_dir(&cluster, "shell"),
+        bundle_dir(&cluster, "shell").join("sand.toml"),
+        worker_dir.join("apps").join("peek"),
+        cluster.dir.path().join("gateway"),
+    ]
+    .iter()
+    .map(|p| p.display().to_string())
+    .collect();
+    let (code, body) = cluster.invoke("peek", &serde_json::to_string(&paths).unwrap(), "");
+    assert_eq!(code, 200, "{body}");
+    let out = &body["output"];
+    for p in &paths {
+        assert_eq!(out["reached"][p], "FileNotFoundError", "{p}: {body}");
+    }
+    let seen = format!("{} {} {}", out["argv"], out["env"], out["cwd"]);
+    let host = cluster.dir.path().display().to_string();
+    assert!(!seen.contains(&host), "{host} seen in {seen}");
+}
+
+/// An interpreter outside the system directories, with its installation prefix: the newest
+/// under `/root/.pyenv/versions` if there is one, else the system's (which needs no prefix).
+fn interpreter_with_prefix() -> (PathBuf, Option<PathBuf>) {
+    let versions = std::fs::read_dir("/root/.pyenv/versions")
+        .into_iter()
+        .flatten();
+    let newest = versions
+        .flatten()
+        .map(|e| e.path().join("bin").join("python3"))
+        .filter(|p| p.is_file())
+        .max();
+    match newest {
+        Some(python) => {
+            let prefix = python.parent().and_then(Path::parent).map(Path::to_owned);
+            (python, prefix)
+        }
+        None => (PathBuf::from("/usr/bin/python3"), None),
+    }
+}
+
+/// The operator allows an interpreter with `--python PATH=PREFIX` on the gateway and the
+/// worker: an app naming it deploys, and its sandbox mounts PREFIX for it (and nothing the
+/// manifest names), so its grains run there; the system's interpreter, no longer allowed, is
+/// refused.
+#[test]
+fn an_interpreter_the_operator_allows_runs_with_the_prefix_the_operator_names() {
+    let (python, prefix) = interpreter_with_prefix();
+    let flag = match &prefix {
+        Some(prefix) => format!("{}={}", python.display(), prefix.display()),
+        None => python.display().to_string(),
+    };
+    let cluster = Cluster::start_full(1, &[], None, 1500, &["--python", &flag]);
+    let code = "import sys\ndef peek(event, ctx):\n    return sys.executable\n";
+    let named = format!("python = {:?}\n", python.display().to_string());
+    let app = write_app(&cluster, "allowed", &named, code);
+    sand(&["deploy", app.to_str().unwrap(), "--gateway", &cluster.http]);
+    let (status, body) = cluster.invoke("allowed", "null", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["output"], python.display().to_string(), "{body}");
+    if prefix.is_some() {
+        let system = write_app(&cluster, "system", "python = \"/usr/bin/python3\"\n", code);
+        let said = deploy_refused(&cluster, &system);
+        assert!(said.contains(&python.display().to_string()), "{said}");
+    }
 }

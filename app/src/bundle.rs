@@ -75,6 +75,11 @@ pub fn digest(bundle: &[u8]) -> String {
         .collect()
 }
 
+/// Whether `s` could be a [`digest`]: 64 lowercase hex digits, and so a safe path component.
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Packs the app in `dir` into a bundle, after checking its manifest. Regular files and
 /// directories go in; symlinks, sockets and devices are left out, as is everything named in
 /// [`SKIPPED_NAMES`]. The manifest and each grain's file must be regular files. Refused when the bundle would

@@ -3,8 +3,9 @@
 //! ```toml
 //! name = "pipeline"
 //! entry = "double"                 # the grain a client invocation starts at
-//! python = "/usr/bin/python3"      # optional: the interpreter of the app's python zygotes
-//! network = false                  # optional: network access for the sandbox (default false)
+//! python = "/usr/bin/python3"      # optional: a host interpreter the operator allows, or one
+//!                                  #   shipped in the app (a relative path)
+//! network = false                  # optional: network access, if the operator allows it
 //!
 //! [grains.double]
 //! runtime = "python"               # python | rust | exec
@@ -18,7 +19,8 @@
 //! ```
 //!
 //! [`Manifest::parse`] checks the text alone; [`Manifest::load`] also checks the files it names
-//! against the app directory. Every mistake comes back as a [`ManifestError`] naming the key and
+//! against the app directory. What the app asks of the host is the operator's to grant: see
+//! [`crate::policy`]. Every mistake comes back as a [`ManifestError`] naming the key and
 //! its line and column; nothing here panics on any input.
 
 use std::collections::BTreeMap;
@@ -72,12 +74,22 @@ pub struct Manifest {
     pub name: AppName,
     /// The grain a client invocation starts at; a key of `grains`.
     pub entry: GrainName,
-    /// The interpreter of the app's python zygotes, if the app chose one (an absolute path).
-    pub python: Option<PathBuf>,
-    /// Whether the app's sandbox gets network access.
+    /// The interpreter of the app's python zygotes, if the app chose one.
+    pub python: Option<Python>,
+    /// Whether the app asks for network access (which the operator's policy may refuse).
     pub network: bool,
     /// The grains, by name; never empty.
     pub grains: BTreeMap<GrainName, Grain>,
+}
+
+/// The interpreter an app names for its python grains.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Python {
+    /// A host interpreter, an absolute path: only the operator's policy can allow it.
+    Host(PathBuf),
+    /// One shipped in the bundle: a path relative to the app directory (normal components
+    /// only), an executable regular file inside it.
+    Bundled(PathBuf),
 }
 
 /// One grain of a manifest.
@@ -265,9 +277,21 @@ impl Manifest {
                 .get(name)
                 .copied()
                 .unwrap_or(Position { line: 1, column: 1 });
-            check_file(&root, &grain.code).map_err(|reason| ManifestError::Invalid {
+            let executable = grain.code.runtime() != Runtime::Python;
+            check_file(&root, grain.code.path(), executable).map_err(|reason| {
+                ManifestError::Invalid {
+                    origin: origin.clone(),
+                    field: format!("grains.{name}.module"),
+                    at,
+                    reason,
+                }
+            })?;
+        }
+        if let (Some(Python::Bundled(path)), Some(at)) = (&parsed.manifest.python, parsed.python_at)
+        {
+            check_file(&root, path, true).map_err(|reason| ManifestError::Invalid {
                 origin: origin.clone(),
-                field: format!("grains.{name}.module"),
+                field: "python".into(),
                 at,
                 reason,
             })?;
@@ -342,10 +366,9 @@ fn read_limited(path: &Path, origin: &str) -> Result<String, ManifestError> {
     })
 }
 
-/// Checks that a grain's file is a regular file inside `root` (resolving symlinks), executable
-/// for binaries.
-fn check_file(root: &Path, code: &Code) -> Result<(), String> {
-    let rel = code.path();
+/// Checks that a file an app runs is a regular file inside `root` (resolving symlinks), and
+/// executable if `executable`.
+fn check_file(root: &Path, rel: &Path, executable: bool) -> Result<(), String> {
     let path = root.join(rel);
     let real = path
         .canonicalize()
@@ -365,7 +388,7 @@ fn check_file(root: &Path, code: &Code) -> Result<(), String> {
             rel.display()
         ));
     }
-    if code.runtime() != Runtime::Python {
+    if executable {
         use std::os::unix::fs::PermissionsExt;
         if meta.permissions().mode() & 0o111 == 0 {
             return Err(format!(
@@ -377,10 +400,11 @@ fn check_file(root: &Path, code: &Code) -> Result<(), String> {
     Ok(())
 }
 
-/// A manifest with the positions of its grains' `module` values, for `load`'s file checks.
+/// A manifest with the positions of the files it names, for `load`'s file checks.
 struct Parsed {
     manifest: Manifest,
     module_at: BTreeMap<GrainName, Position>,
+    python_at: Option<Position>,
 }
 
 /// The manifest as written, before checks.
@@ -481,15 +505,18 @@ impl Parsed {
             .map_err(|e| check.invalid("name", raw.name.span(), e.to_string()))?;
         let python = match &raw.python {
             None => None,
-            Some(p) if Path::new(p.get_ref()).is_absolute() => Some(PathBuf::from(p.get_ref())),
-            Some(p) => {
-                return Err(check.invalid(
-                    "python",
-                    p.span(),
-                    format!("is {:?}; it must be an absolute path", p.get_ref()),
-                ))
+            Some(p) if p.get_ref().contains('\0') => {
+                return Err(check.invalid("python", p.span(), "contains a NUL byte"))
             }
+            Some(p) if Path::new(p.get_ref()).is_absolute() => {
+                Some(Python::Host(PathBuf::from(p.get_ref())))
+            }
+            Some(p) => Some(Python::Bundled(check.app_path("python", p)?)),
         };
+        let python_at = raw
+            .python
+            .as_ref()
+            .map(|p| Position::of_offset(text, p.span().start));
         if raw.grains.get_ref().is_empty() {
             return Err(check.invalid("grains", raw.grains.span(), "must name at least one grain"));
         }
@@ -532,6 +559,7 @@ impl Parsed {
                 grains,
             },
             module_at,
+            python_at,
         })
     }
 }

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use sand_app::manifest::{CONCURRENCY_DEFAULT, TIMEOUT_MS_DEFAULT};
-use sand_app::{Code, Manifest, Runtime};
+use sand_app::{Code, Manifest, Python, Runtime};
 use sand_protocol::ids::GrainName;
 
 const FULL: &str = r#"name = "pipeline"
@@ -54,7 +54,7 @@ fn a_full_manifest_with_all_three_runtimes_parses() {
     let m = Manifest::parse(FULL, "sand.toml").unwrap();
     assert_eq!(m.name.as_str(), "pipeline");
     assert_eq!(m.entry, grain("double"));
-    assert_eq!(m.python.as_deref(), Some(Path::new("/usr/bin/python3")));
+    assert_eq!(m.python, Some(Python::Host("/usr/bin/python3".into())));
     assert!(m.network);
     let double = &m.grains[&grain("double")];
     assert_eq!(
@@ -255,8 +255,8 @@ fn names_paths_and_handlers_are_checked() {
             "sand.toml:7:11: `grains.g.handler` is only for runtime \"python\"",
         ),
         (
-            format!("python = \"python3\"\n{base}"),
-            "sand.toml:1:10: `python` is \"python3\"; it must be an absolute path",
+            format!("python = \"../python3\"\n{base}"),
+            "sand.toml:1:10: `python` is \"../python3\"; `..` may not leave the app directory",
         ),
         (
             "name = \"app\"\nentry = \"g\"\ngrains = {}\n".to_string(),
@@ -388,4 +388,33 @@ mod never_panics {
             let _ = Manifest::parse(&lines.join("\n"), "fuzz");
         }
     }
+}
+
+/// An interpreter shipped in the bundle is named by a path relative to the app directory, and
+/// must be an executable regular file inside it, like a grain's binary.
+#[test]
+fn a_bundled_interpreter_must_be_an_executable_in_the_app() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("app");
+    write(&dir.join("g.py"), "def h(e, c): return e\n", 0o644);
+    let text = format!("python = \"py/bin/python3\"\n{}", with_grain_lines(""));
+    write(&dir.join("sand.toml"), &text, 0o644);
+    let err = Manifest::load(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("`python` names py/bin/python3, which cannot be opened"),
+        "{err}"
+    );
+    write(&dir.join("py/bin/python3"), "#!/bin/sh\n", 0o644);
+    let err = Manifest::load(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("`python` names py/bin/python3, which is not executable"),
+        "{err}"
+    );
+    fs::set_permissions(
+        dir.join("py/bin/python3"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let m = Manifest::load(&dir).unwrap();
+    assert_eq!(m.python, Some(Python::Bundled("py/bin/python3".into())));
 }

@@ -8,6 +8,8 @@
 //! | `GET /v1/executions/{id}` | status, output or error, and the trace of every call |
 //! | `GET /v1/workers`, `GET /healthz`, `GET /metrics` | cluster, liveness, Prometheus |
 //!
+//! A deploy that asks for more than the operator's policy allows (a host interpreter, network,
+//! memory) is a 403 `refused_by_policy` naming the key and the flag that would allow it.
 //! Every failure is a 4xx or 5xx with `{"error": {"code": ..., "message": ...}}`. With a token
 //! configured, every `/v1` route wants `Authorization: Bearer TOKEN`.
 //!
@@ -61,6 +63,8 @@ pub struct Api {
     pub token: Option<Arc<Token>>,
     /// Host names, besides `localhost` and IP addresses, requests may name.
     pub hosts: Arc<[String]>,
+    /// What apps may ask of the host, checked at deploy.
+    pub policy: Arc<sand_app::Policy>,
 }
 
 /// A failed request: its status and a JSON account.
@@ -291,6 +295,9 @@ async fn deploy(State(api): State<Api>, Path(app): Path<String>, body: Bytes) ->
             ),
         ));
     }
+    api.policy
+        .check(&manifest)
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "refused_by_policy", e.to_string()))?;
     let spec = manifest.app_spec();
     let digest = sand_app::digest(&archive);
     let bundle = AppBundle {

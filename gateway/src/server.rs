@@ -43,6 +43,8 @@ pub struct GatewayConfig {
     pub http_tls: Option<(PathBuf, PathBuf)>,
     /// The HTTP server's connection limit and header deadline.
     pub http_limits: Limits,
+    /// What apps may ask of the host: a deploy that asks for more is refused.
+    pub policy: sand_app::Policy,
     /// The protocol's settings (failure timeout and so on).
     pub gq: GqConfig,
     /// The transport's settings.
@@ -161,6 +163,7 @@ impl Gateway {
             registry: Arc::new(registry),
             token: config.token.map(Arc::new),
             hosts: config.http_hosts.into(),
+            policy: Arc::new(config.policy),
         };
         let app = http::router(api);
         let http_task = tokio::spawn(serve::serve(listener, app, config.http_limits, tls));

@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,11 +20,11 @@ pub struct SandboxConfig {
     /// The app bundle on the host, mounted read-only at `/app`. It must be readable by
     /// [`Self::run_as`] (the sandbox is not made otherwise), and so must the files inside.
     pub bundle_dir: PathBuf,
-    /// Host paths (absolute, existing) mounted read-only at the same path inside, e.g. an
-    /// interpreter under `/root/.pyenv` or sand's runtime directory. Each must be readable by
-    /// [`Self::run_as`]; its host parents need not be (the directories leading to it inside
-    /// are made mode 0755 in the sandbox's own root).
-    pub ro_paths: Vec<PathBuf>,
+    /// Host paths mounted read-only inside, e.g. an interpreter under `/root/.pyenv`, or sand's
+    /// runtime directory at a fixed path. Each must be readable by [`Self::run_as`]; its host
+    /// parents need not be (the directories leading to it inside are made mode 0755 in the
+    /// sandbox's own root).
+    pub ro_paths: Vec<ReadOnlyPath>,
     /// Resource limits, enforced through a cgroup where one can be used.
     pub limits: Limits,
     /// Share the host's network; when false the sandbox has only `lo`.
@@ -42,6 +42,26 @@ pub struct SandboxConfig {
     /// 0 inside) keeps that mapping and ignores this field. Every process gets no_new_privs
     /// either way, so neither set-user-ID binaries nor file capabilities can raise it again.
     pub run_as: RunAs,
+}
+
+/// A host path mounted read-only into a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOnlyPath {
+    /// The path on the host: absolute and existing.
+    pub host: PathBuf,
+    /// Where it appears inside: absolute, without `..`.
+    pub inside: PathBuf,
+}
+
+impl ReadOnlyPath {
+    /// `path`, inside at the same path as on the host.
+    pub fn same(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        Self {
+            inside: path.clone(),
+            host: path,
+        }
+    }
 }
 
 /// An unprivileged uid and gid for a sandbox's processes; see [`SandboxConfig::run_as`].
@@ -94,21 +114,34 @@ pub(crate) fn validate(config: &SandboxConfig) -> Result<HolderConfig, SandboxEr
         });
     }
     let mut ro_paths = Vec::with_capacity(config.ro_paths.len());
-    for path in &config.ro_paths {
+    for ReadOnlyPath { host, inside } in &config.ro_paths {
         let invalid = |reason: String| SandboxError::ReadOnlyPath {
-            path: path.clone(),
+            path: host.clone(),
             reason,
         };
-        if !path.is_absolute() {
+        if !host.is_absolute() {
             return Err(invalid("the path must be absolute".into()));
         }
-        let resolved = canonical(path).map_err(|e| invalid(e.to_string()))?;
+        let resolved = canonical(host).map_err(|e| invalid(e.to_string()))?;
         if resolved == Path::new("/") {
             return Err(invalid(
                 "the host's root cannot be mounted into a sandbox".into(),
             ));
         }
-        ro_paths.push(resolved.as_os_str().as_bytes().to_vec());
+        let plain = inside.components().all(|c| c != Component::ParentDir);
+        if !inside.is_absolute() || !plain || inside == Path::new("/") {
+            return Err(invalid(format!(
+                "its place inside, {}, must be an absolute path below / without `..`",
+                inside.display()
+            )));
+        }
+        // A host path that is a symlink is mounted where it leads; asked for at its own
+        // path, it appears there too.
+        let inside = if inside == host { &resolved } else { inside };
+        ro_paths.push((
+            resolved.as_os_str().as_bytes().to_vec(),
+            inside.as_os_str().as_bytes().to_vec(),
+        ));
     }
     Ok(HolderConfig {
         name: config.name.clone(),
@@ -159,6 +192,37 @@ mod tests {
         for good in ["a", "shop-cart_2", &"x".repeat(48)] {
             assert!(validate_name(good).is_ok(), "{good:?} refused");
         }
+    }
+
+    #[test]
+    fn a_read_only_path_goes_below_the_root_without_dot_dot() {
+        let config = |inside: &str| SandboxConfig {
+            name: "ro".into(),
+            bundle_dir: "/".into(),
+            ro_paths: vec![ReadOnlyPath {
+                host: "/usr".into(),
+                inside: inside.into(),
+            }],
+            limits: Limits::default(),
+            network: false,
+            init_program: "/bin/true".into(),
+            init_args: Vec::new(),
+            run_as: RunAs::default(),
+        };
+        for bad in ["sand/runtime", "/", "/sand/../proc"] {
+            assert!(
+                matches!(
+                    validate(&config(bad)),
+                    Err(SandboxError::ReadOnlyPath { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        let holder = validate(&config("/sand/runtime")).expect("a valid config");
+        assert_eq!(
+            holder.ro_paths,
+            vec![(b"/usr".to_vec(), b"/sand/runtime".to_vec())]
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod sandbox;
 mod wire;
 
 pub use cgroup::{cgroup_support, CgroupSupport, Controller};
-pub use config::{Limits, RunAs, SandboxConfig};
+pub use config::{Limits, ReadOnlyPath, RunAs, SandboxConfig};
 pub use error::SandboxError;
 pub use holder::init_main;
 pub use sandbox::{Exit, Process, ProcessId, ProcessSpec, Sandbox, StdioFds};

@@ -24,8 +24,8 @@ pub(crate) struct HolderConfig {
     pub name: String,
     /// Canonical host path of the app bundle, mounted read-only at `/app`.
     pub bundle_dir: Vec<u8>,
-    /// Canonical host paths mounted read-only at the same place inside.
-    pub ro_paths: Vec<Vec<u8>>,
+    /// Read-only mounts: a canonical host path, and where it appears inside.
+    pub ro_paths: Vec<(Vec<u8>, Vec<u8>)>,
     /// Whether the sandbox shares the host's network namespace.
     pub network: bool,
     /// Who the sandbox's processes run as when the holder is real root; already validated.

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{bundle, config, run, sh, start, TEST_TIMEOUT};
-use sand_sandbox::{Exit, Sandbox};
+use sand_sandbox::{Exit, ReadOnlyPath, Sandbox};
 use tokio::time::timeout;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,10 +20,17 @@ async fn app_is_read_only_and_tmp_is_private() {
             .expect("name")
             .to_string_lossy()
             .into_owned();
-        // An extra read-only path under /tmp, like a test's runtime directory.
+        // An extra read-only path under /tmp, like a test's runtime directory, and the same
+        // elsewhere (as a worker mounts its runtime at a fixed path).
         let runtime = bundle(&[("runtime.txt", "runtime file")]);
         let mut with_runtime = config("readonly", app.path());
-        with_runtime.ro_paths = vec![runtime.path().to_path_buf()];
+        with_runtime.ro_paths = vec![
+            ReadOnlyPath::same(runtime.path()),
+            ReadOnlyPath {
+                host: runtime.path().into(),
+                inside: "/sand/elsewhere".into(),
+            },
+        ];
         let sandbox = Sandbox::create(with_runtime).await.expect("create");
         let runtime_dir = runtime.path().display();
 
@@ -33,6 +40,8 @@ async fn app_is_read_only_and_tmp_is_private() {
              if touch /usr/new 2>/dev/null; then echo usr-writable; else echo usr-read-only; fi
              if mkdir /newdir 2>/dev/null; then echo root-writable; else echo root-read-only; fi
              cat {runtime_dir}/runtime.txt; echo
+             echo elsewhere: $(cat /sand/elsewhere/runtime.txt)
+             if (echo x > /sand/elsewhere/new) 2>/dev/null; then echo elsewhere-writable; fi
              if (echo x > {runtime_dir}/new) 2>/dev/null; then echo ro-path-writable; else echo ro-path-read-only; fi
              if mknod /dev/made c 1 3 2>/dev/null && head -c0 /dev/made 2>/dev/null; then echo mknod-works; fi
              echo scratch > /tmp/scratch && cat /tmp/scratch
@@ -46,6 +55,8 @@ async fn app_is_read_only_and_tmp_is_private() {
         assert!(out.contains("root-read-only"), "{out}");
         assert!(out.contains("runtime file"), "{out}");
         assert!(out.contains("ro-path-read-only"), "{out}");
+        assert!(out.contains("elsewhere: runtime file\n"), "{out}");
+        assert!(!out.contains("elsewhere-writable"), "{out}");
         assert!(!out.contains("mknod-works"), "a device node made inside must not work: {out}");
         assert!(out.contains("scratch\n"), "{out}");
         assert!(

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{alive, bundle, cgroup_pids, config, piped, run, sh, spec, start, TEST_TIMEOUT};
-use sand_sandbox::{Exit, Limits, Sandbox, SandboxError};
+use sand_sandbox::{Exit, Limits, ReadOnlyPath, Sandbox, SandboxError};
 use tokio::io::AsyncReadExt;
 use tokio::time::timeout;
 
@@ -229,7 +229,7 @@ async fn bad_configs_are_clear_errors() {
         assert!(matches!(error, SandboxError::Bundle { .. }), "{error:?}");
 
         let mut relative = config("relative", app.path());
-        relative.ro_paths = vec!["usr/lib".into()];
+        relative.ro_paths = vec![ReadOnlyPath::same("usr/lib")];
         let error = Sandbox::create(relative)
             .await
             .err()

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::{bundle, config, sh, spec, TEST_TIMEOUT};
-use sand_sandbox::{Exit, RunAs, Sandbox, SandboxError};
+use sand_sandbox::{Exit, ReadOnlyPath, RunAs, Sandbox, SandboxError};
 use tokio::time::timeout;
 
 fn assert_root() {
@@ -28,7 +28,10 @@ async fn run_python(name: &str, script: &str) -> (Sandbox, tempfile::TempDir, St
     let python = interpreter();
     let app = bundle(&[("script.py", script)]);
     let mut with_python = config(name, app.path());
-    with_python.ro_paths = interpreter_prefix(&python).into_iter().collect();
+    with_python.ro_paths = interpreter_prefix(&python)
+        .into_iter()
+        .map(ReadOnlyPath::same)
+        .collect();
     let sandbox = Sandbox::create(with_python).await.expect("create");
     let command = format!("exec {} /app/script.py", python.display());
     let (exit, out) = sh(&sandbox, &command).await;

@@ -7,6 +7,11 @@
 //! hand-overs per hop, each a thread wake-up on a busy machine.) An app's bundle is fetched from
 //! the gateway at its first call here; calls that arrive meanwhile wait for it. Finished runs
 //! are also traced, in batches, to the gateway (best effort).
+//!
+//! Bundles are unpacked under `DATA_DIR/apps` (mode 0700: no other local user reads an app's
+//! code), one directory per app and version, named by the version's digest once it is checked
+//! to be one. A version's directory is removed once it is neither the newest the gateway sent
+//! nor used by a host (starting, running or shutting down).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -85,10 +90,19 @@ enum Slot {
     Ready(Arc<AppHost>),
 }
 
-/// What the driver's own tasks tell it: an app host started, or could not.
-struct Started {
-    app: AppName,
-    host: Result<Arc<AppHost>, String>,
+/// Where bundles are unpacked, under the data directory.
+const APPS_DIR: &str = "apps";
+
+/// What the driver's own tasks tell it about app hosts.
+enum HostEvent {
+    /// A host of this bundle version started, or could not.
+    Started {
+        app: AppName,
+        digest: String,
+        host: Result<Arc<AppHost>, String>,
+    },
+    /// A retired host of this bundle version has shut down.
+    Retired { app: AppName, digest: String },
 }
 
 /// A call running on its app's host: the attempt and how it went.
@@ -117,7 +131,13 @@ struct Driver {
     starting: Vec<Abortable<CallFuture>>,
     /// Messages for the gateway, sent once the calls that came with them have started.
     outbox: Vec<ToGateway>,
-    started_hosts: mpsc::UnboundedSender<Started>,
+    host_events: mpsc::UnboundedSender<HostEvent>,
+    /// The newest bundle version the gateway sent, per app: kept on disk.
+    newest: HashMap<AppName, String>,
+    /// How many hosts (starting, running or shutting down) use each bundle version.
+    bundle_users: HashMap<(AppName, String), usize>,
+    /// Bundle versions removed so far: numbers their directories on the way out.
+    bundles_removed: u64,
     traces: Vec<RunTrace>,
     connected: bool,
 }
@@ -136,9 +156,10 @@ pub async fn run(config: WorkerConfig, link: WorkerLink) -> Result<(), WorkerErr
         path: config.data_dir.clone(),
         source,
     })?;
+    private_dir(&config.data_dir.join(APPS_DIR))?;
     let incarnation = next_incarnation(&config.data_dir)?;
     tracing::info!(worker = %config.lb.worker, incarnation = incarnation.0, "worker starting");
-    let (started_hosts, mut hosts) = mpsc::unbounded_channel();
+    let (host_events, mut hosts) = mpsc::unbounded_channel();
     let mut driver = Driver {
         lb: LocalBus::new(config.lb, incarnation),
         config,
@@ -149,7 +170,10 @@ pub async fn run(config: WorkerConfig, link: WorkerLink) -> Result<(), WorkerErr
         runs: HashMap::new(),
         starting: Vec::new(),
         outbox: Vec::new(),
-        started_hosts,
+        host_events,
+        newest: HashMap::new(),
+        bundle_users: HashMap::new(),
+        bundles_removed: 0,
         traces: Vec::new(),
         connected: false,
     };
@@ -176,7 +200,7 @@ pub async fn run(config: WorkerConfig, link: WorkerLink) -> Result<(), WorkerErr
                 Some(ev) => driver.event(ev),
                 None => break,
             },
-            Some(host) = hosts.recv() => driver.host_started(host),
+            Some(event) = hosts.recv() => driver.host_event(event),
             () = &mut timer, if deadline.is_some() => {
                 let now = driver.now();
                 driver.lb.handle_timeouts(now);
@@ -251,7 +275,7 @@ impl Driver {
             WorkerEvent::Message(Down::Service(ServiceToWorker::AppChanged { app })) => {
                 if let Some(Slot::Ready(host)) = self.apps.remove(&app) {
                     tracing::info!(%app, "app changed; retiring its host");
-                    retire(host);
+                    self.retire(host);
                 }
             }
         }
@@ -350,31 +374,102 @@ impl Driver {
             self.fail_all(waiting, error);
             return;
         };
+        // The digest becomes a directory name: only a digest may.
+        if !sand_app::is_digest(&bundle.digest) {
+            let error = GrainError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the gateway sent app {app}'s bundle with digest {:?}, which is not a \
+                     digest (64 lowercase hex digits); refused",
+                    bundle.digest.chars().take(80).collect::<String>()
+                ),
+            );
+            self.fail_all(waiting, error);
+            return;
+        }
         self.apps.insert(app.clone(), Slot::Starting(waiting));
-        let dir = self
-            .config
-            .data_dir
-            .join("apps")
-            .join(app.as_str())
-            .join(&bundle.digest);
+        let digest = bundle.digest.clone();
+        self.newest.insert(app.clone(), digest.clone());
+        *self
+            .bundle_users
+            .entry((app.clone(), digest.clone()))
+            .or_default() += 1;
+        self.prune(&app);
+        let dir = self.app_dir(&app).join(&digest);
         let ctx = self.config.host.clone();
-        let started_hosts = self.started_hosts.clone();
+        let host_events = self.host_events.clone();
         tokio::spawn(async move {
             let unpacked = tokio::task::spawn_blocking({
                 let dir = dir.clone();
-                move || unpack(&bundle.archive, &dir)
+                move || unpack(&bundle, &dir)
             })
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r);
             let host = match unpacked {
-                Ok(manifest) => AppHost::start(&ctx, manifest, bundle.digest, &dir)
+                Ok(manifest) => AppHost::start(&ctx, manifest, digest.clone(), &dir)
                     .await
                     .map(Arc::new),
                 Err(e) => Err(e),
             };
-            let _ = started_hosts.send(Started { app, host });
+            let _ = host_events.send(HostEvent::Started { app, digest, host });
         });
+    }
+
+    /// Where `app`'s bundle versions are unpacked.
+    fn app_dir(&self, app: &AppName) -> PathBuf {
+        self.config.data_dir.join(APPS_DIR).join(app.as_str())
+    }
+
+    /// One host fewer uses this bundle version.
+    fn bundle_released(&mut self, app: &AppName, digest: String) {
+        let key = (app.clone(), digest);
+        if let Some(users) = self.bundle_users.get_mut(&key) {
+            *users -= 1;
+            if *users == 0 {
+                self.bundle_users.remove(&key);
+            }
+        }
+        self.prune(app);
+    }
+
+    /// Removes `app`'s bundle versions that are neither the newest nor in use. Each is renamed
+    /// away at once, so an unpack of the same version later never meets it half removed, then
+    /// removed off the driver's thread.
+    fn prune(&mut self, app: &AppName) {
+        let dir = self.app_dir(app);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return; // Nothing unpacked yet.
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(digest) = name.to_str().filter(|d| sand_app::is_digest(d)) else {
+                continue;
+            };
+            let in_use = self
+                .bundle_users
+                .contains_key(&(app.clone(), digest.to_owned()));
+            if in_use || self.newest.get(app).is_some_and(|d| d == digest) {
+                continue;
+            }
+            self.bundles_removed += 1;
+            let doomed = dir.join(format!(
+                ".removed-{}-{}",
+                std::process::id(),
+                self.bundles_removed
+            ));
+            match std::fs::rename(entry.path(), &doomed) {
+                Ok(()) => {
+                    tracing::info!(%app, digest, "removing an old bundle version");
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = std::fs::remove_dir_all(&doomed) {
+                            tracing::warn!("cannot remove {}: {e}", doomed.display());
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(%app, digest, "cannot remove an old bundle: {e}"),
+            }
+        }
     }
 
     /// A call ended (or was aborted): its result goes to the bus, its run to the traces.
@@ -397,8 +492,20 @@ impl Driver {
         );
     }
 
-    fn host_started(&mut self, Started { app, host }: Started) {
+    fn host_event(&mut self, event: HostEvent) {
+        match event {
+            HostEvent::Started { app, digest, host } => self.host_started(app, digest, host),
+            HostEvent::Retired { app, digest } => self.bundle_released(&app, digest),
+        }
+    }
+
+    fn host_started(&mut self, app: AppName, digest: String, host: Result<Arc<AppHost>, String>) {
         let Some(Slot::Starting(waiting)) = self.apps.remove(&app) else {
+            // The app changed while its host started: that host is already out of date.
+            match host {
+                Ok(host) => self.retire(host),
+                Err(_) => self.bundle_released(&app, digest),
+            }
             return;
         };
         match host {
@@ -412,6 +519,7 @@ impl Driver {
             Err(why) => {
                 tracing::warn!(%app, "cannot host the app: {why}");
                 self.fail_all(waiting, GrainError::new(ErrorKind::Unavailable, why));
+                self.bundle_released(&app, digest);
             }
         }
     }
@@ -449,9 +557,33 @@ impl Driver {
         for app in stale {
             if let Some(Slot::Ready(host)) = self.apps.remove(&app) {
                 tracing::info!(%app, "app idle; tearing its host down");
-                retire(host);
+                self.retire(host);
             }
         }
+    }
+
+    /// Tears a host down once the calls still running on it are done; then its bundle
+    /// version may go.
+    fn retire(&self, host: Arc<AppHost>) {
+        let host_events = self.host_events.clone();
+        tokio::spawn(async move {
+            let mut host = host;
+            loop {
+                match Arc::try_unwrap(host) {
+                    Ok(owned) => {
+                        let app = owned.app().clone();
+                        let digest = owned.digest().to_owned();
+                        owned.shutdown().await;
+                        let _ = host_events.send(HostEvent::Retired { app, digest });
+                        return;
+                    }
+                    Err(shared) => {
+                        host = shared;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
     }
 
     async fn shutdown(self) {
@@ -465,27 +597,34 @@ impl Driver {
     }
 }
 
-/// Tears a host down once the calls still running on it are done.
-fn retire(host: Arc<AppHost>) {
-    tokio::spawn(async move {
-        let mut host = host;
-        loop {
-            match Arc::try_unwrap(host) {
-                Ok(owned) => return owned.shutdown().await,
-                Err(shared) => {
-                    host = shared;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
+/// Makes `dir` (and its parents), mode 0700 whatever the umask or its mode before.
+fn private_dir(dir: &Path) -> Result<(), WorkerError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|source| WorkerError::Io {
+            what: "cannot make the bundle directory private",
+            path: dir.to_owned(),
+            source,
+        })
 }
 
 /// Unpacks a bundle into `dir` (once: a digest names its content), returning its manifest.
-fn unpack(archive: &[u8], dir: &Path) -> Result<sand_app::Manifest, String> {
+/// A bundle whose content does not match its digest is refused.
+fn unpack(bundle: &AppBundle, dir: &Path) -> Result<sand_app::Manifest, String> {
     if dir.join(sand_app::manifest::MANIFEST_FILE).is_file() {
         return sand_app::Manifest::load(dir).map_err(|e| e.to_string());
     }
+    if sand_app::digest(&bundle.archive) != bundle.digest {
+        return Err(format!(
+            "the bundle sent as version {} has other content; refused",
+            bundle.digest
+        ));
+    }
+    let archive = &bundle.archive;
     let partial = dir.with_extension(format!("partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     if let Some(parent) = dir.parent() {

@@ -1,6 +1,9 @@
 //! One app on this worker: its unpacked bundle, its sandbox, and a runner per grain.
 //!
-//! An [`AppHost`] is made on the app's first call here, from the bundle the gateway ships.
+//! An [`AppHost`] is made on the app's first call here, from the bundle the gateway ships, once
+//! the worker's own [`Policy`] allows what the app asks for (the gateway checked it at deploy;
+//! this worker may allow less). The sandbox mounts what the policy says, never what the
+//! manifest names, and shows grains no host path of the worker's data directory.
 //! Zygotes start on their grain's first call and are restarted when found dead. The driver
 //! retires a host when the app changes or sits idle; [`AppHost::shutdown`] stops every zygote
 //! and destroys the sandbox.
@@ -12,11 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sand_app::{Code, Manifest};
-use sand_protocol::ids::GrainName;
+use sand_app::{Code, Manifest, Policy, PythonChoice};
+use sand_protocol::ids::{AppName, GrainName};
 use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::{CallSpec, ErrorKind, GrainError};
-use sand_sandbox::{Limits, RunAs, Sandbox, SandboxConfig};
+use sand_sandbox::{Limits, ReadOnlyPath, RunAs, Sandbox, SandboxConfig};
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::runtime::exec::{ExecGrain, ExecSpec};
@@ -28,8 +31,9 @@ use crate::runtime::{CallReport, CallRequest};
 
 /// Where an app's bundle appears inside its sandbox.
 pub const SANDBOX_APP_DIR: &str = "/app";
-/// The interpreter of Python grains whose manifest names none.
-pub const PYTHON_DEFAULT: &str = "/usr/bin/python3";
+/// Where the Python runtime's directory appears inside a sandbox: a fixed place, so grains do
+/// not learn where the worker keeps its data.
+pub const SANDBOX_RUNTIME_DIR: &str = "/sand/runtime";
 
 /// How grains are isolated on this worker.
 #[derive(Clone, Debug)]
@@ -50,8 +54,11 @@ pub enum Isolation {
 pub struct HostContext {
     /// How to isolate apps.
     pub isolation: Isolation,
-    /// Where the Python runtime script is installed (mounted read-only into sandboxes).
+    /// Where the Python runtime script is installed (its directory is mounted read-only into
+    /// sandboxes at [`SANDBOX_RUNTIME_DIR`]).
     pub python_runtime: PathBuf,
+    /// What apps may ask of this worker.
+    pub policy: Policy,
 }
 
 /// Runs one grain's calls.
@@ -83,6 +90,9 @@ pub struct AppHost {
     sandbox: Option<Arc<Sandbox>>,
     /// The app directory as grains see it.
     app_dir: PathBuf,
+    /// The interpreter of the app's python grains as they see it, if it has any.
+    python: Option<PathBuf>,
+    /// The Python runtime script as grains see it.
     python_runtime: PathBuf,
     runners: Mutex<HashMap<GrainName, Arc<Runner>>>,
     /// How many of the sandbox's out-of-memory kills have been blamed on a call.
@@ -92,20 +102,29 @@ pub struct AppHost {
 }
 
 impl AppHost {
-    /// Starts hosting the app unpacked in `bundle_dir`: makes its sandbox (unless isolation is
-    /// off). Zygotes start later, at their grain's first call.
+    /// Starts hosting the app unpacked in `bundle_dir`, if the worker's policy allows what it
+    /// asks for: makes its sandbox (unless isolation is off). Zygotes start later, at their
+    /// grain's first call.
     pub async fn start(
         ctx: &HostContext,
         manifest: Manifest,
         digest: String,
         bundle_dir: &Path,
     ) -> Result<Self, String> {
+        ctx.policy
+            .check(&manifest)
+            .map_err(|e| format!("refused by this worker's policy: {e}"))?;
+        // After the check, only an app without python grains may have no interpreter.
+        let python = ctx.policy.python(&manifest).ok();
         let (launcher, sandbox, app_dir): (Arc<dyn Launcher>, _, _) = match &ctx.isolation {
             Isolation::None => (Arc::new(HostLauncher), None, bundle_dir.to_owned()),
             Isolation::Sandbox { program, args } => {
-                let mut ro_paths = vec![runtime_dir(&ctx.python_runtime)];
-                if let Some(python) = &manifest.python {
-                    ro_paths.extend(interpreter_dirs(python));
+                let mut ro_paths = vec![ReadOnlyPath {
+                    host: runtime_dir(&ctx.python_runtime),
+                    inside: SANDBOX_RUNTIME_DIR.into(),
+                }];
+                if let Some(PythonChoice::Host(interpreter)) = python {
+                    ro_paths.extend(interpreter.mounts.iter().map(ReadOnlyPath::same));
                 }
                 let config = SandboxConfig {
                     name: manifest.name.as_str().replace('.', "-"),
@@ -134,6 +153,14 @@ impl AppHost {
                 )
             }
         };
+        let python_runtime = match (&sandbox, ctx.python_runtime.file_name()) {
+            (Some(_), Some(script)) => Path::new(SANDBOX_RUNTIME_DIR).join(script),
+            _ => ctx.python_runtime.clone(),
+        };
+        let python = python.map(|choice| match choice {
+            PythonChoice::Host(interpreter) => interpreter.path.clone(),
+            PythonChoice::Bundled(path) => app_dir.join(path),
+        });
         let oom_blamed = AtomicU64::new(sandbox.as_ref().map_or(0, |s| s.oom_kills()));
         Ok(Self {
             manifest,
@@ -142,11 +169,17 @@ impl AppHost {
             oom_blamed,
             sandbox,
             app_dir,
-            python_runtime: ctx.python_runtime.clone(),
+            python,
+            python_runtime,
             runners: Mutex::new(HashMap::new()),
             running: AtomicU64::new(0),
             last_used: std::sync::Mutex::new(Instant::now()),
         })
+    }
+
+    /// The app this host runs.
+    pub fn app(&self) -> &AppName {
+        &self.manifest.name
     }
 
     /// The bundle version this host runs.
@@ -254,11 +287,10 @@ impl AppHost {
         ];
         let runner = match &g.code {
             Code::Python { module, handler } => {
-                let interpreter = self
-                    .manifest
-                    .python
-                    .clone()
-                    .unwrap_or_else(|| PYTHON_DEFAULT.into());
+                // Checked at start: an app with python grains has an interpreter.
+                let interpreter = self.python.clone().ok_or_else(|| {
+                    GrainError::new(ErrorKind::Unavailable, "no python interpreter is allowed")
+                })?;
                 let runtime = ZygoteRuntime::Python {
                     interpreter,
                     runtime_script: self.python_runtime.clone(),
@@ -330,22 +362,6 @@ fn runtime_dir(script: &Path) -> PathBuf {
     script
         .parent()
         .map_or_else(|| script.to_owned(), Path::to_owned)
-}
-
-/// The directories an interpreter outside the system directories needs: its installation
-/// prefix (`/root/.pyenv/versions/3.11.7` for `.../bin/python3`).
-fn interpreter_dirs(python: &Path) -> Vec<PathBuf> {
-    let system = ["/usr", "/bin", "/lib", "/lib64", "/sbin", "/etc"];
-    if system.iter().any(|s| python.starts_with(s)) {
-        return Vec::new();
-    }
-    let resolved = std::fs::canonicalize(python).unwrap_or_else(|_| python.to_owned());
-    let prefix = |p: &Path| p.parent().and_then(Path::parent).map(Path::to_owned);
-    [prefix(python), prefix(&resolved)]
-        .into_iter()
-        .flatten()
-        .filter(|p| p.exists())
-        .collect()
 }
 
 /// Starts processes in an app's sandbox. The channel and the standard streams travel to the

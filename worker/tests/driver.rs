@@ -12,11 +12,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{bounded, TempDir, PYTHON};
+use sand_app::Policy;
 use sand_protocol::ids::{AppName, Attempt, ExecId, Incarnation, Seq, WorkerId};
 use sand_protocol::local_bus::LbConfig;
 use sand_protocol::wire::{
-    AppBundle, CallSpec, Cont, Down, Outcome, Payload, Reason, Report, RunTrace, ServiceToGateway,
-    ServiceToWorker, ToGateway, ToWorker, Up,
+    AppBundle, CallSpec, Cont, Down, GrainError, Outcome, Payload, Reason, Report, RunTrace,
+    ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
 };
 use sand_transport_quic::mem::MemNetwork;
 use sand_transport_quic::seam::{GatewayEvent, GatewayLink};
@@ -54,12 +55,20 @@ def whole(event, ctx):
 
 /// Writes an app of `grains` (the first is the entry), each with `reuse`, and packs it.
 fn app(root: &Path, name: &str, grains: &[&str], reuse: u32) -> AppBundle {
+    app_with(
+        root,
+        name,
+        grains,
+        reuse,
+        &format!("python = \"{PYTHON}\"\n"),
+    )
+}
+
+/// As [`app`], with the manifest's top-level lines `extra`.
+fn app_with(root: &Path, name: &str, grains: &[&str], reuse: u32, extra: &str) -> AppBundle {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).expect("mkdir app");
-    let mut manifest = format!(
-        "name = \"{name}\"\nentry = \"{}\"\npython = \"{PYTHON}\"\n",
-        grains[0]
-    );
+    let mut manifest = format!("name = \"{name}\"\nentry = \"{}\"\n{extra}", grains[0]);
     for g in grains {
         manifest.push_str(&format!(
             "\n[grains.{g}]\nruntime = \"python\"\nmodule = \"grains.py\"\nhandler = \"{g}\"\n\
@@ -102,6 +111,7 @@ impl Harness {
             host: HostContext {
                 isolation: Isolation::None,
                 python_runtime,
+                policy: Policy::default(),
             },
             idle_teardown: Duration::from_secs(600),
             trace_interval: Duration::from_millis(20),
@@ -164,6 +174,20 @@ impl Harness {
     /// a gateway does once it is durable), and returns the value that answers the client with
     /// every report of the execution.
     async fn invoke(&mut self, app: &str, grain: &str, input: u64) -> (String, Vec<Report>) {
+        let (answer, reports) = self.run(app, grain, input).await;
+        match answer {
+            Ok(answer) => (answer, reports),
+            Err(e) => panic!("the execution failed: {e:?}"),
+        }
+    }
+
+    /// As [`Self::invoke`], but the execution may fail: its value or its error.
+    async fn run(
+        &mut self,
+        app: &str,
+        grain: &str,
+        input: u64,
+    ) -> (Result<String, GrainError>, Vec<Report>) {
         let exec = ExecId::new(1, self.next_exec);
         self.next_exec += 1;
         let call = CallSpec {
@@ -199,8 +223,8 @@ impl Harness {
                         .returns
                         .iter()
                         .find(|r| r.cont == Cont::Client)
-                        .map(|r| String::from_utf8_lossy(&r.value.0).into_owned()),
-                    Outcome::Failed(e) => panic!("the execution failed: {e:?}"),
+                        .map(|r| Ok(String::from_utf8_lossy(&r.value.0).into_owned())),
+                    Outcome::Failed(e) => Some(Err(e.clone())),
                 };
                 reports.push(report);
                 if let Some(answer) = answer {
@@ -360,5 +384,135 @@ async fn warm_local_hop_cost() {
         "warm local hop: chain {:?}, whole {:?}, per hop {:?} (medians of {runs})",
         chain, whole, hop
     );
+    h.stop().await;
+}
+
+/// The answer of `app`'s one-grain `whole` call, or its error.
+async fn whole(h: &mut Harness, app: &str) -> Result<String, GrainError> {
+    bounded(60, h.run(app, "whole", 1)).await.0
+}
+
+/// The issue's attack on the worker alone (as if a gateway had let it through): an interpreter
+/// the worker's policy does not list, or network the app grants itself, is a grain error that
+/// names the policy and the flag, and nothing of the app runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_the_workers_policy_refuses_fails_with_a_grain_error() {
+    let dir = TempDir::new("driver-policy");
+    // An interpreter that works (a link to the real one), at a path the operator never allowed.
+    let elsewhere = dir.path().join("elsewhere").join("bin");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    std::os::unix::fs::symlink(PYTHON, elsewhere.join("python3")).expect("symlink");
+    let python = format!("python = {:?}\n", elsewhere.join("python3"));
+    let bundles = vec![
+        (
+            name("python"),
+            app_with(dir.path(), "python", &["whole"], 1, &python),
+        ),
+        (
+            name("network"),
+            app_with(dir.path(), "network", &["whole"], 1, "network = true\n"),
+        ),
+    ];
+    let mut h = Harness::start(LbConfig::default(), bundles, dir).await;
+    let e = whole(&mut h, "python").await.expect_err("the app ran");
+    assert!(
+        e.message.contains("policy") && e.message.contains("--python"),
+        "{e:?}"
+    );
+    let e = whole(&mut h, "network").await.expect_err("the app ran");
+    assert!(
+        e.message.contains("policy") && e.message.contains("--allow-network network"),
+        "{e:?}"
+    );
+    h.stop().await;
+}
+
+/// A digest from the gateway names a directory only if it is a digest: `../x` would unpack the
+/// bundle outside the app's directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_digest_that_is_not_lowercase_hex_is_refused() {
+    let dir = TempDir::new("driver-digest");
+    let apps = dir.path().join("data").join("apps");
+    let mut evil = app(dir.path(), "evil", &["whole"], 1);
+    evil.digest = "../x".into();
+    let mut h = Harness::start(LbConfig::default(), vec![(name("evil"), evil)], dir).await;
+    let e = whole(&mut h, "evil").await.expect_err("the app ran");
+    assert!(e.message.contains("digest"), "{e:?}");
+    assert!(
+        !apps.join("x").exists(),
+        "unpacked outside the app's directory"
+    );
+    h.stop().await;
+}
+
+/// Bundles are the apps' code: no other local user may list or read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_are_not_readable_by_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("driver-private");
+    let apps = dir.path().join("data").join("apps");
+    let one = app(dir.path(), "one", &["whole"], 1);
+    let mut h = Harness::start(LbConfig::default(), vec![(name("one"), one)], dir).await;
+    assert_eq!(whole(&mut h, "one").await.expect("runs"), "16");
+    let mode = std::fs::metadata(&apps)
+        .expect("apps dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", apps.display());
+    h.stop().await;
+}
+
+/// A new version of an app replaces the old one on disk once the old version's host is gone;
+/// the version in use stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_bundle_version_is_removed_once_its_host_is_retired() {
+    let dir = TempDir::new("driver-versions");
+    let versions = dir.path().join("data").join("apps").join("app");
+    let v1 = app_with(dir.path(), "app", &["whole"], 1, "# version 1\n");
+    let v2 = app_with(dir.path(), "app", &["whole"], 1, "# version 2\n");
+    let (old, new) = (versions.join(&v1.digest), versions.join(&v2.digest));
+    let mut h = Harness::start(LbConfig::default(), vec![(name("app"), v1)], dir).await;
+    assert_eq!(whole(&mut h, "app").await.expect("v1 runs"), "16");
+    assert!(old.is_dir());
+    h.bundles = vec![(name("app"), v2)];
+    h.send(ServiceToWorker::AppChanged { app: name("app") });
+    assert_eq!(whole(&mut h, "app").await.expect("v2 runs"), "16");
+    bounded(20, async {
+        while old.exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(new.is_dir(), "the version in use was removed");
+    assert_eq!(whole(&mut h, "app").await.expect("v2 still runs"), "16");
+    h.stop().await;
+}
+
+/// An app may ship its interpreter in its bundle (a relative `python`): no policy needs to
+/// allow it, and its python grains run with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interpreter_shipped_in_the_bundle_runs_the_python_grains() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("driver-bundled");
+    let marker = dir.path().join("ran-the-bundled-interpreter");
+    let bin = dir.path().join("shipped").join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    let script = format!(
+        "#!/bin/sh\necho ran > {:?}\nexec {PYTHON} \"$@\"\n",
+        marker.display().to_string()
+    );
+    std::fs::write(bin.join("py"), script).expect("write the interpreter");
+    std::fs::set_permissions(bin.join("py"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let shipped = app_with(
+        dir.path(),
+        "shipped",
+        &["whole"],
+        1,
+        "python = \"bin/py\"\n",
+    );
+    let mut h = Harness::start(LbConfig::default(), vec![(name("shipped"), shipped)], dir).await;
+    assert_eq!(whole(&mut h, "shipped").await.expect("runs"), "16");
+    assert!(marker.exists(), "the grain ran with another interpreter");
     h.stop().await;
 }

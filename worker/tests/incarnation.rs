@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{bounded, TempDir};
+use sand_app::Policy;
 use sand_protocol::ids::{Incarnation, WorkerId};
 use sand_protocol::local_bus::LbConfig;
 use sand_protocol::wire::{ToGateway, Up};
@@ -32,6 +33,7 @@ fn config(data_dir: &Path) -> WorkerConfig {
             isolation: Isolation::None,
             // No app is hosted here, so no runtime is needed.
             python_runtime: data_dir.join("no-runtime"),
+            policy: Policy::default(),
         },
         idle_teardown: Duration::from_secs(600),
         trace_interval: Duration::from_secs(600),
@@ -96,8 +98,8 @@ async fn each_start_takes_an_incarnation_above_the_saved_one() {
     names.sort();
     assert_eq!(
         names,
-        [INCARNATION_FILE],
-        "nothing is left of the saves but the file"
+        ["apps", INCARNATION_FILE],
+        "nothing is left of the saves but the file (beside the bundles' directory)"
     );
 }
 

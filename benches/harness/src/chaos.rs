@@ -431,6 +431,7 @@ pub fn run(sand: &Path, config: &Config, stop: Arc<AtomicBool>) -> Result<Report
             relay: Some(Duration::ZERO),
             seed: config.seed,
             power: config.power_cuts > 0,
+            python: Some(config.python.clone()),
             ..ClusterSpec::default()
         },
     )?;

@@ -82,6 +82,10 @@ pub struct ClusterSpec {
     /// Each host's data directory is its own lazy filesystem, so that its power can be cut
     /// (needs root and `/dev/fuse`).
     pub power: bool,
+    /// The interpreter the apps name, which the gateway and the workers allow (`--python`),
+    /// with its installation prefix mounted into sandboxes when it lives outside the system
+    /// directories; sand's default (/usr/bin/python3) when None.
+    pub python: Option<PathBuf>,
 }
 
 impl Default for ClusterSpec {
@@ -95,6 +99,7 @@ impl Default for ClusterSpec {
             isolation: Isolation::Sandbox,
             adopt_orphans: false,
             power: false,
+            python: None,
         }
     }
 }
@@ -242,6 +247,7 @@ impl Cluster {
             .arg(self.worker_dir(id))
             .args(self.spec.gateway_hops.then_some("--gateway-hops"))
             .args(isolation)
+            .args(python_args(self.spec.python.as_deref()))
             .stdout(Stdio::null())
             .stderr(log_file(self.dir.path(), &Host::Worker(id).file_name())?)
             .spawn()
@@ -642,6 +648,23 @@ impl Client {
     }
 }
 
+/// The policy flag that allows `python`: `--python PATH`, with `=PREFIX` (the directory above
+/// its real `bin/`) for one outside the system directories.
+fn python_args(python: Option<&Path>) -> Vec<String> {
+    let Some(python) = python else {
+        return Vec::new();
+    };
+    let system = ["/usr", "/bin", "/lib", "/lib64", "/sbin"];
+    let resolved = std::fs::canonicalize(python).unwrap_or_else(|_| python.to_owned());
+    let flag = match resolved.parent().and_then(Path::parent) {
+        Some(prefix) if !system.iter().any(|s| resolved.starts_with(s)) => {
+            format!("{}={}", python.display(), prefix.display())
+        }
+        _ => python.display().to_string(),
+    };
+    vec!["--python".into(), flag]
+}
+
 /// Starts a gateway on `http` and `listen` (port 0: any), with its store in `dir/gateway`;
 /// returns it with its API's base URL and its QUIC address once it is serving.
 fn start_gateway(
@@ -659,6 +682,7 @@ fn start_gateway(
         .arg(dir.join("gateway"))
         .arg("--certs")
         .arg(dir.join("certs"))
+        .args(python_args(spec.python.as_deref()))
         .stdout(Stdio::piped())
         .stderr(log_file(dir, "gateway")?)
         .spawn()

@@ -131,6 +131,11 @@ fn run(args: &Args) -> Result<()> {
     let seconds = args.seconds as f64;
     let want = |p: Part| !args.skip.contains(&p);
     let mut results = Results::new(&repo, &args.python, clients);
+    // The apps name the interpreter: the cluster's policy allows it.
+    let base = ClusterSpec {
+        python: Some(args.python.clone()),
+        ..ClusterSpec::default()
+    };
 
     if want(Part::Chain) {
         let warmup = runs / 10;
@@ -143,7 +148,7 @@ fn run(args: &Args) -> Result<()> {
                 &sand,
                 ClusterSpec {
                     gateway_hops,
-                    ..ClusterSpec::default()
+                    ..base.clone()
                 },
             )?;
             let ([fresh, reused], rows) = hops(&c, &apps, "loopback", route, warmup, runs)?;
@@ -181,7 +186,7 @@ fn run(args: &Args) -> Result<()> {
                 ClusterSpec {
                     gateway_hops,
                     relay: Some(delay),
-                    ..ClusterSpec::default()
+                    ..base.clone()
                 },
             )?;
             let (_, rows) = hops(&c, &apps, &link, route, runs / 10, runs)?;
@@ -192,13 +197,15 @@ fn run(args: &Args) -> Result<()> {
     if want(Part::Memory) {
         for (app, name, zygotes) in [(&apps.chain, "chain", 5), (&apps.memory, "memory", 1)] {
             progress(&format!("memory of the {name} app's sandbox"));
-            results.memory.push(memory_row(&sand, app, name, zygotes)?);
+            results
+                .memory
+                .push(memory_row(&sand, &base, app, name, zygotes)?);
         }
     }
 
     if want(Part::Recovery) {
         progress("recovery: SIGKILL of a worker mid-chain");
-        results.recovery = Some(recovery::run(&sand, &apps.recovery, 16)?);
+        results.recovery = Some(recovery::run(&sand, &base, &apps.recovery, 16)?);
     }
 
     if want(Part::ColdStart) {
@@ -275,8 +282,14 @@ fn hops(
 }
 
 /// The PSS of one app's sandbox with its zygotes idle, and per running instance.
-fn memory_row(sand: &Path, app: &Path, name: &str, zygotes: usize) -> Result<MemoryRow> {
-    let c = Cluster::start(sand, ClusterSpec::default())?;
+fn memory_row(
+    sand: &Path,
+    base: &ClusterSpec,
+    app: &Path,
+    name: &str,
+    zygotes: usize,
+) -> Result<MemoryRow> {
+    let c = Cluster::start(sand, base.clone())?;
     c.deploy(app)?;
     let client = c.client();
     let worker = c.worker_pid(1).context("no worker")?;

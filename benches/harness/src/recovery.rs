@@ -26,15 +26,15 @@ pub struct Recovery {
 }
 
 /// Starts `chains` slow chains on two workers, kills worker 2 mid-chain, and times the
-/// answers. Every chain must answer correctly.
-pub fn run(sand: &Path, app: &Path, chains: usize) -> Result<Recovery> {
+/// answers, on a cluster like `base`. Every chain must answer correctly.
+pub fn run(sand: &Path, base: &ClusterSpec, app: &Path, chains: usize) -> Result<Recovery> {
     let failure_timeout = Duration::from_millis(1000);
     let cluster = Cluster::start(
         sand,
         ClusterSpec {
             workers: 2,
             failure_timeout,
-            ..ClusterSpec::default()
+            ..base.clone()
         },
     )?;
     cluster.deploy(app)?;

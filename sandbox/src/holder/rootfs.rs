@@ -1,7 +1,7 @@
 //! The sandbox's root file system, built in a fresh tmpfs and entered with `pivot_root`.
 //!
 //! Layout: the host's system directories read-only (symlinks such as `/bin -> usr/bin` kept as
-//! symlinks), the app bundle read-only at `/app`, each extra read-only path at its host path,
+//! symlinks), the app bundle read-only at `/app`, each extra read-only path where it was asked,
 //! a private `/tmp`, a minimal `/dev`, and the `/proc` of the sandbox's pid namespace.
 //! The sandbox's processes run unprivileged, so `/tmp` and `/dev/shm` are mode 1777 and the
 //! directories made to reach a read-only path are 0755.
@@ -74,8 +74,8 @@ impl Sources {
             }
         }
         let mut read_only = Vec::new();
-        for bytes in &config.ro_paths {
-            let path = Path::new(OsStr::from_bytes(bytes));
+        for (host, inside) in &config.ro_paths {
+            let path = Path::new(OsStr::from_bytes(host));
             privileges
                 .check_reachable(path)
                 .map_err(|e| format!("the read-only path {e}"))?;
@@ -85,7 +85,7 @@ impl Sources {
             } else {
                 Source::File(fd)
             };
-            read_only.push((path.to_path_buf(), source));
+            read_only.push((PathBuf::from(OsStr::from_bytes(inside)), source));
         }
         let mut devices = Vec::new();
         for name in DEVICES {
