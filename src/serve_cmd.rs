@@ -79,6 +79,10 @@ pub struct WorkerArgs {
     /// Tear an app's sandbox down after this many idle seconds.
     #[arg(long, default_value_t = 300)]
     idle_seconds: u64,
+    /// Start sandboxes even where their memory, process and CPU limits cannot be enforced
+    /// (no usable cgroup): they then run without them. Without this flag such apps fail.
+    #[arg(long)]
+    allow_unlimited: bool,
     /// Send every emitted call to the gateway to be placed, never running it here: SAND
     /// without its local bus, for the ablation benchmark.
     #[arg(long)]
@@ -99,6 +103,10 @@ pub struct DevArgs {
     /// How grains are isolated.
     #[arg(long, value_enum, default_value = "sandbox")]
     isolation: IsolationArg,
+    /// Start sandboxes even where their memory, process and CPU limits cannot be enforced
+    /// (no usable cgroup): they then run without them. Without this flag such apps fail.
+    #[arg(long)]
+    allow_unlimited: bool,
 }
 
 fn logging() {
@@ -181,6 +189,7 @@ fn worker_config(
     id: WorkerId,
     data_dir: PathBuf,
     isolation: IsolationArg,
+    allow_unlimited: bool,
     idle: Duration,
 ) -> Result<WorkerConfig> {
     std::fs::create_dir_all(&data_dir)
@@ -210,6 +219,7 @@ fn worker_config(
         host: HostContext {
             isolation,
             python_runtime,
+            allow_unlimited,
         },
         idle_teardown: idle,
         trace_interval: Duration::from_millis(100),
@@ -257,6 +267,7 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
         id,
         data_dir,
         args.isolation,
+        args.allow_unlimited,
         Duration::from_secs(args.idle_seconds),
     )?;
     if args.gateway_hops {
@@ -309,6 +320,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
         worker_id,
         args.data_dir.join("worker-1"),
         args.isolation,
+        args.allow_unlimited,
         Duration::from_secs(300),
     )?;
     runtime()?.block_on(async move {

@@ -52,6 +52,9 @@ pub struct HostContext {
     pub isolation: Isolation,
     /// Where the Python runtime script is installed (mounted read-only into sandboxes).
     pub python_runtime: PathBuf,
+    /// Start sandboxes even where their cgroup limits cannot be enforced (the operator's
+    /// `--allow-unlimited`); otherwise such an app fails to start with the reason.
+    pub allow_unlimited: bool,
 }
 
 /// Runs one grain's calls.
@@ -111,11 +114,12 @@ impl AppHost {
                     name: manifest.name.as_str().replace('.', "-"),
                     bundle_dir: bundle_dir.to_owned(),
                     ro_paths,
+                    // Processes, CPU and tmpfs: the sandbox defaults.
                     limits: Limits {
                         memory_bytes: manifest.memory_bytes(),
-                        pids_max: Some(1024),
-                        cpu_millis: None,
+                        ..Limits::default()
                     },
+                    allow_unlimited: ctx.allow_unlimited,
                     network: manifest.network,
                     init_program: program.clone(),
                     init_args: args.clone(),

@@ -101,6 +101,7 @@ impl Harness {
             data_dir: dir.path().join("data"),
             host: HostContext {
                 isolation: Isolation::None,
+                allow_unlimited: false,
                 python_runtime,
             },
             idle_teardown: Duration::from_secs(600),
