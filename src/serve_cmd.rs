@@ -165,6 +165,10 @@ pub struct WorkerArgs {
     /// Tear an app's sandbox down after this many idle seconds.
     #[arg(long, default_value_t = 300)]
     idle_seconds: u64,
+    /// Start sandboxes even where their memory, process and CPU limits cannot be enforced
+    /// (no usable cgroup): they then run without them. Without this flag such apps fail.
+    #[arg(long)]
+    allow_unlimited: bool,
     /// Send every emitted call to the gateway to be placed, never running it here: SAND
     /// without its local bus, for the ablation benchmark.
     #[arg(long)]
@@ -191,6 +195,10 @@ pub struct DevArgs {
     http_args: HttpArgs,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Start sandboxes even where their memory, process and CPU limits cannot be enforced
+    /// (no usable cgroup): they then run without them. Without this flag such apps fail.
+    #[arg(long)]
+    allow_unlimited: bool,
 }
 
 fn logging() {
@@ -289,6 +297,7 @@ fn worker_config(
     id: WorkerId,
     data_dir: PathBuf,
     isolation: IsolationArg,
+    allow_unlimited: bool,
     idle: Duration,
     policy: Policy,
 ) -> Result<WorkerConfig> {
@@ -320,6 +329,7 @@ fn worker_config(
             isolation,
             python_runtime,
             policy,
+            allow_unlimited,
         },
         idle_teardown: idle,
         trace_interval: Duration::from_millis(100),
@@ -367,6 +377,7 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
         id,
         data_dir,
         args.isolation,
+        args.allow_unlimited,
         Duration::from_secs(args.idle_seconds),
         args.policy.policy(),
     )?;
@@ -430,6 +441,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
         worker_id,
         args.data_dir.join("worker-1"),
         args.isolation,
+        args.allow_unlimited,
         Duration::from_secs(300),
         args.policy.policy(),
     )?;

@@ -12,7 +12,7 @@
 //! module = "grains.py"             # python: a .py file in the app dir; rust/exec: a binary
 //! handler = "double"               # python only: the function to call
 //! timeout_ms = 5000                # optional, default 30000
-//! memory_mb = 128                  # optional: the grain's zygote and instances together
+//! memory_mb = 128                  # optional, default 128: the grain's zygote and instances
 //! concurrency = 8                  # optional, default 8
 //! reuse = 1                        # optional, default 1: calls one forked instance serves
 //! retries = { attempts = 3, backoff_ms = 100, factor = 2.0 }   # optional
@@ -61,8 +61,9 @@ pub const ATTEMPTS_MAX: u32 = 1000;
 pub const FACTOR_MAX: f64 = 1000.0;
 /// The largest memory limit of one grain, in MiB (1 TiB).
 pub const MEMORY_MB_MAX: u64 = 1 << 20;
-/// The memory a grain without `memory_mb` counts for in the sandbox limit, when another grain
-/// of the app sets one.
+/// The memory a grain without `memory_mb` counts for in its app's sandbox limit: enough for a
+/// Python zygote and its default [`CONCURRENCY_DEFAULT`] instances, each a fork that shares
+/// the interpreter's pages until it writes them.
 pub const MEMORY_MB_DEFAULT: u64 = 128;
 /// The largest backoff, in milliseconds (one hour).
 pub const BACKOFF_MS_MAX: u64 = 60 * 60 * 1000;
@@ -323,18 +324,14 @@ impl Manifest {
     }
 
     /// The memory limit of the app's sandbox, in bytes: the sum over grains of `memory_mb`,
-    /// a grain without one counting [`MEMORY_MB_DEFAULT`]. `None` (no limit) when no grain
-    /// sets `memory_mb`.
-    pub fn memory_bytes(&self) -> Option<u64> {
-        if self.grains.values().all(|g| g.memory_mb.is_none()) {
-            return None;
-        }
+    /// a grain without one counting [`MEMORY_MB_DEFAULT`]. Every app has one.
+    pub fn memory_bytes(&self) -> u64 {
         let mb: u64 = self
             .grains
             .values()
             .map(|g| g.memory_mb.unwrap_or(MEMORY_MB_DEFAULT))
             .fold(0, u64::saturating_add);
-        Some(mb.saturating_mul(1 << 20))
+        mb.saturating_mul(1 << 20)
     }
 }
 

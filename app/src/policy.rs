@@ -163,7 +163,7 @@ impl Policy {
                 app: manifest.name.clone(),
             });
         }
-        let mb = manifest.memory_bytes().map_or(0, |b| b.div_ceil(1 << 20));
+        let mb = manifest.memory_bytes().div_ceil(1 << 20);
         if mb > self.app_memory_mb_max {
             return Err(PolicyError::Memory {
                 app: manifest.name.clone(),

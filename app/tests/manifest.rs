@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use sand_app::manifest::{CONCURRENCY_DEFAULT, TIMEOUT_MS_DEFAULT};
+use sand_app::manifest::{CONCURRENCY_DEFAULT, MEMORY_MB_DEFAULT, TIMEOUT_MS_DEFAULT};
 use sand_app::{Code, Manifest, Python, Runtime};
 use sand_protocol::ids::GrainName;
 
@@ -86,7 +86,7 @@ fn a_full_manifest_with_all_three_runtimes_parses() {
     );
 
     // 128 + 64 + the default 128 for the grain that sets none.
-    assert_eq!(m.memory_bytes(), Some(320 << 20));
+    assert_eq!(m.memory_bytes(), 320 << 20);
 }
 
 #[test]
@@ -94,7 +94,11 @@ fn defaults_fill_a_minimal_manifest() {
     let m = Manifest::parse(&with_grain_lines(""), "x").unwrap();
     assert!(!m.network);
     assert_eq!(m.python, None);
-    assert_eq!(m.memory_bytes(), None);
+    assert_eq!(
+        m.memory_bytes(),
+        MEMORY_MB_DEFAULT << 20,
+        "one grain, the default"
+    );
     let spec = m.app_spec();
     assert_eq!(
         spec.policy(&grain("g")),

@@ -39,7 +39,7 @@ pub enum Controller {
 }
 
 impl Controller {
-    const ALL: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+    pub(crate) const ALL: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
 
     /// The controller's name in the kernel's files.
     pub fn name(self) -> &'static str {
@@ -70,7 +70,8 @@ pub enum CgroupSupport {
         /// Controllers sand cannot use, with the reason.
         missing: Vec<(Controller, String)>,
     },
-    /// No cgroup can be used: sandboxes run without limits.
+    /// No cgroup can be used: sandboxes are refused, unless the operator allowed them to run
+    /// without limits ([`crate::SandboxConfig::allow_unlimited`]).
     Unavailable {
         /// Why.
         reason: String,
@@ -304,10 +305,11 @@ pub(crate) struct Cgroup {
     memory_limit: Option<u64>,
 }
 
-/// A made cgroup, and the requested limits it cannot enforce (for the warning).
+/// A made cgroup, and the controllers it lacks, each with the reason (their limits go
+/// unenforced).
 pub(crate) struct Created {
     pub cgroup: Cgroup,
-    pub unenforced: Vec<String>,
+    pub unenforced: Vec<(Controller, String)>,
 }
 
 impl Cgroup {
@@ -371,8 +373,10 @@ impl Cgroup {
             let _ = cgroup.remove(Duration::from_millis(100));
             return Err(e);
         }
-        let unenforced = unenforced_limits(support, limits);
-        Ok(Created { cgroup, unenforced })
+        Ok(Created {
+            cgroup,
+            unenforced: support.missing().to_vec(),
+        })
     }
 
     /// Moves process `pid` (and so everything it starts later) into the cgroup.
@@ -457,7 +461,8 @@ impl Cgroup {
     }
 
     fn write_limits(&mut self, limits: &Limits) -> Result<(), SandboxError> {
-        if let (Some(bytes), Some(dir)) = (limits.memory_bytes, self.dir_of(Controller::Memory)) {
+        let bytes = limits.memory_bytes;
+        if let Some(dir) = self.dir_of(Controller::Memory) {
             if self.unified {
                 write_file(dir, "memory.max", &bytes.to_string())?;
                 write_optional(dir, "memory.swap.max", "0")?;
@@ -468,11 +473,11 @@ impl Cgroup {
             }
             self.memory_limit = Some(bytes);
         }
-        if let (Some(max), Some(dir)) = (limits.pids_max, self.dir_of(Controller::Pids)) {
-            write_file(dir, "pids.max", &max.to_string())?;
+        if let Some(dir) = self.dir_of(Controller::Pids) {
+            write_file(dir, "pids.max", &limits.pids_max.to_string())?;
         }
-        if let (Some(millis), Some(dir)) = (limits.cpu_millis, self.dir_of(Controller::Cpu)) {
-            let quota = (u64::from(millis) * CPU_PERIOD_US / 1000).max(CPU_QUOTA_US_MIN);
+        if let Some(dir) = self.dir_of(Controller::Cpu) {
+            let quota = (u64::from(limits.cpu_millis) * CPU_PERIOD_US / 1000).max(CPU_QUOTA_US_MIN);
             if self.unified {
                 write_file(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
             } else {
@@ -509,21 +514,6 @@ fn sweep_once(layout: &[(PathBuf, Vec<Controller>)]) {
             }
         }
     });
-}
-
-/// Requested limits whose controller cannot be used, each with the reason.
-fn unenforced_limits(support: &CgroupSupport, limits: &Limits) -> Vec<String> {
-    let requested = |c: Controller| match c {
-        Controller::Memory => limits.memory_bytes.is_some(),
-        Controller::Pids => limits.pids_max.is_some(),
-        Controller::Cpu => limits.cpu_millis.is_some(),
-    };
-    support
-        .missing()
-        .iter()
-        .filter(|(c, _)| requested(*c))
-        .map(|(c, why)| format!("{} ({why})", c.name()))
-        .collect()
 }
 
 /// Lets `parent`'s children use `controllers`, creating `parent` inside the worker's cgroup.
@@ -624,25 +614,5 @@ mod tests {
         assert!(memberships
             .iter()
             .any(|m| m.controllers.is_empty() && m.path == Path::new("/")));
-    }
-
-    #[test]
-    fn only_requested_limits_on_missing_controllers_are_reported() {
-        let support = CgroupSupport::V1 {
-            parents: vec![(Controller::Memory, PathBuf::from("/m/sand"))],
-            missing: vec![
-                (Controller::Cpu, "no hierarchy".into()),
-                (Controller::Pids, "read-only".into()),
-            ],
-        };
-        let limits = Limits {
-            memory_bytes: Some(1),
-            pids_max: None,
-            cpu_millis: Some(500),
-        };
-        assert_eq!(
-            unenforced_limits(&support, &limits),
-            vec!["cpu (no hierarchy)".to_owned()]
-        );
     }
 }

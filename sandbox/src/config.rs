@@ -25,8 +25,15 @@ pub struct SandboxConfig {
     /// parents need not be (the directories leading to it inside are made mode 0755 in the
     /// sandbox's own root).
     pub ro_paths: Vec<ReadOnlyPath>,
-    /// Resource limits, enforced through a cgroup where one can be used.
+    /// Resource limits. Every one is enforced, or the sandbox is not made: see
+    /// [`Self::allow_unlimited`].
     pub limits: Limits,
+    /// Start the sandbox even where its cgroup limits cannot be enforced (no usable cgroup, a
+    /// controller missing, the worker not in a leaf cgroup), with a warning once per process.
+    /// Off by default: [`crate::Sandbox::create`] then fails with
+    /// [`SandboxError::Limits`]. An operator's choice (`sand worker --allow-unlimited`), never
+    /// an app's. The tmpfs sizes hold either way.
+    pub allow_unlimited: bool,
     /// Share the host's network; when false the sandbox has only `lo`.
     pub network: bool,
     /// The holder program: a binary whose `main` calls [`crate::init_main`].
@@ -39,8 +46,9 @@ pub struct SandboxConfig {
     /// exec. [`RunAs::NOBODY`] (65534:65534) by default; uid 0 and gid 0 are refused.
     ///
     /// A holder without root (the user-namespace fallback, which maps the worker's own uid to
-    /// 0 inside) keeps that mapping and ignores this field. Every process gets no_new_privs
-    /// either way, so neither set-user-ID binaries nor file capabilities can raise it again.
+    /// 0 inside) keeps that mapping and ignores this field; its processes still lose every
+    /// capability in their namespace. Every process gets no_new_privs either way, so neither
+    /// set-user-ID binaries nor file capabilities can raise it again.
     pub run_as: RunAs,
 }
 
@@ -88,21 +96,52 @@ impl Default for RunAs {
     }
 }
 
-/// Resource limits of one sandbox; `None` leaves a resource unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Resource limits of one sandbox. Every resource has one; [`Limits::default`] gives the
+/// defaults below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Memory (and memory plus swap) limit in bytes.
-    pub memory_bytes: Option<u64>,
-    /// Most processes and threads alive at once, the holder included.
-    pub pids_max: Option<u64>,
-    /// CPU time in thousandths of a CPU (1000 = one full core).
-    pub cpu_millis: Option<u32>,
+    /// Memory (and memory plus swap) limit in bytes, the tmpfs contents included (the kernel
+    /// charges them to the cgroup). Default [`Limits::MEMORY_BYTES_DEFAULT`].
+    pub memory_bytes: u64,
+    /// Most processes and threads alive at once, the holder included. Default
+    /// [`Limits::PIDS_MAX_DEFAULT`].
+    pub pids_max: u64,
+    /// CPU time in thousandths of a CPU (1000 = one full core). Default
+    /// [`Limits::CPU_MILLIS_DEFAULT`].
+    pub cpu_millis: u32,
+    /// The size of each of `/tmp` and `/dev/shm` in bytes; a write past it fails with
+    /// `ENOSPC`. Default [`Limits::TMPFS_BYTES_DEFAULT`].
+    pub tmpfs_bytes: u64,
+}
+
+impl Limits {
+    /// 512 MiB of memory.
+    pub const MEMORY_BYTES_DEFAULT: u64 = 512 << 20;
+    /// 1024 processes and threads.
+    pub const PIDS_MAX_DEFAULT: u64 = 1024;
+    /// One full core.
+    pub const CPU_MILLIS_DEFAULT: u32 = 1000;
+    /// 64 MiB for each of `/tmp` and `/dev/shm` (Docker's `/dev/shm` size).
+    pub const TMPFS_BYTES_DEFAULT: u64 = 64 << 20;
+}
+
+impl Default for Limits {
+    /// The defaults named by each field.
+    fn default() -> Self {
+        Limits {
+            memory_bytes: Limits::MEMORY_BYTES_DEFAULT,
+            pids_max: Limits::PIDS_MAX_DEFAULT,
+            cpu_millis: Limits::CPU_MILLIS_DEFAULT,
+            tmpfs_bytes: Limits::TMPFS_BYTES_DEFAULT,
+        }
+    }
 }
 
 /// Checks the config and turns it into what the holder is sent.
 pub(crate) fn validate(config: &SandboxConfig) -> Result<HolderConfig, SandboxError> {
     validate_name(&config.name)?;
     validate_run_as(config.run_as)?;
+    validate_limits(&config.limits)?;
     let bundle = canonical(&config.bundle_dir).map_err(|source| SandboxError::Bundle {
         path: config.bundle_dir.clone(),
         source,
@@ -149,7 +188,26 @@ pub(crate) fn validate(config: &SandboxConfig) -> Result<HolderConfig, SandboxEr
         ro_paths,
         network: config.network,
         run_as: config.run_as,
+        tmpfs_bytes: config.limits.tmpfs_bytes,
     })
+}
+
+/// Refuses a zero limit: to the kernel, a tmpfs of size 0 is unlimited, and zero memory,
+/// processes or CPU is a sandbox that cannot run.
+fn validate_limits(limits: &Limits) -> Result<(), SandboxError> {
+    let zero = [
+        ("memory_bytes", limits.memory_bytes == 0),
+        ("pids_max", limits.pids_max == 0),
+        ("cpu_millis", limits.cpu_millis == 0),
+        ("tmpfs_bytes", limits.tmpfs_bytes == 0),
+    ];
+    match zero.iter().find(|(_, is_zero)| *is_zero) {
+        Some((field, _)) => Err(SandboxError::InvalidLimit {
+            field,
+            reason: "0 is not a limit; every sandbox is bounded".into(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Refuses root: a grain never runs as uid 0, nor with gid 0 (which owns root's files).
@@ -208,6 +266,7 @@ mod tests {
             init_program: "/bin/true".into(),
             init_args: Vec::new(),
             run_as: RunAs::default(),
+            allow_unlimited: false,
         };
         for bad in ["sand/runtime", "/", "/sand/../proc"] {
             assert!(
@@ -223,6 +282,37 @@ mod tests {
             holder.ro_paths,
             vec![(b"/usr".to_vec(), b"/sand/runtime".to_vec())]
         );
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        assert!(validate_limits(&Limits::default()).is_ok());
+        for zeroed in [
+            Limits {
+                memory_bytes: 0,
+                ..Limits::default()
+            },
+            Limits {
+                pids_max: 0,
+                ..Limits::default()
+            },
+            Limits {
+                cpu_millis: 0,
+                ..Limits::default()
+            },
+            Limits {
+                tmpfs_bytes: 0,
+                ..Limits::default()
+            },
+        ] {
+            assert!(
+                matches!(
+                    validate_limits(&zeroed),
+                    Err(SandboxError::InvalidLimit { .. })
+                ),
+                "{zeroed:?} accepted"
+            );
+        }
     }
 
     #[test]

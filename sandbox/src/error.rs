@@ -19,6 +19,25 @@ pub enum SandboxError {
         /// The gid given.
         gid: u32,
     },
+    /// A limit in the config is not a limit (zero).
+    #[error("invalid sandbox limit {field}: {reason}")]
+    InvalidLimit {
+        /// The [`crate::Limits`] field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The sandbox's limits cannot be enforced on this host, and the operator did not allow
+    /// unlimited sandboxes ([`crate::SandboxConfig::allow_unlimited`]).
+    #[error("sandbox {name:?} not started: cannot enforce its {limits} limits: {reason}. Fix: run the worker as root in a cgroup it may write (with cgroup v2, a leaf cgroup with the memory, pids and cpu controllers delegated, e.g. `systemd-run --scope -p Delegate=yes sand worker ...`), or start it with --allow-unlimited to run sandboxes without these limits")]
+    Limits {
+        /// The app name.
+        name: String,
+        /// The limits that cannot be enforced, e.g. `memory, pids, cpu`.
+        limits: String,
+        /// Why.
+        reason: String,
+    },
     /// The bundle directory is missing or not a directory.
     #[error("app bundle {path:?} cannot be used: {source}")]
     Bundle {

@@ -9,9 +9,12 @@
 //! The processes it starts never keep root: with no_new_privs, no capability, and (for a root
 //! worker) the unprivileged [`RunAs`] identity of [`SandboxConfig::run_as`], nobody by default.
 //!
-//! Limits come from one cgroup per sandbox (v2 where the unified hierarchy has the memory
-//! controller, v1 otherwise). Without root the holder uses a user namespace; where cgroups
-//! cannot be used the sandbox starts without limits and a warning says so once.
+//! Every sandbox is bounded: memory, processes and CPU through one cgroup per sandbox (v2 where
+//! the unified hierarchy has the memory controller, v1 otherwise), `/tmp` and `/dev/shm` by
+//! their tmpfs size ([`Limits`], with defaults). A sandbox whose cgroup limits cannot be
+//! enforced is not made, unless the operator set [`SandboxConfig::allow_unlimited`]; then it
+//! starts without them and a warning says so once. Without root the holder uses a user
+//! namespace, where no cgroup can be written.
 
 mod cgroup;
 mod config;

@@ -24,7 +24,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::cgroup::{cgroup_support, Cgroup, Created};
+use crate::cgroup::{cgroup_support, Cgroup, Controller, Created};
 use crate::config::{self, SandboxConfig};
 use crate::error::SandboxError;
 use crate::wire::{encode, Event, FrameBuffer, HolderConfig, Request, SpawnRequest, WireExit};
@@ -119,11 +119,14 @@ pub struct Process {
 }
 
 impl Sandbox {
-    /// Builds a sandbox: checks the config, makes its cgroup (or warns once that limits are
-    /// not enforced), starts the holder inside it and waits until the root is built.
+    /// Builds a sandbox: checks the config, makes its cgroup with every limit, starts the
+    /// holder inside it and waits until the root is built.
+    ///
+    /// Fails with [`SandboxError::Limits`] when a cgroup limit cannot be enforced, unless
+    /// [`SandboxConfig::allow_unlimited`] is set (then it warns once and starts without them).
     pub async fn create(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         let holder_config = config::validate(&config)?;
-        let cgroup = make_cgroup(&config);
+        let cgroup = make_cgroup(&config).await?;
         match start_holder(&config, &holder_config, cgroup.as_ref()).await {
             Ok((holder, reader, writer, frames)) => {
                 let link = Arc::new(Link::new(writer));
@@ -316,47 +319,60 @@ impl Process {
     }
 }
 
-/// Makes the sandbox's cgroup, or says once per process which limits go unenforced and why.
-fn make_cgroup(config: &SandboxConfig) -> Option<Cgroup> {
+/// Makes the sandbox's cgroup. Where a limit cannot be enforced, refuses the sandbox, or, if
+/// the operator allowed it, says once per process which limits go unenforced and why.
+async fn make_cgroup(config: &SandboxConfig) -> Result<Option<Cgroup>, SandboxError> {
     let support = cgroup_support();
-    match Cgroup::create(&support, &config.name, &config.limits) {
-        Ok(Created { cgroup, unenforced }) => {
-            if !unenforced.is_empty() {
-                warn_unenforced(&config.name, &unenforced.join(", "), &support.to_string());
-            }
-            Some(cgroup)
-        }
+    let (cgroup, unenforced) = match Cgroup::create(&support, &config.name, &config.limits) {
+        Ok(Created { cgroup, unenforced }) => (Some(cgroup), unenforced),
         Err(e) => {
-            let limits = &config.limits;
-            let requested: Vec<&str> = [
-                limits.memory_bytes.map(|_| "memory"),
-                limits.pids_max.map(|_| "pids"),
-                limits.cpu_millis.map(|_| "cpu"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let requested = if requested.is_empty() {
-                "none requested yet".into()
-            } else {
-                requested.join(", ")
-            };
-            warn_unenforced(&config.name, &requested, &e.to_string());
-            None
+            let all = Controller::ALL.map(|c| (c, e.to_string()));
+            (None, all.to_vec())
+        }
+    };
+    match check_enforced(&config.name, &unenforced, config.allow_unlimited) {
+        Ok(()) => Ok(cgroup),
+        Err(e) => {
+            if let Some(cgroup) = cgroup {
+                remove_cgroup(cgroup).await?;
+            }
+            Err(e)
         }
     }
 }
 
-fn warn_unenforced(sandbox: &str, limits: &str, reason: &str) {
+/// Decides whether a sandbox may start with `unenforced` limits (each controller with the
+/// reason it cannot be used): with none, yes; with some, only if `allow_unlimited`, and then
+/// with a warning once per process.
+fn check_enforced(
+    name: &str,
+    unenforced: &[(Controller, String)],
+    allow_unlimited: bool,
+) -> Result<(), SandboxError> {
+    if unenforced.is_empty() {
+        return Ok(());
+    }
+    let limits: Vec<&str> = unenforced.iter().map(|(c, _)| c.name()).collect();
+    let mut reasons: Vec<&str> = unenforced.iter().map(|(_, why)| why.as_str()).collect();
+    reasons.dedup();
+    let (limits, reason) = (limits.join(", "), reasons.join("; "));
+    if !allow_unlimited {
+        return Err(SandboxError::Limits {
+            name: name.to_owned(),
+            limits,
+            reason,
+        });
+    }
     static WARNED: AtomicBool = AtomicBool::new(false);
     if !WARNED.swap(true, Ordering::Relaxed) {
         tracing::warn!(
-            sandbox,
+            sandbox = name,
             unenforced = limits,
             reason,
-            "sandbox resource limits are NOT enforced: sandboxes start without them (said once per process)"
+            "sandbox resource limits are NOT enforced (allowed by --allow-unlimited): sandboxes start without them (said once per process)"
         );
     }
+    Ok(())
 }
 
 async fn remove_cgroup(cgroup: Cgroup) -> Result<(), SandboxError> {
@@ -620,4 +636,34 @@ async fn read_events(
         }
     }
     link.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unenforced_limits_refuse_the_sandbox_unless_allowed() {
+        assert!(check_enforced("app", &[], false).is_ok());
+        let missing = [
+            (Controller::Cpu, "no cgroup v1 hierarchy mounted".to_owned()),
+            (
+                Controller::Pids,
+                "no cgroup v1 hierarchy mounted".to_owned(),
+            ),
+        ];
+        match check_enforced("app", &missing, false) {
+            Err(e @ SandboxError::Limits { .. }) => {
+                let message = e.to_string();
+                assert!(
+                    message.contains(
+                        "cannot enforce its cpu, pids limits: no cgroup v1 hierarchy mounted."
+                    ) && message.contains("--allow-unlimited"),
+                    "{message}"
+                );
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        assert!(check_enforced("app", &missing, true).is_ok());
+    }
 }

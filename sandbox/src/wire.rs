@@ -30,6 +30,9 @@ pub(crate) struct HolderConfig {
     pub network: bool,
     /// Who the sandbox's processes run as when the holder is real root; already validated.
     pub run_as: RunAs,
+    /// The size of each of the `/tmp` and `/dev/shm` tmpfs, in bytes (never 0: that would
+    /// mean unlimited to the kernel).
+    pub tmpfs_bytes: u64,
 }
 
 /// A worker's request to the sandbox's PID 1.

@@ -134,7 +134,7 @@ async fn stdio_descriptors_become_the_process_streams() {
 async fn busy_sandbox(name: &str, app: &std::path::Path) -> (Sandbox, Vec<u32>) {
     let mut with_cgroup = config(name, app);
     with_cgroup.limits = Limits {
-        pids_max: Some(64),
+        pids_max: 64,
         ..Limits::default()
     };
     let sandbox = Sandbox::create(with_cgroup).await.expect("create");

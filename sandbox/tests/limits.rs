@@ -24,7 +24,7 @@ async fn memory_hog_is_oom_killed_and_counted() {
         let app = bundle(&[]);
         let mut hungry = config("hog", app.path());
         hungry.limits = Limits {
-            memory_bytes: Some(64 * MIB),
+            memory_bytes: 64 * MIB,
             ..Limits::default()
         };
         let sandbox = Sandbox::create(hungry).await.expect("create");
@@ -69,8 +69,8 @@ async fn pids_limit_stops_a_fork_bomb() {
         let app = bundle(&[]);
         let mut bounded = config("forks", app.path());
         bounded.limits = Limits {
-            pids_max: Some(16),
-            cpu_millis: Some(500),
+            pids_max: 16,
+            cpu_millis: 500,
             ..Limits::default()
         };
         let sandbox = Sandbox::create(bounded).await.expect("create");
@@ -100,6 +100,44 @@ os.write(3, f'{started} {refused}'.encode())";
         );
         assert_eq!(counts[0] + counts[1], 50);
         assert!(counts[1] >= 36, "only {} forks refused", counts[1]);
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A sandbox made with the default limits gets every one of them written to its cgroup: one
+/// core of CPU, 1024 processes, 512 MiB of memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_limits_are_all_enforced() {
+    assert_cgroups_usable();
+    timeout(TEST_TIMEOUT, async {
+        let app = bundle(&[]);
+        let sandbox = Sandbox::create(config("defaults", app.path()))
+            .await
+            .expect("create");
+        assert_eq!(sandbox.memory_limit(), Some(Limits::MEMORY_BYTES_DEFAULT));
+        let read = |file: &str| {
+            sandbox
+                .cgroup_dirs()
+                .iter()
+                .find_map(|dir| std::fs::read_to_string(dir.join(file)).ok())
+                .map(|text| text.trim().to_owned())
+        };
+        assert_eq!(read("pids.max").as_deref(), Some("1024"));
+        match read("cpu.max") {
+            Some(max) => assert_eq!(max, "100000 100000", "cgroup v2"),
+            None => {
+                assert_eq!(
+                    read("cpu.cfs_quota_us").as_deref(),
+                    Some("100000"),
+                    "cgroup v1"
+                );
+                assert_eq!(read("cpu.cfs_period_us").as_deref(), Some("100000"));
+            }
+        }
+        let memory = read("memory.max").or_else(|| read("memory.limit_in_bytes"));
+        assert_eq!(memory, Some((512u64 << 20).to_string()));
         sandbox.destroy().await.expect("destroy");
     })
     .await

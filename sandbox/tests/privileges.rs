@@ -269,6 +269,186 @@ t.join()
 print("thread: " + ("ok" if ran else "failed"))
 "#;
 
+/// The filter refuses io_uring, reaching into another process (`pidfd_getfd`, which would copy
+/// its descriptors, `process_madvise`, `kcmp`), `modify_ldt`, NUMA placement and unusual
+/// personas, while reading the persona still works. The other process is a child of the same
+/// user, which the kernel alone would let it reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seccomp_filter_refuses_io_uring_and_reaching_other_processes() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let (sandbox, _app, out) = run_python("seccomp-more", MORE_SYSCALLS_PY).await;
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            [
+                "io_uring_setup: EPERM",
+                "io_uring_enter: EPERM",
+                "io_uring_register: EPERM",
+                "pidfd_getfd: EPERM",
+                "process_madvise: EPERM",
+                "kcmp: EPERM",
+                "modify_ldt: EPERM",
+                "mbind: EPERM",
+                "set_mempolicy: EPERM",
+                "move_pages: EPERM",
+                "personality(READ_IMPLIES_EXEC): EPERM",
+                "personality(query): ok",
+            ],
+            "{out}"
+        );
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+const MORE_SYSCALLS_PY: &str = r#"
+import ctypes, errno, mmap, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = {
+    "x86_64": {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+               "pidfd_getfd": 438, "process_madvise": 440, "kcmp": 312, "modify_ldt": 154,
+               "mbind": 237, "set_mempolicy": 238, "move_pages": 279, "personality": 135},
+    "aarch64": {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+                "pidfd_getfd": 438, "process_madvise": 440, "kcmp": 272,
+                "mbind": 235, "set_mempolicy": 237, "move_pages": 239, "personality": 92},
+}[platform.machine()]
+
+def report(name, ret):
+    if ret == -1:
+        print(name + ": " + errno.errorcode[ctypes.get_errno()])
+    else:
+        print(name + ": ok")
+
+params = ctypes.create_string_buffer(120)
+report("io_uring_setup", libc.syscall(NR["io_uring_setup"], 1, params))
+report("io_uring_enter", libc.syscall(NR["io_uring_enter"], 0, 0, 0, 0, 0, 0))
+report("io_uring_register", libc.syscall(NR["io_uring_register"], 0, 0, 0, 0))
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(w)
+    os.read(r, 1)
+    os._exit(0)
+pidfd = os.pidfd_open(child)
+report("pidfd_getfd", libc.syscall(NR["pidfd_getfd"], pidfd, r, 0))
+page = ctypes.create_string_buffer(4096)
+iov = (ctypes.c_void_p * 2)(ctypes.addressof(page), 4096)
+report("process_madvise", libc.syscall(NR["process_madvise"], pidfd, iov, 1, 20, 0))
+KCMP_FILE = 0
+report("kcmp", libc.syscall(NR["kcmp"], os.getpid(), child, KCMP_FILE, r, r))
+os.close(w)
+os.waitpid(child, 0)
+if "modify_ldt" in NR:
+    ldt = ctypes.create_string_buffer(16)
+    report("modify_ldt", libc.syscall(NR["modify_ldt"], 0, ldt, 16))
+else:
+    print("modify_ldt: EPERM")  # x86 only
+mapped = mmap.mmap(-1, 4096)
+address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+MPOL_DEFAULT = 0
+report("mbind", libc.syscall(NR["mbind"], address, 4096, MPOL_DEFAULT, 0, 0, 0))
+report("set_mempolicy", libc.syscall(NR["set_mempolicy"], MPOL_DEFAULT, 0, 0))
+pages = (ctypes.c_void_p * 1)(address)
+status = (ctypes.c_int * 1)()
+report("move_pages", libc.syscall(NR["move_pages"], 0, 1, pages, None, status, 0))
+READ_IMPLIES_EXEC = 0x0400000
+report("personality(READ_IMPLIES_EXEC)", libc.syscall(NR["personality"], READ_IMPLIES_EXEC))
+report("personality(query)", libc.syscall(NR["personality"], 0xffffffff))
+"#;
+
+/// `/proc` is masked as container runtimes mask it: the kernel's memory, keys, timers and
+/// sysrq read as `/dev/null`, hardware directories are empty, `/proc/sys` and its kin are
+/// read-only, and processes of other users (PID 1, which runs as root) are invisible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proc_is_masked_and_hides_other_users_processes() {
+    assert_root();
+    timeout(TEST_TIMEOUT, async {
+        let (sandbox, _app, out) = run_python("proc-masked", PROC_PY).await;
+        let seen: serde_json::Value = serde_json::from_str(&out).expect("probe output is JSON");
+        let files = seen["files"].as_object().expect("files");
+        for name in ["keys", "timer_list"] {
+            assert!(files.contains_key(name), "/proc/{name} not probed: {out}");
+        }
+        for (name, state) in files {
+            assert_eq!(state, "null device, 0 bytes", "/proc/{name}: {out}");
+        }
+        for (name, entries) in seen["dirs"].as_object().expect("dirs") {
+            assert_eq!(entries, &serde_json::json!([]), "/proc/{name}: {out}");
+        }
+        let read_only = seen["read_only"].as_object().expect("read_only");
+        assert!(read_only.contains_key("sys"), "{out}");
+        for (name, ro) in read_only {
+            assert_eq!(ro, true, "/proc/{name} is writable: {out}");
+        }
+        assert_eq!(
+            seen["pid1_visible"], false,
+            "PID 1 (root) is visible: {out}"
+        );
+        assert_eq!(seen["self_visible"], true, "{out}");
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
+const PROC_PY: &str = r#"
+import json, os, stat
+null = os.stat("/dev/null").st_rdev
+files = {}
+for name in ["kcore", "keys", "timer_list", "timer_stats", "sched_debug", "latency_stats",
+             "sysrq-trigger"]:
+    path = "/proc/" + name
+    if not os.path.exists(path):
+        continue
+    st = os.stat(path)
+    if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == null):
+        files[name] = "not masked"
+        continue
+    with open(path, "rb") as f:
+        files[name] = "null device, %d bytes" % len(f.read(4096))
+dirs = {name: sorted(os.listdir("/proc/" + name))
+        for name in ["acpi", "scsi", "asound"] if os.path.isdir("/proc/" + name)}
+read_only = {name: bool(os.statvfs("/proc/" + name).f_flag & os.ST_RDONLY)
+             for name in ["sys", "irq", "bus", "fs"] if os.path.isdir("/proc/" + name)}
+print(json.dumps({
+    "files": files,
+    "dirs": dirs,
+    "read_only": read_only,
+    "pid1_visible": os.path.exists("/proc/1"),
+    "self_visible": os.path.exists("/proc/%d" % os.getpid()),
+}))
+"#;
+
+/// A write to `/tmp` or `/dev/shm` past the default tmpfs size fails with ENOSPC, and the space
+/// comes back once the file is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tmpfs_writes_past_the_size_fail_with_enospc() {
+    timeout(TEST_TIMEOUT, async {
+        let app = bundle(&[]);
+        let mut sized = config("tmpfs-size", app.path());
+        sized.limits.tmpfs_bytes = 8 << 20;
+        let sandbox = Sandbox::create(sized).await.expect("create");
+        for dir in ["/tmp", "/dev/shm"] {
+            let (exit, out) = sh(
+                &sandbox,
+                &format!(
+                    "dd if=/dev/zero of={dir}/big bs=1M count=9 2>&1 | grep -o 'No space left on device' | head -1
+                     rm {dir}/big
+                     dd if=/dev/zero of={dir}/small bs=1M count=4 2>/dev/null && echo fits"
+                ),
+            )
+            .await;
+            assert_eq!(exit, Exit::Exited(0), "{dir}: {out}");
+            assert_eq!(out, "No space left on device\nfits\n", "{dir}: {out}");
+        }
+        sandbox.destroy().await.expect("destroy");
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// An interpreter under `/root/.pyenv` (whose host `/root` is mode 0700) runs as nobody when
 /// its prefix is a read-only path, and can fork and watch a child by pidfd, as the Python
 /// zygote does.

@@ -1,5 +1,7 @@
-//! Without root, the holder falls back to a user namespace and cgroups are skipped; its
-//! processes keep the namespace's root (the worker's uid outside) but get no_new_privs.
+//! Without root, the holder falls back to a user namespace and no cgroup can be made: the
+//! sandbox is refused unless the operator allowed unlimited sandboxes. Its processes keep the
+//! namespace's uid 0 (the worker's uid outside) but no capability in it, with no_new_privs and
+//! securebits locked so that exec does not give the capabilities back.
 //!
 //! Run as root, the test re-runs itself as uid 65534 (nobody) and checks that run's verdict;
 //! run without root, it checks directly.
@@ -12,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{alive, bundle, config, sh, TEST_TIMEOUT};
-use sand_sandbox::{Exit, Limits, Sandbox};
+use sand_sandbox::{Exit, Sandbox};
 
 const TEST_NAME: &str = "unprivileged_worker_gets_a_user_namespace_sandbox";
 const AS_NOBODY: &str = "SAND_SANDBOX_TEST_AS_NOBODY";
@@ -77,8 +79,21 @@ fn check_unprivileged() {
             let uid = nix::unistd::geteuid().as_raw();
             let app = bundle(&[("f.txt", "bundle file")]);
             let mut limited = config("rootless", app.path());
-            limited.limits = Limits { memory_bytes: Some(64 << 20), ..Limits::default() };
-            let sandbox = Sandbox::create(limited).await.expect("create without root");
+            match Sandbox::create(limited.clone()).await {
+                Err(e) => {
+                    let message = e.to_string();
+                    assert!(
+                        message.contains("memory") && message.contains("--allow-unlimited"),
+                        "the refusal names the limit and the way out: {message}"
+                    );
+                }
+                Ok(sandbox) => {
+                    sandbox.destroy().await.expect("destroy");
+                    panic!("a sandbox started without the limits it was given");
+                }
+            }
+            limited.allow_unlimited = true;
+            let sandbox = Sandbox::create(limited).await.expect("create without root, allowed unlimited");
             assert_eq!(sandbox.memory_limit(), None, "no cgroup can be written without root");
             assert!(sandbox.cgroup_dirs().is_empty());
             let holder = sandbox.holder_pid().expect("holder pid");
@@ -87,19 +102,30 @@ fn check_unprivileged() {
 
             let (exit, out) = sh(
                 &sandbox,
-                "id -u; cat /app/f.txt; echo; hostname; cat /proc/1/comm
+                "id -u; cat /app/f.txt; echo; hostname; test -e /proc/1 || echo pid1-hidden
                  if (echo x > /app/new) 2>/dev/null; then echo app-writable; else echo app-read-only; fi
                  echo t > /tmp/t && echo tmp-writable
                  grep -c : /proc/net/dev
-                 grep NoNewPrivs: /proc/self/status | tr -d '\t '",
+                 grep NoNewPrivs: /proc/self/status | tr -d '\t '
+                 grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status | tr -d '\t '
+                 if (echo 1 > /proc/sys/net/ipv4/ip_forward) 2>/dev/null; then echo proc-sys-writable; else echo proc-sys-read-only; fi",
             )
             .await;
             assert_eq!(exit, Exit::Exited(0), "output: {out}");
             let lines: Vec<&str> = out.lines().collect();
             assert_eq!(
                 lines,
-                ["0", "bundle file", "rootless", "sand-sandbox-in", "app-read-only", "tmp-writable", "1", "NoNewPrivs:1"],
-                "inside, the user is root of its own namespace with no_new_privs; the rest is isolated as with root"
+                [
+                    "0", "bundle file", "rootless", "pid1-hidden", "app-read-only", "tmp-writable", "1",
+                    "NoNewPrivs:1",
+                    "CapInh:0000000000000000",
+                    "CapPrm:0000000000000000",
+                    "CapEff:0000000000000000",
+                    "CapBnd:0000000000000000",
+                    "CapAmb:0000000000000000",
+                    "proc-sys-read-only",
+                ],
+                "inside, the user is uid 0 of its own namespace but holds no capability there, with no_new_privs; the rest is isolated as with root"
             );
             sandbox.destroy().await.expect("destroy");
             assert!(!alive(holder), "the holder outlived destroy");

@@ -76,7 +76,7 @@ fn a_killed_worker_takes_its_sandbox_along() {
         let app = bundle(&[]);
         let mut limited = config("next-worker", app.path());
         limited.limits = Limits {
-            pids_max: Some(8),
+            pids_max: 8,
             ..Limits::default()
         };
         let sandbox = tokio::time::timeout(TEST_TIMEOUT, Sandbox::create(limited))
@@ -99,7 +99,7 @@ fn be_the_worker() {
         let app = bundle(&[]);
         let mut limited = config("doomed", app.path());
         limited.limits = Limits {
-            pids_max: Some(8),
+            pids_max: 8,
             ..Limits::default()
         };
         let sandbox = Sandbox::create(limited).await.expect("create");

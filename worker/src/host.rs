@@ -59,6 +59,9 @@ pub struct HostContext {
     pub python_runtime: PathBuf,
     /// What apps may ask of this worker.
     pub policy: Policy,
+    /// Start sandboxes even where their cgroup limits cannot be enforced (the operator's
+    /// `--allow-unlimited`); otherwise such an app fails to start with the reason.
+    pub allow_unlimited: bool,
 }
 
 /// Runs one grain's calls.
@@ -130,11 +133,12 @@ impl AppHost {
                     name: manifest.name.as_str().replace('.', "-"),
                     bundle_dir: bundle_dir.to_owned(),
                     ro_paths,
+                    // Processes, CPU and tmpfs: the sandbox defaults.
                     limits: Limits {
                         memory_bytes: manifest.memory_bytes(),
-                        pids_max: Some(1024),
-                        cpu_millis: None,
+                        ..Limits::default()
                     },
+                    allow_unlimited: ctx.allow_unlimited,
                     network: manifest.network,
                     init_program: program.clone(),
                     init_args: args.clone(),

@@ -110,6 +110,7 @@ impl Harness {
             data_dir: dir.path().join("data"),
             host: HostContext {
                 isolation: Isolation::None,
+                allow_unlimited: false,
                 python_runtime,
                 policy: Policy::default(),
             },

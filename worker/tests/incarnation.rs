@@ -31,6 +31,7 @@ fn config(data_dir: &Path) -> WorkerConfig {
         data_dir: data_dir.to_path_buf(),
         host: HostContext {
             isolation: Isolation::None,
+            allow_unlimited: false,
             // No app is hosted here, so no runtime is needed.
             python_runtime: data_dir.join("no-runtime"),
             policy: Policy::default(),

@@ -11,8 +11,9 @@
 //! to the sandbox's unprivileged [`crate::RunAs`] identity with every capability dropped,
 //! before exec ([`privileges`]), and installs a seccomp filter that refuses new namespaces,
 //! tracing and the kernel's other rarely needed surfaces ([`seccomp`]). In the user-namespace
-//! fallback (a worker without root or without `CAP_SYS_ADMIN`), its processes keep the
-//! namespace's root (the worker's own uid outside) with no_new_privs and the filter.
+//! fallback (a worker without root or without `CAP_SYS_ADMIN`), its processes stay uid 0 of the
+//! namespace (the worker's own uid outside) but hold no capability in it, with no_new_privs,
+//! locked securebits and the filter.
 //!
 //! Everything here runs before or without any other thread, which is what makes `unshare`,
 //! `fork` and the descriptor juggling below sound. Nothing here may panic on what the worker

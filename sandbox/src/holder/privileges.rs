@@ -20,7 +20,16 @@
 //!
 //! In the user-namespace fallback (a worker without root, or without `CAP_SYS_ADMIN`), only
 //! the worker's uid is mapped (to 0), so there is no other identity to switch to: those
-//! processes get no_new_privs and the seccomp filter only.
+//! processes stay uid 0 of their namespace but lose every capability in it (which would
+//! otherwise include `CAP_NET_ADMIN` and `CAP_SYS_ADMIN` over the sandbox's own namespaces):
+//!
+//! 1. `PR_SET_NO_NEW_PRIVS`;
+//! 2. lock the securebits `NOROOT` (exec as uid 0 grants no capability), `NO_SETUID_FIXUP`,
+//!    `KEEP_CAPS` off and `NO_CAP_AMBIENT_RAISE`, each with its `_LOCKED` bit, so that no
+//!    process of the sandbox can turn them back (this needs `CAP_SETPCAP`, so first);
+//! 3. and 4. clear the ambient set and drop every capability from the bounding set;
+//! 5. `capset` to all zero;
+//! 6. install the seccomp filter.
 
 use std::ffi::CString;
 use std::io;
@@ -34,6 +43,24 @@ use crate::config::RunAs;
 const CAP_LAST_CAP: &str = "/proc/sys/kernel/cap_last_cap";
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets, in two 32-bit halves.
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+/// The securebits a user-namespace sandbox's processes run with (linux/securebits.h):
+/// `NOROOT`, `NO_SETUID_FIXUP` and `NO_CAP_AMBIENT_RAISE` set, `KEEP_CAPS` clear, all locked.
+const SECUREBITS_LOCKED_DOWN: libc::c_ulong = {
+    const NOROOT: libc::c_ulong = 1 << 0;
+    const NOROOT_LOCKED: libc::c_ulong = 1 << 1;
+    const NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+    const NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
+    const KEEP_CAPS_LOCKED: libc::c_ulong = 1 << 5;
+    const NO_CAP_AMBIENT_RAISE: libc::c_ulong = 1 << 6;
+    const NO_CAP_AMBIENT_RAISE_LOCKED: libc::c_ulong = 1 << 7;
+    NOROOT
+        | NOROOT_LOCKED
+        | NO_SETUID_FIXUP
+        | NO_SETUID_FIXUP_LOCKED
+        | KEEP_CAPS_LOCKED
+        | NO_CAP_AMBIENT_RAISE
+        | NO_CAP_AMBIENT_RAISE_LOCKED
+};
 
 /// What a spawned process gives up before exec: its identity, and the system calls of
 /// [`SyscallFilter`].
@@ -55,8 +82,12 @@ enum Identity {
         last_cap: u32,
     },
     /// The sandbox lives in a user namespace (a worker without root, or root without
-    /// `CAP_SYS_ADMIN`) where only the worker's uid is mapped: no_new_privs only.
-    NoNewPrivsOnly,
+    /// `CAP_SYS_ADMIN`) where only the worker's uid is mapped: stay uid 0 of the namespace,
+    /// but drop every capability up to and including `last_cap` and lock the securebits.
+    Namespace {
+        /// The highest capability number this kernel knows.
+        last_cap: u32,
+    },
 }
 
 impl Privileges {
@@ -65,12 +96,6 @@ impl Privileges {
     /// the host's /proc is still mounted.
     pub(super) fn new(run_as: RunAs, user_namespace: bool) -> Result<Privileges, String> {
         let syscalls = SyscallFilter::new()?;
-        if user_namespace {
-            return Ok(Privileges {
-                identity: Identity::NoNewPrivsOnly,
-                syscalls,
-            });
-        }
         let text = std::fs::read_to_string(CAP_LAST_CAP)
             .map_err(|e| format!("reading {CAP_LAST_CAP}: {e}"))?;
         let last_cap = text
@@ -79,17 +104,19 @@ impl Privileges {
             .ok()
             .filter(|&cap| cap < 64)
             .ok_or_else(|| format!("{CAP_LAST_CAP} holds {text:?}, not a capability number"))?;
-        Ok(Privileges {
-            identity: Identity::Drop { run_as, last_cap },
-            syscalls,
-        })
+        let identity = if user_namespace {
+            Identity::Namespace { last_cap }
+        } else {
+            Identity::Drop { run_as, last_cap }
+        };
+        Ok(Privileges { identity, syscalls })
     }
 
     /// The identity processes run as, for messages; `None` when they keep the namespace's.
     pub(super) fn run_as(&self) -> Option<RunAs> {
         match self.identity {
             Identity::Drop { run_as, .. } => Some(run_as),
-            Identity::NoNewPrivsOnly => None,
+            Identity::Namespace { .. } => None,
         }
     }
 
@@ -133,8 +160,9 @@ impl Privileges {
     /// and never allocates.
     pub(super) fn apply(&self, cwd: &CString) -> io::Result<()> {
         check(prctl(libc::PR_SET_NO_NEW_PRIVS, 1))?;
-        if let Identity::Drop { run_as, last_cap } = self.identity {
-            drop_root(run_as, last_cap)?;
+        match self.identity {
+            Identity::Drop { run_as, last_cap } => drop_root(run_as, last_cap)?,
+            Identity::Namespace { last_cap } => drop_namespace_capabilities(last_cap)?,
         }
         self.syscalls.apply()?;
         // SAFETY: `cwd` is a valid NUL-terminated string that outlives the call.
@@ -142,8 +170,27 @@ impl Privileges {
     }
 }
 
-/// Steps 2 to 6 of the module documentation.
+/// Steps 2 to 6 of the module documentation, for a sandbox built by real root.
 fn drop_root(run_as: RunAs, last_cap: u32) -> io::Result<()> {
+    drop_ambient_and_bounding(last_cap)?;
+    // SAFETY: a zero-length list; the pointer is never read.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setresgid(run_as.gid, run_as.gid, run_as.gid) })?;
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setresuid(run_as.uid, run_as.uid, run_as.uid) })?;
+    clear_capability_sets()
+}
+
+/// Steps 2 to 5 of the user-namespace list in the module documentation.
+fn drop_namespace_capabilities(last_cap: u32) -> io::Result<()> {
+    check(prctl(libc::PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN))?;
+    drop_ambient_and_bounding(last_cap)?;
+    clear_capability_sets()
+}
+
+/// Clears the ambient set and drops capabilities 0 to `last_cap` from the bounding set.
+fn drop_ambient_and_bounding(last_cap: u32) -> io::Result<()> {
     match check(prctl(
         libc::PR_CAP_AMBIENT,
         libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -155,13 +202,7 @@ fn drop_root(run_as: RunAs, last_cap: u32) -> io::Result<()> {
     for cap in 0..=last_cap {
         check(prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap)))?;
     }
-    // SAFETY: a zero-length list; the pointer is never read.
-    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
-    // SAFETY: integer arguments only.
-    check(unsafe { libc::setresgid(run_as.gid, run_as.gid, run_as.gid) })?;
-    // SAFETY: integer arguments only.
-    check(unsafe { libc::setresuid(run_as.uid, run_as.uid, run_as.uid) })?;
-    clear_capability_sets()
+    Ok(())
 }
 
 /// Empties the effective, permitted and inheritable sets of this process.

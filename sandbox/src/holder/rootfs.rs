@@ -3,8 +3,16 @@
 //! Layout: the host's system directories read-only (symlinks such as `/bin -> usr/bin` kept as
 //! symlinks), the app bundle read-only at `/app`, each extra read-only path where it was asked,
 //! a private `/tmp`, a minimal `/dev`, and the `/proc` of the sandbox's pid namespace.
-//! The sandbox's processes run unprivileged, so `/tmp` and `/dev/shm` are mode 1777 and the
-//! directories made to reach a read-only path are 0755.
+//! The sandbox's processes run unprivileged, so `/tmp` and `/dev/shm` are mode 1777 (each a
+//! tmpfs of [`HolderConfig::tmpfs_bytes`]) and the directories made to reach a read-only path
+//! are 0755.
+//!
+//! `/proc` is masked as runc masks it by default: `/dev/null` is bound over the files that
+//! show kernel memory, keys, timers and sysrq; an empty read-only tmpfs hides the hardware
+//! directories; `/proc/sys`, `/proc/irq`, `/proc/bus` and `/proc/fs` are read-only (in the
+//! user-namespace fallback the grain is uid 0 of its own namespace and could otherwise write
+//! the sysctls that namespace owns). It is mounted with `hidepid=invisible` (or the older
+//! `hidepid=2`) where the kernel accepts it, so a grain sees only its own user's processes.
 //!
 //! Every host source is opened (`O_PATH`) before anything is mounted and bound through
 //! `/proc/self/fd/N`, so building the root in place of `/tmp` cannot hide a source that lives
@@ -16,6 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
@@ -35,6 +44,22 @@ const SYSTEM_PATHS: [&str; 8] = [
 const DEVICES: [&str; 4] = ["null", "zero", "urandom", "random"];
 /// Where the new root is assembled, in this mount namespace only.
 const NEW_ROOT: &str = "/tmp";
+/// Files in `/proc` replaced by `/dev/null` where they exist (runc's `maskedPaths`).
+const PROC_MASKED_FILES: [&str; 7] = [
+    "kcore",
+    "keys",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "latency_stats",
+    "sysrq-trigger",
+];
+/// Directories in `/proc` covered by an empty read-only tmpfs where they exist.
+const PROC_MASKED_DIRS: [&str; 3] = ["acpi", "scsi", "asound"];
+/// Directories in `/proc` made read-only (runc's `readonlyPaths`).
+const PROC_READ_ONLY: [&str; 4] = ["sys", "irq", "bus", "fs"];
+/// `/proc` mount options, tried in order: `hidepid=invisible` (Linux 5.8), `hidepid=2`, none.
+const PROC_OPTIONS: [Option<&str>; 3] = [Some("hidepid=invisible"), Some("hidepid=2"), None];
 
 /// A host path to appear in the sandbox, opened before the mounts start.
 enum Source {
@@ -125,18 +150,14 @@ pub(super) fn build(config: &HolderConfig, sources: Sources) -> Result<(), Strin
         "tmpfs",
         &tmp,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=1777",
+        &format!("mode=1777,size={}", config.tmpfs_bytes),
     )?;
     for (path, source) in &sources.read_only {
         read_only.extend(place(root, path, source)?);
     }
-    build_dev(&root.join("dev"), &sources.devices)?;
+    build_dev(&root.join("dev"), &sources.devices, config.tmpfs_bytes)?;
     let proc = root.join("proc");
-    make_dir(&proc)?;
-    let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(Some("proc"), &proc, Some("proc"), proc_flags, None::<&str>).map_err(|e| {
-        format!("mounting /proc for the new pid namespace: {e} (in a user namespace the host's /proc must be fully visible)")
-    })?;
+    read_only.extend(build_proc(&proc, &sources.devices)?);
     remount_read_only(&read_only)?;
     drop(sources);
     enter(root, &config.name)?;
@@ -179,7 +200,56 @@ fn place(root: &Path, path: &Path, source: &Source) -> Result<Option<PathBuf>, S
     Ok(Some(target))
 }
 
-fn build_dev(dev: &Path, devices: &[(&'static str, OwnedFd)]) -> Result<(), String> {
+/// Mounts the pid namespace's `/proc` at `proc` and masks it (see the module documentation);
+/// returns the mount points to make read-only.
+fn build_proc(proc: &Path, devices: &[(&'static str, OwnedFd)]) -> Result<Vec<PathBuf>, String> {
+    make_dir(proc)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mut mounted = Err(Errno::EINVAL);
+    for options in PROC_OPTIONS {
+        mounted = mount(Some("proc"), proc, Some("proc"), flags, options);
+        // EINVAL: a kernel that does not know this hidepid value; try the next.
+        if mounted != Err(Errno::EINVAL) {
+            break;
+        }
+    }
+    mounted.map_err(|e| {
+        format!("mounting /proc for the new pid namespace: {e} (in a user namespace the host's /proc must be fully visible)")
+    })?;
+    let null = devices
+        .iter()
+        .find(|(name, _)| *name == "null")
+        .map(|(_, fd)| fd)
+        .ok_or("no /dev/null to mask /proc with")?;
+    for name in PROC_MASKED_FILES {
+        let file = proc.join(name);
+        if file.exists() {
+            bind(null, &file)?;
+        }
+    }
+    for name in PROC_MASKED_DIRS {
+        let dir = proc.join(name);
+        if dir.is_dir() {
+            mount_fs("tmpfs", &dir, flags | MsFlags::MS_RDONLY, "mode=555")?;
+        }
+    }
+    let mut read_only = Vec::new();
+    for name in PROC_READ_ONLY {
+        let dir = proc.join(name);
+        if dir.is_dir() {
+            let fd = open_path(&dir)?;
+            bind(&fd, &dir)?;
+            read_only.push(dir);
+        }
+    }
+    Ok(read_only)
+}
+
+fn build_dev(
+    dev: &Path,
+    devices: &[(&'static str, OwnedFd)],
+    tmpfs_bytes: u64,
+) -> Result<(), String> {
     make_dir(dev)?;
     // nodev: a node made here does not work; the bound host nodes are mounts of their own.
     mount_fs(
@@ -208,7 +278,7 @@ fn build_dev(dev: &Path, devices: &[(&'static str, OwnedFd)]) -> Result<(), Stri
         "tmpfs",
         &shm,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        "mode=1777",
+        &format!("mode=1777,size={tmpfs_bytes}"),
     )
 }
 

@@ -35,13 +35,14 @@ pub fn bundle(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
-/// A config for app `name` with no limits and no network.
+/// A config for app `name` with the default limits, which must be enforced, and no network.
 pub fn config(name: &str, bundle: &Path) -> SandboxConfig {
     SandboxConfig {
         name: name.to_owned(),
         bundle_dir: bundle.to_path_buf(),
         ro_paths: Vec::new(),
         limits: Limits::default(),
+        allow_unlimited: false,
         network: false,
         init_program: init_program(),
         init_args: Vec::new(),
