@@ -44,6 +44,14 @@ pub struct GatewayArgs {
     /// heartbeat five times in that time: the gateway tells them so when they join.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
     failure_timeout_ms: u64,
+    /// An idempotency key names its execution for this many hours; past it, the same key
+    /// starts a new execution.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+    key_ttl_hours: u64,
+    /// Forget an ended execution (its answer, its key, its traces) this many hours after it
+    /// ended. Running executions are kept.
+    #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+    retention_hours: u64,
 }
 
 /// How to isolate grains.
@@ -140,6 +148,8 @@ pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
     let mut config = gateway_config(args.data_dir, args.certs, args.http, args.listen);
     config.token = args.token;
     config.gq.failure_timeout = Duration::from_millis(args.failure_timeout_ms);
+    config.gq.key_ttl = Duration::from_secs(args.key_ttl_hours * 3600);
+    config.gq.retention = Duration::from_secs(args.retention_hours * 3600);
     runtime()?.block_on(async move {
         let gateway = Gateway::start(config).await?;
         println!(

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use sand_gateway::store::Store;
 use sand_protocol::durable::{Batch, CallRecord, ExecRecord, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, WorkerId};
+use sand_protocol::time::Time;
 use sand_protocol::wire::{Cont, Payload, Reason};
 
 fn main() {
@@ -128,7 +129,9 @@ fn hop(n: u64, payload: &Payload) -> Batch {
             Op::PutExec(ExecRecord {
                 exec,
                 app: AppName::new("bench").expect("a valid name"),
-                idempotency_key: None,
+                idempotency: None,
+                accepted: Time::ZERO,
+                ended: None,
                 status: ExecStatus::Running,
             }),
         ],

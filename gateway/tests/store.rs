@@ -10,11 +10,12 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use sand_gateway::store::{Store, StoreError, Trace};
 use sand_protocol::durable::{
-    Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, JoinRecord,
-    LogIndex, Op, Owner, WorkerRecord,
+    Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, Idempotency,
+    JoinRecord, LogIndex, Op, Owner, WorkerRecord,
 };
 use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
+use sand_protocol::time::Time;
 use sand_protocol::wire::{AppBundle, Cont, ErrorKind, GrainError, JoinSpec, Payload, Reason};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -113,7 +114,9 @@ fn op() -> impl Strategy<Value = Op> {
             Op::PutExec(ExecRecord {
                 exec,
                 app,
-                idempotency_key: key,
+                idempotency: key.map(|k| Idempotency::new(k, &Payload::from("1"))),
+                accepted: Time::from_millis(1),
+                ended: None,
                 status,
             })
         });
@@ -275,7 +278,9 @@ fn overwrite(i: u64, keys: u32) -> Batch {
             Op::PutExec(ExecRecord {
                 exec,
                 app: app("alpha"),
-                idempotency_key: Some(format!("k{i}")),
+                idempotency: Some(Idempotency::new(format!("k{i}"), &Payload::from("1"))),
+                accepted: Time::from_millis(i),
+                ended: None,
                 status: ExecStatus::Running,
             }),
             Op::PutCall(CallRecord {

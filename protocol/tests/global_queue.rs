@@ -279,7 +279,7 @@ fn an_idempotency_key_finds_the_first_execution() {
             .unwrap();
     t.drain();
     let again =
-        t.gq.invoke(T0, &app(), Payload::from("2"), Some("k".into()))
+        t.gq.invoke(T0, &app(), Payload::from("1"), Some("k".into()))
             .unwrap();
     assert_eq!(again.exec, first.exec);
     assert!(!again.fresh);
@@ -291,6 +291,47 @@ fn an_idempotency_key_finds_the_first_execution() {
             GqOutput::Accepted(first.exec)
         ]
     );
+}
+
+#[test]
+fn the_same_key_with_another_input_is_refused_in_this_life_and_the_next() {
+    let mut t = Gq::new();
+    let key = Some("k".to_string());
+    let first = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let first = first.unwrap().exec;
+    t.drain();
+    t.persist();
+    let reused = t.gq.invoke(T0, &app(), Payload::from("2"), key.clone());
+    let expected = InvokeError::KeyReused {
+        key: "k".into(),
+        exec: first,
+    };
+    assert_eq!(reused, Err(expected.clone()));
+    assert_eq!(t.drain(), vec![], "a refused invocation changed something");
+    let mut recovered = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
+    let reused = recovered.invoke(T0, &app(), Payload::from("2"), key);
+    assert_eq!(reused, Err(expected));
+}
+
+#[test]
+fn a_key_past_its_lifetime_starts_a_new_execution() {
+    let mut t = Gq::new();
+    let ttl = GqConfig::default().key_ttl;
+    let key = Some("k".to_string());
+    let first = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let first = first.unwrap().exec;
+    let just_before = T0 + (ttl - Duration::from_millis(1));
+    let again =
+        t.gq.invoke(just_before, &app(), Payload::from("1"), key.clone());
+    assert_eq!(again.unwrap().exec, first);
+    // Past its lifetime the key is free, whatever the input, and names the new execution.
+    let later =
+        t.gq.invoke(T0 + ttl, &app(), Payload::from("2"), key.clone());
+    let later = later.unwrap();
+    assert!(later.fresh);
+    assert_ne!(later.exec, first);
+    let again = t.gq.invoke(T0 + ttl, &app(), Payload::from("2"), key);
+    assert_eq!(again.unwrap().exec, later.exec);
 }
 
 #[test]
@@ -786,6 +827,42 @@ fn forget_drops_only_ended_executions() {
     assert!(t.gq.execution(exec).is_some(), "forgotten before durable");
     t.persist();
     assert_eq!(t.gq.execution(exec), None);
+}
+
+#[test]
+fn expire_forgets_what_ended_past_the_retention_age_and_keeps_what_runs() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let key = Some("k".to_string());
+    let ended = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let ended = ended.unwrap().exec;
+    let (running, _) = t.invoke("2");
+    let end = T0 + Duration::from_secs(10);
+    let report = done(ended, ended.root_call(), first(), returns("1"));
+    let msg = ToGateway::Progress {
+        incarnation: I1,
+        seq: Seq(1),
+        reports: vec![report],
+    };
+    t.gq.handle(end, GqEvent::Message(W0, msg));
+    t.drain();
+    t.persist();
+    let retention = GqConfig::default().retention;
+    // Its age counts from its end, not its acceptance.
+    assert_eq!(t.gq.expire(T0 + retention), vec![]);
+    assert_eq!(t.gq.expire(end + retention), vec![ended]);
+    t.drain();
+    t.persist();
+    assert_eq!(t.gq.execution(ended), None);
+    assert!(
+        t.gq.execution(running).is_some(),
+        "a running execution was forgotten"
+    );
+    assert!(!t.store.execs.contains_key(&ended), "not durably forgotten");
+    // Its key went with it: the same key starts a new execution.
+    let again =
+        t.gq.invoke(end + retention, &app(), Payload::from("1"), key);
+    assert!(again.unwrap().fresh);
 }
 
 #[test]
