@@ -120,6 +120,7 @@ fn hop(n: u64, payload: &Payload) -> Batch {
             worker: WorkerId(1),
             incarnation: Incarnation(1),
         }),
+        depth_left: 16,
     };
     Batch {
         index: LogIndex(n),

@@ -817,6 +817,7 @@ mod tests {
                         worker: WorkerId(1),
                         incarnation: Incarnation(1),
                     }),
+                    depth_left: 16,
                 }),
             ],
         }

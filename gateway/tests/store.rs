@@ -145,6 +145,7 @@ fn op() -> impl Strategy<Value = Op> {
                         worker: WorkerId(w),
                         incarnation: Incarnation(i),
                     }),
+                    depth_left: 16,
                 })
             })
     };
@@ -163,6 +164,7 @@ fn op() -> impl Strategy<Value = Op> {
                     grain: name("j"),
                     branches: contributions.len() as u32,
                     cont,
+                    depth_left: 16,
                 },
                 contributions,
                 fired,
@@ -294,6 +296,7 @@ fn overwrite(i: u64, keys: u32) -> Batch {
                 failures: 0,
                 reason: Reason::First,
                 owner: None,
+                depth_left: 16,
             }),
             Op::DelCall(exec, CallId(i)),
         ],

@@ -2644,6 +2644,7 @@ mod tests {
             grain: GrainName::new(grain_name).unwrap(),
             input,
             cont: Cont::Client,
+            depth_left: 16,
         }
     }
 

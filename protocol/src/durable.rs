@@ -111,6 +111,8 @@ pub struct CallRecord {
     pub reason: Reason,
     /// Who runs the current attempt; `None` while it waits to be placed.
     pub owner: Option<Owner>,
+    /// Its [`CallSpec::depth_left`](crate::wire::CallSpec::depth_left).
+    pub depth_left: u32,
 }
 
 /// A fan-out's join, and the branch values recorded so far.

@@ -50,6 +50,13 @@ pub struct GqConfig {
     /// How long an ended execution (its answer, its key) is kept before
     /// [`expire`](GlobalQueue::expire) forgets it.
     pub retention: Duration,
+    /// How deep fan-outs may nest in an execution (an entry call's
+    /// [`depth_left`](CallSpec::depth_left)).
+    pub depth_max: u32,
+    /// The most calls an execution may make, if limited; one more ends it with a
+    /// [`ErrorKind::Budget`] error. Counted per gateway life: a restart counts afresh from the
+    /// calls pending.
+    pub calls_max: Option<u32>,
 }
 
 impl GqConfig {
@@ -84,6 +91,8 @@ impl Default for GqConfig {
             held_max: 1024,
             key_ttl: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(7 * 24 * 3600),
+            depth_max: 16,
+            calls_max: Some(100_000),
         }
     }
 }
@@ -221,6 +230,8 @@ pub struct GlobalQueue {
     keys: BTreeMap<(AppName, String), ExecId>,
     /// Pending calls by owner.
     owned: BTreeMap<Owner, BTreeSet<CallKey>>,
+    /// Calls made by each running execution, when [`GqConfig::calls_max`] limits them.
+    made: BTreeMap<ExecId, u32>,
     links: BTreeMap<WorkerId, Link>,
     timers: BTreeMap<GqTimer, Time>,
     /// The index of the epoch record: nothing is sent before it is durable.
@@ -256,6 +267,7 @@ impl GlobalQueue {
             next_placement: 0,
             keys: BTreeMap::new(),
             owned: BTreeMap::new(),
+            made: BTreeMap::new(),
             links: BTreeMap::new(),
             timers: BTreeMap::new(),
             epoch_index: LogIndex(1),
@@ -283,6 +295,11 @@ impl GlobalQueue {
             }
         }
         let calls: Vec<CallRecord> = gq.state.calls.values().cloned().collect();
+        if gq.config.calls_max.is_some() {
+            for rec in &calls {
+                *gq.made.entry(rec.exec).or_default() += 1;
+            }
+        }
         for mut rec in calls {
             match rec.owner {
                 Some(owner) if gq.is_live(owner) => gq.put_call(now, rec),
@@ -388,8 +405,12 @@ impl GlobalQueue {
                 failures: 0,
                 reason: Reason::First,
                 owner: None,
+                depth_left: self.config.depth_max,
             },
         );
+        if self.config.calls_max.is_some() {
+            self.made.insert(exec, 1);
+        }
         self.after_batch.push(GqOutput::Accepted(exec));
         self.close_batch();
         Ok(Invoked { exec, fresh: true })
@@ -808,6 +829,7 @@ impl GlobalQueue {
             return;
         }
         let app = root.app.clone();
+        let depth_left = root.depth_left;
         // A call spawned by a report inherits its root's attempt: the worker ran it under it.
         let report_attempt = report.attempt;
         let effects = match report.outcome {
@@ -864,6 +886,9 @@ impl GlobalQueue {
                 j.fired = true;
                 self.commit(Op::PutJoin(j));
             }
+            if let Err(error) = self.count_call(exec) {
+                return self.finish(now, exec, Answer::Error(error));
+            }
             self.put_call(
                 now,
                 CallRecord {
@@ -877,6 +902,8 @@ impl GlobalQueue {
                     failures: 0,
                     reason: Reason::First,
                     owner: new.owned.then_some(owner),
+                    // Calls below a report's root are never deeper than it allows.
+                    depth_left: new.depth_left.min(depth_left),
                 },
             );
         }
@@ -901,6 +928,9 @@ impl GlobalQueue {
         let Some(app) = self.state.execs.get(&jkey.0).map(|e| e.app.clone()) else {
             return;
         };
+        if let Err(error) = self.count_call(jkey.0) {
+            return self.finish(now, jkey.0, Answer::Error(error));
+        }
         match input {
             Ok(input) => {
                 j.fired = true;
@@ -915,6 +945,7 @@ impl GlobalQueue {
                     failures: 0,
                     reason: Reason::First,
                     owner: None,
+                    depth_left: j.spec.depth_left,
                 };
                 self.commit(Op::PutJoin(j));
                 self.put_call(now, rec);
@@ -933,7 +964,8 @@ impl GlobalQueue {
         };
         let policy = self.policy(&rec.app, &rec);
         rec.failures += 1;
-        if rec.failures >= policy.attempts_max {
+        // A budget is not a passing failure: a retry would meet it again.
+        if rec.failures >= policy.attempts_max || error.kind == ErrorKind::Budget {
             return self.finish(now, key.0, Answer::Error(error));
         }
         // The retry timer goes first, so that put_call leaves the call unplaced until it fires.
@@ -944,6 +976,25 @@ impl GlobalQueue {
         rec.owner = None;
         rec.reason = Reason::Retry;
         self.put_call(now, rec);
+    }
+
+    /// Counts a call the execution makes; refused past [`GqConfig::calls_max`].
+    fn count_call(&mut self, exec: ExecId) -> Result<(), GrainError> {
+        let Some(max) = self.config.calls_max else {
+            return Ok(());
+        };
+        let made = self.made.entry(exec).or_default();
+        if *made >= max {
+            return Err(GrainError::new(
+                ErrorKind::Budget,
+                format!(
+                    "the execution made {max} calls, its budget; the operator sets it \
+                     (`sand gateway --calls-max`)"
+                ),
+            ));
+        }
+        *made += 1;
+        Ok(())
     }
 
     /// Ends an execution with its one answer and cancels whatever of it is still pending.
@@ -957,6 +1008,7 @@ impl GlobalQueue {
         let mut rec = rec.clone();
         rec.status = ExecStatus::Done(answer.clone());
         rec.ended = Some(now);
+        self.made.remove(&exec);
         self.commit(Op::PutExec(rec));
         let range = (exec, CallId(0))..=(exec, CallId(u64::MAX));
         let calls: Vec<CallKey> = self
@@ -1366,5 +1418,6 @@ fn spec_of(rec: &CallRecord) -> CallSpec {
         grain: rec.grain.clone(),
         input: rec.input.clone(),
         cont: rec.cont,
+        depth_left: rec.depth_left,
     }
 }

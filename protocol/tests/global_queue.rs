@@ -92,7 +92,11 @@ struct Gq {
 impl Gq {
     /// A queue with `app` deployed and everything persisted.
     fn new() -> Self {
-        let mut gq = GlobalQueue::new(GqConfig::default(), T0);
+        Self::with_config(GqConfig::default())
+    }
+
+    fn with_config(config: GqConfig) -> Self {
+        let mut gq = GlobalQueue::new(config, T0);
         gq.deploy(
             AppSpec {
                 name: app(),
@@ -185,6 +189,7 @@ fn spec(exec: ExecId, g: &str, input: &str, attempt: Attempt) -> CallSpec {
         grain: grain(g),
         input: Payload::from(input),
         cont: Cont::Client,
+        depth_left: 16,
     }
 }
 
@@ -390,6 +395,7 @@ fn progress_is_applied_in_the_order_sent() {
             input: Payload::from("2"),
             cont: Cont::Client,
             owned: true,
+            depth_left: 16,
         }],
         ..Effects::default()
     };
@@ -427,6 +433,7 @@ fn a_locally_run_call_is_owned_and_an_unowned_one_is_placed() {
         input: Payload::from("2"),
         cont: Cont::Client,
         owned,
+        depth_left: 16,
     };
     let effects = Effects {
         spawned: vec![new(0, true), new(1, false)],
@@ -640,6 +647,7 @@ fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
         input: Payload::from("0"),
         cont: Cont::Join { join, branch: i },
         owned: true,
+        depth_left: 16,
     };
     let fan = Effects {
         joins: vec![JoinSpec {
@@ -647,6 +655,7 @@ fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
             grain: grain("j"),
             branches: 3,
             cont: Cont::Client,
+            depth_left: 16,
         }],
         spawned: vec![branch(0), branch(1), branch(2)],
         ..Effects::default()
@@ -705,6 +714,7 @@ fn a_join_started_by_the_worker_is_owned_by_it() {
             grain: grain("j"),
             branches: 1,
             cont: Cont::Client,
+            depth_left: 16,
         }],
         returns: vec![Return {
             cont: Cont::Join { join, branch: 0 },
@@ -716,6 +726,7 @@ fn a_join_started_by_the_worker_is_owned_by_it() {
             input: Payload::from("[x]"),
             cont: Cont::Client,
             owned: true,
+            depth_left: 16,
         }],
     };
     assert_eq!(
@@ -741,6 +752,7 @@ fn an_answer_cancels_the_calls_left_pending() {
         input: Payload::from("2"),
         cont: Cont::Client,
         owned,
+        depth_left: 16,
     };
     // Two racing calls, one here and one placed on W1: the first value wins.
     let effects = Effects {
@@ -1107,4 +1119,71 @@ fn an_idempotency_key_names_an_execution_of_its_own_app_only() {
     let mut recovered = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
     let found = recovered.invoke(T0, &app(), Payload::from("1"), key);
     assert_eq!(found.unwrap().exec, mine.exec);
+}
+
+#[test]
+fn an_execution_past_its_budget_of_calls_fails_with_a_budget_error() {
+    let mut t = Gq::with_config(GqConfig {
+        calls_max: Some(3),
+        ..GqConfig::default()
+    });
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let c0 = exec.root_call();
+    let join = c0.join();
+    let branch = |i: u32| NewCall {
+        call: c0.child(i),
+        grain: grain("b"),
+        input: Payload::from("0"),
+        cont: Cont::Join { join, branch: i },
+        owned: true,
+        depth_left: 15,
+    };
+    // The entry call and two branches fit in three calls; the third branch does not.
+    let fan = Effects {
+        joins: vec![JoinSpec {
+            call: join,
+            grain: grain("j"),
+            branches: 3,
+            cont: Cont::Client,
+            depth_left: 16,
+        }],
+        spawned: vec![branch(0), branch(1), branch(2)],
+        ..Effects::default()
+    };
+    t.progress(W0, 1, vec![done(exec, c0, first(), fan)]);
+    t.persist();
+    let Some(ExecStatus::Done(Answer::Error(error))) =
+        t.gq.execution(exec).map(|e| e.status.clone())
+    else {
+        panic!("the execution went on: {:?}", t.gq.execution(exec));
+    };
+    assert_eq!(error.kind, ErrorKind::Budget, "{error:?}");
+    assert!(
+        t.store.calls.is_empty(),
+        "calls left pending: {:?}",
+        t.store.calls
+    );
+}
+
+#[test]
+fn a_budget_error_ends_the_execution_without_a_retry() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let error = GrainError::new(ErrorKind::Budget, "too deep");
+    let failed = Report {
+        exec,
+        call: exec.root_call(),
+        attempt: first(),
+        outcome: Outcome::Failed(error.clone()),
+    };
+    t.progress(W0, 1, vec![failed]);
+    t.persist();
+    assert_eq!(
+        t.gq.execution(exec).unwrap().status,
+        ExecStatus::Done(Answer::Error(error))
+    );
 }
