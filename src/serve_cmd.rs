@@ -64,6 +64,20 @@ pub struct GatewayArgs {
     /// heartbeat five times in that time: the gateway tells them so when they join.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
     failure_timeout_ms: u64,
+    /// An idempotency key names its execution for this many hours; past it, the same key
+    /// starts a new execution.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+    key_ttl_hours: u64,
+    /// Forget an ended execution (its answer, its key, its traces) this many hours after it
+    /// ended. Running executions are kept.
+    #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+    retention_hours: u64,
+    /// The most calls one execution may make; past it, it fails with a `Budget` error.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    calls_max: u32,
+    /// How deep fan-outs may nest in one execution; a deeper one fails with a `Budget` error.
+    #[arg(long, default_value_t = 16)]
+    fan_out_depth_max: u32,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -255,6 +269,10 @@ pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
     config.http_tls = args.http_tls_cert.zip(args.http_tls_key);
     args.http_args.apply(&mut config);
     config.gq.failure_timeout = Duration::from_millis(args.failure_timeout_ms);
+    config.gq.key_ttl = Duration::from_secs(args.key_ttl_hours * 3600);
+    config.gq.retention = Duration::from_secs(args.retention_hours * 3600);
+    config.gq.calls_max = Some(args.calls_max);
+    config.gq.depth_max = args.fan_out_depth_max;
     runtime()?.block_on(async move {
         let gateway = Gateway::start(config).await?;
         println!(

@@ -476,7 +476,10 @@ fn bad_requests_get_json_errors() {
         ),
         (
             "unknown execution",
-            get(&format!("{base}/v1/executions/00000000000000ff")),
+            get(&format!(
+                "{base}/v1/executions/00000000000000ff{}",
+                "0".repeat(32)
+            )),
         ),
         ("no route", get(&format!("{base}/v2/nothing"))),
         (

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use sand_gateway::store::Store;
 use sand_protocol::durable::{Batch, CallRecord, ExecRecord, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, WorkerId};
+use sand_protocol::time::Time;
 use sand_protocol::wire::{Cont, Payload, Reason};
 
 fn main() {
@@ -119,6 +120,7 @@ fn hop(n: u64, payload: &Payload) -> Batch {
             worker: WorkerId(1),
             incarnation: Incarnation(1),
         }),
+        depth_left: 16,
     };
     Batch {
         index: LogIndex(n),
@@ -128,7 +130,9 @@ fn hop(n: u64, payload: &Payload) -> Batch {
             Op::PutExec(ExecRecord {
                 exec,
                 app: AppName::new("bench").expect("a valid name"),
-                idempotency_key: None,
+                idempotency: None,
+                accepted: Time::ZERO,
+                ended: None,
                 status: ExecStatus::Running,
             }),
         ],

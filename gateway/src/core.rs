@@ -162,7 +162,10 @@ pub struct Core {
     gq: GlobalQueue,
     store: Arc<Store>,
     sender: GatewaySender,
+    /// The queue's clock: `origin` (the wall clock at start, ms since the Unix epoch) plus the
+    /// monotonic time since `started`. See [`Core::now`].
     started: Instant,
+    origin: u64,
     metrics: Arc<Metrics>,
     /// Clients waiting for an acceptance to be durable, each with what `invoke` said.
     accepting: HashMap<ExecId, Vec<(Invoked, InvokeReply)>>,
@@ -182,6 +185,8 @@ pub struct Core {
     /// deferred. Reset after every drain.
     defer_batches: bool,
     traces: TraceBook,
+    /// How often ended executions past the retention age are forgotten.
+    sweep: Duration,
 }
 
 impl Core {
@@ -195,12 +200,17 @@ impl Core {
     ) -> Self {
         let traces = TraceBook::default();
         let started = Instant::now();
-        let gq = GlobalQueue::recover(config, Time::from_millis(0), state);
+        let origin = wall_ms();
+        let gq = GlobalQueue::recover(config, Time::from_millis(origin), state);
+        // Often enough that nothing outlives the retention age by much, rarely enough that a
+        // sweep (a scan of the executions) costs nothing.
+        let sweep = (config.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         Self {
             gq,
             store,
             sender,
             started,
+            origin,
             metrics,
             accepting: HashMap::new(),
             answering: HashMap::new(),
@@ -210,11 +220,21 @@ impl Core {
             accepted_at: HashMap::new(),
             defer_batches: false,
             traces,
+            sweep,
         }
     }
 
+    /// The time the queue is given: milliseconds since the Unix epoch, read from the wall
+    /// clock once at start and advanced by the monotonic clock. Durable times (a key's birth,
+    /// an execution's end) thus compare across restarts, while the timers of one life never
+    /// jump with a clock adjustment.
     fn now(&self) -> Time {
-        Time::from_millis(self.started.elapsed().as_millis() as u64)
+        Time::from_millis(self.origin + self.started.elapsed().as_millis() as u64)
+    }
+
+    /// When, by the monotonic clock, the queue's time reaches `t`.
+    fn instant(&self, t: Time) -> Instant {
+        self.started + Duration::from_millis(t.as_millis().saturating_sub(self.origin))
     }
 
     /// Runs until every command sender is gone, or the store fails (an error: the gateway must
@@ -225,12 +245,11 @@ impl Core {
         mut events: Events<GatewayEvent>,
     ) -> Result<(), StoreError> {
         let mut commits = self.store.commits();
+        let mut sweep = tokio::time::interval(self.sweep);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.drain()?;
         loop {
-            let deadline = self
-                .gq
-                .poll_timeout()
-                .map(|t| self.started + Duration::from_millis(t.as_millis()));
+            let deadline = self.gq.poll_timeout().map(|t| self.instant(t));
             let sleep = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -258,6 +277,7 @@ impl Core {
                     let now = self.now();
                     self.gq.handle_timeouts(now);
                 }
+                _ = sweep.tick() => self.expire(),
             }
             self.drain()?;
             self.metrics
@@ -356,6 +376,24 @@ impl Core {
         }
     }
 
+    /// Forgets the executions that ended past the retention age, traces and all.
+    fn expire(&mut self) {
+        let now = self.now();
+        let forgotten = self.gq.expire(now);
+        if !forgotten.is_empty() {
+            tracing::info!(
+                executions = forgotten.len(),
+                "forgot executions past the retention age"
+            );
+        }
+        for exec in forgotten {
+            self.traces.ended(exec);
+            if let Err(e) = self.store.delete_traces(exec) {
+                tracing::warn!(%exec, "could not delete traces: {e}");
+            }
+        }
+    }
+
     /// Accepts an execution in the queue, noting when for the latency histogram.
     fn invoke(
         &mut self,
@@ -421,7 +459,9 @@ impl Core {
                     tracing::debug!(worker = %w, "bundle not sent: {e}");
                 }
             }
-            GatewayEvent::Message(w, Up::Service(ServiceToGateway::Trace { runs })) => {
+            GatewayEvent::Message(w, Up::Service(ServiceToGateway::Trace { mut runs })) => {
+                // A forgotten execution's traces went with it: none come back.
+                runs.retain(|r| self.gq.state().execs.contains_key(&r.exec));
                 let writes = self.traces.runs(w, runs, &self.metrics);
                 if let Err(e) = self.store.put_traces(writes) {
                     tracing::warn!("could not record traces: {e}");
@@ -555,16 +595,14 @@ mod tests {
     /// welcomed, and that worker's events. The store commits by itself, but the core learns
     /// of it only through [`settle`].
     fn core_with_worker(store: Store) -> (Core, MemNetwork, Events<WorkerEvent>) {
+        core_configured(store, GqConfig::default())
+    }
+
+    fn core_configured(store: Store, config: GqConfig) -> (Core, MemNetwork, Events<WorkerEvent>) {
         let (net, link) = MemNetwork::new(64);
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
         let state = sand_protocol::durable::DurableState::default();
-        let mut core = Core::new(
-            GqConfig::default(),
-            Arc::new(store),
-            state,
-            link.sender,
-            metrics,
-        );
+        let mut core = Core::new(config, Arc::new(store), state, link.sender, metrics);
         core.drain().unwrap();
         let spec = AppSpec {
             name: AppName::new("one").unwrap(),
@@ -649,11 +687,15 @@ mod tests {
     }
 
     fn run(core: &mut Core, input: &'static [u8]) -> Run {
+        run_keyed(core, input, None)
+    }
+
+    fn run_keyed(core: &mut Core, input: &'static [u8], key: Option<&str>) -> Run {
         let (reply, mut rx) = oneshot::channel();
         core.command(Command::Run {
             app: AppName::new("one").unwrap(),
             input: Payload::new(input),
-            idempotency_key: None,
+            idempotency_key: key.map(str::to_owned),
             reply,
         });
         core.drain().unwrap();
@@ -756,5 +798,66 @@ mod tests {
         assert!(accepted.try_recv().is_err(), "accepted before durable");
         settle(&mut core);
         assert!(accepted.try_recv().unwrap().is_ok());
+    }
+
+    #[test]
+    fn past_the_retention_age_an_ended_execution_its_key_and_traces_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("gq.redb")).unwrap();
+        let config = GqConfig {
+            retention: Duration::from_millis(100),
+            ..GqConfig::default()
+        };
+        let (mut core, _net, mut worker) = core_configured(store, config);
+        let mut ended = run_keyed(&mut core, b"3", Some("k"));
+        let exec = ended.invoked.exec;
+        let call = dispatched(&mut worker);
+        core.event(answered(&call, 1, b"9"));
+        core.drain().unwrap();
+        let running = run(&mut core, b"4").invoked.exec;
+        settle(&mut core);
+        assert!(ended.answer.try_recv().unwrap().is_some());
+        assert!(
+            !core.store.traces(exec).unwrap().is_empty(),
+            "no trace to forget"
+        );
+
+        // Not yet past the age: kept.
+        core.expire();
+        assert!(
+            core.gq.execution(exec).is_some(),
+            "forgotten before its age"
+        );
+        std::thread::sleep(Duration::from_millis(150));
+        core.expire();
+        core.drain().unwrap();
+        settle(&mut core);
+        assert_eq!(core.gq.execution(exec), None);
+        assert_eq!(core.store.traces(exec).unwrap(), vec![]);
+        assert!(
+            core.gq.execution(running).is_some(),
+            "a running one was forgotten"
+        );
+        // A late trace does not bring it back.
+        let late = sand_protocol::wire::RunTrace {
+            exec,
+            call: call.call,
+            attempt: call.attempt,
+            grain: call.grain.clone(),
+            dispatched: true,
+            started_ms: 1,
+            ended_ms: 2,
+            error: None,
+            stdout: Bytes::new(),
+            stderr: Bytes::new(),
+        };
+        let trace = ServiceToGateway::Trace { runs: vec![late] };
+        core.event(GatewayEvent::Message(WORKER, trace.into()));
+        std::thread::sleep(10 * crate::store::DEFER_MAX);
+        assert_eq!(core.store.traces(exec).unwrap(), vec![]);
+        // Its key went with it: the same key starts a new execution.
+        let again = run_keyed(&mut core, b"3", Some("k"));
+        assert!(again.invoked.fresh);
+        assert_ne!(again.invoked.exec, exec);
     }
 }

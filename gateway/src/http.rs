@@ -8,6 +8,10 @@
 //! | `GET /v1/executions/{id}` | status, output or error, and the trace of every call |
 //! | `GET /v1/workers`, `GET /healthz`, `GET /metrics` | cluster, liveness, Prometheus |
 //!
+//! Executions are named by references ([`ExecRefs`]): unguessable, so a client reaches only
+//! the executions it was told of. A malformed one is a 400; one this gateway did not give out
+//! is a 404, like an unknown execution.
+//!
 //! A deploy that asks for more than the operator's policy allows (a host interpreter, network,
 //! memory) is a 403 `refused_by_policy` naming the key and the flag that would allow it.
 //! Every failure is a 4xx or 5xx with `{"error": {"code": ..., "message": ...}}`. With a token
@@ -36,6 +40,7 @@ use sand_protocol::wire::{AppBundle, Payload, PAYLOAD_BYTES_MAX};
 use serde_json::{json, Value};
 
 use crate::core::{Command, CoreHandle, CoreStopped};
+use crate::exec_ref::{ExecRefs, RefError};
 use crate::metrics::{Metrics, Status};
 use crate::store::Store;
 use crate::token::Token;
@@ -65,6 +70,8 @@ pub struct Api {
     pub hosts: Arc<[String]>,
     /// What apps may ask of the host, checked at deploy.
     pub policy: Arc<sand_app::Policy>,
+    /// Names executions to clients.
+    pub refs: Arc<ExecRefs>,
 }
 
 /// A failed request: its status and a JSON account.
@@ -449,10 +456,11 @@ async fn invoke(
                 .to_owned(),
         ),
     };
+    let refs = api.refs.clone();
     let pending = |exec: ExecId| {
         (
             StatusCode::ACCEPTED,
-            Json(json!({"execution": exec.to_string()})),
+            Json(json!({"execution": refs.present(exec)})),
         )
             .into_response()
     };
@@ -467,7 +475,7 @@ async fn invoke(
                 reply,
             })
             .await?
-            .map_err(refused)?;
+            .map_err(|e| refused(&refs, e))?;
         return Ok(pending(invoked.exec));
     }
     // One trip to the core: the answer comes once it is durable, and its batch carries the
@@ -481,13 +489,14 @@ async fn invoke(
             reply,
         })
         .await?
-        .map_err(refused)?;
+        .map_err(|e| refused(&refs, e))?;
     let exec = run.invoked.exec;
+    let reference = refs.present(exec);
     match tokio::time::timeout(q.wait, run.answer).await {
-        Ok(Ok(Some(answer))) => Ok(Json(answered(exec, &answer)).into_response()),
+        Ok(Ok(Some(answer))) => Ok(Json(answered(&reference, &answer)).into_response()),
         Ok(Ok(None)) => Err(ApiError::not_found(
             "unknown_execution",
-            format!("execution {exec} was forgotten"),
+            format!("execution {reference} was forgotten"),
         )),
         Ok(Err(_)) => Err(CoreStopped.into()),
         Err(_) => {
@@ -496,48 +505,56 @@ async fn invoke(
                 .accepted
                 .await
                 .map_err(|_| CoreStopped)?
-                .map_err(refused)?;
+                .map_err(|e| refused(&refs, e))?;
             Ok(pending(invoked.exec))
         }
     }
 }
 
 /// The API's account of a refused invocation.
-fn refused(e: InvokeError) -> ApiError {
+fn refused(refs: &ExecRefs, e: InvokeError) -> ApiError {
     match e {
         InvokeError::UnknownApp(_) => ApiError::not_found("unknown_app", e.to_string()),
         InvokeError::TooLarge(_) => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
         }
+        InvokeError::KeyReused { key, exec } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            format!(
+                "idempotency key {key:?} was used with a different input for execution {}; use \
+                 a new key for a new input",
+                refs.present(exec)
+            ),
+        ),
     }
 }
 
-/// `{"execution": ID, "output": ...}` or `{"execution": ID, "error": {...}}`.
-fn answered(exec: ExecId, answer: &Answer) -> Value {
+/// `{"execution": REF, "output": ...}` or `{"execution": REF, "error": {...}}`.
+fn answered(reference: &str, answer: &Answer) -> Value {
     match answer {
         Answer::Value(payload) => {
             let output = serde_json::from_slice::<Value>(&payload.0).unwrap_or(Value::Null);
-            json!({"execution": exec.to_string(), "output": output})
+            json!({"execution": reference, "output": output})
         }
         Answer::Error(e) => json!({
-            "execution": exec.to_string(),
+            "execution": reference,
             "error": {"kind": format!("{:?}", e.kind), "message": e.message},
         }),
     }
 }
 
 async fn execution(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
-    let exec: ExecId = id.parse().map_err(|_| {
-        ApiError::bad_request(
-            "bad_execution_id",
-            format!("`{id}` is not an execution id (16 hex digits)"),
-        )
+    let unknown = || ApiError::not_found("unknown_execution", format!("no execution {id}"));
+    let exec = api.refs.resolve(&id).map_err(|e| match e {
+        RefError::Malformed => ApiError::bad_request("bad_execution_id", format!("`{id}` is {e}")),
+        RefError::Unknown => unknown(),
     })?;
     let record = api
         .core
         .ask(|reply| Command::Execution { exec, reply })
         .await?
-        .ok_or_else(|| ApiError::not_found("unknown_execution", format!("no execution {id}")))?;
+        .ok_or_else(unknown)?;
     let store = api.store.clone();
     let traces = tokio::task::spawn_blocking(move || store.traces(exec))
         .await
@@ -551,7 +568,7 @@ async fn execution(State(api): State<Api>, Path(id): Path<String>) -> ApiResult 
     let mut body = match &record.status {
         ExecStatus::Running => json!({"execution": id, "status": "running"}),
         ExecStatus::Done(answer) => {
-            let mut v = answered(exec, answer);
+            let mut v = answered(&id, answer);
             let status = match answer {
                 Answer::Value(_) => "succeeded",
                 Answer::Error(_) => "failed",

@@ -2,11 +2,13 @@
 //!
 //! - [`core`]: the one task that owns the [`GlobalQueue`](sand_protocol::global_queue::GlobalQueue);
 //! - [`store`]: the durable store (redb, group commit);
-//! - [`http`]: the client API; [`serve`]: its connections; [`token`]: its bearer token;
+//! - [`http`]: the client API, naming executions by [`exec_ref`]erences; [`serve`]: its
+//!   connections; [`token`]: its bearer token;
 //! - [`metrics`]: what `/metrics` shows; [`trace`]: execution traces;
 //! - [`server`]: all of it started together.
 
 pub mod core;
+pub mod exec_ref;
 pub mod http;
 pub mod metrics;
 pub mod serve;

@@ -13,6 +13,7 @@ use sand_transport_quic::quic::{QuicConfig, QuicGateway};
 use tokio::task::JoinHandle;
 
 use crate::core::{self, Core, CoreHandle};
+use crate::exec_ref::{ExecRefs, SecretError};
 use crate::http::{self, Api};
 use crate::metrics::Metrics;
 use crate::serve::{self, Limits, TlsError};
@@ -60,6 +61,9 @@ pub enum GatewayError {
     /// The store could not be opened or written.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The secret of execution references could not be had.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     /// The gateway's certificate could not be loaded.
     #[error(transparent)]
     Cert(#[from] CertError),
@@ -126,6 +130,7 @@ impl Gateway {
             ),
             source,
         })?;
+        let refs = Arc::new(ExecRefs::open(&config.data_dir)?);
         let identity = certs::load_gateway(&config.cert_dir)?;
         let (store, state) = Store::open(&config.data_dir.join(STORE_FILE))?;
         let store = Arc::new(store);
@@ -164,6 +169,7 @@ impl Gateway {
             token: config.token.map(Arc::new),
             hosts: config.http_hosts.into(),
             policy: Arc::new(config.policy),
+            refs,
         };
         let app = http::router(api);
         let http_task = tokio::spawn(serve::serve(listener, app, config.http_limits, tls));

@@ -379,8 +379,9 @@ const TRACES: TableDefinition<(u64, u64, u64), &[u8]> = TableDefinition::new("tr
 const META_FORMAT: &str = "format";
 const META_EPOCH: &str = "epoch";
 const META_LAST_INDEX: &str = "last_index";
-/// The layout this build writes. Bump it when a table's encoding changes.
-const FORMAT: u64 = 2;
+/// The layout this build writes. Bump it when a table's encoding changes. 3: executions keep
+/// their key's input digest, acceptance and end times.
+const FORMAT: u64 = 3;
 
 /// The most jobs written in one transaction, so one transaction stays bounded under a flood.
 const GROUP_JOBS_MAX: usize = 8192;
@@ -781,6 +782,7 @@ mod tests {
     use super::*;
     use sand_protocol::durable::{ExecStatus, Owner};
     use sand_protocol::ids::{AppName, GrainName, Incarnation};
+    use sand_protocol::time::Time;
     use sand_protocol::wire::{Cont, Payload, Reason};
 
     /// Longer than any test runs: deferred work in these stores never commits by the clock.
@@ -796,7 +798,9 @@ mod tests {
                 Op::PutExec(ExecRecord {
                     exec,
                     app: app.clone(),
-                    idempotency_key: None,
+                    idempotency: None,
+                    accepted: Time::ZERO,
+                    ended: None,
                     status: ExecStatus::Running,
                 }),
                 Op::PutCall(CallRecord {
@@ -813,6 +817,7 @@ mod tests {
                         worker: WorkerId(1),
                         incarnation: Incarnation(1),
                     }),
+                    depth_left: 16,
                 }),
             ],
         }

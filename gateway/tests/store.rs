@@ -10,11 +10,12 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use sand_gateway::store::{Store, StoreError, Trace};
 use sand_protocol::durable::{
-    Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, JoinRecord,
-    LogIndex, Op, Owner, WorkerRecord,
+    Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, Idempotency,
+    JoinRecord, LogIndex, Op, Owner, WorkerRecord,
 };
 use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
+use sand_protocol::time::Time;
 use sand_protocol::wire::{AppBundle, Cont, ErrorKind, GrainError, JoinSpec, Payload, Reason};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -113,7 +114,9 @@ fn op() -> impl Strategy<Value = Op> {
             Op::PutExec(ExecRecord {
                 exec,
                 app,
-                idempotency_key: key,
+                idempotency: key.map(|k| Idempotency::new(k, &Payload::from("1"))),
+                accepted: Time::from_millis(1),
+                ended: None,
                 status,
             })
         });
@@ -142,6 +145,7 @@ fn op() -> impl Strategy<Value = Op> {
                         worker: WorkerId(w),
                         incarnation: Incarnation(i),
                     }),
+                    depth_left: 16,
                 })
             })
     };
@@ -160,6 +164,7 @@ fn op() -> impl Strategy<Value = Op> {
                     grain: name("j"),
                     branches: contributions.len() as u32,
                     cont,
+                    depth_left: 16,
                 },
                 contributions,
                 fired,
@@ -275,7 +280,9 @@ fn overwrite(i: u64, keys: u32) -> Batch {
             Op::PutExec(ExecRecord {
                 exec,
                 app: app("alpha"),
-                idempotency_key: Some(format!("k{i}")),
+                idempotency: Some(Idempotency::new(format!("k{i}"), &Payload::from("1"))),
+                accepted: Time::from_millis(i),
+                ended: None,
                 status: ExecStatus::Running,
             }),
             Op::PutCall(CallRecord {
@@ -289,6 +296,7 @@ fn overwrite(i: u64, keys: u32) -> Batch {
                 failures: 0,
                 reason: Reason::First,
                 owner: None,
+                depth_left: 16,
             }),
             Op::DelCall(exec, CallId(i)),
         ],

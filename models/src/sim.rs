@@ -1484,6 +1484,7 @@ impl Sim {
             failure_timeout: Duration::from_secs(5),
             timeout_grace: Duration::from_secs(1),
             held_max: 64,
+            ..GqConfig::default()
         };
         let lb_config = LbConfig {
             worker: WorkerId(0),
@@ -1878,8 +1879,8 @@ impl Sim {
                     return Err(self.fail(Property::AnswerStays, why));
                 }
                 Op::PutExec(e) => {
-                    if let Some(key) = &e.idempotency_key {
-                        self.durable_keys.insert(key.clone(), e.exec);
+                    if let Some(id) = &e.idempotency {
+                        self.durable_keys.insert(id.key.clone(), e.exec);
                     }
                 }
                 Op::DelExec(e) => self.durable_keys.retain(|_, x| x != e),
@@ -2643,6 +2644,7 @@ mod tests {
             grain: GrainName::new(grain_name).unwrap(),
             input,
             cont: Cont::Client,
+            depth_left: 16,
         }
     }
 

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use crate::policy::AppSpec;
+use crate::time::Time;
 use crate::wire::{AppBundle, Cont, GrainError, JoinSpec, Payload, Reason};
 
 /// The position of a batch in the durable log, from 1 in each gateway incarnation.
@@ -47,10 +48,35 @@ pub struct ExecRecord {
     pub exec: ExecId,
     /// The app invoked.
     pub app: AppName,
-    /// The client's idempotency key, if it gave one.
-    pub idempotency_key: Option<String>,
+    /// The client's idempotency key, if it gave one, with what it was given for.
+    pub idempotency: Option<Idempotency>,
+    /// When it was accepted: its key expires counting from here.
+    pub accepted: Time,
+    /// When it ended (set with a `Done` status): it is forgotten counting from here.
+    pub ended: Option<Time>,
     /// Where it stands.
     pub status: ExecStatus,
+}
+
+/// A client's idempotency key and the input it came with: the same key with another input is
+/// refused, not taken for a retry.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+pub struct Idempotency {
+    /// The key, as the client sent it.
+    pub key: String,
+    /// The SHA-256 of the input.
+    pub input: [u8; 32],
+}
+
+impl Idempotency {
+    /// `key` sent with `input`.
+    pub fn new(key: String, input: &Payload) -> Self {
+        use sha2::Digest;
+        Self {
+            key,
+            input: sha2::Sha256::digest(&input.0).into(),
+        }
+    }
 }
 
 /// The worker incarnation that owns a pending call.
@@ -85,6 +111,8 @@ pub struct CallRecord {
     pub reason: Reason,
     /// Who runs the current attempt; `None` while it waits to be placed.
     pub owner: Option<Owner>,
+    /// Its [`CallSpec::depth_left`](crate::wire::CallSpec::depth_left).
+    pub depth_left: u32,
 }
 
 /// A fan-out's join, and the branch values recorded so far.

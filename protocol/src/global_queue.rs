@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use crate::durable::{
-    Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, JoinRecord,
-    LogIndex, Op, Owner, WorkerRecord,
+    Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, Idempotency,
+    JoinRecord, LogIndex, Op, Owner, WorkerRecord,
 };
 use crate::ids::{AppName, Attempt, CallId, ExecId, Incarnation, RunKey, Seq, WorkerId};
 use crate::mutations::{Mutation, Mutations};
@@ -44,6 +44,19 @@ pub struct GqConfig {
     /// How many early progress messages per worker are held back waiting for their
     /// predecessors; more are dropped (the worker re-sends them).
     pub held_max: usize,
+    /// How long an idempotency key names its execution, from its acceptance: past it, the
+    /// same key starts a new execution.
+    pub key_ttl: Duration,
+    /// How long an ended execution (its answer, its key) is kept before
+    /// [`expire`](GlobalQueue::expire) forgets it.
+    pub retention: Duration,
+    /// How deep fan-outs may nest in an execution (an entry call's
+    /// [`depth_left`](CallSpec::depth_left)).
+    pub depth_max: u32,
+    /// The most calls an execution may make, if limited; one more ends it with a
+    /// [`ErrorKind::Budget`] error. Counted per gateway life: a restart counts afresh from the
+    /// calls pending.
+    pub calls_max: Option<u32>,
 }
 
 impl GqConfig {
@@ -76,6 +89,10 @@ impl Default for GqConfig {
             failure_timeout: Duration::from_secs(5),
             timeout_grace: Duration::from_secs(2),
             held_max: 1024,
+            key_ttl: Duration::from_secs(24 * 3600),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            depth_max: 16,
+            calls_max: Some(100_000),
         }
     }
 }
@@ -158,6 +175,17 @@ pub enum InvokeError {
     /// The input exceeds [`PAYLOAD_BYTES_MAX`].
     #[error("input of {0} bytes exceeds the {max} byte limit", max = PAYLOAD_BYTES_MAX)]
     TooLarge(usize),
+    /// The idempotency key names an execution that was given another input.
+    #[error(
+        "idempotency key {key:?} was used with a different input for execution {exec}; use a \
+         new key for a new input"
+    )]
+    KeyReused {
+        /// The key.
+        key: String,
+        /// The execution it names.
+        exec: ExecId,
+    },
 }
 
 /// The gateway's connection-level view of a worker. Not durable.
@@ -179,7 +207,7 @@ struct Link {
 /// Methods come in four kinds, as in quinn-proto: getters (`execution`, `state`, `timers`);
 /// [`handle`](Self::handle) and [`handle_timeouts`](Self::handle_timeouts) for events;
 /// commands that return a value ([`invoke`](Self::invoke), [`deploy`](Self::deploy),
-/// [`remove_app`](Self::remove_app), [`forget`](Self::forget)); and
+/// [`remove_app`](Self::remove_app), [`forget`](Self::forget), [`expire`](Self::expire)); and
 /// [`poll_output`](Self::poll_output) and [`poll_timeout`](Self::poll_timeout). After any event
 /// or command, drain `poll_output` until it returns `None`, then sleep until `poll_timeout`.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -202,6 +230,8 @@ pub struct GlobalQueue {
     keys: BTreeMap<(AppName, String), ExecId>,
     /// Pending calls by owner.
     owned: BTreeMap<Owner, BTreeSet<CallKey>>,
+    /// Calls made by each running execution, when [`GqConfig::calls_max`] limits them.
+    made: BTreeMap<ExecId, u32>,
     links: BTreeMap<WorkerId, Link>,
     timers: BTreeMap<GqTimer, Time>,
     /// The index of the epoch record: nothing is sent before it is durable.
@@ -237,6 +267,7 @@ impl GlobalQueue {
             next_placement: 0,
             keys: BTreeMap::new(),
             owned: BTreeMap::new(),
+            made: BTreeMap::new(),
             links: BTreeMap::new(),
             timers: BTreeMap::new(),
             epoch_index: LogIndex(1),
@@ -250,8 +281,8 @@ impl GlobalQueue {
         let epoch = gq.state.epoch + 1;
         gq.commit(Op::Epoch(epoch));
         for rec in gq.state.execs.values() {
-            if let Some(key) = &rec.idempotency_key {
-                gq.keys.insert((rec.app.clone(), key.clone()), rec.exec);
+            if let Some(id) = &rec.idempotency {
+                gq.keys.insert((rec.app.clone(), id.key.clone()), rec.exec);
             }
         }
         let workers: Vec<(WorkerId, WorkerRecord)> =
@@ -264,6 +295,11 @@ impl GlobalQueue {
             }
         }
         let calls: Vec<CallRecord> = gq.state.calls.values().cloned().collect();
+        if gq.config.calls_max.is_some() {
+            for rec in &calls {
+                *gq.made.entry(rec.exec).or_default() += 1;
+            }
+        }
         for mut rec in calls {
             match rec.owner {
                 Some(owner) if gq.is_live(owner) => gq.put_call(now, rec),
@@ -311,8 +347,10 @@ impl GlobalQueue {
     }
 
     /// Accepts an execution of `app` with `input`, or finds the earlier one with the same
-    /// idempotency key. Emits `Accepted` once the acceptance is durable and `Respond` once it
-    /// ends; the entry call is dispatched at once, without waiting for the disk.
+    /// idempotency key (accepted less than the key's lifetime ago, with the same input: the
+    /// same key with another input is refused). Emits `Accepted` once the acceptance is durable
+    /// and `Respond` once it ends; the entry call is dispatched at once, without waiting for
+    /// the disk.
     pub fn invoke(
         &mut self,
         now: Time,
@@ -320,11 +358,8 @@ impl GlobalQueue {
         input: Payload,
         idempotency_key: Option<String>,
     ) -> Result<Invoked, InvokeError> {
-        let known = idempotency_key
-            .as_ref()
-            .and_then(|k| self.keys.get(&(app.clone(), k.clone())));
-        if let Some(exec) = known.filter(|_| !self.mutated(Mutation::ForgetKeys)) {
-            let exec = *exec;
+        let idempotency = idempotency_key.map(|key| Idempotency::new(key, &input));
+        if let Some(exec) = self.keyed(now, app, idempotency.as_ref())? {
             self.after_batch.push(GqOutput::Accepted(exec));
             self.close_batch();
             return Ok(Invoked { exec, fresh: false });
@@ -346,13 +381,15 @@ impl GlobalQueue {
         let exec = ExecId::new(epoch, self.next_index);
         self.next_index += 1;
         let entry = spec.entry.clone();
-        if let Some(key) = &idempotency_key {
-            self.keys.insert((app.clone(), key.clone()), exec);
+        if let Some(id) = &idempotency {
+            self.keys.insert((app.clone(), id.key.clone()), exec);
         }
         self.commit(Op::PutExec(ExecRecord {
             exec,
             app: app.clone(),
-            idempotency_key,
+            idempotency,
+            accepted: now,
+            ended: None,
             status: ExecStatus::Running,
         }));
         self.put_call(
@@ -368,27 +405,88 @@ impl GlobalQueue {
                 failures: 0,
                 reason: Reason::First,
                 owner: None,
+                depth_left: self.config.depth_max,
             },
         );
+        if self.config.calls_max.is_some() {
+            self.made.insert(exec, 1);
+        }
         self.after_batch.push(GqOutput::Accepted(exec));
         self.close_batch();
         Ok(Invoked { exec, fresh: true })
     }
 
+    /// The execution a live idempotency key names, if any; refused if it was given another
+    /// input.
+    fn keyed(
+        &self,
+        now: Time,
+        app: &AppName,
+        idempotency: Option<&Idempotency>,
+    ) -> Result<Option<ExecId>, InvokeError> {
+        let Some(id) = idempotency.filter(|_| !self.mutated(Mutation::ForgetKeys)) else {
+            return Ok(None);
+        };
+        let Some(exec) = self.keys.get(&(app.clone(), id.key.clone())) else {
+            return Ok(None);
+        };
+        let Some(rec) = self.state.execs.get(exec) else {
+            return Ok(None);
+        };
+        if rec.accepted + self.config.key_ttl <= now {
+            return Ok(None);
+        }
+        if rec.idempotency.as_ref() != Some(id) {
+            return Err(InvokeError::KeyReused {
+                key: id.key.clone(),
+                exec: *exec,
+            });
+        }
+        Ok(Some(*exec))
+    }
+
     /// Forgets an ended execution (and its idempotency key). Returns false if it is unknown or
     /// still running.
     pub fn forget(&mut self, exec: ExecId) -> bool {
+        let forgotten = self.forget_one(exec);
+        self.close_batch();
+        forgotten
+    }
+
+    /// Forgets, in one batch, every execution that ended at least the retention age before
+    /// `now`, with its key; returns them (their traces are the driver's to delete). Running
+    /// executions are kept, however old. The driver calls it from time to time.
+    pub fn expire(&mut self, now: Time) -> Vec<ExecId> {
+        let retention = self.config.retention;
+        let old: Vec<ExecId> = self
+            .state
+            .execs
+            .values()
+            .filter(|e| e.ended.is_some_and(|t| t + retention <= now))
+            .map(|e| e.exec)
+            .collect();
+        old.iter().for_each(|exec| {
+            self.forget_one(*exec);
+        });
+        self.close_batch();
+        old
+    }
+
+    fn forget_one(&mut self, exec: ExecId) -> bool {
         let Some(rec) = self.state.execs.get(&exec) else {
             return false;
         };
         if rec.status == ExecStatus::Running {
             return false;
         }
-        if let Some(k) = &rec.idempotency_key {
-            self.keys.remove(&(rec.app.clone(), k.clone()));
+        if let Some(id) = &rec.idempotency {
+            let key = (rec.app.clone(), id.key.clone());
+            // A key that expired may name a newer execution by now.
+            if self.keys.get(&key) == Some(&exec) {
+                self.keys.remove(&key);
+            }
         }
         self.commit(Op::DelExec(exec));
-        self.close_batch();
         true
     }
 
@@ -731,6 +829,7 @@ impl GlobalQueue {
             return;
         }
         let app = root.app.clone();
+        let depth_left = root.depth_left;
         // A call spawned by a report inherits its root's attempt: the worker ran it under it.
         let report_attempt = report.attempt;
         let effects = match report.outcome {
@@ -758,7 +857,7 @@ impl GlobalQueue {
         let mut touched = BTreeSet::new();
         for ret in effects.returns {
             match ret.cont {
-                Cont::Client => return self.finish(exec, Answer::Value(ret.value)),
+                Cont::Client => return self.finish(now, exec, Answer::Value(ret.value)),
                 Cont::Join { join, branch } => {
                     let Some(j) = self.state.joins.get(&(exec, join)) else {
                         continue;
@@ -787,6 +886,9 @@ impl GlobalQueue {
                 j.fired = true;
                 self.commit(Op::PutJoin(j));
             }
+            if let Err(error) = self.count_call(exec) {
+                return self.finish(now, exec, Answer::Error(error));
+            }
             self.put_call(
                 now,
                 CallRecord {
@@ -800,6 +902,8 @@ impl GlobalQueue {
                     failures: 0,
                     reason: Reason::First,
                     owner: new.owned.then_some(owner),
+                    // Calls below a report's root are never deeper than it allows.
+                    depth_left: new.depth_left.min(depth_left),
                 },
             );
         }
@@ -824,6 +928,9 @@ impl GlobalQueue {
         let Some(app) = self.state.execs.get(&jkey.0).map(|e| e.app.clone()) else {
             return;
         };
+        if let Err(error) = self.count_call(jkey.0) {
+            return self.finish(now, jkey.0, Answer::Error(error));
+        }
         match input {
             Ok(input) => {
                 j.fired = true;
@@ -838,13 +945,14 @@ impl GlobalQueue {
                     failures: 0,
                     reason: Reason::First,
                     owner: None,
+                    depth_left: j.spec.depth_left,
                 };
                 self.commit(Op::PutJoin(j));
                 self.put_call(now, rec);
             }
             Err(e) => {
                 let error = GrainError::new(ErrorKind::BadOutput, format!("join input: {e}"));
-                self.finish(jkey.0, Answer::Error(error));
+                self.finish(now, jkey.0, Answer::Error(error));
             }
         }
     }
@@ -856,8 +964,9 @@ impl GlobalQueue {
         };
         let policy = self.policy(&rec.app, &rec);
         rec.failures += 1;
-        if rec.failures >= policy.attempts_max {
-            return self.finish(key.0, Answer::Error(error));
+        // A budget is not a passing failure: a retry would meet it again.
+        if rec.failures >= policy.attempts_max || error.kind == ErrorKind::Budget {
+            return self.finish(now, key.0, Answer::Error(error));
         }
         // The retry timer goes first, so that put_call leaves the call unplaced until it fires.
         self.timers.insert(
@@ -869,8 +978,27 @@ impl GlobalQueue {
         self.put_call(now, rec);
     }
 
+    /// Counts a call the execution makes; refused past [`GqConfig::calls_max`].
+    fn count_call(&mut self, exec: ExecId) -> Result<(), GrainError> {
+        let Some(max) = self.config.calls_max else {
+            return Ok(());
+        };
+        let made = self.made.entry(exec).or_default();
+        if *made >= max {
+            return Err(GrainError::new(
+                ErrorKind::Budget,
+                format!(
+                    "the execution made {max} calls, its budget; the operator sets it \
+                     (`sand gateway --calls-max`)"
+                ),
+            ));
+        }
+        *made += 1;
+        Ok(())
+    }
+
     /// Ends an execution with its one answer and cancels whatever of it is still pending.
-    fn finish(&mut self, exec: ExecId, answer: Answer) {
+    fn finish(&mut self, now: Time, exec: ExecId, answer: Answer) {
         let Some(rec) = self.state.execs.get(&exec) else {
             return;
         };
@@ -879,6 +1007,8 @@ impl GlobalQueue {
         }
         let mut rec = rec.clone();
         rec.status = ExecStatus::Done(answer.clone());
+        rec.ended = Some(now);
+        self.made.remove(&exec);
         self.commit(Op::PutExec(rec));
         let range = (exec, CallId(0))..=(exec, CallId(u64::MAX));
         let calls: Vec<CallKey> = self
@@ -1288,5 +1418,6 @@ fn spec_of(rec: &CallRecord) -> CallSpec {
         grain: rec.grain.clone(),
         input: rec.input.clone(),
         cont: rec.cont,
+        depth_left: rec.depth_left,
     }
 }

@@ -392,8 +392,16 @@ impl LocalBus {
             Ok(GrainResult::Return(value)) => Outcome::Done(self.deliver(&spec, value)),
             Ok(GrainResult::Next { grain, input }) => {
                 let mut effects = Effects::default();
-                self.emit(&spec, 0, grain, input, spec.cont, &mut effects);
+                let (cont, depth_left) = (spec.cont, spec.depth_left);
+                self.emit(&spec, 0, grain, input, cont, depth_left, &mut effects);
                 Outcome::Done(effects)
+            }
+            Ok(GrainResult::FanOut { .. }) if spec.depth_left == 0 => {
+                Outcome::Failed(GrainError::new(
+                    ErrorKind::Budget,
+                    "a fan-out nested deeper than the execution's budget of fan-out depth; the \
+                     operator sets it (`sand gateway --fan-out-depth-max`)",
+                ))
             }
             Ok(GrainResult::FanOut { branches, join }) => {
                 Outcome::Done(self.fan_out(&spec, branches, join))
@@ -448,6 +456,7 @@ impl LocalBus {
             grain: local.spec.grain.clone(),
             input: input.clone(),
             cont: local.spec.cont,
+            depth_left: local.spec.depth_left,
         };
         effects.spawned.push(NewCall {
             call: join.call,
@@ -455,6 +464,7 @@ impl LocalBus {
             input,
             cont: join.cont,
             owned: true,
+            depth_left: join.depth_left,
         });
         self.start(join);
         effects
@@ -472,6 +482,7 @@ impl LocalBus {
             grain,
             branches: branches.len() as u32,
             cont: spec.cont,
+            depth_left: spec.depth_left,
         };
         effects.joins.push(join.clone());
         let mut all_local = true;
@@ -480,7 +491,9 @@ impl LocalBus {
                 join: join.call,
                 branch: i as u32,
             };
-            all_local &= self.emit(spec, i as u32, grain, input, cont, &mut effects);
+            // The caller checked that the fan-out fits: depth_left is at least 1.
+            let depth_left = spec.depth_left - 1;
+            all_local &= self.emit(spec, i as u32, grain, input, cont, depth_left, &mut effects);
         }
         if all_local {
             let contributions = vec![None; join.branches as usize];
@@ -498,6 +511,7 @@ impl LocalBus {
 
     /// Emits the `index`-th call of `parent`: runs it here unless overloaded. Returns whether it
     /// runs here.
+    #[allow(clippy::too_many_arguments)] // Each is one field of the call made.
     fn emit(
         &mut self,
         parent: &CallSpec,
@@ -505,6 +519,7 @@ impl LocalBus {
         grain: GrainName,
         input: Payload,
         cont: Cont,
+        depth_left: u32,
         effects: &mut Effects,
     ) -> bool {
         let call = parent.call.child(index);
@@ -515,6 +530,7 @@ impl LocalBus {
             input: input.clone(),
             cont,
             owned: local,
+            depth_left,
         });
         if local {
             self.start(CallSpec {
@@ -525,6 +541,7 @@ impl LocalBus {
                 grain,
                 input,
                 cont,
+                depth_left,
             });
         }
         local

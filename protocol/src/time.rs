@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// A point in time, in milliseconds since an origin the caller chooses (its process start, say).
-/// Only differences between two `Time`s from the same caller mean anything.
+/// A point in time, in milliseconds since an origin the caller chooses. Only differences between
+/// two `Time`s from the same caller mean anything. Times kept in durable records (an
+/// execution's acceptance and end) outlive the caller's process: a driver that restarts must
+/// keep its origin, as the gateway does by counting from the Unix epoch.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct Time(u64);
 

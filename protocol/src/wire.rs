@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq};
 
 /// The encoding version this build writes and reads.
-pub const WIRE_VERSION: u8 = 4;
+pub const WIRE_VERSION: u8 = 5;
 
 /// The largest encoded message, in bytes. A frame above it is refused without being read.
 pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
@@ -133,6 +133,9 @@ pub struct CallSpec {
     pub input: Payload,
     /// Where its return value goes. Calls it emits with `next` inherit it.
     pub cont: Cont,
+    /// How many levels of fan-out may still nest below it: its branches get one less, its
+    /// `next` and its join the same. A fan-out at 0 fails with [`ErrorKind::Budget`].
+    pub depth_left: u32,
 }
 
 /// A call that a report leaves pending.
@@ -148,6 +151,8 @@ pub struct NewCall {
     pub cont: Cont,
     /// Whether the reporting worker already runs it (attempt 0). If not, the gateway places it.
     pub owned: bool,
+    /// Its [`CallSpec::depth_left`].
+    pub depth_left: u32,
 }
 
 /// A fan-out's join, made when the fan-out runs.
@@ -161,6 +166,8 @@ pub struct JoinSpec {
     pub branches: u32,
     /// Where the join's return value goes (the fan-out call's own continuation).
     pub cont: Cont,
+    /// The join call's [`CallSpec::depth_left`]: the fan-out call's.
+    pub depth_left: u32,
 }
 
 /// A value a report delivers.
@@ -208,6 +215,9 @@ pub enum ErrorKind {
     BadOutput,
     /// The grain or app is not deployed, or the platform could not run it.
     Unavailable,
+    /// The execution went past its budget of calls or of fan-out depth (set by the operator):
+    /// it ends at once, without retries.
+    Budget,
 }
 
 /// A grain's failure, as the client sees it after the last retry.
@@ -570,6 +580,7 @@ mod tests {
             grain: GrainName::new("first").unwrap(),
             input: Payload::from("{\"x\":1}"),
             cont: Cont::Client,
+            depth_left: 16,
         }
     }
 

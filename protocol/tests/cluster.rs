@@ -629,6 +629,7 @@ fn gq_config() -> GqConfig {
         failure_timeout: Duration::from_secs(5),
         timeout_grace: Duration::from_secs(1),
         held_max: 64,
+        ..GqConfig::default()
     }
 }
 

@@ -92,7 +92,11 @@ struct Gq {
 impl Gq {
     /// A queue with `app` deployed and everything persisted.
     fn new() -> Self {
-        let mut gq = GlobalQueue::new(GqConfig::default(), T0);
+        Self::with_config(GqConfig::default())
+    }
+
+    fn with_config(config: GqConfig) -> Self {
+        let mut gq = GlobalQueue::new(config, T0);
         gq.deploy(
             AppSpec {
                 name: app(),
@@ -185,6 +189,7 @@ fn spec(exec: ExecId, g: &str, input: &str, attempt: Attempt) -> CallSpec {
         grain: grain(g),
         input: Payload::from(input),
         cont: Cont::Client,
+        depth_left: 16,
     }
 }
 
@@ -279,7 +284,7 @@ fn an_idempotency_key_finds_the_first_execution() {
             .unwrap();
     t.drain();
     let again =
-        t.gq.invoke(T0, &app(), Payload::from("2"), Some("k".into()))
+        t.gq.invoke(T0, &app(), Payload::from("1"), Some("k".into()))
             .unwrap();
     assert_eq!(again.exec, first.exec);
     assert!(!again.fresh);
@@ -291,6 +296,47 @@ fn an_idempotency_key_finds_the_first_execution() {
             GqOutput::Accepted(first.exec)
         ]
     );
+}
+
+#[test]
+fn the_same_key_with_another_input_is_refused_in_this_life_and_the_next() {
+    let mut t = Gq::new();
+    let key = Some("k".to_string());
+    let first = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let first = first.unwrap().exec;
+    t.drain();
+    t.persist();
+    let reused = t.gq.invoke(T0, &app(), Payload::from("2"), key.clone());
+    let expected = InvokeError::KeyReused {
+        key: "k".into(),
+        exec: first,
+    };
+    assert_eq!(reused, Err(expected.clone()));
+    assert_eq!(t.drain(), vec![], "a refused invocation changed something");
+    let mut recovered = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
+    let reused = recovered.invoke(T0, &app(), Payload::from("2"), key);
+    assert_eq!(reused, Err(expected));
+}
+
+#[test]
+fn a_key_past_its_lifetime_starts_a_new_execution() {
+    let mut t = Gq::new();
+    let ttl = GqConfig::default().key_ttl;
+    let key = Some("k".to_string());
+    let first = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let first = first.unwrap().exec;
+    let just_before = T0 + (ttl - Duration::from_millis(1));
+    let again =
+        t.gq.invoke(just_before, &app(), Payload::from("1"), key.clone());
+    assert_eq!(again.unwrap().exec, first);
+    // Past its lifetime the key is free, whatever the input, and names the new execution.
+    let later =
+        t.gq.invoke(T0 + ttl, &app(), Payload::from("2"), key.clone());
+    let later = later.unwrap();
+    assert!(later.fresh);
+    assert_ne!(later.exec, first);
+    let again = t.gq.invoke(T0 + ttl, &app(), Payload::from("2"), key);
+    assert_eq!(again.unwrap().exec, later.exec);
 }
 
 #[test]
@@ -349,6 +395,7 @@ fn progress_is_applied_in_the_order_sent() {
             input: Payload::from("2"),
             cont: Cont::Client,
             owned: true,
+            depth_left: 16,
         }],
         ..Effects::default()
     };
@@ -386,6 +433,7 @@ fn a_locally_run_call_is_owned_and_an_unowned_one_is_placed() {
         input: Payload::from("2"),
         cont: Cont::Client,
         owned,
+        depth_left: 16,
     };
     let effects = Effects {
         spawned: vec![new(0, true), new(1, false)],
@@ -599,6 +647,7 @@ fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
         input: Payload::from("0"),
         cont: Cont::Join { join, branch: i },
         owned: true,
+        depth_left: 16,
     };
     let fan = Effects {
         joins: vec![JoinSpec {
@@ -606,6 +655,7 @@ fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
             grain: grain("j"),
             branches: 3,
             cont: Cont::Client,
+            depth_left: 16,
         }],
         spawned: vec![branch(0), branch(1), branch(2)],
         ..Effects::default()
@@ -664,6 +714,7 @@ fn a_join_started_by_the_worker_is_owned_by_it() {
             grain: grain("j"),
             branches: 1,
             cont: Cont::Client,
+            depth_left: 16,
         }],
         returns: vec![Return {
             cont: Cont::Join { join, branch: 0 },
@@ -675,6 +726,7 @@ fn a_join_started_by_the_worker_is_owned_by_it() {
             input: Payload::from("[x]"),
             cont: Cont::Client,
             owned: true,
+            depth_left: 16,
         }],
     };
     assert_eq!(
@@ -700,6 +752,7 @@ fn an_answer_cancels_the_calls_left_pending() {
         input: Payload::from("2"),
         cont: Cont::Client,
         owned,
+        depth_left: 16,
     };
     // Two racing calls, one here and one placed on W1: the first value wins.
     let effects = Effects {
@@ -786,6 +839,42 @@ fn forget_drops_only_ended_executions() {
     assert!(t.gq.execution(exec).is_some(), "forgotten before durable");
     t.persist();
     assert_eq!(t.gq.execution(exec), None);
+}
+
+#[test]
+fn expire_forgets_what_ended_past_the_retention_age_and_keeps_what_runs() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let key = Some("k".to_string());
+    let ended = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let ended = ended.unwrap().exec;
+    let (running, _) = t.invoke("2");
+    let end = T0 + Duration::from_secs(10);
+    let report = done(ended, ended.root_call(), first(), returns("1"));
+    let msg = ToGateway::Progress {
+        incarnation: I1,
+        seq: Seq(1),
+        reports: vec![report],
+    };
+    t.gq.handle(end, GqEvent::Message(W0, msg));
+    t.drain();
+    t.persist();
+    let retention = GqConfig::default().retention;
+    // Its age counts from its end, not its acceptance.
+    assert_eq!(t.gq.expire(T0 + retention), vec![]);
+    assert_eq!(t.gq.expire(end + retention), vec![ended]);
+    t.drain();
+    t.persist();
+    assert_eq!(t.gq.execution(ended), None);
+    assert!(
+        t.gq.execution(running).is_some(),
+        "a running execution was forgotten"
+    );
+    assert!(!t.store.execs.contains_key(&ended), "not durably forgotten");
+    // Its key went with it: the same key starts a new execution.
+    let again =
+        t.gq.invoke(end + retention, &app(), Payload::from("1"), key);
+    assert!(again.unwrap().fresh);
 }
 
 #[test]
@@ -1030,4 +1119,71 @@ fn an_idempotency_key_names_an_execution_of_its_own_app_only() {
     let mut recovered = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
     let found = recovered.invoke(T0, &app(), Payload::from("1"), key);
     assert_eq!(found.unwrap().exec, mine.exec);
+}
+
+#[test]
+fn an_execution_past_its_budget_of_calls_fails_with_a_budget_error() {
+    let mut t = Gq::with_config(GqConfig {
+        calls_max: Some(3),
+        ..GqConfig::default()
+    });
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let c0 = exec.root_call();
+    let join = c0.join();
+    let branch = |i: u32| NewCall {
+        call: c0.child(i),
+        grain: grain("b"),
+        input: Payload::from("0"),
+        cont: Cont::Join { join, branch: i },
+        owned: true,
+        depth_left: 15,
+    };
+    // The entry call and two branches fit in three calls; the third branch does not.
+    let fan = Effects {
+        joins: vec![JoinSpec {
+            call: join,
+            grain: grain("j"),
+            branches: 3,
+            cont: Cont::Client,
+            depth_left: 16,
+        }],
+        spawned: vec![branch(0), branch(1), branch(2)],
+        ..Effects::default()
+    };
+    t.progress(W0, 1, vec![done(exec, c0, first(), fan)]);
+    t.persist();
+    let Some(ExecStatus::Done(Answer::Error(error))) =
+        t.gq.execution(exec).map(|e| e.status.clone())
+    else {
+        panic!("the execution went on: {:?}", t.gq.execution(exec));
+    };
+    assert_eq!(error.kind, ErrorKind::Budget, "{error:?}");
+    assert!(
+        t.store.calls.is_empty(),
+        "calls left pending: {:?}",
+        t.store.calls
+    );
+}
+
+#[test]
+fn a_budget_error_ends_the_execution_without_a_retry() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let error = GrainError::new(ErrorKind::Budget, "too deep");
+    let failed = Report {
+        exec,
+        call: exec.root_call(),
+        attempt: first(),
+        outcome: Outcome::Failed(error.clone()),
+    };
+    t.progress(W0, 1, vec![failed]);
+    t.persist();
+    assert_eq!(
+        t.gq.execution(exec).unwrap().status,
+        ExecStatus::Done(Answer::Error(error))
+    );
 }

@@ -40,6 +40,7 @@ fn spec(call: CallId, g: &str, input: &str, attempt: Attempt, cont: Cont) -> Cal
         grain: grain(g),
         input: Payload::from(input),
         cont,
+        depth_left: 16,
     }
 }
 
@@ -138,6 +139,7 @@ fn new_call(s: &CallSpec, owned: bool) -> NewCall {
         input: s.input.clone(),
         cont: s.cont,
         owned,
+        depth_left: s.depth_left,
     }
 }
 
@@ -274,6 +276,16 @@ fn a_fan_out_run_here_starts_its_join_here() {
         )
     };
     let (b0, b1) = (branch(0, "10"), branch(1, "20"));
+    let (b0, b1) = (
+        CallSpec {
+            depth_left: 15,
+            ..b0
+        },
+        CallSpec {
+            depth_left: 15,
+            ..b1
+        },
+    );
     let fan = GrainResult::FanOut {
         branches: vec![
             (grain("c"), Payload::from("10")),
@@ -287,6 +299,7 @@ fn a_fan_out_run_here_starts_its_join_here() {
         grain: grain("j"),
         branches: 2,
         cont: Cont::Client,
+        depth_left: 16,
     };
     let fanned = Effects {
         joins: vec![join_spec.clone()],
@@ -576,4 +589,26 @@ fn a_fence_naming_the_largest_successor_does_not_overflow() {
         });
     }
     assert_eq!(t.lb.incarnation(), top);
+}
+
+#[test]
+fn a_fan_out_past_the_depth_budget_fails_without_running_a_branch() {
+    let mut t = Lb::new(1, 8);
+    let s = CallSpec {
+        depth_left: 0,
+        ..root_spec()
+    };
+    t.dispatch(s.clone());
+    let fan = GrainResult::FanOut {
+        branches: vec![(grain("c"), Payload::from("10"))],
+        join: grain("j"),
+    };
+    let out = t.finish(&s, fan);
+    let [LbOutput::Send(ToGateway::Progress { reports, .. })] = &out[..] else {
+        panic!("a branch ran, or nothing was reported: {out:?}");
+    };
+    let Outcome::Failed(error) = &reports[0].outcome else {
+        panic!("the fan-out went ahead: {reports:?}");
+    };
+    assert_eq!(error.kind, ErrorKind::Budget, "{error:?}");
 }

@@ -22,6 +22,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
         grain: GrainName::new("g").unwrap(),
         input: Payload::from("{\"k\":[1,2,3]}"),
         cont: Cont::Client,
+        depth_left: 16,
     };
     let report = Report {
         exec,
@@ -37,6 +38,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
                     branch: 1,
                 },
                 owned: true,
+                depth_left: 16,
             }],
             ..Effects::default()
         }),

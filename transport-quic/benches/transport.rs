@@ -171,6 +171,7 @@ fn dispatch(bytes: usize) -> ToWorker {
             grain: GrainName::new("grain").expect("a valid name"),
             input: Payload(Bytes::from(vec![b'x'; bytes])),
             cont: Cont::Client,
+            depth_left: 16,
         },
         reason: Reason::First,
     }

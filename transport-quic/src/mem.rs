@@ -472,6 +472,7 @@ mod tests {
                 grain: sand_protocol::ids::GrainName::new("g").unwrap(),
                 input: Payload(Bytes::from(vec![0u8; MESSAGE_BYTES_MAX])),
                 cont: Cont::Client,
+                depth_left: 16,
             },
             reason: Reason::First,
         };

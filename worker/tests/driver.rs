@@ -199,6 +199,7 @@ impl Harness {
             grain: common::grain(grain),
             input: Payload::from(input.to_string().as_str()),
             cont: Cont::Client,
+            depth_left: 16,
         };
         let incarnation = self.incarnation;
         self.send(ToWorker::Dispatch {
@@ -342,6 +343,7 @@ async fn a_local_chain_runs_ahead_of_the_gateways_acks() {
         grain: common::grain("s1"),
         input: Payload::from("0"),
         cont: Cont::Client,
+        depth_left: 16,
     };
     let incarnation = h.incarnation;
     h.send(ToWorker::Dispatch {

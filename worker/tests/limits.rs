@@ -86,6 +86,7 @@ async fn call(app: &HostedApp, name: &str, grain_name: &str, input: &str) -> Cal
             grain: grain(grain_name),
             input: Payload::from(input),
             cont: Cont::Client,
+            depth_left: 16,
         })
         .await
 }

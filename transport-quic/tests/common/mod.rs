@@ -180,6 +180,7 @@ pub fn dispatch(index: u32, bytes: usize) -> ToWorker {
             grain: GrainName::new("grain").unwrap(),
             input: Payload(Bytes::from(vec![b'1'; bytes])),
             cont: Cont::Client,
+            depth_left: 16,
         },
         reason: Reason::First,
     }

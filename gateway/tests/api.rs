@@ -1,0 +1,155 @@
+//! The HTTP API over a real core and store, with no worker (executions stay running): which
+//! executions a client can name, and what a reused idempotency key gets.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use bytes::Bytes;
+use prometheus_client::registry::Registry;
+use sand_gateway::core::{self, Command, Core};
+use sand_gateway::exec_ref::ExecRefs;
+use sand_gateway::http::{self, Api};
+use sand_gateway::metrics::Metrics;
+use sand_gateway::store::Store;
+use sand_protocol::global_queue::GqConfig;
+use sand_protocol::ids::{AppName, GrainName};
+use sand_protocol::policy::AppSpec;
+use sand_protocol::wire::AppBundle;
+use sand_transport_quic::mem::MemNetwork;
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// A gateway's API with app `one` deployed. Keep the network: dropping it closes the core's
+/// event stream.
+async fn api(dir: &std::path::Path) -> (Router, MemNetwork) {
+    let (store, state) = Store::open(&dir.join("gq.redb")).unwrap();
+    let store = Arc::new(store);
+    let (net, link) = MemNetwork::new(64);
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let core = Core::new(
+        GqConfig::default(),
+        store.clone(),
+        state,
+        link.sender,
+        metrics.clone(),
+    );
+    let (handle, _task) = core::spawn(core, link.events);
+    let spec = AppSpec {
+        name: AppName::new("one").unwrap(),
+        entry: GrainName::new("square").unwrap(),
+        grains: BTreeMap::new(),
+    };
+    let bundle = AppBundle {
+        digest: "d".into(),
+        archive: Bytes::new(),
+    };
+    handle
+        .ask(|reply| Command::Deploy {
+            spec,
+            bundle,
+            reply,
+        })
+        .await
+        .unwrap();
+    let api = Api {
+        core: handle,
+        store,
+        metrics,
+        registry: Arc::new(registry),
+        token: None,
+        hosts: Arc::new([]),
+        policy: Arc::new(sand_app::Policy::default()),
+        refs: Arc::new(ExecRefs::open(dir).unwrap()),
+    };
+    (http::router(api), net)
+}
+
+async fn call(router: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    let response = router.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+/// An asynchronous invocation of `one` with `input`, and `key` if any.
+async fn invoke(router: &Router, input: &'static str, key: Option<&str>) -> (StatusCode, Value) {
+    let mut req = Request::post("/v1/apps/one/invoke?async=true")
+        .header("host", "localhost")
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    call(router, req.body(Body::from(input)).unwrap()).await
+}
+
+async fn get(router: &Router, reference: &str) -> (StatusCode, Value) {
+    let uri = format!("/v1/executions/{reference}");
+    let req = Request::get(uri).header("host", "localhost");
+    call(router, req.body(Body::empty()).unwrap()).await
+}
+
+#[tokio::test]
+async fn a_client_reaches_only_the_executions_it_was_told_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _net) = api(dir.path()).await;
+    let (status, body) = invoke(&router, "1", None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let mine = body["execution"].as_str().unwrap().to_owned();
+    let (status, body) = invoke(&router, "2", None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let theirs = body["execution"].as_str().unwrap().to_owned();
+    let (status, body) = get(&router, &mine).await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &"running".into())
+    );
+
+    // The next execution's internal id is one more than mine: with my MAC, with none, or
+    // bare, it names nothing.
+    let (id, mac) = mine.split_at(16);
+    let next = u64::from_str_radix(id, 16).unwrap() + 1;
+    assert!(theirs.starts_with(&format!("{next:016x}")), "{theirs}");
+    for guess in [
+        format!("{next:016x}{mac}"),
+        format!("{next:016x}{}", "0".repeat(32)),
+    ] {
+        let (status, body) = get(&router, &guess).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{guess}: {body}");
+        assert_eq!(body["error"]["code"], "unknown_execution");
+    }
+    for malformed in [format!("{next:016x}"), "zzz".into()] {
+        let (status, body) = get(&router, &malformed).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{malformed}: {body}");
+        assert_eq!(body["error"]["code"], "bad_execution_id");
+    }
+    let (status, _) = get(&router, &theirs).await;
+    assert_eq!(status, StatusCode::OK, "the one told of it reaches it");
+}
+
+#[tokio::test]
+async fn a_key_reused_with_another_input_is_a_422() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _net) = api(dir.path()).await;
+    let (status, first) = invoke(&router, "1", Some("k")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let (status, again) = invoke(&router, "1", Some("k")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(
+        again["execution"], first["execution"],
+        "a retry found another"
+    );
+    let (status, body) = invoke(&router, "2", Some("k")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "idempotency_key_reused");
+    let message = body["error"]["message"].as_str().unwrap();
+    let reference = first["execution"].as_str().unwrap();
+    assert!(message.contains(reference), "{message}");
+}
