@@ -829,7 +829,6 @@ impl GlobalQueue {
             return;
         }
         let app = root.app.clone();
-        let depth_left = root.depth_left;
         // A call spawned by a report inherits its root's attempt: the worker ran it under it.
         let report_attempt = report.attempt;
         let effects = match report.outcome {
@@ -902,8 +901,9 @@ impl GlobalQueue {
                     failures: 0,
                     reason: Reason::First,
                     owner: new.owned.then_some(owner),
-                    // Calls below a report's root are never deeper than it allows.
-                    depth_left: new.depth_left.min(depth_left),
+                    // The local bus that ran the fan-out decided it (a report may carry calls
+                    // of several levels: a join its branch started sits above the branch).
+                    depth_left: new.depth_left,
                 },
             );
         }
