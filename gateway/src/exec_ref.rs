@@ -7,14 +7,13 @@
 //! not match (a guessed id) is answered exactly like an unknown execution, so a client learns
 //! nothing from guessing.
 
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::hmac;
-use ring::rand::{SecureRandom, SystemRandom};
 use sand_protocol::ids::ExecId;
 use subtle::ConstantTimeEq;
+
+use crate::secret_file::{self, SecretFileError};
 
 /// The file of the secret, in the gateway's data directory.
 pub const SECRET_FILE: &str = "exec-refs.key";
@@ -45,21 +44,20 @@ pub enum RefError {
 /// Why the secret could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    /// Reading or writing the file failed.
-    #[error("execution reference secret {path}: {source}")]
-    Io {
+    /// The file could not be read or made, or other users can read it.
+    #[error("execution reference secret {0}")]
+    File(#[from] SecretFileError),
+    /// The file is not a secret this gateway wrote.
+    #[error(
+        "execution reference secret {}: {len} bytes, not {SECRET_BYTES}; remove it to make a \
+         new one (every reference given out so far then stops working)",
+        path.display()
+    )]
+    WrongLength {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not a secret this gateway wrote, or others may read it.
-    #[error("execution reference secret {path}: {what}")]
-    Refused {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, and what to do.
-        what: String,
+        /// Its length.
+        len: usize,
     },
 }
 
@@ -75,48 +73,13 @@ impl ExecRefs {
     /// A secret readable by other users is refused: with it, anyone could forge references.
     pub fn open(dir: &Path) -> Result<Self, SecretError> {
         let path = dir.join(SECRET_FILE);
-        let io = |source| SecretError::Io {
-            path: path.clone(),
-            source,
-        };
-        let refused = |what: String| SecretError::Refused {
-            path: path.clone(),
-            what,
-        };
-        let created = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path);
-        match created {
-            Ok(mut file) => {
-                let mut secret = [0u8; SECRET_BYTES];
-                SystemRandom::new()
-                    .fill(&mut secret)
-                    .map_err(|_| refused("the system's random source failed".into()))?;
-                file.write_all(&secret).map_err(io)?;
-                file.sync_all().map_err(io)?;
-                return Ok(Self::new(&secret));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io(e)),
-        }
-        let mut file = std::fs::File::open(&path).map_err(io)?;
-        let mode = file.metadata().map_err(io)?.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(refused(format!(
-                "mode {:o} lets other users read it; `chmod 600` it",
-                mode & 0o777
-            )));
-        }
-        let mut secret = Vec::new();
-        file.read_to_end(&mut secret).map_err(io)?;
+        let fresh: [u8; SECRET_BYTES] = secret_file::random()?;
+        let secret = secret_file::read_or_create(&path, &fresh)?;
         if secret.len() != SECRET_BYTES {
-            return Err(refused(format!(
-                "{} bytes, not {SECRET_BYTES}; remove it to make a new one (every reference \
-                 given out so far then stops working)",
-                secret.len()
-            )));
+            return Err(SecretError::WrongLength {
+                path,
+                len: secret.len(),
+            });
         }
         Ok(Self::new(&secret))
     }
@@ -162,6 +125,8 @@ impl std::fmt::Debug for ExecRefs {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`store`]: the durable store (redb, group commit);
 //! - [`http`]: the client API, naming executions by [`exec_ref`]erences; [`serve`]: its
 //!   connections; [`token`]: its bearer token;
+//!   [`secret_file`]: how the token and the references' key are kept;
 //! - [`metrics`]: what `/metrics` shows; [`trace`]: execution traces;
 //! - [`server`]: all of it started together.
 
@@ -11,6 +12,7 @@ pub mod core;
 pub mod exec_ref;
 pub mod http;
 pub mod metrics;
+pub mod secret_file;
 pub mod serve;
 pub mod server;
 pub mod store;

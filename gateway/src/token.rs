@@ -5,11 +5,11 @@
 //! `ps`. It comes from a file (`--token-file`, or the one `sand dev` makes) or from the
 //! environment (`SAND_TOKEN`), which only the process's owner can read.
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use subtle::ConstantTimeEq as _;
+
+use crate::secret_file::{self, SecretFileError};
 
 /// The file, in `sand dev`'s data directory, that holds its token.
 pub const TOKEN_FILE: &str = "token";
@@ -23,29 +23,9 @@ pub struct Token(String);
 /// Why there is no token.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    /// A file could not be read or written.
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why it failed.
-        source: std::io::Error,
-    },
-    /// The token file can be read by other users.
-    #[error(
-        "the token file {} can be read by other users (mode {mode:o}): run `chmod 600 {}`, \
-         or remove it and let `sand dev` make a new token",
-        path.display(),
-        path.display()
-    )]
-    Exposed {
-        /// The file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
+    /// The token file could not be read or made, or other users can read it.
+    #[error("the token file {0}")]
+    File(#[from] SecretFileError),
     /// The token is empty, too long, or holds characters a header cannot carry.
     #[error("the token {where_} is not usable: {why}")]
     Malformed {
@@ -54,9 +34,6 @@ pub enum TokenError {
         /// What is wrong with it.
         why: &'static str,
     },
-    /// The OS gave no random bytes.
-    #[error("the operating system gave no random bytes for a token")]
-    NoRandomness,
 }
 
 impl Token {
@@ -84,62 +61,32 @@ impl Token {
 
     /// A new token: 256 random bits, as 64 hex digits.
     pub fn generate() -> Result<Self, TokenError> {
-        let bytes: [u8; 32] = ring::rand::generate(&ring::rand::SystemRandom::new())
-            .map_err(|_| TokenError::NoRandomness)?
-            .expose();
+        let bytes: [u8; 32] = secret_file::random()?;
         Ok(Self(bytes.iter().map(|b| format!("{b:02x}")).collect()))
     }
 
     /// The token in `path`; refused if other users can read the file.
     pub fn read(path: &Path) -> Result<Self, TokenError> {
-        let io = |what| {
-            move |source| TokenError::Io {
-                what,
-                path: path.to_owned(),
-                source,
-            }
-        };
-        let mode = std::fs::metadata(path)
-            .map_err(io("cannot read the token file"))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(TokenError::Exposed {
-                path: path.to_owned(),
-                mode: mode & 0o777,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(io("cannot read the token file"))?;
-        Self::new(&text, &format!("in {}", path.display()))
+        Self::parse(&secret_file::read(path)?, path)
     }
 
     /// The token in `path`, or a new one written there with mode 0600 if there is none.
     pub fn read_or_create(path: &Path) -> Result<Self, TokenError> {
-        let io = |what| {
-            move |source| TokenError::Io {
-                what,
-                path: path.to_owned(),
-                source,
-            }
-        };
-        let token = Self::generate()?;
-        // `create_new` makes the file with its final mode in one step: never readable by
-        // others, not even for a moment, and never a file someone else put there.
-        let created = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path);
-        match created {
-            Ok(mut file) => {
-                file.write_all(format!("{}\n", token.0).as_bytes())
-                    .and_then(|()| file.sync_all())
-                    .map_err(io("cannot write the token file"))?;
-                Ok(token)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::read(path),
-            Err(e) => Err(io("cannot make the token file")(e)),
-        }
+        let fresh = format!(
+            "{}
+",
+            Self::generate()?.0
+        );
+        Self::parse(&secret_file::read_or_create(path, fresh.as_bytes())?, path)
+    }
+
+    /// The token a file holds.
+    fn parse(content: &[u8], path: &Path) -> Result<Self, TokenError> {
+        let text = std::str::from_utf8(content).map_err(|_| TokenError::Malformed {
+            where_: format!("in {}", path.display()),
+            why: "it is not UTF-8 text",
+        })?;
+        Self::new(text, &format!("in {}", path.display()))
     }
 
     /// Whether `given` is this token, in time independent of where they differ (both are
@@ -165,6 +112,8 @@ impl std::fmt::Debug for Token {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     #[test]
@@ -188,7 +137,13 @@ mod tests {
         std::fs::write(&path, "s3cret\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Token::read(&path).unwrap_err();
-        assert!(matches!(e, TokenError::Exposed { mode: 0o644, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                TokenError::File(SecretFileError::Exposed { mode: 0o644, .. })
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("chmod 600"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(Token::read(&path).unwrap().expose(), "s3cret");
