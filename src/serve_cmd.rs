@@ -134,6 +134,11 @@ pub struct HttpArgs {
     #[arg(long, default_value_t = serve::HEADER_TIMEOUT_DEFAULT.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     http_header_timeout_ms: u64,
+    /// Fail a request whose body has not all arrived within this many milliseconds of its
+    /// head (clients that trickle a body).
+    #[arg(long, default_value_t = serve::BODY_TIMEOUT_DEFAULT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    http_body_timeout_ms: u64,
 }
 
 impl HttpArgs {
@@ -142,6 +147,7 @@ impl HttpArgs {
         config.http_limits = Limits {
             max_connections: self.http_max_connections,
             header_timeout: Duration::from_millis(self.http_header_timeout_ms),
+            body_timeout: Duration::from_millis(self.http_body_timeout_ms),
         };
     }
 }

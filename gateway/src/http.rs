@@ -238,6 +238,9 @@ fn host_allowed(hosts: &[String], host: &str) -> bool {
         || hosts.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// The most of axum's plain-text refusal kept as an error's message.
+const REFUSAL_BYTES_MAX: usize = 4096;
+
 /// Counts answers by status; refuses a body whose announced length is over the limit before
 /// it is sent; turns axum's plain-text refusals (body too large, bad method) into JSON errors.
 async fn count(State(api): State<Api>, req: Request, next: Next) -> Response {
@@ -270,7 +273,12 @@ async fn count(State(api): State<Api>, req: Request, next: Next) -> Response {
             format!("the body exceeds the {BUNDLE_BYTES_MAX} byte limit"),
         ),
         StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed here".into()),
-        s if s.is_client_error() => ("bad_request", s.to_string()),
+        // axum's own refusal (a body that failed to arrive, say) says why in plain text.
+        s if s.is_client_error() => {
+            let text = axum::body::to_bytes(response.into_body(), REFUSAL_BYTES_MAX).await;
+            let text = text.map(|t| String::from_utf8_lossy(&t).into_owned());
+            ("bad_request", text.unwrap_or_else(|_| s.to_string()))
+        }
         _ => return response,
     };
     ApiError::new(status, code, message).into_response()

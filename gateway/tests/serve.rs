@@ -1,6 +1,6 @@
-//! The HTTP server against slow clients: connections that send half a request are cut after
-//! the header deadline, connections over the limit wait, and an established client is served
-//! meanwhile.
+//! The HTTP server against slow clients: connections that send half a request head, or half a
+//! body, are cut after their deadline, connections over the limit wait, and an established
+//! client is served meanwhile.
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,7 +8,8 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::routing::{get, post};
 use axum::Router;
 use sand_gateway::serve::{serve, Limits};
 
@@ -26,7 +27,9 @@ fn server(limits: Limits) -> (SocketAddr, tokio::runtime::Runtime) {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = Router::new().route("/", get(|| async { "ok" }));
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/echo", post(|body: Bytes| async move { body }));
     rt.spawn(serve(listener, app, limits, None));
     (addr, rt)
 }
@@ -61,6 +64,7 @@ fn half_sent_requests_are_cut_and_the_connection_limit_holds() {
     let (addr, _rt) = server(Limits {
         max_connections: 3,
         header_timeout: timeout,
+        ..Limits::default()
     });
     // An established client, then two that send half a request: the limit is reached.
     let mut established = TcpStream::connect(addr).unwrap();
@@ -98,4 +102,45 @@ fn half_sent_requests_are_cut_and_the_connection_limit_holds() {
         answer(&mut waiting, Duration::from_secs(10)).is_some(),
         "the waiting client was never served"
     );
+}
+
+#[test]
+fn a_body_trickled_past_its_deadline_is_refused_and_its_connection_cut() {
+    let timeout = Duration::from_secs(1);
+    let (addr, _rt) = server(Limits {
+        body_timeout: timeout,
+        ..Limits::default()
+    });
+    let head = b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\n";
+    // A whole body is served.
+    let mut whole = TcpStream::connect(addr).unwrap();
+    whole.write_all(head).unwrap();
+    whole.write_all(b"ping").unwrap();
+    whole
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = [0; 1024];
+    let n = whole.read(&mut got).unwrap();
+    let got = String::from_utf8_lossy(&got[..n]);
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.ends_with("ping"),
+        "{got}"
+    );
+    // Half a body, and then nothing: refused once the deadline passes, and the connection
+    // closed, so it holds nothing.
+    let started = Instant::now();
+    let mut trickle = TcpStream::connect(addr).unwrap();
+    trickle.write_all(head).unwrap();
+    trickle.write_all(b"pi").unwrap();
+    trickle
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = trickle.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(answer.contains("did not arrive within 1000 ms"), "{answer}");
+    let waited = started.elapsed();
+    assert!(waited >= timeout, "refused before the deadline: {waited:?}");
+    assert!(waited < Duration::from_secs(9), "kept for {waited:?}");
 }
