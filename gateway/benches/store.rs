@@ -133,6 +133,7 @@ fn hop(n: u64, payload: &Payload) -> Batch {
                 idempotency: None,
                 accepted: Time::ZERO,
                 ended: None,
+                calls: 1,
                 status: ExecStatus::Running,
             }),
         ],

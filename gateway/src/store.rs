@@ -801,6 +801,7 @@ mod tests {
                     idempotency: None,
                     accepted: Time::ZERO,
                     ended: None,
+                    calls: 1,
                     status: ExecStatus::Running,
                 }),
                 Op::PutCall(CallRecord {

@@ -117,6 +117,7 @@ fn op() -> impl Strategy<Value = Op> {
                 idempotency: key.map(|k| Idempotency::new(k, &Payload::from("1"))),
                 accepted: Time::from_millis(1),
                 ended: None,
+                calls: 1,
                 status,
             })
         });
@@ -283,6 +284,7 @@ fn overwrite(i: u64, keys: u32) -> Batch {
                 idempotency: Some(Idempotency::new(format!("k{i}"), &Payload::from("1"))),
                 accepted: Time::from_millis(i),
                 ended: None,
+                calls: 1,
                 status: ExecStatus::Running,
             }),
             Op::PutCall(CallRecord {

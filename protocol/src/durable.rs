@@ -54,6 +54,10 @@ pub struct ExecRecord {
     pub accepted: Time,
     /// When it ended (set with a `Done` status): it is forgotten counting from here.
     pub ended: Option<Time>,
+    /// The calls it has made, its entry call included, counted against
+    /// [`GqConfig::calls_max`](crate::global_queue::GqConfig::calls_max) while that limits them
+    /// (and then kept here, so a restart does not reset the budget).
+    pub calls: u32,
     /// Where it stands.
     pub status: ExecStatus,
 }

@@ -53,9 +53,9 @@ pub struct GqConfig {
     /// How deep fan-outs may nest in an execution (an entry call's
     /// [`depth_left`](CallSpec::depth_left)).
     pub depth_max: u32,
-    /// The most calls an execution may make, if limited; one more ends it with a
-    /// [`ErrorKind::Budget`] error. Counted per gateway life: a restart counts afresh from the
-    /// calls pending.
+    /// The most calls an execution may make, if limited; more end it with a
+    /// [`ErrorKind::Budget`] error. Counted in the execution's durable record
+    /// ([`ExecRecord::calls`]), so the budget holds across restarts.
     pub calls_max: Option<u32>,
 }
 
@@ -230,8 +230,6 @@ pub struct GlobalQueue {
     keys: BTreeMap<(AppName, String), ExecId>,
     /// Pending calls by owner.
     owned: BTreeMap<Owner, BTreeSet<CallKey>>,
-    /// Calls made by each running execution, when [`GqConfig::calls_max`] limits them.
-    made: BTreeMap<ExecId, u32>,
     links: BTreeMap<WorkerId, Link>,
     timers: BTreeMap<GqTimer, Time>,
     /// The index of the epoch record: nothing is sent before it is durable.
@@ -267,7 +265,6 @@ impl GlobalQueue {
             next_placement: 0,
             keys: BTreeMap::new(),
             owned: BTreeMap::new(),
-            made: BTreeMap::new(),
             links: BTreeMap::new(),
             timers: BTreeMap::new(),
             epoch_index: LogIndex(1),
@@ -295,11 +292,6 @@ impl GlobalQueue {
             }
         }
         let calls: Vec<CallRecord> = gq.state.calls.values().cloned().collect();
-        if gq.config.calls_max.is_some() {
-            for rec in &calls {
-                *gq.made.entry(rec.exec).or_default() += 1;
-            }
-        }
         for mut rec in calls {
             match rec.owner {
                 Some(owner) if gq.is_live(owner) => gq.put_call(now, rec),
@@ -390,6 +382,7 @@ impl GlobalQueue {
             idempotency,
             accepted: now,
             ended: None,
+            calls: 1,
             status: ExecStatus::Running,
         }));
         self.put_call(
@@ -408,9 +401,6 @@ impl GlobalQueue {
                 depth_left: self.config.depth_max,
             },
         );
-        if self.config.calls_max.is_some() {
-            self.made.insert(exec, 1);
-        }
         self.after_batch.push(GqOutput::Accepted(exec));
         self.close_batch();
         Ok(Invoked { exec, fresh: true })
@@ -872,6 +862,14 @@ impl GlobalQueue {
                 }
             }
         }
+        let fresh = effects.spawned.iter().filter(|new| {
+            let ckey = (exec, new.call);
+            !self.state.calls.contains_key(&ckey)
+                && !self.state.joins.get(&ckey).is_some_and(|j| j.fired)
+        });
+        if let Err(error) = self.count_calls(exec, fresh.count()) {
+            return self.finish(now, exec, Answer::Error(error));
+        }
         for new in effects.spawned {
             let ckey = (exec, new.call);
             if self.state.calls.contains_key(&ckey) {
@@ -884,9 +882,6 @@ impl GlobalQueue {
                 let mut j = j.clone();
                 j.fired = true;
                 self.commit(Op::PutJoin(j));
-            }
-            if let Err(error) = self.count_call(exec) {
-                return self.finish(now, exec, Answer::Error(error));
             }
             self.put_call(
                 now,
@@ -928,7 +923,7 @@ impl GlobalQueue {
         let Some(app) = self.state.execs.get(&jkey.0).map(|e| e.app.clone()) else {
             return;
         };
-        if let Err(error) = self.count_call(jkey.0) {
+        if let Err(error) = self.count_calls(jkey.0, 1) {
             return self.finish(now, jkey.0, Answer::Error(error));
         }
         match input {
@@ -978,22 +973,30 @@ impl GlobalQueue {
         self.put_call(now, rec);
     }
 
-    /// Counts a call the execution makes; refused past [`GqConfig::calls_max`].
-    fn count_call(&mut self, exec: ExecId) -> Result<(), GrainError> {
-        let Some(max) = self.config.calls_max else {
+    /// Counts `n` calls the execution makes, in its durable record; refused, all of them, if
+    /// they would take it past [`GqConfig::calls_max`].
+    fn count_calls(&mut self, exec: ExecId, n: usize) -> Result<(), GrainError> {
+        let (Some(max), Some(rec)) = (self.config.calls_max, self.state.execs.get(&exec)) else {
             return Ok(());
         };
-        let made = self.made.entry(exec).or_default();
-        if *made >= max {
-            return Err(GrainError::new(
-                ErrorKind::Budget,
-                format!(
-                    "the execution made {max} calls, its budget; the operator sets it \
-                     (`sand gateway --calls-max`)"
-                ),
-            ));
+        let calls = u32::try_from(n)
+            .ok()
+            .and_then(|n| rec.calls.checked_add(n))
+            .filter(|&calls| calls <= max)
+            .ok_or_else(|| {
+                GrainError::new(
+                    ErrorKind::Budget,
+                    format!(
+                        "the execution would make more than {max} calls, its budget; the \
+                         operator sets it (`sand gateway --calls-max`)"
+                    ),
+                )
+            })?;
+        if n > 0 {
+            let mut rec = rec.clone();
+            rec.calls = calls;
+            self.commit(Op::PutExec(rec));
         }
-        *made += 1;
         Ok(())
     }
 
@@ -1008,7 +1011,6 @@ impl GlobalQueue {
         let mut rec = rec.clone();
         rec.status = ExecStatus::Done(answer.clone());
         rec.ended = Some(now);
-        self.made.remove(&exec);
         self.commit(Op::PutExec(rec));
         let range = (exec, CallId(0))..=(exec, CallId(u64::MAX));
         let calls: Vec<CallKey> = self

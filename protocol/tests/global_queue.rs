@@ -1140,7 +1140,8 @@ fn an_execution_past_its_budget_of_calls_fails_with_a_budget_error() {
         owned: true,
         depth_left: 15,
     };
-    // The entry call and two branches fit in three calls; the third branch does not.
+    // The entry call and a fan-out of three would be four calls: past the budget of three, the
+    // fan-out is refused whole.
     let fan = Effects {
         joins: vec![JoinSpec {
             call: join,
@@ -1165,6 +1166,69 @@ fn an_execution_past_its_budget_of_calls_fails_with_a_budget_error() {
         "calls left pending: {:?}",
         t.store.calls
     );
+}
+
+#[test]
+fn an_executions_budget_of_calls_holds_across_a_gateway_restart() {
+    let config = GqConfig {
+        calls_max: Some(4),
+        ..GqConfig::default()
+    };
+    let mut t = Gq::with_config(config);
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    t.persist();
+    let c0 = exec.root_call();
+    let join = c0.join();
+    let new = |call: sand_protocol::ids::CallId, branch: u32| NewCall {
+        call,
+        grain: grain("b"),
+        input: Payload::from("0"),
+        cont: Cont::Join { join, branch },
+        owned: true,
+        depth_left: 15,
+    };
+    // The entry call and two branches: three calls of four.
+    let fan = Effects {
+        joins: vec![JoinSpec {
+            call: join,
+            grain: grain("a"),
+            branches: 2,
+            cont: Cont::Client,
+            depth_left: 16,
+        }],
+        spawned: vec![new(c0.child(0), 0), new(c0.child(1), 1)],
+        ..Effects::default()
+    };
+    t.progress(W0, 1, vec![done(exec, c0, first(), fan)]);
+    t.persist();
+
+    // The gateway restarts from its records; the worker comes back.
+    let mut r = Gq {
+        gq: GlobalQueue::recover(config, T0, t.store.clone()),
+        store: t.store.clone(),
+        unpersisted: Vec::new(),
+    };
+    r.drain();
+    r.persist();
+    r.msg(W0, hello(I1, true));
+    // Each branch hands on to a next call: the fourth call fits, the fifth does not.
+    let next = |branch: u32| {
+        let call = c0.child(branch);
+        let effects = Effects {
+            spawned: vec![new(call.child(0), branch)],
+            ..Effects::default()
+        };
+        done(exec, call, first(), effects)
+    };
+    r.progress(W0, 2, vec![next(0), next(1)]);
+    r.persist();
+    let Some(ExecStatus::Done(Answer::Error(error))) =
+        r.gq.execution(exec).map(|e| e.status.clone())
+    else {
+        panic!("a restart reset the budget: {:?}", r.gq.execution(exec));
+    };
+    assert_eq!(error.kind, ErrorKind::Budget, "{error:?}");
 }
 
 #[test]
