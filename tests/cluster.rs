@@ -57,17 +57,7 @@ impl Cluster {
         if let Some(token) = token {
             private_file(&dir.path().join("token"), token);
         }
-        let certs = dir.path().join("certs");
-        sand(&["cert", "init", "--dir", certs.to_str().unwrap()]);
-        sand(&[
-            "cert",
-            "issue",
-            "gateway",
-            "--name",
-            "localhost",
-            "--dir",
-            certs.to_str().unwrap(),
-        ]);
+        let certs = gateway_certs(dir.path());
         for id in 1..=workers {
             let id = id.to_string();
             sand(&[
