@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer, InvokeError};
-use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq, WorkerId};
+use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
@@ -80,6 +80,36 @@ fn welcome(w: WorkerId, incarnation: Incarnation, applied: Seq) -> GqOutput {
 /// The first attempt the gateway of epoch 1 hands out.
 fn first() -> Attempt {
     Attempt::epoch_floor(1)
+}
+
+/// Branch `branch` of a fan-out joined at `join`, made as call `call` by grain `b` on the
+/// worker that reports it, one level deeper than the entry call.
+fn branch_call(call: CallId, join: CallId, branch: u32) -> NewCall {
+    NewCall {
+        call,
+        grain: grain("b"),
+        input: Payload::from("0"),
+        cont: Cont::Join { join, branch },
+        owned: true,
+        depth_left: 15,
+    }
+}
+
+/// The entry call `c0` fanning out to `n` branches of grain `b`, joined by `join_grain`,
+/// whose value answers the client.
+fn fan_out(c0: CallId, n: u32, join_grain: &str) -> Effects {
+    let join = c0.join();
+    Effects {
+        joins: vec![JoinSpec {
+            call: join,
+            grain: grain(join_grain),
+            branches: n,
+            cont: Cont::Client,
+            depth_left: 16,
+        }],
+        spawned: (0..n).map(|i| branch_call(c0.child(i), join, i)).collect(),
+        ..Effects::default()
+    }
 }
 
 /// A test driver: a global queue, its store, and everything it said.
@@ -204,7 +234,7 @@ fn dispatch(w: WorkerId, call: CallSpec, reason: Reason) -> GqOutput {
     )
 }
 
-fn done(exec: ExecId, call: sand_protocol::ids::CallId, attempt: Attempt, e: Effects) -> Report {
+fn done(exec: ExecId, call: CallId, attempt: Attempt, e: Effects) -> Report {
     Report {
         exec,
         call,
@@ -641,25 +671,7 @@ fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
     t.persist();
     let c0 = exec.root_call();
     let join = c0.join();
-    let branch = |i: u32| NewCall {
-        call: c0.child(i),
-        grain: grain("b"),
-        input: Payload::from("0"),
-        cont: Cont::Join { join, branch: i },
-        owned: true,
-        depth_left: 16,
-    };
-    let fan = Effects {
-        joins: vec![JoinSpec {
-            call: join,
-            grain: grain("j"),
-            branches: 3,
-            cont: Cont::Client,
-            depth_left: 16,
-        }],
-        spawned: vec![branch(0), branch(1), branch(2)],
-        ..Effects::default()
-    };
+    let fan = fan_out(c0, 3, "j");
     let contribute = |i: u32, v: &str| Effects {
         returns: vec![Return {
             cont: Cont::Join { join, branch: i },
@@ -1131,28 +1143,9 @@ fn an_execution_past_its_budget_of_calls_fails_with_a_budget_error() {
     let (exec, _) = t.invoke("1");
     t.persist();
     let c0 = exec.root_call();
-    let join = c0.join();
-    let branch = |i: u32| NewCall {
-        call: c0.child(i),
-        grain: grain("b"),
-        input: Payload::from("0"),
-        cont: Cont::Join { join, branch: i },
-        owned: true,
-        depth_left: 15,
-    };
     // The entry call and a fan-out of three would be four calls: past the budget of three, the
     // fan-out is refused whole.
-    let fan = Effects {
-        joins: vec![JoinSpec {
-            call: join,
-            grain: grain("j"),
-            branches: 3,
-            cont: Cont::Client,
-            depth_left: 16,
-        }],
-        spawned: vec![branch(0), branch(1), branch(2)],
-        ..Effects::default()
-    };
+    let fan = fan_out(c0, 3, "j");
     t.progress(W0, 1, vec![done(exec, c0, first(), fan)]);
     t.persist();
     let Some(ExecStatus::Done(Answer::Error(error))) =
@@ -1180,26 +1173,8 @@ fn an_executions_budget_of_calls_holds_across_a_gateway_restart() {
     t.persist();
     let c0 = exec.root_call();
     let join = c0.join();
-    let new = |call: sand_protocol::ids::CallId, branch: u32| NewCall {
-        call,
-        grain: grain("b"),
-        input: Payload::from("0"),
-        cont: Cont::Join { join, branch },
-        owned: true,
-        depth_left: 15,
-    };
     // The entry call and two branches: three calls of four.
-    let fan = Effects {
-        joins: vec![JoinSpec {
-            call: join,
-            grain: grain("a"),
-            branches: 2,
-            cont: Cont::Client,
-            depth_left: 16,
-        }],
-        spawned: vec![new(c0.child(0), 0), new(c0.child(1), 1)],
-        ..Effects::default()
-    };
+    let fan = fan_out(c0, 2, "a");
     t.progress(W0, 1, vec![done(exec, c0, first(), fan)]);
     t.persist();
 
@@ -1216,7 +1191,7 @@ fn an_executions_budget_of_calls_holds_across_a_gateway_restart() {
     let next = |branch: u32| {
         let call = c0.child(branch);
         let effects = Effects {
-            spawned: vec![new(call.child(0), branch)],
+            spawned: vec![branch_call(call.child(0), join, branch)],
             ..Effects::default()
         };
         done(exec, call, first(), effects)
