@@ -66,10 +66,12 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use sand_protocol::disk::{self, MemDisk};
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecRecord, ExecStatus, Op};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
 use sand_protocol::ids::{
@@ -280,10 +282,9 @@ pub enum State {
 pub struct GatewayState {
     /// The real global queue.
     pub gq: GlobalQueue,
-    /// Batches written but not yet durable, oldest first.
-    pub unpersisted: Vec<Batch>,
-    /// The durable state: what the disk holds, and all a restart keeps.
-    pub durable: DurableState,
+    /// The disk: batches written but not yet durable, oldest first, and the durable state,
+    /// all a restart keeps.
+    pub disk: MemDisk,
     /// Suspicions fired, in all of the gateway's lives (the model's fault budget, not the
     /// gateway's knowledge).
     pub suspected: u32,
@@ -605,7 +606,7 @@ impl ModelCfg {
         if self.gateway_crashes > 0 {
             properties.push(Property::<SandModel>::sometimes(
                 "answered after a gateway crash",
-                |m, s| answered(m, s) && gateway(s).durable.epoch > 1,
+                |m, s| answered(m, s) && gateway(s).disk.durable().epoch > 1,
             ));
         }
         if self.suspicions > 0 {
@@ -730,7 +731,7 @@ impl ModelCfg {
             properties.push(Property::<SandModel>::always(
                 "an app change is told only once durable",
                 |_, s| {
-                    let deployed = gateway(s).durable.apps.contains_key(&second_app());
+                    let deployed = gateway(s).disk.durable().apps.contains_key(&second_app());
                     s.network.iter_all().all(|env| match env.msg {
                         Msg::Changed { deployed: told } => *told == deployed,
                         _ => true,
@@ -917,7 +918,8 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
             answer,
             ..
         } => gateway(s)
-            .durable
+            .disk
+            .durable()
             .execs
             .get(exec)
             .is_none_or(|e| e.status != ExecStatus::Done(answer.clone())),
@@ -1053,7 +1055,7 @@ fn waiting_calls_wait_for_a_reason(g: &GatewayState) -> bool {
 /// promises (an answer, an ack, a `Welcome`, a `Fenced`, a `Cancel`, an `Abort`) is on its way
 /// before the disk has it.
 fn acked_is_durable(_: &SandModel, s: &SandState) -> bool {
-    let d = &gateway(s).durable;
+    let d = gateway(s).disk.durable();
     let workers_ok = workers(s).all(|w| {
         let acked = w.lb.acked();
         let rec = d.workers.get(&w.lb.config().worker);
@@ -1103,7 +1105,7 @@ fn coalesced(msg: &Msg) -> bool {
 /// while its own crashes are under the budget; worker crashes are budgeted in all, which only
 /// the whole state shows.
 fn within_boundary(cfg: &ModelCfg, s: &SandState) -> bool {
-    let gateway_crashes = gateway(s).durable.epoch.saturating_sub(1);
+    let gateway_crashes = gateway(s).disk.durable().epoch.saturating_sub(1);
     let worker_crashes: u64 = workers(s).map(|w| u64::from(w.boots - 1)).sum();
     gateway_crashes <= cfg.gateway_crashes && worker_crashes <= cfg.worker_crashes
 }
@@ -1192,15 +1194,11 @@ impl Actor for Node {
                 let count = if cfg.fsync_each_batch {
                     1
                 } else {
-                    g.unpersisted.len()
+                    g.disk.unwritten()
                 };
-                let batches: Vec<Batch> = g.unpersisted.drain(..count).collect();
-                if let Some(last) = batches.last().map(|b| b.index) {
-                    for b in &batches {
-                        g.fired.write(&mut g.durable, b);
-                    }
-                    g.gq.handle(T0, GqEvent::Persisted(last));
-                }
+                let g = &mut **g;
+                let fired = &mut g.fired;
+                let Ok(_) = g.disk.flush(&mut g.gq, T0, count, |d, b| fired.put(d, b));
                 drain_gateway(cfg, g, o);
             }
             (State::Gateway(g), Timer::Gq(t)) => {
@@ -1221,7 +1219,7 @@ impl Actor for Node {
                 for t in &g.armed {
                     o.cancel_timer(Timer::Gq(*t));
                 }
-                let durable = std::mem::take(&mut g.durable);
+                let durable = std::mem::take(&mut g.disk).into_durable();
                 let spent = Spent {
                     suspected: g.suspected,
                     deadlines: g.deadlines,
@@ -1388,7 +1386,7 @@ pub struct Fired {
 
 impl Fired {
     /// Writes a batch to the disk, noting the joins it fires.
-    fn write(&mut self, durable: &mut DurableState, batch: &Batch) {
+    fn put(&mut self, durable: &mut DurableState, batch: &Batch) -> Result<(), Infallible> {
         for op in &batch.ops {
             if let Op::PutJoin(j) = op {
                 let key = (j.exec, j.spec.call);
@@ -1399,6 +1397,7 @@ impl Fired {
             }
             durable.apply(op);
         }
+        Ok(())
     }
 }
 
@@ -1410,7 +1409,7 @@ fn start_gateway(
     spent: Spent,
     o: &mut Out<Node>,
 ) -> GatewayState {
-    let (mut gq, mut durable) = match durable {
+    let (mut gq, durable) = match durable {
         Some(d) => {
             for actor in 1..=cfg.workers + 1 {
                 o.send(Id::from(actor), Msg::Restarted);
@@ -1426,19 +1425,19 @@ fn start_gateway(
     };
     // A gateway's first act is a durable write of its epoch (and, for a fresh cluster, of the
     // app), before it serves anything: the disk then counts every start.
+    let mut disk = MemDisk::new(durable);
     while let Some(out) = gq.poll_output() {
         if let GqOutput::Persist(b) = out {
-            durable.apply_batch(&b);
-            gq.handle(T0, GqEvent::Persisted(b.index));
+            disk.take(b);
+            let Ok(_) = disk.flush(&mut gq, T0, 1, disk::put);
         }
     }
-    if durable.epoch.saturating_sub(1) < cfg.gateway_crashes {
+    if disk.durable().epoch.saturating_sub(1) < cfg.gateway_crashes {
         o.set_timer(Timer::Crash, model_timeout());
     }
     let mut g = GatewayState {
         gq,
-        unpersisted: Vec::new(),
-        durable,
+        disk,
         suspected: spent.suspected,
         deadlines: spent.deadlines,
         gone: spent.gone,
@@ -1521,16 +1520,17 @@ fn gateway_msg(cfg: &ModelCfg, g: &mut GatewayState, src: Id, msg: Msg, o: &mut 
 /// true by construction; it is checked in the lives that can still crash, where it matters.)
 fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
     let client = Id::from(cfg.workers + 1);
-    let may_crash = g.durable.epoch.saturating_sub(1) < cfg.gateway_crashes;
+    let may_crash = g.disk.durable().epoch.saturating_sub(1) < cfg.gateway_crashes;
     while let Some(out) = g.gq.poll_output() {
         match out {
             GqOutput::Persist(b) if may_crash => {
-                g.unpersisted.push(b);
+                g.disk.take(b);
                 o.set_timer(Timer::Fsync, model_timeout());
             }
             GqOutput::Persist(b) => {
-                g.fired.write(&mut g.durable, &b);
-                g.gq.handle(T0, GqEvent::Persisted(b.index));
+                g.disk.take(b);
+                let fired = &mut g.fired;
+                let Ok(_) = g.disk.flush(&mut g.gq, T0, 1, |d, b| fired.put(d, b));
             }
             GqOutput::Send(w, msg) => {
                 let epoch = g.gq.state().epoch;
@@ -1573,7 +1573,7 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
             }
         }
     }
-    if g.unpersisted.is_empty() {
+    if g.disk.unwritten() == 0 {
         o.cancel_timer(Timer::Fsync);
     }
     // Suspicion is explored within its budget; a crashed worker is found by its new Hello.

@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use sand_protocol::durable::{Batch, DurableState, ExecStatus, LogIndex};
+use sand_protocol::disk::{self, MemDisk};
+use sand_protocol::durable::ExecStatus;
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput};
 use sand_protocol::ids::{AppName, ExecId, GrainName, Incarnation, RunKey, WorkerId};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
@@ -29,8 +30,7 @@ fn app() -> AppName {
 /// A gateway with its disk, one worker, and the messages in flight between them.
 struct Cluster {
     gq: GlobalQueue,
-    disk: DurableState,
-    unpersisted: Vec<Batch>,
+    disk: MemDisk,
     lb: LocalBus,
     /// Gateway → worker, in the order sent.
     to_worker: Vec<ToWorker>,
@@ -71,8 +71,7 @@ impl Cluster {
         );
         let mut c = Self {
             gq,
-            disk: DurableState::default(),
-            unpersisted: Vec::new(),
+            disk: MemDisk::default(),
             lb: LocalBus::new(LbConfig::default(), Incarnation(1)),
             to_worker: Vec::new(),
             to_gateway: Vec::new(),
@@ -88,7 +87,7 @@ impl Cluster {
     fn drain_gq(&mut self) {
         while let Some(out) = self.gq.poll_output() {
             match out {
-                GqOutput::Persist(b) => self.unpersisted.push(b),
+                GqOutput::Persist(b) => self.disk.take(b),
                 GqOutput::Send(_, m) => self.to_worker.push(m),
                 GqOutput::Respond(exec, _) => self.answers.push(exec),
                 GqOutput::Accepted(_) | GqOutput::Deployed(_) | GqOutput::Removed { .. } => {}
@@ -97,12 +96,7 @@ impl Cluster {
     }
 
     fn persist(&mut self) {
-        let mut upto = LogIndex(0);
-        for b in self.unpersisted.drain(..) {
-            self.disk.apply_batch(&b);
-            upto = b.index;
-        }
-        self.gq.handle(T0, GqEvent::Persisted(upto));
+        let Ok(_) = self.disk.flush(&mut self.gq, T0, usize::MAX, disk::put);
         self.drain_gq();
     }
 
@@ -190,10 +184,10 @@ impl Cluster {
     /// The gateway crashes, losing what it had not persisted and everything in flight, and
     /// restarts from its disk; the worker sees its connection break and opens a new one.
     fn restart_gateway(&mut self) {
-        self.unpersisted.clear();
+        self.disk.crash();
         self.to_worker.clear();
         self.to_gateway.clear();
-        self.gq = GlobalQueue::recover(GqConfig::default(), T0, self.disk.clone());
+        self.gq = GlobalQueue::recover(GqConfig::default(), T0, self.disk.durable().clone());
         self.drain_gq();
         self.persist();
         self.worker(LbEvent::Disconnected);

@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
-use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex};
+use sand_protocol::disk::MemDisk;
+use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
 use sand_protocol::ids::{ExecId, Incarnation, WorkerId};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
@@ -153,10 +154,8 @@ pub(super) struct World {
     /// The gateway's life: bumped by every recovery.
     life: u64,
     gateway_restart_at: Time,
-    /// The gateway's disk.
-    store: DurableState,
-    /// Batches handed out and not yet written.
-    unpersisted: Vec<Batch>,
+    /// The gateway's disk: the batches its queue handed out, and what it wrote.
+    disk: MemDisk,
     nodes: Vec<Node>,
     net: Vec<Envelope>,
     /// Every request made, in order.
@@ -210,8 +209,7 @@ impl World {
             gq: None,
             life: 0,
             gateway_restart_at: Time::ZERO,
-            store: DurableState::default(),
-            unpersisted: Vec::new(),
+            disk: MemDisk::default(),
             nodes,
             net: Vec::new(),
             requests: Vec::new(),
@@ -385,10 +383,10 @@ impl World {
         for out in outputs {
             out.hash(&mut self.hash);
             self.note(|| describe_gq(&out));
-            let verdict = self.checker.output(&self.store, &out);
+            let verdict = self.checker.output(self.disk.durable(), &out);
             self.checked(verdict)?;
             match out {
-                GqOutput::Persist(batch) => self.unpersisted.push(batch),
+                GqOutput::Persist(batch) => self.disk.take(batch),
                 GqOutput::Send(w, msg) => {
                     let worker = w.0 as usize;
                     if self.nodes.get(worker).is_some_and(|n| n.connected) {
@@ -442,7 +440,7 @@ impl World {
         let Some(ExecStatus::Done(shown)) = gq.execution(exec).map(|e| &e.status) else {
             return Ok(());
         };
-        self.checked(self.checker.looked_up(&self.store, exec, shown))
+        self.checked(self.checker.looked_up(self.disk.durable(), exec, shown))
     }
 
     /// A client is told its execution's answer.
@@ -494,38 +492,31 @@ impl World {
 
     /// Writes the first `count` unwritten batches and tells the gateway.
     fn persist(&mut self, count: usize) -> Checked {
-        let count = count.min(self.unpersisted.len());
-        if count == 0 || self.gq.is_none() {
+        let Some(gq) = self.gq.as_mut() else {
             return Ok(());
+        };
+        let (checker, trace) = (&mut self.checker, &mut self.trace);
+        let flushed = self.disk.flush(gq, self.now, count, |store, batch| {
+            write(checker, trace, store, batch)
+        });
+        match flushed {
+            Ok(true) => self.drain_gq(),
+            Ok(false) => Ok(()),
+            Err(v) => Err(self.fail(v.property, v.message)),
         }
-        let batches: Vec<Batch> = self.unpersisted.drain(..count).collect();
-        let mut upto = LogIndex(0);
-        for batch in &batches {
-            self.write(batch)?;
-            upto = batch.index;
-        }
-        self.gq_handle(GqEvent::Persisted(upto))
-    }
-
-    /// Puts a batch on the disk, checking the durable history it extends.
-    fn write(&mut self, batch: &Batch) -> Checked {
-        self.note(|| format!("  disk: batch {:?} written", batch.index));
-        let verdict = self.checker.written(&self.store, batch);
-        self.checked(verdict)?;
-        self.store.apply_batch(batch);
-        Ok(())
     }
 
     fn crash_gateway(&mut self, persisted: usize, down_ms: u64) -> Checked {
         if self.gq.is_none() {
             return Ok(());
         }
-        let batches: Vec<Batch> = std::mem::take(&mut self.unpersisted);
-        let keep = persisted.min(batches.len());
-        for batch in &batches[..keep] {
-            self.write(batch)?;
-        }
-        self.faults.batches_lost += (batches.len() - keep) as u64;
+        let keep = persisted.min(self.disk.unwritten());
+        let (checker, trace) = (&mut self.checker, &mut self.trace);
+        let written = self.disk.write(persisted, |store, batch| {
+            write(checker, trace, store, batch)
+        });
+        self.checked(written.map(drop))?;
+        self.faults.batches_lost += self.disk.crash() as u64;
         self.faults.gateway_crashes += 1;
         self.gq = None;
         self.checker.gateway_crashed();
@@ -555,7 +546,7 @@ impl World {
         if self.gq.is_some() {
             return Ok(());
         }
-        let gq = GlobalQueue::recover(self.gq_config, self.now, self.store.clone())
+        let gq = GlobalQueue::recover(self.gq_config, self.now, self.disk.durable().clone())
             .with_mutations(self.mutations);
         self.gq = Some(gq);
         self.life += 1;
@@ -564,7 +555,8 @@ impl World {
         // learn so is never answered again: its client reads the answer from the durable record
         // (the status API). It is checked like any other.
         let ended: Vec<(ExecId, Answer)> = self
-            .store
+            .disk
+            .durable()
             .execs
             .values()
             .filter(|e| !self.answered.contains(&e.exec))
@@ -936,7 +928,7 @@ impl World {
         let limit = healed_at + Duration::from_millis(self.config.liveness_ms_max);
         for _ in 0..LIVENESS_ACTIONS_MAX {
             self.check_calls_owned()?;
-            if !self.unpersisted.is_empty() {
+            if self.disk.unwritten() > 0 {
                 self.persist(usize::MAX)?;
                 continue;
             }
@@ -1008,6 +1000,22 @@ impl World {
         }
         out
     }
+}
+
+/// Puts a batch on the gateway's disk, once the checker has seen the durable history it
+/// extends.
+fn write(
+    checker: &mut Checker,
+    trace: &mut Option<Vec<String>>,
+    store: &mut DurableState,
+    batch: &Batch,
+) -> Verdict {
+    if let Some(trace) = trace.as_mut() {
+        trace.push(format!("  disk: batch {:?} written", batch.index));
+    }
+    checker.written(store, batch)?;
+    store.apply_batch(batch);
+    Ok(())
 }
 
 #[cfg(test)]
