@@ -60,7 +60,7 @@ use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestRng, TestR
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
 use sand_protocol::ids::{
-    AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId,
+    AppName, Attempt, CallId, CallKey, ExecId, GrainName, Incarnation, RunKey, WorkerId,
 };
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::mutations::{Mutation, Mutations};
@@ -1467,9 +1467,9 @@ struct Sim {
     /// Executions one of whose attempts hit its deadline: they may fail with a timeout.
     timed_out: BTreeSet<ExecId>,
     /// Calls deleted in the durable history.
-    deleted: BTreeSet<(ExecId, CallId)>,
+    deleted: BTreeSet<CallKey>,
     /// Joins fired in the durable history.
-    fired: BTreeSet<(ExecId, CallId)>,
+    fired: BTreeSet<CallKey>,
     faults: FaultCounts,
     executions: u64,
     step: Option<usize>,
@@ -1705,10 +1705,10 @@ impl Sim {
                         });
                     }
                 }
-                GqOutput::Accepted(_) => {} // Checked above: durable when it leaves.
+                GqOutput::ConfirmInvoke(_) => {} // Checked above: durable when it leaves.
                 // A later change may be durable too, and undo what this one did: what must be
                 // written is its own batch.
-                GqOutput::Deployed(_) | GqOutput::Removed { .. } => {
+                GqOutput::ConfirmDeploy(_) | GqOutput::ConfirmRemove { .. } => {
                     let needs = self.changes.pop_front();
                     if needs.is_none_or(|needs| needs > self.written) {
                         let why = format!(
@@ -1859,12 +1859,12 @@ impl Sim {
         self.durable_placements.observe(batch);
         for op in &batch.ops {
             match op {
-                Op::PutCall(c) if self.deleted.contains(&(c.exec, c.call)) => {
+                Op::PutCall(c) if self.deleted.contains(&c.key()) => {
                     let why = format!("{:?} {:?} became pending again: {c:?}", c.exec, c.call);
                     return Err(self.fail(Property::CompletedStaysCompleted, why));
                 }
                 Op::DelCall(e, c) => {
-                    self.deleted.insert((*e, *c));
+                    self.deleted.insert(CallKey::new(*e, *c));
                 }
                 Op::PutExec(e)
                     if self
@@ -1885,7 +1885,7 @@ impl Sim {
                 }
                 Op::DelExec(e) => self.durable_keys.retain(|_, x| x != e),
                 Op::PutJoin(j) if j.fired => {
-                    let key = (j.exec, j.spec.call);
+                    let key = j.key();
                     let was = self.store.joins.get(&key).is_some_and(|d| d.fired);
                     if !was && !self.fired.insert(key) {
                         let why = format!("the join {key:?} fired twice");
@@ -2049,7 +2049,7 @@ impl Sim {
 
     /// Fires one gateway timer, noting a deadline.
     fn fire_gq(&mut self, timer: GqTimer) -> Checked {
-        if let GqTimer::Deadline(exec, _) = timer {
+        if let GqTimer::Deadline(CallKey { exec, .. }) = timer {
             self.timed_out.insert(exec);
         }
         self.note(|| format!("  gq: timer {timer:?} fires"));
@@ -2107,15 +2107,15 @@ impl Sim {
                     }
                 }
                 LbOutput::Run(spec) => {
-                    let run = (spec.exec, spec.call, spec.attempt);
+                    let run = spec.run_key();
                     if !node.started.insert(run) {
                         let why = format!("w{w} started {run:?} twice in {:?}", node.incarnation);
                         return Err(self.fail(Property::StartsOnce, why));
                     }
                     node.running.push(spec);
                 }
-                LbOutput::Abort(run) => node.running.retain(|s| (s.exec, s.call, s.attempt) != run),
-                LbOutput::Incarnation(i) => {
+                LbOutput::Abort(run) => node.running.retain(|s| s.run_key() != run),
+                LbOutput::PersistIncarnation(i) => {
                     node.incarnation = i;
                     node.started.clear();
                 }
@@ -2161,7 +2161,7 @@ impl Sim {
                 spec.exec, spec.call, spec.attempt, spec.grain
             )
         });
-        let run = (spec.exec, spec.call, spec.attempt);
+        let run = spec.run_key();
         self.lb_handle(w, LbEvent::Finished { run, result })
     }
 
@@ -2455,10 +2455,10 @@ impl Sim {
         };
         let state = gq.state();
         let placeable = (0..self.nodes.len()).any(|w| gq.is_connected(WorkerId(w as u32)));
-        let retrying: BTreeSet<(ExecId, CallId)> = gq
+        let retrying: BTreeSet<CallKey> = gq
             .timers()
             .filter_map(|(t, _)| match t {
-                GqTimer::Retry(e, c) => Some((e, c)),
+                GqTimer::Retry(key) => Some(key),
                 _ => None,
             })
             .collect();
@@ -2545,7 +2545,7 @@ impl Placements {
                             (false, _) => Reason::Retry,
                         };
                         self.placed
-                            .insert((rec.exec, rec.call, rec.attempt), reason);
+                            .insert(RunKey::new(rec.exec, rec.call, rec.attempt), reason);
                         lost = false;
                     }
                     self.calls
@@ -2562,7 +2562,7 @@ impl Placements {
 
     /// Checks a dispatch's reason against the history of its placement.
     fn dispatched(&self, call: &CallSpec, reason: Reason) -> Result<(), String> {
-        let run = (call.exec, call.call, call.attempt);
+        let run = call.run_key();
         match self.placed.get(&run) {
             _ if reason == Reason::Resent => Ok(()),
             Some(want) if *want == reason => Ok(()),
@@ -2580,10 +2580,12 @@ fn describe_gq(out: &GqOutput) -> String {
     match out {
         GqOutput::Persist(b) => format!("  gq: write batch {:?} ({} ops)", b.index, b.ops.len()),
         GqOutput::Send(w, msg) => format!("  gq → {w:?} sent: {msg:?}"),
-        GqOutput::Accepted(exec) => format!("  gq: {exec:?} accepted"),
+        GqOutput::ConfirmInvoke(exec) => format!("  gq: {exec:?} accepted"),
         GqOutput::Respond(exec, answer) => format!("  gq: {exec:?} answered {answer:?}"),
-        GqOutput::Deployed(app) => format!("  gq: {app} deployed"),
-        GqOutput::Removed { app, existed } => format!("  gq: {app} removed (deployed: {existed})"),
+        GqOutput::ConfirmDeploy(app) => format!("  gq: {app} deployed"),
+        GqOutput::ConfirmRemove { app, existed } => {
+            format!("  gq: {app} removed (deployed: {existed})")
+        }
     }
 }
 
@@ -2595,7 +2597,7 @@ fn describe_lb(w: usize, out: &LbOutput) -> String {
             spec.exec, spec.call, spec.attempt, spec.grain, spec.input
         ),
         LbOutput::Abort(run) => format!("  w{w}: abort {run:?}"),
-        LbOutput::Incarnation(i) => format!("  w{w}: now {i:?}"),
+        LbOutput::PersistIncarnation(i) => format!("  w{w}: now {i:?}"),
     }
 }
 

@@ -19,7 +19,7 @@ use crate::durable::{
     Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, Idempotency,
     JoinRecord, LogIndex, Op, Owner, WorkerRecord,
 };
-use crate::ids::{AppName, Attempt, CallId, ExecId, Incarnation, RunKey, Seq, WorkerId};
+use crate::ids::{AppName, Attempt, CallKey, ExecId, Incarnation, RunKey, Seq, WorkerId};
 use crate::mutations::{Mutation, Mutations};
 use crate::policy::{AppSpec, GrainPolicy};
 use crate::time::Time;
@@ -27,9 +27,6 @@ use crate::wire::{
     AppBundle, CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, Reason, Report, ToGateway,
     ToWorker, FANOUT_MAX, PAYLOAD_BYTES_MAX,
 };
-
-/// A call's key: calls are unique within their execution.
-pub type CallKey = (ExecId, CallId);
 
 /// Settings of a global queue.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -130,26 +127,29 @@ pub enum GqTimer {
     /// The worker has been silent for the failure timeout.
     Suspect(WorkerId),
     /// A failed call's backoff is over: place it again.
-    Retry(ExecId, CallId),
+    Retry(CallKey),
     /// A call's attempt ran past its timeout and grace.
-    Deadline(ExecId, CallId),
+    Deadline(CallKey),
 }
 
-/// Something the caller must do, drained with [`GlobalQueue::poll_output`].
+/// Something the caller must do, drained with [`GlobalQueue::poll_output`]. Each variant is
+/// named for the driver's action; a `Confirm*` tells a client that its request is durable.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum GqOutput {
     /// Write this batch durably, after every earlier one, then report `GqEvent::Persisted`.
     Persist(Batch),
     /// Send this message to the worker (drop it if the worker is not connected).
     Send(WorkerId, ToWorker),
-    /// The execution's acceptance is durable: an asynchronous client may now be told its id.
-    Accepted(ExecId),
+    /// Tell the client its execution is accepted, durably: an asynchronous client may now be
+    /// given its id.
+    ConfirmInvoke(ExecId),
     /// The execution ended, durably: give the client this answer. Emitted once per execution.
     Respond(ExecId, Answer),
-    /// The app's deployment (by [`GlobalQueue::deploy`]) is durable.
-    Deployed(AppName),
-    /// A [`GlobalQueue::remove_app`] is durable: the app is gone, or was not deployed.
-    Removed {
+    /// Tell the client the app's deployment (by [`GlobalQueue::deploy`]) is durable.
+    ConfirmDeploy(AppName),
+    /// Tell the client its [`GlobalQueue::remove_app`] is durable: the app is gone, or was not
+    /// deployed.
+    ConfirmRemove {
         /// The app.
         app: AppName,
         /// Whether it was deployed.
@@ -315,23 +315,23 @@ impl GlobalQueue {
         self
     }
 
-    /// Deploys or replaces an app, code and all. Emits `Deployed` once the deployment is
+    /// Deploys or replaces an app, code and all. Emits `ConfirmDeploy` once the deployment is
     /// durable.
     pub fn deploy(&mut self, spec: AppSpec, bundle: AppBundle) {
         let app = spec.name.clone();
         self.commit(Op::PutApp(Deployment { spec, bundle }));
-        self.after_batch.push(GqOutput::Deployed(app));
+        self.after_batch.push(GqOutput::ConfirmDeploy(app));
         self.close_batch();
     }
 
-    /// Removes an app, code and all; its running executions go on. Emits `Removed` once what
+    /// Removes an app, code and all; its running executions go on. Emits `ConfirmRemove` once what
     /// it says is durable: the removal, or (for an app not deployed) the absence it found.
     pub fn remove_app(&mut self, app: &AppName) {
         let existed = self.state.apps.contains_key(app);
         if existed {
             self.commit(Op::DelApp(app.clone()));
         }
-        self.after_batch.push(GqOutput::Removed {
+        self.after_batch.push(GqOutput::ConfirmRemove {
             app: app.clone(),
             existed,
         });
@@ -340,7 +340,7 @@ impl GlobalQueue {
 
     /// Accepts an execution of `app` with `input`, or finds the earlier one with the same
     /// idempotency key (accepted less than the key's lifetime ago, with the same input: the
-    /// same key with another input is refused). Emits `Accepted` once the acceptance is durable
+    /// same key with another input is refused). Emits `ConfirmInvoke` once the acceptance is durable
     /// and `Respond` once it ends; the entry call is dispatched at once, without waiting for
     /// the disk.
     pub fn invoke(
@@ -352,7 +352,7 @@ impl GlobalQueue {
     ) -> Result<Invoked, InvokeError> {
         let idempotency = idempotency_key.map(|key| Idempotency::new(key, &input));
         if let Some(exec) = self.keyed(now, app, idempotency.as_ref())? {
-            self.after_batch.push(GqOutput::Accepted(exec));
+            self.after_batch.push(GqOutput::ConfirmInvoke(exec));
             self.close_batch();
             return Ok(Invoked { exec, fresh: false });
         }
@@ -401,7 +401,7 @@ impl GlobalQueue {
                 depth_left: self.config.depth_max,
             },
         );
-        self.after_batch.push(GqOutput::Accepted(exec));
+        self.after_batch.push(GqOutput::ConfirmInvoke(exec));
         self.close_batch();
         Ok(Invoked { exec, fresh: true })
     }
@@ -720,7 +720,7 @@ impl GlobalQueue {
             .flatten()
             .filter_map(|key| self.state.calls.get(key))
             .filter(|c| {
-                let listed = started.contains(&(c.exec, c.call, c.attempt));
+                let listed = started.contains(&RunKey::new(c.exec, c.call, c.attempt));
                 !listed || self.mutated(Mutation::RerunStarted)
             })
             .map(spec_of)
@@ -807,7 +807,7 @@ impl GlobalQueue {
     /// Applies one report atomically, or not at all if it is stale: its execution ended, its
     /// call is not pending, or it is not the current attempt of the sender.
     fn apply_report(&mut self, now: Time, owner: Owner, report: Report) {
-        let key = (report.exec, report.call);
+        let key = CallKey::new(report.exec, report.call);
         if !self.is_running(report.exec) {
             return;
         }
@@ -831,7 +831,7 @@ impl GlobalQueue {
         }
         let exec = report.exec;
         for spec in effects.joins {
-            let jkey = (exec, spec.call);
+            let jkey = CallKey::new(exec, spec.call);
             let branches = spec.branches as usize;
             if self.state.joins.contains_key(&jkey) || branches == 0 || branches > FANOUT_MAX {
                 continue;
@@ -848,7 +848,7 @@ impl GlobalQueue {
             match ret.cont {
                 Cont::Client => return self.finish(now, exec, Answer::Value(ret.value)),
                 Cont::Join { join, branch } => {
-                    let Some(j) = self.state.joins.get(&(exec, join)) else {
+                    let Some(j) = self.state.joins.get(&CallKey::new(exec, join)) else {
                         continue;
                     };
                     let slot = branch as usize;
@@ -863,7 +863,7 @@ impl GlobalQueue {
             }
         }
         let fresh = effects.spawned.iter().filter(|new| {
-            let ckey = (exec, new.call);
+            let ckey = CallKey::new(exec, new.call);
             !self.state.calls.contains_key(&ckey)
                 && !self.state.joins.get(&ckey).is_some_and(|j| j.fired)
         });
@@ -871,7 +871,7 @@ impl GlobalQueue {
             return self.finish(now, exec, Answer::Error(error));
         }
         for new in effects.spawned {
-            let ckey = (exec, new.call);
+            let ckey = CallKey::new(exec, new.call);
             if self.state.calls.contains_key(&ckey) {
                 continue;
             }
@@ -903,7 +903,7 @@ impl GlobalQueue {
             );
         }
         for join in touched {
-            self.fire_if_complete(now, (exec, join));
+            self.fire_if_complete(now, CallKey::new(exec, join));
         }
     }
 
@@ -920,17 +920,17 @@ impl GlobalQueue {
         }
         let mut j = j.clone();
         let input = Payload::json_array(j.contributions.iter().flatten());
-        let Some(app) = self.state.execs.get(&jkey.0).map(|e| e.app.clone()) else {
+        let Some(app) = self.state.execs.get(&jkey.exec).map(|e| e.app.clone()) else {
             return;
         };
-        if let Err(error) = self.count_calls(jkey.0, 1) {
-            return self.finish(now, jkey.0, Answer::Error(error));
+        if let Err(error) = self.count_calls(jkey.exec, 1) {
+            return self.finish(now, jkey.exec, Answer::Error(error));
         }
         match input {
             Ok(input) => {
                 j.fired = true;
                 let rec = CallRecord {
-                    exec: jkey.0,
+                    exec: jkey.exec,
                     call: j.spec.call,
                     app,
                     grain: j.spec.grain.clone(),
@@ -947,7 +947,7 @@ impl GlobalQueue {
             }
             Err(e) => {
                 let error = GrainError::new(ErrorKind::BadOutput, format!("join input: {e}"));
-                self.finish(now, jkey.0, Answer::Error(error));
+                self.finish(now, jkey.exec, Answer::Error(error));
             }
         }
     }
@@ -961,13 +961,11 @@ impl GlobalQueue {
         rec.failures += 1;
         // A budget is not a passing failure: a retry would meet it again.
         if rec.failures >= policy.attempts_max || error.kind == ErrorKind::Budget {
-            return self.finish(now, key.0, Answer::Error(error));
+            return self.finish(now, key.exec, Answer::Error(error));
         }
         // The retry timer goes first, so that put_call leaves the call unplaced until it fires.
-        self.timers.insert(
-            GqTimer::Retry(key.0, key.1),
-            now + policy.backoff(rec.failures),
-        );
+        self.timers
+            .insert(GqTimer::Retry(key), now + policy.backoff(rec.failures));
         rec.owner = None;
         rec.reason = Reason::Retry;
         self.put_call(now, rec);
@@ -1012,7 +1010,7 @@ impl GlobalQueue {
         rec.status = ExecStatus::Done(answer.clone());
         rec.ended = Some(now);
         self.commit(Op::PutExec(rec));
-        let range = (exec, CallId(0))..=(exec, CallId(u64::MAX));
+        let range = CallKey::of_exec(exec);
         let calls: Vec<CallKey> = self
             .state
             .calls
@@ -1034,8 +1032,8 @@ impl GlobalQueue {
             self.after_batch.push(GqOutput::Send(owner.worker, msg));
         }
         let joins: Vec<CallKey> = self.state.joins.range(range).map(|(k, _)| *k).collect();
-        for (e, j) in joins {
-            self.commit(Op::DelJoin(e, j));
+        for key in joins {
+            self.commit(Op::DelJoin(key.exec, key.call));
         }
         self.after_batch.push(GqOutput::Respond(exec, answer));
     }
@@ -1055,27 +1053,27 @@ impl GlobalQueue {
                     }
                 }
             }
-            GqTimer::Retry(exec, call) => {
-                if let Some(rec) = self.state.calls.get(&(exec, call)).cloned() {
+            GqTimer::Retry(key) => {
+                if let Some(rec) = self.state.calls.get(&key).cloned() {
                     if rec.owner.is_none() {
                         self.put_call(now, rec);
                     }
                 }
             }
-            GqTimer::Deadline(exec, call) => {
-                let Some(rec) = self.state.calls.get(&(exec, call)) else {
+            GqTimer::Deadline(key) => {
+                let Some(rec) = self.state.calls.get(&key) else {
                     return;
                 };
                 let Some(owner) = rec.owner else { return };
                 let msg = ToWorker::Abort {
                     incarnation: owner.incarnation,
-                    exec,
-                    call,
+                    exec: key.exec,
+                    call: key.call,
                     attempt: rec.attempt,
                 };
                 self.after_batch.push(GqOutput::Send(owner.worker, msg));
                 let error = GrainError::new(ErrorKind::Timeout, "the attempt ran past its timeout");
-                self.fail_attempt(now, (exec, call), error);
+                self.fail_attempt(now, key, error);
             }
         }
     }
@@ -1135,9 +1133,7 @@ impl GlobalQueue {
             .state
             .calls
             .values()
-            .filter(|c| {
-                c.owner.is_none() && !self.timers.contains_key(&GqTimer::Retry(c.exec, c.call))
-            })
+            .filter(|c| c.owner.is_none() && !self.timers.contains_key(&GqTimer::Retry(c.key())))
             .cloned()
             .collect();
         for rec in waiting {
@@ -1148,8 +1144,8 @@ impl GlobalQueue {
     /// Records a pending call, placing it first if it has no owner and is not backing off, and
     /// keeps the owner index and the call's timers in step.
     fn put_call(&mut self, now: Time, mut rec: CallRecord) {
-        let key = (rec.exec, rec.call);
-        let backing_off = self.timers.contains_key(&GqTimer::Retry(key.0, key.1));
+        let key = rec.key();
+        let backing_off = self.timers.contains_key(&GqTimer::Retry(key));
         if rec.owner.is_none() && !backing_off {
             rec.owner = self.choose_worker();
             if let Some(owner) = rec.owner {
@@ -1172,7 +1168,7 @@ impl GlobalQueue {
                 set.remove(&key);
             }
         }
-        let deadline = GqTimer::Deadline(key.0, key.1);
+        let deadline = GqTimer::Deadline(key);
         self.timers.remove(&deadline);
         if let Some(owner) = rec.owner {
             self.owned.entry(owner).or_default().insert(key);
@@ -1194,9 +1190,9 @@ impl GlobalQueue {
                 set.remove(&key);
             }
         }
-        self.timers.remove(&GqTimer::Retry(key.0, key.1));
-        self.timers.remove(&GqTimer::Deadline(key.0, key.1));
-        self.commit(Op::DelCall(key.0, key.1));
+        self.timers.remove(&GqTimer::Retry(key));
+        self.timers.remove(&GqTimer::Deadline(key));
+        self.commit(Op::DelCall(key.exec, key.call));
     }
 
     /// The least loaded live, connected worker; ties go to the lowest id.
@@ -1328,7 +1324,10 @@ impl GlobalQueue {
                 out,
                 GqOutput::Send(_, ToWorker::Cancel { .. } | ToWorker::Abort { .. })
             );
-            let app_change = matches!(out, GqOutput::Deployed(_) | GqOutput::Removed { .. });
+            let app_change = matches!(
+                out,
+                GqOutput::ConfirmDeploy(_) | GqOutput::ConfirmRemove { .. }
+            );
             if needs <= self.durable
                 || eager
                 || gives_up && self.mutated(Mutation::GiveUpEarly)

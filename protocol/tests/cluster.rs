@@ -16,7 +16,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
-use sand_protocol::ids::{AppName, CallId, ExecId, GrainName, Incarnation, WorkerId};
+use sand_protocol::ids::{AppName, CallKey, ExecId, GrainName, Incarnation, WorkerId};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
@@ -151,11 +151,11 @@ fn check_durable_before_visible(store: &DurableState, out: &GqOutput) {
                 ..
             },
         ) => {
-            let rec = store.calls.get(&(*exec, *call));
+            let rec = store.calls.get(&CallKey::new(*exec, *call));
             let running = rec.is_some_and(|c| c.attempt == *attempt && c.owner.is_some());
             assert!(!running, "{out:?} before giving up was durable");
         }
-        GqOutput::Accepted(exec) => {
+        GqOutput::ConfirmInvoke(exec) => {
             assert!(
                 store.execs.contains_key(exec),
                 "{out:?} before it was durable"
@@ -199,9 +199,9 @@ struct Cluster {
     /// Executions one of whose attempts hit its deadline: they may fail with a timeout.
     timed_out: BTreeSet<ExecId>,
     /// Calls deleted in the durable history; none may come back.
-    deleted: BTreeSet<(ExecId, CallId)>,
+    deleted: BTreeSet<CallKey>,
     /// Joins fired in the durable history.
-    fired: BTreeSet<(ExecId, CallId)>,
+    fired: BTreeSet<CallKey>,
     lb_config: LbConfig,
 }
 
@@ -261,13 +261,13 @@ impl Cluster {
                         self.to_worker.push((w, msg));
                     }
                 }
-                GqOutput::Accepted(exec) => {
+                GqOutput::ConfirmInvoke(exec) => {
                     self.accepted.insert(exec);
                 }
                 GqOutput::Respond(exec, answer) => {
                     self.answers.entry(exec).or_default().push(answer);
                 }
-                GqOutput::Deployed(_) | GqOutput::Removed { .. } => {}
+                GqOutput::ConfirmDeploy(_) | GqOutput::ConfirmRemove { .. } => {}
             }
         }
     }
@@ -283,10 +283,8 @@ impl Cluster {
                     }
                 }
                 LbOutput::Run(spec) => worker.running.push(spec),
-                LbOutput::Abort(run) => worker
-                    .running
-                    .retain(|s| (s.exec, s.call, s.attempt) != run),
-                LbOutput::Incarnation(i) => worker.incarnation = i,
+                LbOutput::Abort(run) => worker.running.retain(|s| s.run_key() != run),
+                LbOutput::PersistIncarnation(i) => worker.incarnation = i,
             }
         }
     }
@@ -327,14 +325,14 @@ impl Cluster {
             for op in &batch.ops {
                 match op {
                     Op::PutCall(c) => assert!(
-                        !self.deleted.contains(&(c.exec, c.call)),
+                        !self.deleted.contains(&c.key()),
                         "a completed call became pending again: {c:?}"
                     ),
                     Op::DelCall(e, c) => {
-                        self.deleted.insert((*e, *c));
+                        self.deleted.insert(CallKey::new(*e, *c));
                     }
                     Op::PutJoin(j) if j.fired => {
-                        let key = (j.exec, j.spec.call);
+                        let key = j.key();
                         let was = self.store.joins.get(&key).is_some_and(|d| d.fired);
                         if !was {
                             assert!(self.fired.insert(key), "a join fired twice: {key:?}");
@@ -404,7 +402,7 @@ impl Cluster {
         }
         let spec = worker.running.remove(i % worker.running.len());
         let result = run_grain(&spec);
-        let run = (spec.exec, spec.call, spec.attempt);
+        let run = spec.run_key();
         self.lb_handle(w, LbEvent::Finished { run, result });
     }
 
@@ -495,7 +493,7 @@ impl Cluster {
     }
 
     fn note_timer(&mut self, timer: GqTimer) {
-        if let GqTimer::Deadline(exec, _) = timer {
+        if let GqTimer::Deadline(CallKey { exec, .. }) = timer {
             self.timed_out.insert(exec);
         }
     }
