@@ -10,11 +10,14 @@
 //! `Abort`) wait until the caller reports the batch that made the change as persisted. A gateway
 //! that crashed before the write would otherwise still expect work the worker dropped.
 //! Dispatches need no such wait: a crash that loses the record of a dispatch costs only
-//! duplicate work.
+//! duplicate work. The `gate` module holds that rule.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+mod gate;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use self::gate::Gate;
 use crate::durable::{
     Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, Idempotency,
     JoinRecord, LogIndex, Op, Owner, WorkerRecord,
@@ -193,11 +196,6 @@ pub enum InvokeError {
 struct Link {
     /// Whether its current incarnation said `Hello` on a connection that is still open.
     connected: bool,
-    /// Counts the worker's connections as the queue saw them come and go: bumped by every
-    /// `Hello` (it opens one) and every `Disconnected`. A message made for one session is never
-    /// sent in another: the transport would put it on the worker's new connection, ahead of
-    /// what that connection's `Hello` decides (a dispatch sent twice, a `Welcome` out of turn).
-    session: u64,
     /// Progress messages that arrived before their predecessors.
     held: BTreeMap<Seq, Vec<Report>>,
 }
@@ -232,18 +230,8 @@ pub struct GlobalQueue {
     owned: BTreeMap<Owner, BTreeSet<CallKey>>,
     links: BTreeMap<WorkerId, Link>,
     timers: BTreeMap<GqTimer, Time>,
-    /// The index of the epoch record: nothing is sent before it is durable.
-    epoch_index: LogIndex,
-    /// The last batch index handed out, and the last one reported durable.
-    logged: LogIndex,
-    durable: LogIndex,
-    /// Ops of the event being handled.
-    batch: Vec<Op>,
-    /// Outputs of the event being handled that must wait for its batch.
-    after_batch: Vec<GqOutput>,
-    /// Outputs waiting for their batch to be durable.
-    gated: Vec<Gated>,
-    outputs: VecDeque<GqOutput>,
+    /// The batches being logged, and the outputs waiting for them.
+    gate: Gate,
 }
 
 impl GlobalQueue {
@@ -267,13 +255,7 @@ impl GlobalQueue {
             owned: BTreeMap::new(),
             links: BTreeMap::new(),
             timers: BTreeMap::new(),
-            epoch_index: LogIndex(1),
-            logged: LogIndex(0),
-            durable: LogIndex(0),
-            batch: Vec::new(),
-            after_batch: Vec::new(),
-            gated: Vec::new(),
-            outputs: VecDeque::new(),
+            gate: Gate::default(),
         };
         let epoch = gq.state.epoch + 1;
         gq.commit(Op::Epoch(epoch));
@@ -320,7 +302,7 @@ impl GlobalQueue {
     pub fn deploy(&mut self, spec: AppSpec, bundle: AppBundle) {
         let app = spec.name.clone();
         self.commit(Op::PutApp(Deployment { spec, bundle }));
-        self.after_batch.push(GqOutput::ConfirmDeploy(app));
+        self.gate.promise(GqOutput::ConfirmDeploy(app));
         self.close_batch();
     }
 
@@ -331,7 +313,7 @@ impl GlobalQueue {
         if existed {
             self.commit(Op::DelApp(app.clone()));
         }
-        self.after_batch.push(GqOutput::ConfirmRemove {
+        self.gate.promise(GqOutput::ConfirmRemove {
             app: app.clone(),
             existed,
         });
@@ -352,7 +334,7 @@ impl GlobalQueue {
     ) -> Result<Invoked, InvokeError> {
         let idempotency = idempotency_key.map(|key| Idempotency::new(key, &input));
         if let Some(exec) = self.keyed(now, app, idempotency.as_ref())? {
-            self.after_batch.push(GqOutput::ConfirmInvoke(exec));
+            self.gate.promise(GqOutput::ConfirmInvoke(exec));
             self.close_batch();
             return Ok(Invoked { exec, fresh: false });
         }
@@ -401,7 +383,7 @@ impl GlobalQueue {
                 depth_left: self.config.depth_max,
             },
         );
-        self.after_batch.push(GqOutput::ConfirmInvoke(exec));
+        self.gate.promise(GqOutput::ConfirmInvoke(exec));
         self.close_batch();
         Ok(Invoked { exec, fresh: true })
     }
@@ -485,9 +467,8 @@ impl GlobalQueue {
         match event {
             GqEvent::Message(worker, msg) => self.on_message(now, worker, msg),
             GqEvent::Disconnected(worker) => {
-                let link = self.links.entry(worker).or_default();
-                link.connected = false;
-                link.session += 1;
+                self.links.entry(worker).or_default().connected = false;
+                self.gate.new_session(worker);
             }
             GqEvent::Persisted(upto) => self.on_persisted(upto),
             GqEvent::Timeout(timer) => {
@@ -514,7 +495,7 @@ impl GlobalQueue {
 
     /// The next output, if any.
     pub fn poll_output(&mut self) -> Option<GqOutput> {
-        self.outputs.pop_front()
+        self.gate.poll_output()
     }
 
     /// The earliest timer deadline, if any timer is set.
@@ -626,7 +607,8 @@ impl GlobalQueue {
         else {
             return;
         };
-        self.links.entry(worker).or_default().session += 1;
+        self.links.entry(worker).or_default();
+        self.gate.new_session(worker);
         let known = self.state.workers.get(&worker).copied();
         let live = known.filter(|r| !r.dead);
         if resumed && live.is_some_and(|r| r.incarnation == incarnation) {
@@ -674,7 +656,7 @@ impl GlobalQueue {
         link.held.clear();
         self.touch(now, worker);
         tracing::info!(%worker, incarnation = incarnation.0, "worker joined");
-        self.after_batch.push(GqOutput::Send(
+        self.gate.promise(GqOutput::Send(
             worker,
             ToWorker::Welcome {
                 incarnation,
@@ -701,7 +683,7 @@ impl GlobalQueue {
             .map_or(Seq(0), |r| r.applied);
         self.links.entry(worker).or_default().connected = true;
         self.touch(now, worker);
-        self.after_batch.push(GqOutput::Send(
+        self.gate.promise(GqOutput::Send(
             worker,
             ToWorker::Welcome {
                 incarnation,
@@ -732,7 +714,7 @@ impl GlobalQueue {
                 call,
                 reason,
             };
-            self.send(worker, msg);
+            self.gate.send(worker, msg);
         }
         self.place_waiting(now);
     }
@@ -763,7 +745,7 @@ impl GlobalQueue {
                 incarnation: rec.incarnation,
                 upto: seq,
             };
-            return self.after_batch.push(GqOutput::Send(worker, ack));
+            return self.gate.promise(GqOutput::Send(worker, ack));
         }
         if seq > applied.next() {
             let link = self.links.entry(worker).or_default();
@@ -789,7 +771,7 @@ impl GlobalQueue {
             }
             self.commit(Op::PutWorker(worker, WorkerRecord { applied, ..rec }));
         }
-        self.after_batch.push(GqOutput::Send(
+        self.gate.promise(GqOutput::Send(
             worker,
             ToWorker::Ack {
                 incarnation: rec.incarnation,
@@ -1029,13 +1011,13 @@ impl GlobalQueue {
                 incarnation: owner.incarnation,
                 exec,
             };
-            self.after_batch.push(GqOutput::Send(owner.worker, msg));
+            self.gate.promise(GqOutput::Send(owner.worker, msg));
         }
         let joins: Vec<CallKey> = self.state.joins.range(range).map(|(k, _)| *k).collect();
         for key in joins {
             self.commit(Op::DelJoin(key.exec, key.call));
         }
-        self.after_batch.push(GqOutput::Respond(exec, answer));
+        self.gate.promise(GqOutput::Respond(exec, answer));
     }
 
     fn on_timer(&mut self, now: Time, timer: GqTimer) {
@@ -1071,7 +1053,7 @@ impl GlobalQueue {
                     call: key.call,
                     attempt: rec.attempt,
                 };
-                self.after_batch.push(GqOutput::Send(owner.worker, msg));
+                self.gate.promise(GqOutput::Send(owner.worker, msg));
                 let error = GrainError::new(ErrorKind::Timeout, "the attempt ran past its timeout");
                 self.fail_attempt(now, key, error);
             }
@@ -1115,7 +1097,7 @@ impl GlobalQueue {
         let known = self.state.workers.get(&worker).map(|r| r.incarnation);
         let successor = known.unwrap_or_default().max(incarnation).next();
         tracing::info!(%worker, incarnation = incarnation.0, successor = successor.0, "fencing a worker incarnation");
-        self.after_batch.push(GqOutput::Send(
+        self.gate.promise(GqOutput::Send(
             worker,
             ToWorker::Fenced {
                 incarnation,
@@ -1160,7 +1142,7 @@ impl GlobalQueue {
                     call: spec_of(&rec),
                     reason,
                 };
-                self.send(owner.worker, msg);
+                self.gate.send(owner.worker, msg);
             }
         }
         if let Some(old) = self.state.calls.get(&key).and_then(|c| c.owner) {
@@ -1236,51 +1218,9 @@ impl GlobalQueue {
     }
 
     fn on_persisted(&mut self, upto: LogIndex) {
-        if upto <= self.durable {
-            return;
-        }
-        self.durable = upto.min(self.logged);
-        let durable = self.durable;
-        self.unsynced.settle(durable);
-        self.unsynced_apps.settle(durable);
-        let (ready, waiting): (Vec<_>, Vec<_>) =
-            self.gated.drain(..).partition(|g| g.needs <= durable);
-        self.gated = waiting;
-        for g in ready {
-            if self.session_of(&g.out) == g.session {
-                self.outputs.push_back(g.out);
-            } else {
-                tracing::debug!(output = ?g.out, "dropped: its worker's connection changed while it waited for the disk");
-            }
-        }
-    }
-
-    /// Sends a message, unless the epoch record is not yet durable: ids of this epoch must not
-    /// leave before it is.
-    fn send(&mut self, worker: WorkerId, msg: ToWorker) {
-        let out = GqOutput::Send(worker, msg);
-        if self.durable >= self.epoch_index {
-            self.outputs.push_back(out);
-        } else {
-            self.gate(self.epoch_index, out);
-        }
-    }
-
-    /// Holds an output until batch `needs` is durable.
-    fn gate(&mut self, needs: LogIndex, out: GqOutput) {
-        let session = self.session_of(&out);
-        self.gated.push(Gated {
-            needs,
-            session,
-            out,
-        });
-    }
-
-    /// The session of the worker a message goes to (0 for outputs that go to no worker).
-    fn session_of(&self, out: &GqOutput) -> u64 {
-        match out {
-            GqOutput::Send(worker, _) => self.links.get(worker).map_or(0, |l| l.session),
-            _ => 0,
+        if let Some(durable) = self.gate.persisted(upto) {
+            self.unsynced.settle(durable);
+            self.unsynced_apps.settle(durable);
         }
     }
 
@@ -1289,7 +1229,7 @@ impl GlobalQueue {
     }
 
     fn commit(&mut self, op: Op) {
-        let batch = LogIndex(self.logged.0 + 1);
+        let batch = self.gate.open_batch();
         match &op {
             Op::PutExec(ExecRecord { exec, .. }) | Op::DelExec(exec) => {
                 self.unsynced.change(*exec, &self.state.execs, batch);
@@ -1304,40 +1244,12 @@ impl GlobalQueue {
             _ => {}
         }
         self.state.apply(&op);
-        self.batch.push(op);
+        self.gate.log(op);
     }
 
-    /// Ends the event: emits its batch, and queues what must wait for it.
+    /// Ends the event: hands out its batch, and holds what must wait for it.
     fn close_batch(&mut self) {
-        if !self.batch.is_empty() {
-            self.logged = LogIndex(self.logged.0 + 1);
-            let batch = Batch {
-                index: self.logged,
-                ops: std::mem::take(&mut self.batch),
-            };
-            self.outputs.push_back(GqOutput::Persist(batch));
-        }
-        let needs = self.logged;
-        let eager = self.mutated(Mutation::VisibleBeforeDurable);
-        for out in std::mem::take(&mut self.after_batch) {
-            let gives_up = matches!(
-                out,
-                GqOutput::Send(_, ToWorker::Cancel { .. } | ToWorker::Abort { .. })
-            );
-            let app_change = matches!(
-                out,
-                GqOutput::ConfirmDeploy(_) | GqOutput::ConfirmRemove { .. }
-            );
-            if needs <= self.durable
-                || eager
-                || gives_up && self.mutated(Mutation::GiveUpEarly)
-                || app_change && self.mutated(Mutation::AppChangeEarly)
-            {
-                self.outputs.push_back(out);
-            } else {
-                self.gate(needs, out);
-            }
-        }
+        self.gate.close_batch(self.mutations);
     }
 }
 
@@ -1375,16 +1287,6 @@ impl<K: Ord + Clone, V: Clone> OnDisk<K, V> {
     fn keys(&self) -> impl Iterator<Item = &K> {
         self.0.keys()
     }
-}
-
-/// An output waiting for a batch to be durable.
-#[derive(Clone, PartialEq, Eq, Hash, Debug)]
-struct Gated {
-    /// The batch it waits for.
-    needs: LogIndex,
-    /// The session of its worker's link when it was made.
-    session: u64,
-    out: GqOutput,
 }
 
 /// Why a worker incarnation was declared dead.
