@@ -2,10 +2,10 @@
 //! "durable before visible", shared by the model and the simulator.
 //!
 //! An ack or a `Welcome` lets a worker drop its backups; a `Fenced`, a `Cancel` or an `Abort`
-//! lets it drop work; a `ConfirmInvoke`, an answer, a `ConfirmDeploy` or a `ConfirmRemove` tells a client
-//! something. Each may leave the gateway only once the state change behind it is on disk: a
-//! gateway that crashed before the write would otherwise still expect what was dropped, or
-//! forget what it said.
+//! lets it drop work; a `ConfirmInvoke`, an answer, a `ConfirmDeploy` or a `ConfirmRemove` tells
+//! a client something. Each may leave the gateway only once the state change behind it is on
+//! disk: a gateway that crashed before the write would otherwise still expect what was dropped,
+//! or forget what it said.
 
 use sand_protocol::durable::{DurableState, ExecStatus, Owner};
 use sand_protocol::global_queue::GqOutput;

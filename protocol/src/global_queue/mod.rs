@@ -322,9 +322,9 @@ impl GlobalQueue {
 
     /// Accepts an execution of `app` with `input`, or finds the earlier one with the same
     /// idempotency key (accepted less than the key's lifetime ago, with the same input: the
-    /// same key with another input is refused). Emits `ConfirmInvoke` once the acceptance is durable
-    /// and `Respond` once it ends; the entry call is dispatched at once, without waiting for
-    /// the disk.
+    /// same key with another input is refused). Emits `ConfirmInvoke` once the acceptance is
+    /// durable and `Respond` once it ends; the entry call is dispatched at once, without waiting
+    /// for the disk.
     pub fn invoke(
         &mut self,
         now: Time,
