@@ -75,7 +75,7 @@ use sand_protocol::disk::{self, MemDisk};
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecRecord, ExecStatus, Op};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
 use sand_protocol::ids::{
-    AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId,
+    AppName, Attempt, CallId, CallKey, ExecId, GrainName, Incarnation, RunKey, WorkerId,
 };
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LbTimer, LocalBus};
 use sand_protocol::mutations::{Mutation, Mutations};
@@ -299,7 +299,7 @@ pub struct GatewayState {
     /// Requests waiting for each execution's answer.
     pub waiting: BTreeMap<ExecId, BTreeSet<u8>>,
     /// Retried requests that found their execution already ended: answered once the look-up's
-    /// `Accepted` says the state it read is durable.
+    /// `ConfirmInvoke` says the state it read is durable.
     pub lookups: BTreeMap<ExecId, BTreeSet<u8>>,
     /// Global queue timers currently armed.
     pub armed: BTreeSet<GqTimer>,
@@ -562,7 +562,7 @@ impl ModelCfg {
                             ) => {
                                 *incarnation != w.lb.incarnation()
                                     || *conn != w.conn
-                                    || !w.started.contains(&(call.exec, call.call, call.attempt))
+                                    || !w.started.contains(&call.run_key())
                             }
                             _ => true,
                         })
@@ -631,9 +631,9 @@ impl ModelCfg {
             properties.push(Property::<SandModel>::sometimes(
                 "a dead worker's call is dispatched again, to another",
                 |_, s| {
-                    let lost: BTreeSet<(ExecId, CallId)> = workers(s)
+                    let lost: BTreeSet<CallKey> = workers(s)
                         .filter(|w| w.gone)
-                        .flat_map(|w| w.lb.running().map(|c| (c.exec, c.call)))
+                        .flat_map(|w| w.lb.running().map(|c| CallKey::new(c.exec, c.call)))
                         .collect();
                     s.network
                         .iter_all()
@@ -644,7 +644,7 @@ impl ModelCfg {
                                     ..
                                 },
                                 State::Worker(w),
-                            ) => !w.gone && lost.contains(&(call.exec, call.call)),
+                            ) => !w.gone && lost.contains(&CallKey::new(call.exec, call.call)),
                             _ => false,
                         })
                 },
@@ -701,10 +701,9 @@ impl ModelCfg {
                             msg: ToGateway::Progress { reports, .. },
                             ..
                         } => reports.iter().any(|r| match &r.outcome {
-                            Outcome::Done(e) => e
-                                .spawned
-                                .iter()
-                                .any(|c| c.owned && joins.contains_key(&(r.exec, c.call))),
+                            Outcome::Done(e) => e.spawned.iter().any(|c| {
+                                c.owned && joins.contains_key(&CallKey::new(r.exec, c.call))
+                            }),
                             Outcome::Failed(_) => false,
                         }),
                         _ => false,
@@ -721,7 +720,7 @@ impl ModelCfg {
                         Msg::ToWorker {
                             msg: ToWorker::Dispatch { call, .. },
                             ..
-                        } => joins.contains_key(&(call.exec, call.call)),
+                        } => joins.contains_key(&CallKey::new(call.exec, call.call)),
                         _ => false,
                     })
                 },
@@ -1038,17 +1037,17 @@ fn owners_are_live(g: &GatewayState) -> bool {
 /// while no live worker is connected to take it.
 fn waiting_calls_wait_for_a_reason(g: &GatewayState) -> bool {
     let st = g.gq.state();
-    let backing_off: BTreeSet<(ExecId, CallId)> =
+    let backing_off: BTreeSet<CallKey> =
         g.gq.timers()
             .filter_map(|(t, _)| match t {
-                GqTimer::Retry(exec, call) => Some((exec, call)),
+                GqTimer::Retry(key) => Some(key),
                 _ => None,
             })
             .collect();
     let someone_connected = st.workers.keys().any(|w| g.gq.is_connected(*w));
     st.calls
         .values()
-        .all(|c| c.owner.is_some() || backing_off.contains(&(c.exec, c.call)) || !someone_connected)
+        .all(|c| c.owner.is_some() || backing_off.contains(&c.key()) || !someone_connected)
 }
 
 /// A worker never holds an ack for progress the gateway's disk lacks, and nothing the gateway
@@ -1241,7 +1240,7 @@ impl Actor for Node {
             }
             (State::Worker(w), Timer::Die) => {
                 for spec in w.lb.running() {
-                    o.cancel_timer(Timer::Grain((spec.exec, spec.call, spec.attempt)));
+                    o.cancel_timer(Timer::Grain(spec.run_key()));
                 }
                 for t in [Timer::Reconnect, Timer::Resend, Timer::Crash] {
                     o.cancel_timer(t);
@@ -1266,10 +1265,7 @@ impl Actor for Node {
                 drain_worker(w, o);
             }
             (State::Worker(w), Timer::Grain(run)) => {
-                let spec =
-                    w.lb.running()
-                        .find(|s| (s.exec, s.call, s.attempt) == *run)
-                        .cloned();
+                let spec = w.lb.running().find(|s| s.run_key() == *run).cloned();
                 if let Some(spec) = spec {
                     let result = cfg.run_grain(&spec);
                     w.lb.handle(T0, LbEvent::Finished { run: *run, result });
@@ -1279,7 +1275,7 @@ impl Actor for Node {
             (State::Worker(w), Timer::Crash) => {
                 // Its grains die with it; it persisted its incarnation and boot count.
                 for spec in w.lb.running() {
-                    o.cancel_timer(Timer::Grain((spec.exec, spec.call, spec.attempt)));
+                    o.cancel_timer(Timer::Grain(spec.run_key()));
                 }
                 o.cancel_timer(Timer::Reconnect);
                 o.cancel_timer(Timer::Resend);
@@ -1379,7 +1375,7 @@ struct Spent {
 /// The joins fired in the durable history, in the order the disk took the batches.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Fired {
-    joins: BTreeSet<(ExecId, CallId)>,
+    joins: BTreeSet<CallKey>,
     /// Whether a join was fired again after it was first fired.
     pub twice: bool,
 }
@@ -1389,7 +1385,7 @@ impl Fired {
     fn put(&mut self, durable: &mut DurableState, batch: &Batch) -> Result<(), Infallible> {
         for op in &batch.ops {
             if let Op::PutJoin(j) = op {
-                let key = (j.exec, j.spec.call);
+                let key = j.key();
                 let before = durable.joins.get(&key).is_some_and(|d| d.fired);
                 if j.fired && (before || !self.joins.insert(key)) {
                     self.twice = true;
@@ -1540,7 +1536,7 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
                     Msg::ToWorker { epoch, conn, msg },
                 );
             }
-            GqOutput::Accepted(exec) => {
+            GqOutput::ConfirmInvoke(exec) => {
                 // A look-up for a retried request: answer it if the execution already ended.
                 if let Some(ExecStatus::Done(answer)) = g.gq.execution(exec).map(|e| &e.status) {
                     for request in g.lookups.remove(&exec).unwrap_or_default() {
@@ -1548,8 +1544,8 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
                     }
                 }
             }
-            GqOutput::Deployed(_) => o.send(client, Msg::Changed { deployed: true }),
-            GqOutput::Removed { .. } => o.send(client, Msg::Changed { deployed: false }),
+            GqOutput::ConfirmDeploy(_) => o.send(client, Msg::Changed { deployed: true }),
+            GqOutput::ConfirmRemove { .. } => o.send(client, Msg::Changed { deployed: false }),
             GqOutput::Respond(exec, answer) => {
                 // The first answer is the execution's one Respond; it goes out even when nobody
                 // waits any more (the request came to an earlier life of the gateway).
@@ -1644,14 +1640,14 @@ fn drain_worker(w: &mut WorkerState, o: &mut Out<Node>) {
                 }
             }
             LbOutput::Run(spec) => {
-                let run = (spec.exec, spec.call, spec.attempt);
+                let run = spec.run_key();
                 w.started_twice |= !w.started.insert(run);
                 o.set_timer(Timer::Grain(run), model_timeout());
             }
             LbOutput::Abort(run) => o.cancel_timer(Timer::Grain(run)),
             // The incarnation is in the worker's state, which a restart reads; a new one has
             // started nothing yet.
-            LbOutput::Incarnation(_) => w.started.clear(),
+            LbOutput::PersistIncarnation(_) => w.started.clear(),
         }
     }
     // The re-send timer fires at any moment while it is set and the budget lasts.

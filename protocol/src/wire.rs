@@ -138,6 +138,13 @@ pub struct CallSpec {
     pub depth_left: u32,
 }
 
+impl CallSpec {
+    /// The run this spec starts.
+    pub fn run_key(&self) -> RunKey {
+        RunKey::new(self.exec, self.call, self.attempt)
+    }
+}
+
 /// A call that a report leaves pending.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
 pub struct NewCall {

@@ -90,7 +90,9 @@ impl Cluster {
                 GqOutput::Persist(b) => self.disk.take(b),
                 GqOutput::Send(_, m) => self.to_worker.push(m),
                 GqOutput::Respond(exec, _) => self.answers.push(exec),
-                GqOutput::Accepted(_) | GqOutput::Deployed(_) | GqOutput::Removed { .. } => {}
+                GqOutput::ConfirmInvoke(_)
+                | GqOutput::ConfirmDeploy(_)
+                | GqOutput::ConfirmRemove { .. } => {}
             }
         }
     }
@@ -106,12 +108,12 @@ impl Cluster {
             match out {
                 LbOutput::Send(m) => self.to_gateway.push(m),
                 LbOutput::Run(spec) => {
-                    let run = (spec.exec, spec.call, spec.attempt);
+                    let run = spec.run_key();
                     *self.starts.entry((self.lb.incarnation(), run)).or_default() += 1;
                     self.running.push(spec);
                 }
-                LbOutput::Abort(run) => self.running.retain(|s| (s.exec, s.call, s.attempt) != run),
-                LbOutput::Incarnation(_) => {}
+                LbOutput::Abort(run) => self.running.retain(|s| s.run_key() != run),
+                LbOutput::PersistIncarnation(_) => {}
             }
         }
     }
@@ -176,7 +178,7 @@ impl Cluster {
             .position(pick)
             .expect("a running attempt");
         let spec = self.running.remove(i);
-        let run = (spec.exec, spec.call, spec.attempt);
+        let run = spec.run_key();
         let result = program(&spec);
         self.worker(LbEvent::Finished { run, result });
     }

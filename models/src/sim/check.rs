@@ -11,7 +11,7 @@ use std::hash::{Hash, Hasher};
 
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::global_queue::{GlobalQueue, GqOutput, GqTimer};
-use sand_protocol::ids::{Attempt, CallId, ExecId, Incarnation, RunKey, WorkerId};
+use sand_protocol::ids::{Attempt, CallId, CallKey, ExecId, Incarnation, RunKey, WorkerId};
 use sand_protocol::wire::{CallSpec, ErrorKind, Reason, ToGateway, ToWorker};
 use serde::{Deserialize, Serialize};
 
@@ -138,9 +138,9 @@ pub(super) struct Checker {
     /// Executions one of whose attempts hit its deadline: they may fail with a timeout.
     timed_out: BTreeSet<ExecId>,
     /// Calls deleted in the durable history.
-    deleted: BTreeSet<(ExecId, CallId)>,
+    deleted: BTreeSet<CallKey>,
     /// Joins fired in the durable history.
-    fired: BTreeSet<(ExecId, CallId)>,
+    fired: BTreeSet<CallKey>,
     /// Each pending call's history as the gateway's current life wrote it, and as the disk
     /// holds it: what a dispatch's reason is checked against.
     placements: Placements,
@@ -209,7 +209,7 @@ impl Checker {
             }
             // A later change may be durable too, and undo what this one did: what must be
             // written is its own batch.
-            GqOutput::Deployed(_) | GqOutput::Removed { .. } => {
+            GqOutput::ConfirmDeploy(_) | GqOutput::ConfirmRemove { .. } => {
                 let needs = self.changes.pop_front();
                 if needs.is_none_or(|needs| needs > self.written) {
                     let why = format!(
@@ -220,7 +220,7 @@ impl Checker {
                     return violated(Property::DurableBeforeVisible, why);
                 }
             }
-            GqOutput::Send(..) | GqOutput::Accepted(_) | GqOutput::Respond(..) => {}
+            GqOutput::Send(..) | GqOutput::ConfirmInvoke(_) | GqOutput::Respond(..) => {}
         }
         Ok(())
     }
@@ -242,12 +242,12 @@ impl Checker {
         self.durable_placements.observe(batch);
         for op in &batch.ops {
             match op {
-                Op::PutCall(c) if self.deleted.contains(&(c.exec, c.call)) => {
+                Op::PutCall(c) if self.deleted.contains(&c.key()) => {
                     let why = format!("{:?} {:?} became pending again: {c:?}", c.exec, c.call);
                     return violated(Property::CompletedStaysCompleted, why);
                 }
                 Op::DelCall(e, c) => {
-                    self.deleted.insert((*e, *c));
+                    self.deleted.insert(CallKey::new(*e, *c));
                 }
                 Op::PutExec(e)
                     if self
@@ -268,7 +268,7 @@ impl Checker {
                 }
                 Op::DelExec(e) => self.durable_keys.retain(|_, x| x != e),
                 Op::PutJoin(j) if j.fired => {
-                    let key = (j.exec, j.spec.call);
+                    let key = j.key();
                     let was = store.joins.get(&key).is_some_and(|d| d.fired);
                     if !was && !self.fired.insert(key) {
                         let why = format!("the join {key:?} fired twice");
@@ -290,7 +290,7 @@ impl Checker {
 
     /// A gateway timer fired.
     pub(super) fn timer_fired(&mut self, timer: GqTimer) {
-        if let GqTimer::Deadline(exec, _) = timer {
+        if let GqTimer::Deadline(CallKey { exec, .. }) = timer {
             self.timed_out.insert(exec);
         }
     }
@@ -399,10 +399,10 @@ impl Checker {
     pub(super) fn calls_owned(gq: &GlobalQueue, workers: usize) -> Verdict {
         let state = gq.state();
         let placeable = (0..workers).any(|w| gq.is_connected(WorkerId(w as u32)));
-        let retrying: BTreeSet<(ExecId, CallId)> = gq
+        let retrying: BTreeSet<CallKey> = gq
             .timers()
             .filter_map(|(t, _)| match t {
-                GqTimer::Retry(e, c) => Some((e, c)),
+                GqTimer::Retry(key) => Some(key),
                 _ => None,
             })
             .collect();
@@ -517,7 +517,7 @@ impl Placements {
                             (false, _) => Reason::Retry,
                         };
                         self.placed
-                            .insert((rec.exec, rec.call, rec.attempt), reason);
+                            .insert(RunKey::new(rec.exec, rec.call, rec.attempt), reason);
                         lost = false;
                     }
                     self.calls
@@ -534,7 +534,7 @@ impl Placements {
 
     /// Checks a dispatch's reason against the history of its placement.
     fn dispatched(&self, call: &CallSpec, reason: Reason) -> Result<(), String> {
-        let run = (call.exec, call.call, call.attempt);
+        let run = call.run_key();
         match self.placed.get(&run) {
             _ if reason == Reason::Resent => Ok(()),
             Some(want) if *want == reason => Ok(()),

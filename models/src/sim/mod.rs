@@ -476,10 +476,12 @@ fn describe_gq(out: &GqOutput) -> String {
     match out {
         GqOutput::Persist(b) => format!("  gq: write batch {:?} ({} ops)", b.index, b.ops.len()),
         GqOutput::Send(w, msg) => format!("  gq → {w:?} sent: {msg:?}"),
-        GqOutput::Accepted(exec) => format!("  gq: {exec:?} accepted"),
+        GqOutput::ConfirmInvoke(exec) => format!("  gq: {exec:?} accepted"),
         GqOutput::Respond(exec, answer) => format!("  gq: {exec:?} answered {answer:?}"),
-        GqOutput::Deployed(app) => format!("  gq: {app} deployed"),
-        GqOutput::Removed { app, existed } => format!("  gq: {app} removed (deployed: {existed})"),
+        GqOutput::ConfirmDeploy(app) => format!("  gq: {app} deployed"),
+        GqOutput::ConfirmRemove { app, existed } => {
+            format!("  gq: {app} removed (deployed: {existed})")
+        }
     }
 }
 
@@ -492,6 +494,6 @@ fn describe_lb(w: usize, out: &LbOutput) -> String {
             spec.exec, spec.call, spec.attempt, spec.grain, spec.input
         ),
         LbOutput::Abort(run) => format!("  w{w}: abort {run:?}"),
-        LbOutput::Incarnation(i) => format!("  w{w}: now {i:?}"),
+        LbOutput::PersistIncarnation(i) => format!("  w{w}: now {i:?}"),
     }
 }

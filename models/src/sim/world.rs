@@ -397,7 +397,9 @@ impl World {
                     }
                 }
                 // Checked: durable when they leave.
-                GqOutput::Accepted(_) | GqOutput::Deployed(_) | GqOutput::Removed { .. } => {}
+                GqOutput::ConfirmInvoke(_)
+                | GqOutput::ConfirmDeploy(_)
+                | GqOutput::ConfirmRemove { .. } => {}
                 GqOutput::Respond(exec, answer) => self.on_answer(exec, answer)?,
             }
         }
@@ -698,16 +700,16 @@ impl World {
                     }
                 }
                 LbOutput::Run(spec) => {
-                    let run = (spec.exec, spec.call, spec.attempt);
+                    let run = spec.run_key();
                     let verdict = self.checker.started(w, self.nodes[w].incarnation, run);
                     self.checked(verdict)?;
                     self.nodes[w].running.push(spec);
                 }
                 LbOutput::Abort(run) => {
                     let node = &mut self.nodes[w];
-                    node.running.retain(|s| (s.exec, s.call, s.attempt) != run);
+                    node.running.retain(|s| s.run_key() != run);
                 }
-                LbOutput::Incarnation(i) => {
+                LbOutput::PersistIncarnation(i) => {
                     self.nodes[w].incarnation = i;
                     self.checker.new_incarnation(w);
                 }
@@ -753,7 +755,7 @@ impl World {
                 spec.exec, spec.call, spec.attempt, spec.grain
             )
         });
-        let run = (spec.exec, spec.call, spec.attempt);
+        let run = spec.run_key();
         self.lb_handle(w, LbEvent::Finished { run, result })
     }
 
