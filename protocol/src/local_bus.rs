@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::ids::{Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq, WorkerId};
 use crate::mutations::{Mutation, Mutations};
-use crate::time::Time;
+use crate::time::{self, Time};
 use crate::wire::{
     CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload, Report,
     Return, ToGateway, ToWorker, FANOUT_MAX, PAYLOAD_BYTES_MAX,
@@ -230,13 +230,7 @@ impl LocalBus {
 
     /// Fires every timer whose deadline is at or before `now`.
     pub fn handle_timeouts(&mut self, now: Time) {
-        let due: Vec<LbTimer> = self
-            .timers
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(t, _)| *t)
-            .collect();
-        for timer in due {
+        for timer in time::due(&self.timers, now) {
             self.handle(now, LbEvent::Timeout(timer));
         }
     }
@@ -248,7 +242,7 @@ impl LocalBus {
 
     /// The earliest timer deadline, if any timer is set.
     pub fn poll_timeout(&self) -> Option<Time> {
-        self.timers.values().min().copied()
+        time::earliest(&self.timers)
     }
 
     /// The settings it runs with.

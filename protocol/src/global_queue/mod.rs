@@ -25,7 +25,7 @@ use crate::durable::{
 use crate::ids::{AppName, Attempt, CallKey, ExecId, Incarnation, RunKey, Seq, WorkerId};
 use crate::mutations::{Mutation, Mutations};
 use crate::policy::{AppSpec, GrainPolicy};
-use crate::time::Time;
+use crate::time::{self, Time};
 use crate::wire::{
     AppBundle, CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, Reason, Report, ToGateway,
     ToWorker, FANOUT_MAX, PAYLOAD_BYTES_MAX,
@@ -482,13 +482,7 @@ impl GlobalQueue {
 
     /// Fires every timer whose deadline is at or before `now`.
     pub fn handle_timeouts(&mut self, now: Time) {
-        let due: Vec<GqTimer> = self
-            .timers
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(t, _)| *t)
-            .collect();
-        for timer in due {
+        for timer in time::due(&self.timers, now) {
             self.handle(now, GqEvent::Timeout(timer));
         }
     }
@@ -500,7 +494,7 @@ impl GlobalQueue {
 
     /// The earliest timer deadline, if any timer is set.
     pub fn poll_timeout(&self) -> Option<Time> {
-        self.timers.values().min().copied()
+        time::earliest(&self.timers)
     }
 
     /// An execution's record as a client may see it: what the disk holds. An execution whose
