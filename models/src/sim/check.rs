@@ -1,22 +1,21 @@
-//! The checker: the properties of a run, judged only from what the world observed — the
-//! gateway's outputs, the disk's writes, what clients were told and shown, the attempts workers
-//! started, and the queue's public state — kept apart from the world that makes them, as
-//! TigerBeetle's VOPR keeps its state checker apart from its cluster. It never drives a state
-//! machine; a violation is a [`Violation`], which the world turns into a [`Failure`] with the
-//! step and time.
+//! The checker: the properties of a run, judged only from what the world observed, as
+//! TigerBeetle's VOPR keeps its checkers apart from its cluster. It never holds a state machine:
+//! the world hands it values — the gateway's outputs, each batch the disk writes (with the disk
+//! before it), what clients were told and shown, the attempts workers started, and what the
+//! gateway's record, timers and look-ups show after a step. A violation is a [`Violation`],
+//! which the world turns into a [`Failure`] with the step and the time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
-use std::hash::{Hash, Hasher};
 
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
-use sand_protocol::global_queue::{GlobalQueue, GqOutput, GqTimer};
+use sand_protocol::global_queue::{GqOutput, GqTimer};
 use sand_protocol::ids::{Attempt, CallId, CallKey, ExecId, Incarnation, RunKey, WorkerId};
 use sand_protocol::wire::{CallSpec, ErrorKind, Reason, ToGateway, ToWorker};
 use serde::{Deserialize, Serialize};
 
+use super::describe_gq;
 use super::schedule::Program;
-use super::{describe_gq, Fnv};
 use crate::promises;
 
 /// A property the simulator checks.
@@ -378,13 +377,16 @@ impl Checker {
         self.started.remove(&w);
     }
 
-    // --- the queue's public state --------------------------------------------------------------
+    // --- what the gateway shows ------------------------------------------------------------
 
-    /// Every answer given is still the execution's answer in the gateway's record, which a
-    /// client polls (and a retry with its key finds).
-    pub(super) fn answers_stay(&self, gq: &GlobalQueue) -> Verdict {
+    /// Every answer given is still the execution's answer in the gateway's record, as a
+    /// client's look-up (`shown`) finds it, and as a retry with its key would.
+    pub(super) fn answers_stay<'q>(
+        &self,
+        shown: impl Fn(ExecId) -> Option<&'q ExecStatus>,
+    ) -> Verdict {
         for (exec, answer) in &self.answers {
-            let status = gq.execution(*exec).map(|e| &e.status);
+            let status = shown(*exec);
             if !matches!(status, Some(ExecStatus::Done(a)) if a == answer) {
                 let why =
                     format!("{exec:?} was answered {answer:?}, but its record says {status:?}");
@@ -393,19 +395,23 @@ impl Checker {
         }
         Ok(())
     }
+}
 
+/// What the world read off the gateway after a step, for the checks of its record.
+pub(super) struct Record<'q> {
+    /// The queue's record: what it holds, durable or about to be.
+    pub(super) state: &'q DurableState,
+    /// Whether some worker is connected to take a call.
+    pub(super) placeable: bool,
+    /// The calls whose retry timer is set.
+    pub(super) retrying: BTreeSet<CallKey>,
+}
+
+impl Record<'_> {
     /// Every pending call is owned by a live incarnation; an unowned one waits for its retry
-    /// timer, or for some worker to connect (`workers` is how many there are).
-    pub(super) fn calls_owned(gq: &GlobalQueue, workers: usize) -> Verdict {
-        let state = gq.state();
-        let placeable = (0..workers).any(|w| gq.is_connected(WorkerId(w as u32)));
-        let retrying: BTreeSet<CallKey> = gq
-            .timers()
-            .filter_map(|(t, _)| match t {
-                GqTimer::Retry(key) => Some(key),
-                _ => None,
-            })
-            .collect();
+    /// timer, or for some worker to connect.
+    pub(super) fn calls_owned(&self) -> Verdict {
+        let state = self.state;
         for (key, call) in &state.calls {
             match call.owner {
                 Some(owner) => {
@@ -418,7 +424,7 @@ impl Checker {
                         return violated(Property::CallsOwned, why);
                     }
                 }
-                None if placeable && !retrying.contains(key) => {
+                None if self.placeable && !self.retrying.contains(key) => {
                     let why =
                         format!("{key:?} waits unplaced, with no retry due, while a worker is up");
                     return violated(Property::CallsOwned, why);
@@ -430,36 +436,34 @@ impl Checker {
     }
 }
 
-/// A message from a worker the queue has fenced: it may change nothing. Taken before the queue
-/// handles the message; [`Fenced::unchanged`] checks after.
+/// A message from an incarnation the gateway has fenced: it may change nothing.
 pub(super) struct Fenced {
     worker: WorkerId,
     incarnation: Incarnation,
-    before: u64,
 }
 
 impl Fenced {
-    /// Whether `msg` from `worker` comes from an incarnation the queue fenced; if so, what it
-    /// may not change.
-    pub(super) fn check(gq: &GlobalQueue, worker: WorkerId, msg: &ToGateway) -> Option<Fenced> {
+    /// Whether `msg` from `worker` comes from an incarnation the gateway's record (`state`)
+    /// fenced: an older one, or the current one declared dead.
+    pub(super) fn of(state: &DurableState, worker: WorkerId, msg: &ToGateway) -> Option<Fenced> {
         let incarnation = match msg {
             ToGateway::Hello { incarnation, .. }
             | ToGateway::Heartbeat { incarnation, .. }
             | ToGateway::Progress { incarnation, .. } => *incarnation,
         };
-        let fenced = gq.state().workers.get(&worker).is_some_and(|r| {
+        let fenced = state.workers.get(&worker).is_some_and(|r| {
             incarnation < r.incarnation || (incarnation == r.incarnation && r.dead)
         });
-        fenced.then(|| Fenced {
+        fenced.then_some(Fenced {
             worker,
             incarnation,
-            before: fingerprint(gq),
         })
     }
 
-    /// Whether the queue is as it was before the fenced message.
-    pub(super) fn unchanged(self, gq: &GlobalQueue) -> Verdict {
-        if fingerprint(gq) != self.before {
+    /// Whether the gateway's record and timers, as fingerprinted before and after the message,
+    /// are the same.
+    pub(super) fn unchanged(self, before: u64, after: u64) -> Verdict {
+        if before != after {
             let why = format!(
                 "a message from fenced {:?} {:?} changed the queue",
                 self.worker, self.incarnation
@@ -468,16 +472,6 @@ impl Fenced {
         }
         Ok(())
     }
-}
-
-/// A hash of what a fenced message may not change: the queue's durable state and its timers.
-fn fingerprint(gq: &GlobalQueue) -> u64 {
-    let mut h = Fnv::default();
-    gq.state().hash(&mut h);
-    for timer in gq.timers() {
-        timer.hash(&mut h);
-    }
-    h.finish()
 }
 
 /// A call's attempt, owner and failure count as last recorded, and whether it lost an owner

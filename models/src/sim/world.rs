@@ -20,7 +20,7 @@ use sand_protocol::time::Time;
 use sand_protocol::wire::{CallSpec, ToGateway, ToWorker};
 use serde::{Deserialize, Serialize};
 
-use super::check::{Checker, Failure, Fenced, Property, Verdict};
+use super::check::{Checker, Failure, Fenced, Property, Record, Verdict};
 use super::schedule::{app, bundle, number, spare, Program, Schedule, SimConfig, Step};
 use super::{describe_gq, describe_lb, Fnv, RunStats};
 
@@ -350,20 +350,33 @@ impl World {
         verdict.map_err(|v| self.fail(v.property, v.message))
     }
 
-    /// Whether every pending call has a live owner or is about to be placed.
+    /// Whether every pending call has a live owner or is about to be placed, as the gateway's
+    /// record, timers and connections show.
     fn check_calls_owned(&self) -> Checked {
         let Some(gq) = self.gq.as_ref() else {
             return Ok(());
         };
-        self.checked(Checker::calls_owned(gq, self.nodes.len()))
+        let record = Record {
+            state: gq.state(),
+            placeable: (0..self.nodes.len()).any(|w| gq.is_connected(WorkerId(w as u32))),
+            retrying: gq
+                .timers()
+                .filter_map(|(t, _)| match t {
+                    GqTimer::Retry(key) => Some(key),
+                    _ => None,
+                })
+                .collect(),
+        };
+        self.checked(record.calls_owned())
     }
 
-    /// Whether every answer given is still the one the gateway's record shows.
+    /// Whether every answer given is still the one a look-up of its execution shows.
     fn check_answers_stay(&self) -> Checked {
         let Some(gq) = self.gq.as_ref() else {
             return Ok(());
         };
-        self.checked(self.checker.answers_stay(gq))
+        let shown = |exec| gq.execution(exec).map(|e| &e.status);
+        self.checked(self.checker.answers_stay(shown))
     }
 
     fn note(&mut self, line: impl FnOnce() -> String) {
@@ -603,10 +616,13 @@ impl World {
         let Some(gq) = self.gq.as_ref() else {
             return Ok(()); // Cannot happen: messages die with the gateway's connections.
         };
-        let fenced = Fenced::check(gq, WorkerId(worker as u32), &msg);
-        self.gq_handle(GqEvent::Message(WorkerId(worker as u32), msg))?;
+        let wid = WorkerId(worker as u32);
+        let fenced = Fenced::of(gq.state(), wid, &msg).map(|f| (f, fingerprint(gq)));
+        self.gq_handle(GqEvent::Message(wid, msg))?;
         match (fenced, self.gq.as_ref()) {
-            (Some(fenced), Some(gq)) => self.checked(fenced.unchanged(gq)),
+            (Some((fenced, before)), Some(gq)) => {
+                self.checked(fenced.unchanged(before, fingerprint(gq)))
+            }
             _ => Ok(()),
         }
     }
@@ -1002,6 +1018,16 @@ impl World {
         }
         out
     }
+}
+
+/// A hash of the gateway's record and timers: what a fenced message may not change.
+fn fingerprint(gq: &GlobalQueue) -> u64 {
+    let mut h = Fnv::default();
+    gq.state().hash(&mut h);
+    for timer in gq.timers() {
+        timer.hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Puts a batch on the gateway's disk, once the checker has seen the durable history it
