@@ -44,12 +44,13 @@
 //!
 //! It is four parts, as in TigerBeetle's VOPR:
 //!
-//! - `schedule`: what happens when — the settings, the grains and the steps a seed gives, and
-//!   the replay file a schedule is saved as;
-//! - `world`: the simulated cluster — the real state machines, the network, the disks, the
-//!   clients and the clock — which runs the steps and records what it observes;
+//! - `schedule`: what happens when — the settings, the grains and the steps a seed gives;
+//! - `world`: the simulated cluster — the real state machines, the network, the gateway's disk,
+//!   the clients and the clock — which runs the steps and records what it observes;
 //! - `check`: the properties, judged only from what the world observed;
 //! - `shrink`: minimising a failing schedule.
+//!
+//! This module ties them together: fuzzing, saving and replaying schedules.
 //!
 //! It never re-implements the protocol: the world only feeds the state machines events and reads
 //! their outputs and public getters. Nothing here reads a clock or draws randomness except from
