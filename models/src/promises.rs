@@ -7,7 +7,7 @@
 //! disk: a gateway that crashed before the write would otherwise still expect what was dropped,
 //! or forget what it said.
 
-use sand_protocol::durable::{DurableState, ExecStatus, Owner};
+use sand_protocol::durable::{DurableState, ExecStatus};
 use sand_protocol::global_queue::GqOutput;
 use sand_protocol::ids::{CallKey, WorkerId};
 use sand_protocol::wire::ToWorker;
@@ -48,22 +48,17 @@ pub fn sent_is_durable(store: &DurableState, worker: WorkerId, msg: &ToWorker) -
             .execs
             .get(exec)
             .is_some_and(|e| matches!(e.status, ExecStatus::Done(_))),
-        // The worker kills the attempt: it must no longer be running there.
+        // The worker kills the attempt: no one may hold it any longer (an attempt is fresh per
+        // placement, so one still owned is one still expected to run).
         ToWorker::Abort {
-            incarnation,
             exec,
             call,
             attempt,
-        } => {
-            let there = Owner {
-                worker,
-                incarnation: *incarnation,
-            };
-            store
-                .calls
-                .get(&CallKey::new(*exec, *call))
-                .is_none_or(|c| c.attempt != *attempt || c.owner != Some(there))
-        }
+            ..
+        } => store
+            .calls
+            .get(&CallKey::new(*exec, *call))
+            .is_none_or(|c| c.attempt != *attempt || c.owner.is_none()),
         ToWorker::Dispatch { .. } => true,
     }
 }
