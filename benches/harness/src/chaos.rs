@@ -35,7 +35,7 @@ use self::check::{check, History, Request, Verdict};
 use self::faults::{Faults, Plan};
 use self::load::{Api, Load};
 use crate::apps;
-use crate::cluster::{Cluster, ClusterSpec, Isolation};
+use sand_testkit::cluster::{Cluster, ClusterSpec, Isolation};
 
 /// What an app computes from its input.
 type Output = fn(u64) -> u64;

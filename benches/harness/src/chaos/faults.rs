@@ -15,8 +15,8 @@ use rand::{RngExt, SeedableRng};
 
 use sand_lazyfs::Cut;
 
-use crate::cluster::{Cluster, Host};
-use crate::link::Weather;
+use sand_testkit::cluster::{Cluster, Host};
+use sand_testkit::link::Weather;
 
 /// How many faults of each kind to draw, and within what.
 #[derive(Clone, Debug)]

@@ -1,0 +1,17 @@
+//! What sand's tests and benchmarks share, so that each mechanism is written once: polling
+//! until a condition holds ([`wait`]), what /proc says about processes ([`proc`]), latency
+//! percentiles ([`stats`]), and, with the `cluster` feature, a cluster of real `sand`
+//! processes ([`cluster`]) whose workers can dial through an emulated link ([`link`]), with
+//! the process helpers it is made of ([`process`]).
+//!
+//! A dev-dependency only: nothing shipped depends on it.
+
+#[cfg(feature = "cluster")]
+pub mod cluster;
+#[cfg(feature = "cluster")]
+pub mod link;
+pub mod proc;
+#[cfg(feature = "cluster")]
+pub mod process;
+pub mod stats;
+pub mod wait;
