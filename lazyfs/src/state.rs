@@ -739,7 +739,13 @@ impl State {
         let Some(child) = dir.durable.remove(name) else {
             return;
         };
-        if let Some(inode) = self.inodes.get_mut(&child) {
+        self.forget_durable_name(child, parent, name);
+        orphans.push(child);
+    }
+
+    /// Forgets that `ino`'s durable name is `name` in `parent`, if it is.
+    fn forget_durable_name(&mut self, ino: u64, parent: u64, name: &OsStr) {
+        if let Some(inode) = self.inodes.get_mut(&ino) {
             if inode
                 .durable_name
                 .as_ref()
@@ -748,7 +754,6 @@ impl State {
                 inode.durable_name = None;
             }
         }
-        orphans.push(child);
     }
 
     /// Makes `name` in `parent` the durable name of `ino`. What that entry named before, and
@@ -760,15 +765,7 @@ impl State {
         };
         if let Some(displaced) = dir.durable.insert(name.to_owned(), ino) {
             if displaced != ino {
-                if let Some(inode) = self.inodes.get_mut(&displaced) {
-                    if inode
-                        .durable_name
-                        .as_ref()
-                        .is_some_and(|l| l.is(parent, name))
-                    {
-                        inode.durable_name = None;
-                    }
-                }
+                self.forget_durable_name(displaced, parent, name);
                 orphans.push(displaced);
             }
         }

@@ -142,7 +142,8 @@ pub struct Cluster {
     /// Each host's data directory, if they are lazy filesystems. Unmounted when the cluster
     /// is dropped, after every process is dead.
     disks: BTreeMap<Host, LazyFs>,
-    agent: ureq::Agent,
+    /// The API, as the cluster itself calls it.
+    api: Client,
 }
 
 impl Cluster {
@@ -176,6 +177,7 @@ impl Cluster {
         let (gateway, http, gateway_quic) =
             start_gateway(sand, dir.path(), &spec, "127.0.0.1:0", "127.0.0.1:0")?;
         // From here on, dropping the cluster kills what it started.
+        let api = Client::new(&http, spec.token.as_deref());
         let mut cluster = Self {
             sand: sand.to_owned(),
             dir,
@@ -187,9 +189,7 @@ impl Cluster {
             gateway_quic,
             relays: BTreeMap::new(),
             disks,
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(60))
-                .build(),
+            api,
         };
         if let Some(delay) = cluster.spec.relay {
             let upstream = cluster
@@ -523,23 +523,13 @@ impl Cluster {
 
     /// A GET on the API, as JSON.
     pub fn get(&self, path: &str) -> Result<Value> {
-        match self.agent.get(&format!("{}{path}", self.http)).call() {
-            Ok(r) => Ok(r.into_json()?),
-            Err(ureq::Error::Status(code, r)) => {
-                bail!("GET {path}: {code} {}", r.into_string().unwrap_or_default())
-            }
-            Err(e) => Err(anyhow!("GET {path}: {e}")),
-        }
+        self.api.get(path)
     }
 
-    /// A new HTTP client for one benchmark client (its own keep-alive connection).
+    /// A new HTTP client for one benchmark client (its own keep-alive connection), with the
+    /// cluster's token if it has one.
     pub fn client(&self) -> Client {
-        Client {
-            base: self.http.clone(),
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(60))
-                .build(),
-        }
+        Client::new(&self.http, self.spec.token.as_deref())
     }
 }
 
@@ -610,9 +600,31 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 impl Client {
+    fn new(base: &str, token: Option<&str>) -> Self {
+        Self {
+            base: base.to_owned(),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(60))
+                .build(),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    /// A GET on the API, as JSON.
+    pub fn get(&self, path: &str) -> Result<Value> {
+        match self.request("GET", path).call() {
+            Ok(r) => Ok(r.into_json()?),
+            Err(ureq::Error::Status(code, r)) => {
+                bail!("GET {path}: {code} {}", r.into_string().unwrap_or_default())
+            }
+            Err(e) => Err(anyhow!("GET {path}: {e}")),
+        }
+    }
+
     /// Invokes `app` with the number `input` and waits for the answer; checks that it is
     /// `input + adds`.
     pub fn invoke(&self, app: &str, input: u64, adds: u64) -> Result<()> {
@@ -634,18 +646,21 @@ impl Client {
 
     /// An execution's status document.
     pub fn execution(&self, id: &str) -> Result<Value> {
-        let path = format!("{}/v1/executions/{id}", self.base);
-        match self.agent.get(&path).call() {
-            Ok(r) => Ok(r.into_json()?),
-            Err(e) => Err(anyhow!("GET {path}: {e}")),
+        self.get(&format!("/v1/executions/{id}"))
+    }
+
+    /// A request to `path` on the API, with the token if there is one.
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let request = self.agent.request(method, &format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+            None => request,
         }
     }
 
     fn post(&self, path: &str, input: u64) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
         let req = self
-            .agent
-            .post(&url)
+            .request("POST", path)
             .set("Content-Type", "application/json");
         match req.send_string(&input.to_string()) {
             Ok(r) => Ok(r.into_json()?),
@@ -779,7 +794,7 @@ pub fn certificates(sand: &Path, dir: &Path, workers: u32) -> Result<PathBuf> {
 }
 
 /// Writes `text` to a new file at `path` that only its owner may read.
-pub fn private_file(path: &Path, text: &str) -> Result<()> {
+fn private_file(path: &Path, text: &str) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
