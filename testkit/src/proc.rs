@@ -129,3 +129,30 @@ pub fn is_root() -> bool {
 fn process(pid: u32) -> Option<Process> {
     Process::new(i32::try_from(pid).ok()?).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_is_seen_alive_then_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("start sleep");
+        let pid = child.id();
+        assert!(alive(pid));
+        assert!(children_of_this_process().contains(&pid));
+        assert!(descendants(std::process::id()).contains(&pid));
+        assert_eq!(parent(pid), Some(std::process::id()));
+        assert_eq!(cmdline(pid).first().map(String::as_str), Some("sleep"));
+        assert!(all().contains(&pid));
+        assert!(cpu_time(pid).is_some());
+        assert!(pss_kib(pid).is_some_and(|kib| kib > 0));
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
+        assert!(!alive(pid));
+        assert!(!children_of_this_process().contains(&pid));
+        assert_eq!(pss_kib(pid), None);
+    }
+}

@@ -6,19 +6,23 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-/// Durations recorded to 3 significant digits, in nanoseconds.
+/// The longest sample told apart: a longer one counts as this long.
+const SAMPLE_MAX: Duration = Duration::from_secs(3600);
+
+/// Durations recorded to 3 significant digits, in nanoseconds, up to [`SAMPLE_MAX`].
 #[derive(Clone, Debug)]
 pub struct Latencies(Histogram<u64>);
 
 impl Latencies {
     /// No samples yet.
     pub fn new() -> Self {
-        // 3 significant digits is within the 1..=5 the histogram supports, and with no upper
-        // bound given it grows to fit each sample.
-        Self(Histogram::new(3).expect("3 significant digits"))
+        // 1 ns to an hour at 3 significant digits is a range the histogram supports (a high
+        // bound of at least twice the low one, 0..=5 digits).
+        let high = SAMPLE_MAX.as_nanos() as u64;
+        Self(Histogram::new_with_bounds(1, high, 3).expect("1 ns to an hour, 3 digits"))
     }
 
-    /// Adds a sample.
+    /// Adds a sample (one longer than [`SAMPLE_MAX`] as that long).
     pub fn record(&mut self, sample: Duration) {
         self.0
             .saturating_record(u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX));
