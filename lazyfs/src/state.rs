@@ -868,6 +868,19 @@ mod tests {
         attr.ino.0
     }
 
+    /// A state whose root holds a directory `d` with a durable name; returns it and `d`'s
+    /// inode.
+    fn with_durable_dir() -> (State, u64) {
+        let mut state = State::new(ROOT_OWNER);
+        let dir = state
+            .mkdir(ROOT, name("d"), ROOT_OWNER)
+            .expect("mkdir")
+            .ino
+            .0;
+        sync_dir(&mut state, ROOT);
+        (state, dir)
+    }
+
     fn sync_dir(state: &mut State, dir: u64) {
         let fh = state.opendir(dir).expect("opendir");
         state.fsyncdir(dir, fh).expect("fsyncdir");
@@ -912,13 +925,7 @@ mod tests {
 
     #[test]
     fn removing_a_tree_durably_drops_every_inode_in_it() {
-        let mut state = State::new(ROOT_OWNER);
-        let dir = state
-            .mkdir(ROOT, name("d"), ROOT_OWNER)
-            .expect("mkdir")
-            .ino
-            .0;
-        sync_dir(&mut state, ROOT);
+        let (mut state, dir) = with_durable_dir();
         synced_file(&mut state, dir, "a", b"a");
         synced_file(&mut state, dir, "b", b"b");
         state.unlink(dir, name("a")).expect("unlink");
@@ -932,13 +939,7 @@ mod tests {
 
     #[test]
     fn a_cut_restores_live_names_that_agree_with_the_durable_ones() {
-        let mut state = State::new(ROOT_OWNER);
-        let dir = state
-            .mkdir(ROOT, name("d"), ROOT_OWNER)
-            .expect("mkdir")
-            .ino
-            .0;
-        sync_dir(&mut state, ROOT);
+        let (mut state, dir) = with_durable_dir();
         synced_file(&mut state, dir, "f", b"f");
         state
             .rename(dir, name("f"), ROOT, name("g"), false)
