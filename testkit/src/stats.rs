@@ -7,7 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 /// The longest sample told apart: a longer one counts as this long.
-const SAMPLE_MAX: Duration = Duration::from_secs(3600);
+pub const SAMPLE_MAX: Duration = Duration::from_secs(3600);
 
 /// Durations recorded to 3 significant digits, in nanoseconds, up to [`SAMPLE_MAX`].
 #[derive(Clone, Debug)]
