@@ -70,6 +70,8 @@ async fn start(spec: ZygoteSpec) -> Arc<Zygote> {
     )
 }
 
+/// True while `/proc/PID` exists: unlike `sand_testkit::proc::alive`, a zombie the zygote has
+/// not reaped yet still counts, so that a test waits until the zygote has reaped what it killed.
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
