@@ -942,7 +942,7 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
         }
         (Msg::Open { epoch: Some(e), .. }, _) => *e < epoch,
         (Msg::ToWorker { conn, msg, .. }, State::Worker(w)) => {
-            w.gone || *conn < w.conn || addressee(msg) < w.lb.incarnation()
+            w.gone || *conn < w.conn || msg.incarnation() < w.lb.incarnation()
         }
         (Msg::Restarted, State::Worker(w)) => w.gone,
         (Msg::Open { conn, .. }, State::Gateway(g)) => replaced(g, env.src, *conn),
@@ -975,18 +975,6 @@ fn sender(msg: &ToGateway) -> Option<Incarnation> {
             Some(*incarnation)
         }
         ToGateway::Hello { .. } => None,
-    }
-}
-
-/// The worker incarnation a gateway message is addressed to.
-fn addressee(msg: &ToWorker) -> Incarnation {
-    match msg {
-        ToWorker::Welcome { incarnation, .. }
-        | ToWorker::Dispatch { incarnation, .. }
-        | ToWorker::Ack { incarnation, .. }
-        | ToWorker::Cancel { incarnation, .. }
-        | ToWorker::Abort { incarnation, .. }
-        | ToWorker::Fenced { incarnation, .. } => *incarnation,
     }
 }
 
@@ -1313,7 +1301,7 @@ fn is_stale(state: &State, src: Id, msg: &Msg) -> bool {
         (State::Worker(w), Msg::ToWorker { epoch, conn, msg }) => {
             w.epoch.is_some_and(|e| *epoch < e)
                 || *conn < w.conn
-                || addressee(msg) != w.lb.incarnation()
+                || msg.incarnation() != w.lb.incarnation()
         }
         _ => false,
     }

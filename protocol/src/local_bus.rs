@@ -277,15 +277,7 @@ impl LocalBus {
     }
 
     fn on_message(&mut self, now: Time, msg: ToWorker) {
-        let incarnation = match &msg {
-            ToWorker::Welcome { incarnation, .. }
-            | ToWorker::Dispatch { incarnation, .. }
-            | ToWorker::Ack { incarnation, .. }
-            | ToWorker::Cancel { incarnation, .. }
-            | ToWorker::Abort { incarnation, .. }
-            | ToWorker::Fenced { incarnation, .. } => *incarnation,
-        };
-        if incarnation != self.incarnation {
+        if msg.incarnation() != self.incarnation {
             return; // Addressed to another life of this worker.
         }
         match msg {

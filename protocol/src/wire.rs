@@ -373,6 +373,20 @@ pub enum ToWorker {
     },
 }
 
+impl ToWorker {
+    /// The worker incarnation the message is addressed to; a worker drops any other.
+    pub fn incarnation(&self) -> Incarnation {
+        match self {
+            ToWorker::Welcome { incarnation, .. }
+            | ToWorker::Dispatch { incarnation, .. }
+            | ToWorker::Ack { incarnation, .. }
+            | ToWorker::Cancel { incarnation, .. }
+            | ToWorker::Abort { incarnation, .. }
+            | ToWorker::Fenced { incarnation, .. } => *incarnation,
+        }
+    }
+}
+
 /// A service message from a worker's driver to the gateway's.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
 pub enum ServiceToGateway {
