@@ -68,8 +68,9 @@ def parse_args(description, argv=None):
                         help="chains run and discarded before the latency phase (default 30)")
     parser.add_argument("--clients", type=positive_int, default=8,
                         help="concurrent clients in the throughput phase (default 8)")
-    parser.add_argument("--seconds", type=positive_float, default=10.0,
-                        help="length of the throughput window in seconds (default 10)")
+    parser.add_argument("--seconds", type=non_negative_float, default=10.0,
+                        help="length of the throughput window in seconds (default 10; "
+                             "0: no throughput phase)")
     return parser.parse_args(argv)
 
 
@@ -89,11 +90,11 @@ def non_negative_int(text):
     return value
 
 
-def positive_float(text):
-    """argparse type: a number > 0."""
+def non_negative_float(text):
+    """argparse type: a number >= 0."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 0")
     return value
 
 
@@ -126,7 +127,8 @@ def measure_latency(run_chain, runs, warmup):
 
 
 def summarize(samples_ms, warmup):
-    """Median, p99 (inclusive quantile), mean, min and max of the samples, in ms."""
+    """Median, p99 (inclusive quantile), mean, min and max of the samples, and the samples
+    themselves in the order they were taken (for merging rounds), in ms."""
     p99 = (statistics.quantiles(samples_ms, n=100, method="inclusive")[98]
            if len(samples_ms) > 1 else samples_ms[0])
     return {
@@ -137,6 +139,7 @@ def summarize(samples_ms, warmup):
         "mean": round(statistics.fmean(samples_ms), 3),
         "min": round(min(samples_ms), 3),
         "max": round(max(samples_ms), 3),
+        "samples": [round(sample, 4) for sample in samples_ms],
     }
 
 
@@ -208,8 +211,12 @@ def measure_throughput(factory, config, clients, seconds, mode, chain_timeout_s)
     """Runs ``clients`` clients back to back for ``seconds``; returns the throughput summary.
 
     ``mode`` is "threads" or "processes". Raises BenchFailure if any client fails, answers
-    wrongly or does not report in time.
+    wrongly or does not report in time. With ``seconds`` 0 no client runs: the summary is of
+    an empty window (a run that measures latency only).
     """
+    if seconds == 0:
+        return {"clients": clients, "client_mode": mode, "seconds": 0, "chains": 0,
+                "chains_per_s": 0.0}
     if mode == "processes":
         context = multiprocessing.get_context("spawn")
         ready_queue = context.Queue()

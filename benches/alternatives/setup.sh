@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the baseline scripts beside this file need: a venv with pinned Celery (Redis
-# transport), the Redis client and Ray, and a redis-server binary. Idempotent: parts already
-# in place are checked and skipped. A part that fails is reported on stderr and the others
+# Installs what sand-bench needs: a venv with pinned Celery (Redis transport), the Redis client
+# and Ray for the baseline scripts beside this file, numpy for the grains of the cold-start and
+# memory parts, and a redis-server binary. Idempotent: parts already in place are checked and
+# skipped. A part that fails is reported on stderr and the others
 # still run; the exit status is 0 only when every part is in.
 #
 # Usage: setup.sh VENV_DIR
@@ -10,6 +11,10 @@ set -u
 CELERY_VERSION=5.7.0
 REDIS_PY_VERSION=8.1.0
 RAY_VERSION=2.60.0
+NUMPY_VERSION=2.4.6
+# The venv's base: the system's interpreter, so that a sandbox (which has the system
+# directories) runs the venv's python with only the venv mounted.
+BASE_PYTHON=/usr/bin/python3
 
 if [ $# -ne 1 ] || [ -z "$1" ]; then
     echo "usage: $0 VENV_DIR" >&2
@@ -46,16 +51,20 @@ pip_pin() {
     progress "$label $version installed"
 }
 
-# 1. The venv, made with the python3 on PATH.
-if [ -x "$VENV/bin/python" ]; then
+# 1. The venv, made with the system's python3; one made with another is made again.
+if [ -x "$VENV/bin/python" ] && grep -qx "home = $(dirname "$BASE_PYTHON")" "$VENV/pyvenv.cfg" 2>/dev/null; then
     progress "venv $VENV already exists ($("$VENV/bin/python" --version 2>&1))"
     venv_ok=1
 else
-    progress "creating venv $VENV with $(command -v python3) ($(python3 --version 2>&1)) ..."
-    if python3 -m venv "$VENV"; then
+    if [ -e "$VENV" ]; then
+        progress "venv $VENV was not made with $BASE_PYTHON; making it again"
+        rm -rf "$VENV"
+    fi
+    progress "creating venv $VENV with $BASE_PYTHON ($("$BASE_PYTHON" --version 2>&1)) ..."
+    if "$BASE_PYTHON" -m venv "$VENV"; then
         venv_ok=1
     else
-        fail venv "python3 -m venv $VENV"
+        fail venv "$BASE_PYTHON -m venv $VENV"
         venv_ok=0
     fi
 fi
@@ -65,9 +74,11 @@ if [ "$venv_ok" = 1 ]; then
     pip_pin "celery[redis]==$CELERY_VERSION" celery "$CELERY_VERSION" celery
     pip_pin "redis==$REDIS_PY_VERSION" redis "$REDIS_PY_VERSION" "redis (python client)"
     pip_pin "ray==$RAY_VERSION" ray "$RAY_VERSION" ray
+    pip_pin "numpy==$NUMPY_VERSION" numpy "$NUMPY_VERSION" numpy
 else
     fail celery "skipped: no venv"
     fail ray "skipped: no venv"
+    fail numpy "skipped: no venv"
 fi
 
 # 3. A redis-server binary. Debian's package would start the system service on install; a
@@ -109,4 +120,4 @@ if [ ${#failed[@]} -ne 0 ]; then
     echo "setup: incomplete; failed parts: ${failed[*]}" >&2
     exit 1
 fi
-progress "all parts in: venv $VENV, celery $CELERY_VERSION, redis-py $REDIS_PY_VERSION, ray $RAY_VERSION, $(redis-server --version | cut -d' ' -f1-3)"
+progress "all parts in: venv $VENV, celery $CELERY_VERSION, redis-py $REDIS_PY_VERSION, ray $RAY_VERSION, numpy $NUMPY_VERSION, $(redis-server --version | cut -d' ' -f1-3)"

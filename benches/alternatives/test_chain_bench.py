@@ -67,6 +67,22 @@ class LatencyTest(unittest.TestCase):
         with self.assertRaises(chain_bench.WrongAnswer):
             chain_bench.measure_latency(lambda x: x + 15 if x < 10 else 0, runs=20, warmup=2)
 
+    def test_the_summary_carries_every_sample_in_order(self):
+        delays = iter([0.004, 0.001, 0.003])
+
+        def run_chain(x):
+            time.sleep(next(delays, 0.0))
+            return x + 15
+        summary = chain_bench.measure_latency(run_chain, runs=3, warmup=0)
+        samples = summary["samples"]
+        self.assertEqual(len(samples), summary["runs"])
+        self.assertGreater(samples[0], samples[1])
+        self.assertLess(samples[1], samples[2])
+        self.assertEqual((round(min(samples), 3), round(max(samples), 3)),
+                         (summary["min"], summary["max"]))
+        report = json.loads(json.dumps({"latency_ms": summary}))
+        self.assertEqual(report["latency_ms"]["samples"], samples)
+
     def test_summary_statistics(self):
         summary = chain_bench.summarize([float(v) for v in range(1, 101)], warmup=0)
         self.assertEqual(summary["median"], 50.5)
@@ -89,6 +105,13 @@ class ThroughputTest(unittest.TestCase):
 
     def test_counts_chains_in_the_window_with_processes(self):
         self.check_counts("processes")
+
+    def test_zero_seconds_runs_no_client(self):
+        summary = chain_bench.measure_throughput(failing_setup_factory, None, 4, 0, "processes",
+                                                 5.0)
+        self.assertEqual((summary["seconds"], summary["chains"], summary["chains_per_s"]),
+                         (0, 0, 0.0))
+        self.assertEqual(chain_bench.parse_args("demo", ["--seconds", "0"]).seconds, 0.0)
 
     def test_a_wrong_answer_fails_the_phase(self):
         for mode in ("threads", "processes"):

@@ -676,18 +676,22 @@ impl Client {
 }
 
 /// The policy flag that allows `python`: `--python PATH`, with `=PREFIX` (the directory above
-/// its real `bin/`) for one outside the system directories.
+/// its `bin/`) for one outside the system directories. A venv's python is a symlink to the
+/// system's, so the prefix is the named path's when that lies outside the system directories
+/// (the venv, with its site-packages), else the real interpreter's.
 fn python_args(python: Option<&Path>) -> Vec<String> {
     let Some(python) = python else {
         return Vec::new();
     };
     let system = ["/usr", "/bin", "/lib", "/lib64", "/sbin"];
     let resolved = std::fs::canonicalize(python).unwrap_or_else(|_| python.to_owned());
-    let flag = match resolved.parent().and_then(Path::parent) {
-        Some(prefix) if !system.iter().any(|s| resolved.starts_with(s)) => {
-            format!("{}={}", python.display(), prefix.display())
-        }
-        _ => python.display().to_string(),
+    let prefix = [python, resolved.as_path()]
+        .into_iter()
+        .find(|p| !system.iter().any(|s| p.starts_with(s)))
+        .and_then(|p| p.parent()?.parent());
+    let flag = match prefix {
+        Some(prefix) => format!("{}={}", python.display(), prefix.display()),
+        None => python.display().to_string(),
     };
     vec!["--python".into(), flag]
 }

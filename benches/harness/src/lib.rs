@@ -6,6 +6,7 @@ pub mod alternatives;
 pub mod apps;
 pub mod chaos;
 pub mod cold_start;
+pub mod load;
 pub mod measure;
 pub mod plot;
 pub mod recovery;

@@ -2,7 +2,9 @@
 //!
 //! It starts real sand clusters (a gateway and workers, as processes of the `sand` binary
 //! built beside it), drives them through the HTTP API, and writes `results.json`,
-//! `results.md` and SVG plots. Needs root: sandboxes.
+//! `results.md` and SVG plots. Needs root: sandboxes. It installs what it needs (a venv with
+//! numpy, Celery and Ray: `benches/alternatives/setup.sh`), refuses to start on a busy machine
+//! unless told `--noisy`, and records the load average around each part.
 //!
 //! ```text
 //! cargo build --release -p sand -p sand-bench && target/release/sand-bench --out bench-results
@@ -19,7 +21,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use sand_bench::apps::{Apps, CHAIN_SUM};
-use sand_bench::measure::{latency, throughput, Stats};
+use sand_bench::load::{self, LoadAverage, PartLoad};
+use sand_bench::measure::{alternate, latency, throughput, Stats};
 use sand_bench::report::{ChainRow, HopRow, MemoryRow, Results};
 use sand_bench::{alternatives, chaos, cold_start, plot, recovery};
 use sand_testkit::cluster::{Cluster, ClusterSpec};
@@ -45,12 +48,21 @@ struct Args {
     /// Seconds each throughput run lasts.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     seconds: u64,
-    /// The interpreter of the Python grains; it needs numpy for the cold-start figures.
-    #[arg(long, default_value = "/usr/bin/python3")]
-    python: PathBuf,
-    /// The virtualenv for Celery and Ray (made by benches/alternatives/setup.sh).
+    /// Alternating rounds each latency figure is measured in (A B A B ...), its runs split
+    /// among them, so that a drift of the machine hits every system alike.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10))]
+    rounds: u64,
+    /// The interpreter of the Python grains and of the cold-start bench, which needs numpy;
+    /// by default the venv's.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// The virtualenv with numpy, Celery and Ray (made by benches/alternatives/setup.sh).
     #[arg(long, default_value = "target/bench-venv")]
     venv: PathBuf,
+    /// Run even if the machine is busy (load average above 1.0 at the start); results.md
+    /// then says the run is noisy.
+    #[arg(long)]
+    noisy: bool,
     /// Skip these parts (repeat the flag for more).
     #[arg(long, value_enum)]
     skip: Vec<Part>,
@@ -121,114 +133,61 @@ fn sand_binary(root: bool) -> Result<PathBuf> {
 
 fn run(args: &Args) -> Result<()> {
     let sand = sand_binary(true)?;
+    let start = LoadAverage::now()?;
+    if let Some(why) = load::refusal(start, args.noisy, &load::busiest(5, Duration::from_secs(1))) {
+        bail!("{why}");
+    }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let repo = repo.canonicalize().context("cannot find the repository")?;
+    let scripts = alternatives::Scripts::new(&repo, &std::path::absolute(&args.venv)?);
+    let mut loads = Vec::new();
+    let before = LoadAverage::now()?;
+    progress("installing what the run needs (benches/alternatives/setup.sh)");
+    scripts.setup()?;
+    loads.push(PartLoad {
+        part: "setup".into(),
+        before,
+        after: LoadAverage::now()?,
+    });
+    let python = args.python.clone().unwrap_or_else(|| scripts.python());
     let scratch = tempfile::Builder::new()
         .prefix("sand-bench-apps-")
         .tempdir()?;
-    let apps = Apps::write(scratch.path(), &args.python)?;
-    let runs = args.runs as usize;
-    let clients = args.clients as usize;
-    let seconds = args.seconds as f64;
-    let want = |p: Part| !args.skip.contains(&p);
-    let mut results = Results::new(&repo, &args.python, clients);
-    // The apps name the interpreter: the cluster's policy allows it.
-    let base = ClusterSpec {
-        python: Some(args.python.clone()),
-        ..ClusterSpec::default()
+    let parts = Parts {
+        args,
+        sand,
+        repo,
+        apps: Apps::write(scratch.path(), &python)?,
+        // The apps name the interpreter: the cluster's policy allows it.
+        base: ClusterSpec {
+            python: Some(python.clone()),
+            ..ClusterSpec::default()
+        },
+        python,
+        scripts,
     };
-
-    if want(Part::Chain) {
-        let warmup = runs / 10;
-        for (gateway_hops, route, name) in [
-            (false, LOCAL, "sand"),
-            (true, GATEWAY, "sand, every hop via the gateway"),
-        ] {
-            progress(&format!("the chain on loopback: {route}"));
-            let c = Cluster::start(
-                &sand,
-                ClusterSpec {
-                    gateway_hops,
-                    ..base.clone()
-                },
-            )?;
-            let ([fresh, reused], rows) = hops(&c, &apps, "loopback", route, warmup, runs)?;
-            results.hops.extend(rows);
-            progress(&format!("throughput: {route}"));
-            let tp = throughput(&c, "chain", CHAIN_SUM, clients, seconds)?;
-            let tp_reuse = throughput(&c, "chain-reuse", CHAIN_SUM, clients, seconds)?;
-            results.sand.push(ChainRow::new(
-                &format!("{name}, fresh instance per call"),
-                &fresh,
-                Some(tp),
-            ));
-            results.sand.push(ChainRow::new(
-                &format!("{name}, reused instances"),
-                &reused,
-                Some(tp_reuse),
-            ));
+    let mut results = Results::new(
+        &parts.repo,
+        &parts.python,
+        start,
+        args.noisy,
+        args.rounds as usize,
+        args.clients as usize,
+    );
+    results.loads = loads;
+    for &part in Part::value_variants() {
+        if args.skip.contains(&part) {
+            continue;
         }
-    }
-
-    if want(Part::Link) {
-        let delay = Duration::from_micros(250);
-        let rtt = Stats::from(&link::Relay::round_trip(delay)?);
-        progress(&format!(
-            "emulated link: {} ms round trip (median; p99 {} ms)",
-            plot::number(rtt.median_ms),
-            plot::number(rtt.p99_ms)
-        ));
-        results.link_round_trip = Some(rtt);
-        let link = format!("emulated link, {} ms each way", delay.as_secs_f64() * 1e3);
-        for (gateway_hops, route) in [(false, LOCAL), (true, GATEWAY)] {
-            progress(&format!("the chain over the emulated link: {route}"));
-            let c = Cluster::start(
-                &sand,
-                ClusterSpec {
-                    gateway_hops,
-                    relay: Some(delay),
-                    ..base.clone()
-                },
-            )?;
-            let (_, rows) = hops(&c, &apps, &link, route, runs / 10, runs)?;
-            results.hops.extend(rows);
-        }
-    }
-
-    if want(Part::Memory) {
-        for (app, name, zygotes) in [(&apps.chain, "chain", 5), (&apps.memory, "memory", 1)] {
-            progress(&format!("memory of the {name} app's sandbox"));
-            results
-                .memory
-                .push(memory_row(&sand, &base, app, name, zygotes)?);
-        }
-    }
-
-    if want(Part::Recovery) {
-        progress("recovery: SIGKILL of a worker mid-chain");
-        results.recovery = Some(recovery::run(&sand, &base, &apps.recovery, 16)?);
-    }
-
-    if want(Part::ColdStart) {
-        progress("cold start (cargo bench -p sand-worker --bench cold_start)");
-        match cold_start::run(&repo, &args.python, runs) {
-            Ok(c) => results.cold_start = Some(c),
-            Err(e) => results
-                .notes
-                .push(format!("cold start not measured: {e:#}")),
-        }
-    }
-
-    if want(Part::Alternatives) {
-        let scripts = alternatives::Scripts::new(&repo, &std::path::absolute(&args.venv)?);
-        progress("installing the alternatives (benches/alternatives/setup.sh)");
-        scripts.setup()?;
-        for system in ["unix", "celery", "ray"] {
-            progress(&format!("the chain on {system}"));
-            results
-                .alternatives
-                .push(scripts.run(system, runs, clients, args.seconds));
-        }
+        let before = LoadAverage::now()?;
+        parts.run(part, &mut results)?;
+        results.loads.push(PartLoad {
+            part: part
+                .to_possible_value()
+                .map_or_else(String::new, |v| v.get_name().into()),
+            before,
+            after: LoadAverage::now()?,
+        });
     }
 
     std::fs::create_dir_all(&args.out)
@@ -239,47 +198,205 @@ fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// What every part of a run works with.
+struct Parts<'a> {
+    args: &'a Args,
+    sand: PathBuf,
+    repo: PathBuf,
+    apps: Apps,
+    base: ClusterSpec,
+    python: PathBuf,
+    scripts: alternatives::Scripts,
+}
+
+impl Parts<'_> {
+    /// Runs one part, adding its figures to `results`.
+    fn run(&self, part: Part, results: &mut Results) -> Result<()> {
+        let args = self.args;
+        let runs = args.runs as usize;
+        let rounds = args.rounds as usize;
+        let clients = args.clients as usize;
+        match part {
+            Part::Chain => {
+                let routes = [
+                    (false, LOCAL, "sand"),
+                    (true, GATEWAY, "sand, every hop via the gateway"),
+                ];
+                progress(&format!(
+                    "the chain on loopback: {LOCAL} and {GATEWAY}, {rounds} alternating rounds"
+                ));
+                let clusters = routes
+                    .iter()
+                    .map(|&(gateway_hops, route, _)| {
+                        let spec = ClusterSpec {
+                            gateway_hops,
+                            ..self.base.clone()
+                        };
+                        Ok((Cluster::start(&self.sand, spec)?, route))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let (chains, rows) = hops(&clusters, &self.apps, "loopback", runs, rounds)?;
+                results.hops.extend(rows);
+                for (((c, route), [fresh, reused]), (_, _, name)) in
+                    clusters.iter().zip(chains).zip(routes)
+                {
+                    progress(&format!("throughput: {route}"));
+                    let seconds = args.seconds as f64;
+                    let tp = throughput(c, "chain", CHAIN_SUM, clients, seconds)?;
+                    let tp_reuse = throughput(c, "chain-reuse", CHAIN_SUM, clients, seconds)?;
+                    results.sand.push(ChainRow::new(
+                        &format!("{name}, fresh instance per call"),
+                        &fresh,
+                        Some(tp),
+                    ));
+                    results.sand.push(ChainRow::new(
+                        &format!("{name}, reused instances"),
+                        &reused,
+                        Some(tp_reuse),
+                    ));
+                }
+            }
+            Part::Link => {
+                let delay = Duration::from_micros(250);
+                let rtt = Stats::from(&link::Relay::round_trip(delay)?);
+                progress(&format!(
+                    "emulated link: {} ms round trip (median; p99 {} ms)",
+                    plot::number(rtt.median_ms),
+                    plot::number(rtt.p99_ms)
+                ));
+                results.link_round_trip = Some(rtt);
+                let link = format!("emulated link, {} ms each way", delay.as_secs_f64() * 1e3);
+                progress(&format!(
+                    "the chain over the emulated link: {LOCAL} and {GATEWAY}, {rounds} alternating rounds"
+                ));
+                let clusters = [(false, LOCAL), (true, GATEWAY)]
+                    .into_iter()
+                    .map(|(gateway_hops, route)| {
+                        let spec = ClusterSpec {
+                            gateway_hops,
+                            relay: Some(delay),
+                            ..self.base.clone()
+                        };
+                        Ok((Cluster::start(&self.sand, spec)?, route))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let (_, rows) = hops(&clusters, &self.apps, &link, runs, rounds)?;
+                results.hops.extend(rows);
+            }
+            Part::Memory => {
+                let apps = &self.apps;
+                for (app, name, zygotes) in [(&apps.chain, "chain", 5), (&apps.memory, "memory", 1)]
+                {
+                    progress(&format!("memory of the {name} app's sandbox"));
+                    results
+                        .memory
+                        .push(memory_row(&self.sand, &self.base, app, name, zygotes)?);
+                }
+            }
+            Part::Recovery => {
+                progress("recovery: SIGKILL of a worker mid-chain");
+                results.recovery = Some(recovery::run(
+                    &self.sand,
+                    &self.base,
+                    &self.apps.recovery,
+                    16,
+                )?);
+            }
+            Part::ColdStart => {
+                progress("cold start (cargo bench -p sand-worker --bench cold_start)");
+                match cold_start::run(&self.repo, &self.python, runs) {
+                    Ok(c) => results.cold_start = Some(c),
+                    Err(e) => results
+                        .notes
+                        .push(format!("cold start not measured: {e:#}")),
+                }
+            }
+            Part::Alternatives => {
+                let systems = ["unix", "celery", "ray"];
+                progress(&format!(
+                    "the chain on {}, {rounds} alternating rounds",
+                    systems.join(", ")
+                ));
+                // Throughput in the last round only: one window per system.
+                let measured = alternate(systems.len(), runs, rounds, |i, round, share| {
+                    let seconds = if round + 1 == rounds { args.seconds } else { 0 };
+                    progress(&format!("the chain on {}, round {}", systems[i], round + 1));
+                    Ok(self.scripts.run(systems[i], share, clients, seconds))
+                })?;
+                results
+                    .alternatives
+                    .extend(measured.into_iter().filter_map(alternatives::merge));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How hops travel, as the rows name it.
 const LOCAL: &str = "local bus";
 const GATEWAY: &str = "gateway hop";
 
-/// Deploys the chain and the one-grain app, fresh and reused, and measures each: per-hop rows
-/// for both, and the chains' samples (fresh, reused).
+/// The apps `hops` measures on each cluster: the chain and the one-grain app doing the same
+/// sum, each with a fresh instance per call and with reused instances.
+const HOP_APPS: [&str; 4] = ["chain", "whole", "chain-reuse", "whole-reuse"];
+
+/// One cluster's chain samples: with a fresh instance per call, and with reused instances.
+type ChainSamples = [Vec<Duration>; 2];
+
+/// Deploys the `HOP_APPS` on each cluster (named by its route), warms them up, and measures
+/// them all in alternating rounds: per-hop rows, fresh and reused, and each cluster's chain
+/// samples (fresh, reused).
 fn hops(
-    c: &Cluster,
+    clusters: &[(Cluster, &str)],
     apps: &Apps,
     link: &str,
-    route: &str,
-    warmup: usize,
     runs: usize,
-) -> Result<([Vec<Duration>; 2], Vec<HopRow>)> {
-    for app in [
-        &apps.chain,
-        &apps.chain_reuse,
-        &apps.whole,
-        &apps.whole_reuse,
-    ] {
-        c.deploy(app)?;
+    rounds: usize,
+) -> Result<(Vec<ChainSamples>, Vec<HopRow>)> {
+    for (c, _) in clusters {
+        for app in [
+            &apps.chain,
+            &apps.whole,
+            &apps.chain_reuse,
+            &apps.whole_reuse,
+        ] {
+            c.deploy(app)?;
+        }
+        for app in HOP_APPS {
+            latency(c, app, CHAIN_SUM, runs / 10, 0)?;
+        }
     }
+    let measured = alternate(
+        clusters.len() * HOP_APPS.len(),
+        runs,
+        rounds,
+        |i, _, share| {
+            let (c, _) = &clusters[i / HOP_APPS.len()];
+            latency(c, HOP_APPS[i % HOP_APPS.len()], CHAIN_SUM, 0, share)
+        },
+    )?;
+    let mut merged = measured.into_iter().map(|rounds| rounds.concat());
     let mut rows = Vec::new();
     let mut chains = Vec::new();
-    for (chain_app, whole_app, instances) in [
-        ("chain", "whole", "fresh instance"),
-        ("chain-reuse", "whole-reuse", "reused instance"),
-    ] {
-        let chain = latency(c, chain_app, CHAIN_SUM, warmup, runs)?;
-        let whole = latency(c, whole_app, CHAIN_SUM, warmup, runs)?;
+    for (_, route) in clusters {
+        // In the order of HOP_APPS.
+        let mut next = || merged.next().unwrap_or_default();
+        let (chain, whole, chain_reuse, whole_reuse) = (next(), next(), next(), next());
         rows.push(HopRow::new(
             link,
-            &format!("{route}, {instances}"),
+            &format!("{route}, fresh instance"),
             &chain,
             &whole,
         ));
-        chains.push(chain);
+        rows.push(HopRow::new(
+            link,
+            &format!("{route}, reused instance"),
+            &chain_reuse,
+            &whole_reuse,
+        ));
+        chains.push([chain, chain_reuse]);
     }
-    let reused = chains.pop().unwrap_or_default();
-    let fresh = chains.pop().unwrap_or_default();
-    Ok(([fresh, reused], rows))
+    Ok((chains, rows))
 }
 
 /// The PSS of one app's sandbox with its zygotes idle, and per running instance.

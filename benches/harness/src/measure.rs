@@ -1,4 +1,5 @@
-//! Samples and their summaries: latency loops, throughput with concurrent clients, CPU time.
+//! Samples and their summaries: latency loops in alternating rounds, throughput with
+//! concurrent clients, CPU time.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -79,6 +80,33 @@ pub fn latency(
     Ok(samples)
 }
 
+/// `runs` split among `rounds` as evenly as can be, the larger shares first.
+pub fn split(runs: usize, rounds: usize) -> Vec<usize> {
+    let rounds = rounds.max(1);
+    (0..rounds)
+        .map(|r| runs / rounds + usize::from(r < runs % rounds))
+        .collect()
+}
+
+/// Measures each of `configs` configurations in `rounds` alternating rounds (A B A B ...), so
+/// that a drift of the machine hits them all alike: `measure(config, round, runs)` is called
+/// round by round, every configuration once per round, with `runs` split among the rounds.
+/// Returns each configuration's results in round order.
+pub fn alternate<T>(
+    configs: usize,
+    runs: usize,
+    rounds: usize,
+    mut measure: impl FnMut(usize, usize, usize) -> Result<T>,
+) -> Result<Vec<Vec<T>>> {
+    let mut results: Vec<Vec<T>> = (0..configs).map(|_| Vec::new()).collect();
+    for (round, share) in split(runs, rounds).into_iter().enumerate() {
+        for (config, rounds_done) in results.iter_mut().enumerate() {
+            rounds_done.push(measure(config, round, share)?);
+        }
+    }
+    Ok(results)
+}
+
 /// `clients` clients invoke `app` back to back for `seconds`; every answer is checked and the
 /// first wrong one or error fails the run.
 pub fn throughput(
@@ -149,4 +177,44 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     sand_testkit::proc::cpu_time(pid)
         .map(|t| t.as_secs_f64())
         .ok_or_else(|| anyhow!("no CPU time for process {pid}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_split_evenly_among_rounds() {
+        assert_eq!(split(300, 4), [75, 75, 75, 75]);
+        assert_eq!(split(30, 4), [8, 8, 7, 7]);
+        assert_eq!(split(10, 1), [10]);
+        assert_eq!(split(10, 0), [10], "no rounds is one round");
+    }
+
+    #[test]
+    fn configurations_alternate_round_by_round_and_keep_their_own_samples() {
+        let mut order = Vec::new();
+        let samples = alternate(3, 10, 2, |config, round, runs| {
+            order.push((round, config));
+            Ok(vec![Duration::from_millis(config as u64); runs])
+        })
+        .expect("measured");
+        assert_eq!(order, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);
+        for (config, rounds) in samples.iter().enumerate() {
+            assert_eq!(rounds.len(), 2);
+            let merged: Latencies = rounds.concat().into_iter().collect();
+            assert_eq!(merged.len(), 10);
+            // To the histogram's 3 significant digits.
+            assert_eq!(merged.median().as_millis(), config as u128);
+        }
+    }
+
+    #[test]
+    fn a_failed_round_fails_the_measurement() {
+        let failed = alternate(2, 4, 2, |config, round, _| {
+            anyhow::ensure!((config, round) != (1, 1), "config 1 died");
+            Ok(())
+        });
+        assert!(failed.is_err());
+    }
 }

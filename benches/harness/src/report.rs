@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::alternatives::Alternative;
 use crate::apps::CHAIN_LEN;
 use crate::cold_start::ColdStart;
+use crate::load::{LoadAverage, PartLoad, QUIET};
 use crate::measure::{Stats, Throughput};
 use crate::plot::{self, number, Bar};
 use crate::recovery::Recovery;
@@ -103,7 +104,7 @@ pub struct Machine {
     /// Kernel release.
     pub kernel: String,
     /// The load average when the run started.
-    pub load_before: String,
+    pub load_before: LoadAverage,
     /// The grains' Python.
     pub python: String,
     /// sand's commit.
@@ -119,6 +120,12 @@ pub struct Machine {
 pub struct Results {
     /// Where it ran.
     pub machine: Machine,
+    /// Run with `--noisy`, which lets it start above the quiet load average: not a result.
+    pub noisy: bool,
+    /// The load average before and after each part.
+    pub loads: Vec<PartLoad>,
+    /// Alternating rounds each latency figure was measured in.
+    pub rounds: usize,
     /// Concurrent clients in throughput runs.
     pub clients: usize,
     /// The chain end to end through sand.
@@ -151,8 +158,15 @@ fn output(program: &str, args: &[&str], dir: &Path) -> String {
 }
 
 impl Results {
-    /// Empty results, with the machine described.
-    pub fn new(repo: &Path, python: &Path, clients: usize) -> Self {
+    /// Empty results of a run that started at `load`, with the machine described.
+    pub fn new(
+        repo: &Path,
+        python: &Path,
+        load: LoadAverage,
+        noisy: bool,
+        rounds: usize,
+        clients: usize,
+    ) -> Self {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let cpu = read("/proc/cpuinfo")
             .lines()
@@ -171,16 +185,15 @@ impl Results {
                 cpu,
                 cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
                 kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
-                load_before: read("/proc/loadavg")
-                    .split_whitespace()
-                    .take(3)
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                load_before: load,
                 python: format!("{} ({})", python.display(), python_version),
                 sand_commit: output("git", &["rev-parse", "--short", "HEAD"], repo),
                 date: output("date", &["-u", "+%Y-%m-%d %H:%M UTC"], repo),
                 pinned: false,
             },
+            noisy,
+            loads: Vec::new(),
+            rounds,
             clients,
             sand: Vec::new(),
             hops: Vec::new(),
@@ -224,8 +237,22 @@ impl Results {
         let mut s = String::new();
         writeln!(s, "Machine: {} x {}, Linux {}, load before the run {}; {}; sand {} on {}; processes not pinned.\n",
             m.cpus, m.cpu, m.kernel, m.load_before, m.python, m.sand_commit, m.date)?;
+        if self.noisy {
+            writeln!(s, "**A noisy run, not a result**: run with `--noisy`, which lets a run start above load average {QUIET:.1}; this one started at {}.\n", m.load_before)?;
+        }
+        if !self.loads.is_empty() {
+            writeln!(
+                s,
+                "Load average (1, 5, 15 minutes) before and after each part: {}.\n",
+                self.loads
+                    .iter()
+                    .map(|l| format!("{} {} → {}", l.part, l.before, l.after))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )?;
+        }
 
-        writeln!(s, "**A chain of {CHAIN_LEN} trivial Python steps, end to end** (one client: median and p99 of sequential chains; throughput: {} clients)\n", self.clients)?;
+        writeln!(s, "**A chain of {CHAIN_LEN} trivial Python steps, end to end** (one client: median and p99 of sequential chains, in {} alternating rounds; throughput: {} clients)\n", self.rounds, self.clients)?;
         writeln!(
             s,
             "| system | median | p99 | chains/s | gateway CPU per chain |"
