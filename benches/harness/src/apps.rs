@@ -16,18 +16,15 @@ pub const CHAIN_LEN: u64 = 5;
 pub const CHAIN_SUM: u64 = CHAIN_LEN * (CHAIN_LEN + 1) / 2;
 
 const MEMORY_GRAINS: &str = r#"
-"""Holds a call open so its instance can be weighed."""
+"""Holds a call open so its instance can be weighed; numpy is loaded once, in the zygote."""
 import time
 
-try:
-    import numpy  # loaded once, in the zygote, when the interpreter has it
-except ImportError:
-    numpy = None
+import numpy
 
 
 def hold(event, ctx):
     time.sleep(event)
-    return 0 if numpy is None else int(numpy.int64(event) * 0)
+    return int(numpy.int64(event) * 0)
 "#;
 
 const RECOVERY_GRAINS: &str = r#"
@@ -123,7 +120,7 @@ pub struct Apps {
     pub whole: PathBuf,
     /// One grain doing the whole sum, reused.
     pub whole_reuse: PathBuf,
-    /// A grain that sleeps `event` seconds, for memory figures.
+    /// A grain that imports numpy and sleeps `event` seconds, for memory figures.
     pub memory: PathBuf,
     /// A slow 3-step chain (adds 6), for recovery.
     pub recovery: PathBuf,

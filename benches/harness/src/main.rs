@@ -52,8 +52,8 @@ struct Args {
     /// among them, so that a drift of the machine hits every system alike.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10))]
     rounds: u64,
-    /// The interpreter of the Python grains and of the cold-start bench, which needs numpy;
-    /// by default the venv's.
+    /// The interpreter of the Python grains and of the cold-start bench; it needs numpy (the
+    /// memory part's grain and the cold-start bench import it). By default the venv's.
     #[arg(long)]
     python: Option<PathBuf>,
     /// The virtualenv with numpy, Celery and Ray (made by benches/alternatives/setup.sh).
