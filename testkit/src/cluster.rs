@@ -809,3 +809,35 @@ fn private_file(path: &Path, text: &str) -> Result<()> {
     file.write_all(text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_venv_is_mounted_for_its_python_and_the_systems_needs_no_mount() {
+        let venv = tempfile::tempdir().expect("a temp dir");
+        std::fs::create_dir(venv.path().join("bin")).expect("bin/");
+        let python = venv.path().join("bin/python");
+        std::os::unix::fs::symlink("/usr/bin/python3", &python).expect("a venv's python");
+        let flag = format!("{}={}", python.display(), venv.path().display());
+        assert_eq!(python_args(Some(&python)), ["--python", flag.as_str()]);
+        assert_eq!(
+            python_args(Some(Path::new("/usr/bin/python3"))),
+            ["--python", "/usr/bin/python3"]
+        );
+        assert!(python_args(None).is_empty());
+    }
+
+    #[test]
+    fn an_interpreter_installed_elsewhere_is_mounted_above_its_bin() {
+        let prefix = tempfile::tempdir().expect("a temp dir");
+        std::fs::create_dir(prefix.path().join("bin")).expect("bin/");
+        let real = prefix.path().join("bin/python3.11");
+        std::fs::write(&real, "").expect("an interpreter");
+        let python = prefix.path().join("bin/python3");
+        std::os::unix::fs::symlink(&real, &python).expect("its usual name");
+        let flag = format!("{}={}", python.display(), prefix.path().display());
+        assert_eq!(python_args(Some(&python)), ["--python", flag.as_str()]);
+    }
+}

@@ -72,8 +72,12 @@ pub struct Busy {
 }
 
 /// Why a run that starts at `load` may not be reported, unless told `noisy`: the load, the
-/// `busiest` processes, and the flag. None when the run may go on.
-pub fn refusal(load: LoadAverage, noisy: bool, busiest: &[Busy]) -> Option<String> {
+/// `busiest` processes (looked for only then), and the flag. None when the run may go on.
+pub fn refusal(
+    load: LoadAverage,
+    noisy: bool,
+    busiest: impl FnOnce() -> Vec<Busy>,
+) -> Option<String> {
     if noisy || load.one <= QUIET {
         return None;
     }
@@ -81,7 +85,7 @@ pub fn refusal(load: LoadAverage, noisy: bool, busiest: &[Busy]) -> Option<Strin
         "the machine is busy: load average {load} (1, 5, 15 minutes), above {QUIET:.1}; \
          figures taken now would not be comparable. Busiest processes:"
     );
-    for b in busiest {
+    for b in busiest() {
         s.push_str(&format!(
             "\n  {:>5.1}% CPU  pid {:<7} {}",
             b.cpu_percent, b.pid, b.command
@@ -183,10 +187,11 @@ mod tests {
             command: "cargo build --release".into(),
             cpu_percent: 97.5,
         }];
-        assert_eq!(refusal(load(0.3), false, &busy), None);
-        assert_eq!(refusal(load(QUIET), false, &busy), None);
-        assert_eq!(refusal(load(2.5), true, &busy), None);
-        let why = refusal(load(2.5), false, &busy).expect("refused");
+        let unasked = || -> Vec<Busy> { panic!("no need to look for the busiest") };
+        assert_eq!(refusal(load(0.3), false, unasked), None);
+        assert_eq!(refusal(load(QUIET), false, unasked), None);
+        assert_eq!(refusal(load(2.5), true, unasked), None);
+        let why = refusal(load(2.5), false, || busy.to_vec()).expect("refused");
         for said in [
             "2.50 0.50 0.25",
             "above 1.0",

@@ -134,7 +134,9 @@ fn sand_binary(root: bool) -> Result<PathBuf> {
 fn run(args: &Args) -> Result<()> {
     let sand = sand_binary(true)?;
     let start = LoadAverage::now()?;
-    if let Some(why) = load::refusal(start, args.noisy, &load::busiest(5, Duration::from_secs(1))) {
+    if let Some(why) = load::refusal(start, args.noisy, || {
+        load::busiest(5, Duration::from_secs(1))
+    }) {
         bail!("{why}");
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
