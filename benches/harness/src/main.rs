@@ -223,7 +223,7 @@ fn run(args: &Args) -> Result<()> {
         let scripts = alternatives::Scripts::new(&repo, &std::path::absolute(&args.venv)?);
         progress("installing the alternatives (benches/alternatives/setup.sh)");
         scripts.setup()?;
-        for system in ["unix", "celery", "ray"] {
+        for system in ["unix", "celery", "ray", "restate-run", "restate-handlers"] {
             progress(&format!("the chain on {system}"));
             results
                 .alternatives
