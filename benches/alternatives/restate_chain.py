@@ -2,8 +2,8 @@
 """Restate baseline: sand's 5-step chain as durable Restate handlers, called through the ingress.
 
 Restate, like sand and unlike Celery or Ray, makes a chain's progress durable: every step's
-result is appended to its log before the next step sees it. The chain comes in two shapes,
-reported as two systems (``--shape``):
+result is written to its journal, on disk. The chain comes in two shapes, reported as two
+systems (``--shape``):
 
 - ``run`` (system ``restate-run``): one handler, ``Chain/run``, whose five steps are durable
   ``ctx.run_typed`` actions;
@@ -17,11 +17,11 @@ Each chain is one synchronous HTTP call to the ingress: ``POST /Chain/run`` or
 The script starts its own restate-server (VENV/bin/restate-server, linked by setup.sh, else the
 one on PATH) in its own process group, with its data in a temp dir, its node, admin and ingress
 ports on free 127.0.0.1 ports, and every other setting as shipped: the log and the partition
-stores write RocksDB with its WAL fsynced (``rocksdb-disable-wal-fsync = false``), so a step's
-result is on disk before the next step runs. Telemetry is off (it reports nowhere here). The
-endpoint is this module, served by one Hypercorn process (``--workers 0``: no worker
-subprocesses; asyncio; HTTP/2 without TLS, as the server calls it), registered through the
-admin API (``POST /deployments``).
+stores write RocksDB with its WAL fsynced (``rocksdb-disable-wal-fsync = false``; ``strace``
+counts about 10 fdatasync per chain of the ``run`` shape, 30 of ``handlers``). Telemetry is
+off (it reports nowhere here). The endpoint is this module, served by one Hypercorn process
+(``--workers 0``: no worker subprocesses; asyncio; HTTP/2 without TLS, as the server calls
+it), registered through the admin API (``POST /deployments``).
 
 The throughput phase runs each client in its own process with its own keep-alive HTTP
 connection, as a web server's worker processes would.
@@ -91,7 +91,6 @@ def endpoint_app():
             if next_step is None:
                 return add(x, i)
             return await ctx.service_call(next_step, arg=add(x, i))
-        handler.__name__ = f"step{i}"
         handler.__doc__ = f"Step {i} of the chain: adds {i}, then calls the next step."
         return steps.handler(name=f"step{i}")(handler)
 

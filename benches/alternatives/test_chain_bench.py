@@ -146,13 +146,13 @@ class RestateScriptTest(unittest.TestCase):
         venv's restate-server."""
         with tempfile.TemporaryDirectory() as modules:
             for name in ("restate", "hypercorn"):
+                stand_in = "" if name in fake_packages else f"raise ImportError('no {name} here')"
                 with open(os.path.join(modules, f"{name}.py"), "w") as module:
-                    if name not in fake_packages:
-                        module.write(f"raise ImportError('no {name} here')\n")
+                    module.write(stand_in + "\n")
             env = {"PATH": path, "PYTHONPATH": modules, "PYTHONDONTWRITEBYTECODE": "1"}
-            done = subprocess.run(
-                [os.path.realpath(sys.executable), "-S", os.path.join(HERE, "restate_chain.py"), *args],
-                capture_output=True, text=True, env=env, timeout=60)
+            script = os.path.join(HERE, "restate_chain.py")
+            done = subprocess.run([os.path.realpath(sys.executable), "-S", script, *args],
+                                  capture_output=True, text=True, env=env, timeout=60)
         return done.returncode, done.stdout, done.stderr
 
     def test_the_shape_is_required_and_checked(self):
