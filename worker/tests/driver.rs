@@ -19,8 +19,8 @@ use sand_protocol::wire::{
     AppBundle, CallSpec, Cont, Down, GrainError, Outcome, Payload, Reason, Report, RunTrace,
     ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
 };
-use sand_transport_quic::mem::MemNetwork;
-use sand_transport_quic::seam::{GatewayEvent, GatewayLink};
+use sand_transport::mem::MemNetwork;
+use sand_transport::seam::{GatewayEvent, GatewayLink};
 use sand_worker::driver::{self, WorkerConfig};
 use sand_worker::host::{HostContext, Isolation};
 use sand_worker::runtime::python::install_python_runtime;

@@ -1,7 +1,7 @@
-//! Round trip and throughput of sand's QUIC transport, side by side in one run with a bare quinn
-//! echo and a tokio TCP echo.
+//! Round trip and throughput of sand's transports, QUIC and TCP with TLS, side by side in one run
+//! with a bare quinn echo and a tokio TCP echo.
 //!
-//! Run: `cargo bench -p sand-transport-quic --bench transport`
+//! Run: `cargo bench -p sand-transport-suite --bench transport`
 //!
 //! Everything runs on one current-thread tokio runtime, client and server in one process: on a
 //! small VM a wake-up across vCPUs costs tens of microseconds and would drown what is measured.
@@ -10,11 +10,11 @@
 //!
 //! - Round trip: sand sends a `Heartbeat` (worker to gateway) and the gateway's driver answers
 //!   an `Ack`, both on the control stream through the seam; quinn and TCP echo 100 bytes. sand's
-//!   payload path (a `Progress` answered by a `Dispatch`, each on a stream of its own, with
-//!   100-byte values) is shown too.
+//!   payload path (a `Progress` answered by a `Dispatch`, with 100-byte values; on QUIC each on a
+//!   stream of its own) is shown too.
 //! - Throughput: 64 KiB messages one way, timed until the receiver has them all. sand sends
-//!   `Dispatch` messages with 64 KiB inputs (a stream each); quinn and TCP write them on one
-//!   stream.
+//!   `Dispatch` messages with 64 KiB inputs (on QUIC a stream each); quinn and TCP write them on
+//!   one stream.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -26,9 +26,11 @@ use sand_protocol::wire::{
     encode, CallSpec, Cont, Down, Effects, Outcome, Payload, Reason, Report, Return, ToGateway,
     ToWorker, Up,
 };
-use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
-use sand_transport_quic::quic::{self, QuicConfig, QuicGateway, QuicWorker};
-use sand_transport_quic::seam::{GatewayEvent, WorkerEvent};
+use sand_transport::config::LinkConfig;
+use sand_transport::seam::{GatewayEvent, GatewaySender, WorkerEvent, WorkerLink};
+use sand_transport::tls::certs::NodeIdentity;
+use sand_transport_suite::common::Pki as SuitePki;
+use sand_transport_suite::{Quic, Tcp, TestTransport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -52,16 +54,14 @@ fn main() -> Result<(), BoxError> {
 }
 
 struct Pki {
-    gateway: NodeIdentity,
+    cluster: SuitePki,
     worker: NodeIdentity,
 }
 
-fn pki() -> Result<Pki, BoxError> {
-    let ca = ClusterCa::generate(Validity::days_from_now(1))?;
-    Ok(Pki {
-        gateway: ca.issue_gateway(&["localhost".to_string()], Validity::days_from_now(1))?,
-        worker: ca.issue_worker(WorkerId(1), Validity::days_from_now(1))?,
-    })
+fn pki() -> Pki {
+    let cluster = SuitePki::new();
+    let worker = cluster.worker(1);
+    Pki { cluster, worker }
 }
 
 #[derive(Default)]
@@ -71,13 +71,14 @@ struct Results {
 }
 
 async fn run() -> Result<(), BoxError> {
-    let pki = pki()?;
-    let config = QuicConfig::default();
-    let mut sand = SandPair::new(&pki, &config).await?;
+    let pki = pki();
+    let config = LinkConfig::default();
+    let mut sand = SandPair::new::<Quic>(&pki, &config).await?;
+    let mut sand_tcp = SandPair::new::<Tcp>(&pki, &config).await?;
     let mut bare = BarePair::new(&pki, &config).await?;
     let mut tcp = TcpPair::new().await?;
 
-    let mut results: [Results; 4] = Default::default();
+    let mut results: [Results; 6] = Default::default();
     for round in 0..ROUNDS {
         let warm = if round == 0 { WARMUP } else { 0 };
         results[0]
@@ -88,13 +89,22 @@ async fn run() -> Result<(), BoxError> {
             .extend(sand.payload_rtt(warm, SAMPLES_PER_ROUND / 4).await?);
         results[2]
             .rtt
-            .extend(bare.rtt(warm, SAMPLES_PER_ROUND).await?);
+            .extend(sand_tcp.control_rtt(warm, SAMPLES_PER_ROUND).await?);
         results[3]
+            .rtt
+            .extend(sand_tcp.payload_rtt(warm, SAMPLES_PER_ROUND / 4).await?);
+        results[4]
+            .rtt
+            .extend(bare.rtt(warm, SAMPLES_PER_ROUND).await?);
+        results[5]
             .rtt
             .extend(tcp.rtt(warm, SAMPLES_PER_ROUND).await?);
         results[0].mib_per_s.push(sand.throughput(BIG_COUNT).await?);
-        results[2].mib_per_s.push(bare.throughput(BIG_COUNT).await?);
-        results[3].mib_per_s.push(tcp.throughput(BIG_COUNT).await?);
+        results[2]
+            .mib_per_s
+            .push(sand_tcp.throughput(BIG_COUNT).await?);
+        results[4].mib_per_s.push(bare.throughput(BIG_COUNT).await?);
+        results[5].mib_per_s.push(tcp.throughput(BIG_COUNT).await?);
     }
 
     let hb = encode(&Up::from(heartbeat()))?.len() + 4;
@@ -107,10 +117,12 @@ async fn run() -> Result<(), BoxError> {
     let names = [
         format!("sand QUIC, control stream (Heartbeat {hb} B → Ack {ack} B, framed)"),
         "sand QUIC, payload path (Progress → Dispatch, 100 B values, a stream each)".to_string(),
+        format!("sand TCP+TLS, control (Heartbeat {hb} B → Ack {ack} B, framed)"),
+        "sand TCP+TLS, payload path (Progress → Dispatch, 100 B values, one stream)".to_string(),
         format!("bare quinn, one bi stream, {SMALL_BYTES} B echo"),
-        format!("tokio TCP loopback (nodelay), {SMALL_BYTES} B echo"),
+        format!("tokio TCP loopback (nodelay, no TLS), {SMALL_BYTES} B echo"),
     ];
-    let mut medians = [0.0; 4];
+    let mut medians = [0.0; 6];
     for (i, r) in results.iter_mut().enumerate() {
         r.rtt.sort();
         let median = micros(percentile(&r.rtt, 0.50));
@@ -126,10 +138,11 @@ async fn run() -> Result<(), BoxError> {
     }
     println!();
     println!(
-        "sand / bare quinn, round trip median: {:.2}x (target ≤ 1.20x); {} samples per row \
-         ({} for the payload path) over {ROUNDS} interleaved rounds; throughput is the median \
-         of {ROUNDS} runs of {BIG_COUNT} messages.",
-        medians[0] / medians[2],
+        "sand QUIC / bare quinn, round trip median: {:.2}x (target ≤ 1.20x); sand TCP+TLS / \
+         sand QUIC: {:.2}x; {} samples per row ({} for the payload paths) over {ROUNDS} \
+         interleaved rounds; throughput is the median of {ROUNDS} runs of {BIG_COUNT} messages.",
+        medians[0] / medians[4],
+        medians[2] / medians[0],
         ROUNDS * SAMPLES_PER_ROUND,
         ROUNDS * SAMPLES_PER_ROUND / 4,
     );
@@ -197,25 +210,19 @@ fn progress(bytes: usize) -> ToGateway {
     }
 }
 
-/// A gateway and a worker over sand's transport. The gateway's driver answers a `Heartbeat`
-/// with an `Ack` and a `Progress` with a `Dispatch`.
+/// A gateway and a worker over one of sand's transports. The gateway's driver answers a
+/// `Heartbeat` with an `Ack` and a `Progress` with a `Dispatch`.
 struct SandPair {
-    _gateway: QuicGateway,
-    _worker: QuicWorker,
-    worker: sand_transport_quic::seam::WorkerLink,
-    gateway_sender: sand_transport_quic::seam::GatewaySender,
+    _endpoints: Box<dyn std::any::Any>,
+    worker: WorkerLink,
+    gateway_sender: GatewaySender,
 }
 
 impl SandPair {
-    async fn new(pki: &Pki, config: &QuicConfig) -> Result<Self, BoxError> {
+    async fn new<T: TestTransport>(pki: &Pki, config: &LinkConfig) -> Result<Self, BoxError> {
         let addr: SocketAddr = "127.0.0.1:0".parse()?;
-        let (gateway, mut gw) = QuicGateway::bind(addr, &pki.gateway, config.clone())?;
-        let (worker_ep, mut worker) = QuicWorker::start(
-            gateway.local_addr(),
-            "localhost",
-            &pki.worker,
-            config.clone(),
-        )?;
+        let (gateway, mut gw) = T::bind(&pki.cluster, addr, config.clone())?;
+        let (worker_ep, mut worker) = T::start_worker(&gateway, &pki.worker, config.clone());
         match worker.events.recv().await {
             Some(WorkerEvent::Connected) => {}
             other => return Err(format!("worker: {other:?}").into()),
@@ -237,8 +244,7 @@ impl SandPair {
             }
         });
         Ok(Self {
-            _gateway: gateway,
-            _worker: worker_ep,
+            _endpoints: Box::new((gateway, worker_ep)),
             worker,
             gateway_sender,
         })
@@ -312,14 +318,14 @@ struct BarePair {
 }
 
 impl BarePair {
-    async fn new(pki: &Pki, config: &QuicConfig) -> Result<Self, BoxError> {
+    async fn new(pki: &Pki, config: &LinkConfig) -> Result<Self, BoxError> {
         let server = Endpoint::server(
-            quic::server_config(&pki.gateway, config)?,
+            sand_transport_quic::server_config(&pki.cluster.gateway, config)?,
             "127.0.0.1:0".parse()?,
         )?;
         let addr = server.local_addr()?;
         let mut client = Endpoint::client("127.0.0.1:0".parse()?)?;
-        client.set_default_client_config(quic::client_config(&pki.worker, config)?);
+        client.set_default_client_config(sand_transport_quic::client_config(&pki.worker, config)?);
         let accepting = server.clone();
         tokio::spawn(async move {
             let Some(incoming) = accepting.accept().await else {

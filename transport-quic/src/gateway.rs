@@ -1,33 +1,29 @@
 //! The gateway's endpoint: accepts workers, tells them apart by certificate, and keeps one
 //! current connection per worker.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use quinn::{Connection, ConnectionError, Endpoint, Incoming, VarInt};
 use rustls_pki_types::CertificateDer;
 use sand_protocol::ids::WorkerId;
-use sand_protocol::wire::{Down, Up};
-use tokio::sync::OwnedSemaphorePermit;
+use sand_transport::config::{LinkConfig, TransportError};
+use sand_transport::conn::{Outbox, TaskCounter, CLOSE_IDENTITY, CLOSE_NORMAL, CLOSE_VIOLATION};
+use sand_transport::peers::Registry;
+use sand_transport::seam::GatewayLink;
+use sand_transport::tls::certs::{self, NodeIdentity};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
-use super::conn::{self, Ended, Outbox, Parts};
-use super::{QuicConfig, TaskCounter, TransportError, CLOSE_DISCONNECTED, CLOSE_IDENTITY};
-use super::{CLOSE_NORMAL, CLOSE_REPLACED};
-use crate::certs::{self, NodeIdentity};
-use crate::seam::{
-    EventSender, Events, GatewayEvent, GatewayLink, GatewayOutbox, GatewaySender, SendError,
-};
+use crate::conn::{self, Ended, Parts};
+use crate::Quic;
 
 /// The gateway's QUIC endpoint. Dropping it closes every connection and stops every task.
 #[derive(Debug)]
 pub struct QuicGateway {
     endpoint: Endpoint,
     local_addr: SocketAddr,
-    registry: Arc<Registry>,
+    registry: Arc<Registry<Quic>>,
     tasks: TaskCounter,
     accept: JoinHandle<()>,
     idle_timeout: std::time::Duration,
@@ -39,20 +35,15 @@ impl QuicGateway {
     pub fn bind(
         addr: SocketAddr,
         identity: &NodeIdentity,
-        config: QuicConfig,
+        config: LinkConfig,
     ) -> Result<(Self, GatewayLink), TransportError> {
-        let server = super::server_config(identity, &config)?;
+        let server = crate::server_config(identity, &config)?;
         let endpoint = Endpoint::server(server, addr)
             .map_err(|source| TransportError::Bind { addr, source })?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| TransportError::Bind { addr, source })?;
-        let (events_tx, events) = Events::channel();
-        let registry = Arc::new(Registry {
-            events: events_tx,
-            peers: Mutex::new(HashMap::new()),
-            next_conn: AtomicU64::new(0),
-        });
+        let (registry, link) = Registry::new();
         let tasks = TaskCounter::default();
         let idle_timeout = config.idle_timeout;
         let accept = tokio::spawn(accept_loop(
@@ -62,9 +53,6 @@ impl QuicGateway {
             tasks.clone(),
         ));
         info!(addr = %local_addr, "gateway listening for workers");
-        let sender = GatewaySender::new(Arc::new(QuicGatewayOutbox {
-            registry: registry.clone(),
-        }));
         Ok((
             Self {
                 endpoint,
@@ -74,7 +62,7 @@ impl QuicGateway {
                 accept,
                 idle_timeout,
             },
-            GatewayLink { events, sender },
+            link,
         ))
     }
 
@@ -96,23 +84,13 @@ impl QuicGateway {
 
     /// The workers connected now, in id order.
     pub fn connected_workers(&self) -> Vec<WorkerId> {
-        let mut ids: Vec<WorkerId> = self.registry.lock().keys().copied().collect();
-        ids.sort();
-        ids
+        self.registry.connected_workers()
     }
 
     /// Closes `worker`'s connection; the worker will reconnect by itself. Returns whether it
     /// was connected.
     pub fn disconnect(&self, worker: WorkerId) -> bool {
-        let peers = self.registry.lock();
-        let Some(peer) = peers.get(&worker) else {
-            return false;
-        };
-        peer.conn.close(
-            VarInt::from_u32(CLOSE_DISCONNECTED),
-            b"disconnected by the gateway",
-        );
-        true
+        self.registry.disconnect(worker)
     }
 
     /// Closes every connection and waits (up to the idle timeout) for the peers to be told.
@@ -132,96 +110,10 @@ impl Drop for QuicGateway {
     }
 }
 
-/// The current connection of each worker, and the one event stream they all feed.
-#[derive(Debug)]
-struct Registry {
-    events: EventSender<GatewayEvent>,
-    peers: Mutex<HashMap<WorkerId, Peer>>,
-    next_conn: AtomicU64,
-}
-
-struct Peer {
-    conn_id: u64,
-    conn: Connection,
-    outbox: Outbox,
-}
-
-impl std::fmt::Debug for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peer")
-            .field("conn_id", &self.conn_id)
-            .finish()
-    }
-}
-
-impl Registry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<WorkerId, Peer>> {
-        // Every change under this lock is one insert or remove, so a poisoned map is whole.
-        self.peers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Makes `peer` the worker's current connection, replacing (and closing) an older one.
-    fn attach(&self, worker: WorkerId, peer: Peer) {
-        let mut peers = self.lock();
-        if let Some(old) = peers.insert(worker, peer) {
-            old.outbox.close();
-            old.conn.close(
-                VarInt::from_u32(CLOSE_REPLACED),
-                b"replaced by a newer connection of this worker",
-            );
-            info!(%worker, "a newer connection of this worker replaces the older one");
-            self.events.push(GatewayEvent::Disconnected(worker));
-        }
-        // Pushed under the lock, so no message of this connection can come before it.
-        self.events.push(GatewayEvent::Connected(worker));
-    }
-
-    /// Delivers a message of connection `conn_id`, unless it is no longer the worker's current.
-    fn deliver(
-        &self,
-        worker: WorkerId,
-        conn_id: u64,
-        msg: Up,
-        credit: OwnedSemaphorePermit,
-    ) -> bool {
-        let peers = self.lock();
-        if peers.get(&worker).map(|p| p.conn_id) != Some(conn_id) {
-            return false;
-        }
-        self.events
-            .push_with_credit(GatewayEvent::Message(worker, msg), credit)
-    }
-
-    /// Forgets connection `conn_id`, if it is still the worker's current one.
-    fn detach(&self, worker: WorkerId, conn_id: u64) {
-        let mut peers = self.lock();
-        if peers.get(&worker).map(|p| p.conn_id) == Some(conn_id) {
-            if let Some(peer) = peers.remove(&worker) {
-                peer.outbox.close();
-            }
-            self.events.push(GatewayEvent::Disconnected(worker));
-        }
-    }
-}
-
-struct QuicGatewayOutbox {
-    registry: Arc<Registry>,
-}
-
-impl GatewayOutbox for QuicGatewayOutbox {
-    fn send(&self, worker: WorkerId, msg: Down) -> Result<(), SendError> {
-        // Encode before taking the lock: a large payload must not hold up other senders.
-        let (frame, payload) = conn::encode(&msg)?;
-        let peers = self.registry.lock();
-        let peer = peers.get(&worker).ok_or(SendError::NotConnected)?;
-        peer.outbox.enqueue(frame, payload)
-    }
-}
-
 async fn accept_loop(
     endpoint: Endpoint,
-    registry: Arc<Registry>,
-    config: QuicConfig,
+    registry: Arc<Registry<Quic>>,
+    config: LinkConfig,
     tasks: TaskCounter,
 ) {
     let mut connections = JoinSet::new();
@@ -248,8 +140,8 @@ async fn accept_loop(
 /// Runs one worker connection from handshake to end.
 async fn serve(
     incoming: Incoming,
-    registry: Arc<Registry>,
-    config: QuicConfig,
+    registry: Arc<Registry<Quic>>,
+    config: LinkConfig,
     tasks: TaskCounter,
 ) {
     let peer_addr = incoming.remote_address();
@@ -285,25 +177,14 @@ async fn serve(
         Ok(streams) => streams,
         Err(ended) => {
             if let Ended::Violation(e) = &ended {
-                conn.close(
-                    VarInt::from_u32(super::CLOSE_VIOLATION),
-                    e.to_string().as_bytes(),
-                );
+                conn.close(VarInt::from_u32(CLOSE_VIOLATION), e.to_string().as_bytes());
             }
             warn!(%worker, peer = %peer_addr, reason = %ended, "refused a worker: it did not open its control stream properly");
             return;
         }
     };
-    let conn_id = registry.next_conn.fetch_add(1, Ordering::Relaxed);
     let (outbox, inbox) = Outbox::new(config.send_queue_bytes_max);
-    registry.attach(
-        worker,
-        Peer {
-            conn_id,
-            conn: conn.clone(),
-            outbox,
-        },
-    );
+    let conn_id = registry.attach(worker, Quic(conn.clone()), outbox);
     info!(%worker, peer = %peer_addr, "worker connected");
     let deliver_to = registry.clone();
     let ended = conn::drive(Parts {

@@ -1,0 +1,197 @@
+//! A worker's endpoint: one connection to the gateway at a time, re-opened by itself with
+//! exponential backoff and jitter whenever it ends.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Connection, ConnectionError, Endpoint, VarInt};
+use rustls_pki_types::ServerName;
+use sand_protocol::wire::Down;
+use sand_transport::config::{LinkConfig, TransportError};
+use sand_transport::conn::{Deliver, Inbox, TaskCounter, CLOSE_NORMAL};
+use sand_transport::peers::{self, Current, Dialer};
+use sand_transport::seam::WorkerLink;
+use sand_transport::tls::certs::NodeIdentity;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::conn::{self, Ended, Parts};
+use crate::Quic;
+
+/// A worker's QUIC endpoint. Dropping it closes the connection and stops reconnecting.
+#[derive(Debug)]
+pub struct QuicWorker {
+    endpoint: Endpoint,
+    current: Arc<Current<Quic>>,
+    tasks: TaskCounter,
+    link: JoinHandle<()>,
+    idle_timeout: Duration,
+}
+
+impl QuicWorker {
+    /// Starts connecting to the gateway at `gateway`, whose certificate must name
+    /// `server_name` (a DNS name or IP address it was issued for), and keeps connected until
+    /// dropped. Returns the endpoint and the worker's end of the seam. Must be called on a
+    /// tokio runtime, which runs its tasks.
+    pub fn start(
+        gateway: SocketAddr,
+        server_name: &str,
+        identity: &NodeIdentity,
+        config: LinkConfig,
+    ) -> Result<(Self, WorkerLink), TransportError> {
+        ServerName::try_from(server_name)
+            .map_err(|_| TransportError::ServerName(server_name.to_string()))?;
+        let client = crate::client_config(identity, &config)?;
+        let local: SocketAddr = if gateway.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let mut endpoint = Endpoint::client(local).map_err(|source| TransportError::Bind {
+            addr: local,
+            source,
+        })?;
+        endpoint.set_default_client_config(client);
+        let (current, link_ends) = Current::new();
+        let tasks = TaskCounter::default();
+        let idle_timeout = config.idle_timeout;
+        let dialer = QuicDialer {
+            endpoint: endpoint.clone(),
+            gateway,
+            server_name: server_name.to_string(),
+            config: config.clone(),
+            tasks: tasks.clone(),
+        };
+        let link = tokio::spawn(peers::keep_connected(
+            dialer,
+            current.clone(),
+            config,
+            gateway,
+        ));
+        Ok((
+            Self {
+                endpoint,
+                current,
+                tasks,
+                link,
+                idle_timeout,
+            },
+            link_ends,
+        ))
+    }
+
+    /// Whether a connection to the gateway is open now.
+    pub fn is_connected(&self) -> bool {
+        self.current.is_connected()
+    }
+
+    /// Drops the current connection, as a network fault would; the worker reconnects by
+    /// itself. Returns whether a connection was open.
+    pub fn reconnect(&self) -> bool {
+        self.current.reconnect()
+    }
+
+    /// Tasks of the current connection alive now (zero while disconnected).
+    pub fn live_tasks(&self) -> usize {
+        self.tasks.live()
+    }
+
+    /// Closes the connection, stops reconnecting, and waits (up to the idle timeout) for the
+    /// gateway to be told.
+    pub async fn shutdown(self) {
+        self.link.abort();
+        self.endpoint
+            .close(VarInt::from_u32(CLOSE_NORMAL), b"worker shutting down");
+        let _ = tokio::time::timeout(self.idle_timeout, self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for QuicWorker {
+    fn drop(&mut self) {
+        self.link.abort();
+        self.endpoint
+            .close(VarInt::from_u32(CLOSE_NORMAL), b"worker shutting down");
+    }
+}
+
+/// Opens QUIC connections to the gateway and runs them.
+struct QuicDialer {
+    endpoint: Endpoint,
+    gateway: SocketAddr,
+    server_name: String,
+    config: LinkConfig,
+    tasks: TaskCounter,
+}
+
+impl Dialer for QuicDialer {
+    type Conn = Quic;
+    type Opened = (quinn::SendStream, quinn::RecvStream);
+
+    async fn dial(&self) -> Result<(Quic, Self::Opened), String> {
+        let (conn, send, recv) = connect(self).await?;
+        Ok((Quic(conn), (send, recv)))
+    }
+
+    async fn run(
+        &self,
+        Quic(conn): Quic,
+        (control_send, control_recv): Self::Opened,
+        inbox: Inbox,
+        deliver: Deliver<Down>,
+    ) {
+        let ended = conn::drive(Parts {
+            conn,
+            control_send,
+            control_recv,
+            inbox,
+            deliver,
+            recv_queue_len_max: self.config.recv_queue_len_max,
+            payload_streams_max: self.config.payload_streams_max,
+            tasks: self.tasks.clone(),
+        })
+        .await;
+        log_end(self.gateway, &ended);
+    }
+}
+
+async fn connect(
+    l: &QuicDialer,
+) -> Result<(Connection, quinn::SendStream, quinn::RecvStream), String> {
+    let connecting = l
+        .endpoint
+        .connect(l.gateway, &l.server_name)
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(l.config.open_timeout, connecting)
+        .await
+        .map_err(|_| format!("no answer within {:?}", l.config.open_timeout))?
+        .map_err(|e| e.to_string())?;
+    // With TLS 1.3 the gateway judges our certificate after our side of the handshake is done:
+    // only its answer on the control stream proves it accepted us.
+    let (send, recv) = match conn::open_control(&conn, l.config.open_timeout).await {
+        Ok(streams) => streams,
+        Err(e) => {
+            conn.close(
+                VarInt::from_u32(CLOSE_NORMAL),
+                b"no answer on the control stream",
+            );
+            return Err(format!("the gateway refused this worker: {e}"));
+        }
+    };
+    Ok((conn, send, recv))
+}
+
+fn log_end(gateway: SocketAddr, ended: &Ended) {
+    match ended {
+        Ended::Overflowed | Ended::Violation(_) | Ended::Abandoned(_) | Ended::Panicked => {
+            warn!(%gateway, reason = %ended, "closed the connection to the gateway")
+        }
+        Ended::Closed(ConnectionError::LocallyClosed) | Ended::Unwanted => {
+            info!(%gateway, "closed the connection to the gateway")
+        }
+        Ended::Closed(ConnectionError::ApplicationClosed(_)) => {
+            info!(%gateway, reason = %ended, "the gateway closed the connection")
+        }
+        _ => warn!(%gateway, reason = %ended, "lost the connection to the gateway"),
+    }
+}

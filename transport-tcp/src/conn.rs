@@ -1,0 +1,283 @@
+//! One open TCP+TLS connection, the same on both sides: the greeting, the writer (control
+//! frames first, keep-alives when idle), the reader (with its idle timeout), and how the
+//! connection ends.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sand_protocol::wire::Envelope;
+use sand_transport::conn::{Deliver, Inbox, Queued, TaskCounter, CLOSE_NORMAL};
+use sand_transport::framing::{self, FrameBuffer, FrameError, CONTROL_PREAMBLE, LEN_BYTES};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::Tcp;
+
+/// How much one read takes at most.
+const READ_BYTES: usize = 64 * 1024;
+
+/// How a connection ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// Reading or writing failed (the peer went away, or the network broke).
+    Io(io::Error),
+    /// The peer closed the connection between two frames.
+    PeerClosed,
+    /// Nothing came from the peer for the idle timeout.
+    TimedOut(Duration),
+    /// The peer broke the framing; this side closed the connection.
+    Violation(FrameError),
+    /// A message for the peer did not fit in its send queue; this side closed the connection
+    /// rather than go on without it.
+    Overflowed,
+    /// This side closed the connection, with a code of [`sand_transport::conn`] and a reason.
+    Closed(u32, String),
+    /// Nobody wants this connection's messages any more.
+    Unwanted,
+    /// A task of the connection panicked (a bug); the connection was closed.
+    Panicked,
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ended::Io(e) => write!(f, "{e}"),
+            Ended::PeerClosed => f.write_str("the peer closed the connection"),
+            Ended::TimedOut(t) => write!(f, "nothing heard from the peer for {t:?}"),
+            Ended::Violation(e) => write!(f, "the peer broke the framing: {e}"),
+            Ended::Overflowed => f.write_str(
+                "the send queue to the peer overflowed (the peer or the network is slower than \
+                 this side sends)",
+            ),
+            Ended::Closed(code, reason) => write!(f, "closed (code {code}): {reason}"),
+            Ended::Unwanted => f.write_str("the connection was replaced or is no longer wanted"),
+            Ended::Panicked => f.write_str("a connection task panicked"),
+        }
+    }
+}
+
+impl Ended {
+    /// How bad the end is, for the log line.
+    pub(crate) fn severity(&self) -> Severity {
+        match self {
+            Ended::Violation(_) | Ended::Overflowed | Ended::Panicked => Severity::ClosedHere,
+            Ended::Io(_) | Ended::TimedOut(_) => Severity::Broke,
+            Ended::Closed(code, _) if *code != CLOSE_NORMAL => Severity::ClosedHere,
+            Ended::Closed(..) | Ended::PeerClosed | Ended::Unwanted => Severity::Orderly,
+        }
+    }
+}
+
+/// How a connection's end is logged.
+pub(crate) enum Severity {
+    /// This side closed it because something went wrong: a warning.
+    ClosedHere,
+    /// The peer or the network went away: a warning.
+    Broke,
+    /// Closed on purpose by either side: information.
+    Orderly,
+}
+
+/// Everything [`drive`] needs.
+pub(crate) struct Parts<S, In> {
+    /// The TLS stream, past the greeting.
+    pub(crate) stream: S,
+    /// Closes the connection from outside.
+    pub(crate) conn: Tcp,
+    /// The outbound queues.
+    pub(crate) inbox: Inbox,
+    /// Where received messages go.
+    pub(crate) deliver: Deliver<In>,
+    /// Received messages not yet taken by the driver, at most.
+    pub(crate) recv_queue_len_max: usize,
+    /// How often an idle writer sends a keep-alive.
+    pub(crate) keep_alive_interval: Duration,
+    /// How long the reader waits for the peer.
+    pub(crate) idle_timeout: Duration,
+    /// Counts the tasks spawned here.
+    pub(crate) tasks: TaskCounter,
+}
+
+/// Runs a connection until it ends, then stops every task it started, which closes the socket.
+pub(crate) async fn drive<S, In>(parts: Parts<S, In>) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    In: Envelope + Send + 'static,
+{
+    let Parts {
+        stream,
+        conn,
+        inbox,
+        deliver,
+        recv_queue_len_max,
+        keep_alive_interval,
+        idle_timeout,
+        tasks: counter,
+    } = parts;
+    let Inbox {
+        control,
+        payload,
+        budget,
+        overflowed,
+    } = inbox;
+    let (read, write) = tokio::io::split(stream);
+    let credits = Arc::new(Semaphore::new(recv_queue_len_max));
+    let mut tasks = JoinSet::new();
+    tasks.spawn(counter.track(write_frames(write, control, payload, keep_alive_interval)));
+    tasks.spawn(counter.track(read_frames(read, credits, deliver, idle_timeout)));
+    tasks.spawn(counter.track(async move {
+        let (code, reason) = conn.closed().await;
+        Ended::Closed(code, reason)
+    }));
+    tasks.spawn(counter.track(async move {
+        overflowed.notified().await;
+        Ended::Overflowed
+    }));
+    let ended = match tasks.join_next().await {
+        Some(Ok(ended)) => ended,
+        // Four tasks were spawned just above; none of them panics but by a bug.
+        Some(Err(_)) | None => Ended::Panicked,
+    };
+    budget.close();
+    tasks.shutdown().await;
+    ended
+}
+
+/// Writes frames as they are queued, control frames before payload frames, and a keep-alive
+/// when nothing else was written for `keep_alive`. Flushes whenever both queues are empty.
+async fn write_frames<W: AsyncWrite>(
+    mut write: WriteHalf<W>,
+    mut control: tokio::sync::mpsc::UnboundedReceiver<Queued>,
+    mut payload: tokio::sync::mpsc::UnboundedReceiver<Queued>,
+    keep_alive: Duration,
+) -> Ended {
+    loop {
+        let next = tokio::select! {
+            biased;
+            q = control.recv() => q,
+            q = payload.recv() => q,
+            () = tokio::time::sleep(keep_alive) => {
+                if let Err(e) = write.write_all(&[0; LEN_BYTES]).await {
+                    return Ended::Io(e);
+                }
+                if let Err(e) = write.flush().await {
+                    return Ended::Io(e);
+                }
+                continue;
+            }
+        };
+        // The outbox was dropped: the endpoint is shutting down.
+        let Some(q) = next else {
+            return Ended::Unwanted;
+        };
+        let written = async {
+            write.write_all(&q.frame.head).await?;
+            write.write_all(&q.frame.body).await?;
+            if control.is_empty() && payload.is_empty() {
+                write.flush().await?;
+            }
+            io::Result::Ok(())
+        };
+        if let Err(e) = written.await {
+            return Ended::Io(e);
+        }
+    }
+}
+
+/// Reads frames and delivers them in order, each with a receive credit: while the driver is
+/// behind, reading pauses and TCP flow control holds the peer back.
+async fn read_frames<R: AsyncRead, In: Envelope>(
+    mut read: ReadHalf<R>,
+    credits: Arc<Semaphore>,
+    deliver: Deliver<In>,
+    idle_timeout: Duration,
+) -> Ended {
+    let mut buf = FrameBuffer::default();
+    let mut chunk = vec![0u8; READ_BYTES];
+    loop {
+        loop {
+            let body = match buf.next_body() {
+                Ok(Some(body)) => body,
+                Ok(None) => break,
+                Err(e) => return Ended::Violation(e),
+            };
+            if body.is_empty() {
+                // A keep-alive.
+                continue;
+            }
+            let msg = match framing::decode::<In>(&body) {
+                Ok(msg) => msg,
+                Err(e) => return Ended::Violation(e),
+            };
+            // Never closed: it lives as long as this connection.
+            let Ok(credit) = credits.clone().acquire_owned().await else {
+                return Ended::Unwanted;
+            };
+            if !deliver(msg, credit) {
+                return Ended::Unwanted;
+            }
+        }
+        match tokio::time::timeout(idle_timeout, read.read(&mut chunk)).await {
+            Err(_) => return Ended::TimedOut(idle_timeout),
+            Ok(Ok(0)) => {
+                return match buf.finish() {
+                    Ok(()) => Ended::PeerClosed,
+                    Err(e) => Ended::Violation(e),
+                }
+            }
+            Ok(Ok(n)) => buf.extend(&chunk[..n]),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof && buf.finish().is_ok() => {
+                return Ended::PeerClosed
+            }
+            Ok(Err(e)) => return Ended::Io(e),
+        }
+    }
+}
+
+/// The worker's side of the greeting: say the preamble and wait for the gateway to say it back.
+pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> Result<(), String> {
+    let greeting = async {
+        stream.write_all(&CONTROL_PREAMBLE).await?;
+        stream.flush().await?;
+        let mut answer = [0u8; 4];
+        stream.read_exact(&mut answer).await?;
+        io::Result::Ok(answer)
+    };
+    let answer = tokio::time::timeout(timeout, greeting)
+        .await
+        .map_err(|_| format!("the gateway did not answer within {timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    if answer != CONTROL_PREAMBLE {
+        return Err(FrameError::Preamble(answer).to_string());
+    }
+    Ok(())
+}
+
+/// The gateway's side of the greeting: check the preamble and say it back.
+pub(crate) async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> Result<(), Ended> {
+    let greeting = async {
+        let mut said = [0u8; 4];
+        stream.read_exact(&mut said).await.map_err(Ended::Io)?;
+        if said != CONTROL_PREAMBLE {
+            return Err(Ended::Violation(FrameError::Preamble(said)));
+        }
+        stream
+            .write_all(&CONTROL_PREAMBLE)
+            .await
+            .map_err(Ended::Io)?;
+        stream.flush().await.map_err(Ended::Io)
+    };
+    match tokio::time::timeout(timeout, greeting).await {
+        Ok(result) => result,
+        Err(_) => Err(Ended::TimedOut(timeout)),
+    }
+}
