@@ -223,6 +223,10 @@ pub struct DevArgs {
     /// How grains are isolated.
     #[arg(long, value_enum, default_value = "sandbox")]
     isolation: IsolationArg,
+    /// How the worker reaches the gateway: `quic` (UDP) or `tcp` (TCP with TLS 1.3), to try
+    /// what a cluster on a network that blocks UDP would use.
+    #[arg(long, default_value_t = Transport::Quic)]
+    transport: Transport,
     #[command(flatten)]
     http_args: HttpArgs,
     #[command(flatten)]
@@ -296,10 +300,9 @@ pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         let gateway = Gateway::start(config).await?;
         println!(
-            "sand gateway: HTTP on {}, workers dial {} ({})",
+            "sand gateway: HTTP on {}, workers dial {}",
             gateway.http_url(),
-            gateway.worker_addr,
-            args.transport
+            gateway.worker_addr
         );
         tokio::select! {
             err = gateway.wait() => Err(err.into()),
@@ -459,10 +462,7 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
         // The local bus sends emitted calls to the gateway once this many calls run here.
         config.lb.overload_threshold = 0;
     }
-    println!(
-        "sand worker {id}: dialing {} ({})",
-        args.gateway, args.transport
-    );
+    println!("sand worker {id}: dialing {}", args.gateway);
     runtime()?.block_on(run_worker(
         args.transport,
         args.gateway,
@@ -506,6 +506,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
         args.policy.policy(),
     );
     gconfig.gq.failure_timeout = Duration::from_secs(5);
+    gconfig.transport = args.transport;
     // The dev API always wants a token, whatever its address: a web page the developer
     // visits, or another local user, can reach a loopback port too.
     std::fs::create_dir_all(&args.data_dir)
@@ -527,15 +528,9 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
         let gateway = Gateway::start(gconfig).await?;
         let url = gateway.http_url();
         let worker_addr = gateway.worker_addr;
+        let transport = args.transport;
         let worker = tokio::spawn(async move {
-            run_worker(
-                Transport::Quic,
-                worker_addr,
-                "localhost",
-                &cert_dir,
-                wconfig,
-            )
-            .await
+            run_worker(transport, worker_addr, "localhost", &cert_dir, wconfig).await
         });
         let mut entry = None;
         for app in &args.apps {

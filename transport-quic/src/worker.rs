@@ -53,7 +53,7 @@ impl QuicWorker {
             source,
         })?;
         endpoint.set_default_client_config(client);
-        let (current, link_ends) = Current::new();
+        let (current, link_ends, events) = Current::new();
         let tasks = TaskCounter::default();
         let idle_timeout = config.idle_timeout;
         let dialer = QuicDialer {
@@ -66,6 +66,7 @@ impl QuicWorker {
         let link = tokio::spawn(peers::keep_connected(
             dialer,
             current.clone(),
+            events,
             config,
             gateway,
         ));

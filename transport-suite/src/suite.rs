@@ -698,3 +698,26 @@ pub async fn shutting_down_leaves_no_connection_and_no_task<T: TestTransport>() 
     })
     .await
 }
+
+/// A worker stopped ends its event stream, so that its driver ends too.
+pub async fn a_stopped_worker_ends_its_event_stream<T: TestTransport>() {
+    bounded(async {
+        let pki = Pki::new();
+        let (gateway, mut gw) = start_gateway::<T>(&pki, config());
+        let (worker, mut link) = connect_worker::<T>(&pki, &gateway, &mut gw, GOOD).await;
+        T::shutdown_worker(worker).await;
+        loop {
+            match tokio::time::timeout(EVENT_TIME_MAX, link.events.recv()).await {
+                Ok(None) => break,
+                Ok(Some(WorkerEvent::Disconnected)) => {}
+                Ok(Some(other)) => panic!("unexpected {other:?}"),
+                Err(_) => panic!("the event stream did not end"),
+            }
+        }
+        assert_eq!(
+            next(&mut gw.events).await,
+            GatewayEvent::Disconnected(WorkerId(GOOD))
+        );
+    })
+    .await
+}

@@ -31,6 +31,7 @@ sand_transport_suite::suite!(Quic;
         an_expired_worker_certificate_is_refused,
         a_certificate_that_names_no_worker_is_refused,
         shutting_down_leaves_no_connection_and_no_task,
+        a_stopped_worker_ends_its_event_stream,
     ];
     multi: [no_message_of_an_old_connection_follows_the_new_ones_connected];
 );

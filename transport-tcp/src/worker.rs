@@ -43,7 +43,7 @@ impl TcpWorker {
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| TransportError::ServerName(server_name.to_string()))?;
         let connector = TlsConnector::from(Arc::new(tls::client_config(identity)?));
-        let (current, link_ends) = Current::new();
+        let (current, link_ends, events) = Current::new();
         let tasks = TaskCounter::default();
         let dialer = TcpDialer {
             connector,
@@ -55,6 +55,7 @@ impl TcpWorker {
         let link = tokio::spawn(peers::keep_connected(
             dialer,
             current.clone(),
+            events,
             config,
             gateway,
         ));

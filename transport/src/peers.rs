@@ -159,9 +159,11 @@ impl<C: Closer> GatewayOutbox for Registry<C> {
 
 /// A worker's open connection, if any: the one `send` writes to and whose messages are
 /// delivered.
+///
+/// It does not own the event stream's feed: [`keep_connected`] does, so that the stream ends
+/// when the reconnection loop is stopped, although the driver's sender keeps this alive.
 #[derive(Debug)]
 pub struct Current<C> {
-    events: EventSender<WorkerEvent>,
     open: Mutex<Open<C>>,
 }
 
@@ -173,18 +175,18 @@ struct Open<C> {
 }
 
 impl<C: Closer> Current<C> {
-    /// No connection yet, and the worker's end of the seam it feeds.
-    pub fn new() -> (Arc<Self>, WorkerLink) {
-        let (events_tx, events) = Events::channel();
+    /// No connection yet, the worker's end of the seam, and the feed of its events for
+    /// [`keep_connected`].
+    pub fn new() -> (Arc<Self>, WorkerLink, EventSender<WorkerEvent>) {
+        let (feed, events) = Events::channel();
         let current = Arc::new(Self {
-            events: events_tx,
             open: Mutex::new(Open {
                 conn: None,
                 next_id: 0,
             }),
         });
         let sender = WorkerSender::new(current.clone());
-        (current, WorkerLink { events, sender })
+        (current, WorkerLink { events, sender }, feed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Open<C>> {
@@ -194,33 +196,38 @@ impl<C: Closer> Current<C> {
 
     /// Makes `conn` the current connection and says `Connected`. Returns its id for
     /// [`Current::deliver`].
-    pub fn attach(&self, conn: C, outbox: Outbox) -> u64 {
+    pub fn attach(&self, conn: C, outbox: Outbox, events: &EventSender<WorkerEvent>) -> u64 {
         let mut open = self.lock();
         open.next_id += 1;
         let id = open.next_id;
         open.conn = Some((id, conn, outbox));
-        self.events.push(WorkerEvent::Connected);
+        events.push(WorkerEvent::Connected);
         id
     }
 
     /// Delivers a message of connection `id`, unless that connection is no longer current.
-    pub fn deliver(&self, id: u64, msg: Down, credit: OwnedSemaphorePermit) -> bool {
+    pub fn deliver(
+        &self,
+        id: u64,
+        msg: Down,
+        credit: OwnedSemaphorePermit,
+        events: &EventSender<WorkerEvent>,
+    ) -> bool {
         let open = self.lock();
         if open.conn.as_ref().map(|(current, ..)| *current) != Some(id) {
             return false;
         }
-        self.events
-            .push_with_credit(WorkerEvent::Message(msg), credit)
+        events.push_with_credit(WorkerEvent::Message(msg), credit)
     }
 
     /// Forgets the current connection, refuses every later send to it, and says
     /// `Disconnected`: nothing of it is delivered after this.
-    pub fn detach(&self) {
+    pub fn detach(&self, events: &EventSender<WorkerEvent>) {
         let mut open = self.lock();
         if let Some((_, _, outbox)) = open.conn.take() {
             outbox.close();
         }
-        self.events.push(WorkerEvent::Disconnected);
+        events.push(WorkerEvent::Disconnected);
     }
 
     /// Whether a connection to the gateway is open now.
@@ -238,11 +245,6 @@ impl<C: Closer> Current<C> {
             }
             None => false,
         }
-    }
-
-    /// Whether nobody listens to the events any more.
-    pub fn is_unwanted(&self) -> bool {
-        self.events.is_closed()
     }
 }
 
@@ -275,28 +277,30 @@ pub trait Dialer: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
-/// Connects, runs the connection until it ends, waits, and again, until nobody listens.
+/// Connects, runs the connection until it ends, waits, and again, until nobody listens to
+/// `events`. Stopping it (dropping its future) ends the worker's event stream.
 pub async fn keep_connected<D: Dialer>(
     dialer: D,
     current: Arc<Current<D::Conn>>,
+    events: EventSender<WorkerEvent>,
     config: LinkConfig,
     gateway: SocketAddr,
 ) {
     let mut backoff = Backoff::new(config.reconnect_delay_min, config.reconnect_delay_max);
     let mut failures: u32 = 0;
-    while !current.is_unwanted() {
+    while !events.is_closed() {
         match dialer.dial().await {
             Ok((conn, opened)) => {
                 failures = 0;
                 backoff.reset();
                 let (outbox, inbox) = Outbox::new(config.send_queue_bytes_max);
-                let id = current.attach(conn.clone(), outbox);
+                let id = current.attach(conn.clone(), outbox, &events);
                 info!(%gateway, "connected to the gateway");
-                let to = current.clone();
+                let (to, feed) = (current.clone(), events.clone());
                 let deliver: Deliver<Down> =
-                    Arc::new(move |msg, credit| to.deliver(id, msg, credit));
+                    Arc::new(move |msg, credit| to.deliver(id, msg, credit, &feed));
                 dialer.run(conn, opened, inbox, deliver).await;
-                current.detach();
+                current.detach(&events);
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
