@@ -16,7 +16,8 @@ use quinn::{
 };
 use sand_protocol::wire::Envelope;
 use sand_transport::conn::{
-    Deliver, Inbox, Queued, TaskCounter, CLOSE_NORMAL, CLOSE_OVERFLOW, CLOSE_VIOLATION,
+    self, Deliver, HandOver, Inbox, Plumbing, Queued, TaskCounter, CLOSE_NORMAL, CLOSE_OVERFLOW,
+    CLOSE_VIOLATION,
 };
 use sand_transport::framing::{self, FrameBuffer, FrameError, CONTROL_PREAMBLE, LEN_BYTES};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -66,6 +67,15 @@ impl fmt::Display for Ended {
     }
 }
 
+impl From<HandOver> for Ended {
+    fn from(stopped: HandOver) -> Self {
+        match stopped {
+            HandOver::Violation(e) => Ended::Violation(e),
+            HandOver::Unwanted => Ended::Unwanted,
+        }
+    }
+}
+
 /// Everything [`drive`] needs.
 pub(crate) struct Parts<In> {
     /// The connection.
@@ -74,16 +84,8 @@ pub(crate) struct Parts<In> {
     pub(crate) control_send: SendStream,
     /// The control stream's receiving half, past the preamble.
     pub(crate) control_recv: RecvStream,
-    /// The outbound queues.
-    pub(crate) inbox: Inbox,
-    /// Where received messages go.
-    pub(crate) deliver: Deliver<In>,
-    /// Received messages not yet taken by the driver, at most.
-    pub(crate) recv_queue_len_max: usize,
-    /// Payload streams written at once, at most.
-    pub(crate) payload_streams_max: u32,
-    /// Counts the tasks spawned here.
-    pub(crate) tasks: TaskCounter,
+    /// The queues, the driver's events, the settings.
+    pub(crate) plumbing: Plumbing<In>,
 }
 
 /// Runs a connection until it ends, then stops every task it started and closes it.
@@ -95,30 +97,26 @@ where
         conn,
         control_send,
         control_recv,
-        inbox,
-        deliver,
-        recv_queue_len_max,
-        payload_streams_max,
-        tasks: counter,
+        plumbing,
     } = parts;
+    let (counter, deliver, config) = (plumbing.tasks, plumbing.deliver, plumbing.config);
     let Inbox {
         control,
         payload,
-        budget,
-        overflowed,
-    } = inbox;
+        ending,
+    } = plumbing.inbox;
     // Heartbeats and acks go before payload bytes whenever both are waiting.
     let _ = control_send.set_priority(1);
     // Received and not yet taken by the driver, per stream class: so that payloads waiting for
     // the driver never hold up a heartbeat.
-    let control_credits = Arc::new(Semaphore::new(recv_queue_len_max));
-    let payload_credits = Arc::new(Semaphore::new(recv_queue_len_max));
+    let control_credits = Arc::new(Semaphore::new(config.recv_queue_len_max));
+    let payload_credits = Arc::new(Semaphore::new(config.recv_queue_len_max));
     let mut tasks = JoinSet::new();
     tasks.spawn(counter.track(write_control(control_send, control)));
     tasks.spawn(counter.track(write_payloads(
         conn.clone(),
         payload,
-        payload_streams_max,
+        config.payload_streams_max,
         counter.clone(),
     )));
     tasks.spawn(counter.track(read_control(control_recv, control_credits, deliver.clone())));
@@ -130,19 +128,7 @@ where
     )));
     let closed = conn.clone();
     tasks.spawn(counter.track(async move { Ended::Closed(closed.closed().await) }));
-    tasks.spawn(counter.track(async move {
-        overflowed.notified().await;
-        Ended::Overflowed
-    }));
-
-    let ended = match tasks.join_next().await {
-        Some(Ok(ended)) => ended,
-        Some(Err(_)) => Ended::Panicked,
-        // Six tasks were spawned just above.
-        None => Ended::Panicked,
-    };
-    budget.close();
-    match &ended {
+    let close = |ended: &Ended| match ended {
         Ended::Violation(e) => {
             conn.close(VarInt::from_u32(CLOSE_VIOLATION), e.to_string().as_bytes())
         }
@@ -158,9 +144,10 @@ where
             conn.close(VarInt::from_u32(CLOSE_NORMAL), ended.to_string().as_bytes())
         }
         Ended::Closed(_) => {}
-    }
-    tasks.shutdown().await;
-    ended
+    };
+    ending
+        .first_of(tasks, Ended::Overflowed, Ended::Panicked, close)
+        .await
 }
 
 /// Writes control frames in order, a batch at a time. Ends only with the connection.
@@ -258,23 +245,8 @@ async fn read_control<In: Envelope>(
 ) -> Ended {
     let mut buf = FrameBuffer::default();
     loop {
-        loop {
-            let body = match buf.next_body() {
-                Ok(Some(body)) => body,
-                Ok(None) => break,
-                Err(e) => return Ended::Violation(e),
-            };
-            let msg = match framing::decode::<In>(&body) {
-                Ok(msg) => msg,
-                Err(e) => return Ended::Violation(e),
-            };
-            // Never closed: it lives as long as this connection.
-            let Ok(credit) = credits.clone().acquire_owned().await else {
-                return Ended::Unwanted;
-            };
-            if !deliver(msg, credit) {
-                return Ended::Unwanted;
-            }
+        if let Err(stopped) = conn::hand_over(&mut buf, &credits, &deliver, false).await {
+            return stopped.into();
         }
         match recv.read_chunk(CONTROL_READ_BYTES, true).await {
             Ok(Some(chunk)) => buf.extend(&chunk.bytes),

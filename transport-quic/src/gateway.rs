@@ -8,8 +8,8 @@ use quinn::{Connection, ConnectionError, Endpoint, Incoming, VarInt};
 use rustls_pki_types::CertificateDer;
 use sand_protocol::ids::WorkerId;
 use sand_transport::config::{LinkConfig, TransportError};
-use sand_transport::conn::{Outbox, TaskCounter, CLOSE_IDENTITY, CLOSE_NORMAL, CLOSE_VIOLATION};
-use sand_transport::peers::Registry;
+use sand_transport::conn::{TaskCounter, CLOSE_IDENTITY, CLOSE_NORMAL, CLOSE_VIOLATION};
+use sand_transport::peers::{GatewayEnd, Registry};
 use sand_transport::seam::GatewayLink;
 use sand_transport::tls::certs::{self, NodeIdentity};
 use tokio::task::{JoinHandle, JoinSet};
@@ -23,8 +23,7 @@ use crate::Quic;
 pub struct QuicGateway {
     endpoint: Endpoint,
     local_addr: SocketAddr,
-    registry: Arc<Registry<Quic>>,
-    tasks: TaskCounter,
+    end: GatewayEnd,
     accept: JoinHandle<()>,
     idle_timeout: std::time::Duration,
 }
@@ -43,22 +42,20 @@ impl QuicGateway {
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| TransportError::Bind { addr, source })?;
-        let (registry, link) = Registry::new();
-        let tasks = TaskCounter::default();
+        let (end, link) = GatewayEnd::new();
         let idle_timeout = config.idle_timeout;
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
-            registry.clone(),
+            end.registry(),
             config,
-            tasks.clone(),
+            end.tasks(),
         ));
         info!(addr = %local_addr, "gateway listening for workers");
         Ok((
             Self {
                 endpoint,
                 local_addr,
-                registry,
-                tasks,
+                end,
                 accept,
                 idle_timeout,
             },
@@ -76,23 +73,6 @@ impl QuicGateway {
         self.endpoint.open_connections()
     }
 
-    /// Connection tasks alive now (handshakes, and the readers and writers of each
-    /// connection); returns to zero when no peer is connected.
-    pub fn live_tasks(&self) -> usize {
-        self.tasks.live()
-    }
-
-    /// The workers connected now, in id order.
-    pub fn connected_workers(&self) -> Vec<WorkerId> {
-        self.registry.connected_workers()
-    }
-
-    /// Closes `worker`'s connection; the worker will reconnect by itself. Returns whether it
-    /// was connected.
-    pub fn disconnect(&self, worker: WorkerId) -> bool {
-        self.registry.disconnect(worker)
-    }
-
     /// Closes every connection and waits (up to the idle timeout) for the peers to be told.
     pub async fn shutdown(self) {
         self.accept.abort();
@@ -101,6 +81,8 @@ impl QuicGateway {
         let _ = tokio::time::timeout(self.idle_timeout, self.endpoint.wait_idle()).await;
     }
 }
+
+sand_transport::deref_to_end!(QuicGateway => GatewayEnd);
 
 impl Drop for QuicGateway {
     fn drop(&mut self) {
@@ -112,7 +94,7 @@ impl Drop for QuicGateway {
 
 async fn accept_loop(
     endpoint: Endpoint,
-    registry: Arc<Registry<Quic>>,
+    registry: Arc<Registry>,
     config: LinkConfig,
     tasks: TaskCounter,
 ) {
@@ -140,7 +122,7 @@ async fn accept_loop(
 /// Runs one worker connection from handshake to end.
 async fn serve(
     incoming: Incoming,
-    registry: Arc<Registry<Quic>>,
+    registry: Arc<Registry>,
     config: LinkConfig,
     tasks: TaskCounter,
 ) {
@@ -183,19 +165,13 @@ async fn serve(
             return;
         }
     };
-    let (outbox, inbox) = Outbox::new(config.send_queue_bytes_max);
-    let conn_id = registry.attach(worker, Quic(conn.clone()), outbox);
+    let (conn_id, plumbing) = registry.attach(worker, Quic(conn.clone()), config, tasks);
     info!(%worker, peer = %peer_addr, "worker connected");
-    let deliver_to = registry.clone();
     let ended = conn::drive(Parts {
         conn,
         control_send,
         control_recv,
-        inbox,
-        deliver: Arc::new(move |msg, credit| deliver_to.deliver(worker, conn_id, msg, credit)),
-        recv_queue_len_max: config.recv_queue_len_max,
-        payload_streams_max: config.payload_streams_max,
-        tasks,
+        plumbing,
     })
     .await;
     registry.detach(worker, conn_id);

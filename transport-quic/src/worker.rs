@@ -2,15 +2,14 @@
 //! exponential backoff and jitter whenever it ends.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, ConnectionError, Endpoint, VarInt};
 use rustls_pki_types::ServerName;
 use sand_protocol::wire::Down;
 use sand_transport::config::{LinkConfig, TransportError};
-use sand_transport::conn::{Deliver, Inbox, TaskCounter, CLOSE_NORMAL};
-use sand_transport::peers::{self, Current, Dialer};
+use sand_transport::conn::{Plumbing, CLOSE_NORMAL};
+use sand_transport::peers::{self, Dialer, WorkerEnd};
 use sand_transport::seam::WorkerLink;
 use sand_transport::tls::certs::NodeIdentity;
 use tokio::task::JoinHandle;
@@ -23,8 +22,7 @@ use crate::Quic;
 #[derive(Debug)]
 pub struct QuicWorker {
     endpoint: Endpoint,
-    current: Arc<Current<Quic>>,
-    tasks: TaskCounter,
+    end: WorkerEnd,
     link: JoinHandle<()>,
     idle_timeout: Duration,
 }
@@ -53,49 +51,23 @@ impl QuicWorker {
             source,
         })?;
         endpoint.set_default_client_config(client);
-        let (current, link_ends, events) = Current::new();
-        let tasks = TaskCounter::default();
         let idle_timeout = config.idle_timeout;
         let dialer = QuicDialer {
             endpoint: endpoint.clone(),
             gateway,
             server_name: server_name.to_string(),
-            config: config.clone(),
-            tasks: tasks.clone(),
+            open_timeout: config.open_timeout,
         };
-        let link = tokio::spawn(peers::keep_connected(
-            dialer,
-            current.clone(),
-            events,
-            config,
-            gateway,
-        ));
+        let (end, link_ends, link) = peers::start_worker(dialer, config, gateway);
         Ok((
             Self {
                 endpoint,
-                current,
-                tasks,
+                end,
                 link,
                 idle_timeout,
             },
             link_ends,
         ))
-    }
-
-    /// Whether a connection to the gateway is open now.
-    pub fn is_connected(&self) -> bool {
-        self.current.is_connected()
-    }
-
-    /// Drops the current connection, as a network fault would; the worker reconnects by
-    /// itself. Returns whether a connection was open.
-    pub fn reconnect(&self) -> bool {
-        self.current.reconnect()
-    }
-
-    /// Tasks of the current connection alive now (zero while disconnected).
-    pub fn live_tasks(&self) -> usize {
-        self.tasks.live()
     }
 
     /// Closes the connection, stops reconnecting, and waits (up to the idle timeout) for the
@@ -107,6 +79,8 @@ impl QuicWorker {
         let _ = tokio::time::timeout(self.idle_timeout, self.endpoint.wait_idle()).await;
     }
 }
+
+sand_transport::deref_to_end!(QuicWorker => WorkerEnd);
 
 impl Drop for QuicWorker {
     fn drop(&mut self) {
@@ -121,8 +95,7 @@ struct QuicDialer {
     endpoint: Endpoint,
     gateway: SocketAddr,
     server_name: String,
-    config: LinkConfig,
-    tasks: TaskCounter,
+    open_timeout: Duration,
 }
 
 impl Dialer for QuicDialer {
@@ -138,18 +111,13 @@ impl Dialer for QuicDialer {
         &self,
         Quic(conn): Quic,
         (control_send, control_recv): Self::Opened,
-        inbox: Inbox,
-        deliver: Deliver<Down>,
+        plumbing: Plumbing<Down>,
     ) {
         let ended = conn::drive(Parts {
             conn,
             control_send,
             control_recv,
-            inbox,
-            deliver,
-            recv_queue_len_max: self.config.recv_queue_len_max,
-            payload_streams_max: self.config.payload_streams_max,
-            tasks: self.tasks.clone(),
+            plumbing,
         })
         .await;
         log_end(self.gateway, &ended);
@@ -163,13 +131,13 @@ async fn connect(
         .endpoint
         .connect(l.gateway, &l.server_name)
         .map_err(|e| e.to_string())?;
-    let conn = tokio::time::timeout(l.config.open_timeout, connecting)
+    let conn = tokio::time::timeout(l.open_timeout, connecting)
         .await
-        .map_err(|_| format!("no answer within {:?}", l.config.open_timeout))?
+        .map_err(|_| format!("no answer within {:?}", l.open_timeout))?
         .map_err(|e| e.to_string())?;
     // With TLS 1.3 the gateway judges our certificate after our side of the handshake is done:
     // only its answer on the control stream proves it accepted us.
-    let (send, recv) = match conn::open_control(&conn, l.config.open_timeout).await {
+    let (send, recv) = match conn::open_control(&conn, l.open_timeout).await {
         Ok(streams) => streams,
         Err(e) => {
             conn.close(

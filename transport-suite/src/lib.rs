@@ -29,10 +29,29 @@ use tokio::task::JoinHandle;
 
 use common::Pki;
 
-/// Makes `#[tokio::test]`s of the checks in [`suite`] for transport `$t`: those listed under
-/// `current` on a current-thread runtime, those under `multi` on four threads.
+/// Makes `#[tokio::test]`s of the checks in [`suite`] for transport `$t`: every check for a
+/// real transport (`suite!(T; real)`), or those listed under `current` on a current-thread
+/// runtime and those under `multi` on four threads.
 #[macro_export]
 macro_rules! suite {
+    ($t:ty; real) => {
+        $crate::suite!($t;
+            current: [
+                messages_round_trip_in_order_per_stream,
+                a_broken_connection_is_reopened_and_the_layer_above_resends,
+                a_worker_reconnects_to_a_restarted_gateway,
+                a_newer_connection_of_a_worker_replaces_the_older,
+                an_overflowing_send_queue_closes_the_connection_instead_of_dropping_a_message,
+                large_messages_fit_and_oversize_ones_are_refused_at_send,
+                a_worker_of_another_cluster_is_refused,
+                an_expired_worker_certificate_is_refused,
+                a_certificate_that_names_no_worker_is_refused,
+                shutting_down_leaves_no_connection_and_no_task,
+                a_stopped_worker_ends_its_event_stream,
+            ];
+            multi: [no_message_of_an_old_connection_follows_the_new_ones_connected];
+        );
+    };
     ($t:ty; current: [$($current:ident),* $(,)?]; multi: [$($multi:ident),* $(,)?] $(;)?) => {
         $(
             #[tokio::test]
@@ -88,107 +107,76 @@ pub trait TestTransport: 'static {
     fn shutdown_gateway(gateway: Self::Gateway) -> impl std::future::Future<Output = ()> + Send;
 }
 
-/// QUIC (`sand-transport-quic`).
-#[derive(Debug)]
-pub struct Quic;
+/// Implements [`TestTransport`] for a real transport, whose endpoints dereference to
+/// [`GatewayEnd`](sand_transport::peers::GatewayEnd) and
+/// [`WorkerEnd`](sand_transport::peers::WorkerEnd).
+macro_rules! real_transport {
+    ($(#[$doc:meta])* $name:ident, $gateway:ty, $worker:ty) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name;
 
-impl TestTransport for Quic {
-    type Gateway = QuicGateway;
-    type Worker = QuicWorker;
+        impl TestTransport for $name {
+            type Gateway = $gateway;
+            type Worker = $worker;
 
-    fn bind(
-        pki: &Pki,
-        addr: SocketAddr,
-        config: LinkConfig,
-    ) -> Result<(QuicGateway, GatewayLink), TransportError> {
-        QuicGateway::bind(addr, &pki.gateway, config)
-    }
-    fn start_worker(
-        gateway: &QuicGateway,
-        identity: &NodeIdentity,
-        config: LinkConfig,
-    ) -> (QuicWorker, WorkerLink) {
-        QuicWorker::start(gateway.local_addr(), "localhost", identity, config).unwrap()
-    }
-    fn local_addr(gateway: &QuicGateway) -> SocketAddr {
-        gateway.local_addr()
-    }
-    fn connected_workers(gateway: &QuicGateway) -> Vec<WorkerId> {
-        gateway.connected_workers()
-    }
-    fn disconnect(gateway: &QuicGateway, worker: WorkerId) -> bool {
-        gateway.disconnect(worker)
-    }
-    fn open_connections(gateway: &QuicGateway) -> usize {
-        gateway.open_connections()
-    }
-    fn live_tasks(gateway: &QuicGateway) -> usize {
-        gateway.live_tasks()
-    }
-    fn reconnect(worker: &QuicWorker) -> bool {
-        worker.reconnect()
-    }
-    fn worker_live_tasks(worker: &QuicWorker) -> usize {
-        worker.live_tasks()
-    }
-    async fn shutdown_worker(worker: QuicWorker) {
-        worker.shutdown().await
-    }
-    async fn shutdown_gateway(gateway: QuicGateway) {
-        gateway.shutdown().await
-    }
+            fn bind(
+                pki: &Pki,
+                addr: SocketAddr,
+                config: LinkConfig,
+            ) -> Result<($gateway, GatewayLink), TransportError> {
+                <$gateway>::bind(addr, &pki.gateway, config)
+            }
+            fn start_worker(
+                gateway: &$gateway,
+                identity: &NodeIdentity,
+                config: LinkConfig,
+            ) -> ($worker, WorkerLink) {
+                <$worker>::start(gateway.local_addr(), "localhost", identity, config).unwrap()
+            }
+            fn local_addr(gateway: &$gateway) -> SocketAddr {
+                gateway.local_addr()
+            }
+            fn connected_workers(gateway: &$gateway) -> Vec<WorkerId> {
+                gateway.connected_workers()
+            }
+            fn disconnect(gateway: &$gateway, worker: WorkerId) -> bool {
+                gateway.disconnect(worker)
+            }
+            fn open_connections(gateway: &$gateway) -> usize {
+                gateway.open_connections()
+            }
+            fn live_tasks(gateway: &$gateway) -> usize {
+                gateway.live_tasks()
+            }
+            fn reconnect(worker: &$worker) -> bool {
+                worker.reconnect()
+            }
+            fn worker_live_tasks(worker: &$worker) -> usize {
+                worker.live_tasks()
+            }
+            async fn shutdown_worker(worker: $worker) {
+                worker.shutdown().await
+            }
+            async fn shutdown_gateway(gateway: $gateway) {
+                gateway.shutdown().await
+            }
+        }
+    };
 }
 
-/// TCP with TLS 1.3 (`sand-transport-tcp`).
-#[derive(Debug)]
-pub struct Tcp;
-
-impl TestTransport for Tcp {
-    type Gateway = TcpGateway;
-    type Worker = TcpWorker;
-
-    fn bind(
-        pki: &Pki,
-        addr: SocketAddr,
-        config: LinkConfig,
-    ) -> Result<(TcpGateway, GatewayLink), TransportError> {
-        TcpGateway::bind(addr, &pki.gateway, config)
-    }
-    fn start_worker(
-        gateway: &TcpGateway,
-        identity: &NodeIdentity,
-        config: LinkConfig,
-    ) -> (TcpWorker, WorkerLink) {
-        TcpWorker::start(gateway.local_addr(), "localhost", identity, config).unwrap()
-    }
-    fn local_addr(gateway: &TcpGateway) -> SocketAddr {
-        gateway.local_addr()
-    }
-    fn connected_workers(gateway: &TcpGateway) -> Vec<WorkerId> {
-        gateway.connected_workers()
-    }
-    fn disconnect(gateway: &TcpGateway, worker: WorkerId) -> bool {
-        gateway.disconnect(worker)
-    }
-    fn open_connections(gateway: &TcpGateway) -> usize {
-        gateway.open_connections()
-    }
-    fn live_tasks(gateway: &TcpGateway) -> usize {
-        gateway.live_tasks()
-    }
-    fn reconnect(worker: &TcpWorker) -> bool {
-        worker.reconnect()
-    }
-    fn worker_live_tasks(worker: &TcpWorker) -> usize {
-        worker.live_tasks()
-    }
-    async fn shutdown_worker(worker: TcpWorker) {
-        worker.shutdown().await
-    }
-    async fn shutdown_gateway(gateway: TcpGateway) {
-        gateway.shutdown().await
-    }
-}
+real_transport!(
+    /// QUIC (`sand-transport-quic`).
+    Quic,
+    QuicGateway,
+    QuicWorker
+);
+real_transport!(
+    /// TCP with TLS 1.3 (`sand-transport-tcp`).
+    Tcp,
+    TcpGateway,
+    TcpWorker
+);
 
 /// The in-memory transport ([`MemNetwork`]). A worker is known by the id its certificate
 /// names; a task per worker plays its reconnection loop, restoring a broken link after

@@ -119,12 +119,12 @@ impl<T: TestTransport> Arena<T> {
         round_trip(&mut self.gw, &mut self.good, GOOD, 99).await;
         let gateway = &self.gateway;
         wait_until("the bad connection is gone", || {
-            T::open_connections(&gateway) == 1
+            T::open_connections(gateway) == 1
         })
         .await;
         let baseline = self.baseline_tasks;
         wait_until("the bad connection's tasks are gone", || {
-            T::live_tasks(&gateway) == baseline
+            T::live_tasks(gateway) == baseline
         })
         .await;
     }

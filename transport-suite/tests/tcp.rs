@@ -20,22 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-sand_transport_suite::suite!(Tcp;
-    current: [
-        messages_round_trip_in_order_per_stream,
-        a_broken_connection_is_reopened_and_the_layer_above_resends,
-        a_worker_reconnects_to_a_restarted_gateway,
-        a_newer_connection_of_a_worker_replaces_the_older,
-        an_overflowing_send_queue_closes_the_connection_instead_of_dropping_a_message,
-        large_messages_fit_and_oversize_ones_are_refused_at_send,
-        a_worker_of_another_cluster_is_refused,
-        an_expired_worker_certificate_is_refused,
-        a_certificate_that_names_no_worker_is_refused,
-        shutting_down_leaves_no_connection_and_no_task,
-        a_stopped_worker_ends_its_event_stream,
-    ];
-    multi: [no_message_of_an_old_connection_follows_the_new_ones_connected];
-);
+sand_transport_suite::suite!(Tcp; real);
 
 /// The bytes a worker says first (pinned here: it is wire format).
 const PREAMBLE: &[u8; 4] = b"snd1";

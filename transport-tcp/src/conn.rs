@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sand_protocol::wire::Envelope;
-use sand_transport::conn::{Deliver, Inbox, Queued, TaskCounter, CLOSE_NORMAL};
-use sand_transport::framing::{self, FrameBuffer, FrameError, CONTROL_PREAMBLE, LEN_BYTES};
+use sand_transport::conn::{self, Deliver, HandOver, Inbox, Plumbing, Queued, CLOSE_NORMAL};
+use sand_transport::framing::{FrameBuffer, FrameError, CONTROL_PREAMBLE, LEN_BYTES};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -87,18 +87,8 @@ pub(crate) struct Parts<S, In> {
     pub(crate) stream: S,
     /// Closes the connection from outside.
     pub(crate) conn: Tcp,
-    /// The outbound queues.
-    pub(crate) inbox: Inbox,
-    /// Where received messages go.
-    pub(crate) deliver: Deliver<In>,
-    /// Received messages not yet taken by the driver, at most.
-    pub(crate) recv_queue_len_max: usize,
-    /// How often an idle writer sends a keep-alive.
-    pub(crate) keep_alive_interval: Duration,
-    /// How long the reader waits for the peer.
-    pub(crate) idle_timeout: Duration,
-    /// Counts the tasks spawned here.
-    pub(crate) tasks: TaskCounter,
+    /// The queues, the driver's events, the settings.
+    pub(crate) plumbing: Plumbing<In>,
 }
 
 /// Runs a connection until it ends, then stops every task it started, which closes the socket.
@@ -110,40 +100,30 @@ where
     let Parts {
         stream,
         conn,
-        inbox,
-        deliver,
-        recv_queue_len_max,
-        keep_alive_interval,
-        idle_timeout,
-        tasks: counter,
+        plumbing,
     } = parts;
+    let (read, write) = tokio::io::split(stream);
+    let config = plumbing.config;
+    let credits = Arc::new(Semaphore::new(config.recv_queue_len_max));
+    let counter = plumbing.tasks;
     let Inbox {
         control,
         payload,
-        budget,
-        overflowed,
-    } = inbox;
-    let (read, write) = tokio::io::split(stream);
-    let credits = Arc::new(Semaphore::new(recv_queue_len_max));
+        ending,
+    } = plumbing.inbox;
     let mut tasks = JoinSet::new();
-    tasks.spawn(counter.track(write_frames(write, control, payload, keep_alive_interval)));
-    tasks.spawn(counter.track(read_frames(read, credits, deliver, idle_timeout)));
+    let writing = write_frames(write, control, payload, config.keep_alive_interval);
+    tasks.spawn(counter.track(writing));
+    let reading = read_frames(read, credits, plumbing.deliver, config.idle_timeout);
+    tasks.spawn(counter.track(reading));
     tasks.spawn(counter.track(async move {
         let (code, reason) = conn.closed().await;
         Ended::Closed(code, reason)
     }));
-    tasks.spawn(counter.track(async move {
-        overflowed.notified().await;
-        Ended::Overflowed
-    }));
-    let ended = match tasks.join_next().await {
-        Some(Ok(ended)) => ended,
-        // Four tasks were spawned just above; none of them panics but by a bug.
-        Some(Err(_)) | None => Ended::Panicked,
-    };
-    budget.close();
-    tasks.shutdown().await;
-    ended
+    ending
+        // Stopping the tasks drops the socket: that is how a TCP connection is closed.
+        .first_of(tasks, Ended::Overflowed, Ended::Panicked, |_| {})
+        .await
 }
 
 /// Writes frames as they are queued, control frames before payload frames, and a keep-alive
@@ -198,27 +178,10 @@ async fn read_frames<R: AsyncRead, In: Envelope>(
     let mut buf = FrameBuffer::default();
     let mut chunk = vec![0u8; READ_BYTES];
     loop {
-        loop {
-            let body = match buf.next_body() {
-                Ok(Some(body)) => body,
-                Ok(None) => break,
-                Err(e) => return Ended::Violation(e),
-            };
-            if body.is_empty() {
-                // A keep-alive.
-                continue;
-            }
-            let msg = match framing::decode::<In>(&body) {
-                Ok(msg) => msg,
-                Err(e) => return Ended::Violation(e),
-            };
-            // Never closed: it lives as long as this connection.
-            let Ok(credit) = credits.clone().acquire_owned().await else {
-                return Ended::Unwanted;
-            };
-            if !deliver(msg, credit) {
-                return Ended::Unwanted;
-            }
+        match conn::hand_over(&mut buf, &credits, &deliver, true).await {
+            Ok(()) => {}
+            Err(HandOver::Violation(e)) => return Ended::Violation(e),
+            Err(HandOver::Unwanted) => return Ended::Unwanted,
         }
         match tokio::time::timeout(idle_timeout, read.read(&mut chunk)).await {
             Err(_) => return Ended::TimedOut(idle_timeout),

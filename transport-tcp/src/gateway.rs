@@ -7,8 +7,8 @@ use std::sync::Arc;
 use rustls_pki_types::CertificateDer;
 use sand_protocol::ids::WorkerId;
 use sand_transport::config::{LinkConfig, TransportError};
-use sand_transport::conn::{Outbox, TaskCounter};
-use sand_transport::peers::Registry;
+use sand_transport::conn::TaskCounter;
+use sand_transport::peers::{GatewayEnd, Registry};
 use sand_transport::seam::GatewayLink;
 use sand_transport::tls::certs::NodeIdentity;
 use sand_transport::tls::{self, certs};
@@ -24,8 +24,7 @@ use crate::Tcp;
 #[derive(Debug)]
 pub struct TcpGateway {
     local_addr: SocketAddr,
-    registry: Arc<Registry<Tcp>>,
-    tasks: TaskCounter,
+    end: GatewayEnd,
     connections: TaskCounter,
     accept: JoinHandle<()>,
 }
@@ -45,23 +44,21 @@ impl TcpGateway {
         std_listener.set_nonblocking(true).map_err(bind_err)?;
         let listener = TcpListener::from_std(std_listener).map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
-        let (registry, link) = Registry::new();
-        let tasks = TaskCounter::default();
+        let (end, link) = GatewayEnd::new();
         let connections = TaskCounter::default();
         let accept = tokio::spawn(accept_loop(Accept {
             listener,
             acceptor,
-            registry: registry.clone(),
+            registry: end.registry(),
             config,
-            tasks: tasks.clone(),
+            tasks: end.tasks(),
             connections: connections.clone(),
         }));
         info!(addr = %local_addr, "gateway listening for workers over TCP");
         Ok((
             Self {
                 local_addr,
-                registry,
-                tasks,
+                end,
                 connections,
                 accept,
             },
@@ -79,29 +76,14 @@ impl TcpGateway {
         self.connections.live()
     }
 
-    /// Connection tasks alive now (handshakes, and the reader and writer of each connection);
-    /// returns to zero when no peer is connected.
-    pub fn live_tasks(&self) -> usize {
-        self.tasks.live()
-    }
-
-    /// The workers connected now, in id order.
-    pub fn connected_workers(&self) -> Vec<WorkerId> {
-        self.registry.connected_workers()
-    }
-
-    /// Closes `worker`'s connection; the worker will reconnect by itself. Returns whether it
-    /// was connected.
-    pub fn disconnect(&self, worker: WorkerId) -> bool {
-        self.registry.disconnect(worker)
-    }
-
     /// Stops accepting and closes every connection.
     pub async fn shutdown(self) {
         self.accept.abort();
         let _ = (&mut { self }.accept).await;
     }
 }
+
+sand_transport::deref_to_end!(TcpGateway => GatewayEnd);
 
 impl Drop for TcpGateway {
     fn drop(&mut self) {
@@ -112,7 +94,7 @@ impl Drop for TcpGateway {
 struct Accept {
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    registry: Arc<Registry<Tcp>>,
+    registry: Arc<Registry>,
     config: LinkConfig,
     tasks: TaskCounter,
     /// Counts the connections open, one per `serve`.
@@ -148,7 +130,7 @@ async fn serve(
     socket: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
-    registry: Arc<Registry<Tcp>>,
+    registry: Arc<Registry>,
     config: LinkConfig,
     tasks: TaskCounter,
 ) {
@@ -177,20 +159,13 @@ async fn serve(
         warn!(%worker, %peer, reason = %ended, "refused a worker: it did not greet properly");
         return;
     }
-    let (outbox, inbox) = Outbox::new(config.send_queue_bytes_max);
     let tcp = Tcp::default();
-    let conn_id = registry.attach(worker, tcp.clone(), outbox);
+    let (conn_id, plumbing) = registry.attach(worker, tcp.clone(), config, tasks);
     info!(%worker, %peer, "worker connected over TCP");
-    let deliver_to = registry.clone();
     let ended = conn::drive(Parts {
         stream,
         conn: tcp,
-        inbox,
-        deliver: Arc::new(move |msg, credit| deliver_to.deliver(worker, conn_id, msg, credit)),
-        recv_queue_len_max: config.recv_queue_len_max,
-        keep_alive_interval: config.keep_alive_interval,
-        idle_timeout: config.idle_timeout,
-        tasks,
+        plumbing,
     })
     .await;
     registry.detach(worker, conn_id);

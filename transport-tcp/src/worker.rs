@@ -3,12 +3,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 use sand_protocol::wire::Down;
 use sand_transport::config::{LinkConfig, TransportError};
-use sand_transport::conn::{Deliver, Inbox, TaskCounter};
-use sand_transport::peers::{self, Current, Dialer};
+use sand_transport::conn::Plumbing;
+use sand_transport::peers::{self, Dialer, WorkerEnd};
 use sand_transport::seam::WorkerLink;
 use sand_transport::tls::{self, certs::NodeIdentity};
 use tokio::net::TcpStream;
@@ -23,8 +24,7 @@ use crate::Tcp;
 /// A worker's TCP endpoint. Dropping it closes the connection and stops reconnecting.
 #[derive(Debug)]
 pub struct TcpWorker {
-    current: Arc<Current<Tcp>>,
-    tasks: TaskCounter,
+    end: WorkerEnd,
     link: JoinHandle<()>,
 }
 
@@ -43,46 +43,14 @@ impl TcpWorker {
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| TransportError::ServerName(server_name.to_string()))?;
         let connector = TlsConnector::from(Arc::new(tls::client_config(identity)?));
-        let (current, link_ends, events) = Current::new();
-        let tasks = TaskCounter::default();
         let dialer = TcpDialer {
             connector,
             gateway,
             name,
-            config: config.clone(),
-            tasks: tasks.clone(),
+            open_timeout: config.open_timeout,
         };
-        let link = tokio::spawn(peers::keep_connected(
-            dialer,
-            current.clone(),
-            events,
-            config,
-            gateway,
-        ));
-        Ok((
-            Self {
-                current,
-                tasks,
-                link,
-            },
-            link_ends,
-        ))
-    }
-
-    /// Whether a connection to the gateway is open now.
-    pub fn is_connected(&self) -> bool {
-        self.current.is_connected()
-    }
-
-    /// Drops the current connection, as a network fault would; the worker reconnects by
-    /// itself. Returns whether a connection was open.
-    pub fn reconnect(&self) -> bool {
-        self.current.reconnect()
-    }
-
-    /// Tasks of the current connection alive now (zero while disconnected).
-    pub fn live_tasks(&self) -> usize {
-        self.tasks.live()
+        let (end, link_ends, link) = peers::start_worker(dialer, config, gateway);
+        Ok((Self { end, link }, link_ends))
     }
 
     /// Closes the connection and stops reconnecting.
@@ -91,6 +59,8 @@ impl TcpWorker {
         let _ = (&mut { self }.link).await;
     }
 }
+
+sand_transport::deref_to_end!(TcpWorker => WorkerEnd);
 
 impl Drop for TcpWorker {
     fn drop(&mut self) {
@@ -103,8 +73,7 @@ struct TcpDialer {
     connector: TlsConnector,
     gateway: SocketAddr,
     name: ServerName<'static>,
-    config: LinkConfig,
-    tasks: TaskCounter,
+    open_timeout: Duration,
 }
 
 impl Dialer for TcpDialer {
@@ -122,7 +91,7 @@ impl Dialer for TcpDialer {
                 .await
                 .map_err(|e| e.to_string())
         };
-        let timeout = self.config.open_timeout;
+        let timeout = self.open_timeout;
         let mut stream = tokio::time::timeout(timeout, open)
             .await
             .map_err(|_| format!("no answer within {timeout:?}"))??;
@@ -134,16 +103,11 @@ impl Dialer for TcpDialer {
         Ok((Tcp::default(), stream))
     }
 
-    async fn run(&self, conn: Tcp, stream: Self::Opened, inbox: Inbox, deliver: Deliver<Down>) {
+    async fn run(&self, conn: Tcp, stream: Self::Opened, plumbing: Plumbing<Down>) {
         let ended = conn::drive(Parts {
             stream,
             conn,
-            inbox,
-            deliver,
-            recv_queue_len_max: self.config.recv_queue_len_max,
-            keep_alive_interval: self.config.keep_alive_interval,
-            idle_timeout: self.config.idle_timeout,
-            tasks: self.tasks.clone(),
+            plumbing,
         })
         .await;
         let gateway = self.gateway;

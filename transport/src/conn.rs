@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use sand_protocol::wire::Envelope;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::task::JoinSet;
 
-use crate::framing::Frame;
+use crate::config::LinkConfig;
+use crate::framing::{self, Frame, FrameBuffer, FrameError};
 use crate::seam::{Classify, SendError};
 
 /// Close code: an orderly shutdown.
@@ -68,10 +70,43 @@ pub struct Inbox {
     pub control: mpsc::UnboundedReceiver<Queued>,
     /// Payload frames, each on a stream of its own where the transport has streams.
     pub payload: mpsc::UnboundedReceiver<Queued>,
+    /// How the connection ends.
+    pub ending: Ending,
+}
+
+/// The end of one connection: the first of its tasks to end, or an overflow of its send queue.
+#[derive(Debug)]
+pub struct Ending {
     /// The send budget; closed once the connection ends, so later sends are refused.
-    pub budget: Arc<Semaphore>,
+    budget: Arc<Semaphore>,
     /// Told once when a frame did not fit: the connection must then be closed.
-    pub overflowed: Arc<Notify>,
+    overflowed: Arc<Notify>,
+}
+
+impl Ending {
+    /// Runs a connection's `tasks` until the first of them ends (with its result, or
+    /// `panicked`) or a frame overflows the send queue (`overflow`); then refuses every later
+    /// send, lets `close` tell the peer why, and stops the other tasks.
+    pub async fn first_of<E: Send + 'static>(
+        self,
+        mut tasks: JoinSet<E>,
+        overflow: E,
+        panicked: E,
+        close: impl FnOnce(&E),
+    ) -> E {
+        let ended = tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(Ok(ended)) => ended,
+                // `None` only for an empty set: no task to run is a bug too.
+                Some(Err(_)) | None => panicked,
+            },
+            () = self.overflowed.notified() => overflow,
+        };
+        self.budget.close();
+        close(&ended);
+        tasks.shutdown().await;
+        ended
+    }
 }
 
 impl Outbox {
@@ -91,15 +126,14 @@ impl Outbox {
             Inbox {
                 control: control_rx,
                 payload: payload_rx,
-                budget,
-                overflowed,
+                ending: Ending { budget, overflowed },
             },
         )
     }
 
     /// Queues an encoded frame without waiting. A frame that does not fit in the budget ends
-    /// the connection: every later `enqueue` is refused at once, and [`Inbox::overflowed`] is
-    /// told.
+    /// the connection: every later `enqueue` is refused at once, and [`Ending::first_of`]
+    /// ends it.
     ///
     /// Callers serialise the `enqueue`s of one connection (the tables in [`crate::peers`] hold
     /// a lock around it), so no frame can slip in after one that was refused.
@@ -140,10 +174,57 @@ pub fn encode<E: Envelope + Classify>(msg: &E) -> Result<(Frame, bool), SendErro
     Ok((Frame::encode(msg)?, msg.carries_payload()))
 }
 
+/// What a connection's tasks share with their endpoint and the driver, whatever carries them.
+pub struct Plumbing<In> {
+    /// The outbound queues.
+    pub inbox: Inbox,
+    /// Where received messages go.
+    pub deliver: Deliver<In>,
+    /// The endpoint's settings.
+    pub config: LinkConfig,
+    /// Counts the tasks spawned for the connection.
+    pub tasks: TaskCounter,
+}
+
 /// Hands a received message to the driver's event stream, with one receive credit. Returns
 /// `false` when this connection's messages are no longer wanted (it was replaced, or nobody
 /// listens), which ends the connection.
 pub type Deliver<In> = Arc<dyn Fn(In, OwnedSemaphorePermit) -> bool + Send + Sync>;
+
+/// Why a connection's reader stopped handing messages over to the driver; either way the
+/// connection ends.
+#[derive(Debug)]
+pub enum HandOver {
+    /// The peer broke the framing.
+    Violation(FrameError),
+    /// Nobody wants this connection's messages any more.
+    Unwanted,
+}
+
+/// Hands every complete frame in `buf` to the driver, decoded, each with one of `credits`
+/// (waiting for one while the driver is behind). With `keep_alives`, a frame of no bytes is a
+/// keep-alive and is skipped; without, it is a violation like any frame that does not decode.
+pub async fn hand_over<In: Envelope>(
+    buf: &mut FrameBuffer,
+    credits: &Arc<Semaphore>,
+    deliver: &Deliver<In>,
+    keep_alives: bool,
+) -> Result<(), HandOver> {
+    while let Some(body) = buf.next_body().map_err(HandOver::Violation)? {
+        if keep_alives && body.is_empty() {
+            continue;
+        }
+        let msg = framing::decode::<In>(&body).map_err(HandOver::Violation)?;
+        // Never closed: it lives as long as its connection.
+        let Ok(credit) = credits.clone().acquire_owned().await else {
+            return Err(HandOver::Unwanted);
+        };
+        if !deliver(msg, credit) {
+            return Err(HandOver::Unwanted);
+        }
+    }
+    Ok(())
+}
 
 /// Counts live tasks, so tests and operators can see that none leaked.
 #[derive(Debug, Clone, Default)]
