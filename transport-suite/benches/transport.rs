@@ -19,19 +19,16 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use quinn::Endpoint;
-use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq, WorkerId};
-use sand_protocol::wire::{
-    encode, CallSpec, Cont, Down, Effects, Outcome, Payload, Reason, Report, Return, ToGateway,
-    ToWorker, Up,
-};
+use sand_protocol::ids::WorkerId;
+use sand_protocol::wire::{encode, Down, ToGateway, Up};
 use sand_transport::config::LinkConfig;
 use sand_transport::seam::{GatewayEvent, GatewaySender, WorkerEvent, WorkerLink};
 use sand_transport::tls::certs::NodeIdentity;
-use sand_transport_suite::common::Pki as SuitePki;
+use sand_transport_suite::common::{ack, dispatch, heartbeat, progress, Pki as SuitePki};
 use sand_transport_suite::{Quic, Tcp, TestTransport};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 const ROUNDS: usize = 5;
@@ -75,8 +72,8 @@ async fn run() -> Result<(), BoxError> {
     let config = LinkConfig::default();
     let mut sand = SandPair::new::<Quic>(&pki, &config).await?;
     let mut sand_tcp = SandPair::new::<Tcp>(&pki, &config).await?;
-    let mut bare = BarePair::new(&pki, &config).await?;
-    let mut tcp = TcpPair::new().await?;
+    let mut bare = Echo::quinn(&pki, &config).await?;
+    let mut tcp = Echo::tcp().await?;
 
     let mut results: [Results; 6] = Default::default();
     for round in 0..ROUNDS {
@@ -107,8 +104,8 @@ async fn run() -> Result<(), BoxError> {
         results[5].mib_per_s.push(tcp.throughput(BIG_COUNT).await?);
     }
 
-    let hb = encode(&Up::from(heartbeat()))?.len() + 4;
-    let ack = encode(&Down::from(ack()))?.len() + 4;
+    let hb = encode(&Up::from(heartbeat(3)))?.len() + 4;
+    let ack = encode(&Down::from(ack(7)))?.len() + 4;
     println!();
     println!(
         "| transport | round trip median (µs) | round trip p99 (µs) | 64 KiB messages (MiB/s) |"
@@ -158,58 +155,6 @@ fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-fn heartbeat() -> ToGateway {
-    ToGateway::Heartbeat {
-        incarnation: Incarnation(1),
-        running: 3,
-    }
-}
-
-fn ack() -> ToWorker {
-    ToWorker::Ack {
-        incarnation: Incarnation(1),
-        upto: Seq(7),
-    }
-}
-
-fn dispatch(bytes: usize) -> ToWorker {
-    let exec = ExecId::new(1, 1);
-    ToWorker::Dispatch {
-        incarnation: Incarnation(1),
-        call: CallSpec {
-            exec,
-            call: exec.root_call(),
-            attempt: Attempt(0),
-            app: AppName::new("app").expect("a valid name"),
-            grain: GrainName::new("grain").expect("a valid name"),
-            input: Payload(Bytes::from(vec![b'x'; bytes])),
-            cont: Cont::Client,
-            depth_left: 16,
-        },
-        reason: Reason::First,
-    }
-}
-
-fn progress(bytes: usize) -> ToGateway {
-    let exec = ExecId::new(1, 1);
-    ToGateway::Progress {
-        incarnation: Incarnation(1),
-        seq: Seq(1),
-        reports: vec![Report {
-            exec,
-            call: exec.root_call(),
-            attempt: Attempt(0),
-            outcome: Outcome::Done(Effects {
-                returns: vec![Return {
-                    cont: Cont::Client,
-                    value: Payload(Bytes::from(vec![b'y'; bytes])),
-                }],
-                ..Effects::default()
-            }),
-        }],
-    }
-}
-
 /// A gateway and a worker over one of sand's transports. The gateway's driver answers a
 /// `Heartbeat` with an `Ack` and a `Progress` with a `Dispatch`.
 struct SandPair {
@@ -228,8 +173,8 @@ impl SandPair {
             other => return Err(format!("worker: {other:?}").into()),
         }
         let gateway_sender = gw.sender.clone();
-        let reply_ack = ack();
-        let reply_dispatch = dispatch(SMALL_BYTES);
+        let reply_ack = ack(7);
+        let reply_dispatch = dispatch(1, SMALL_BYTES);
         tokio::spawn(async move {
             while let Some(event) = gw.events.recv().await {
                 if let GatewayEvent::Message(w, msg) = event {
@@ -259,7 +204,7 @@ impl SandPair {
     }
 
     async fn control_rtt(&mut self, warm: usize, n: usize) -> Result<Vec<Duration>, BoxError> {
-        let hb = heartbeat();
+        let hb = heartbeat(3);
         for _ in 0..warm {
             self.ask(hb.clone()).await?;
         }
@@ -273,7 +218,7 @@ impl SandPair {
     }
 
     async fn payload_rtt(&mut self, warm: usize, n: usize) -> Result<Vec<Duration>, BoxError> {
-        let p = progress(SMALL_BYTES);
+        let p = progress(1, SMALL_BYTES);
         for _ in 0..warm {
             self.ask(p.clone()).await?;
         }
@@ -287,7 +232,7 @@ impl SandPair {
     }
 
     async fn throughput(&mut self, count: usize) -> Result<f64, BoxError> {
-        let msg = dispatch(BIG_BYTES);
+        let msg = dispatch(1, BIG_BYTES);
         let start = Instant::now();
         let (mut sent, mut received) = (0, 0);
         while received < count {
@@ -308,17 +253,45 @@ fn mib_per_s(bytes: usize, took: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / took.as_secs_f64()
 }
 
-/// A bare quinn connection with the same TLS and transport settings, and an echo server on
-/// one bidirectional stream.
-struct BarePair {
-    _server: Endpoint,
-    _client: Endpoint,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+/// The echo server on one byte stream: the first byte says what follows, 'e' an echo of
+/// SMALL_BYTES, 't' a throughput run of BIG_COUNT messages answered by one byte.
+async fn serve_echo<R, W>(mut recv: R, mut send: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut kind = [0u8; 1];
+    let mut small = [0u8; SMALL_BYTES];
+    let mut big = vec![0u8; BIG_BYTES];
+    while recv.read_exact(&mut kind).await.is_ok() {
+        if kind[0] == b'e' {
+            if recv.read_exact(&mut small).await.is_err() || send.write_all(&small).await.is_err() {
+                return;
+            }
+        } else {
+            for _ in 0..BIG_COUNT {
+                if recv.read_exact(&mut big).await.is_err() {
+                    return;
+                }
+            }
+            if send.write_all(b"k").await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
-impl BarePair {
-    async fn new(pki: &Pki, config: &LinkConfig) -> Result<Self, BoxError> {
+/// A client of [`serve_echo`] on one byte stream: a bare quinn bidirectional stream with the
+/// same TLS and transport settings as sand's, or a tokio TCP loopback socket with nodelay.
+struct Echo<R, W> {
+    recv: R,
+    send: W,
+    /// The endpoints, kept open.
+    _endpoints: Box<dyn std::any::Any>,
+}
+
+impl Echo<quinn::RecvStream, quinn::SendStream> {
+    async fn quinn(pki: &Pki, config: &LinkConfig) -> Result<Self, BoxError> {
         let server = Endpoint::server(
             sand_transport_quic::server_config(&pki.cluster.gateway, config)?,
             "127.0.0.1:0".parse()?,
@@ -332,43 +305,45 @@ impl BarePair {
                 return;
             };
             let Ok(conn) = incoming.await else { return };
-            let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-                return;
-            };
-            // First byte says what follows: 'e' an echo of SMALL_BYTES, 't' a throughput run
-            // of BIG_COUNT messages answered by one byte.
-            let mut kind = [0u8; 1];
-            let mut small = [0u8; SMALL_BYTES];
-            let mut big = vec![0u8; BIG_BYTES];
-            while recv.read_exact(&mut kind).await.is_ok() {
-                if kind[0] == b'e' {
-                    if recv.read_exact(&mut small).await.is_err()
-                        || send.write_all(&small).await.is_err()
-                    {
-                        return;
-                    }
-                } else {
-                    for _ in 0..BIG_COUNT {
-                        if recv.read_exact(&mut big).await.is_err() {
-                            return;
-                        }
-                    }
-                    if send.write_all(b"k").await.is_err() {
-                        return;
-                    }
-                }
+            if let Ok((send, recv)) = conn.accept_bi().await {
+                serve_echo(recv, send).await;
             }
         });
         let conn = client.connect(addr, "localhost")?.await?;
         let (send, recv) = conn.open_bi().await?;
         Ok(Self {
-            _server: server,
-            _client: client,
-            send,
             recv,
+            send,
+            _endpoints: Box::new((server, client)),
         })
     }
+}
 
+impl Echo<OwnedReadHalf, OwnedWriteHalf> {
+    async fn tcp() -> Result<Self, BoxError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            if s.set_nodelay(true).is_ok() {
+                let (recv, send) = s.into_split();
+                serve_echo(recv, send).await;
+            }
+        });
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (recv, send) = stream.into_split();
+        Ok(Self {
+            recv,
+            send,
+            _endpoints: Box::new(()),
+        })
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Echo<R, W> {
     async fn rtt(&mut self, warm: usize, n: usize) -> Result<Vec<Duration>, BoxError> {
         let mut msg = [7u8; SMALL_BYTES + 1];
         msg[0] = b'e';
@@ -386,85 +361,14 @@ impl BarePair {
     }
 
     async fn throughput(&mut self, count: usize) -> Result<f64, BoxError> {
-        let big = Bytes::from(vec![b'x'; BIG_BYTES]);
+        let big = vec![b'x'; BIG_BYTES];
         let start = Instant::now();
         self.send.write_all(b"t").await?;
         for _ in 0..count {
-            self.send.write_chunk(big.clone()).await?;
+            self.send.write_all(&big).await?;
         }
         let mut done = [0u8; 1];
         self.recv.read_exact(&mut done).await?;
-        Ok(mib_per_s(count * BIG_BYTES, start.elapsed()))
-    }
-}
-
-/// A tokio TCP loopback pair with nodelay and the same echo server.
-struct TcpPair {
-    stream: TcpStream,
-}
-
-impl TcpPair {
-    async fn new() -> Result<Self, BoxError> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            if s.set_nodelay(true).is_err() {
-                return;
-            }
-            let mut kind = [0u8; 1];
-            let mut small = [0u8; SMALL_BYTES];
-            let mut big = vec![0u8; BIG_BYTES];
-            while s.read_exact(&mut kind).await.is_ok() {
-                if kind[0] == b'e' {
-                    if s.read_exact(&mut small).await.is_err() || s.write_all(&small).await.is_err()
-                    {
-                        return;
-                    }
-                } else {
-                    for _ in 0..BIG_COUNT {
-                        if s.read_exact(&mut big).await.is_err() {
-                            return;
-                        }
-                    }
-                    if s.write_all(b"k").await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(Self { stream })
-    }
-
-    async fn rtt(&mut self, warm: usize, n: usize) -> Result<Vec<Duration>, BoxError> {
-        let mut msg = [7u8; SMALL_BYTES + 1];
-        msg[0] = b'e';
-        let mut back = [0u8; SMALL_BYTES];
-        let mut out = Vec::with_capacity(n);
-        for i in 0..warm + n {
-            let t = Instant::now();
-            self.stream.write_all(&msg).await?;
-            self.stream.read_exact(&mut back).await?;
-            if i >= warm {
-                out.push(t.elapsed());
-            }
-        }
-        Ok(out)
-    }
-
-    async fn throughput(&mut self, count: usize) -> Result<f64, BoxError> {
-        let big = vec![b'x'; BIG_BYTES];
-        let start = Instant::now();
-        self.stream.write_all(b"t").await?;
-        for _ in 0..count {
-            self.stream.write_all(&big).await?;
-        }
-        let mut done = [0u8; 1];
-        self.stream.read_exact(&mut done).await?;
         Ok(mib_per_s(count * BIG_BYTES, start.elapsed()))
     }
 }

@@ -230,6 +230,14 @@ impl Logs {
         })
     }
 
+    /// WARN lines that say a peer broke the framing.
+    pub fn violations(&self) -> usize {
+        self.lines()
+            .iter()
+            .filter(|l| l.starts_with("WARN") && l.contains("broke the framing"))
+            .count()
+    }
+
     /// Waits for a WARN line with every one of `words`.
     pub async fn wait_for_warning(&self, words: &[&str]) {
         let deadline = tokio::time::Instant::now() + EVENT_TIME_MAX;

@@ -13,6 +13,7 @@
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
 pub mod common;
+pub mod raw;
 pub mod suite;
 
 use std::net::SocketAddr;
@@ -29,9 +30,10 @@ use tokio::task::JoinHandle;
 
 use common::Pki;
 
-/// Makes `#[tokio::test]`s of the checks in [`suite`] for transport `$t`: every check for a
-/// real transport (`suite!(T; real)`), or those listed under `current` on a current-thread
-/// runtime and those under `multi` on four threads.
+/// Makes `#[tokio::test]`s of the checks in [`suite`] and [`raw`] for transport `$t`: every
+/// check for a real transport (`suite!(T; real)`), or those listed under `current` on a
+/// current-thread runtime, under `multi` on four threads, and under `raw` (refusals of bare
+/// peers, for a [`raw::RawPeers`] transport).
 #[macro_export]
 macro_rules! suite {
     ($t:ty; real) => {
@@ -50,9 +52,16 @@ macro_rules! suite {
                 a_stopped_worker_ends_its_event_stream,
             ];
             multi: [no_message_of_an_old_connection_follows_the_new_ones_connected];
+            raw: [
+                a_peer_without_a_client_certificate_is_refused,
+                an_oversize_frame_closes_the_connection_before_its_body_is_read,
+                garbage_bytes_close_the_connection,
+                a_worker_of_an_older_wire_version_is_told_which_version_the_gateway_speaks,
+            ];
         );
     };
-    ($t:ty; current: [$($current:ident),* $(,)?]; multi: [$($multi:ident),* $(,)?] $(;)?) => {
+    ($t:ty; current: [$($current:ident),* $(,)?]; multi: [$($multi:ident),* $(,)?]
+     $(; raw: [$($raw:ident),* $(,)?])? $(;)?) => {
         $(
             #[tokio::test]
             async fn $current() {
@@ -65,6 +74,12 @@ macro_rules! suite {
                 $crate::suite::$multi::<$t>().await
             }
         )*
+        $($(
+            #[tokio::test]
+            async fn $raw() {
+                $crate::raw::$raw::<$t>().await
+            }
+        )*)?
     };
 }
 

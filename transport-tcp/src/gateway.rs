@@ -156,7 +156,7 @@ async fn serve(
         }
     };
     if let Err(ended) = conn::answer(&mut stream, config.open_timeout).await {
-        warn!(%worker, %peer, reason = %ended, "refused a worker: it did not greet properly");
+        warn!(%worker, %peer, reason = %ended, "refused a worker: it did not open its control stream properly");
         return;
     }
     let tcp = Tcp::default();
