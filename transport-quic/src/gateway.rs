@@ -8,24 +8,22 @@ use quinn::{Connection, ConnectionError, Endpoint, Incoming, VarInt};
 use rustls_pki_types::CertificateDer;
 use sand_protocol::ids::WorkerId;
 use sand_transport::config::{LinkConfig, TransportError};
-use sand_transport::conn::{TaskCounter, CLOSE_IDENTITY, CLOSE_NORMAL, CLOSE_VIOLATION};
+use sand_transport::conn::{TaskCounter, CLOSE_IDENTITY, CLOSE_VIOLATION};
 use sand_transport::peers::{GatewayEnd, Registry};
 use sand_transport::seam::GatewayLink;
 use sand_transport::tls::certs::{self, NodeIdentity};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::conn::{self, Ended, Parts};
-use crate::Quic;
+use crate::{Quic, Running};
 
 /// The gateway's QUIC endpoint. Dropping it closes every connection and stops every task.
 #[derive(Debug)]
 pub struct QuicGateway {
-    endpoint: Endpoint,
     local_addr: SocketAddr,
     end: GatewayEnd,
-    accept: JoinHandle<()>,
-    idle_timeout: std::time::Duration,
+    running: Running,
 }
 
 impl QuicGateway {
@@ -53,11 +51,14 @@ impl QuicGateway {
         info!(addr = %local_addr, "gateway listening for workers");
         Ok((
             Self {
-                endpoint,
                 local_addr,
                 end,
-                accept,
-                idle_timeout,
+                running: Running {
+                    endpoint,
+                    task: accept,
+                    idle_timeout,
+                    farewell: b"gateway shutting down",
+                },
             },
             link,
         ))
@@ -70,27 +71,16 @@ impl QuicGateway {
 
     /// QUIC connections open now, including ones still in their handshake.
     pub fn open_connections(&self) -> usize {
-        self.endpoint.open_connections()
+        self.running.endpoint.open_connections()
     }
 
     /// Closes every connection and waits (up to the idle timeout) for the peers to be told.
     pub async fn shutdown(self) {
-        self.accept.abort();
-        self.endpoint
-            .close(VarInt::from_u32(CLOSE_NORMAL), b"gateway shutting down");
-        let _ = tokio::time::timeout(self.idle_timeout, self.endpoint.wait_idle()).await;
+        self.running.stop().await
     }
 }
 
 sand_transport::deref_to_end!(QuicGateway => GatewayEnd);
-
-impl Drop for QuicGateway {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.endpoint
-            .close(VarInt::from_u32(CLOSE_NORMAL), b"gateway shutting down");
-    }
-}
 
 async fn accept_loop(
     endpoint: Endpoint,

@@ -40,6 +40,7 @@ use std::sync::Arc;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use sand_transport::config::{LinkConfig, TransportError};
+use sand_transport::conn::CLOSE_NORMAL;
 use sand_transport::peers::Closer;
 use sand_transport::tls::{self, certs::NodeIdentity};
 
@@ -86,6 +87,35 @@ pub fn client_config(
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(transport(config, 0)?);
     Ok(client)
+}
+
+/// A running endpoint: its quinn endpoint and the task that accepts or dials. Dropping it
+/// stops the task and closes every connection.
+#[derive(Debug)]
+struct Running {
+    endpoint: quinn::Endpoint,
+    task: tokio::task::JoinHandle<()>,
+    idle_timeout: std::time::Duration,
+    /// The close reason peers are given.
+    farewell: &'static [u8],
+}
+
+impl Running {
+    /// Stops, and waits (up to the idle timeout) for the peers to be told.
+    async fn stop(self) {
+        let endpoint = self.endpoint.clone();
+        let idle_timeout = self.idle_timeout;
+        drop(self);
+        let _ = tokio::time::timeout(idle_timeout, endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.endpoint
+            .close(VarInt::from_u32(CLOSE_NORMAL), self.farewell);
+    }
 }
 
 /// A QUIC connection as the tables of [`sand_transport::peers`] hold it.

@@ -12,19 +12,16 @@ use sand_transport::conn::{Plumbing, CLOSE_NORMAL};
 use sand_transport::peers::{self, Dialer, WorkerEnd};
 use sand_transport::seam::WorkerLink;
 use sand_transport::tls::certs::NodeIdentity;
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::conn::{self, Ended, Parts};
-use crate::Quic;
+use crate::{Quic, Running};
 
 /// A worker's QUIC endpoint. Dropping it closes the connection and stops reconnecting.
 #[derive(Debug)]
 pub struct QuicWorker {
-    endpoint: Endpoint,
     end: WorkerEnd,
-    link: JoinHandle<()>,
-    idle_timeout: Duration,
+    running: Running,
 }
 
 impl QuicWorker {
@@ -61,10 +58,13 @@ impl QuicWorker {
         let (end, link_ends, link) = peers::start_worker(dialer, config, gateway);
         Ok((
             Self {
-                endpoint,
                 end,
-                link,
-                idle_timeout,
+                running: Running {
+                    endpoint,
+                    task: link,
+                    idle_timeout,
+                    farewell: b"worker shutting down",
+                },
             },
             link_ends,
         ))
@@ -73,22 +73,11 @@ impl QuicWorker {
     /// Closes the connection, stops reconnecting, and waits (up to the idle timeout) for the
     /// gateway to be told.
     pub async fn shutdown(self) {
-        self.link.abort();
-        self.endpoint
-            .close(VarInt::from_u32(CLOSE_NORMAL), b"worker shutting down");
-        let _ = tokio::time::timeout(self.idle_timeout, self.endpoint.wait_idle()).await;
+        self.running.stop().await
     }
 }
 
 sand_transport::deref_to_end!(QuicWorker => WorkerEnd);
-
-impl Drop for QuicWorker {
-    fn drop(&mut self) {
-        self.link.abort();
-        self.endpoint
-            .close(VarInt::from_u32(CLOSE_NORMAL), b"worker shutting down");
-    }
-}
 
 /// Opens QUIC connections to the gateway and runs them.
 struct QuicDialer {
