@@ -8,202 +8,71 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use sand_testkit::cluster::{self, Cluster, ClusterSpec, Host};
+use sand_testkit::proc;
+use sand_testkit::process::{self, Killed};
 use serde_json::Value;
 
 const SAND: &str = env!("CARGO_BIN_EXE_sand");
+
+/// How long a process asked to stop (SIGTERM, SIGINT) may take.
+const STOP_MAX: Duration = Duration::from_secs(30);
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// A cluster of real processes; killed on drop.
-struct Cluster {
-    dir: tempfile::TempDir,
-    gateway: Option<Child>,
-    workers: Vec<(u32, Child)>,
-    http: String,
-    quic: String,
-    failure_timeout_ms: u64,
-    token: Option<String>,
-    idle_seconds: u64,
-    /// The operator's policy flags, for the gateway and every worker.
-    policy: Vec<String>,
+/// The cluster every test starts unless it says otherwise: `workers` workers, and a gateway
+/// that declares a silent worker dead after 1.5 s.
+fn spec(workers: u32) -> ClusterSpec {
+    ClusterSpec {
+        workers,
+        failure_timeout: Duration::from_millis(1500),
+        ..ClusterSpec::default()
+    }
 }
 
-impl Cluster {
-    /// A gateway and `workers` workers, with `apps` deployed.
-    fn start(workers: u32, apps: &[&str]) -> Self {
-        Self::start_with(workers, apps, None)
-    }
+/// A cluster of `workers` workers, with `apps` deployed.
+fn start(workers: u32, apps: &[&str]) -> Cluster {
+    start_spec(spec(workers), apps)
+}
 
-    /// The same, with a gateway that wants `token` on its API.
-    fn start_with(workers: u32, apps: &[&str], token: Option<&str>) -> Self {
-        Self::start_full(workers, apps, token, 1500, &[])
-    }
-
-    /// The same, with the gateway's failure timeout set, and `policy` (flags such as
-    /// `--python PATH`) given to the gateway and every worker.
-    fn start_full(
-        workers: u32,
-        apps: &[&str],
-        token: Option<&str>,
-        failure_timeout_ms: u64,
-        policy: &[&str],
-    ) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        if let Some(token) = token {
-            private_file(&dir.path().join("token"), token);
-        }
-        let certs = gateway_certs(dir.path());
-        for id in 1..=workers {
-            let id = id.to_string();
-            sand(&[
-                "cert",
-                "issue",
-                "worker",
-                "--id",
-                &id,
-                "--dir",
-                certs.to_str().unwrap(),
-            ]);
-        }
-        let mut cluster = Self {
-            dir,
-            gateway: None,
-            workers: Vec::new(),
-            http: String::new(),
-            quic: "127.0.0.1:0".into(),
-            failure_timeout_ms,
-            token: token.map(str::to_owned),
-            idle_seconds: 300,
-            policy: policy.iter().map(|&f| f.to_owned()).collect(),
-        };
-        cluster.start_gateway();
-        for id in 1..=workers {
-            cluster.start_worker(id);
-        }
-        cluster.wait_for_workers(workers as usize);
-        for app in apps {
-            let dir = repo(app);
-            let token_file = cluster.dir.path().join("token");
-            let mut args = vec!["deploy", dir.to_str().unwrap(), "--gateway", &cluster.http];
-            if cluster.token.is_some() {
-                args.extend(["--token-file", token_file.to_str().unwrap()]);
-            }
-            let out = sand(&args);
-            assert!(out.contains("deployed"), "{out}");
-        }
+/// A cluster as `spec` says, with `apps` deployed.
+fn start_spec(spec: ClusterSpec, apps: &[&str]) -> Cluster {
+    let cluster = Cluster::start(Path::new(SAND), spec).unwrap_or_else(|e| panic!("{e:#}"));
+    for app in apps {
         cluster
+            .deploy(&repo(app))
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
+    cluster
+}
 
-    fn start_gateway(&mut self) {
-        let mut child = Command::new(SAND)
-            .args(["gateway", "--http", "127.0.0.1:0", "--listen", &self.quic])
-            .args(["--failure-timeout-ms", &self.failure_timeout_ms.to_string()])
-            .arg("--data-dir")
-            .arg(self.dir.path().join("gateway"))
-            .arg("--certs")
-            .arg(self.dir.path().join("certs"))
-            .args(
-                self.token
-                    .as_ref()
-                    .map(|_| {
-                        [
-                            "--token-file".into(),
-                            self.dir.path().join("token").into_os_string(),
-                        ]
-                    })
-                    .into_iter()
-                    .flatten(),
-            )
-            .args(&self.policy)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the gateway");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("the gateway's first line");
-        // "sand gateway: HTTP on http://ADDR, workers dial ADDR"
-        let http = line
-            .split("HTTP on ")
-            .nth(1)
-            .and_then(|s| s.split(',').next());
-        let quic = line.split("workers dial ").nth(1).map(str::trim);
-        self.http = http
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_owned();
-        self.quic = quic
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_owned();
-        self.gateway = Some(child);
-    }
+/// The API calls the tests make on a cluster.
+trait Api {
+    /// Invokes `app` with `input`; `query` is `""` or `?...`.
+    fn invoke(&self, app: &str, input: &str, query: &str) -> (u16, Value);
+    /// Polls an execution until it ends; returns its status body.
+    fn wait_for(&self, exec: &str, within: Duration) -> Value;
+}
 
-    fn start_worker(&mut self, id: u32) {
-        let child = Command::new(SAND)
-            .args(["worker", "--gateway", &self.quic, "--id", &id.to_string()])
-            .arg("--certs")
-            .arg(self.dir.path().join("certs"))
-            .arg("--data-dir")
-            .arg(self.dir.path().join(format!("worker-{id}")))
-            .args(["--idle-seconds", &self.idle_seconds.to_string()])
-            .args(&self.policy)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start a worker");
-        self.workers.push((id, child));
-    }
-
-    fn wait_for_workers(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (_, body) = get(&format!("{}/v1/workers", self.http));
-            let connected = body["workers"]
-                .as_array()
-                .map_or(0, |w| w.iter().filter(|w| w["connected"] == true).count());
-            if connected >= n {
-                return;
-            }
-            assert!(Instant::now() < deadline, "workers did not connect: {body}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn kill_worker(&mut self, id: u32) {
-        let i = self
-            .workers
-            .iter()
-            .position(|(w, _)| *w == id)
-            .expect("a worker");
-        let (_, mut child) = self.workers.remove(i);
-        child.kill().expect("SIGKILL the worker");
-        child.wait().expect("reap the worker");
-    }
-
-    fn kill_gateway(&mut self) {
-        let mut child = self.gateway.take().expect("a gateway");
-        child.kill().expect("SIGKILL the gateway");
-        child.wait().expect("reap the gateway");
-    }
-
+impl Api for Cluster {
     fn invoke(&self, app: &str, input: &str, query: &str) -> (u16, Value) {
         post(
-            &format!("{}/v1/apps/{app}/invoke{query}", self.http),
+            &format!("{}/v1/apps/{app}/invoke{query}", self.http()),
             input,
             None,
         )
     }
 
-    /// Polls an execution until it ends; returns its status body.
     fn wait_for(&self, exec: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
-            let (code, body) = get(&format!("{}/v1/executions/{exec}", self.http));
+            let (code, body) = get(&format!("{}/v1/executions/{exec}", self.http()));
             if code == 200 && body["status"] != "running" {
                 return body;
             }
@@ -216,50 +85,9 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.workers {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Some(mut g) = self.gateway.take() {
-            let _ = g.kill();
-            let _ = g.wait();
-        }
-    }
-}
-
-/// A child process, killed and reaped when dropped (also when a test fails).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Writes `text` to a new file at `path` that only its owner may read.
-fn private_file(path: &Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .expect("a private file");
-    std::io::Write::write_all(&mut file, text.as_bytes()).expect("write it");
-}
-
 /// Runs a short `sand` command that must succeed; returns its stdout.
 fn sand(args: &[&str]) -> String {
-    let out = Command::new(SAND).args(args).output().expect("run sand");
-    assert!(
-        out.status.success(),
-        "sand {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    process::run(Path::new(SAND), args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A command whose reader went away (`sand check | head`) ends quietly with the status a shell
@@ -313,9 +141,15 @@ fn the_daemons_refuse_unsafe_settings_and_mutations() {
 /// call: `shared/repro/stuck-call`.)
 #[test]
 fn idle_workers_are_not_suspected_at_a_one_second_failure_timeout() {
-    let cluster = Cluster::start_full(2, &["examples/pipeline"], None, 1000, &[]);
+    let cluster = start_spec(
+        ClusterSpec {
+            failure_timeout: Duration::from_millis(1000),
+            ..spec(2)
+        },
+        &["examples/pipeline"],
+    );
     let workers = || {
-        let (_, body) = get(&format!("{}/v1/workers", cluster.http));
+        let (_, body) = get(&format!("{}/v1/workers", cluster.http()));
         let rows = body["workers"].as_array().cloned().unwrap_or_default();
         let view: Vec<(u64, u64, bool, bool)> = rows
             .iter()
@@ -376,7 +210,7 @@ fn post(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
 
 #[test]
 fn a_chain_and_a_fan_out_answer_correctly_and_are_traced() {
-    let cluster = Cluster::start(2, &["examples/pipeline", "examples/fanout"]);
+    let cluster = start(2, &["examples/pipeline", "examples/fanout"]);
     for n in [3, 0, -4] {
         let (code, body) = cluster.invoke("pipeline", &n.to_string(), "");
         assert_eq!(code, 200, "{body}");
@@ -417,7 +251,7 @@ fn a_chain_and_a_fan_out_answer_correctly_and_are_traced() {
 
 #[test]
 fn async_invoke_then_poll_and_idempotent_retries() {
-    let cluster = Cluster::start(1, &["examples/pipeline"]);
+    let cluster = start(1, &["examples/pipeline"]);
     let (code, body) = cluster.invoke("pipeline", "5", "?async=true");
     assert_eq!(code, 202, "{body}");
     let exec = body["execution"].as_str().expect("an id").to_owned();
@@ -425,7 +259,7 @@ fn async_invoke_then_poll_and_idempotent_retries() {
     assert_eq!(status["status"], "succeeded", "{status}");
     assert_eq!(status["output"], 121);
 
-    let url = format!("{}/v1/apps/pipeline/invoke", cluster.http);
+    let url = format!("{}/v1/apps/pipeline/invoke", cluster.http());
     let (c1, first) = post(&url, "7", Some("order-17"));
     let (c2, again) = post(&url, "7", Some("order-17"));
     assert_eq!((c1, c2), (200, 200));
@@ -437,8 +271,8 @@ fn async_invoke_then_poll_and_idempotent_retries() {
 
 #[test]
 fn bad_requests_get_json_errors() {
-    let cluster = Cluster::start(1, &["examples/pipeline"]);
-    let base = &cluster.http;
+    let cluster = start(1, &["examples/pipeline"]);
+    let base = cluster.http();
     let cases: Vec<(&str, (u16, Value))> = vec![
         (
             "bad json",
@@ -520,10 +354,10 @@ fn start_slow_chains(cluster: &Cluster, n: i64) -> Vec<(String, i64)> {
 
 #[test]
 fn a_worker_killed_mid_chain_loses_nothing() {
-    let mut cluster = Cluster::start(2, &["tests/apps/slow"]);
+    let mut cluster = start(2, &["tests/apps/slow"]);
     let chains = start_slow_chains(&cluster, 12);
     std::thread::sleep(Duration::from_millis(250));
-    cluster.kill_worker(1);
+    cluster.kill(Host::Worker(1)).expect("kill worker 1");
     let mut recovered = 0;
     for (exec, want) in &chains {
         let status = cluster.wait_for(exec, Duration::from_secs(30));
@@ -540,12 +374,14 @@ fn a_worker_killed_mid_chain_loses_nothing() {
 
 #[test]
 fn a_gateway_killed_and_restarted_finishes_every_accepted_execution() {
-    let mut cluster = Cluster::start(2, &["tests/apps/slow"]);
+    let mut cluster = start(2, &["tests/apps/slow"]);
     let chains = start_slow_chains(&cluster, 10);
     std::thread::sleep(Duration::from_millis(200));
-    cluster.kill_gateway();
+    cluster.kill(Host::Gateway).expect("kill the gateway");
     std::thread::sleep(Duration::from_millis(300));
-    cluster.start_gateway();
+    cluster
+        .restart(Host::Gateway)
+        .expect("start the gateway again");
     for (exec, want) in &chains {
         let status = cluster.wait_for(exec, Duration::from_secs(30));
         assert_eq!(status["status"], "succeeded", "{status}");
@@ -555,7 +391,7 @@ fn a_gateway_killed_and_restarted_finishes_every_accepted_execution() {
 
 #[test]
 fn an_exec_grain_runs_in_its_sandbox_and_chains_to_python() {
-    let cluster = Cluster::start(1, &["tests/apps/shell"]);
+    let cluster = start(1, &["tests/apps/shell"]);
     // The shell script reads its input on stdin, writes its result on stdout, and runs in the
     // app's sandbox, whose hostname is the app's name.
     let (code, body) = cluster.invoke("shell", "\"hello sand\"", "");
@@ -575,7 +411,7 @@ fn an_exec_grain_runs_in_its_sandbox_and_chains_to_python() {
 
 #[test]
 fn a_memory_hog_is_killed_with_a_clear_error() {
-    let cluster = Cluster::start(1, &["tests/apps/hog"]);
+    let cluster = start(1, &["tests/apps/hog"]);
     let (code, body) = cluster.invoke("hog", "8", "");
     assert_eq!(
         (code, &body["output"]),
@@ -596,8 +432,14 @@ fn a_memory_hog_is_killed_with_a_clear_error() {
 
 #[test]
 fn a_gateway_with_a_token_refuses_requests_without_it() {
-    let cluster = Cluster::start_with(0, &["examples/pipeline"], Some("s3cret"));
-    let url = format!("{}/v1/apps", cluster.http);
+    let cluster = start_spec(
+        ClusterSpec {
+            token: Some("s3cret".into()),
+            ..spec(0)
+        },
+        &["examples/pipeline"],
+    );
+    let url = format!("{}/v1/apps", cluster.http());
     let (code, body) = get(&url);
     assert_eq!(code, 401, "{body}");
     assert_eq!(body["error"]["code"], "unauthorized");
@@ -615,7 +457,7 @@ fn a_gateway_with_a_token_refuses_requests_without_it() {
         "deployed with the token: {body}"
     );
     assert_eq!(
-        get(&format!("{}/healthz", cluster.http)).0,
+        get(&format!("{}/healthz", cluster.http())).0,
         200,
         "liveness needs no token"
     );
@@ -648,8 +490,8 @@ fn raw(http: &str, head: &str, body: &str) -> (u16, Value) {
 /// (DNS rebinding), another site's Origin, and a POST that is not JSON (a cross-site form).
 #[test]
 fn the_api_refuses_what_a_browser_could_be_tricked_into_sending() {
-    let cluster = Cluster::start(0, &["examples/pipeline"]);
-    let port = cluster.http.rsplit(':').next().unwrap().to_owned();
+    let cluster = start(0, &["examples/pipeline"]);
+    let port = cluster.http().rsplit(':').next().unwrap().to_owned();
     let invoke = "POST /v1/apps/pipeline/invoke?async=true HTTP/1.1";
     let json = "Content-Type: application/json";
     let refused = [
@@ -663,7 +505,7 @@ fn the_api_refuses_what_a_browser_could_be_tricked_into_sending() {
         ("untyped post", format!("{invoke}\r\nHost: 127.0.0.1:{port}"), "1", 415, "not_json"),
     ];
     for (what, head, body, code, error) in refused {
-        let (got, reply) = raw(&cluster.http, &head, body);
+        let (got, reply) = raw(cluster.http(), &head, body);
         assert_eq!(
             (got, reply["error"]["code"].as_str()),
             (code, Some(error)),
@@ -682,25 +524,14 @@ fn the_api_refuses_what_a_browser_could_be_tricked_into_sending() {
         ),
     ];
     for head in served {
-        let (code, reply) = raw(&cluster.http, &head, "1");
+        let (code, reply) = raw(cluster.http(), &head, "1");
         assert!(code == 200 || code == 202, "{head}: {code} {reply}");
     }
 }
 
 /// Makes a CA and a gateway certificate for `localhost` in `dir/certs`.
 fn gateway_certs(dir: &Path) -> PathBuf {
-    let certs = dir.join("certs");
-    sand(&["cert", "init", "--dir", certs.to_str().unwrap()]);
-    sand(&[
-        "cert",
-        "issue",
-        "gateway",
-        "--name",
-        "localhost",
-        "--dir",
-        certs.to_str().unwrap(),
-    ]);
-    certs
+    cluster::certificates(Path::new(SAND), dir, 0).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Starts `sand gateway` with `args` and a store and certificates in `dir`; returns it with
@@ -722,13 +553,7 @@ fn try_gateway(dir: &Path, args: &[&str], token: Option<&str>) -> Result<(Killed
     }
     let mut child = Killed(cmd.spawn().expect("start the gateway"));
     let stdout = child.0.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    match rx.recv_timeout(Duration::from_secs(20)) {
+    match process::first_line(stdout, Duration::from_secs(20)) {
         Ok(line) if !line.is_empty() => Ok((child, line)),
         _ => {
             let _ = child.0.kill();
@@ -853,42 +678,27 @@ fn the_api_over_tls_serves_a_client_that_trusts_its_ca() {
 
 /// The sandbox holders a worker has running: its children started as `sand __sandbox-init`.
 fn sandboxes_of(worker: u32) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let dir = e.path();
-            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
-            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-            // The parent pid is the second field after the command's closing parenthesis.
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().nth(1));
-            cmdline.windows(14).any(|w| w == b"__sandbox-init") && ppid == Some(&worker.to_string())
+    proc::all()
+        .into_iter()
+        .filter(|&pid| {
+            proc::parent(pid) == Some(worker)
+                && proc::cmdline(pid)
+                    .iter()
+                    .any(|a| a.contains("__sandbox-init"))
         })
         .count()
 }
 
 #[test]
 fn an_idle_app_sandbox_is_torn_down_and_made_again_on_demand() {
-    let mut cluster = Cluster::start(0, &["examples/pipeline"]);
-    cluster.idle_seconds = 1;
-    let certs = cluster.dir.path().join("certs");
-    sand(&[
-        "cert",
-        "issue",
-        "worker",
-        "--id",
-        "1",
-        "--dir",
-        certs.to_str().unwrap(),
-    ]);
-    cluster.start_worker(1);
-    cluster.wait_for_workers(1);
-    let worker = cluster.workers[0].1.id();
+    let cluster = start_spec(
+        ClusterSpec {
+            idle_seconds: Some(1),
+            ..spec(1)
+        },
+        &["examples/pipeline"],
+    );
+    let worker = cluster.worker_pid(1).expect("worker 1");
     assert_eq!(cluster.invoke("pipeline", "1", "").1["output"], 9);
     assert_eq!(
         sandboxes_of(worker),
@@ -910,19 +720,14 @@ fn an_idle_app_sandbox_is_torn_down_and_made_again_on_demand() {
 /// The cgroups of the sandboxes process `pid` made (`<app>-<pid>-<n>` under its own cgroup's
 /// `sand/`), in the memory hierarchy (cgroup v1) or the unified one (v2).
 fn sandbox_cgroups(pid: u32) -> Vec<PathBuf> {
-    let table = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     let mut found = Vec::new();
-    for line in table.lines() {
-        let mut fields = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
+    for (id, controllers, path) in proc::cgroups(pid) {
+        let root = if id == 0 && controllers.is_empty() {
+            PathBuf::from("/sys/fs/cgroup")
+        } else if controllers.iter().any(|c| c == "memory") {
+            PathBuf::from("/sys/fs/cgroup/memory")
+        } else {
             continue;
-        };
-        let root = match (id, controllers) {
-            ("0", "") => PathBuf::from("/sys/fs/cgroup"),
-            (_, c) if c.split(',').any(|c| c == "memory") => PathBuf::from("/sys/fs/cgroup/memory"),
-            _ => continue,
         };
         let parent = root.join(path.trim_start_matches('/')).join("sand");
         let Ok(entries) = std::fs::read_dir(&parent) else {
@@ -937,26 +742,6 @@ fn sandbox_cgroups(pid: u32) -> Vec<PathBuf> {
         );
     }
     found
-}
-
-/// Sends `signal` (`TERM`, `INT`) to `child` and waits, bounded, for it to end.
-fn stop(child: &mut Child, signal: &str) -> std::process::ExitStatus {
-    let sent = Command::new("kill")
-        .args([format!("-{signal}"), child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(sent.success(), "kill -{signal} failed");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().expect("poll the child") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SIG{signal} did not stop the process within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Starts `sand dev` with the pipeline app and its data in `dir`; returns it, the rest of its
@@ -1072,7 +857,7 @@ fn sand_dev_wants_its_private_token_and_the_cli_finds_it() {
     assert!(!ok && stderr.contains("visible to every user"), "{stderr}");
 
     // Not printed: stdout may end up in logs other users read.
-    let _ = stop(&mut dev.0, "TERM");
+    let _ = process::stop(&mut dev.0, Signal::SIGTERM, STOP_MAX);
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut out, &mut rest);
     assert!(!rest.contains(token), "sand dev printed its token: {rest}");
@@ -1099,14 +884,14 @@ fn a_gateway_and_a_worker_over_tcp_serve_a_call() {
             .send_string("3"),
     );
     assert_eq!((code, &body["output"]), (200, &Value::from(49)), "{body}");
-    let _ = stop(&mut dev.0, "TERM");
+    let _ = process::stop(&mut dev.0, Signal::SIGTERM, STOP_MAX);
 }
 
 /// `sand dev`, the README's first command, stops on Ctrl-C and on SIGTERM alike, and leaves no
 /// sandbox behind.
 #[test]
 fn sand_dev_stops_on_sigint_and_sigterm_and_removes_its_sandboxes() {
-    for signal in ["INT", "TERM"] {
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
         let dir = tempfile::tempdir().expect("temp dir");
         let (mut dev, mut out, url) = start_dev(dir.path());
         let token = std::fs::read_to_string(dir.path().join("token")).expect("the dev token");
@@ -1120,13 +905,14 @@ fn sand_dev_stops_on_sigint_and_sigterm_and_removes_its_sandboxes() {
         assert_eq!((code, &body["output"]), (200, &Value::from(9)), "{body}");
         let cgroups = sandbox_cgroups(dev.0.id());
         assert_eq!(cgroups.len(), 1, "one sandbox for the app: {cgroups:?}");
-        let status = stop(&mut dev.0, signal);
+        let status =
+            process::stop(&mut dev.0, signal, STOP_MAX).unwrap_or_else(|e| panic!("{e:#}"));
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut out, &mut rest);
-        assert!(status.success(), "SIG{signal}: {status}, output {rest}");
-        assert!(rest.contains(&format!("SIG{signal}, stopping")), "{rest}");
+        assert!(status.success(), "{signal}: {status}, output {rest}");
+        assert!(rest.contains(&format!("{signal}, stopping")), "{rest}");
         for cgroup in cgroups {
-            assert!(!cgroup.exists(), "SIG{signal} left {}", cgroup.display());
+            assert!(!cgroup.exists(), "{signal} left {}", cgroup.display());
         }
     }
 }
@@ -1134,25 +920,28 @@ fn sand_dev_stops_on_sigint_and_sigterm_and_removes_its_sandboxes() {
 /// A worker asked to stop removes its sandboxes before it exits; the gateway exits cleanly.
 #[test]
 fn a_worker_and_a_gateway_stop_cleanly_on_sigterm() {
-    let mut cluster = Cluster::start(1, &["examples/pipeline"]);
+    let mut cluster = start(1, &["examples/pipeline"]);
     assert_eq!(cluster.invoke("pipeline", "1", "").1["output"], 9);
-    let (_, mut worker) = cluster.workers.remove(0);
-    let cgroups = sandbox_cgroups(worker.id());
+    let worker = cluster.worker_pid(1).expect("worker 1");
+    let cgroups = sandbox_cgroups(worker);
     assert_eq!(cgroups.len(), 1, "one sandbox for the app: {cgroups:?}");
-    let status = stop(&mut worker, "TERM");
+    let status = cluster
+        .stop(Host::Worker(1), Signal::SIGTERM, STOP_MAX)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(status.success(), "the worker: {status}");
     for cgroup in cgroups {
         assert!(!cgroup.exists(), "the worker left {}", cgroup.display());
     }
-    let mut gateway = cluster.gateway.take().expect("a gateway");
-    let status = stop(&mut gateway, "TERM");
+    let status = cluster
+        .stop(Host::Gateway, Signal::SIGTERM, STOP_MAX)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(status.success(), "the gateway: {status}");
 }
 
 /// Writes an app `name` with one grain, `grain.py`'s `peek`, and the manifest lines `extra`, in
 /// the cluster's directory; returns its directory.
 fn write_app(cluster: &Cluster, name: &str, extra: &str, code: &str) -> PathBuf {
-    let dir = cluster.dir.path().join("apps").join(name);
+    let dir = cluster.dir().join("apps").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let manifest = format!(
         "name = \"{name}\"\nentry = \"peek\"\n{extra}\n[grains.peek]\nruntime = \"python\"\n\
@@ -1166,7 +955,7 @@ fn write_app(cluster: &Cluster, name: &str, extra: &str, code: &str) -> PathBuf 
 /// Deploys `dir`, which the gateway must refuse; returns what `sand deploy` said.
 fn deploy_refused(cluster: &Cluster, dir: &Path) -> String {
     let out = Command::new(SAND)
-        .args(["deploy", dir.to_str().unwrap(), "--gateway", &cluster.http])
+        .args(["deploy", dir.to_str().unwrap(), "--gateway", cluster.http()])
         .output()
         .expect("run sand");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -1176,7 +965,7 @@ fn deploy_refused(cluster: &Cluster, dir: &Path) -> String {
 
 /// The directory of the one bundle version of `app` on worker 1.
 fn bundle_dir(cluster: &Cluster, app: &str) -> PathBuf {
-    let apps = cluster.dir.path().join("worker-1").join("apps").join(app);
+    let apps = cluster.dir().join("worker-1").join("apps").join(app);
     let mut versions: Vec<PathBuf> = std::fs::read_dir(&apps)
         .unwrap_or_else(|e| panic!("{}: {e}", apps.display()))
         .map(|e| e.unwrap().path())
@@ -1190,10 +979,10 @@ fn bundle_dir(cluster: &Cluster, app: &str) -> PathBuf {
 /// gateway refuses each at deploy, naming the key, the value and the flag that would allow it.
 #[test]
 fn an_app_cannot_name_a_host_interpreter_or_grant_itself_network() {
-    let cluster = Cluster::start(1, &["tests/apps/shell"]);
+    let cluster = start(1, &["tests/apps/shell"]);
     assert_eq!(cluster.invoke("shell", "\"x\"", "").0, 200);
     let other_bundle = bundle_dir(&cluster, "shell");
-    let gateway_dir = cluster.dir.path().join("gateway");
+    let gateway_dir = cluster.dir().join("gateway");
     for python in [
         other_bundle.join("x").join("python"),
         gateway_dir.join("x").join("python"),
@@ -1212,7 +1001,7 @@ fn an_app_cannot_name_a_host_interpreter_or_grant_itself_network() {
         said.contains("`network`") && said.contains("--allow-network evil"),
         "{said}"
     );
-    let (_, apps) = get(&format!("{}/v1/apps", cluster.http));
+    let (_, apps) = get(&format!("{}/v1/apps", cluster.http()));
     assert_eq!(apps["apps"].as_array().map(Vec::len), Some(1), "{apps}");
 }
 
@@ -1223,7 +1012,7 @@ fn an_app_cannot_name_a_host_interpreter_or_grant_itself_network() {
 /// mount's root is its path in the source file system.)
 #[test]
 fn a_sandboxed_grain_sees_no_host_data_directory() {
-    let cluster = Cluster::start(1, &["tests/apps/shell"]);
+    let cluster = start(1, &["tests/apps/shell"]);
     assert_eq!(cluster.invoke("shell", "\"x\"", "").0, 200);
     let code = r#"
 import os, sys
@@ -1241,14 +1030,14 @@ def peek(paths, ctx):
     return {"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd(), "reached": reached}
 "#;
     let app = write_app(&cluster, "peek", "", code);
-    sand(&["deploy", app.to_str().unwrap(), "--gateway", &cluster.http]);
-    let worker_dir = cluster.dir.path().join("worker-1");
+    sand(&["deploy", app.to_str().unwrap(), "--gateway", cluster.http()]);
+    let worker_dir = cluster.dir().join("worker-1");
     let paths: Vec<String> = [
         worker_dir.clone(),
         bundle_dir(&cluster, "shell"),
         bundle_dir(&cluster, "shell").join("sand.toml"),
         worker_dir.join("apps").join("peek"),
-        cluster.dir.path().join("gateway"),
+        cluster.dir().join("gateway"),
     ]
     .iter()
     .map(|p| p.display().to_string())
@@ -1260,7 +1049,7 @@ def peek(paths, ctx):
         assert_eq!(out["reached"][p], "FileNotFoundError", "{p}: {body}");
     }
     let seen = format!("{} {} {}", out["argv"], out["env"], out["cwd"]);
-    let host = cluster.dir.path().display().to_string();
+    let host = cluster.dir().display().to_string();
     assert!(!seen.contains(&host), "{host} seen in {seen}");
 }
 
@@ -1291,15 +1080,17 @@ fn interpreter_with_prefix() -> (PathBuf, Option<PathBuf>) {
 #[test]
 fn an_interpreter_the_operator_allows_runs_with_the_prefix_the_operator_names() {
     let (python, prefix) = interpreter_with_prefix();
-    let flag = match &prefix {
-        Some(prefix) => format!("{}={}", python.display(), prefix.display()),
-        None => python.display().to_string(),
-    };
-    let cluster = Cluster::start_full(1, &[], None, 1500, &["--python", &flag]);
+    let cluster = start_spec(
+        ClusterSpec {
+            python: Some(python.clone()),
+            ..spec(1)
+        },
+        &[],
+    );
     let code = "import sys\ndef peek(event, ctx):\n    return sys.executable\n";
     let named = format!("python = {:?}\n", python.display().to_string());
     let app = write_app(&cluster, "allowed", &named, code);
-    sand(&["deploy", app.to_str().unwrap(), "--gateway", &cluster.http]);
+    sand(&["deploy", app.to_str().unwrap(), "--gateway", cluster.http()]);
     let (status, body) = cluster.invoke("allowed", "null", "");
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["output"], python.display().to_string(), "{body}");

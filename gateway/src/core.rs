@@ -9,8 +9,8 @@
 //!
 //! Nothing leaves the core before the state behind it is durable. The queue's in-memory state
 //! runs ahead of the disk (an execution is `Done` there as soon as its last report is applied),
-//! so the core answers from what the queue *emits* (`Accepted`, `Respond`, `Deployed`,
-//! `Removed`) and looks executions up with [`GlobalQueue::execution`], which shows what the
+//! so the core answers from what the queue *emits* (`ConfirmInvoke`, `Respond`, `ConfirmDeploy`,
+//! `ConfirmRemove`) and looks executions up with [`GlobalQueue::execution`], which shows what the
 //! disk holds: the queue decides what is visible, and the model checks it.
 
 use std::collections::{HashMap, VecDeque};
@@ -172,7 +172,7 @@ pub struct Core {
     /// Clients waiting for an answer.
     answering: HashMap<ExecId, Vec<oneshot::Sender<Option<Answer>>>>,
     /// Deployments waiting to be durable, per app in the order they were asked for (the
-    /// queue emits each app's `Deployed` in that order).
+    /// queue emits each app's `ConfirmDeploy` in that order).
     deploying: HashMap<AppName, VecDeque<oneshot::Sender<()>>>,
     /// Removals waiting to be durable, likewise.
     removing: HashMap<AppName, VecDeque<oneshot::Sender<bool>>>,
@@ -498,7 +498,7 @@ impl Core {
                         tracing::debug!(worker = %w, "not sent: {e}");
                     }
                 }
-                GqOutput::Accepted(exec) => {
+                GqOutput::ConfirmInvoke(exec) => {
                     for (invoked, reply) in self.accepting.remove(&exec).unwrap_or_default() {
                         if invoked.fresh {
                             self.metrics.accepted.inc();
@@ -522,13 +522,13 @@ impl Core {
                         let _ = reply.send(Some(answer.clone()));
                     }
                 }
-                GqOutput::Deployed(app) => {
+                GqOutput::ConfirmDeploy(app) => {
                     if let Some(reply) = pop(&mut self.deploying, &app) {
                         let _ = reply.send(());
                     }
                     self.announce(app);
                 }
-                GqOutput::Removed { app, existed } => {
+                GqOutput::ConfirmRemove { app, existed } => {
                     if let Some(reply) = pop(&mut self.removing, &app) {
                         let _ = reply.send(existed);
                     }

@@ -602,14 +602,14 @@ impl Shared {
             let (k, v) = row.map_err(|e| self.storage(e))?;
             let rec: CallRecord = self.decode("calls", v.value())?;
             self.check_key("calls", (rec.exec.0, rec.call.0) == k.value())?;
-            state.calls.insert((rec.exec, rec.call), rec);
+            state.calls.insert(rec.key(), rec);
         }
         let joins = txn.open_table(JOINS).map_err(|e| self.storage(e))?;
         for row in joins.iter().map_err(|e| self.storage(e))? {
             let (k, v) = row.map_err(|e| self.storage(e))?;
             let rec: JoinRecord = self.decode("joins", v.value())?;
             self.check_key("joins", (rec.exec.0, rec.spec.call.0) == k.value())?;
-            state.joins.insert((rec.exec, rec.spec.call), rec);
+            state.joins.insert(rec.key(), rec);
         }
         let workers = txn.open_table(WORKERS).map_err(|e| self.storage(e))?;
         for row in workers.iter().map_err(|e| self.storage(e))? {

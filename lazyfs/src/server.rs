@@ -152,17 +152,11 @@ impl Filesystem for Server {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.state().unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
+        answer(reply, self.state().unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.state().rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
+        answer(reply, self.state().rmdir(parent.0, name));
     }
 
     /// Symbolic links are not modelled: `EPERM`, as on filesystems without them.
@@ -194,13 +188,11 @@ impl Filesystem for Server {
             return;
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        match self
-            .state()
-            .rename(parent.0, name, new_parent.0, new_name, no_replace)
-        {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
+        answer(
+            reply,
+            self.state()
+                .rename(parent.0, name, new_parent.0, new_name, no_replace),
+        );
     }
 
     /// Hard links are not modelled: `EPERM`, as on filesystems without them.
@@ -265,10 +257,7 @@ impl Filesystem for Server {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.state().flush(ino.0, fh.0) {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
+        answer(reply, self.state().flush(ino.0, fh.0));
     }
 
     fn release(
@@ -293,10 +282,7 @@ impl Filesystem for Server {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.state().fsync(ino.0, fh.0) {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
+        answer(reply, self.state().fsync(ino.0, fh.0));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -350,10 +336,7 @@ impl Filesystem for Server {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.state().fsyncdir(ino.0, fh.0) {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
+        answer(reply, self.state().fsyncdir(ino.0, fh.0));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -406,9 +389,17 @@ impl Filesystem for Server {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.state().fallocate(ino.0, fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(errno) => reply.error(errno),
-        }
+        answer(
+            reply,
+            self.state().fallocate(ino.0, fh.0, offset, length, mode),
+        );
+    }
+}
+
+/// Answers a request that returns nothing: ok, or the error.
+fn answer(reply: ReplyEmpty, done: Result<(), Errno>) {
+    match done {
+        Ok(()) => reply.ok(),
+        Err(errno) => reply.error(errno),
     }
 }

@@ -739,7 +739,13 @@ impl State {
         let Some(child) = dir.durable.remove(name) else {
             return;
         };
-        if let Some(inode) = self.inodes.get_mut(&child) {
+        self.forget_durable_name(child, parent, name);
+        orphans.push(child);
+    }
+
+    /// Forgets that `ino`'s durable name is `name` in `parent`, if it is.
+    fn forget_durable_name(&mut self, ino: u64, parent: u64, name: &OsStr) {
+        if let Some(inode) = self.inodes.get_mut(&ino) {
             if inode
                 .durable_name
                 .as_ref()
@@ -748,7 +754,6 @@ impl State {
                 inode.durable_name = None;
             }
         }
-        orphans.push(child);
     }
 
     /// Makes `name` in `parent` the durable name of `ino`. What that entry named before, and
@@ -760,15 +765,7 @@ impl State {
         };
         if let Some(displaced) = dir.durable.insert(name.to_owned(), ino) {
             if displaced != ino {
-                if let Some(inode) = self.inodes.get_mut(&displaced) {
-                    if inode
-                        .durable_name
-                        .as_ref()
-                        .is_some_and(|l| l.is(parent, name))
-                    {
-                        inode.durable_name = None;
-                    }
-                }
+                self.forget_durable_name(displaced, parent, name);
                 orphans.push(displaced);
             }
         }
@@ -871,6 +868,19 @@ mod tests {
         attr.ino.0
     }
 
+    /// A state whose root holds a directory `d` with a durable name; returns it and `d`'s
+    /// inode.
+    fn with_durable_dir() -> (State, u64) {
+        let mut state = State::new(ROOT_OWNER);
+        let dir = state
+            .mkdir(ROOT, name("d"), ROOT_OWNER)
+            .expect("mkdir")
+            .ino
+            .0;
+        sync_dir(&mut state, ROOT);
+        (state, dir)
+    }
+
     fn sync_dir(state: &mut State, dir: u64) {
         let fh = state.opendir(dir).expect("opendir");
         state.fsyncdir(dir, fh).expect("fsyncdir");
@@ -915,13 +925,7 @@ mod tests {
 
     #[test]
     fn removing_a_tree_durably_drops_every_inode_in_it() {
-        let mut state = State::new(ROOT_OWNER);
-        let dir = state
-            .mkdir(ROOT, name("d"), ROOT_OWNER)
-            .expect("mkdir")
-            .ino
-            .0;
-        sync_dir(&mut state, ROOT);
+        let (mut state, dir) = with_durable_dir();
         synced_file(&mut state, dir, "a", b"a");
         synced_file(&mut state, dir, "b", b"b");
         state.unlink(dir, name("a")).expect("unlink");
@@ -935,13 +939,7 @@ mod tests {
 
     #[test]
     fn a_cut_restores_live_names_that_agree_with_the_durable_ones() {
-        let mut state = State::new(ROOT_OWNER);
-        let dir = state
-            .mkdir(ROOT, name("d"), ROOT_OWNER)
-            .expect("mkdir")
-            .ino
-            .0;
-        sync_dir(&mut state, ROOT);
+        let (mut state, dir) = with_durable_dir();
         synced_file(&mut state, dir, "f", b"f");
         state
             .rename(dir, name("f"), ROOT, name("g"), false)

@@ -66,14 +66,16 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use sand_protocol::disk::{self, MemDisk};
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecRecord, ExecStatus, Op};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer};
 use sand_protocol::ids::{
-    AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, WorkerId,
+    AppName, Attempt, CallId, CallKey, ExecId, GrainName, Incarnation, RunKey, WorkerId,
 };
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LbTimer, LocalBus};
 use sand_protocol::mutations::{Mutation, Mutations};
@@ -280,10 +282,9 @@ pub enum State {
 pub struct GatewayState {
     /// The real global queue.
     pub gq: GlobalQueue,
-    /// Batches written but not yet durable, oldest first.
-    pub unpersisted: Vec<Batch>,
-    /// The durable state: what the disk holds, and all a restart keeps.
-    pub durable: DurableState,
+    /// The disk: batches written but not yet durable, oldest first, and the durable state,
+    /// all a restart keeps.
+    pub disk: MemDisk,
     /// Suspicions fired, in all of the gateway's lives (the model's fault budget, not the
     /// gateway's knowledge).
     pub suspected: u32,
@@ -298,7 +299,7 @@ pub struct GatewayState {
     /// Requests waiting for each execution's answer.
     pub waiting: BTreeMap<ExecId, BTreeSet<u8>>,
     /// Retried requests that found their execution already ended: answered once the look-up's
-    /// `Accepted` says the state it read is durable.
+    /// `ConfirmInvoke` says the state it read is durable.
     pub lookups: BTreeMap<ExecId, BTreeSet<u8>>,
     /// Global queue timers currently armed.
     pub armed: BTreeSet<GqTimer>,
@@ -561,7 +562,7 @@ impl ModelCfg {
                             ) => {
                                 *incarnation != w.lb.incarnation()
                                     || *conn != w.conn
-                                    || !w.started.contains(&(call.exec, call.call, call.attempt))
+                                    || !w.started.contains(&call.run_key())
                             }
                             _ => true,
                         })
@@ -605,7 +606,7 @@ impl ModelCfg {
         if self.gateway_crashes > 0 {
             properties.push(Property::<SandModel>::sometimes(
                 "answered after a gateway crash",
-                |m, s| answered(m, s) && gateway(s).durable.epoch > 1,
+                |m, s| answered(m, s) && gateway(s).disk.durable().epoch > 1,
             ));
         }
         if self.suspicions > 0 {
@@ -630,9 +631,9 @@ impl ModelCfg {
             properties.push(Property::<SandModel>::sometimes(
                 "a dead worker's call is dispatched again, to another",
                 |_, s| {
-                    let lost: BTreeSet<(ExecId, CallId)> = workers(s)
+                    let lost: BTreeSet<CallKey> = workers(s)
                         .filter(|w| w.gone)
-                        .flat_map(|w| w.lb.running().map(|c| (c.exec, c.call)))
+                        .flat_map(|w| w.lb.running().map(|c| CallKey::new(c.exec, c.call)))
                         .collect();
                     s.network
                         .iter_all()
@@ -643,7 +644,7 @@ impl ModelCfg {
                                     ..
                                 },
                                 State::Worker(w),
-                            ) => !w.gone && lost.contains(&(call.exec, call.call)),
+                            ) => !w.gone && lost.contains(&CallKey::new(call.exec, call.call)),
                             _ => false,
                         })
                 },
@@ -700,10 +701,9 @@ impl ModelCfg {
                             msg: ToGateway::Progress { reports, .. },
                             ..
                         } => reports.iter().any(|r| match &r.outcome {
-                            Outcome::Done(e) => e
-                                .spawned
-                                .iter()
-                                .any(|c| c.owned && joins.contains_key(&(r.exec, c.call))),
+                            Outcome::Done(e) => e.spawned.iter().any(|c| {
+                                c.owned && joins.contains_key(&CallKey::new(r.exec, c.call))
+                            }),
                             Outcome::Failed(_) => false,
                         }),
                         _ => false,
@@ -720,7 +720,7 @@ impl ModelCfg {
                         Msg::ToWorker {
                             msg: ToWorker::Dispatch { call, .. },
                             ..
-                        } => joins.contains_key(&(call.exec, call.call)),
+                        } => joins.contains_key(&CallKey::new(call.exec, call.call)),
                         _ => false,
                     })
                 },
@@ -730,7 +730,7 @@ impl ModelCfg {
             properties.push(Property::<SandModel>::always(
                 "an app change is told only once durable",
                 |_, s| {
-                    let deployed = gateway(s).durable.apps.contains_key(&second_app());
+                    let deployed = gateway(s).disk.durable().apps.contains_key(&second_app());
                     s.network.iter_all().all(|env| match env.msg {
                         Msg::Changed { deployed: told } => *told == deployed,
                         _ => true,
@@ -917,7 +917,8 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
             answer,
             ..
         } => gateway(s)
-            .durable
+            .disk
+            .durable()
             .execs
             .get(exec)
             .is_none_or(|e| e.status != ExecStatus::Done(answer.clone())),
@@ -941,7 +942,7 @@ fn drop_dead_connections(s: &mut SandState, gateway_restarted: bool) {
         }
         (Msg::Open { epoch: Some(e), .. }, _) => *e < epoch,
         (Msg::ToWorker { conn, msg, .. }, State::Worker(w)) => {
-            w.gone || *conn < w.conn || addressee(msg) < w.lb.incarnation()
+            w.gone || *conn < w.conn || msg.incarnation() < w.lb.incarnation()
         }
         (Msg::Restarted, State::Worker(w)) => w.gone,
         (Msg::Open { conn, .. }, State::Gateway(g)) => replaced(g, env.src, *conn),
@@ -974,18 +975,6 @@ fn sender(msg: &ToGateway) -> Option<Incarnation> {
             Some(*incarnation)
         }
         ToGateway::Hello { .. } => None,
-    }
-}
-
-/// The worker incarnation a gateway message is addressed to.
-fn addressee(msg: &ToWorker) -> Incarnation {
-    match msg {
-        ToWorker::Welcome { incarnation, .. }
-        | ToWorker::Dispatch { incarnation, .. }
-        | ToWorker::Ack { incarnation, .. }
-        | ToWorker::Cancel { incarnation, .. }
-        | ToWorker::Abort { incarnation, .. }
-        | ToWorker::Fenced { incarnation, .. } => *incarnation,
     }
 }
 
@@ -1036,24 +1025,24 @@ fn owners_are_live(g: &GatewayState) -> bool {
 /// while no live worker is connected to take it.
 fn waiting_calls_wait_for_a_reason(g: &GatewayState) -> bool {
     let st = g.gq.state();
-    let backing_off: BTreeSet<(ExecId, CallId)> =
+    let backing_off: BTreeSet<CallKey> =
         g.gq.timers()
             .filter_map(|(t, _)| match t {
-                GqTimer::Retry(exec, call) => Some((exec, call)),
+                GqTimer::Retry(key) => Some(key),
                 _ => None,
             })
             .collect();
     let someone_connected = st.workers.keys().any(|w| g.gq.is_connected(*w));
     st.calls
         .values()
-        .all(|c| c.owner.is_some() || backing_off.contains(&(c.exec, c.call)) || !someone_connected)
+        .all(|c| c.owner.is_some() || backing_off.contains(&c.key()) || !someone_connected)
 }
 
 /// A worker never holds an ack for progress the gateway's disk lacks, and nothing the gateway
 /// promises (an answer, an ack, a `Welcome`, a `Fenced`, a `Cancel`, an `Abort`) is on its way
 /// before the disk has it.
 fn acked_is_durable(_: &SandModel, s: &SandState) -> bool {
-    let d = &gateway(s).durable;
+    let d = gateway(s).disk.durable();
     let workers_ok = workers(s).all(|w| {
         let acked = w.lb.acked();
         let rec = d.workers.get(&w.lb.config().worker);
@@ -1103,7 +1092,7 @@ fn coalesced(msg: &Msg) -> bool {
 /// while its own crashes are under the budget; worker crashes are budgeted in all, which only
 /// the whole state shows.
 fn within_boundary(cfg: &ModelCfg, s: &SandState) -> bool {
-    let gateway_crashes = gateway(s).durable.epoch.saturating_sub(1);
+    let gateway_crashes = gateway(s).disk.durable().epoch.saturating_sub(1);
     let worker_crashes: u64 = workers(s).map(|w| u64::from(w.boots - 1)).sum();
     gateway_crashes <= cfg.gateway_crashes && worker_crashes <= cfg.worker_crashes
 }
@@ -1192,15 +1181,11 @@ impl Actor for Node {
                 let count = if cfg.fsync_each_batch {
                     1
                 } else {
-                    g.unpersisted.len()
+                    g.disk.unwritten()
                 };
-                let batches: Vec<Batch> = g.unpersisted.drain(..count).collect();
-                if let Some(last) = batches.last().map(|b| b.index) {
-                    for b in &batches {
-                        g.fired.write(&mut g.durable, b);
-                    }
-                    g.gq.handle(T0, GqEvent::Persisted(last));
-                }
+                let g = &mut **g;
+                let fired = &mut g.fired;
+                let Ok(_) = g.disk.flush(&mut g.gq, T0, count, |d, b| fired.put(d, b));
                 drain_gateway(cfg, g, o);
             }
             (State::Gateway(g), Timer::Gq(t)) => {
@@ -1221,7 +1206,7 @@ impl Actor for Node {
                 for t in &g.armed {
                     o.cancel_timer(Timer::Gq(*t));
                 }
-                let durable = std::mem::take(&mut g.durable);
+                let durable = std::mem::take(&mut g.disk).into_durable();
                 let spent = Spent {
                     suspected: g.suspected,
                     deadlines: g.deadlines,
@@ -1243,7 +1228,7 @@ impl Actor for Node {
             }
             (State::Worker(w), Timer::Die) => {
                 for spec in w.lb.running() {
-                    o.cancel_timer(Timer::Grain((spec.exec, spec.call, spec.attempt)));
+                    o.cancel_timer(Timer::Grain(spec.run_key()));
                 }
                 for t in [Timer::Reconnect, Timer::Resend, Timer::Crash] {
                     o.cancel_timer(t);
@@ -1268,10 +1253,7 @@ impl Actor for Node {
                 drain_worker(w, o);
             }
             (State::Worker(w), Timer::Grain(run)) => {
-                let spec =
-                    w.lb.running()
-                        .find(|s| (s.exec, s.call, s.attempt) == *run)
-                        .cloned();
+                let spec = w.lb.running().find(|s| s.run_key() == *run).cloned();
                 if let Some(spec) = spec {
                     let result = cfg.run_grain(&spec);
                     w.lb.handle(T0, LbEvent::Finished { run: *run, result });
@@ -1281,7 +1263,7 @@ impl Actor for Node {
             (State::Worker(w), Timer::Crash) => {
                 // Its grains die with it; it persisted its incarnation and boot count.
                 for spec in w.lb.running() {
-                    o.cancel_timer(Timer::Grain((spec.exec, spec.call, spec.attempt)));
+                    o.cancel_timer(Timer::Grain(spec.run_key()));
                 }
                 o.cancel_timer(Timer::Reconnect);
                 o.cancel_timer(Timer::Resend);
@@ -1319,7 +1301,7 @@ fn is_stale(state: &State, src: Id, msg: &Msg) -> bool {
         (State::Worker(w), Msg::ToWorker { epoch, conn, msg }) => {
             w.epoch.is_some_and(|e| *epoch < e)
                 || *conn < w.conn
-                || addressee(msg) != w.lb.incarnation()
+                || msg.incarnation() != w.lb.incarnation()
         }
         _ => false,
     }
@@ -1381,17 +1363,17 @@ struct Spent {
 /// The joins fired in the durable history, in the order the disk took the batches.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Fired {
-    joins: BTreeSet<(ExecId, CallId)>,
+    joins: BTreeSet<CallKey>,
     /// Whether a join was fired again after it was first fired.
     pub twice: bool,
 }
 
 impl Fired {
     /// Writes a batch to the disk, noting the joins it fires.
-    fn write(&mut self, durable: &mut DurableState, batch: &Batch) {
+    fn put(&mut self, durable: &mut DurableState, batch: &Batch) -> Result<(), Infallible> {
         for op in &batch.ops {
             if let Op::PutJoin(j) = op {
-                let key = (j.exec, j.spec.call);
+                let key = j.key();
                 let before = durable.joins.get(&key).is_some_and(|d| d.fired);
                 if j.fired && (before || !self.joins.insert(key)) {
                     self.twice = true;
@@ -1399,6 +1381,7 @@ impl Fired {
             }
             durable.apply(op);
         }
+        Ok(())
     }
 }
 
@@ -1410,7 +1393,7 @@ fn start_gateway(
     spent: Spent,
     o: &mut Out<Node>,
 ) -> GatewayState {
-    let (mut gq, mut durable) = match durable {
+    let (mut gq, durable) = match durable {
         Some(d) => {
             for actor in 1..=cfg.workers + 1 {
                 o.send(Id::from(actor), Msg::Restarted);
@@ -1426,19 +1409,19 @@ fn start_gateway(
     };
     // A gateway's first act is a durable write of its epoch (and, for a fresh cluster, of the
     // app), before it serves anything: the disk then counts every start.
+    let mut disk = MemDisk::new(durable);
     while let Some(out) = gq.poll_output() {
         if let GqOutput::Persist(b) = out {
-            durable.apply_batch(&b);
-            gq.handle(T0, GqEvent::Persisted(b.index));
+            disk.take(b);
+            let Ok(_) = disk.flush(&mut gq, T0, 1, disk::put);
         }
     }
-    if durable.epoch.saturating_sub(1) < cfg.gateway_crashes {
+    if disk.durable().epoch.saturating_sub(1) < cfg.gateway_crashes {
         o.set_timer(Timer::Crash, model_timeout());
     }
     let mut g = GatewayState {
         gq,
-        unpersisted: Vec::new(),
-        durable,
+        disk,
         suspected: spent.suspected,
         deadlines: spent.deadlines,
         gone: spent.gone,
@@ -1521,16 +1504,17 @@ fn gateway_msg(cfg: &ModelCfg, g: &mut GatewayState, src: Id, msg: Msg, o: &mut 
 /// true by construction; it is checked in the lives that can still crash, where it matters.)
 fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
     let client = Id::from(cfg.workers + 1);
-    let may_crash = g.durable.epoch.saturating_sub(1) < cfg.gateway_crashes;
+    let may_crash = g.disk.durable().epoch.saturating_sub(1) < cfg.gateway_crashes;
     while let Some(out) = g.gq.poll_output() {
         match out {
             GqOutput::Persist(b) if may_crash => {
-                g.unpersisted.push(b);
+                g.disk.take(b);
                 o.set_timer(Timer::Fsync, model_timeout());
             }
             GqOutput::Persist(b) => {
-                g.fired.write(&mut g.durable, &b);
-                g.gq.handle(T0, GqEvent::Persisted(b.index));
+                g.disk.take(b);
+                let fired = &mut g.fired;
+                let Ok(_) = g.disk.flush(&mut g.gq, T0, 1, |d, b| fired.put(d, b));
             }
             GqOutput::Send(w, msg) => {
                 let epoch = g.gq.state().epoch;
@@ -1540,7 +1524,7 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
                     Msg::ToWorker { epoch, conn, msg },
                 );
             }
-            GqOutput::Accepted(exec) => {
+            GqOutput::ConfirmInvoke(exec) => {
                 // A look-up for a retried request: answer it if the execution already ended.
                 if let Some(ExecStatus::Done(answer)) = g.gq.execution(exec).map(|e| &e.status) {
                     for request in g.lookups.remove(&exec).unwrap_or_default() {
@@ -1548,8 +1532,8 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
                     }
                 }
             }
-            GqOutput::Deployed(_) => o.send(client, Msg::Changed { deployed: true }),
-            GqOutput::Removed { .. } => o.send(client, Msg::Changed { deployed: false }),
+            GqOutput::ConfirmDeploy(_) => o.send(client, Msg::Changed { deployed: true }),
+            GqOutput::ConfirmRemove { .. } => o.send(client, Msg::Changed { deployed: false }),
             GqOutput::Respond(exec, answer) => {
                 // The first answer is the execution's one Respond; it goes out even when nobody
                 // waits any more (the request came to an earlier life of the gateway).
@@ -1573,7 +1557,7 @@ fn drain_gateway(cfg: &ModelCfg, g: &mut GatewayState, o: &mut Out<Node>) {
             }
         }
     }
-    if g.unpersisted.is_empty() {
+    if g.disk.unwritten() == 0 {
         o.cancel_timer(Timer::Fsync);
     }
     // Suspicion is explored within its budget; a crashed worker is found by its new Hello.
@@ -1644,14 +1628,14 @@ fn drain_worker(w: &mut WorkerState, o: &mut Out<Node>) {
                 }
             }
             LbOutput::Run(spec) => {
-                let run = (spec.exec, spec.call, spec.attempt);
+                let run = spec.run_key();
                 w.started_twice |= !w.started.insert(run);
                 o.set_timer(Timer::Grain(run), model_timeout());
             }
             LbOutput::Abort(run) => o.cancel_timer(Timer::Grain(run)),
             // The incarnation is in the worker's state, which a restart reads; a new one has
             // started nothing yet.
-            LbOutput::Incarnation(_) => w.started.clear(),
+            LbOutput::PersistIncarnation(_) => w.started.clear(),
         }
     }
     // The re-send timer fires at any moment while it is set and the budget lasts.

@@ -2,14 +2,14 @@
 //! "durable before visible", shared by the model and the simulator.
 //!
 //! An ack or a `Welcome` lets a worker drop its backups; a `Fenced`, a `Cancel` or an `Abort`
-//! lets it drop work; an `Accepted`, an answer, a `Deployed` or a `Removed` tells a client
-//! something. Each may leave the gateway only once the state change behind it is on disk: a
-//! gateway that crashed before the write would otherwise still expect what was dropped, or
-//! forget what it said.
+//! lets it drop work; a `ConfirmInvoke`, an answer, a `ConfirmDeploy` or a `ConfirmRemove` tells
+//! a client something. Each may leave the gateway only once the state change behind it is on
+//! disk: a gateway that crashed before the write would otherwise still expect what was dropped,
+//! or forget what it said.
 
-use sand_protocol::durable::{DurableState, ExecStatus, Owner};
+use sand_protocol::durable::{DurableState, ExecStatus};
 use sand_protocol::global_queue::GqOutput;
-use sand_protocol::ids::WorkerId;
+use sand_protocol::ids::{CallKey, WorkerId};
 use sand_protocol::wire::ToWorker;
 
 /// Whether the disk holds what `out` promises (outputs that promise nothing always pass, and
@@ -17,14 +17,14 @@ use sand_protocol::wire::ToWorker;
 pub fn is_durable(store: &DurableState, out: &GqOutput) -> bool {
     match out {
         GqOutput::Send(worker, msg) => sent_is_durable(store, *worker, msg),
-        GqOutput::Accepted(exec) => store.execs.contains_key(exec),
+        GqOutput::ConfirmInvoke(exec) => store.execs.contains_key(exec),
         GqOutput::Respond(exec, answer) => store
             .execs
             .get(exec)
             .is_some_and(|e| e.status == ExecStatus::Done(answer.clone())),
         // Whether what one says is on disk depends on the changes after it, which a write
         // may make durable with it: the caller checks each against the batch that made it.
-        GqOutput::Deployed(_) | GqOutput::Removed { .. } | GqOutput::Persist(_) => true,
+        GqOutput::ConfirmDeploy(_) | GqOutput::ConfirmRemove { .. } | GqOutput::Persist(_) => true,
     }
 }
 
@@ -48,22 +48,17 @@ pub fn sent_is_durable(store: &DurableState, worker: WorkerId, msg: &ToWorker) -
             .execs
             .get(exec)
             .is_some_and(|e| matches!(e.status, ExecStatus::Done(_))),
-        // The worker kills the attempt: it must no longer be running there.
+        // The worker kills the attempt: no one may hold it any longer (an attempt is fresh per
+        // placement, so one still owned is one still expected to run).
         ToWorker::Abort {
-            incarnation,
             exec,
             call,
             attempt,
-        } => {
-            let there = Owner {
-                worker,
-                incarnation: *incarnation,
-            };
-            store
-                .calls
-                .get(&(*exec, *call))
-                .is_none_or(|c| c.attempt != *attempt || c.owner != Some(there))
-        }
+            ..
+        } => store
+            .calls
+            .get(&CallKey::new(*exec, *call))
+            .is_none_or(|c| c.attempt != *attempt || c.owner.is_none()),
         ToWorker::Dispatch { .. } => true,
     }
 }

@@ -11,7 +11,7 @@ use sand_models::check::{check, CheckOptions};
 use sand_models::model::{mutated, ModelCfg, Msg, SandState, State};
 use sand_protocol::ids::{Incarnation, WorkerId};
 use sand_protocol::mutations::Mutation;
-use sand_protocol::wire::{ToGateway, ToWorker};
+use sand_protocol::wire::ToGateway;
 use stateright::{Expectation, Model};
 
 /// Checks `cfg` with `m` switched on and returns the property it breaks, with its trace.
@@ -539,14 +539,7 @@ fn no_dead_letters(cfg: ModelCfg) -> (usize, usize) {
                     assert!(*e >= epoch, "a message to dead epoch {e}: {env:?}")
                 }
                 (Msg::ToWorker { msg, .. }, State::Worker(w)) => {
-                    let to = match msg {
-                        ToWorker::Welcome { incarnation, .. }
-                        | ToWorker::Dispatch { incarnation, .. }
-                        | ToWorker::Ack { incarnation, .. }
-                        | ToWorker::Cancel { incarnation, .. }
-                        | ToWorker::Abort { incarnation, .. }
-                        | ToWorker::Fenced { incarnation, .. } => *incarnation,
-                    };
+                    let to = msg.incarnation();
                     assert!(
                         to >= w.lb.incarnation(),
                         "a message to a dead life: {env:?}"

@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
+use crate::ids::{
+    AppName, Attempt, CallId, CallKey, ExecId, GrainName, Incarnation, Seq, WorkerId,
+};
 use crate::policy::AppSpec;
 use crate::time::Time;
 use crate::wire::{AppBundle, Cont, GrainError, JoinSpec, Payload, Reason};
@@ -119,6 +121,13 @@ pub struct CallRecord {
     pub depth_left: u32,
 }
 
+impl CallRecord {
+    /// The call's key.
+    pub fn key(&self) -> CallKey {
+        CallKey::new(self.exec, self.call)
+    }
+}
+
 /// A fan-out's join, and the branch values recorded so far.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
 pub struct JoinRecord {
@@ -133,6 +142,11 @@ pub struct JoinRecord {
 }
 
 impl JoinRecord {
+    /// The join call's key.
+    pub fn key(&self) -> CallKey {
+        CallKey::new(self.exec, self.spec.call)
+    }
+
     /// Whether every branch has contributed.
     pub fn is_complete(&self) -> bool {
         self.contributions.iter().all(Option::is_some)
@@ -204,9 +218,9 @@ pub struct DurableState {
     /// Executions, running and ended (until forgotten).
     pub execs: BTreeMap<ExecId, ExecRecord>,
     /// Pending calls.
-    pub calls: BTreeMap<(ExecId, CallId), CallRecord>,
+    pub calls: BTreeMap<CallKey, CallRecord>,
     /// Joins of running executions.
-    pub joins: BTreeMap<(ExecId, CallId), JoinRecord>,
+    pub joins: BTreeMap<CallKey, JoinRecord>,
     /// Workers.
     pub workers: BTreeMap<WorkerId, WorkerRecord>,
 }
@@ -229,16 +243,16 @@ impl DurableState {
                 self.execs.remove(e);
             }
             Op::PutCall(c) => {
-                self.calls.insert((c.exec, c.call), c.clone());
+                self.calls.insert(c.key(), c.clone());
             }
             Op::DelCall(e, c) => {
-                self.calls.remove(&(*e, *c));
+                self.calls.remove(&CallKey::new(*e, *c));
             }
             Op::PutJoin(j) => {
-                self.joins.insert((j.exec, j.spec.call), j.clone());
+                self.joins.insert(j.key(), j.clone());
             }
             Op::DelJoin(e, c) => {
-                self.joins.remove(&(*e, *c));
+                self.joins.remove(&CallKey::new(*e, *c));
             }
             Op::PutWorker(w, r) => {
                 self.workers.insert(*w, *r);

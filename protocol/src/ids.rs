@@ -102,6 +102,34 @@ fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A call's key: calls are unique within their execution. Ordered by execution first, so one
+/// execution's calls are a range.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CallKey {
+    /// The execution.
+    pub exec: ExecId,
+    /// The call within it.
+    pub call: CallId,
+}
+
+impl CallKey {
+    /// The key of call `call` of execution `exec`.
+    pub fn new(exec: ExecId, call: CallId) -> Self {
+        Self { exec, call }
+    }
+
+    /// Every key of execution `exec`'s calls, as a range.
+    pub fn of_exec(exec: ExecId) -> std::ops::RangeInclusive<Self> {
+        Self::new(exec, CallId(0))..=Self::new(exec, CallId(u64::MAX))
+    }
+}
+
+impl fmt::Debug for CallKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}/{:?}", self.exec, self.call)
+    }
+}
+
 /// A worker host, named by the cluster (its certificate's name maps to it).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct WorkerId(pub u32);
@@ -151,9 +179,6 @@ impl fmt::Debug for Incarnation {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct Attempt(pub u64);
 
-/// One attempt of one call: what a worker starts at most once per incarnation.
-pub type RunKey = (ExecId, CallId, Attempt);
-
 impl Attempt {
     /// The `index`-th placement of gateway epoch `epoch`.
     pub fn placement(epoch: u32, index: u32) -> Self {
@@ -169,6 +194,34 @@ impl Attempt {
 impl fmt::Debug for Attempt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "a{}.{}", self.0 >> 32, self.0 as u32)
+    }
+}
+
+/// One attempt of one call: what a worker starts at most once per incarnation.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RunKey {
+    /// The execution.
+    pub exec: ExecId,
+    /// The call within it.
+    pub call: CallId,
+    /// The attempt of the call.
+    pub attempt: Attempt,
+}
+
+impl RunKey {
+    /// The key of attempt `attempt` of call `call` of execution `exec`.
+    pub fn new(exec: ExecId, call: CallId, attempt: Attempt) -> Self {
+        Self {
+            exec,
+            call,
+            attempt,
+        }
+    }
+}
+
+impl fmt::Debug for RunKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}/{:?}/{:?}", self.exec, self.call, self.attempt)
     }
 }
 
@@ -306,6 +359,19 @@ mod tests {
         let e = ExecId::new(1, 42);
         assert_eq!(e.to_string().parse::<ExecId>(), Ok(e));
         assert!("zz".parse::<ExecId>().is_err());
+    }
+
+    #[test]
+    fn keys_encode_as_the_tuples_they_name() {
+        let (exec, call, attempt) = (ExecId::new(1, 2), CallId(3), Attempt::placement(4, 5));
+        assert_eq!(
+            postcard::to_stdvec(&CallKey::new(exec, call)).unwrap(),
+            postcard::to_stdvec(&(exec, call)).unwrap()
+        );
+        assert_eq!(
+            postcard::to_stdvec(&RunKey::new(exec, call, attempt)).unwrap(),
+            postcard::to_stdvec(&(exec, call, attempt)).unwrap()
+        );
     }
 
     #[test]

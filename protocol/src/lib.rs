@@ -13,9 +13,11 @@
 //! - [`global_queue`]: the gateway's durable record of every pending call and who owns it.
 //! - [`local_bus`]: a worker's queue of the calls it runs itself, and its backups.
 //! - [`durable`]: the records the global queue persists, and the state they rebuild.
+//! - [`disk`]: a gateway's disk in memory, for driving the global queue without I/O.
 //! - [`time`]: the time values the caller passes in.
 //! - [`mutations`]: deliberate bugs, off by default, that the checkers must catch.
 
+pub mod disk;
 pub mod durable;
 pub mod global_queue;
 pub mod ids;

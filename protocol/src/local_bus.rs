@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::ids::{Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq, WorkerId};
 use crate::mutations::{Mutation, Mutations};
-use crate::time::Time;
+use crate::time::{self, Time};
 use crate::wire::{
     CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload, Report,
     Return, ToGateway, ToWorker, FANOUT_MAX, PAYLOAD_BYTES_MAX,
@@ -117,8 +117,8 @@ pub enum LbOutput {
     Run(CallSpec),
     /// Kill this attempt if it still runs; report nothing for it.
     Abort(RunKey),
-    /// This worker is a new incarnation: persist it, so a restart picks a larger one.
-    Incarnation(Incarnation),
+    /// This worker is a new incarnation: write it durably, so a restart picks a larger one.
+    PersistIncarnation(Incarnation),
 }
 
 /// A fan-out whose branches all run here, so this worker can start the join itself.
@@ -230,13 +230,7 @@ impl LocalBus {
 
     /// Fires every timer whose deadline is at or before `now`.
     pub fn handle_timeouts(&mut self, now: Time) {
-        let due: Vec<LbTimer> = self
-            .timers
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(t, _)| *t)
-            .collect();
-        for timer in due {
+        for timer in time::due(&self.timers, now) {
             self.handle(now, LbEvent::Timeout(timer));
         }
     }
@@ -248,7 +242,7 @@ impl LocalBus {
 
     /// The earliest timer deadline, if any timer is set.
     pub fn poll_timeout(&self) -> Option<Time> {
-        self.timers.values().min().copied()
+        time::earliest(&self.timers)
     }
 
     /// The settings it runs with.
@@ -283,15 +277,7 @@ impl LocalBus {
     }
 
     fn on_message(&mut self, now: Time, msg: ToWorker) {
-        let incarnation = match &msg {
-            ToWorker::Welcome { incarnation, .. }
-            | ToWorker::Dispatch { incarnation, .. }
-            | ToWorker::Ack { incarnation, .. }
-            | ToWorker::Cancel { incarnation, .. }
-            | ToWorker::Abort { incarnation, .. }
-            | ToWorker::Fenced { incarnation, .. } => *incarnation,
-        };
-        if incarnation != self.incarnation {
+        if msg.incarnation() != self.incarnation {
             return; // Addressed to another life of this worker.
         }
         match msg {
@@ -310,7 +296,7 @@ impl LocalBus {
                 self.timers.insert(LbTimer::Heartbeat, now + heartbeat);
             }
             ToWorker::Dispatch { call, .. } => {
-                let run = (call.exec, call.call, call.attempt);
+                let run = call.run_key();
                 let rerun = self.mutations.has(Mutation::RerunStarted);
                 if rerun || !self.running.contains_key(&run) && !self.settled.contains_key(&run) {
                     self.start(call);
@@ -321,15 +307,15 @@ impl LocalBus {
                 let runs: Vec<RunKey> = self
                     .running
                     .keys()
-                    .filter(|r| r.0 == exec)
+                    .filter(|r| r.exec == exec)
                     .copied()
                     .collect();
                 for run in runs {
                     self.running.remove(&run);
                     self.outputs.push_back(LbOutput::Abort(run));
                 }
-                self.settled.retain(|r, _| r.0 != exec);
-                self.joins.retain(|(e, _, _), _| *e != exec);
+                self.settled.retain(|r, _| r.exec != exec);
+                self.joins.retain(|r, _| r.exec != exec);
             }
             ToWorker::Abort {
                 exec,
@@ -337,7 +323,7 @@ impl LocalBus {
                 attempt,
                 ..
             } => {
-                let run = (exec, call, attempt);
+                let run = RunKey::new(exec, call, attempt);
                 if self.running.remove(&run).is_some() {
                     self.outputs.push_back(LbOutput::Abort(run));
                 }
@@ -359,7 +345,7 @@ impl LocalBus {
         *self = fresh;
         self.outputs = outputs;
         self.outputs
-            .push_back(LbOutput::Incarnation(self.incarnation));
+            .push_back(LbOutput::PersistIncarnation(self.incarnation));
         if connected {
             self.handle_connected();
         }
@@ -385,7 +371,8 @@ impl LocalBus {
             Ok(GrainResult::Error(error)) | Err(error) => {
                 if let Cont::Join { join, .. } = spec.cont {
                     // The gateway retries the branch, perhaps elsewhere: it starts the join.
-                    self.joins.remove(&(spec.exec, join, spec.attempt));
+                    self.joins
+                        .remove(&RunKey::new(spec.exec, join, spec.attempt));
                 }
                 Outcome::Failed(error)
             }
@@ -428,7 +415,7 @@ impl LocalBus {
         let Cont::Join { join, branch } = spec.cont else {
             return effects;
         };
-        let jkey = (spec.exec, join, spec.attempt);
+        let jkey = RunKey::new(spec.exec, join, spec.attempt);
         let Some(local) = self.joins.get_mut(&jkey) else {
             return effects;
         };
@@ -498,7 +485,7 @@ impl LocalBus {
         if all_local {
             let contributions = vec![None; join.branches as usize];
             self.joins.insert(
-                (spec.exec, join.call, spec.attempt),
+                RunKey::new(spec.exec, join.call, spec.attempt),
                 LocalJoin {
                     spec: join,
                     fan_out: spec.clone(),
@@ -523,7 +510,8 @@ impl LocalBus {
         effects: &mut Effects,
     ) -> bool {
         let call = parent.call.child(index);
-        let local = !self.overloaded() && !self.has_run((parent.exec, call, parent.attempt));
+        let local =
+            !self.overloaded() && !self.has_run(RunKey::new(parent.exec, call, parent.attempt));
         effects.spawned.push(NewCall {
             call,
             grain: grain.clone(),
@@ -548,8 +536,7 @@ impl LocalBus {
     }
 
     fn start(&mut self, spec: CallSpec) {
-        self.running
-            .insert((spec.exec, spec.call, spec.attempt), spec.clone());
+        self.running.insert(spec.run_key(), spec.clone());
         self.outputs.push_back(LbOutput::Run(spec));
     }
 

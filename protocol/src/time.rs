@@ -4,6 +4,7 @@
 //! and report the earliest through `poll_timeout`; the caller wakes them then, or (a model
 //! checker) fires any timer at any moment.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Add;
 use std::time::Duration;
@@ -39,6 +40,22 @@ impl Add<Duration> for Time {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Time(self.0.saturating_add(ms))
     }
+}
+
+/// The timers whose deadline is at or before `now`, in timer order: what a state machine's
+/// `handle_timeouts` fires, one by one.
+pub fn due<T: Copy>(timers: &BTreeMap<T, Time>, now: Time) -> Vec<T> {
+    timers
+        .iter()
+        .filter(|(_, at)| **at <= now)
+        .map(|(t, _)| *t)
+        .collect()
+}
+
+/// The earliest deadline of `timers`, if any is set: what a state machine's `poll_timeout`
+/// reports.
+pub fn earliest<T>(timers: &BTreeMap<T, Time>) -> Option<Time> {
+    timers.values().min().copied()
 }
 
 impl fmt::Debug for Time {

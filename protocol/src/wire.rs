@@ -138,6 +138,13 @@ pub struct CallSpec {
     pub depth_left: u32,
 }
 
+impl CallSpec {
+    /// The run this spec starts.
+    pub fn run_key(&self) -> RunKey {
+        RunKey::new(self.exec, self.call, self.attempt)
+    }
+}
+
 /// A call that a report leaves pending.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
 pub struct NewCall {
@@ -364,6 +371,20 @@ pub enum ToWorker {
         /// as a new life.
         successor: Incarnation,
     },
+}
+
+impl ToWorker {
+    /// The worker incarnation the message is addressed to; a worker drops any other.
+    pub fn incarnation(&self) -> Incarnation {
+        match self {
+            ToWorker::Welcome { incarnation, .. }
+            | ToWorker::Dispatch { incarnation, .. }
+            | ToWorker::Ack { incarnation, .. }
+            | ToWorker::Cancel { incarnation, .. }
+            | ToWorker::Abort { incarnation, .. }
+            | ToWorker::Fenced { incarnation, .. } => *incarnation,
+        }
+    }
 }
 
 /// A service message from a worker's driver to the gateway's.

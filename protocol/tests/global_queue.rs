@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, GqTimer, InvokeError};
-use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
+use sand_protocol::ids::{
+    AppName, Attempt, CallId, CallKey, ExecId, GrainName, Incarnation, RunKey, Seq, WorkerId,
+};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
@@ -143,7 +145,7 @@ impl Gq {
             unpersisted: Vec::new(),
         };
         assert_eq!(t.drain(), vec![]);
-        assert_eq!(t.persist(), vec![GqOutput::Deployed(app())]);
+        assert_eq!(t.persist(), vec![GqOutput::ConfirmDeploy(app())]);
         t
     }
 
@@ -286,7 +288,7 @@ fn an_invocation_is_dispatched_at_once_and_accepted_once_durable() {
         out,
         vec![dispatch(W0, spec(exec, "a", "1", first()), Reason::First)]
     );
-    assert_eq!(t.persist(), vec![GqOutput::Accepted(exec)]);
+    assert_eq!(t.persist(), vec![GqOutput::ConfirmInvoke(exec)]);
     assert_eq!(t.store.execs[&exec].status, ExecStatus::Running);
 }
 
@@ -322,8 +324,8 @@ fn an_idempotency_key_finds_the_first_execution() {
     assert_eq!(
         t.persist(),
         vec![
-            GqOutput::Accepted(first.exec),
-            GqOutput::Accepted(first.exec)
+            GqOutput::ConfirmInvoke(first.exec),
+            GqOutput::ConfirmInvoke(first.exec)
         ]
     );
 }
@@ -379,7 +381,7 @@ fn a_call_waits_for_a_worker_then_is_placed_on_hello() {
         out,
         vec![dispatch(W0, spec(exec, "a", "1", first()), Reason::First)]
     );
-    let rec = &t.gq.state().calls[&(exec, exec.root_call())];
+    let rec = &t.gq.state().calls[&CallKey::new(exec, exec.root_call())];
     assert_eq!(
         rec.owner,
         Some(Owner {
@@ -476,7 +478,7 @@ fn a_locally_run_call_is_owned_and_an_unowned_one_is_placed() {
     placed.call = c0.child(1);
     assert_eq!(out, vec![dispatch(W1, placed, Reason::First)]);
     let owner = |i| {
-        t.gq.state().calls[&(exec, c0.child(i))]
+        t.gq.state().calls[&CallKey::new(exec, c0.child(i))]
             .owner
             .unwrap()
             .worker
@@ -502,7 +504,7 @@ fn a_failed_attempt_is_retried_after_a_backoff_then_fails_the_execution() {
         outcome: Outcome::Failed(GrainError::new(ErrorKind::Raised, "boom")),
     };
     assert_eq!(t.progress(W0, 1, vec![failed(first())]), vec![]);
-    let retry = GqTimer::Retry(exec, c0);
+    let retry = GqTimer::Retry(CallKey::new(exec, c0));
     let at = t.gq.timers().find(|(t, _)| *t == retry).map(|(_, at)| at);
     assert_eq!(at, Some(T0 + Duration::from_millis(100)));
     let second = Attempt::placement(1, 1);
@@ -541,7 +543,7 @@ fn a_deadline_aborts_the_attempt_and_retries_it() {
     t.hello(W0, I1);
     let (exec, _) = t.invoke("1");
     let c0 = exec.root_call();
-    let deadline = GqTimer::Deadline(exec, c0);
+    let deadline = GqTimer::Deadline(CallKey::new(exec, c0));
     let at =
         t.gq.timers()
             .find(|(t, _)| *t == deadline)
@@ -558,8 +560,11 @@ fn a_deadline_aborts_the_attempt_and_retries_it() {
     };
     // The abort lets the worker drop the attempt: it waits until the failure is durable.
     assert_eq!(t.fire(deadline), vec![]);
-    assert_eq!(t.persist(), vec![GqOutput::Accepted(exec), send(W0, abort)]);
-    let rec = &t.gq.state().calls[&(exec, c0)];
+    assert_eq!(
+        t.persist(),
+        vec![GqOutput::ConfirmInvoke(exec), send(W0, abort)]
+    );
+    let rec = &t.gq.state().calls[&CallKey::new(exec, c0)];
     assert_eq!((rec.failures, rec.owner), (1, None));
 }
 
@@ -691,7 +696,7 @@ fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
         3,
         vec![done(exec, c0.child(0), first(), contribute(0, "a"))],
     );
-    assert!(!t.gq.state().joins[&(exec, join)].fired);
+    assert!(!t.gq.state().joins[&CallKey::new(exec, join)].fired);
     let out = t.progress(
         W0,
         4,
@@ -705,7 +710,7 @@ fn a_fan_out_joins_once_in_branch_order_and_cancels_leftovers() {
         vec![dispatch(W0, j.clone(), Reason::First)],
         "both idle: the lowest id wins"
     );
-    assert!(t.gq.state().joins[&(exec, join)].fired);
+    assert!(t.gq.state().joins[&CallKey::new(exec, join)].fired);
     // The join answers; nothing is left.
     t.progress(W0, 5, vec![done(exec, join, j.attempt, returns("abc"))]);
     assert!(t.gq.state().calls.is_empty() && t.gq.state().joins.is_empty());
@@ -745,9 +750,9 @@ fn a_join_started_by_the_worker_is_owned_by_it() {
         t.progress(W0, 1, vec![done(exec, c0, first(), effects)]),
         vec![]
     );
-    let rec = &t.gq.state().calls[&(exec, join)];
+    let rec = &t.gq.state().calls[&CallKey::new(exec, join)];
     assert_eq!((rec.owner.unwrap().worker, rec.attempt), (W0, first()));
-    assert!(t.gq.state().joins[&(exec, join)].fired);
+    assert!(t.gq.state().joins[&CallKey::new(exec, join)].fired);
 }
 
 #[test]
@@ -829,7 +834,10 @@ fn recovery_redispatches_the_calls_of_a_dead_incarnation() {
     let (exec, _) = t.invoke("1");
     t.fire(GqTimer::Suspect(W0));
     t.persist();
-    assert_eq!(t.store.calls[&(exec, exec.root_call())].owner, None);
+    assert_eq!(
+        t.store.calls[&CallKey::new(exec, exec.root_call())].owner,
+        None
+    );
     let gq = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
     assert!(gq.timers().all(|(timer, _)| timer != GqTimer::Suspect(W0)));
 }
@@ -897,7 +905,7 @@ fn a_reconnect_redispatches_only_what_the_worker_has_not_started() {
     let (e2, _) = t.invoke("2");
     t.persist();
     t.gq.handle(T0, GqEvent::Disconnected(W0));
-    let started = vec![(e1, e1.root_call(), first())];
+    let started = vec![RunKey::new(e1, e1.root_call(), first())];
     let out = t.msg(
         W0,
         ToGateway::Hello {
@@ -947,7 +955,10 @@ fn a_hello_that_does_not_resume_a_known_incarnation_is_fenced_above_it() {
         t.msg(W0, hello(Incarnation(2), false)),
         vec![fenced(Incarnation(2))]
     );
-    assert_eq!(t.store.calls[&(exec, exec.root_call())].owner, None);
+    assert_eq!(
+        t.store.calls[&CallKey::new(exec, exec.root_call())].owner,
+        None
+    );
     // Above it, it is welcomed as a new life and gets the call again.
     let i6 = Incarnation(6);
     let out = t.msg(W0, hello(i6, false));
@@ -1043,7 +1054,7 @@ fn deploys_and_removals_are_told_only_once_durable_and_carry_the_code() {
             .collect()
     };
     assert_eq!(listed(&t), ["app"], "listed before durable");
-    assert_eq!(t.persist(), vec![GqOutput::Deployed(other.clone())]);
+    assert_eq!(t.persist(), vec![GqOutput::ConfirmDeploy(other.clone())]);
     assert_eq!(
         t.store.apps[&other].bundle,
         bundle(),
@@ -1059,7 +1070,7 @@ fn deploys_and_removals_are_told_only_once_durable_and_carry_the_code() {
         ["app", "other"],
         "gone from the list before durable"
     );
-    let removed = GqOutput::Removed {
+    let removed = GqOutput::ConfirmRemove {
         app: other.clone(),
         existed: true,
     };
@@ -1072,7 +1083,7 @@ fn deploys_and_removals_are_told_only_once_durable_and_carry_the_code() {
 
     // A second removal finds nothing, and says so once the disk agrees: at once here.
     t.gq.remove_app(&other);
-    let absent = GqOutput::Removed {
+    let absent = GqOutput::ConfirmRemove {
         app: other,
         existed: false,
     };

@@ -103,7 +103,7 @@ impl Lb {
     }
 
     fn finish(&mut self, s: &CallSpec, result: GrainResult) -> Vec<LbOutput> {
-        let run = (s.exec, s.call, s.attempt);
+        let run = s.run_key();
         self.on(LbEvent::Finished { run, result })
     }
 }
@@ -435,7 +435,7 @@ fn unacked_progress_is_resent_on_a_timer_and_after_a_reconnect() {
         vec![LbOutput::Send(ToGateway::Hello {
             incarnation: I1,
             resumed: true,
-            started: vec![(s.exec, s.call, s.attempt)]
+            started: vec![s.run_key()]
         })]
     );
     assert_eq!(t.msg(welcome(Seq(0))), sent);
@@ -472,7 +472,6 @@ fn cancel_and_abort_kill_running_attempts() {
     let other = spec(CallId(9), "x", "0", placed(), Cont::Client);
     t.dispatch(s.clone());
     t.dispatch(other.clone());
-    let run = |s: &CallSpec| (s.exec, s.call, s.attempt);
     assert_eq!(
         t.msg(ToWorker::Abort {
             incarnation: I1,
@@ -480,14 +479,14 @@ fn cancel_and_abort_kill_running_attempts() {
             call: other.call,
             attempt: other.attempt
         }),
-        vec![LbOutput::Abort(run(&other))]
+        vec![LbOutput::Abort(other.run_key())]
     );
     assert_eq!(
         t.msg(ToWorker::Cancel {
             incarnation: I1,
             exec: exec()
         }),
-        vec![LbOutput::Abort(run(&s))]
+        vec![LbOutput::Abort(s.run_key())]
     );
     assert_eq!(
         t.finish(&s, GrainResult::Return(Payload::from("1"))),
@@ -511,8 +510,8 @@ fn a_fenced_worker_forgets_everything_and_comes_back_new() {
     assert_eq!(
         t.msg(fenced.clone()),
         vec![
-            LbOutput::Abort((s.exec, s.call, s.attempt)),
-            LbOutput::Incarnation(successor),
+            LbOutput::Abort(s.run_key()),
+            LbOutput::PersistIncarnation(successor),
             LbOutput::Send(ToGateway::Hello {
                 incarnation: successor,
                 resumed: false,

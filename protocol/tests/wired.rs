@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use sand_protocol::durable::{Batch, DurableState, ExecStatus, LogIndex};
+use sand_protocol::disk::{self, MemDisk};
+use sand_protocol::durable::ExecStatus;
 use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput};
 use sand_protocol::ids::{AppName, ExecId, GrainName, Incarnation, RunKey, WorkerId};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
@@ -29,8 +30,7 @@ fn app() -> AppName {
 /// A gateway with its disk, one worker, and the messages in flight between them.
 struct Cluster {
     gq: GlobalQueue,
-    disk: DurableState,
-    unpersisted: Vec<Batch>,
+    disk: MemDisk,
     lb: LocalBus,
     /// Gateway → worker, in the order sent.
     to_worker: Vec<ToWorker>,
@@ -71,8 +71,7 @@ impl Cluster {
         );
         let mut c = Self {
             gq,
-            disk: DurableState::default(),
-            unpersisted: Vec::new(),
+            disk: MemDisk::default(),
             lb: LocalBus::new(LbConfig::default(), Incarnation(1)),
             to_worker: Vec::new(),
             to_gateway: Vec::new(),
@@ -88,21 +87,18 @@ impl Cluster {
     fn drain_gq(&mut self) {
         while let Some(out) = self.gq.poll_output() {
             match out {
-                GqOutput::Persist(b) => self.unpersisted.push(b),
+                GqOutput::Persist(b) => self.disk.take(b),
                 GqOutput::Send(_, m) => self.to_worker.push(m),
                 GqOutput::Respond(exec, _) => self.answers.push(exec),
-                GqOutput::Accepted(_) | GqOutput::Deployed(_) | GqOutput::Removed { .. } => {}
+                GqOutput::ConfirmInvoke(_)
+                | GqOutput::ConfirmDeploy(_)
+                | GqOutput::ConfirmRemove { .. } => {}
             }
         }
     }
 
     fn persist(&mut self) {
-        let mut upto = LogIndex(0);
-        for b in self.unpersisted.drain(..) {
-            self.disk.apply_batch(&b);
-            upto = b.index;
-        }
-        self.gq.handle(T0, GqEvent::Persisted(upto));
+        let Ok(_) = self.disk.flush(&mut self.gq, T0, usize::MAX, disk::put);
         self.drain_gq();
     }
 
@@ -112,12 +108,12 @@ impl Cluster {
             match out {
                 LbOutput::Send(m) => self.to_gateway.push(m),
                 LbOutput::Run(spec) => {
-                    let run = (spec.exec, spec.call, spec.attempt);
+                    let run = spec.run_key();
                     *self.starts.entry((self.lb.incarnation(), run)).or_default() += 1;
                     self.running.push(spec);
                 }
-                LbOutput::Abort(run) => self.running.retain(|s| (s.exec, s.call, s.attempt) != run),
-                LbOutput::Incarnation(_) => {}
+                LbOutput::Abort(run) => self.running.retain(|s| s.run_key() != run),
+                LbOutput::PersistIncarnation(_) => {}
             }
         }
     }
@@ -182,7 +178,7 @@ impl Cluster {
             .position(pick)
             .expect("a running attempt");
         let spec = self.running.remove(i);
-        let run = (spec.exec, spec.call, spec.attempt);
+        let run = spec.run_key();
         let result = program(&spec);
         self.worker(LbEvent::Finished { run, result });
     }
@@ -190,10 +186,10 @@ impl Cluster {
     /// The gateway crashes, losing what it had not persisted and everything in flight, and
     /// restarts from its disk; the worker sees its connection break and opens a new one.
     fn restart_gateway(&mut self) {
-        self.unpersisted.clear();
+        self.disk.crash();
         self.to_worker.clear();
         self.to_gateway.clear();
-        self.gq = GlobalQueue::recover(GqConfig::default(), T0, self.disk.clone());
+        self.gq = GlobalQueue::recover(GqConfig::default(), T0, self.disk.durable().clone());
         self.drain_gq();
         self.persist();
         self.worker(LbEvent::Disconnected);

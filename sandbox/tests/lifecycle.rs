@@ -4,8 +4,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{alive, bundle, cgroup_pids, config, piped, run, sh, spec, start, TEST_TIMEOUT};
+use common::{bundle, cgroup_pids, config, piped, run, sh, spec, start, TEST_TIMEOUT};
 use sand_sandbox::{Exit, Limits, ReadOnlyPath, Sandbox, SandboxError};
+use sand_testkit::proc::alive;
 use tokio::io::AsyncReadExt;
 use tokio::time::timeout;
 

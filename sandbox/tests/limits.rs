@@ -4,18 +4,11 @@
 mod common;
 
 use common::{bundle, config, run, TEST_TIMEOUT};
-use sand_sandbox::{cgroup_support, CgroupSupport, Exit, Limits, Sandbox};
+use sand_sandbox::{Exit, Limits, Sandbox};
+use sand_testkit::cgroups::assert_usable as assert_cgroups_usable;
 use tokio::time::timeout;
 
 const MIB: u64 = 1 << 20;
-
-fn assert_cgroups_usable() {
-    let support = cgroup_support();
-    assert!(
-        !matches!(support, CgroupSupport::Unavailable { .. }),
-        "these tests need cgroups: {support}"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_hog_is_oom_killed_and_counted() {

@@ -13,8 +13,9 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{alive, bundle, config, sh, TEST_TIMEOUT};
+use common::{bundle, config, sh, TEST_TIMEOUT};
 use sand_sandbox::{Exit, Sandbox};
+use sand_testkit::proc::alive;
 
 const TEST_NAME: &str = "unprivileged_worker_gets_a_user_namespace_sandbox";
 const AS_NOBODY: &str = "SAND_SANDBOX_TEST_AS_NOBODY";

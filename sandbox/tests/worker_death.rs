@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{alive, bundle, cgroup_pids, config, start, TEST_TIMEOUT};
+use common::{bundle, cgroup_pids, config, start, TEST_TIMEOUT};
 use sand_sandbox::{Limits, Sandbox};
+use sand_testkit::proc::alive;
 
 const TEST_NAME: &str = "a_killed_worker_takes_its_sandbox_along";
 const AS_WORKER: &str = "SAND_SANDBOX_TEST_AS_WORKER";

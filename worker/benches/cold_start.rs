@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use sand_protocol::ids::{Attempt, CallId, ExecId};
 use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::Payload;
+use sand_testkit::proc::{children, private_kib, pss_kib};
+use sand_testkit::stats::Latencies;
 use sand_worker::runtime::exec::{ExecGrain, ExecSpec};
 use sand_worker::runtime::launch::HostLauncher;
 use sand_worker::runtime::python::install_python_runtime;
@@ -54,40 +56,13 @@ struct Stats {
     p99_us: f64,
 }
 
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort_unstable();
-    let at =
-        |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+fn stats(samples: Vec<Duration>) -> Stats {
+    let latencies: Latencies = samples.into_iter().collect();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
     Stats {
-        median_us: at(0.5),
-        p99_us: at(0.99),
+        median_us: us(latencies.median()),
+        p99_us: us(latencies.p99()),
     }
-}
-
-/// A field of `/proc/PID/smaps_rollup`, in KiB.
-fn rollup_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-}
-
-fn pss_kib(pid: u32) -> Option<u64> {
-    rollup_kib(pid, "Pss:")
-}
-
-/// The memory only this process holds (its USS): what one more instance really costs.
-fn private_kib(pid: u32) -> Option<u64> {
-    Some(rollup_kib(pid, "Private_Clean:")? + rollup_kib(pid, "Private_Dirty:")?)
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
 }
 
 fn spec(python: &Path, script: &Path, app: &Path) -> ZygoteSpec {

@@ -265,7 +265,7 @@ impl Driver {
             }
             WorkerEvent::Message(Down::Protocol(msg)) => {
                 if let ToWorker::Dispatch { call, .. } = &msg {
-                    self.dispatching = Some((call.exec, call.call, call.attempt));
+                    self.dispatching = Some(call.run_key());
                 }
                 // Its `Run`, if the bus starts it, comes out in the drain that follows.
                 self.lb.handle(now, LbEvent::Message(msg));
@@ -307,7 +307,7 @@ impl Driver {
             match out {
                 LbOutput::Send(msg) => self.outbox.push(msg),
                 LbOutput::Run(spec) => {
-                    let key = (spec.exec, spec.call, spec.attempt);
+                    let key = spec.run_key();
                     let dispatched = self.dispatching == Some(key);
                     self.runs.insert(
                         key,
@@ -324,11 +324,11 @@ impl Driver {
                     }
                     for slot in self.apps.values_mut() {
                         if let Slot::Fetching(waiting) | Slot::Starting(waiting) = slot {
-                            waiting.retain(|s| (s.exec, s.call, s.attempt) != key);
+                            waiting.retain(|s| s.run_key() != key);
                         }
                     }
                 }
-                LbOutput::Incarnation(i) => save_incarnation(&self.config.data_dir, i)?,
+                LbOutput::PersistIncarnation(i) => save_incarnation(&self.config.data_dir, i)?,
             }
         }
         self.dispatching = None;
@@ -352,7 +352,7 @@ impl Driver {
 
     /// Makes the call's future; the run loop starts it by polling it.
     fn start_call(&mut self, host: Arc<AppHost>, spec: CallSpec) {
-        let Some(run) = self.runs.get_mut(&(spec.exec, spec.call, spec.attempt)) else {
+        let Some(run) = self.runs.get_mut(&spec.run_key()) else {
             return; // Aborted while its app was getting ready.
         };
         let call: CallFuture = Box::pin(async move {
@@ -478,7 +478,7 @@ impl Driver {
         let Ok((spec, report)) = done else {
             return; // Aborted: the bus wants nothing of it.
         };
-        let run = (spec.exec, spec.call, spec.attempt);
+        let run = spec.run_key();
         let Some(Run { dispatched, .. }) = self.runs.remove(&run) else {
             return; // Aborted meanwhile: the bus wants nothing of it.
         };
@@ -529,7 +529,7 @@ impl Driver {
     fn fail_all(&mut self, waiting: Vec<CallSpec>, error: GrainError) {
         let now = self.now();
         for spec in waiting {
-            let run = (spec.exec, spec.call, spec.attempt);
+            let run = spec.run_key();
             self.runs.remove(&run);
             let result = GrainResult::Error(error.clone());
             self.lb.handle(now, LbEvent::Finished { run, result });

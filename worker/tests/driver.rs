@@ -19,6 +19,8 @@ use sand_protocol::wire::{
     AppBundle, CallSpec, Cont, Down, GrainError, Outcome, Payload, Reason, Report, RunTrace,
     ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
 };
+use sand_testkit::apps::CHAIN_GRAINS;
+use sand_testkit::stats::Latencies;
 use sand_transport::mem::MemNetwork;
 use sand_transport::seam::{GatewayEvent, GatewayLink};
 use sand_worker::driver::{self, WorkerConfig};
@@ -27,31 +29,6 @@ use sand_worker::runtime::python::install_python_runtime;
 use tokio::task::JoinHandle;
 
 const WORKER: WorkerId = WorkerId(1);
-
-const GRAINS: &str = r#"
-def s1(event, ctx):
-    return ctx.next("s2", event + 1)
-
-
-def s2(event, ctx):
-    return ctx.next("s3", event + 2)
-
-
-def s3(event, ctx):
-    return ctx.next("s4", event + 3)
-
-
-def s4(event, ctx):
-    return ctx.next("s5", event + 4)
-
-
-def s5(event, ctx):
-    return event + 5
-
-
-def whole(event, ctx):
-    return event + 15
-"#;
 
 /// Writes an app of `grains` (the first is the entry), each with `reuse`, and packs it.
 fn app(root: &Path, name: &str, grains: &[&str], reuse: u32) -> AppBundle {
@@ -76,7 +53,7 @@ fn app_with(root: &Path, name: &str, grains: &[&str], reuse: u32, extra: &str) -
         ));
     }
     std::fs::write(dir.join("sand.toml"), manifest).expect("write manifest");
-    std::fs::write(dir.join("grains.py"), GRAINS).expect("write grains");
+    std::fs::write(dir.join("grains.py"), CHAIN_GRAINS).expect("write grains");
     let archive = sand_app::pack(&dir).expect("pack");
     AppBundle {
         digest: sand_app::digest(&archive),
@@ -272,12 +249,7 @@ async fn measure(h: &mut Harness, app: &str, grain: &str, runs: u64) -> Duration
             samples.push(took);
         }
     }
-    median(samples)
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
+    samples.into_iter().collect::<Latencies>().median()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

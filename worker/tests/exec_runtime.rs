@@ -60,22 +60,9 @@ async fn values_chains_fan_outs_and_the_call_identity() {
             "stdout is the result, not captured output"
         );
 
-        let r = g.call(request(r#"{"kind":"next"}"#)).await;
-        assert_eq!(
-            r.result,
-            GrainResult::Next {
-                grain: grain("second"),
-                input: r#"{"n": 5}"#.into()
-            }
-        );
-        let r = g.call(request(r#"{"kind":"fan_out"}"#)).await;
-        assert_eq!(
-            r.result,
-            GrainResult::FanOut {
-                branches: vec![(grain("left"), "1".into()), (grain("right"), "2".into())],
-                join: grain("join"),
-            }
-        );
+        let next = g.call(request(r#"{"kind":"next"}"#)).await;
+        let fan_out = g.call(request(r#"{"kind":"fan_out"}"#)).await;
+        assert_next_and_fan_out(&next, &fan_out, r#"{"n": 5}"#, "2");
         let r = g.call(request(r#"{"kind":"ctx"}"#)).await;
         assert_eq!(value(&r), serde_json::json!(["11", "22", "3"]));
     })

@@ -12,6 +12,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sand_protocol::ids::Attempt;
 use sand_protocol::wire::{ErrorKind, Payload};
+use sand_testkit::proc::children;
+use sand_testkit::wait::eventually;
 use sand_worker::runtime::launch::{Exit, HostLauncher};
 use sand_worker::runtime::python::install_python_runtime;
 use sand_worker::runtime::zygote::{Zygote, ZygoteRuntime, ZygoteSpec};
@@ -68,27 +70,10 @@ async fn start(spec: ZygoteSpec) -> Arc<Zygote> {
     )
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
+/// True while `/proc/PID` exists: unlike `sand_testkit::proc::alive`, a zombie the zygote has
+/// not reaped yet still counts, so that a test waits until the zygote has reaped what it killed.
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Polls `what` every 10 ms until it holds, for at most 5 s.
-async fn eventually(what: impl Fn() -> bool) -> bool {
-    for _ in 0..500 {
-        if what() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
 }
 
 /// Waits until the zygote has forked its first spare and the worker has had time to take its

@@ -12,7 +12,7 @@ use sand_app::{Manifest, Policy};
 use sand_protocol::ids::{AppName, Attempt, CallId, ExecId};
 use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::{CallSpec, Cont, ErrorKind, Payload};
-use sand_sandbox::{cgroup_support, CgroupSupport};
+use sand_testkit::cgroups::assert_usable as assert_cgroups_usable;
 use sand_worker::host::{AppHost, HostContext, Isolation};
 use sand_worker::runtime::python::install_python_runtime;
 use sand_worker::runtime::CallReport;
@@ -99,14 +99,6 @@ fn assert_returns(report: &CallReport, expected: &str) {
             report.stderr
         ),
     }
-}
-
-fn assert_cgroups_usable() {
-    let support = cgroup_support();
-    assert!(
-        !matches!(support, CgroupSupport::Unavailable { .. }),
-        "these tests need cgroups: {support}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

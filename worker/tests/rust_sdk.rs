@@ -9,6 +9,8 @@ use std::time::Duration;
 use common::*;
 use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::ErrorKind;
+use sand_testkit::proc::children;
+use sand_testkit::wait::eventually;
 use sand_worker::runtime::launch::HostLauncher;
 use sand_worker::runtime::zygote::{Zygote, ZygoteRuntime, ZygoteSpec};
 
@@ -105,23 +107,11 @@ async fn each_call_is_a_fresh_instance_unless_reused() {
 async fn a_call_reaches_a_held_spare_while_the_zygote_is_stopped() {
     let (_dir, z) = start(1).await;
     let zygote = z.pid().expect("pid");
-    let children = || {
-        std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse::<u64>().ok())
-            .collect::<Vec<_>>()
-    };
     bounded(60, async {
-        for _ in 0..500 {
-            if children().len() == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(|| children(zygote).len() == 1).await;
         // SPARE goes out right after the fork: give the worker time to take the socket.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let spare = children();
+        let spare = children(zygote);
         assert_eq!(spare.len(), 1, "one spare: {spare:?}");
         let pid = nix::unistd::Pid::from_raw(zygote as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::SIGSTOP).expect("stop the zygote");
@@ -131,7 +121,7 @@ async fn a_call_reaches_a_held_spare_while_the_zygote_is_stopped() {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT);
         assert_eq!(
             value(&r).as_u64(),
-            Some(spare[0]),
+            Some(u64::from(spare[0])),
             "the held spare answered"
         );
     })

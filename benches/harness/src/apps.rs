@@ -7,40 +7,13 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use sand_testkit::apps::CHAIN_GRAINS;
 
 /// Steps in the benchmark chain.
 pub const CHAIN_LEN: u64 = 5;
 
 /// What the whole chain adds to its input.
 pub const CHAIN_SUM: u64 = CHAIN_LEN * (CHAIN_LEN + 1) / 2;
-
-const CHAIN_GRAINS: &str = r#"
-"""The benchmark chain: step i adds i and hands on to step i + 1."""
-
-def s1(event, ctx):
-    return ctx.next("s2", event + 1)
-
-
-def s2(event, ctx):
-    return ctx.next("s3", event + 2)
-
-
-def s3(event, ctx):
-    return ctx.next("s4", event + 3)
-
-
-def s4(event, ctx):
-    return ctx.next("s5", event + 4)
-
-
-def s5(event, ctx):
-    return event + 5
-
-
-def whole(event, ctx):
-    """All five steps in one grain: the one-grain baseline that per-hop figures subtract."""
-    return event + 15
-"#;
 
 const MEMORY_GRAINS: &str = r#"
 """Holds a call open so its instance can be weighed."""

@@ -32,10 +32,10 @@ use nix::sys::signal::{SigSet, Signal};
 use sand_lazyfs::Cut;
 
 use self::check::{check, History, Request, Verdict};
-use self::faults::{Faults, Plan};
+use self::faults::Faults;
 use self::load::{Api, Load};
 use crate::apps;
-use crate::cluster::{Cluster, ClusterSpec, Isolation};
+use sand_testkit::cluster::{Cluster, ClusterSpec, Isolation};
 
 /// What an app computes from its input.
 type Output = fn(u64) -> u64;
@@ -202,20 +202,6 @@ impl Config {
             Preset::Short => Self::short(seed),
             Preset::Standard => Self::standard(seed),
             Preset::Long => Self::long(seed),
-        }
-    }
-
-    fn plan(&self) -> Plan {
-        Plan {
-            workers: self.workers,
-            span: self.span,
-            worker_kills: self.worker_kills,
-            gateway_kills: self.gateway_kills,
-            power_cuts: self.power_cuts,
-            pauses: self.pauses,
-            link_faults: self.link_faults,
-            failure_timeout: self.failure_timeout,
-            idle_timeout: QUIC_IDLE_TIMEOUT,
         }
     }
 
@@ -394,7 +380,7 @@ pub struct Report {
 /// killed on the way out). An error is a run that could not be judged: the cluster could not
 /// start, a host could not be restarted, the gateway ended by itself, or the run was stopped.
 pub fn run(sand: &Path, config: &Config, stop: Arc<AtomicBool>) -> Result<Report> {
-    let schedule = faults::schedule(&config.plan(), config.seed)?;
+    let schedule = faults::schedule(config, config.seed)?;
     let load_average = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().next().unwrap_or("?").to_owned())
         .unwrap_or_else(|_| "?".into());
@@ -971,7 +957,7 @@ mod tests {
     fn every_preset_draws_a_schedule_that_fits() {
         for preset in [Preset::Short, Preset::Standard, Preset::Long] {
             let c = Config::preset(preset, 7);
-            let faults = faults::schedule(&c.plan(), c.seed).expect("the faults fit");
+            let faults = faults::schedule(&c, c.seed).expect("the faults fit");
             assert_eq!(
                 faults.len(),
                 c.worker_kills + c.gateway_kills + c.power_cuts + c.pauses + c.link_faults,

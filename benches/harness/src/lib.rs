@@ -1,15 +1,12 @@
-//! sand-bench's library: real sand clusters, the benchmarks' parts, and the chaos run's
+//! sand-bench's library: the benchmarks' parts, and the chaos run's
 //! history check. The `sand-bench` binary drives them; the root package's `tests/history.rs`
 //! runs a short chaos run as part of `cargo test`.
 
 pub mod alternatives;
 pub mod apps;
 pub mod chaos;
-pub mod cluster;
 pub mod cold_start;
-pub mod link;
 pub mod measure;
-pub mod memory;
 pub mod plot;
 pub mod recovery;
 pub mod report;

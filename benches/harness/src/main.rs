@@ -19,10 +19,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use sand_bench::apps::{Apps, CHAIN_SUM};
-use sand_bench::cluster::{Cluster, ClusterSpec};
-use sand_bench::measure::{latency, throughput};
+use sand_bench::measure::{latency, throughput, Stats};
 use sand_bench::report::{ChainRow, HopRow, MemoryRow, Results};
-use sand_bench::{alternatives, chaos, cold_start, link, memory, plot, recovery};
+use sand_bench::{alternatives, chaos, cold_start, plot, recovery};
+use sand_testkit::cluster::{Cluster, ClusterSpec};
+use sand_testkit::{link, proc};
 
 /// sand's benchmark harness: latency, throughput, cold start, memory and recovery, with
 /// Celery and Ray on the same chain in the same run.
@@ -104,7 +105,7 @@ fn progress(what: &str) {
 
 /// The `sand` binary beside this one; fails without root when `root` is needed.
 fn sand_binary(root: bool) -> Result<PathBuf> {
-    if root && !is_root() {
+    if root && !proc::is_root() {
         bail!("sand-bench needs root: sand's workers make sandboxes");
     }
     let exe = std::env::current_exe().context("cannot find this binary")?;
@@ -171,7 +172,7 @@ fn run(args: &Args) -> Result<()> {
 
     if want(Part::Link) {
         let delay = Duration::from_micros(250);
-        let rtt = link::Relay::round_trip(delay)?;
+        let rtt = Stats::from(&link::Relay::round_trip(delay)?);
         progress(&format!(
             "emulated link: {} ms round trip (median; p99 {} ms)",
             plot::number(rtt.median_ms),
@@ -297,8 +298,8 @@ fn memory_row(
     client.invoke(name, 0, adds)?;
     // Let the spares be forked and the first instances exit.
     std::thread::sleep(Duration::from_millis(1500));
-    let idle = memory::descendants(worker);
-    let idle_pss = memory::total_pss_kib(&idle);
+    let idle = proc::descendants(worker);
+    let idle_pss = total_pss_kib(&idle);
     let mut row = MemoryRow {
         app: name.to_owned(),
         zygotes,
@@ -314,7 +315,7 @@ fn memory_row(
             .map(|_| client.start(name, 3))
             .collect::<Result<_>>()?;
         std::thread::sleep(Duration::from_millis(1500));
-        let busy = memory::total_pss_kib(&memory::descendants(worker));
+        let busy = total_pss_kib(&proc::descendants(worker));
         row.running_instances = holding;
         row.per_instance_pss_kib = Some(busy.saturating_sub(idle_pss) / holding as u64);
         for id in ids {
@@ -330,13 +331,7 @@ fn memory_row(
     Ok(row)
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
+/// The summed proportional set size of `pids`, in KiB.
+fn total_pss_kib(pids: &std::collections::BTreeSet<u32>) -> u64 {
+    pids.iter().filter_map(|&p| proc::pss_kib(p)).sum()
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
-use crate::cluster::Cluster;
+use sand_testkit::cluster::Cluster;
+use sand_testkit::stats::Latencies;
 
 /// A summary of latency samples, in milliseconds.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -23,21 +24,20 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Summarizes samples (at least one).
+    /// Summarizes samples.
     pub fn of(samples: &[Duration]) -> Self {
-        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        Self::of_ms(&mut ms)
+        Self::from(&samples.iter().copied().collect::<Latencies>())
     }
+}
 
-    /// Summarizes samples in milliseconds (at least one); sorts them.
-    pub fn of_ms(ms: &mut [f64]) -> Self {
-        ms.sort_unstable_by(f64::total_cmp);
-        let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+impl From<&Latencies> for Stats {
+    fn from(l: &Latencies) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Self {
-            runs: ms.len(),
-            median_ms: at(0.5),
-            p99_ms: at(0.99),
-            mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
+            runs: l.len() as usize,
+            median_ms: ms(l.median()),
+            p99_ms: ms(l.p99()),
+            mean_ms: ms(l.mean()),
         }
     }
 }
@@ -145,22 +145,8 @@ pub fn throughput(
 }
 
 /// A process's CPU time so far (user + system), in seconds.
-pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-    // Fields after the command (which may hold spaces) start after the last ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the file, 12 and 13 after the command.
-    let ticks: u64 = fields
-        .get(11..13)
-        .ok_or_else(|| anyhow!("short /proc/{pid}/stat"))?
-        .iter()
-        .map(|f| f.parse::<u64>())
-        .sum::<Result<u64, _>>()?;
-    // Linux reports these in USER_HZ, which is 100 on every architecture it exports.
-    Ok(ticks as f64 / 100.0)
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    sand_testkit::proc::cpu_time(pid)
+        .map(|t| t.as_secs_f64())
+        .ok_or_else(|| anyhow!("no CPU time for process {pid}"))
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::cluster::{Cluster, ClusterSpec, Host};
+use sand_testkit::cluster::{Client, Cluster, ClusterSpec, Host};
+use sand_testkit::stats::Latencies;
 
 /// What the recovery run saw.
 #[derive(Clone, Debug, Serialize)]
@@ -75,7 +76,7 @@ pub fn run(sand: &Path, base: &ClusterSpec, app: &Path, chains: usize) -> Result
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut recovered_ms = Vec::new();
+    let mut answer_times = Latencies::new();
     for (id, input) in &started {
         let (after, body) = &answered[id];
         if body["status"] != "succeeded" || body["output"].as_u64() != Some(input + 6) {
@@ -85,23 +86,22 @@ pub fn run(sand: &Path, base: &ClusterSpec, app: &Path, chains: usize) -> Result
             .as_array()
             .is_some_and(|calls| calls.iter().any(|c| c["recovery"] == true));
         if recovered {
-            recovered_ms.push(after.as_secs_f64() * 1e3);
+            answer_times.record(*after);
         }
     }
-    if recovered_ms.is_empty() {
+    if answer_times.is_empty() {
         bail!("worker 2 owned none of the {chains} chains when it was killed: nothing recovered");
     }
-    recovered_ms.sort_unstable_by(f64::total_cmp);
     Ok(Recovery {
         chains,
-        recovered_chains: recovered_ms.len(),
+        recovered_chains: answer_times.len() as usize,
         failure_timeout_ms: failure_timeout.as_millis() as u64,
-        last_answer_ms: recovered_ms[recovered_ms.len() - 1],
-        median_answer_ms: recovered_ms[recovered_ms.len() / 2],
+        last_answer_ms: answer_times.max().as_secs_f64() * 1e3,
+        median_answer_ms: answer_times.median().as_secs_f64() * 1e3,
     })
 }
 
-fn wait(client: &crate::cluster::Client, id: &str, within: Duration) -> Result<()> {
+fn wait(client: &Client, id: &str, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if client.execution(id)?["status"] != "running" {

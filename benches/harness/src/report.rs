@@ -58,16 +58,20 @@ impl HopRow {
     pub fn new(link: &str, mode: &str, chain: &[Duration], whole: &[Duration]) -> Self {
         let whole = Stats::of(whole);
         let hops = (CHAIN_LEN - 1) as f64;
-        let mut per_hop: Vec<f64> = chain
+        // A chain faster than the one-grain median counts as no time per hop.
+        let per_hop: Vec<Duration> = chain
             .iter()
-            .map(|d| (d.as_secs_f64() * 1e3 - whole.median_ms) / hops)
+            .map(|d| {
+                let ms = (d.as_secs_f64() * 1e3 - whole.median_ms) / hops;
+                Duration::try_from_secs_f64(ms / 1e3).unwrap_or_default()
+            })
             .collect();
         Self {
             link: link.to_owned(),
             mode: mode.to_owned(),
             chain: Stats::of(chain),
             whole,
-            per_hop: Stats::of_ms(&mut per_hop),
+            per_hop: Stats::of(&per_hop),
         }
     }
 }

@@ -168,19 +168,6 @@ pub async fn sh(sandbox: &Sandbox, script: &str) -> (Exit, String) {
     run(sandbox, "/bin/sh", &["-c", &script]).await
 }
 
-/// True while a host process with this pid exists (and is not a zombie).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
 /// Host pids in the sandbox's cgroups.
 pub fn cgroup_pids(dirs: &[PathBuf]) -> Vec<u32> {
     let mut pids: Vec<u32> = dirs

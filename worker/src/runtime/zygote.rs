@@ -1088,6 +1088,8 @@ mod tests {
     use sand_protocol::ids::{Attempt, CallId, ExecId};
     use sand_protocol::local_bus::GrainResult;
     use sand_protocol::wire::Payload;
+    use sand_testkit::proc::children;
+    use sand_testkit::wait::eventually;
 
     /// A directory removed when dropped, also when the test fails.
     struct Scratch(PathBuf);
@@ -1096,25 +1098,6 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
-    }
-
-    fn children(pid: u32) -> Vec<u32> {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
-    }
-
-    /// Polls `what` every 10 ms until it holds, for at most 5 s.
-    async fn eventually(what: impl Fn() -> bool) -> bool {
-        for _ in 0..500 {
-            if what() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

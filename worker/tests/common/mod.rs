@@ -90,6 +90,34 @@ pub fn value(report: &CallReport) -> serde_json::Value {
     serde_json::from_str(&returned(report)).expect("JSON")
 }
 
+/// Asserts what the test grains answer to `{"kind":"next"}` (hand `next_input` to `second`)
+/// and to `{"kind":"fan_out"}` (`1` to `left` and `right_input` to `right`, joined at `join`),
+/// given those two reports.
+pub fn assert_next_and_fan_out(
+    next: &CallReport,
+    fan_out: &CallReport,
+    next_input: &str,
+    right_input: &str,
+) {
+    assert_eq!(
+        next.result,
+        GrainResult::Next {
+            grain: grain("second"),
+            input: next_input.into()
+        }
+    );
+    assert_eq!(
+        fan_out.result,
+        GrainResult::FanOut {
+            branches: vec![
+                (grain("left"), "1".into()),
+                (grain("right"), right_input.into())
+            ],
+            join: grain("join"),
+        }
+    );
+}
+
 /// The error, asserting its kind.
 pub fn error(report: &CallReport, kind: ErrorKind) -> String {
     match &report.result {

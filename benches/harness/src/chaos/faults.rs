@@ -15,31 +15,10 @@ use rand::{RngExt, SeedableRng};
 
 use sand_lazyfs::Cut;
 
-use crate::cluster::{Cluster, Host};
-use crate::link::Weather;
+use sand_testkit::cluster::{Cluster, Host};
 
-/// How many faults of each kind to draw, and within what.
-#[derive(Clone, Debug)]
-pub struct Plan {
-    /// Workers in the cluster, ids 1..=workers.
-    pub workers: u32,
-    /// How long the faults go on.
-    pub span: Duration,
-    /// Workers SIGKILLed and started again.
-    pub worker_kills: usize,
-    /// Gateway SIGKILLs.
-    pub gateway_kills: usize,
-    /// Power cuts: every other one the gateway's, the rest a worker's.
-    pub power_cuts: usize,
-    /// SIGSTOP pauses: every third one the gateway's, the rest a worker's.
-    pub pauses: usize,
-    /// Faults of a worker's link: lossy and partitioned, in turn.
-    pub link_faults: usize,
-    /// The gateway's failure timeout: a pause lasts longer.
-    pub failure_timeout: Duration,
-    /// The transport's idle timeout: a partition lasts longer, so that connections break.
-    pub idle_timeout: Duration,
-}
+use super::{Config, QUIC_IDLE_TIMEOUT};
+use sand_testkit::link::Weather;
 
 /// What a fault does to its host.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -129,37 +108,38 @@ impl std::fmt::Display for Fault {
 /// The least time between two faults of one host: a host started again gets to reconnect.
 const SETTLE: Duration = Duration::from_millis(500);
 
-/// Draws the faults of `plan` from `seed`, in the order they start. Fails if they do not fit
-/// in the span, one fault per host at a time.
-pub fn schedule(plan: &Plan, seed: u64) -> Result<Vec<Fault>> {
+/// Draws the faults `config` asks for (its kills, power cuts, pauses and link faults, over its
+/// workers, within its span) from `seed`, in the order they start. Fails if they do not fit in
+/// the span, one fault per host at a time.
+pub fn schedule(config: &Config, seed: u64) -> Result<Vec<Fault>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let ms = |lo: u64, hi: u64| (Duration::from_millis(lo), Duration::from_millis(hi));
     let mut wanted: Vec<(Host, Kind, Duration)> = Vec::new();
     let mut want = |rng: &mut StdRng, host: Option<Host>, kind, lasts| {
-        let host = host.unwrap_or_else(|| Host::Worker(rng.random_range(1..=plan.workers)));
+        let host = host.unwrap_or_else(|| Host::Worker(rng.random_range(1..=config.workers)));
         let lasts = between(rng, lasts);
         wanted.push((host, kind, lasts));
     };
-    for _ in 0..plan.worker_kills {
+    for _ in 0..config.worker_kills {
         want(&mut rng, None, Kind::Kill, ms(0, 1000));
     }
-    for _ in 0..plan.gateway_kills {
+    for _ in 0..config.gateway_kills {
         want(&mut rng, Some(Host::Gateway), Kind::Kill, ms(200, 1500));
     }
-    for i in 0..plan.power_cuts {
+    for i in 0..config.power_cuts {
         let host = (i % 2 == 0).then_some(Host::Gateway);
         want(&mut rng, host, Kind::PowerCut, ms(200, 1500));
     }
-    let pause = (plan.failure_timeout * 3 / 2, plan.failure_timeout * 3);
-    for i in 0..plan.pauses {
+    let pause = (config.failure_timeout * 3 / 2, config.failure_timeout * 3);
+    for i in 0..config.pauses {
         let host = (i % 3 == 0).then_some(Host::Gateway);
         want(&mut rng, host, Kind::Pause, pause);
     }
     let partition = (
-        plan.idle_timeout + Duration::from_secs(1),
-        plan.idle_timeout + Duration::from_secs(3),
+        QUIC_IDLE_TIMEOUT + Duration::from_secs(1),
+        QUIC_IDLE_TIMEOUT + Duration::from_secs(3),
     );
-    for i in 0..plan.link_faults {
+    for i in 0..config.link_faults {
         if i % 2 == 0 {
             let kind = Kind::Lossy {
                 drop: rng.random_range(0.05..0.3),
@@ -174,10 +154,10 @@ pub fn schedule(plan: &Plan, seed: u64) -> Result<Vec<Fault>> {
     wanted.sort_by_key(|&(_, _, lasts)| Reverse(lasts));
     let mut placed: Vec<Fault> = Vec::with_capacity(wanted.len());
     for (host, kind, lasts) in wanted {
-        let latest = plan.span.checked_sub(lasts).ok_or_else(|| {
+        let latest = config.span.checked_sub(lasts).ok_or_else(|| {
             anyhow!(
                 "a {lasts:?} fault of the {host} does not fit in {:?}",
-                plan.span
+                config.span
             )
         })?;
         let fits = |at: Duration| {
@@ -193,7 +173,7 @@ pub fn schedule(plan: &Plan, seed: u64) -> Result<Vec<Fault>> {
                 anyhow!(
                     "the faults of the {host} do not fit in {:?}, one at a time: ask for fewer \
                      or a longer span",
-                    plan.span
+                    config.span
                 )
             })?;
         placed.push(Fault {
@@ -338,8 +318,8 @@ fn say(line: &str) {
 mod tests {
     use super::*;
 
-    fn plan() -> Plan {
-        Plan {
+    fn config() -> Config {
+        Config {
             workers: 3,
             span: Duration::from_secs(300),
             worker_kills: 60,
@@ -348,13 +328,13 @@ mod tests {
             pauses: 12,
             link_faults: 24,
             failure_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(5),
+            ..Config::short(0)
         }
     }
 
     #[test]
     fn a_schedule_has_every_fault_asked_for_one_per_host_at_a_time_within_the_span() {
-        let p = plan();
+        let p = config();
         let faults = schedule(&p, 7).expect("a schedule");
         let count = |name| faults.iter().filter(|f| f.name() == name).count();
         assert_eq!(count("worker kill"), 60);
@@ -369,7 +349,7 @@ mod tests {
             assert!(f.end() <= p.span, "{f:?} ends after the span");
             match f.kind {
                 Kind::Pause => assert!(f.lasts > p.failure_timeout, "{f:?}"),
-                Kind::Partition => assert!(f.lasts > p.idle_timeout, "{f:?}"),
+                Kind::Partition => assert!(f.lasts > QUIC_IDLE_TIMEOUT, "{f:?}"),
                 Kind::Lossy { .. } => assert_ne!(f.host, Host::Gateway),
                 Kind::Kill | Kind::PowerCut => {}
             }
@@ -390,7 +370,7 @@ mod tests {
 
     #[test]
     fn faults_that_cannot_fit_are_refused() {
-        let mut p = plan();
+        let mut p = config();
         p.span = Duration::from_secs(30);
         assert!(schedule(&p, 7).is_err());
         p.span = Duration::from_secs(3);

@@ -1,5 +1,6 @@
-//! A sand cluster of real processes: one gateway and its workers, started from the `sand`
-//! binary built beside this harness, and killed when dropped.
+//! A sand cluster of real processes: one gateway and its workers, started from a `sand`
+//! binary with certificates, an optional API token and a data directory each in a scratch
+//! directory, and killed when dropped (also when a test fails).
 //!
 //! Each process is a [`Host`] with its own data directory. A host can be SIGKILLed and started
 //! again on the same data directory (and, for the gateway, the same ports): what a crash and a
@@ -10,9 +11,9 @@
 //! and every write it had not synced is lost.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +25,8 @@ use sand_lazyfs::{Cut, LazyFs};
 use serde_json::Value;
 
 use crate::link::Relay;
-use crate::memory;
+use crate::proc;
+use crate::process::{first_line, pid as as_pid, run};
 
 /// How long a gateway may take to start (recover its store, bind its ports) and say where it
 /// listens.
@@ -86,6 +88,12 @@ pub struct ClusterSpec {
     /// with its installation prefix mounted into sandboxes when it lives outside the system
     /// directories; sand's default (/usr/bin/python3) when None.
     pub python: Option<PathBuf>,
+    /// The token the gateway wants on its API (in a file only its owner reads); none when
+    /// None.
+    pub token: Option<String>,
+    /// How long a worker keeps an idle app's sandbox (`--idle-seconds`); the worker's default
+    /// when None.
+    pub idle_seconds: Option<u64>,
 }
 
 impl Default for ClusterSpec {
@@ -100,6 +108,8 @@ impl Default for ClusterSpec {
             adopt_orphans: false,
             power: false,
             python: None,
+            token: None,
+            idle_seconds: None,
         }
     }
 }
@@ -132,44 +142,20 @@ pub struct Cluster {
     /// Each host's data directory, if they are lazy filesystems. Unmounted when the cluster
     /// is dropped, after every process is dead.
     disks: BTreeMap<Host, LazyFs>,
-    agent: ureq::Agent,
+    /// The API, as the cluster itself calls it.
+    api: Client,
 }
 
 impl Cluster {
     /// Starts a gateway and the spec's workers, and waits until every worker is connected.
     pub fn start(sand: &Path, spec: ClusterSpec) -> Result<Self> {
         let dir = tempfile::Builder::new()
-            .prefix("sand-bench-")
+            .prefix("sand-cluster-")
             .tempdir()
             .context("cannot make a scratch directory")?;
-        let certs = dir.path().join("certs");
-        run(sand, &["cert", "init", "--dir", path_str(&certs)?])?;
-        run(
-            sand,
-            &[
-                "cert",
-                "issue",
-                "gateway",
-                "--name",
-                "localhost",
-                "--dir",
-                path_str(&certs)?,
-            ],
-        )?;
-        for id in 1..=spec.workers {
-            let id = id.to_string();
-            run(
-                sand,
-                &[
-                    "cert",
-                    "issue",
-                    "worker",
-                    "--id",
-                    &id,
-                    "--dir",
-                    path_str(&certs)?,
-                ],
-            )?;
+        certificates(sand, dir.path(), spec.workers)?;
+        if let Some(token) = &spec.token {
+            private_file(&dir.path().join("token"), token)?;
         }
         if spec.adopt_orphans {
             nix::sys::prctl::set_child_subreaper(true)
@@ -191,6 +177,7 @@ impl Cluster {
         let (gateway, http, gateway_quic) =
             start_gateway(sand, dir.path(), &spec, "127.0.0.1:0", "127.0.0.1:0")?;
         // From here on, dropping the cluster kills what it started.
+        let api = Client::new(&http, spec.token.as_deref());
         let mut cluster = Self {
             sand: sand.to_owned(),
             dir,
@@ -202,9 +189,7 @@ impl Cluster {
             gateway_quic,
             relays: BTreeMap::new(),
             disks,
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(60))
-                .build(),
+            api,
         };
         if let Some(delay) = cluster.spec.relay {
             let upstream = cluster
@@ -248,6 +233,13 @@ impl Cluster {
             .args(self.spec.gateway_hops.then_some("--gateway-hops"))
             .args(isolation)
             .args(python_args(self.spec.python.as_deref()))
+            .args(
+                self.spec
+                    .idle_seconds
+                    .map(|s| ["--idle-seconds".to_owned(), s.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdout(Stdio::null())
             .stderr(log_file(self.dir.path(), &Host::Worker(id).file_name())?)
             .spawn()
@@ -276,13 +268,14 @@ impl Cluster {
         }
     }
 
-    /// Deploys the app in `dir`.
+    /// Deploys the app in `dir` (with the cluster's token, if it has one).
     pub fn deploy(&self, dir: &Path) -> Result<()> {
-        run(
-            &self.sand,
-            &["deploy", path_str(dir)?, "--gateway", &self.http],
-        )
-        .map(drop)
+        let token = self.dir.path().join("token");
+        let mut args = vec!["deploy", path_str(dir)?, "--gateway", &self.http];
+        if self.spec.token.is_some() {
+            args.extend(["--token-file", path_str(&token)?]);
+        }
+        run(&self.sand, &args).map(drop)
     }
 
     /// The gateway's pid, unless it is down.
@@ -309,6 +302,12 @@ impl Cluster {
     /// The API's base URL, `http://ADDR`; it stays the same across gateway restarts.
     pub fn http(&self) -> &str {
         &self.http
+    }
+
+    /// The scratch directory: `certs/`, `token`, and each host's data directory (`gateway/`,
+    /// `worker-ID/`) and log (`gateway.log`, `worker-ID.log`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Leaves the scratch directory in place when the cluster is dropped; returns its path.
@@ -347,15 +346,7 @@ impl Cluster {
 
     /// SIGKILLs a host and reaps it.
     pub fn kill(&mut self, host: Host) -> Result<()> {
-        let mut child = match host {
-            Host::Gateway => self.gateway.take(),
-            Host::Worker(id) => self
-                .workers
-                .iter()
-                .position(|(w, _)| *w == id)
-                .map(|i| self.workers.remove(i).1),
-        }
-        .ok_or_else(|| anyhow!("the {host} is not running"))?;
+        let mut child = self.take(host)?;
         child
             .kill()
             .with_context(|| format!("cannot kill the {host}"))?;
@@ -391,6 +382,18 @@ impl Cluster {
         }
     }
 
+    /// Sends `signal` to a running host and waits, `within` at most, for it to end; returns how
+    /// it ended. Start it again with `restart`.
+    pub fn stop(&mut self, host: Host, signal: Signal, within: Duration) -> Result<ExitStatus> {
+        let mut child = self.take(host)?;
+        let stopped = crate::process::stop(&mut child, signal, within);
+        if stopped.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        stopped
+    }
+
     /// Stops a running host with SIGSTOP: it keeps its sockets and state, and does nothing.
     pub fn pause(&self, host: Host) -> Result<()> {
         self.signal(host, Signal::SIGSTOP)
@@ -399,6 +402,19 @@ impl Cluster {
     /// Lets a paused host go on (SIGCONT).
     pub fn resume(&self, host: Host) -> Result<()> {
         self.signal(host, Signal::SIGCONT)
+    }
+
+    /// The process of a running host, which the cluster then no longer holds.
+    fn take(&mut self, host: Host) -> Result<Child> {
+        match host {
+            Host::Gateway => self.gateway.take(),
+            Host::Worker(id) => self
+                .workers
+                .iter()
+                .position(|(w, _)| *w == id)
+                .map(|i| self.workers.remove(i).1),
+        }
+        .ok_or_else(|| anyhow!("the {host} is not running"))
     }
 
     fn signal(&self, host: Host, signal: Signal) -> Result<()> {
@@ -490,7 +506,7 @@ impl Cluster {
             .into_iter()
             .chain(self.workers.iter().map(|(_, c)| c.id()))
             .collect();
-        children_of_this_process()
+        proc::children_of_this_process()
             .into_iter()
             .filter(|pid| !ours.contains(pid))
             .map(as_pid)
@@ -507,23 +523,13 @@ impl Cluster {
 
     /// A GET on the API, as JSON.
     pub fn get(&self, path: &str) -> Result<Value> {
-        match self.agent.get(&format!("{}{path}", self.http)).call() {
-            Ok(r) => Ok(r.into_json()?),
-            Err(ureq::Error::Status(code, r)) => {
-                bail!("GET {path}: {code} {}", r.into_string().unwrap_or_default())
-            }
-            Err(e) => Err(anyhow!("GET {path}: {e}")),
-        }
+        self.api.get(path)
     }
 
-    /// A new HTTP client for one benchmark client (its own keep-alive connection).
+    /// A new HTTP client for one benchmark client (its own keep-alive connection), with the
+    /// cluster's token if it has one.
     pub fn client(&self) -> Client {
-        Client {
-            base: self.http.clone(),
-            agent: ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(60))
-                .build(),
-        }
+        Client::new(&self.http, self.spec.token.as_deref())
     }
 }
 
@@ -563,7 +569,7 @@ fn freeze(pid: u32) -> Result<std::collections::BTreeSet<u32>> {
         .with_context(|| format!("cannot stop process {pid}"))?;
     let mut stopped = std::collections::BTreeSet::new();
     loop {
-        let tree = memory::descendants(pid);
+        let tree = proc::descendants(pid);
         if tree.is_subset(&stopped) {
             return Ok(stopped);
         }
@@ -573,10 +579,6 @@ fn freeze(pid: u32) -> Result<std::collections::BTreeSet<u32>> {
         }
         stopped.extend(tree);
     }
-}
-
-fn as_pid(pid: u32) -> Pid {
-    Pid::from_raw(pid as i32)
 }
 
 /// Copies the directories and regular files under `from` to `to`.
@@ -598,9 +600,31 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 impl Client {
+    fn new(base: &str, token: Option<&str>) -> Self {
+        Self {
+            base: base.to_owned(),
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(60))
+                .build(),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    /// A GET on the API, as JSON.
+    pub fn get(&self, path: &str) -> Result<Value> {
+        match self.request("GET", path).call() {
+            Ok(r) => Ok(r.into_json()?),
+            Err(ureq::Error::Status(code, r)) => {
+                bail!("GET {path}: {code} {}", r.into_string().unwrap_or_default())
+            }
+            Err(e) => Err(anyhow!("GET {path}: {e}")),
+        }
+    }
+
     /// Invokes `app` with the number `input` and waits for the answer; checks that it is
     /// `input + adds`.
     pub fn invoke(&self, app: &str, input: u64, adds: u64) -> Result<()> {
@@ -622,18 +646,21 @@ impl Client {
 
     /// An execution's status document.
     pub fn execution(&self, id: &str) -> Result<Value> {
-        let path = format!("{}/v1/executions/{id}", self.base);
-        match self.agent.get(&path).call() {
-            Ok(r) => Ok(r.into_json()?),
-            Err(e) => Err(anyhow!("GET {path}: {e}")),
+        self.get(&format!("/v1/executions/{id}"))
+    }
+
+    /// A request to `path` on the API, with the token if there is one.
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let request = self.agent.request(method, &format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+            None => request,
         }
     }
 
     fn post(&self, path: &str, input: u64) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
         let req = self
-            .agent
-            .post(&url)
+            .request("POST", path)
             .set("Content-Type", "application/json");
         match req.send_string(&input.to_string()) {
             Ok(r) => Ok(r.into_json()?),
@@ -683,6 +710,13 @@ fn start_gateway(
         .arg("--certs")
         .arg(dir.join("certs"))
         .args(python_args(spec.python.as_deref()))
+        .args(
+            spec.token
+                .as_ref()
+                .map(|_| ["--token-file".into(), dir.join("token").into_os_string()])
+                .into_iter()
+                .flatten(),
+        )
         .stdout(Stdio::piped())
         .stderr(log_file(dir, "gateway")?)
         .spawn()
@@ -701,18 +735,7 @@ fn start_gateway(
 /// waiting [`GATEWAY_START_MAX`] at most.
 fn gateway_addresses(gateway: &mut Child) -> Result<(String, String)> {
     let stdout = gateway.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    // The reader ends when the line comes or the gateway's stdout closes (it exits, or is
-    // killed when it takes too long).
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
-        let _ = tx.send(read);
-    });
-    let line = rx
-        .recv_timeout(GATEWAY_START_MAX)
-        .map_err(|_| anyhow!("the gateway did not start within {GATEWAY_START_MAX:?}"))?
-        .context("the gateway said nothing")?;
+    let line = first_line(stdout, GATEWAY_START_MAX).context("the gateway did not start")?;
     let http = line
         .split("HTTP on ")
         .nth(1)
@@ -734,27 +757,10 @@ fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     if file.metadata().map(|m| m.len()).unwrap_or(0) > 0 {
-        writeln!(file, "----- sand-bench: {name} started again -----")
+        writeln!(file, "----- {name} started again -----")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(file)
-}
-
-/// The pids of this process's children, whichever of its threads started them.
-fn children_of_this_process() -> Vec<u32> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .flat_map(|task| {
-            std::fs::read_to_string(task.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|pid| pid.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -762,18 +768,40 @@ fn path_str(p: &Path) -> Result<&str> {
         .ok_or_else(|| anyhow!("{} is not UTF-8", p.display()))
 }
 
-/// Runs a short `sand` command that must succeed; returns its stdout.
-fn run(sand: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(sand)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {}", sand.display()))?;
-    if !out.status.success() {
-        bail!(
-            "sand {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+/// Makes a CA, a gateway certificate for `localhost` and certificates for workers
+/// 1..=`workers` in `dir/certs`; returns that directory.
+pub fn certificates(sand: &Path, dir: &Path, workers: u32) -> Result<PathBuf> {
+    let certs = dir.join("certs");
+    let at = path_str(&certs)?;
+    run(sand, &["cert", "init", "--dir", at])?;
+    run(
+        sand,
+        &[
+            "cert",
+            "issue",
+            "gateway",
+            "--name",
+            "localhost",
+            "--dir",
+            at,
+        ],
+    )?;
+    for id in 1..=workers {
+        let id = id.to_string();
+        run(sand, &["cert", "issue", "worker", "--id", &id, "--dir", at])?;
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(certs)
+}
+
+/// Writes `text` to a new file at `path` that only its owner may read.
+fn private_file(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot make {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::measure::Stats;
+use crate::stats::Latencies;
 
 /// What the link does to datagrams, besides its fixed delay.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -151,9 +151,9 @@ impl Relay {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Median and p99 of 200 round trips of a small datagram through the relay to an echo
-    /// socket: the link's real cost.
-    pub fn round_trip(delay: Duration) -> Result<Stats> {
+    /// The times of 200 round trips of a small datagram through the relay to an echo socket:
+    /// what the link really costs.
+    pub fn round_trip(delay: Duration) -> Result<Latencies> {
         let echo = UdpSocket::bind("127.0.0.1:0")?;
         echo.set_read_timeout(Some(Duration::from_secs(2)))?;
         let echo_addr = echo.local_addr()?;
@@ -182,7 +182,7 @@ impl Relay {
         }
         drop(relay);
         let _ = echo_thread.join();
-        Ok(Stats::of(&samples))
+        Ok(samples.into_iter().collect())
     }
 }
 

@@ -10,26 +10,26 @@
 //! `Abort`) wait until the caller reports the batch that made the change as persisted. A gateway
 //! that crashed before the write would otherwise still expect work the worker dropped.
 //! Dispatches need no such wait: a crash that loses the record of a dispatch costs only
-//! duplicate work.
+//! duplicate work. The `gate` module holds that rule.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+mod gate;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use self::gate::Gate;
 use crate::durable::{
     Answer, Batch, CallRecord, Deployment, DurableState, ExecRecord, ExecStatus, Idempotency,
     JoinRecord, LogIndex, Op, Owner, WorkerRecord,
 };
-use crate::ids::{AppName, Attempt, CallId, ExecId, Incarnation, RunKey, Seq, WorkerId};
+use crate::ids::{AppName, Attempt, CallKey, ExecId, Incarnation, RunKey, Seq, WorkerId};
 use crate::mutations::{Mutation, Mutations};
 use crate::policy::{AppSpec, GrainPolicy};
-use crate::time::Time;
+use crate::time::{self, Time};
 use crate::wire::{
     AppBundle, CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, Reason, Report, ToGateway,
     ToWorker, FANOUT_MAX, PAYLOAD_BYTES_MAX,
 };
-
-/// A call's key: calls are unique within their execution.
-pub type CallKey = (ExecId, CallId);
 
 /// Settings of a global queue.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -130,26 +130,29 @@ pub enum GqTimer {
     /// The worker has been silent for the failure timeout.
     Suspect(WorkerId),
     /// A failed call's backoff is over: place it again.
-    Retry(ExecId, CallId),
+    Retry(CallKey),
     /// A call's attempt ran past its timeout and grace.
-    Deadline(ExecId, CallId),
+    Deadline(CallKey),
 }
 
-/// Something the caller must do, drained with [`GlobalQueue::poll_output`].
+/// Something the caller must do, drained with [`GlobalQueue::poll_output`]. Each variant is
+/// named for the driver's action; a `Confirm*` tells a client that its request is durable.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum GqOutput {
     /// Write this batch durably, after every earlier one, then report `GqEvent::Persisted`.
     Persist(Batch),
     /// Send this message to the worker (drop it if the worker is not connected).
     Send(WorkerId, ToWorker),
-    /// The execution's acceptance is durable: an asynchronous client may now be told its id.
-    Accepted(ExecId),
+    /// Tell the client its execution is accepted, durably: an asynchronous client may now be
+    /// given its id.
+    ConfirmInvoke(ExecId),
     /// The execution ended, durably: give the client this answer. Emitted once per execution.
     Respond(ExecId, Answer),
-    /// The app's deployment (by [`GlobalQueue::deploy`]) is durable.
-    Deployed(AppName),
-    /// A [`GlobalQueue::remove_app`] is durable: the app is gone, or was not deployed.
-    Removed {
+    /// Tell the client the app's deployment (by [`GlobalQueue::deploy`]) is durable.
+    ConfirmDeploy(AppName),
+    /// Tell the client its [`GlobalQueue::remove_app`] is durable: the app is gone, or was not
+    /// deployed.
+    ConfirmRemove {
         /// The app.
         app: AppName,
         /// Whether it was deployed.
@@ -193,11 +196,6 @@ pub enum InvokeError {
 struct Link {
     /// Whether its current incarnation said `Hello` on a connection that is still open.
     connected: bool,
-    /// Counts the worker's connections as the queue saw them come and go: bumped by every
-    /// `Hello` (it opens one) and every `Disconnected`. A message made for one session is never
-    /// sent in another: the transport would put it on the worker's new connection, ahead of
-    /// what that connection's `Hello` decides (a dispatch sent twice, a `Welcome` out of turn).
-    session: u64,
     /// Progress messages that arrived before their predecessors.
     held: BTreeMap<Seq, Vec<Report>>,
 }
@@ -232,18 +230,8 @@ pub struct GlobalQueue {
     owned: BTreeMap<Owner, BTreeSet<CallKey>>,
     links: BTreeMap<WorkerId, Link>,
     timers: BTreeMap<GqTimer, Time>,
-    /// The index of the epoch record: nothing is sent before it is durable.
-    epoch_index: LogIndex,
-    /// The last batch index handed out, and the last one reported durable.
-    logged: LogIndex,
-    durable: LogIndex,
-    /// Ops of the event being handled.
-    batch: Vec<Op>,
-    /// Outputs of the event being handled that must wait for its batch.
-    after_batch: Vec<GqOutput>,
-    /// Outputs waiting for their batch to be durable.
-    gated: Vec<Gated>,
-    outputs: VecDeque<GqOutput>,
+    /// The batches being logged, and the outputs waiting for them.
+    gate: Gate,
 }
 
 impl GlobalQueue {
@@ -267,13 +255,7 @@ impl GlobalQueue {
             owned: BTreeMap::new(),
             links: BTreeMap::new(),
             timers: BTreeMap::new(),
-            epoch_index: LogIndex(1),
-            logged: LogIndex(0),
-            durable: LogIndex(0),
-            batch: Vec::new(),
-            after_batch: Vec::new(),
-            gated: Vec::new(),
-            outputs: VecDeque::new(),
+            gate: Gate::default(),
         };
         let epoch = gq.state.epoch + 1;
         gq.commit(Op::Epoch(epoch));
@@ -315,23 +297,23 @@ impl GlobalQueue {
         self
     }
 
-    /// Deploys or replaces an app, code and all. Emits `Deployed` once the deployment is
+    /// Deploys or replaces an app, code and all. Emits `ConfirmDeploy` once the deployment is
     /// durable.
     pub fn deploy(&mut self, spec: AppSpec, bundle: AppBundle) {
         let app = spec.name.clone();
         self.commit(Op::PutApp(Deployment { spec, bundle }));
-        self.after_batch.push(GqOutput::Deployed(app));
+        self.gate.promise(GqOutput::ConfirmDeploy(app));
         self.close_batch();
     }
 
-    /// Removes an app, code and all; its running executions go on. Emits `Removed` once what
+    /// Removes an app, code and all; its running executions go on. Emits `ConfirmRemove` once what
     /// it says is durable: the removal, or (for an app not deployed) the absence it found.
     pub fn remove_app(&mut self, app: &AppName) {
         let existed = self.state.apps.contains_key(app);
         if existed {
             self.commit(Op::DelApp(app.clone()));
         }
-        self.after_batch.push(GqOutput::Removed {
+        self.gate.promise(GqOutput::ConfirmRemove {
             app: app.clone(),
             existed,
         });
@@ -340,9 +322,9 @@ impl GlobalQueue {
 
     /// Accepts an execution of `app` with `input`, or finds the earlier one with the same
     /// idempotency key (accepted less than the key's lifetime ago, with the same input: the
-    /// same key with another input is refused). Emits `Accepted` once the acceptance is durable
-    /// and `Respond` once it ends; the entry call is dispatched at once, without waiting for
-    /// the disk.
+    /// same key with another input is refused). Emits `ConfirmInvoke` once the acceptance is
+    /// durable and `Respond` once it ends; the entry call is dispatched at once, without waiting
+    /// for the disk.
     pub fn invoke(
         &mut self,
         now: Time,
@@ -352,7 +334,7 @@ impl GlobalQueue {
     ) -> Result<Invoked, InvokeError> {
         let idempotency = idempotency_key.map(|key| Idempotency::new(key, &input));
         if let Some(exec) = self.keyed(now, app, idempotency.as_ref())? {
-            self.after_batch.push(GqOutput::Accepted(exec));
+            self.gate.promise(GqOutput::ConfirmInvoke(exec));
             self.close_batch();
             return Ok(Invoked { exec, fresh: false });
         }
@@ -401,7 +383,7 @@ impl GlobalQueue {
                 depth_left: self.config.depth_max,
             },
         );
-        self.after_batch.push(GqOutput::Accepted(exec));
+        self.gate.promise(GqOutput::ConfirmInvoke(exec));
         self.close_batch();
         Ok(Invoked { exec, fresh: true })
     }
@@ -485,9 +467,8 @@ impl GlobalQueue {
         match event {
             GqEvent::Message(worker, msg) => self.on_message(now, worker, msg),
             GqEvent::Disconnected(worker) => {
-                let link = self.links.entry(worker).or_default();
-                link.connected = false;
-                link.session += 1;
+                self.links.entry(worker).or_default().connected = false;
+                self.gate.new_session(worker);
             }
             GqEvent::Persisted(upto) => self.on_persisted(upto),
             GqEvent::Timeout(timer) => {
@@ -501,25 +482,19 @@ impl GlobalQueue {
 
     /// Fires every timer whose deadline is at or before `now`.
     pub fn handle_timeouts(&mut self, now: Time) {
-        let due: Vec<GqTimer> = self
-            .timers
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(t, _)| *t)
-            .collect();
-        for timer in due {
+        for timer in time::due(&self.timers, now) {
             self.handle(now, GqEvent::Timeout(timer));
         }
     }
 
     /// The next output, if any.
     pub fn poll_output(&mut self) -> Option<GqOutput> {
-        self.outputs.pop_front()
+        self.gate.poll_output()
     }
 
     /// The earliest timer deadline, if any timer is set.
     pub fn poll_timeout(&self) -> Option<Time> {
-        self.timers.values().min().copied()
+        time::earliest(&self.timers)
     }
 
     /// An execution's record as a client may see it: what the disk holds. An execution whose
@@ -626,7 +601,8 @@ impl GlobalQueue {
         else {
             return;
         };
-        self.links.entry(worker).or_default().session += 1;
+        self.links.entry(worker).or_default();
+        self.gate.new_session(worker);
         let known = self.state.workers.get(&worker).copied();
         let live = known.filter(|r| !r.dead);
         if resumed && live.is_some_and(|r| r.incarnation == incarnation) {
@@ -674,7 +650,7 @@ impl GlobalQueue {
         link.held.clear();
         self.touch(now, worker);
         tracing::info!(%worker, incarnation = incarnation.0, "worker joined");
-        self.after_batch.push(GqOutput::Send(
+        self.gate.promise(GqOutput::Send(
             worker,
             ToWorker::Welcome {
                 incarnation,
@@ -701,7 +677,7 @@ impl GlobalQueue {
             .map_or(Seq(0), |r| r.applied);
         self.links.entry(worker).or_default().connected = true;
         self.touch(now, worker);
-        self.after_batch.push(GqOutput::Send(
+        self.gate.promise(GqOutput::Send(
             worker,
             ToWorker::Welcome {
                 incarnation,
@@ -720,7 +696,7 @@ impl GlobalQueue {
             .flatten()
             .filter_map(|key| self.state.calls.get(key))
             .filter(|c| {
-                let listed = started.contains(&(c.exec, c.call, c.attempt));
+                let listed = started.contains(&RunKey::new(c.exec, c.call, c.attempt));
                 !listed || self.mutated(Mutation::RerunStarted)
             })
             .map(spec_of)
@@ -732,7 +708,7 @@ impl GlobalQueue {
                 call,
                 reason,
             };
-            self.send(worker, msg);
+            self.gate.send(worker, msg);
         }
         self.place_waiting(now);
     }
@@ -763,7 +739,7 @@ impl GlobalQueue {
                 incarnation: rec.incarnation,
                 upto: seq,
             };
-            return self.after_batch.push(GqOutput::Send(worker, ack));
+            return self.gate.promise(GqOutput::Send(worker, ack));
         }
         if seq > applied.next() {
             let link = self.links.entry(worker).or_default();
@@ -789,7 +765,7 @@ impl GlobalQueue {
             }
             self.commit(Op::PutWorker(worker, WorkerRecord { applied, ..rec }));
         }
-        self.after_batch.push(GqOutput::Send(
+        self.gate.promise(GqOutput::Send(
             worker,
             ToWorker::Ack {
                 incarnation: rec.incarnation,
@@ -807,7 +783,7 @@ impl GlobalQueue {
     /// Applies one report atomically, or not at all if it is stale: its execution ended, its
     /// call is not pending, or it is not the current attempt of the sender.
     fn apply_report(&mut self, now: Time, owner: Owner, report: Report) {
-        let key = (report.exec, report.call);
+        let key = CallKey::new(report.exec, report.call);
         if !self.is_running(report.exec) {
             return;
         }
@@ -831,7 +807,7 @@ impl GlobalQueue {
         }
         let exec = report.exec;
         for spec in effects.joins {
-            let jkey = (exec, spec.call);
+            let jkey = CallKey::new(exec, spec.call);
             let branches = spec.branches as usize;
             if self.state.joins.contains_key(&jkey) || branches == 0 || branches > FANOUT_MAX {
                 continue;
@@ -848,7 +824,7 @@ impl GlobalQueue {
             match ret.cont {
                 Cont::Client => return self.finish(now, exec, Answer::Value(ret.value)),
                 Cont::Join { join, branch } => {
-                    let Some(j) = self.state.joins.get(&(exec, join)) else {
+                    let Some(j) = self.state.joins.get(&CallKey::new(exec, join)) else {
                         continue;
                     };
                     let slot = branch as usize;
@@ -863,7 +839,7 @@ impl GlobalQueue {
             }
         }
         let fresh = effects.spawned.iter().filter(|new| {
-            let ckey = (exec, new.call);
+            let ckey = CallKey::new(exec, new.call);
             !self.state.calls.contains_key(&ckey)
                 && !self.state.joins.get(&ckey).is_some_and(|j| j.fired)
         });
@@ -871,7 +847,7 @@ impl GlobalQueue {
             return self.finish(now, exec, Answer::Error(error));
         }
         for new in effects.spawned {
-            let ckey = (exec, new.call);
+            let ckey = CallKey::new(exec, new.call);
             if self.state.calls.contains_key(&ckey) {
                 continue;
             }
@@ -903,7 +879,7 @@ impl GlobalQueue {
             );
         }
         for join in touched {
-            self.fire_if_complete(now, (exec, join));
+            self.fire_if_complete(now, CallKey::new(exec, join));
         }
     }
 
@@ -920,17 +896,17 @@ impl GlobalQueue {
         }
         let mut j = j.clone();
         let input = Payload::json_array(j.contributions.iter().flatten());
-        let Some(app) = self.state.execs.get(&jkey.0).map(|e| e.app.clone()) else {
+        let Some(app) = self.state.execs.get(&jkey.exec).map(|e| e.app.clone()) else {
             return;
         };
-        if let Err(error) = self.count_calls(jkey.0, 1) {
-            return self.finish(now, jkey.0, Answer::Error(error));
+        if let Err(error) = self.count_calls(jkey.exec, 1) {
+            return self.finish(now, jkey.exec, Answer::Error(error));
         }
         match input {
             Ok(input) => {
                 j.fired = true;
                 let rec = CallRecord {
-                    exec: jkey.0,
+                    exec: jkey.exec,
                     call: j.spec.call,
                     app,
                     grain: j.spec.grain.clone(),
@@ -947,7 +923,7 @@ impl GlobalQueue {
             }
             Err(e) => {
                 let error = GrainError::new(ErrorKind::BadOutput, format!("join input: {e}"));
-                self.finish(now, jkey.0, Answer::Error(error));
+                self.finish(now, jkey.exec, Answer::Error(error));
             }
         }
     }
@@ -961,13 +937,11 @@ impl GlobalQueue {
         rec.failures += 1;
         // A budget is not a passing failure: a retry would meet it again.
         if rec.failures >= policy.attempts_max || error.kind == ErrorKind::Budget {
-            return self.finish(now, key.0, Answer::Error(error));
+            return self.finish(now, key.exec, Answer::Error(error));
         }
         // The retry timer goes first, so that put_call leaves the call unplaced until it fires.
-        self.timers.insert(
-            GqTimer::Retry(key.0, key.1),
-            now + policy.backoff(rec.failures),
-        );
+        self.timers
+            .insert(GqTimer::Retry(key), now + policy.backoff(rec.failures));
         rec.owner = None;
         rec.reason = Reason::Retry;
         self.put_call(now, rec);
@@ -1012,7 +986,7 @@ impl GlobalQueue {
         rec.status = ExecStatus::Done(answer.clone());
         rec.ended = Some(now);
         self.commit(Op::PutExec(rec));
-        let range = (exec, CallId(0))..=(exec, CallId(u64::MAX));
+        let range = CallKey::of_exec(exec);
         let calls: Vec<CallKey> = self
             .state
             .calls
@@ -1031,13 +1005,13 @@ impl GlobalQueue {
                 incarnation: owner.incarnation,
                 exec,
             };
-            self.after_batch.push(GqOutput::Send(owner.worker, msg));
+            self.gate.promise(GqOutput::Send(owner.worker, msg));
         }
         let joins: Vec<CallKey> = self.state.joins.range(range).map(|(k, _)| *k).collect();
-        for (e, j) in joins {
-            self.commit(Op::DelJoin(e, j));
+        for key in joins {
+            self.commit(Op::DelJoin(key.exec, key.call));
         }
-        self.after_batch.push(GqOutput::Respond(exec, answer));
+        self.gate.promise(GqOutput::Respond(exec, answer));
     }
 
     fn on_timer(&mut self, now: Time, timer: GqTimer) {
@@ -1055,27 +1029,27 @@ impl GlobalQueue {
                     }
                 }
             }
-            GqTimer::Retry(exec, call) => {
-                if let Some(rec) = self.state.calls.get(&(exec, call)).cloned() {
+            GqTimer::Retry(key) => {
+                if let Some(rec) = self.state.calls.get(&key).cloned() {
                     if rec.owner.is_none() {
                         self.put_call(now, rec);
                     }
                 }
             }
-            GqTimer::Deadline(exec, call) => {
-                let Some(rec) = self.state.calls.get(&(exec, call)) else {
+            GqTimer::Deadline(key) => {
+                let Some(rec) = self.state.calls.get(&key) else {
                     return;
                 };
                 let Some(owner) = rec.owner else { return };
                 let msg = ToWorker::Abort {
                     incarnation: owner.incarnation,
-                    exec,
-                    call,
+                    exec: key.exec,
+                    call: key.call,
                     attempt: rec.attempt,
                 };
-                self.after_batch.push(GqOutput::Send(owner.worker, msg));
+                self.gate.promise(GqOutput::Send(owner.worker, msg));
                 let error = GrainError::new(ErrorKind::Timeout, "the attempt ran past its timeout");
-                self.fail_attempt(now, (exec, call), error);
+                self.fail_attempt(now, key, error);
             }
         }
     }
@@ -1117,7 +1091,7 @@ impl GlobalQueue {
         let known = self.state.workers.get(&worker).map(|r| r.incarnation);
         let successor = known.unwrap_or_default().max(incarnation).next();
         tracing::info!(%worker, incarnation = incarnation.0, successor = successor.0, "fencing a worker incarnation");
-        self.after_batch.push(GqOutput::Send(
+        self.gate.promise(GqOutput::Send(
             worker,
             ToWorker::Fenced {
                 incarnation,
@@ -1135,9 +1109,7 @@ impl GlobalQueue {
             .state
             .calls
             .values()
-            .filter(|c| {
-                c.owner.is_none() && !self.timers.contains_key(&GqTimer::Retry(c.exec, c.call))
-            })
+            .filter(|c| c.owner.is_none() && !self.timers.contains_key(&GqTimer::Retry(c.key())))
             .cloned()
             .collect();
         for rec in waiting {
@@ -1148,8 +1120,8 @@ impl GlobalQueue {
     /// Records a pending call, placing it first if it has no owner and is not backing off, and
     /// keeps the owner index and the call's timers in step.
     fn put_call(&mut self, now: Time, mut rec: CallRecord) {
-        let key = (rec.exec, rec.call);
-        let backing_off = self.timers.contains_key(&GqTimer::Retry(key.0, key.1));
+        let key = rec.key();
+        let backing_off = self.timers.contains_key(&GqTimer::Retry(key));
         if rec.owner.is_none() && !backing_off {
             rec.owner = self.choose_worker();
             if let Some(owner) = rec.owner {
@@ -1164,7 +1136,7 @@ impl GlobalQueue {
                     call: spec_of(&rec),
                     reason,
                 };
-                self.send(owner.worker, msg);
+                self.gate.send(owner.worker, msg);
             }
         }
         if let Some(old) = self.state.calls.get(&key).and_then(|c| c.owner) {
@@ -1172,7 +1144,7 @@ impl GlobalQueue {
                 set.remove(&key);
             }
         }
-        let deadline = GqTimer::Deadline(key.0, key.1);
+        let deadline = GqTimer::Deadline(key);
         self.timers.remove(&deadline);
         if let Some(owner) = rec.owner {
             self.owned.entry(owner).or_default().insert(key);
@@ -1194,9 +1166,9 @@ impl GlobalQueue {
                 set.remove(&key);
             }
         }
-        self.timers.remove(&GqTimer::Retry(key.0, key.1));
-        self.timers.remove(&GqTimer::Deadline(key.0, key.1));
-        self.commit(Op::DelCall(key.0, key.1));
+        self.timers.remove(&GqTimer::Retry(key));
+        self.timers.remove(&GqTimer::Deadline(key));
+        self.commit(Op::DelCall(key.exec, key.call));
     }
 
     /// The least loaded live, connected worker; ties go to the lowest id.
@@ -1240,51 +1212,9 @@ impl GlobalQueue {
     }
 
     fn on_persisted(&mut self, upto: LogIndex) {
-        if upto <= self.durable {
-            return;
-        }
-        self.durable = upto.min(self.logged);
-        let durable = self.durable;
-        self.unsynced.settle(durable);
-        self.unsynced_apps.settle(durable);
-        let (ready, waiting): (Vec<_>, Vec<_>) =
-            self.gated.drain(..).partition(|g| g.needs <= durable);
-        self.gated = waiting;
-        for g in ready {
-            if self.session_of(&g.out) == g.session {
-                self.outputs.push_back(g.out);
-            } else {
-                tracing::debug!(output = ?g.out, "dropped: its worker's connection changed while it waited for the disk");
-            }
-        }
-    }
-
-    /// Sends a message, unless the epoch record is not yet durable: ids of this epoch must not
-    /// leave before it is.
-    fn send(&mut self, worker: WorkerId, msg: ToWorker) {
-        let out = GqOutput::Send(worker, msg);
-        if self.durable >= self.epoch_index {
-            self.outputs.push_back(out);
-        } else {
-            self.gate(self.epoch_index, out);
-        }
-    }
-
-    /// Holds an output until batch `needs` is durable.
-    fn gate(&mut self, needs: LogIndex, out: GqOutput) {
-        let session = self.session_of(&out);
-        self.gated.push(Gated {
-            needs,
-            session,
-            out,
-        });
-    }
-
-    /// The session of the worker a message goes to (0 for outputs that go to no worker).
-    fn session_of(&self, out: &GqOutput) -> u64 {
-        match out {
-            GqOutput::Send(worker, _) => self.links.get(worker).map_or(0, |l| l.session),
-            _ => 0,
+        if let Some(durable) = self.gate.persisted(upto) {
+            self.unsynced.settle(durable);
+            self.unsynced_apps.settle(durable);
         }
     }
 
@@ -1293,7 +1223,7 @@ impl GlobalQueue {
     }
 
     fn commit(&mut self, op: Op) {
-        let batch = LogIndex(self.logged.0 + 1);
+        let batch = self.gate.open_batch();
         match &op {
             Op::PutExec(ExecRecord { exec, .. }) | Op::DelExec(exec) => {
                 self.unsynced.change(*exec, &self.state.execs, batch);
@@ -1308,37 +1238,12 @@ impl GlobalQueue {
             _ => {}
         }
         self.state.apply(&op);
-        self.batch.push(op);
+        self.gate.log(op);
     }
 
-    /// Ends the event: emits its batch, and queues what must wait for it.
+    /// Ends the event: hands out its batch, and holds what must wait for it.
     fn close_batch(&mut self) {
-        if !self.batch.is_empty() {
-            self.logged = LogIndex(self.logged.0 + 1);
-            let batch = Batch {
-                index: self.logged,
-                ops: std::mem::take(&mut self.batch),
-            };
-            self.outputs.push_back(GqOutput::Persist(batch));
-        }
-        let needs = self.logged;
-        let eager = self.mutated(Mutation::VisibleBeforeDurable);
-        for out in std::mem::take(&mut self.after_batch) {
-            let gives_up = matches!(
-                out,
-                GqOutput::Send(_, ToWorker::Cancel { .. } | ToWorker::Abort { .. })
-            );
-            let app_change = matches!(out, GqOutput::Deployed(_) | GqOutput::Removed { .. });
-            if needs <= self.durable
-                || eager
-                || gives_up && self.mutated(Mutation::GiveUpEarly)
-                || app_change && self.mutated(Mutation::AppChangeEarly)
-            {
-                self.outputs.push_back(out);
-            } else {
-                self.gate(needs, out);
-            }
-        }
+        self.gate.close_batch(self.mutations);
     }
 }
 
@@ -1376,16 +1281,6 @@ impl<K: Ord + Clone, V: Clone> OnDisk<K, V> {
     fn keys(&self) -> impl Iterator<Item = &K> {
         self.0.keys()
     }
-}
-
-/// An output waiting for a batch to be durable.
-#[derive(Clone, PartialEq, Eq, Hash, Debug)]
-struct Gated {
-    /// The batch it waits for.
-    needs: LogIndex,
-    /// The session of its worker's link when it was made.
-    session: u64,
-    out: GqOutput,
 }
 
 /// Why a worker incarnation was declared dead.
