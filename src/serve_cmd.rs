@@ -18,7 +18,7 @@ use sand_protocol::ids::{AppName, WorkerId};
 use sand_protocol::local_bus::LbConfig;
 use sand_transport::config::{LinkConfig, Transport};
 use sand_transport::seam::WorkerLink;
-use sand_transport::tls::certs;
+use sand_transport::tls::{certs, Dial};
 use sand_transport_quic::QuicWorker;
 use sand_transport_tcp::TcpWorker;
 use sand_worker::driver::WorkerConfig;
@@ -391,14 +391,19 @@ impl WorkerEndpoint {
         server_name: &str,
         identity: &certs::NodeIdentity,
     ) -> Result<(Self, WorkerLink)> {
+        let dial = Dial {
+            gateway,
+            server_name,
+            identity,
+        };
         let config = LinkConfig::default();
         Ok(match transport {
             Transport::Quic => {
-                let (endpoint, link) = QuicWorker::start(gateway, server_name, identity, config)?;
+                let (endpoint, link) = QuicWorker::start(dial, config)?;
                 (Self::Quic(endpoint), link)
             }
             Transport::Tcp => {
-                let (endpoint, link) = TcpWorker::start(gateway, server_name, identity, config)?;
+                let (endpoint, link) = TcpWorker::start(dial, config)?;
                 (Self::Tcp(endpoint), link)
             }
         })

@@ -76,29 +76,15 @@ impl From<HandOver> for Ended {
     }
 }
 
-/// Everything [`drive`] needs.
-pub(crate) struct Parts<In> {
-    /// The connection.
-    pub(crate) conn: Connection,
-    /// The control stream's sending half.
-    pub(crate) control_send: SendStream,
-    /// The control stream's receiving half, past the preamble.
-    pub(crate) control_recv: RecvStream,
-    /// The queues, the driver's events, the settings.
-    pub(crate) plumbing: Plumbing<In>,
-}
-
 /// Runs a connection until it ends, then stops every task it started and closes it.
-pub(crate) async fn drive<In>(parts: Parts<In>) -> Ended
+pub(crate) async fn drive<In>(
+    conn: Connection,
+    (control_send, control_recv): (SendStream, RecvStream),
+    plumbing: Plumbing<In>,
+) -> Ended
 where
     In: Envelope + Send + 'static,
 {
-    let Parts {
-        conn,
-        control_send,
-        control_recv,
-        plumbing,
-    } = parts;
     let (counter, deliver, config) = (plumbing.tasks, plumbing.deliver, plumbing.config);
     let Inbox {
         control,

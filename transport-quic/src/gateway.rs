@@ -15,7 +15,7 @@ use sand_transport::tls::certs::{self, NodeIdentity};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::conn::{self, Ended, Parts};
+use crate::conn::{self, Ended};
 use crate::{Quic, Running};
 
 /// The gateway's QUIC endpoint. Dropping it closes every connection and stops every task.
@@ -157,13 +157,7 @@ async fn serve(
     };
     let (conn_id, plumbing) = registry.attach(worker, Quic(conn.clone()), config, tasks);
     info!(%worker, peer = %peer_addr, "worker connected");
-    let ended = conn::drive(Parts {
-        conn,
-        control_send,
-        control_recv,
-        plumbing,
-    })
-    .await;
+    let ended = conn::drive(conn, (control_send, control_recv), plumbing).await;
     registry.detach(worker, conn_id);
     log_end(worker, peer_addr, &ended);
 }

@@ -5,16 +5,15 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use quinn::{Connection, ConnectionError, Endpoint, VarInt};
-use rustls_pki_types::ServerName;
 use sand_protocol::wire::Down;
 use sand_transport::config::{LinkConfig, TransportError};
 use sand_transport::conn::{Plumbing, CLOSE_NORMAL};
 use sand_transport::peers::{self, Dialer, WorkerEnd};
 use sand_transport::seam::WorkerLink;
-use sand_transport::tls::certs::NodeIdentity;
+use sand_transport::tls::Dial;
 use tracing::{info, warn};
 
-use crate::conn::{self, Ended, Parts};
+use crate::conn::{self, Ended};
 use crate::{Quic, Running};
 
 /// A worker's QUIC endpoint. Dropping it closes the connection and stops reconnecting.
@@ -25,19 +24,13 @@ pub struct QuicWorker {
 }
 
 impl QuicWorker {
-    /// Starts connecting to the gateway at `gateway`, whose certificate must name
-    /// `server_name` (a DNS name or IP address it was issued for), and keeps connected until
-    /// dropped. Returns the endpoint and the worker's end of the seam. Must be called on a
-    /// tokio runtime, which runs its tasks.
-    pub fn start(
-        gateway: SocketAddr,
-        server_name: &str,
-        identity: &NodeIdentity,
-        config: LinkConfig,
-    ) -> Result<(Self, WorkerLink), TransportError> {
-        ServerName::try_from(server_name)
-            .map_err(|_| TransportError::ServerName(server_name.to_string()))?;
-        let client = crate::client_config(identity, &config)?;
+    /// Starts connecting to the gateway as `dial` says, and keeps connected until dropped.
+    /// Returns the endpoint and the worker's end of the seam. Must be called on a tokio
+    /// runtime, which runs its tasks.
+    pub fn start(dial: Dial<'_>, config: LinkConfig) -> Result<(Self, WorkerLink), TransportError> {
+        dial.checked_name()?;
+        let gateway = dial.gateway;
+        let client = crate::client_config(dial.identity, &config)?;
         let local: SocketAddr = if gateway.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
@@ -52,7 +45,7 @@ impl QuicWorker {
         let dialer = QuicDialer {
             endpoint: endpoint.clone(),
             gateway,
-            server_name: server_name.to_string(),
+            server_name: dial.server_name.to_string(),
             open_timeout: config.open_timeout,
         };
         let (end, link_ends, link) = peers::start_worker(dialer, config, gateway);
@@ -96,19 +89,8 @@ impl Dialer for QuicDialer {
         Ok((Quic(conn), (send, recv)))
     }
 
-    async fn run(
-        &self,
-        Quic(conn): Quic,
-        (control_send, control_recv): Self::Opened,
-        plumbing: Plumbing<Down>,
-    ) {
-        let ended = conn::drive(Parts {
-            conn,
-            control_send,
-            control_recv,
-            plumbing,
-        })
-        .await;
+    async fn run(&self, Quic(conn): Quic, control: Self::Opened, plumbing: Plumbing<Down>) {
+        let ended = conn::drive(conn, control, plumbing).await;
         log_end(self.gateway, &ended);
     }
 }

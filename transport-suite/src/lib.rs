@@ -24,6 +24,7 @@ use sand_transport::config::{LinkConfig, TransportError};
 use sand_transport::mem::MemNetwork;
 use sand_transport::seam::{GatewayLink, WorkerLink};
 use sand_transport::tls::certs::{self, NodeIdentity};
+use sand_transport::tls::Dial;
 use sand_transport_quic::{QuicGateway, QuicWorker};
 use sand_transport_tcp::{TcpGateway, TcpWorker};
 use tokio::task::JoinHandle;
@@ -147,7 +148,12 @@ macro_rules! real_transport {
                 identity: &NodeIdentity,
                 config: LinkConfig,
             ) -> ($worker, WorkerLink) {
-                <$worker>::start(gateway.local_addr(), "localhost", identity, config).unwrap()
+                let dial = Dial {
+                    gateway: gateway.local_addr(),
+                    server_name: "localhost",
+                    identity,
+                };
+                <$worker>::start(dial, config).unwrap()
             }
             fn local_addr(gateway: &$gateway) -> SocketAddr {
                 gateway.local_addr()

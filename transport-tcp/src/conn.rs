@@ -81,27 +81,14 @@ pub(crate) enum Severity {
     Orderly,
 }
 
-/// Everything [`drive`] needs.
-pub(crate) struct Parts<S, In> {
-    /// The TLS stream, past the greeting.
-    pub(crate) stream: S,
-    /// Closes the connection from outside.
-    pub(crate) conn: Tcp,
-    /// The queues, the driver's events, the settings.
-    pub(crate) plumbing: Plumbing<In>,
-}
-
 /// Runs a connection until it ends, then stops every task it started, which closes the socket.
-pub(crate) async fn drive<S, In>(parts: Parts<S, In>) -> Ended
+///
+/// `stream` is the TLS stream past the greeting; `conn` closes the connection from outside.
+pub(crate) async fn drive<S, In>(stream: S, conn: Tcp, plumbing: Plumbing<In>) -> Ended
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
     In: Envelope + Send + 'static,
 {
-    let Parts {
-        stream,
-        conn,
-        plumbing,
-    } = parts;
     let (read, write) = tokio::io::split(stream);
     let config = plumbing.config;
     let credits = Arc::new(Semaphore::new(config.recv_queue_len_max));

@@ -17,7 +17,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::conn::{self, Parts, Severity};
+use crate::conn::{self, Severity};
 use crate::Tcp;
 
 /// The gateway's TCP endpoint. Dropping it closes every connection and stops every task.
@@ -162,12 +162,7 @@ async fn serve(
     let tcp = Tcp::default();
     let (conn_id, plumbing) = registry.attach(worker, tcp.clone(), config, tasks);
     info!(%worker, %peer, "worker connected over TCP");
-    let ended = conn::drive(Parts {
-        stream,
-        conn: tcp,
-        plumbing,
-    })
-    .await;
+    let ended = conn::drive(stream, tcp, plumbing).await;
     registry.detach(worker, conn_id);
     match ended.severity() {
         Severity::ClosedHere => {

@@ -11,14 +11,14 @@ use sand_transport::config::{LinkConfig, TransportError};
 use sand_transport::conn::Plumbing;
 use sand_transport::peers::{self, Dialer, WorkerEnd};
 use sand_transport::seam::WorkerLink;
-use sand_transport::tls::{self, certs::NodeIdentity};
+use sand_transport::tls::{self, Dial};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
-use crate::conn::{self, Parts, Severity};
+use crate::conn::{self, Severity};
 use crate::Tcp;
 
 /// A worker's TCP endpoint. Dropping it closes the connection and stops reconnecting.
@@ -29,20 +29,13 @@ pub struct TcpWorker {
 }
 
 impl TcpWorker {
-    /// Starts connecting to the gateway at `gateway`, whose certificate must name
-    /// `server_name` (a DNS name or IP address it was issued for), and keeps connected until
-    /// dropped. Returns the endpoint and the worker's end of the seam. Must be called on a
-    /// tokio runtime, which runs its tasks.
-    pub fn start(
-        gateway: SocketAddr,
-        server_name: &str,
-        identity: &NodeIdentity,
-        config: LinkConfig,
-    ) -> Result<(Self, WorkerLink), TransportError> {
+    /// Starts connecting to the gateway as `dial` says, and keeps connected until dropped.
+    /// Returns the endpoint and the worker's end of the seam. Must be called on a tokio
+    /// runtime, which runs its tasks.
+    pub fn start(dial: Dial<'_>, config: LinkConfig) -> Result<(Self, WorkerLink), TransportError> {
         config.validate()?;
-        let name = ServerName::try_from(server_name.to_string())
-            .map_err(|_| TransportError::ServerName(server_name.to_string()))?;
-        let connector = TlsConnector::from(Arc::new(tls::client_config(identity)?));
+        let (gateway, name) = (dial.gateway, dial.checked_name()?);
+        let connector = TlsConnector::from(Arc::new(tls::client_config(dial.identity)?));
         let dialer = TcpDialer {
             connector,
             gateway,
@@ -104,12 +97,7 @@ impl Dialer for TcpDialer {
     }
 
     async fn run(&self, conn: Tcp, stream: Self::Opened, plumbing: Plumbing<Down>) {
-        let ended = conn::drive(Parts {
-            stream,
-            conn,
-            plumbing,
-        })
-        .await;
+        let ended = conn::drive(stream, conn, plumbing).await;
         let gateway = self.gateway;
         match ended.severity() {
             Severity::ClosedHere => {

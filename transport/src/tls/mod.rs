@@ -8,6 +8,7 @@
 
 pub mod certs;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -23,6 +24,25 @@ use certs::NodeIdentity;
 
 /// The ALPN protocol name both sides require: a client speaking anything else is refused.
 pub const ALPN: &[u8] = b"sand/1";
+
+/// Where and as whom a worker dials the gateway, whatever the transport.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial<'a> {
+    /// The gateway's address.
+    pub gateway: SocketAddr,
+    /// The name the gateway's certificate carries: a DNS name or IP address it was issued for.
+    pub server_name: &'a str,
+    /// The worker's certificate and key, and the cluster CA it trusts.
+    pub identity: &'a NodeIdentity,
+}
+
+impl Dial<'_> {
+    /// The server name as TLS checks it; refused if it is not a DNS name or IP address.
+    pub fn checked_name(&self) -> Result<ServerName<'static>, TransportError> {
+        ServerName::try_from(self.server_name.to_string())
+            .map_err(|_| TransportError::ServerName(self.server_name.to_string()))
+    }
+}
 
 /// The gateway's TLS configuration: its certificate, TLS 1.3 with ALPN [`ALPN`], and client
 /// certificates required, signed by the cluster CA and naming a worker.
