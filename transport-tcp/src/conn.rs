@@ -7,17 +7,23 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use sand_protocol::wire::Envelope;
 use sand_transport::conn::{self, Deliver, HandOver, Inbox, Plumbing, Queued, CLOSE_NORMAL};
 use sand_transport::framing::{FrameBuffer, FrameError, CONTROL_PREAMBLE, LEN_BYTES};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::Tcp;
 
 /// How much one read takes at most.
 const READ_BYTES: usize = 64 * 1024;
+
+/// Frames up to this size are copied and gathered with others into one write; larger ones are
+/// written from their own buffer.
+const GATHER_BYTES_MAX: usize = 16 * 1024;
 
 /// How a connection ended.
 #[derive(Debug)]
@@ -114,25 +120,38 @@ where
 }
 
 /// Writes frames as they are queued, control frames before payload frames, and a keep-alive
-/// when nothing else was written for `keep_alive`. Flushes whenever both queues are empty.
+/// when nothing else was written for `keep_alive`. Small frames are gathered and written
+/// together, so that a burst of control messages makes few TLS records; the gathered bytes are
+/// written, and flushed, whenever both queues are empty.
 async fn write_frames<W: AsyncWrite>(
     mut write: WriteHalf<W>,
-    mut control: tokio::sync::mpsc::UnboundedReceiver<Queued>,
-    mut payload: tokio::sync::mpsc::UnboundedReceiver<Queued>,
+    mut control: mpsc::UnboundedReceiver<Queued>,
+    mut payload: mpsc::UnboundedReceiver<Queued>,
     keep_alive: Duration,
 ) -> Ended {
+    let mut gathered = BytesMut::new();
+    // The timer is re-armed only when it fires, from the time of the last write: writing a
+    // frame costs no timer operation.
+    let mut last_write = Instant::now();
+    let idle = tokio::time::sleep(keep_alive);
+    tokio::pin!(idle);
     loop {
         let next = tokio::select! {
             biased;
             q = control.recv() => q,
             q = payload.recv() => q,
-            () = tokio::time::sleep(keep_alive) => {
-                if let Err(e) = write.write_all(&[0; LEN_BYTES]).await {
-                    return Ended::Io(e);
+            () = &mut idle => {
+                if last_write.elapsed() >= keep_alive {
+                    let sent = async {
+                        write.write_all(&[0; LEN_BYTES]).await?;
+                        write.flush().await
+                    };
+                    if let Err(e) = sent.await {
+                        return Ended::Io(e);
+                    }
+                    last_write = Instant::now();
                 }
-                if let Err(e) = write.flush().await {
-                    return Ended::Io(e);
-                }
+                idle.as_mut().reset(last_write + keep_alive);
                 continue;
             }
         };
@@ -141,9 +160,17 @@ async fn write_frames<W: AsyncWrite>(
             return Ended::Unwanted;
         };
         let written = async {
-            write.write_all(&q.frame.head).await?;
-            write.write_all(&q.frame.body).await?;
+            gathered.extend_from_slice(&q.frame.head);
+            if q.frame.body.len() <= GATHER_BYTES_MAX {
+                gathered.extend_from_slice(&q.frame.body);
+            } else {
+                write.write_all(&gathered).await?;
+                gathered.clear();
+                write.write_all(&q.frame.body).await?;
+            }
             if control.is_empty() && payload.is_empty() {
+                write.write_all(&gathered).await?;
+                gathered.clear();
                 write.flush().await?;
             }
             io::Result::Ok(())
@@ -151,11 +178,13 @@ async fn write_frames<W: AsyncWrite>(
         if let Err(e) = written.await {
             return Ended::Io(e);
         }
+        last_write = Instant::now();
     }
 }
 
 /// Reads frames and delivers them in order, each with a receive credit: while the driver is
-/// behind, reading pauses and TCP flow control holds the peer back.
+/// behind, reading pauses and TCP flow control holds the peer back. A peer silent for
+/// `idle_timeout` while this side waits to read is dropped.
 async fn read_frames<R: AsyncRead, In: Envelope>(
     mut read: ReadHalf<R>,
     credits: Arc<Semaphore>,
@@ -164,25 +193,39 @@ async fn read_frames<R: AsyncRead, In: Envelope>(
 ) -> Ended {
     let mut buf = FrameBuffer::default();
     let mut chunk = vec![0u8; READ_BYTES];
+    // Re-armed only when it fires, from the time reading last started or got bytes.
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
         match conn::hand_over(&mut buf, &credits, &deliver, true).await {
             Ok(()) => {}
             Err(HandOver::Violation(e)) => return Ended::Violation(e),
             Err(HandOver::Unwanted) => return Ended::Unwanted,
         }
-        match tokio::time::timeout(idle_timeout, read.read(&mut chunk)).await {
-            Err(_) => return Ended::TimedOut(idle_timeout),
-            Ok(Ok(0)) => {
+        let waiting_since = Instant::now();
+        let read = loop {
+            tokio::select! {
+                read = read.read(&mut chunk) => break read,
+                () = &mut idle => {
+                    if waiting_since.elapsed() >= idle_timeout {
+                        return Ended::TimedOut(idle_timeout);
+                    }
+                    idle.as_mut().reset(waiting_since + idle_timeout);
+                }
+            }
+        };
+        match read {
+            Ok(0) => {
                 return match buf.finish() {
                     Ok(()) => Ended::PeerClosed,
                     Err(e) => Ended::Violation(e),
                 }
             }
-            Ok(Ok(n)) => buf.extend(&chunk[..n]),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof && buf.finish().is_ok() => {
+            Ok(n) => buf.extend(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && buf.finish().is_ok() => {
                 return Ended::PeerClosed
             }
-            Ok(Err(e)) => return Ended::Io(e),
+            Err(e) => return Ended::Io(e),
         }
     }
 }
