@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use sand_protocol::ids::WorkerId;
-use sand_transport_quic::certs::{self, IssuedFiles};
+use sand_transport::tls::certs::{self, IssuedFiles};
 
 /// Create the cluster's CA, and issue certificates signed by it. Gateways and workers accept
 /// only peers with a certificate from the same CA. Keys are written with mode 0600.

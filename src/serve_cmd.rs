@@ -16,8 +16,11 @@ use sand_gateway::{Gateway, GatewayConfig};
 use sand_protocol::global_queue::GqConfig;
 use sand_protocol::ids::{AppName, WorkerId};
 use sand_protocol::local_bus::LbConfig;
-use sand_transport_quic::certs;
-use sand_transport_quic::quic::{QuicConfig, QuicWorker};
+use sand_transport::config::{LinkConfig, Transport};
+use sand_transport::seam::WorkerLink;
+use sand_transport::tls::{certs, Dial};
+use sand_transport_quic::QuicWorker;
+use sand_transport_tcp::TcpWorker;
 use sand_worker::driver::WorkerConfig;
 use sand_worker::host::{HostContext, Isolation};
 
@@ -38,9 +41,14 @@ pub struct GatewayArgs {
     /// The HTTP API's address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
-    /// The address workers dial (QUIC, UDP).
+    /// The address workers dial (UDP for QUIC, TCP for TCP).
     #[arg(long, default_value = "127.0.0.1:7443")]
     listen: SocketAddr,
+    /// How workers reach the gateway: `quic` (UDP; a large payload never delays a heartbeat)
+    /// or `tcp` (TCP with TLS 1.3, for networks that block UDP; a heartbeat may wait behind a
+    /// large payload). Workers must use the same.
+    #[arg(long, default_value_t = Transport::Quic)]
+    transport: Transport,
     /// Require `Authorization: Bearer TOKEN` on the API, with the token in this file (mode
     /// 0600); or set SAND_TOKEN. Without one, the API must listen on a loopback address.
     #[arg(long)]
@@ -164,9 +172,13 @@ pub enum IsolationArg {
 /// `sand worker`.
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
-    /// The gateway's QUIC address.
+    /// The gateway's address for workers (`sand gateway --listen`).
     #[arg(long, default_value = "127.0.0.1:7443")]
     gateway: SocketAddr,
+    /// How to reach the gateway: `quic` (UDP) or `tcp` (TCP with TLS 1.3, for networks that
+    /// block UDP); the same as the gateway's `--transport`.
+    #[arg(long, default_value_t = Transport::Quic)]
+    transport: Transport,
     /// The name the gateway's certificate carries (a DNS name or IP address).
     #[arg(long, default_value = "localhost")]
     server_name: String,
@@ -211,6 +223,10 @@ pub struct DevArgs {
     /// How grains are isolated.
     #[arg(long, value_enum, default_value = "sandbox")]
     isolation: IsolationArg,
+    /// How the worker reaches the gateway: `quic` (UDP) or `tcp` (TCP with TLS 1.3), to try
+    /// what a cluster on a network that blocks UDP would use.
+    #[arg(long, default_value_t = Transport::Quic)]
+    transport: Transport,
     #[command(flatten)]
     http_args: HttpArgs,
     #[command(flatten)]
@@ -248,7 +264,8 @@ fn gateway_config(
         data_dir,
         cert_dir: certs,
         http_addr: http,
-        quic_addr: listen,
+        worker_addr: listen,
+        transport: Transport::Quic,
         token: None,
         insecure_no_auth: false,
         http_hosts: Vec::new(),
@@ -256,7 +273,7 @@ fn gateway_config(
         http_limits: Limits::default(),
         policy,
         gq: GqConfig::default(),
-        quic: QuicConfig::default(),
+        link: LinkConfig::default(),
     }
 }
 
@@ -270,6 +287,7 @@ pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
         args.listen,
         args.policy.policy(),
     );
+    config.transport = args.transport;
     config.token = client_cmd::operator_token(args.token_file.as_deref())?;
     config.insecure_no_auth = args.insecure_no_auth;
     config.http_tls = args.http_tls_cert.zip(args.http_tls_key);
@@ -284,7 +302,7 @@ pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
         println!(
             "sand gateway: HTTP on {}, workers dial {}",
             gateway.http_url(),
-            gateway.quic_addr
+            gateway.worker_addr
         );
         tokio::select! {
             err = gateway.wait() => Err(err.into()),
@@ -360,7 +378,47 @@ fn worker_config(
     })
 }
 
+/// A worker's endpoint, on the transport chosen.
+enum WorkerEndpoint {
+    Quic(QuicWorker),
+    Tcp(TcpWorker),
+}
+
+impl WorkerEndpoint {
+    fn start(
+        transport: Transport,
+        gateway: SocketAddr,
+        server_name: &str,
+        identity: &certs::NodeIdentity,
+    ) -> Result<(Self, WorkerLink)> {
+        let dial = Dial {
+            gateway,
+            server_name,
+            identity,
+        };
+        let config = LinkConfig::default();
+        Ok(match transport {
+            Transport::Quic => {
+                let (endpoint, link) = QuicWorker::start(dial, config)?;
+                (Self::Quic(endpoint), link)
+            }
+            Transport::Tcp => {
+                let (endpoint, link) = TcpWorker::start(dial, config)?;
+                (Self::Tcp(endpoint), link)
+            }
+        })
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Self::Quic(endpoint) => endpoint.shutdown().await,
+            Self::Tcp(endpoint) => endpoint.shutdown().await,
+        }
+    }
+}
+
 async fn run_worker(
+    transport: Transport,
     gateway: SocketAddr,
     server_name: &str,
     cert_dir: &Path,
@@ -368,7 +426,7 @@ async fn run_worker(
 ) -> Result<()> {
     let identity = certs::load_worker(cert_dir, config.lb.worker)?;
     let worker = config.lb.worker;
-    let (quic, link) = QuicWorker::start(gateway, server_name, &identity, QuicConfig::default())?;
+    let (endpoint, link) = WorkerEndpoint::start(transport, gateway, server_name, &identity)?;
     let driver = sand_worker::driver::run(config, link);
     tokio::pin!(driver);
     let ended = tokio::select! {
@@ -380,7 +438,7 @@ async fn run_worker(
     };
     // Closing the connection ends the driver's events: it then stops its zygotes and removes
     // its sandboxes and their cgroups before it returns.
-    quic.shutdown().await;
+    endpoint.shutdown().await;
     match ended {
         Some(result) => {
             result?;
@@ -411,6 +469,7 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
     }
     println!("sand worker {id}: dialing {}", args.gateway);
     runtime()?.block_on(run_worker(
+        args.transport,
         args.gateway,
         &args.server_name,
         &args.certs,
@@ -452,6 +511,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
         args.policy.policy(),
     );
     gconfig.gq.failure_timeout = Duration::from_secs(5);
+    gconfig.transport = args.transport;
     // The dev API always wants a token, whatever its address: a web page the developer
     // visits, or another local user, can reach a loopback port too.
     std::fs::create_dir_all(&args.data_dir)
@@ -472,11 +532,11 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         let gateway = Gateway::start(gconfig).await?;
         let url = gateway.http_url();
-        let quic_addr = gateway.quic_addr;
-        let worker =
-            tokio::spawn(
-                async move { run_worker(quic_addr, "localhost", &cert_dir, wconfig).await },
-            );
+        let worker_addr = gateway.worker_addr;
+        let transport = args.transport;
+        let worker = tokio::spawn(async move {
+            run_worker(transport, worker_addr, "localhost", &cert_dir, wconfig).await
+        });
         let mut entry = None;
         for app in &args.apps {
             let client = client_cmd::Client::new(url.clone(), Some(token.clone()), None)?;

@@ -747,10 +747,24 @@ fn sandbox_cgroups(pid: u32) -> Vec<PathBuf> {
 /// Starts `sand dev` with the pipeline app and its data in `dir`; returns it, the rest of its
 /// output and its API's URL.
 fn start_dev(dir: &Path) -> (Killed, BufReader<std::process::ChildStdout>, String) {
+    start_dev_over(dir, "quic")
+}
+
+/// The same, with its worker reaching the gateway over `transport` (`quic` or `tcp`).
+fn start_dev_over(
+    dir: &Path,
+    transport: &str,
+) -> (Killed, BufReader<std::process::ChildStdout>, String) {
     let mut dev = Killed(
         Command::new(SAND)
             .args(["dev", repo("examples/pipeline").to_str().unwrap()])
-            .args(["--http", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--http",
+                "127.0.0.1:0",
+                "--transport",
+                transport,
+                "--data-dir",
+            ])
             .arg(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -852,6 +866,25 @@ fn sand_dev_wants_its_private_token_and_the_cli_finds_it() {
         rest.contains(&curl),
         "no curl line with the token file: {rest}"
     );
+}
+
+/// A gateway and a worker over TCP with TLS 1.3 (`--transport tcp`, for networks that block
+/// UDP) serve a chain end to end.
+#[test]
+fn a_gateway_and_a_worker_over_tcp_serve_a_call() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join(".sand");
+    let (mut dev, _out, url) = start_dev_over(&data, "tcp");
+    let token = std::fs::read_to_string(data.join("token")).expect("the token");
+    let (code, body) = answer(
+        agent()
+            .post(&format!("{url}/v1/apps/pipeline/invoke"))
+            .set("Content-Type", "application/json")
+            .set("Authorization", &format!("Bearer {}", token.trim()))
+            .send_string("3"),
+    );
+    assert_eq!((code, &body["output"]), (200, &Value::from(49)), "{body}");
+    let _ = process::stop(&mut dev.0, Signal::SIGTERM, STOP_MAX);
 }
 
 /// `sand dev`, the README's first command, stops on Ctrl-C and on SIGTERM alike, and leaves no

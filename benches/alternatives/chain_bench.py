@@ -61,6 +61,11 @@ def log(message):
 
 def parse_args(description, argv=None):
     """Parses the options every baseline script takes."""
+    return argument_parser(description).parse_args(argv)
+
+
+def argument_parser(description):
+    """The parser of the options every baseline script takes, for a script to add its own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=positive_int, default=300,
                         help="sequential single-client chains measured (default 300)")
@@ -71,7 +76,7 @@ def parse_args(description, argv=None):
     parser.add_argument("--seconds", type=non_negative_float, default=10.0,
                         help="length of the throughput window in seconds (default 10; "
                              "0: no throughput phase)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def positive_int(text):
@@ -325,23 +330,25 @@ def start_group(argv, log_path, **kwargs):
         log_file.close()
 
 
-def stop_group(process, name, grace_s=10.0):
+def stop_group(process, name, grace_s=10.0, stop_signal=signal.SIGTERM):
     """Stops a process started by ``start_group`` and everything in its process group.
 
-    SIGTERM to the group, a wait of ``grace_s``, then SIGKILL to the group. The group id is the
-    leader's pid, so this reaches only processes this script started (and their children).
+    ``stop_signal`` (SIGTERM unless the process wants another to shut down) to the group, a
+    wait of ``grace_s``, then SIGKILL to the group. The group id is the leader's pid, so this
+    reaches only processes this script started (and their children).
     """
     if process is None:
         return
     pgid = process.pid
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, stop_signal)
     except ProcessLookupError:
         pass
     try:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        log(f"{name} (pid {process.pid}) ignored SIGTERM for {grace_s} s; killing its group")
+        log(f"{name} (pid {process.pid}) ignored {signal.Signals(stop_signal).name} for "
+            f"{grace_s} s; killing its group")
     # Children of the leader (e.g. a prefork pool) may outlive it briefly: wait for the group
     # to empty, then kill whatever is left.
     group_deadline = time.monotonic() + grace_s

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs what sand-bench needs: a venv with pinned Celery (Redis transport), the Redis client
-# and Ray for the baseline scripts beside this file, numpy for the grains of the cold-start and
-# memory parts, and a redis-server binary. Idempotent: parts already in place are checked and
-# skipped. A part that fails is reported on stderr and the others
-# still run; the exit status is 0 only when every part is in.
+# Installs what sand-bench needs: a venv with pinned Celery (Redis transport), the Redis client,
+# Ray, Restate's Python SDK and Hypercorn (the ASGI server its endpoint runs in) for the
+# baseline scripts beside this file, numpy for sand's grains in the cold-start and memory parts,
+# a redis-server binary, and Restate's server from npm, linked as VENV/bin/restate-server.
+# Idempotent: parts already in place are checked and skipped. A part that fails is reported on
+# stderr and the others still run; the exit status is 0 only when every part is in.
 #
 # Usage: setup.sh VENV_DIR
 set -u
@@ -11,6 +12,9 @@ set -u
 CELERY_VERSION=5.7.0
 REDIS_PY_VERSION=8.1.0
 RAY_VERSION=2.60.0
+RESTATE_SDK_VERSION=1.2.0
+HYPERCORN_VERSION=0.18.0
+RESTATE_SERVER_VERSION=1.7.12
 NUMPY_VERSION=2.4.6
 # The venv's base: the system's interpreter, so that a sandbox (which has the system
 # directories) runs the venv's python with only the venv mounted.
@@ -30,11 +34,12 @@ fail() {
 }
 
 # pip_pin PACKAGE_SPEC IMPORT_NAME VERSION LABEL: installs the pin unless the venv already
-# imports IMPORT_NAME at exactly VERSION.
+# imports IMPORT_NAME and has the distribution LABEL names (its first word) at exactly VERSION.
 pip_pin() {
     local spec=$1 module=$2 version=$3 label=$4
-    if "$VENV/bin/python" -c "import sys, $module; sys.exit($module.__version__ != '$version')" \
-        >/dev/null 2>&1; then
+    local check="import sys, importlib.metadata, $module
+sys.exit(importlib.metadata.version('${label%% *}') != '$version')"
+    if "$VENV/bin/python" -c "$check" >/dev/null 2>&1; then
         progress "$label $version already installed"
         return 0
     fi
@@ -44,8 +49,8 @@ pip_pin() {
         fail "$label" "pip install $spec"
         return 1
     fi
-    if ! "$VENV/bin/python" -c "import sys, $module; sys.exit($module.__version__ != '$version')"; then
-        fail "$label" "$label installed but 'import $module' does not give version $version"
+    if ! "$VENV/bin/python" -c "$check"; then
+        fail "$label" "$label installed but 'import $module' fails or its version is not $version"
         return 1
     fi
     progress "$label $version installed"
@@ -74,11 +79,13 @@ if [ "$venv_ok" = 1 ]; then
     pip_pin "celery[redis]==$CELERY_VERSION" celery "$CELERY_VERSION" celery
     pip_pin "redis==$REDIS_PY_VERSION" redis "$REDIS_PY_VERSION" "redis (python client)"
     pip_pin "ray==$RAY_VERSION" ray "$RAY_VERSION" ray
+    pip_pin "restate-sdk==$RESTATE_SDK_VERSION" restate "$RESTATE_SDK_VERSION" restate-sdk
+    pip_pin "hypercorn==$HYPERCORN_VERSION" hypercorn "$HYPERCORN_VERSION" hypercorn
     pip_pin "numpy==$NUMPY_VERSION" numpy "$NUMPY_VERSION" numpy
 else
-    fail celery "skipped: no venv"
-    fail ray "skipped: no venv"
-    fail numpy "skipped: no venv"
+    for part in celery ray restate-sdk hypercorn numpy; do
+        fail "$part" "skipped: no venv"
+    done
 fi
 
 # 3. A redis-server binary. Debian's package would start the system service on install; a
@@ -116,8 +123,34 @@ else
     stop_system_redis
 fi
 
+# 4. Restate's server: the npm package ships the binary for this platform in an optional
+# dependency (no download at install or at run time). Its install scripts are not run (the
+# only one is a usage report). VENV/bin/restate-server links that binary, so the bench runs it
+# without node in between.
+restate_server=$VENV/bin/restate-server
+if "$restate_server" --version 2>/dev/null | grep -qx "restate-server $RESTATE_SERVER_VERSION"; then
+    progress "restate-server $RESTATE_SERVER_VERSION already installed"
+elif ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
+    fail restate-server "no node and npm on PATH"
+elif [ ! -d "$VENV/bin" ]; then
+    fail restate-server "skipped: no venv"
+else
+    progress "installing @restatedev/restate-server $RESTATE_SERVER_VERSION with npm $(npm --version) (node $(node --version)) ..."
+    prefix=$VENV/restate-server
+    if npm install --prefix "$prefix" --no-audit --no-fund --ignore-scripts --no-save \
+        "@restatedev/restate-server@$RESTATE_SERVER_VERSION" >&2 \
+        && binary=$(cd "$prefix" && node -p \
+            "require.resolve('@restatedev/restate-server-' + process.platform + '-' + process.arch + '/bin/restate-server')") \
+        && ln -sf "$binary" "$restate_server" \
+        && "$restate_server" --version 2>/dev/null | grep -qx "restate-server $RESTATE_SERVER_VERSION"; then
+        progress "restate-server $RESTATE_SERVER_VERSION installed: $binary"
+    else
+        fail restate-server "npm install @restatedev/restate-server@$RESTATE_SERVER_VERSION, or its binary does not run here"
+    fi
+fi
+
 if [ ${#failed[@]} -ne 0 ]; then
     echo "setup: incomplete; failed parts: ${failed[*]}" >&2
     exit 1
 fi
-progress "all parts in: venv $VENV, celery $CELERY_VERSION, redis-py $REDIS_PY_VERSION, ray $RAY_VERSION, numpy $NUMPY_VERSION, $(redis-server --version | cut -d' ' -f1-3)"
+progress "all parts in: venv $VENV, celery $CELERY_VERSION, redis-py $REDIS_PY_VERSION, ray $RAY_VERSION, restate-sdk $RESTATE_SDK_VERSION, hypercorn $HYPERCORN_VERSION, restate-server $RESTATE_SERVER_VERSION, numpy $NUMPY_VERSION, $(redis-server --version | cut -d' ' -f1-3)"

@@ -1,15 +1,22 @@
-"""Tests of the shared measurement (stdlib only, no Celery, Ray or Redis needed).
+"""Tests of the shared measurement and of the scripts' options and "unavailable" reports
+(stdlib only, no Celery, Ray, Redis or Restate needed).
 
 Run from this folder: python3 -m unittest -v test_chain_bench
 """
 
 import io
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import unittest
 from contextlib import redirect_stdout
 
 import chain_bench
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def right_factory(_client_index, delay_s):
@@ -149,6 +156,52 @@ class ReportTest(unittest.TestCase):
     def test_success_prints_the_report(self):
         self.assertEqual(self.run_main(lambda: {"system": "demo", "ok": 1}),
                          (0, {"system": "demo", "ok": 1}))
+
+
+class RestateScriptTest(unittest.TestCase):
+    """restate_chain.py up to the point where it would start a server: no network needed."""
+
+    def run_script(self, *args, fake_packages=(), path="/usr/bin:/bin"):
+        """Runs the script; ``fake_packages`` are importable empty stand-ins, and the real
+        packages are hidden. Returns (status, stdout, stderr).
+
+        The interpreter is this one's real file: run through a venv's link, it would find the
+        venv's restate-server."""
+        with tempfile.TemporaryDirectory() as modules:
+            for name in ("restate", "hypercorn"):
+                stand_in = "" if name in fake_packages else f"raise ImportError('no {name} here')"
+                with open(os.path.join(modules, f"{name}.py"), "w") as module:
+                    module.write(stand_in + "\n")
+            env = {"PATH": path, "PYTHONPATH": modules, "PYTHONDONTWRITEBYTECODE": "1"}
+            script = os.path.join(HERE, "restate_chain.py")
+            done = subprocess.run([os.path.realpath(sys.executable), "-S", script, *args],
+                                  capture_output=True, text=True, env=env, timeout=60)
+        return done.returncode, done.stdout, done.stderr
+
+    def test_the_shape_is_required_and_checked(self):
+        for args in ((), ("--shape", "fan-out"), ("--shape", "run", "--runs", "0")):
+            with self.subTest(args=args):
+                status, out, err = self.run_script(*args)
+                self.assertEqual(status, 2)
+                self.assertEqual(out, "")
+                self.assertIn("usage:", err)
+
+    def test_no_sdk_exits_3_with_the_reason(self):
+        status, out, _err = self.run_script("--shape", "handlers")
+        self.assertEqual(status, 3)
+        report = json.loads(out)
+        self.assertEqual(report["system"], "restate-handlers")
+        self.assertIn("no restate here", report["unavailable"])
+
+    def test_no_server_exits_3_with_the_reason(self):
+        with tempfile.TemporaryDirectory() as empty:
+            status, out, _err = self.run_script("--shape", "run",
+                                                fake_packages=("restate", "hypercorn"),
+                                                path=empty)
+        self.assertEqual(status, 3)
+        self.assertEqual(json.loads(out), {
+            "system": "restate-run",
+            "unavailable": "no restate-server in the venv or on PATH (run setup.sh)"})
 
 
 if __name__ == "__main__":

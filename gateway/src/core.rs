@@ -25,7 +25,7 @@ use sand_protocol::time::Time;
 use sand_protocol::wire::{
     AppBundle, Payload, Reason, ServiceToGateway, ServiceToWorker, ToWorker, Up,
 };
-use sand_transport_quic::seam::{Events, GatewayEvent, GatewaySender};
+use sand_transport::seam::{Events, GatewayEvent, GatewaySender};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
@@ -585,8 +585,8 @@ mod tests {
     use prometheus_client::registry::Registry;
     use sand_protocol::ids::{GrainName, Incarnation, Seq, WorkerId};
     use sand_protocol::wire::{CallSpec, Cont, Down, Effects, Outcome, Report, Return, ToGateway};
-    use sand_transport_quic::mem::MemNetwork;
-    use sand_transport_quic::seam::{Events, WorkerEvent};
+    use sand_transport::mem::MemNetwork;
+    use sand_transport::seam::{Events, WorkerEvent};
 
     const WORKER: WorkerId = WorkerId(1);
     const INCARNATION: Incarnation = Incarnation(1);

@@ -1,4 +1,4 @@
-//! A running gateway: the store, the core, QUIC for workers and HTTP for clients.
+//! A running gateway: the store, the core, QUIC or TCP for workers and HTTP for clients.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
 use sand_protocol::global_queue::{ConfigError, GqConfig};
-use sand_transport_quic::certs::{self, CertError};
-use sand_transport_quic::quic::TransportError;
-use sand_transport_quic::quic::{QuicConfig, QuicGateway};
+use sand_transport::config::{LinkConfig, Transport, TransportError};
+use sand_transport::seam::GatewayLink;
+use sand_transport::tls::certs::{self, CertError, NodeIdentity};
+use sand_transport_quic::QuicGateway;
+use sand_transport_tcp::TcpGateway;
 use tokio::task::JoinHandle;
 
 use crate::core::{self, Core, CoreHandle};
@@ -32,8 +34,8 @@ pub struct GatewayConfig {
     pub cert_dir: PathBuf,
     /// The HTTP API's address.
     pub http_addr: SocketAddr,
-    /// The address workers dial (QUIC).
-    pub quic_addr: SocketAddr,
+    /// The address workers dial (UDP for QUIC, TCP for TCP).
+    pub worker_addr: SocketAddr,
     /// The bearer token the API wants on `/v1`, if any.
     pub token: Option<Token>,
     /// Serve the API without a token on an address other hosts reach (refused otherwise).
@@ -48,8 +50,10 @@ pub struct GatewayConfig {
     pub policy: sand_app::Policy,
     /// The protocol's settings (failure timeout and so on).
     pub gq: GqConfig,
+    /// Which transport workers dial.
+    pub transport: Transport,
     /// The transport's settings.
-    pub quic: QuicConfig,
+    pub link: LinkConfig,
 }
 
 /// Why a gateway could not start or had to stop.
@@ -97,15 +101,55 @@ pub enum GatewayError {
 pub struct Gateway {
     /// The HTTP API's bound address.
     pub http_addr: SocketAddr,
-    /// The QUIC endpoint's bound address.
-    pub quic_addr: SocketAddr,
+    /// The workers' endpoint's bound address.
+    pub worker_addr: SocketAddr,
     /// Whether the HTTP API is served over TLS.
     pub https: bool,
     /// Asks the core.
     pub core: CoreHandle,
     core_task: JoinHandle<Result<(), StoreError>>,
     http_task: JoinHandle<Infallible>,
-    quic: QuicGateway,
+    workers: WorkerEndpoint,
+}
+
+/// The endpoint workers dial, on the transport chosen.
+#[derive(Debug)]
+enum WorkerEndpoint {
+    Quic(QuicGateway),
+    Tcp(TcpGateway),
+}
+
+impl WorkerEndpoint {
+    fn bind(
+        config: &GatewayConfig,
+        identity: &NodeIdentity,
+    ) -> Result<(Self, GatewayLink), TransportError> {
+        let (addr, link) = (config.worker_addr, config.link.clone());
+        Ok(match config.transport {
+            Transport::Quic => {
+                let (endpoint, ends) = QuicGateway::bind(addr, identity, link)?;
+                (Self::Quic(endpoint), ends)
+            }
+            Transport::Tcp => {
+                let (endpoint, ends) = TcpGateway::bind(addr, identity, link)?;
+                (Self::Tcp(endpoint), ends)
+            }
+        })
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        match self {
+            Self::Quic(endpoint) => endpoint.local_addr(),
+            Self::Tcp(endpoint) => endpoint.local_addr(),
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Self::Quic(endpoint) => endpoint.shutdown().await,
+            Self::Tcp(endpoint) => endpoint.shutdown().await,
+        }
+    }
 }
 
 impl Gateway {
@@ -140,7 +184,7 @@ impl Gateway {
             apps = state.apps.len(),
             "store opened"
         );
-        let (quic, link) = QuicGateway::bind(config.quic_addr, &identity, config.quic)?;
+        let (workers, link) = WorkerEndpoint::bind(&config, &identity)?;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let core = Core::new(
@@ -173,15 +217,15 @@ impl Gateway {
         };
         let app = http::router(api);
         let http_task = tokio::spawn(serve::serve(listener, app, config.http_limits, tls));
-        tracing::info!(http = %http_addr, quic = %quic.local_addr(), "gateway serving");
+        tracing::info!(http = %http_addr, workers = %workers.local_addr(), transport = %config.transport, "gateway serving");
         Ok(Self {
             http_addr,
-            quic_addr: quic.local_addr(),
+            worker_addr: workers.local_addr(),
             https,
             core: handle,
             core_task,
             http_task,
-            quic,
+            workers,
         })
     }
 
@@ -200,7 +244,7 @@ impl Gateway {
             },
             _ = &mut self.http_task => GatewayError::Stopped("HTTP"),
         };
-        self.quic.shutdown().await;
+        self.workers.shutdown().await;
         err
     }
 }

@@ -20,7 +20,7 @@ use sand_protocol::global_queue::GqConfig;
 use sand_protocol::ids::{AppName, GrainName};
 use sand_protocol::policy::AppSpec;
 use sand_protocol::wire::AppBundle;
-use sand_transport_quic::mem::MemNetwork;
+use sand_transport::mem::MemNetwork;
 use serde_json::Value;
 use tower::ServiceExt;
 

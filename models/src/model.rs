@@ -9,7 +9,7 @@
 //! crash and restart from what it persisted, for a connection to break, and for any gateway
 //! timer to fire, which is how a false suspicion of a live worker is explored.
 //!
-//! The network is the transport's contract (`transport-quic/README.md`), no more: any message
+//! The network is the transport's contract (`transport/README.md`), no more: any message
 //! may overtake any other (the QUIC transport orders only its control stream, and each payload
 //! message takes a stream of its own, so the model assumes no order at all), and messages are
 //! lost only with their connection, never on a live one. Connections are explicit: a message
@@ -319,7 +319,7 @@ pub struct WorkerState {
     pub boots: u32,
     /// Its connection to the gateway within this life and gateway epoch: bumped when it breaks
     /// and is opened again. What travelled on an earlier one is never delivered after it: the
-    /// transport's contract (`transport-quic/README.md`).
+    /// transport's contract (`transport/README.md`).
     pub conn: u32,
     /// Connection breaks left in this life.
     pub reconnects: u32,

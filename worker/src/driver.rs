@@ -31,7 +31,8 @@ use sand_protocol::wire::{
     AppBundle, CallSpec, Down, ErrorKind, GrainError, RunTrace, ServiceToGateway, ServiceToWorker,
     ToGateway, ToWorker, Up,
 };
-use sand_transport_quic::seam::{SendError, WorkerEvent, WorkerLink, WorkerSender};
+use sand_transport::file::write_atomic;
+use sand_transport::seam::{SendError, WorkerEvent, WorkerLink, WorkerSender};
 use tokio::sync::mpsc;
 
 use crate::host::{AppHost, HostContext};
@@ -707,22 +708,12 @@ fn load_incarnation(path: &Path) -> Result<Option<Incarnation>, WorkerError> {
 /// renamed over the old file, and the directory synced, so that after a crash the file holds
 /// the old incarnation or the new one, whole, and a restart never reuses a life.
 fn save_incarnation(dir: &Path, incarnation: Incarnation) -> Result<(), WorkerError> {
-    use std::io::Write;
     let path = dir.join(INCARNATION_FILE);
-    let partial = dir.join(format!("{INCARNATION_FILE}.partial"));
-    let io = |what, source| WorkerError::Io {
-        what,
-        path: path.clone(),
-        source,
-    };
-    let mut file = std::fs::File::create(&partial).map_err(|e| io("cannot write", e))?;
-    file.write_all(incarnation.0.to_string().as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io("cannot write", e))?;
-    drop(file);
-    std::fs::rename(&partial, &path).map_err(|e| io("cannot replace", e))?;
-    // The rename is durable only once the directory that records it is.
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("cannot sync the directory of", e))
+    write_atomic(&path, incarnation.0.to_string().as_bytes(), 0o644).map_err(|source| {
+        WorkerError::Io {
+            what: "cannot write",
+            path,
+            source,
+        }
+    })
 }

@@ -21,8 +21,8 @@ use sand_protocol::wire::{
 };
 use sand_testkit::apps::CHAIN_GRAINS;
 use sand_testkit::stats::Latencies;
-use sand_transport_quic::mem::MemNetwork;
-use sand_transport_quic::seam::{GatewayEvent, GatewayLink};
+use sand_transport::mem::MemNetwork;
+use sand_transport::seam::{GatewayEvent, GatewayLink};
 use sand_worker::driver::{self, WorkerConfig};
 use sand_worker::host::{HostContext, Isolation};
 use sand_worker::runtime::python::install_python_runtime;

@@ -12,8 +12,8 @@ use sand_app::Policy;
 use sand_protocol::ids::{Incarnation, WorkerId};
 use sand_protocol::local_bus::LbConfig;
 use sand_protocol::wire::{ToGateway, Up};
-use sand_transport_quic::mem::MemNetwork;
-use sand_transport_quic::seam::GatewayEvent;
+use sand_transport::mem::MemNetwork;
+use sand_transport::seam::GatewayEvent;
 use sand_worker::driver::{self, WorkerConfig, WorkerError};
 use sand_worker::host::{HostContext, Isolation};
 

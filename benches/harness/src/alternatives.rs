@@ -1,7 +1,8 @@
-//! The same chain on what users would pick instead: Celery, Ray, and a floor of warm Python
-//! processes passing Unix datagrams. Each runs as a script of `benches/alternatives/`, which
-//! starts and stops everything it needs on loopback and prints one JSON document. A system
-//! is measured in rounds, each a run of its script: the rounds' latency samples are merged.
+//! The same chain on what users would pick instead: Celery, Ray, Restate (a durable peer, in
+//! two shapes), and a floor of warm Python processes passing Unix datagrams. Each runs as a
+//! script of `benches/alternatives/`, which starts and stops everything it needs on loopback
+//! and prints one JSON document. A system is measured in rounds, each a run of its script:
+//! the rounds' latency samples are merged.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +16,7 @@ use crate::measure::{Stats, Throughput};
 /// One alternative's figures, or why it has none.
 #[derive(Clone, Debug, Serialize)]
 pub struct Alternative {
-    /// "celery", "ray" or "unix".
+    /// "celery", "ray", "restate-run", "restate-handlers" or "unix".
     pub system: String,
     /// The version measured.
     pub version: Option<String>,
@@ -76,8 +77,8 @@ impl Scripts {
         self.venv.join("bin/python")
     }
 
-    /// Installs Celery, Ray, numpy and Redis (idempotent). A part that fails is reported by the
-    /// scripts that need it; the harness goes on either way.
+    /// Installs Celery, Ray, Restate, numpy and Redis (idempotent). A part that fails is
+    /// reported by the scripts that need it; the harness goes on either way.
     pub fn setup(&self) -> Result<()> {
         let status = Command::new("bash")
             .arg(self.dir.join("setup.sh"))
@@ -92,8 +93,9 @@ impl Scripts {
         Ok(())
     }
 
-    /// Runs one system's script (`celery`, `ray` or `unix`) once: one round. With `seconds`
-    /// 0 it measures latency only.
+    /// Runs one system's script once: one round. `system` is `celery`, `ray` or `unix`, or
+    /// `restate-SHAPE`, which runs `restate_chain.py --shape SHAPE`. With `seconds` 0 it
+    /// measures latency only.
     pub fn run(&self, system: &str, runs: usize, clients: usize, seconds: u64) -> Round {
         self.try_run(system, runs, clients, seconds)
             .unwrap_or_else(|e| Round {
@@ -114,21 +116,23 @@ impl Scripts {
         if !python.exists() {
             bail!("no venv at {} (setup.sh failed?)", self.venv.display());
         }
-        let out = Command::new(&python)
-            .arg(self.dir.join(format!("{system}_chain.py")))
+        let (script, shape) = system.split_once('-').unwrap_or((system, ""));
+        let script = format!("{script}_chain.py");
+        let mut command = Command::new(&python);
+        command.arg(self.dir.join(&script));
+        if !shape.is_empty() {
+            command.args(["--shape", shape]);
+        }
+        let out = command
             .args(["--runs", &runs.to_string()])
             .args(["--clients", &clients.to_string()])
             .args(["--seconds", &seconds.to_string()])
             .stderr(Stdio::inherit())
             .output()
-            .with_context(|| format!("cannot run {system}_chain.py"))?;
+            .with_context(|| format!("cannot run {script}"))?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let report: Report = serde_json::from_str(text.trim()).with_context(|| {
-            format!(
-                "{system}_chain.py printed no result ({}): {text}",
-                out.status
-            )
-        })?;
+        let report: Report = serde_json::from_str(text.trim())
+            .with_context(|| format!("{script} printed no result ({}): {text}", out.status))?;
         let samples: Vec<Duration> = report
             .latency_ms
             .map(|l| {

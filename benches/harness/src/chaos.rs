@@ -46,7 +46,7 @@ const APPS: [(&str, Output); 2] = [
     ("fanout", apps::fanout_output),
 ];
 
-/// The transport's idle timeout (`QuicConfig::default`): a partition lasts longer.
+/// The transport's idle timeout (`LinkConfig::default`): a partition lasts longer.
 const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the last audit tries to get an answer for one execution.

@@ -3,7 +3,7 @@
 //! It starts real sand clusters (a gateway and workers, as processes of the `sand` binary
 //! built beside it), drives them through the HTTP API, and writes `results.json`,
 //! `results.md` and SVG plots. Needs root: sandboxes. It installs what it needs (a venv with
-//! numpy, Celery and Ray: `benches/alternatives/setup.sh`), refuses to start on a busy machine
+//! numpy, Celery, Ray and Restate: `benches/alternatives/setup.sh`), refuses to start on a busy machine
 //! unless told `--noisy`, and records the load average around each part.
 //!
 //! ```text
@@ -56,7 +56,7 @@ struct Args {
     /// memory part's grain and the cold-start bench import it). By default the venv's.
     #[arg(long)]
     python: Option<PathBuf>,
-    /// The virtualenv with numpy, Celery and Ray (made by benches/alternatives/setup.sh).
+    /// The virtualenv with numpy, Celery, Ray and Restate (made by benches/alternatives/setup.sh).
     #[arg(long, default_value = "target/bench-venv")]
     venv: PathBuf,
     /// Run even if the machine is busy (load average above 1.0 at the start); results.md
@@ -89,7 +89,7 @@ enum Part {
     Recovery,
     /// The worker's cold-start benchmark (cargo bench).
     ColdStart,
-    /// Celery, Ray and the Unix-datagram floor.
+    /// Celery, Ray, Restate and the Unix-datagram floor.
     Alternatives,
 }
 
@@ -314,7 +314,7 @@ impl Parts<'_> {
                 }
             }
             Part::Alternatives => {
-                let systems = ["unix", "celery", "ray"];
+                let systems = ["unix", "celery", "ray", "restate-run", "restate-handlers"];
                 progress(&format!(
                     "the chain on {}, {rounds} alternating rounds",
                     systems.join(", ")

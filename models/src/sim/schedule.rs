@@ -89,7 +89,7 @@ pub enum Step {
     /// reconnects at the next tick.
     Break(u8),
     /// The `i`-th message in flight is lost on a live connection, as when its queue overflows.
-    /// By the transport's contract (`transport-quic/README.md`) such a loss closes the
+    /// By the transport's contract (`transport/README.md`) such a loss closes the
     /// connection: the message, and whatever else is in flight on it, is lost with it.
     Overflow(u16),
     /// A worker is cut off from the gateway for `ms` milliseconds.

@@ -11,8 +11,9 @@ pub const PYTHON_RUNTIME: &str = include_str!("../../../runtimes/python/sand_run
 /// The file name the runtime is installed under.
 pub const PYTHON_RUNTIME_FILE: &str = "sand_runtime.py";
 
-/// Writes the runtime script into `dir` (created if missing) and returns its path. Writes to a
-/// temporary name and renames, so a zygote starting meanwhile never reads half a file. The
+/// Writes the runtime script into `dir` (created if missing) and returns its path. Writes it
+/// atomically ([`sand_transport::file::write_atomic`]), so a zygote starting meanwhile never
+/// reads half a file. The
 /// directory is 0755 and the script 0644 whatever the umask: zygotes in a sandbox run as
 /// another user.
 pub fn install_python_runtime(dir: &Path) -> io::Result<PathBuf> {
@@ -23,9 +24,6 @@ pub fn install_python_runtime(dir: &Path) -> io::Result<PathBuf> {
         std::fs::set_permissions(&path, Permissions::from_mode(0o644))?;
         return Ok(path);
     }
-    let partial = dir.join(format!(".{PYTHON_RUNTIME_FILE}.{}", std::process::id()));
-    std::fs::write(&partial, PYTHON_RUNTIME)?;
-    std::fs::set_permissions(&partial, Permissions::from_mode(0o644))?;
-    std::fs::rename(&partial, &path)?;
+    sand_transport::file::write_atomic(&path, PYTHON_RUNTIME.as_bytes(), 0o644)?;
     Ok(path)
 }

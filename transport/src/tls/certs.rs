@@ -22,13 +22,12 @@
 //! keys. That lets [`ClusterCa::load`] rebuild the issuer from the key alone, and a certificate
 //! of another cluster is refused on its signature.
 //!
-//! This module never logs and never talks to the network; [`crate::quic`] turns a
+//! This module never logs and never talks to the network; [`crate::tls`] turns a
 //! [`NodeIdentity`] into TLS configurations.
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -199,9 +198,20 @@ pub struct IssuedFiles {
     pub key: PathBuf,
 }
 
+/// A certificate just issued: the identity it makes, and its certificate and key as PEM, as
+/// rcgen wrote them, for [`save_identity`].
+pub(crate) struct Issued {
+    /// The node's identity.
+    pub(crate) identity: NodeIdentity,
+    cert_pem: String,
+    key_pem: String,
+}
+
 /// A cluster CA that can issue certificates.
 pub struct ClusterCa {
     cert: CertificateDer<'static>,
+    /// The certificate as PEM, as rcgen made it or as it was read.
+    cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -213,9 +223,10 @@ impl ClusterCa {
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         params.serial_number = Some(random_serial());
-        let cert = params.self_signed(&key)?.der().clone();
+        let cert = params.self_signed(&key)?;
         Ok(Self {
-            cert,
+            cert: cert.der().clone(),
+            cert_pem: cert.pem(),
             issuer: Issuer::new(params, key),
         })
     }
@@ -225,7 +236,7 @@ impl ClusterCa {
     pub fn load(dir: &Path) -> Result<Self, CertError> {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
-        let cert = read_cert(&cert_path, "the cluster CA certificate", HINT_INIT)?;
+        let (cert, cert_pem) = read_cert(&cert_path, "the cluster CA certificate", HINT_INIT)?;
         let pem = read_text(&key_path, "the cluster CA key", HINT_INIT)?;
         let key = KeyPair::from_pem(&pem).map_err(|e| CertError::Invalid {
             what: "the cluster CA key",
@@ -252,6 +263,7 @@ impl ClusterCa {
         // `issue` verifies that they do.
         Ok(Self {
             cert,
+            cert_pem,
             issuer: Issuer::new(ca_params(), key),
         })
     }
@@ -273,16 +285,8 @@ impl ClusterCa {
             }
         }
         make_dir(dir)?;
-        write_file(
-            &files.key,
-            self.issuer.key().serialize_pem().as_bytes(),
-            0o600,
-        )?;
-        write_file(
-            &files.cert,
-            pem("CERTIFICATE", &self.cert).as_bytes(),
-            0o644,
-        )?;
+        write_file(&files.key, &self.issuer.key().serialize_pem(), 0o600)?;
+        write_file(&files.cert, &self.cert_pem, 0o644)?;
         Ok(files)
     }
 
@@ -297,6 +301,19 @@ impl ClusterCa {
         names: &[String],
         validity: Validity,
     ) -> Result<NodeIdentity, CertError> {
+        Ok(self.gateway(names, validity)?.identity)
+    }
+
+    /// Issues worker `id`'s certificate.
+    pub fn issue_worker(
+        &self,
+        id: WorkerId,
+        validity: Validity,
+    ) -> Result<NodeIdentity, CertError> {
+        Ok(self.worker(id, validity)?.identity)
+    }
+
+    fn gateway(&self, names: &[String], validity: Validity) -> Result<Issued, CertError> {
         if names.is_empty() {
             return Err(CertError::NoNames);
         }
@@ -324,12 +341,7 @@ impl ClusterCa {
         )
     }
 
-    /// Issues worker `id`'s certificate.
-    pub fn issue_worker(
-        &self,
-        id: WorkerId,
-        validity: Validity,
-    ) -> Result<NodeIdentity, CertError> {
+    fn worker(&self, id: WorkerId, validity: Validity) -> Result<Issued, CertError> {
         let name = worker_name(id);
         let san = SanType::DnsName(name.clone().try_into()?);
         self.issue(
@@ -347,7 +359,7 @@ impl ClusterCa {
         sans: Vec<SanType>,
         usage: ExtendedKeyUsagePurpose,
         validity: Validity,
-    ) -> Result<NodeIdentity, CertError> {
+    ) -> Result<Issued, CertError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -365,7 +377,8 @@ impl ClusterCa {
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         params.serial_number = Some(random_serial());
-        let cert = params.signed_by(&key, &self.issuer)?.der().clone();
+        let signed = params.signed_by(&key, &self.issuer)?;
+        let cert = signed.der().clone();
         // The issuer was rebuilt from fixed parameters when loaded from disk; a CA certificate
         // made by another tool would yield certificates that do not chain. Catch that here,
         // before anything is written. Validity is checked at `not_before`, so that issuing a
@@ -385,10 +398,14 @@ impl ClusterCa {
                  `sand cert init`?"
             ),
         })?;
-        Ok(NodeIdentity {
-            ca: self.cert.clone(),
-            chain: vec![cert],
-            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        Ok(Issued {
+            identity: NodeIdentity {
+                ca: self.cert.clone(),
+                chain: vec![cert],
+                key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            },
+            cert_pem: signed.pem(),
+            key_pem: key.serialize_pem(),
         })
     }
 }
@@ -410,16 +427,16 @@ pub fn init_ca(dir: &Path) -> Result<IssuedFiles, CertError> {
 /// `gateway.key` into `dir`, replacing any older ones.
 pub fn issue_gateway(dir: &Path, names: &[String]) -> Result<IssuedFiles, CertError> {
     let ca = ClusterCa::load(dir)?;
-    let identity = ca.issue_gateway(names, Validity::days_from_now(NODE_VALIDITY_DAYS))?;
-    save_identity(dir, &identity, GATEWAY_CERT_FILE, GATEWAY_KEY_FILE)
+    let issued = ca.gateway(names, Validity::days_from_now(NODE_VALIDITY_DAYS))?;
+    save_identity(dir, &issued, GATEWAY_CERT_FILE, GATEWAY_KEY_FILE)
 }
 
 /// Issues worker `id`'s certificate with the CA in `dir`, valid for [`NODE_VALIDITY_DAYS`], and
 /// writes `worker-<id>.crt` and `worker-<id>.key` into `dir`, replacing any older ones.
 pub fn issue_worker(dir: &Path, id: WorkerId) -> Result<IssuedFiles, CertError> {
     let ca = ClusterCa::load(dir)?;
-    let identity = ca.issue_worker(id, Validity::days_from_now(NODE_VALIDITY_DAYS))?;
-    save_identity(dir, &identity, &worker_cert_file(id), &worker_key_file(id))
+    let issued = ca.worker(id, Validity::days_from_now(NODE_VALIDITY_DAYS))?;
+    save_identity(dir, &issued, &worker_cert_file(id), &worker_key_file(id))
 }
 
 /// Loads the gateway's identity from `dir`, checking that its certificate chains to the CA
@@ -591,7 +608,7 @@ fn load_identity(
     key_file: &str,
     hint: &'static str,
 ) -> Result<NodeIdentity, CertError> {
-    let ca = read_cert(
+    let (ca, _) = read_cert(
         &dir.join(CA_CERT_FILE),
         "the cluster CA certificate",
         HINT_INIT,
@@ -624,7 +641,7 @@ fn load_identity(
 
 fn save_identity(
     dir: &Path,
-    identity: &NodeIdentity,
+    issued: &Issued,
     cert_file: &str,
     key_file: &str,
 ) -> Result<IssuedFiles, CertError> {
@@ -632,23 +649,8 @@ fn save_identity(
         cert: dir.join(cert_file),
         key: dir.join(key_file),
     };
-    let key_pem = match &identity.key {
-        PrivateKeyDer::Pkcs8(k) => pem("PRIVATE KEY", k.secret_pkcs8_der()),
-        // `ClusterCa::issue` makes PKCS#8 keys only.
-        _ => {
-            return Err(CertError::Invalid {
-                what: "the private key",
-                path: files.key,
-                reason: "only PKCS#8 keys are written".to_string(),
-            })
-        }
-    };
-    let mut certs = String::new();
-    for cert in &identity.chain {
-        certs.push_str(&pem("CERTIFICATE", cert));
-    }
-    write_file(&files.key, key_pem.as_bytes(), 0o600)?;
-    write_file(&files.cert, certs.as_bytes(), 0o644)?;
+    write_file(&files.key, &issued.key_pem, 0o600)?;
+    write_file(&files.cert, &issued.cert_pem, 0o644)?;
     Ok(files)
 }
 
@@ -672,44 +674,19 @@ fn read_text(path: &Path, what: &'static str, hint: &'static str) -> Result<Stri
     })
 }
 
+/// A certificate file: the certificate, and the file's text.
 fn read_cert(
     path: &Path,
     what: &'static str,
     hint: &'static str,
-) -> Result<CertificateDer<'static>, CertError> {
+) -> Result<(CertificateDer<'static>, String), CertError> {
     let text = read_text(path, what, hint)?;
-    CertificateDer::from_pem_slice(text.as_bytes()).map_err(|e| CertError::Invalid {
+    let cert = CertificateDer::from_pem_slice(text.as_bytes()).map_err(|e| CertError::Invalid {
         what,
         path: path.to_path_buf(),
         reason: e.to_string(),
-    })
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    use std::fmt::Write as _;
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
-    for group in der.chunks(3) {
-        let n = group
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= group.len() {
-                b64.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]);
-            } else {
-                b64.push(b'=');
-            }
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.chunks(64) {
-        // Every byte came from ALPHABET or is '=': ASCII.
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    let _ = writeln!(out, "-----END {label}-----");
-    out
+    })?;
+    Ok((cert, text))
 }
 
 fn make_dir(dir: &Path) -> Result<(), CertError> {
@@ -720,45 +697,21 @@ fn make_dir(dir: &Path) -> Result<(), CertError> {
     })
 }
 
-/// Writes `bytes` to `path` with `mode`, through a temporary file renamed into place, so a
+/// Writes `text` to `path` with `mode`, atomically ([`crate::file::write_atomic`]), so a
 /// reader never sees half a key and a key never exists with looser permissions.
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
-    let io_err = |action: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| CertError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp"));
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("remove", &tmp)(e)),
-        _ => {}
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    // The umask may have cleared bits of `mode` at creation; set exactly `mode`.
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_err("set the permissions of", &tmp))?;
-    file.write_all(bytes).map_err(io_err("write", &tmp))?;
-    file.sync_all().map_err(io_err("sync", &tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io_err("rename into place", path))
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), CertError> {
+    crate::file::write_atomic(path, text.as_bytes(), mode).map_err(|source| CertError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -797,13 +750,15 @@ mod tests {
     }
 
     #[test]
-    fn pem_encoding_matches_the_pem_parser() {
-        for len in 0..10 {
-            let der: Vec<u8> = (0..len).map(|i| (i * 37 + 5) as u8).collect();
-            let text = pem("CERTIFICATE", &der);
-            let back = CertificateDer::from_pem_slice(text.as_bytes()).unwrap();
-            assert_eq!(back.as_ref(), &der[..]);
-        }
+    fn pem_written_by_rcgen_matches_the_pem_parser() {
+        let ca = ClusterCa::generate(Validity::days_from_now(1)).unwrap();
+        let back = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap();
+        assert_eq!(back, ca.cert);
+        let issued = ca.worker(WorkerId(1), Validity::days_from_now(1)).unwrap();
+        let back = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        assert_eq!(back, issued.identity.chain()[0]);
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+        assert_eq!(key.secret_der(), issued.identity.key().secret_der());
     }
 
     #[test]
@@ -874,7 +829,7 @@ mod tests {
         let ca = ClusterCa::load(&dir).unwrap();
         let now = OffsetDateTime::now_utc();
         let expired = ca
-            .issue_worker(
+            .worker(
                 WorkerId(5),
                 Validity {
                     not_before: now - Duration::days(10),
@@ -894,7 +849,7 @@ mod tests {
 
         let foreign = ClusterCa::generate(Validity::days_from_now(1))
             .unwrap()
-            .issue_worker(WorkerId(6), Validity::days_from_now(1))
+            .worker(WorkerId(6), Validity::days_from_now(1))
             .unwrap();
         save_identity(
             &dir,

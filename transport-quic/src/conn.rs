@@ -1,4 +1,4 @@
-//! One open connection, the same on both sides: the outbound queues, the control-stream writer
+//! One open QUIC connection, the same on both sides: the control-stream writer
 //! and reader, the payload-stream writers and readers, and how the connection ends.
 //!
 //! Every task a connection runs lives in a `JoinSet` owned by [`drive`]; when `drive` returns,
@@ -15,116 +15,19 @@ use quinn::{
     Connection, ConnectionError, ReadExactError, ReadToEndError, RecvStream, SendStream, VarInt,
 };
 use sand_protocol::wire::Envelope;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use sand_transport::conn::{
+    self, Deliver, HandOver, Inbox, Plumbing, Queued, TaskCounter, CLOSE_NORMAL, CLOSE_OVERFLOW,
+    CLOSE_VIOLATION,
+};
+use sand_transport::framing::{self, FrameBuffer, FrameError, CONTROL_PREAMBLE, LEN_BYTES};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
-
-use super::{TaskCounter, CLOSE_OVERFLOW, CLOSE_VIOLATION};
-use crate::framing::{self, Frame, FrameBuffer, FrameError, CONTROL_PREAMBLE, LEN_BYTES};
-use crate::seam::{Classify, SendError};
-
-/// What a queued frame costs against the send budget beyond its own bytes: so that a flood of
-/// tiny messages is bounded too.
-pub(crate) const FRAME_COST_BYTES: usize = 64;
 
 /// The most control frames written in one batch.
 const CONTROL_BATCH_MAX: usize = 64;
 
 /// How much a control-stream read takes at most at once.
 const CONTROL_READ_BYTES: usize = 64 * 1024;
-
-/// A frame waiting to be written, holding its share of the send budget until it is.
-struct Queued {
-    frame: Frame,
-    _budget: OwnedSemaphorePermit,
-}
-
-/// The sending end of one connection's queues. Cloned into the seam's sender.
-#[derive(Clone)]
-pub(crate) struct Outbox {
-    control: mpsc::UnboundedSender<Queued>,
-    payload: mpsc::UnboundedSender<Queued>,
-    budget: Arc<Semaphore>,
-    overflowed: Arc<Notify>,
-}
-
-/// The receiving end of one connection's queues, consumed by [`drive`].
-pub(crate) struct Inbox {
-    control: mpsc::UnboundedReceiver<Queued>,
-    payload: mpsc::UnboundedReceiver<Queued>,
-    budget: Arc<Semaphore>,
-    /// Told once when a frame did not fit: [`drive`] then closes the connection.
-    overflowed: Arc<Notify>,
-}
-
-impl Outbox {
-    /// New queues allowing `bytes_max` bytes of unwritten frames.
-    pub(crate) fn new(bytes_max: usize) -> (Self, Inbox) {
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let (payload_tx, payload_rx) = mpsc::unbounded_channel();
-        let budget = Arc::new(Semaphore::new(bytes_max));
-        let overflowed = Arc::new(Notify::new());
-        (
-            Self {
-                control: control_tx,
-                payload: payload_tx,
-                budget: budget.clone(),
-                overflowed: overflowed.clone(),
-            },
-            Inbox {
-                control: control_rx,
-                payload: payload_rx,
-                budget,
-                overflowed,
-            },
-        )
-    }
-
-    /// Queues an encoded frame without waiting. A frame that does not fit in the budget ends
-    /// the connection: every later `enqueue` is refused at once, and [`drive`] closes it.
-    ///
-    /// Callers serialise the `enqueue`s of one connection (both endpoints hold a lock around
-    /// it), so no frame can slip in after one that was refused.
-    pub(crate) fn enqueue(&self, frame: Frame, payload: bool) -> Result<(), SendError> {
-        // Frames are at most MESSAGE_BYTES_MAX + 4 bytes (Frame::encode refuses more), far
-        // below u32::MAX.
-        let cost = u32::try_from(frame.wire_len() + FRAME_COST_BYTES).unwrap_or(u32::MAX);
-        let budget = match self.budget.clone().try_acquire_many_owned(cost) {
-            Ok(permit) => permit,
-            Err(TryAcquireError::NoPermits) => {
-                self.budget.close();
-                self.overflowed.notify_one();
-                return Err(SendError::Overflowed);
-            }
-            Err(TryAcquireError::Closed) => return Err(SendError::NotConnected),
-        };
-        let queue = if payload {
-            &self.payload
-        } else {
-            &self.control
-        };
-        queue
-            .send(Queued {
-                frame,
-                _budget: budget,
-            })
-            .map_err(|_| SendError::NotConnected)
-    }
-
-    /// Refuses every later `enqueue` with `NotConnected`.
-    pub(crate) fn close(&self) {
-        self.budget.close();
-    }
-}
-
-/// Encodes an envelope for [`Outbox::enqueue`], and says which stream it takes.
-pub(crate) fn encode<E: Envelope + Classify>(msg: &E) -> Result<(Frame, bool), SendError> {
-    Ok((Frame::encode(msg)?, msg.carries_payload()))
-}
-
-/// Hands a received message to the driver's event stream, with one receive credit. Returns
-/// `false` when this connection's messages are no longer wanted (it was replaced, or nobody
-/// listens), which ends the connection.
-pub(crate) type Deliver<In> = Arc<dyn Fn(In, OwnedSemaphorePermit) -> bool + Send + Sync>;
 
 /// How a connection ended.
 #[derive(Debug)]
@@ -164,59 +67,42 @@ impl fmt::Display for Ended {
     }
 }
 
-/// Everything [`drive`] needs.
-pub(crate) struct Parts<In> {
-    /// The connection.
-    pub(crate) conn: Connection,
-    /// The control stream's sending half.
-    pub(crate) control_send: SendStream,
-    /// The control stream's receiving half, past the preamble.
-    pub(crate) control_recv: RecvStream,
-    /// The outbound queues.
-    pub(crate) inbox: Inbox,
-    /// Where received messages go.
-    pub(crate) deliver: Deliver<In>,
-    /// Received messages not yet taken by the driver, at most.
-    pub(crate) recv_queue_len_max: usize,
-    /// Payload streams written at once, at most.
-    pub(crate) payload_streams_max: u32,
-    /// Counts the tasks spawned here.
-    pub(crate) tasks: TaskCounter,
+impl From<HandOver> for Ended {
+    fn from(stopped: HandOver) -> Self {
+        match stopped {
+            HandOver::Violation(e) => Ended::Violation(e),
+            HandOver::Unwanted => Ended::Unwanted,
+        }
+    }
 }
 
 /// Runs a connection until it ends, then stops every task it started and closes it.
-pub(crate) async fn drive<In>(parts: Parts<In>) -> Ended
+pub(crate) async fn drive<In>(
+    conn: Connection,
+    (control_send, control_recv): (SendStream, RecvStream),
+    plumbing: Plumbing<In>,
+) -> Ended
 where
     In: Envelope + Send + 'static,
 {
-    let Parts {
-        conn,
-        control_send,
-        control_recv,
-        inbox,
-        deliver,
-        recv_queue_len_max,
-        payload_streams_max,
-        tasks: counter,
-    } = parts;
+    let (counter, deliver, config) = (plumbing.tasks, plumbing.deliver, plumbing.config);
     let Inbox {
         control,
         payload,
-        budget,
-        overflowed,
-    } = inbox;
+        ending,
+    } = plumbing.inbox;
     // Heartbeats and acks go before payload bytes whenever both are waiting.
     let _ = control_send.set_priority(1);
     // Received and not yet taken by the driver, per stream class: so that payloads waiting for
     // the driver never hold up a heartbeat.
-    let control_credits = Arc::new(Semaphore::new(recv_queue_len_max));
-    let payload_credits = Arc::new(Semaphore::new(recv_queue_len_max));
+    let control_credits = Arc::new(Semaphore::new(config.recv_queue_len_max));
+    let payload_credits = Arc::new(Semaphore::new(config.recv_queue_len_max));
     let mut tasks = JoinSet::new();
     tasks.spawn(counter.track(write_control(control_send, control)));
     tasks.spawn(counter.track(write_payloads(
         conn.clone(),
         payload,
-        payload_streams_max,
+        config.payload_streams_max,
         counter.clone(),
     )));
     tasks.spawn(counter.track(read_control(control_recv, control_credits, deliver.clone())));
@@ -228,19 +114,7 @@ where
     )));
     let closed = conn.clone();
     tasks.spawn(counter.track(async move { Ended::Closed(closed.closed().await) }));
-    tasks.spawn(counter.track(async move {
-        overflowed.notified().await;
-        Ended::Overflowed
-    }));
-
-    let ended = match tasks.join_next().await {
-        Some(Ok(ended)) => ended,
-        Some(Err(_)) => Ended::Panicked,
-        // Six tasks were spawned just above.
-        None => Ended::Panicked,
-    };
-    budget.close();
-    match &ended {
+    let close = |ended: &Ended| match ended {
         Ended::Violation(e) => {
             conn.close(VarInt::from_u32(CLOSE_VIOLATION), e.to_string().as_bytes())
         }
@@ -252,14 +126,14 @@ where
             VarInt::from_u32(CLOSE_OVERFLOW),
             ended.to_string().as_bytes(),
         ),
-        Ended::ControlFinished | Ended::Unwanted | Ended::Panicked => conn.close(
-            VarInt::from_u32(super::CLOSE_NORMAL),
-            ended.to_string().as_bytes(),
-        ),
+        Ended::ControlFinished | Ended::Unwanted | Ended::Panicked => {
+            conn.close(VarInt::from_u32(CLOSE_NORMAL), ended.to_string().as_bytes())
+        }
         Ended::Closed(_) => {}
-    }
-    tasks.shutdown().await;
-    ended
+    };
+    ending
+        .first_of(tasks, Ended::Overflowed, Ended::Panicked, close)
+        .await
 }
 
 /// Writes control frames in order, a batch at a time. Ends only with the connection.
@@ -357,23 +231,8 @@ async fn read_control<In: Envelope>(
 ) -> Ended {
     let mut buf = FrameBuffer::default();
     loop {
-        loop {
-            let body = match buf.next_body() {
-                Ok(Some(body)) => body,
-                Ok(None) => break,
-                Err(e) => return Ended::Violation(e),
-            };
-            let msg = match framing::decode::<In>(&body) {
-                Ok(msg) => msg,
-                Err(e) => return Ended::Violation(e),
-            };
-            // Never closed: it lives as long as this connection.
-            let Ok(credit) = credits.clone().acquire_owned().await else {
-                return Ended::Unwanted;
-            };
-            if !deliver(msg, credit) {
-                return Ended::Unwanted;
-            }
+        if let Err(stopped) = conn::hand_over(&mut buf, &credits, &deliver, false).await {
+            return stopped.into();
         }
         match recv.read_chunk(CONTROL_READ_BYTES, true).await {
             Ok(Some(chunk)) => buf.extend(&chunk.bytes),

@@ -1,7 +1,8 @@
 //! The seam between the protocol drivers and the network: events in, messages out.
 //!
 //! The gateway and worker drivers are written against this module alone, so the same driver runs
-//! over QUIC ([`crate::quic`]) and in memory ([`crate::mem`]). Both sides are channel-shaped:
+//! over QUIC (`sand-transport-quic`), TCP with TLS (`sand-transport-tcp`) and in memory
+//! ([`crate::mem`]). Both sides are channel-shaped:
 //!
 //! - the gateway gets an [`Events`]`<`[`GatewayEvent`]`>` stream and a cloneable
 //!   [`GatewaySender`];
@@ -98,7 +99,8 @@ pub enum SendError {
 
 /// Sends messages from the gateway to workers: the gateway half of a transport.
 ///
-/// Implemented by [`crate::quic`] and [`crate::mem`]; a simulator may bring its own.
+/// Implemented by the gateway's table of connections ([`crate::peers`]) and by [`crate::mem`];
+/// a simulator may bring its own.
 pub trait GatewayOutbox: Send + Sync + 'static {
     /// Queues `msg` for `worker`'s current connection without waiting.
     fn send(&self, worker: WorkerId, msg: Down) -> Result<(), SendError>;
@@ -267,7 +269,7 @@ impl<E> EventSender<E> {
     }
 
     /// Pushes an event that holds one of its peer's receive credits until it is taken.
-    pub(crate) fn push_with_credit(&self, event: E, credit: OwnedSemaphorePermit) -> bool {
+    pub fn push_with_credit(&self, event: E, credit: OwnedSemaphorePermit) -> bool {
         self.tx
             .send(Delivery {
                 event,
@@ -290,7 +292,7 @@ struct Delivery<E> {
 
 /// Whether a message carries a payload, and so travels on a stream of its own rather than on
 /// the ordered control stream shared with heartbeats.
-pub(crate) trait Classify {
+pub trait Classify {
     /// True for messages whose size grows with grain values.
     fn carries_payload(&self) -> bool;
 }

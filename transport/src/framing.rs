@@ -8,15 +8,15 @@ use bytes::{Buf, Bytes, BytesMut};
 use sand_protocol::wire::{self, DecodeError, EncodeError, Envelope, MESSAGE_BYTES_MAX};
 
 /// Bytes in a frame's length prefix.
-pub(crate) const LEN_BYTES: usize = 4;
+pub const LEN_BYTES: usize = 4;
 
 /// The first bytes a worker writes on the control stream: names the transport and its framing
 /// version, so a stray client is told apart from a sand worker at once.
-pub(crate) const CONTROL_PREAMBLE: [u8; 4] = *b"snd1";
+pub const CONTROL_PREAMBLE: [u8; 4] = *b"snd1";
 
 /// Why received bytes are not a valid frame. Every variant closes the connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum FrameError {
+pub enum FrameError {
     /// The length prefix announces more than the protocol allows.
     #[error("frame of {0} bytes announced, above the {max} byte limit", max = MESSAGE_BYTES_MAX)]
     Oversize(usize),
@@ -39,16 +39,16 @@ pub(crate) enum FrameError {
 
 /// One encoded envelope, ready to write: its length prefix and its body.
 #[derive(Debug, Clone)]
-pub(crate) struct Frame {
+pub struct Frame {
     /// The length prefix.
-    pub(crate) head: [u8; LEN_BYTES],
+    pub head: [u8; LEN_BYTES],
     /// The encoded envelope.
-    pub(crate) body: Bytes,
+    pub body: Bytes,
 }
 
 impl Frame {
     /// Encodes `msg`. Refuses it when above [`MESSAGE_BYTES_MAX`].
-    pub(crate) fn encode<E: Envelope>(msg: &E) -> Result<Self, EncodeError> {
+    pub fn encode<E: Envelope>(msg: &E) -> Result<Self, EncodeError> {
         let body = wire::encode(msg)?;
         // `wire::encode` refuses anything above MESSAGE_BYTES_MAX (16 MiB), so it fits a u32.
         let len = u32::try_from(body.len()).map_err(|_| EncodeError::TooLarge(body.len()))?;
@@ -59,13 +59,13 @@ impl Frame {
     }
 
     /// Bytes on the wire, prefix included.
-    pub(crate) fn wire_len(&self) -> usize {
+    pub fn wire_len(&self) -> usize {
         LEN_BYTES + self.body.len()
     }
 }
 
 /// Reads a length prefix, refusing one above the limit.
-pub(crate) fn body_len(head: [u8; LEN_BYTES]) -> Result<usize, FrameError> {
+pub fn body_len(head: [u8; LEN_BYTES]) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(head) as usize;
     if len > MESSAGE_BYTES_MAX {
         return Err(FrameError::Oversize(len));
@@ -74,13 +74,13 @@ pub(crate) fn body_len(head: [u8; LEN_BYTES]) -> Result<usize, FrameError> {
 }
 
 /// Decodes a frame body into an envelope.
-pub(crate) fn decode<E: Envelope>(body: &[u8]) -> Result<E, FrameError> {
+pub fn decode<E: Envelope>(body: &[u8]) -> Result<E, FrameError> {
     Ok(wire::decode(body)?)
 }
 
 /// Cuts frames out of a byte stream that arrives in chunks of any size.
 #[derive(Debug, Default)]
-pub(crate) struct FrameBuffer {
+pub struct FrameBuffer {
     buf: BytesMut,
     /// The announced length of the frame being assembled, once its prefix is in.
     want: Option<usize>,
@@ -88,13 +88,13 @@ pub(crate) struct FrameBuffer {
 
 impl FrameBuffer {
     /// Appends received bytes.
-    pub(crate) fn extend(&mut self, chunk: &[u8]) {
+    pub fn extend(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
     }
 
     /// The next complete frame body, if one is in. An oversize prefix is refused as soon as it
     /// arrives.
-    pub(crate) fn next_body(&mut self) -> Result<Option<Bytes>, FrameError> {
+    pub fn next_body(&mut self) -> Result<Option<Bytes>, FrameError> {
         let want = match self.want {
             Some(want) => want,
             None => {
@@ -119,7 +119,7 @@ impl FrameBuffer {
     }
 
     /// Checks that the stream ended between frames.
-    pub(crate) fn finish(&self) -> Result<(), FrameError> {
+    pub fn finish(&self) -> Result<(), FrameError> {
         let missing = match self.want {
             Some(want) => want - self.buf.len(),
             None if self.buf.is_empty() => return Ok(()),

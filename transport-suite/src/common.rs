@@ -1,7 +1,5 @@
-//! Shared pieces of the loopback tests: a cluster PKI in memory, fast settings, message makers,
-//! bounded waits, and a capture of this crate's log lines.
-
-#![allow(dead_code)]
+//! Shared pieces of the tests: a cluster PKI in memory, fast settings, message makers, bounded
+//! waits, and a capture of the transports' log lines.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -14,15 +12,18 @@ use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq, 
 use sand_protocol::wire::{
     CallSpec, Cont, Effects, Outcome, Payload, Reason, Report, Return, ToGateway, ToWorker,
 };
-use sand_transport_quic::certs::{ClusterCa, NodeIdentity, Validity};
-use sand_transport_quic::quic::{QuicConfig, QuicGateway, QuicWorker};
-use sand_transport_quic::seam::{Events, GatewayEvent, GatewayLink, WorkerEvent, WorkerLink};
+use sand_transport::config::LinkConfig;
+use sand_transport::seam::{Events, GatewayEvent, GatewayLink, WorkerEvent, WorkerLink};
+use sand_transport::tls::certs::{ClusterCa, NodeIdentity, Validity};
+
+use crate::TestTransport;
 
 /// Every test's whole body runs under this bound.
 pub const TEST_TIME_MAX: Duration = Duration::from_secs(60);
 /// A single expected event must come within this.
 pub const EVENT_TIME_MAX: Duration = Duration::from_secs(10);
 
+/// Runs `fut` under [`TEST_TIME_MAX`].
 pub async fn bounded<F: Future>(fut: F) -> F::Output {
     tokio::time::timeout(TEST_TIME_MAX, fut)
         .await
@@ -31,11 +32,20 @@ pub async fn bounded<F: Future>(fut: F) -> F::Output {
 
 /// A cluster CA with a gateway identity for `localhost` and `127.0.0.1`.
 pub struct Pki {
+    /// The cluster CA.
     pub ca: ClusterCa,
+    /// The gateway's identity.
     pub gateway: NodeIdentity,
 }
 
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Pki {
+    /// A new CA and gateway identity.
     pub fn new() -> Self {
         let ca = ClusterCa::generate(Validity::days_from_now(1)).unwrap();
         let gateway = ca
@@ -47,6 +57,7 @@ impl Pki {
         Self { ca, gateway }
     }
 
+    /// Worker `id`'s identity.
     pub fn worker(&self, id: u32) -> NodeIdentity {
         self.ca
             .issue_worker(WorkerId(id), Validity::days_from_now(1))
@@ -55,41 +66,44 @@ impl Pki {
 }
 
 /// Settings that make reconnections fast in tests.
-pub fn config() -> QuicConfig {
-    QuicConfig {
+pub fn config() -> LinkConfig {
+    LinkConfig {
         keep_alive_interval: Duration::from_millis(200),
         idle_timeout: Duration::from_secs(2),
         open_timeout: Duration::from_secs(2),
         reconnect_delay_min: Duration::from_millis(20),
         reconnect_delay_max: Duration::from_millis(200),
-        ..QuicConfig::default()
+        ..LinkConfig::default()
     }
 }
 
+/// Any free port on 127.0.0.1.
 pub fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-pub fn start_gateway(pki: &Pki, config: QuicConfig) -> (QuicGateway, GatewayLink) {
-    QuicGateway::bind(localhost(), &pki.gateway, config).unwrap()
+/// Starts a gateway of transport `T` on a free port.
+pub fn start_gateway<T: TestTransport>(pki: &Pki, config: LinkConfig) -> (T::Gateway, GatewayLink) {
+    T::bind(pki, localhost(), config).unwrap()
 }
 
-pub fn start_worker(
-    gateway: &QuicGateway,
+/// Starts a worker of transport `T` dialing `gateway` as `localhost`.
+pub fn start_worker<T: TestTransport>(
+    gateway: &T::Gateway,
     identity: &NodeIdentity,
-    config: QuicConfig,
-) -> (QuicWorker, WorkerLink) {
-    QuicWorker::start(gateway.local_addr(), "localhost", identity, config).unwrap()
+    config: LinkConfig,
+) -> (T::Worker, WorkerLink) {
+    T::start_worker(gateway, identity, config)
 }
 
 /// Starts worker `id` and waits until both sides say it is connected.
-pub async fn connect_worker(
+pub async fn connect_worker<T: TestTransport>(
     pki: &Pki,
-    gateway: &QuicGateway,
+    gateway: &T::Gateway,
     gw: &mut GatewayLink,
     id: u32,
-) -> (QuicWorker, WorkerLink) {
-    let (worker, mut link) = start_worker(gateway, &pki.worker(id), config());
+) -> (T::Worker, WorkerLink) {
+    let (worker, mut link) = start_worker::<T>(gateway, &pki.worker(id), config());
     assert_eq!(next(&mut link.events).await, WorkerEvent::Connected);
     assert_eq!(
         next(&mut gw.events).await,
@@ -98,6 +112,7 @@ pub async fn connect_worker(
     (worker, link)
 }
 
+/// The next event, within [`EVENT_TIME_MAX`].
 pub async fn next<E: std::fmt::Debug>(events: &mut Events<E>) -> E {
     tokio::time::timeout(EVENT_TIME_MAX, events.recv())
         .await
@@ -124,6 +139,7 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A heartbeat carrying `n`.
 pub fn heartbeat(n: u32) -> ToGateway {
     ToGateway::Heartbeat {
         incarnation: Incarnation(1),
@@ -131,6 +147,7 @@ pub fn heartbeat(n: u32) -> ToGateway {
     }
 }
 
+/// A first `Hello`.
 pub fn hello() -> ToGateway {
     ToGateway::Hello {
         incarnation: Incarnation(1),
@@ -139,6 +156,7 @@ pub fn hello() -> ToGateway {
     }
 }
 
+/// An ack up to `n`.
 pub fn ack(n: u64) -> ToWorker {
     ToWorker::Ack {
         incarnation: Incarnation(1),
@@ -192,12 +210,14 @@ pub fn dispatch(index: u32, bytes: usize) -> ToWorker {
 pub struct Logs(Arc<Mutex<Vec<String>>>);
 
 impl Logs {
+    /// Captures from now until the guard is dropped.
     pub fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
         let logs = Logs::default();
         let guard = tracing::subscriber::set_default(Capture(logs.clone()));
         (logs, guard)
     }
 
+    /// Every line so far.
     pub fn lines(&self) -> Vec<String> {
         self.0.lock().unwrap().clone()
     }
@@ -210,6 +230,15 @@ impl Logs {
         })
     }
 
+    /// WARN lines that say a peer broke the framing.
+    pub fn violations(&self) -> usize {
+        self.lines()
+            .iter()
+            .filter(|l| l.starts_with("WARN") && l.contains("broke the framing"))
+            .count()
+    }
+
+    /// Waits for a WARN line with every one of `words`.
     pub async fn wait_for_warning(&self, words: &[&str]) {
         let deadline = tokio::time::Instant::now() + EVENT_TIME_MAX;
         while !self.warned(words) {
@@ -239,7 +268,7 @@ impl tracing::field::Visit for Fields {
 
 impl tracing::Subscriber for Capture {
     fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
-        meta.target().starts_with("sand_transport_quic")
+        meta.target().starts_with("sand_transport")
     }
 
     fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {

@@ -1,7 +1,7 @@
 //! An in-memory transport: the gateway and its workers in one process, with links that tests
 //! and simulations break and restore by hand.
 //!
-//! It keeps the QUIC transport's contract (see [`crate::seam`]): events are well nested per
+//! It keeps the real transports' contract (see [`crate::seam`]): events are well nested per
 //! peer; each link direction has a bounded queue, and a message that does not fit breaks the
 //! link ([`SendError::Overflowed`], and `Disconnected` on both sides) rather than go missing
 //! from a live one; a message is encoded and decoded on the way, so the size limit and the
@@ -126,6 +126,19 @@ impl MemNetwork {
     pub fn connect(&self, id: WorkerId) -> bool {
         let mut state = self.shared.lock();
         self.shared.connect(&mut state, id)
+    }
+
+    /// The workers connected now, in id order.
+    pub fn connected_workers(&self) -> Vec<WorkerId> {
+        let state = self.shared.lock();
+        let mut ids: Vec<WorkerId> = state
+            .workers
+            .iter()
+            .filter(|(_, p)| p.link.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Whether worker `id` is connected now.
