@@ -145,7 +145,14 @@ mod tests {
         assert!(children_of_this_process().contains(&pid));
         assert!(descendants(std::process::id()).contains(&pid));
         assert_eq!(parent(pid), Some(std::process::id()));
-        assert_eq!(cmdline(pid).first().map(String::as_str), Some("sleep"));
+        // `spawn` returns once the child has switched to its new image, which the kernel does
+        // before it lays out the arguments: for a moment the command line reads empty.
+        let started = std::time::Instant::now();
+        let is_sleep = || cmdline(pid).first().is_some_and(|arg| arg == "sleep");
+        while !is_sleep() && started.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(is_sleep(), "command line {:?}", cmdline(pid));
         assert!(all().contains(&pid));
         assert!(cpu_time(pid).is_some());
         assert!(pss_kib(pid).is_some_and(|kib| kib > 0));
