@@ -225,6 +225,11 @@ fn catches_unmarked_recovery() {
 }
 
 #[test]
+fn catches_stale_lookup() {
+    catches(Mutation::StaleLookup, 20, &[Property::AcceptedStaysVisible]);
+}
+
+#[test]
 fn catches_accept_dead() {
     catches(Mutation::AcceptDead, 50, &[Property::FencedChangesNothing]);
 }

@@ -56,11 +56,15 @@ pub enum Mutation {
     /// The gateway dispatches a call whose owner was lost as if it were its first attempt: the
     /// trace hides the recovery.
     UnmarkedRecovery,
+    /// The gateway answers look-ups from what its disk held before the oldest batch still
+    /// being written that changes the entity, even once a newer batch is durable: a client told
+    /// its execution is accepted may look it up and be told it does not exist.
+    StaleLookup,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 16] = [
+    pub const ALL: [Mutation; 17] = [
         Mutation::SplitHop,
         Mutation::VisibleBeforeDurable,
         Mutation::AcceptDead,
@@ -77,6 +81,7 @@ impl Mutation {
         Mutation::AppChangeEarly,
         Mutation::ReadAhead,
         Mutation::UnmarkedRecovery,
+        Mutation::StaleLookup,
     ];
 
     /// The name used on the command line.
@@ -98,6 +103,7 @@ impl Mutation {
             Mutation::AppChangeEarly => "app-change-early",
             Mutation::ReadAhead => "read-ahead",
             Mutation::UnmarkedRecovery => "unmarked-recovery",
+            Mutation::StaleLookup => "stale-lookup",
         }
     }
 }
@@ -125,9 +131,12 @@ impl FromStr for Mutation {
     }
 }
 
-/// The set of mutations switched on: none by default.
+/// The set of mutations switched on: none by default. One bit per mutation.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
-pub struct Mutations(u16);
+pub struct Mutations(u32);
+
+// A mutation past the last bit would alias the first one.
+const _: () = assert!(Mutation::ALL.len() <= u32::BITS as usize);
 
 impl Mutations {
     /// No mutation: the protocol as designed.
@@ -135,12 +144,12 @@ impl Mutations {
 
     /// Just this one.
     pub fn only(m: Mutation) -> Self {
-        Self(1 << m as u16)
+        Self(1 << m as u32)
     }
 
     /// Whether `m` is on.
     pub fn has(self, m: Mutation) -> bool {
-        self.0 & (1 << m as u16) != 0
+        self.0 & (1 << m as u32) != 0
     }
 }
 

@@ -172,6 +172,14 @@ impl Gq {
         self.drain()
     }
 
+    /// Persists only the oldest batch not yet persisted and returns what that released.
+    fn persist_oldest(&mut self) -> Vec<GqOutput> {
+        let b = self.unpersisted.remove(0);
+        self.store.apply_batch(&b);
+        self.gq.handle(T0, GqEvent::Persisted(b.index));
+        self.drain()
+    }
+
     fn msg(&mut self, w: WorkerId, m: ToGateway) -> Vec<GqOutput> {
         self.gq.handle(T0, GqEvent::Message(w, m));
         self.drain()
@@ -290,6 +298,51 @@ fn an_invocation_is_dispatched_at_once_and_accepted_once_durable() {
     );
     assert_eq!(t.persist(), vec![GqOutput::ConfirmInvoke(exec)]);
     assert_eq!(t.store.execs[&exec].status, ExecStatus::Running);
+}
+
+#[test]
+fn a_look_up_shows_what_the_disk_holds_while_later_batches_are_written() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let (exec, _) = t.invoke("1");
+    let report = done(exec, exec.root_call(), first(), returns("42"));
+    assert_eq!(t.progress(W0, 1, vec![report]), vec![]);
+    // The acceptance is durable, the answer's batch not yet: the client that was told the id
+    // must find the execution, running, as the disk holds it.
+    assert_eq!(t.persist_oldest(), vec![GqOutput::ConfirmInvoke(exec)]);
+    assert_eq!(t.store.execs[&exec].status, ExecStatus::Running);
+    assert_eq!(
+        t.gq.execution(exec).map(|e| &e.status),
+        Some(&ExecStatus::Running)
+    );
+    assert_eq!(
+        t.persist(),
+        vec![
+            GqOutput::Respond(exec, Answer::Value(Payload::from("42"))),
+            ack(W0, 1)
+        ]
+    );
+    assert_eq!(t.gq.execution(exec), t.store.execs.get(&exec));
+
+    // The same for apps: a deployment confirmed durable is listed while its removal is being
+    // written.
+    let (other, spec) = other_app();
+    t.gq.deploy(spec, bundle());
+    t.gq.remove_app(&other);
+    assert_eq!(t.drain(), vec![]);
+    assert_eq!(
+        t.persist_oldest(),
+        vec![GqOutput::ConfirmDeploy(other.clone())]
+    );
+    assert!(t.gq.deployed().iter().any(|d| d.spec.name == other));
+    assert_eq!(
+        t.persist_oldest(),
+        vec![GqOutput::ConfirmRemove {
+            app: other.clone(),
+            existed: true
+        }]
+    );
+    assert!(t.gq.deployed().iter().all(|d| d.spec.name != other));
 }
 
 #[test]

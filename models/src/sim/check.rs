@@ -33,6 +33,10 @@ pub enum Property {
     /// An answer never changes once given: the execution's record says the same for good,
     /// across gateway restarts.
     AnswerStays,
+    /// Once a client is told its execution is accepted, every look-up finds the execution,
+    /// across gateway restarts: the record a look-up shows is never older than what the gateway
+    /// confirmed.
+    AcceptedStaysVisible,
     /// No ack, welcome, fence, cancel, abort, acceptance or answer leaves before the state behind
     /// it is durable.
     DurableBeforeVisible,
@@ -69,6 +73,7 @@ impl fmt::Display for Property {
             Property::CorrectAnswer => "every answer is correct",
             Property::OneExecutionPerKey => "one execution per idempotency key",
             Property::AnswerStays => "an answer never changes once given",
+            Property::AcceptedStaysVisible => "an accepted execution stays visible",
             Property::DurableBeforeVisible => "durable before visible",
             Property::CompletedStaysCompleted => "a completed call stays completed",
             Property::JoinFiresOnce => "a join fires once",
@@ -130,6 +135,8 @@ pub(super) struct Checker {
     inputs: BTreeMap<ExecId, u32>,
     /// The answer each execution gave.
     answers: BTreeMap<ExecId, Answer>,
+    /// The executions whose acceptance the gateway confirmed.
+    confirmed: BTreeSet<ExecId>,
     /// The execution each request was named, and in which of the gateway's lives.
     named: BTreeMap<usize, (ExecId, u64)>,
     /// The execution the disk holds for each idempotency key.
@@ -161,6 +168,7 @@ impl Checker {
             program,
             inputs: BTreeMap::new(),
             answers: BTreeMap::new(),
+            confirmed: BTreeSet::new(),
             named: BTreeMap::new(),
             durable_keys: BTreeMap::new(),
             timed_out: BTreeSet::new(),
@@ -219,7 +227,10 @@ impl Checker {
                     return violated(Property::DurableBeforeVisible, why);
                 }
             }
-            GqOutput::Send(..) | GqOutput::ConfirmInvoke(_) | GqOutput::Respond(..) => {}
+            GqOutput::ConfirmInvoke(exec) => {
+                self.confirmed.insert(*exec);
+            }
+            GqOutput::Send(..) | GqOutput::Respond(..) => {}
         }
         Ok(())
     }
@@ -379,12 +390,14 @@ impl Checker {
 
     // --- what the gateway shows ------------------------------------------------------------
 
-    /// Every answer given is still the execution's answer in the gateway's record, as a
-    /// client's look-up (`shown`) finds it, and as a retry with its key would.
-    pub(super) fn answers_stay<'q>(
-        &self,
-        shown: impl Fn(ExecId) -> Option<&'q ExecStatus>,
-    ) -> Verdict {
+    /// Every execution whose acceptance was confirmed is found by a client's look-up
+    /// (`shown`), and every answer given is still the execution's answer in the gateway's
+    /// record, as the look-up finds it and as a retry with its key would.
+    pub(super) fn look_ups<'q>(&self, shown: impl Fn(ExecId) -> Option<&'q ExecStatus>) -> Verdict {
+        if let Some(exec) = self.confirmed.iter().find(|e| shown(**e).is_none()) {
+            let why = format!("{exec:?} was confirmed accepted, but a look-up does not find it");
+            return violated(Property::AcceptedStaysVisible, why);
+        }
         for (exec, answer) in &self.answers {
             let status = shown(*exec);
             if !matches!(status, Some(ExecStatus::Done(a)) if a == answer) {

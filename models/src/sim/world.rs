@@ -233,7 +233,7 @@ impl World {
             self.note(|| format!("#{i} t={}ms {step:?}", now.as_millis()));
             self.apply(*step)?;
             self.check_calls_owned()?;
-            self.check_answers_stay()?;
+            self.check_look_ups()?;
         }
         self.step = None;
         self.note(|| "-- the faults stop: heal everything, then require liveness".to_string());
@@ -370,13 +370,13 @@ impl World {
         self.checked(record.calls_owned())
     }
 
-    /// Whether every answer given is still the one a look-up of its execution shows.
-    fn check_answers_stay(&self) -> Checked {
+    /// Whether a look-up of every execution confirmed or answered shows it, with its answer.
+    fn check_look_ups(&self) -> Checked {
         let Some(gq) = self.gq.as_ref() else {
             return Ok(());
         };
         let shown = |exec| gq.execution(exec).map(|e| &e.status);
-        self.checked(self.checker.answers_stay(shown))
+        self.checked(self.checker.look_ups(shown))
     }
 
     fn note(&mut self, line: impl FnOnce() -> String) {
@@ -588,7 +588,7 @@ impl World {
         for w in 0..self.nodes.len() {
             self.connect(w)?;
         }
-        self.check_answers_stay()?;
+        self.check_look_ups()?;
         for r in std::mem::take(&mut self.waiting) {
             self.send_request(r)?;
         }
@@ -964,7 +964,7 @@ impl World {
                 .iter()
                 .all(|n| n.lost || n.lb.as_ref().is_some_and(|lb| lb.backlog() == (0, 0)));
             if answered && drained {
-                return self.check_answers_stay();
+                return self.check_look_ups();
             }
             if self.now > limit || !self.advance_time()? {
                 let why = self.stall_report(&must, healed_at);

@@ -14,7 +14,7 @@
 
 mod gate;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use self::gate::Gate;
@@ -1213,8 +1213,9 @@ impl GlobalQueue {
 
     fn on_persisted(&mut self, upto: LogIndex) {
         if let Some(durable) = self.gate.persisted(upto) {
-            self.unsynced.settle(durable);
-            self.unsynced_apps.settle(durable);
+            let stale = self.mutated(Mutation::StaleLookup);
+            self.unsynced.settle(durable, stale);
+            self.unsynced_apps.settle(durable, stale);
         }
     }
 
@@ -1247,10 +1248,12 @@ impl GlobalQueue {
     }
 }
 
-/// What the disk holds of entities that batches not yet durable change: for each, its durable
-/// value (`None`: absent) and the last of those batches.
+/// What the disk holds of entities that batches not yet durable change: for each, every such
+/// batch, oldest first, with the entity's value just before it (`None`: absent). The disk holds
+/// the value before the oldest of them: each batch written moves the view on by one, so a
+/// look-up is never older than what the disk holds, nor newer.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
-struct OnDisk<K, V>(BTreeMap<K, (LogIndex, Option<V>)>);
+struct OnDisk<K, V>(BTreeMap<K, VecDeque<(LogIndex, Option<V>)>>);
 
 impl<K, V> Default for OnDisk<K, V> {
     fn default() -> Self {
@@ -1261,18 +1264,29 @@ impl<K, V> Default for OnDisk<K, V> {
 impl<K: Ord + Clone, V: Clone> OnDisk<K, V> {
     /// Notes that batch `batch` changes `key`, whose value in `live` is still the one before.
     fn change(&mut self, key: K, live: &BTreeMap<K, V>, batch: LogIndex) {
-        let before = live.get(&key).cloned();
-        self.0.entry(key).or_insert((batch, before)).0 = batch;
+        let pending = self.0.entry(key.clone()).or_default();
+        if pending.back().is_none_or(|(last, _)| *last != batch) {
+            pending.push_back((batch, live.get(&key).cloned()));
+        }
     }
 
-    /// Forgets what every batch up to `durable` changed: the disk has it.
-    fn settle(&mut self, durable: LogIndex) {
-        self.0.retain(|_, (last, _)| *last > durable);
+    /// Forgets what every batch up to `durable` changed: the disk has it. With `stale`, a key
+    /// is settled only once its last batch is durable (the `StaleLookup` mutation).
+    fn settle(&mut self, durable: LogIndex, stale: bool) {
+        self.0.retain(|_, pending| {
+            if stale {
+                return pending.back().is_some_and(|(last, _)| *last > durable);
+            }
+            while pending.front().is_some_and(|(batch, _)| *batch <= durable) {
+                pending.pop_front();
+            }
+            !pending.is_empty()
+        });
     }
 
     /// `key`'s value as the disk holds it, given its `live` one.
     fn view<'a>(&'a self, key: &K, live: &'a BTreeMap<K, V>) -> Option<&'a V> {
-        match self.0.get(key) {
+        match self.0.get(key).and_then(VecDeque::front) {
             Some((_, on_disk)) => on_disk.as_ref(),
             None => live.get(key),
         }
