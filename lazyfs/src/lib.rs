@@ -191,6 +191,15 @@ impl LazyFs {
         self.state().stats()
     }
 
+    /// A handle that ends this mount from any thread, for a watchdog that must stop a test
+    /// which overran its time: see [`KillSwitch::pull`].
+    pub fn kill_switch(&self) -> KillSwitch {
+        KillSwitch {
+            mountpoint: self.mountpoint.clone(),
+            connection: self.connection,
+        }
+    }
+
     /// Where the filesystem is mounted (canonical path).
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
@@ -200,6 +209,30 @@ impl LazyFs {
         // The session thread never leaves the state half-updated (no operation panics midway
         // by design), so a poisoned lock still guards consistent data.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Ends a mount from another thread: see [`LazyFs::kill_switch`].
+#[derive(Clone, Debug)]
+pub struct KillSwitch {
+    mountpoint: PathBuf,
+    connection: Option<u64>,
+}
+
+impl KillSwitch {
+    /// Detaches the mount and aborts its connection, so that every pending and later request
+    /// on it fails. A process that serves its own mount must pull it before it exits while a
+    /// thread may still use the mount: exiting closes that thread's files on it, and the
+    /// kernel would wait for a reply the dead session thread can never send.
+    pub fn pull(&self) {
+        if let Err(error) = mount::detach(&self.mountpoint) {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), %error, "lazyfs: unmount failed");
+        }
+        if let Some(connection) = self.connection {
+            if let Err(error) = mount::abort(connection) {
+                tracing::warn!(connection, %error, "lazyfs: aborting the FUSE connection failed");
+            }
+        }
     }
 }
 

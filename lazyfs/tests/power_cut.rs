@@ -349,10 +349,7 @@ fn stats_count_syncs_writes_and_cuts() {
 fn drop_unmounts_and_leaves_an_empty_directory() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let fs = LazyFs::mount(dir.path()).expect("mount lazyfs (needs root and /dev/fuse)");
-    let _watchdog = Watchdog::arm(
-        fs.mountpoint().to_owned(),
-        std::time::Duration::from_secs(60),
-    );
+    let _watchdog = Watchdog::arm(fs.kill_switch(), std::time::Duration::from_secs(60));
     let mountpoint = fs.mountpoint().to_owned();
     write_synced(&mountpoint.join("f"), b"data");
     fs::create_dir(mountpoint.join("d")).expect("mkdir");
@@ -368,10 +365,7 @@ fn drop_unmounts_and_leaves_an_empty_directory() {
 fn drop_with_a_file_still_open_does_not_hang() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let fs = LazyFs::mount(dir.path()).expect("mount lazyfs (needs root and /dev/fuse)");
-    let _watchdog = Watchdog::arm(
-        fs.mountpoint().to_owned(),
-        std::time::Duration::from_secs(60),
-    );
+    let _watchdog = Watchdog::arm(fs.kill_switch(), std::time::Duration::from_secs(60));
     let mountpoint = fs.mountpoint().to_owned();
     write_synced(&mountpoint.join("f"), b"data");
     let held = File::open(mountpoint.join("f")).expect("open");
@@ -388,4 +382,25 @@ fn drop_with_a_file_still_open_does_not_hang() {
         .expect_err("the connection is gone");
     assert_eq!(error.raw_os_error(), Some(libc::ENOTCONN), "{error}");
     assert_eq!(error.kind(), ErrorKind::NotConnected);
+}
+
+#[test]
+fn a_pulled_kill_switch_ends_the_mount_while_a_file_is_open() {
+    let m = mount();
+    let mountpoint = m.fs.mountpoint().to_owned();
+    write_synced(&mountpoint.join("f"), b"data");
+    let held = File::open(mountpoint.join("f")).expect("open");
+
+    // From another thread, as the watchdog pulls it.
+    let switch = m.fs.kill_switch();
+    std::thread::spawn(move || switch.pull())
+        .join()
+        .expect("pull");
+
+    assert!(!is_mounted(&mountpoint));
+    let mut buffer = [0; 4];
+    let error = held
+        .read_at(&mut buffer, 0)
+        .expect_err("the connection is gone");
+    assert_eq!(error.raw_os_error(), Some(libc::ENOTCONN), "{error}");
 }

@@ -13,8 +13,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::Duration;
 
-use nix::mount::{umount2, MntFlags};
-use sand_lazyfs::LazyFs;
+use sand_lazyfs::{KillSwitch, LazyFs};
 use tempfile::TempDir;
 
 /// How long one test may take before the watchdog ends the test binary.
@@ -39,7 +38,7 @@ impl Mounted {
 pub fn mount() -> Mounted {
     let dir = tempfile::tempdir().expect("temporary directory");
     let fs = LazyFs::mount(dir.path()).expect("mount lazyfs (needs root and /dev/fuse)");
-    let watchdog = Watchdog::arm(fs.mountpoint().to_owned(), TEST_LIMIT);
+    let watchdog = Watchdog::arm(fs.kill_switch(), TEST_LIMIT);
     Mounted {
         fs,
         _watchdog: watchdog,
@@ -48,22 +47,19 @@ pub fn mount() -> Mounted {
 }
 
 /// Ends the test binary if the test is still running after its limit, after detaching the
-/// mount so that nothing is left mounted (exiting closes `/dev/fuse`, which ends the
-/// connection). Dropping it disarms it.
+/// mount and aborting its connection, so that nothing is left mounted and no thread of the
+/// exiting binary waits on its own dead filesystem. Dropping it disarms it.
 pub struct Watchdog {
     _disarm: mpsc::Sender<()>,
 }
 
 impl Watchdog {
-    pub fn arm(mountpoint: PathBuf, limit: Duration) -> Watchdog {
+    pub fn arm(mount: KillSwitch, limit: Duration) -> Watchdog {
         let (disarm, armed) = mpsc::channel();
         thread::spawn(move || {
             if armed.recv_timeout(limit) == Err(RecvTimeoutError::Timeout) {
-                eprintln!(
-                    "test still running after {limit:?}: unmounting {} and exiting",
-                    mountpoint.display()
-                );
-                let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
+                eprintln!("test still running after {limit:?}: ending the mount and exiting");
+                mount.pull();
                 std::process::exit(1);
             }
         });
