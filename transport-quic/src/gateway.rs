@@ -9,6 +9,7 @@ use rustls_pki_types::CertificateDer;
 use sand_protocol::ids::WorkerId;
 use sand_transport::config::{LinkConfig, TransportError};
 use sand_transport::conn::{TaskCounter, CLOSE_IDENTITY, CLOSE_VIOLATION};
+use sand_transport::handshakes::{Handshake, Handshakes};
 use sand_transport::peers::{GatewayEnd, Registry};
 use sand_transport::seam::GatewayLink;
 use sand_transport::tls::certs::{self, NodeIdentity};
@@ -89,6 +90,7 @@ async fn accept_loop(
     tasks: TaskCounter,
 ) {
     let mut connections = JoinSet::new();
+    let mut handshakes = Handshakes::new(config.handshakes_max);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -96,8 +98,13 @@ async fn accept_loop(
                     // The endpoint was closed.
                     break;
                 };
+                let Some(place) = handshakes.admit(incoming.remote_address()) else {
+                    incoming.refuse();
+                    continue;
+                };
                 connections.spawn(tasks.track(serve(
                     incoming,
+                    place,
                     registry.clone(),
                     config.clone(),
                     tasks.clone(),
@@ -112,6 +119,7 @@ async fn accept_loop(
 /// Runs one worker connection from handshake to end.
 async fn serve(
     incoming: Incoming,
+    place: Handshake,
     registry: Arc<Registry>,
     config: LinkConfig,
     tasks: TaskCounter,
@@ -155,6 +163,7 @@ async fn serve(
             return;
         }
     };
+    drop(place);
     let (conn_id, plumbing) = registry.attach(worker, Quic(conn.clone()), config, tasks);
     info!(%worker, peer = %peer_addr, "worker connected");
     let ended = conn::drive(conn, (control_send, control_recv), plumbing).await;

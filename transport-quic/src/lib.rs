@@ -62,8 +62,9 @@ fn transport(
     Ok(Arc::new(t))
 }
 
-/// The quinn server configuration of a gateway: the mutual TLS of [`tls::server_config`] and
-/// one control stream per connection.
+/// The quinn server configuration of a gateway: the mutual TLS of [`tls::server_config`], one
+/// control stream per connection, and quinn's queue of connection attempts not yet taken by the
+/// accept loop bounded like the handshakes it runs.
 pub fn server_config(
     identity: &NodeIdentity,
     config: &LinkConfig,
@@ -73,6 +74,7 @@ pub fn server_config(
         .map_err(|e| TransportError::Crypto(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(transport(config, 1)?);
+    server.max_incoming(config.handshakes_max);
     Ok(server)
 }
 

@@ -58,6 +58,7 @@ macro_rules! suite {
                 an_oversize_frame_closes_the_connection_before_its_body_is_read,
                 garbage_bytes_close_the_connection,
                 a_worker_of_an_older_wire_version_is_told_which_version_the_gateway_speaks,
+                handshakes_past_the_cap_are_refused_at_once,
             ];
         );
     };

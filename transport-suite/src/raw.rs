@@ -1,14 +1,17 @@
 //! Bare peers that break the rules, for the refusals every real transport must make: a peer
-//! without a client certificate, an oversize frame, garbage, a worker of an older wire version.
+//! without a client certificate, an oversize frame, garbage, a worker of an older wire version,
+//! handshakes begun and never finished.
 //! [`RawPeers`] opens such a peer on each transport; the checks here are generic over it, and
 //! each transport's own test file adds what only it has (QUIC's payload streams).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use quinn::{ConnectionError, Endpoint, VarInt};
 use rand::{RngExt, SeedableRng};
 use sand_protocol::ids::WorkerId;
 use sand_protocol::wire::{MESSAGE_BYTES_MAX, WIRE_VERSION};
+use sand_transport::config::LinkConfig;
 use sand_transport::conn::CLOSE_VIOLATION;
 use sand_transport::seam::GatewayEvent;
 use sand_transport::tls;
@@ -19,7 +22,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::common::*;
-use crate::suite::Arena;
+use crate::suite::{round_trip, Arena};
 use crate::{Quic, Tcp, TestTransport};
 
 /// The bytes a worker says first on its control stream (pinned here: it is wire format).
@@ -65,7 +68,17 @@ pub trait RawPeers: TestTransport + Sized {
     fn connect_without_certificate(
         arena: &Arena<Self>,
     ) -> impl std::future::Future<Output = ()> + Send;
+    /// A peer that begins a handshake and never finishes it, until dropped.
+    type Stalled: Send;
+    /// Begins such a handshake.
+    fn stall(arena: &Arena<Self>) -> impl std::future::Future<Output = Self::Stalled> + Send;
+    /// Dials the gateway as a worker and says whether the gateway refused the connection at
+    /// once, before any handshake could run.
+    fn refused_at_once(arena: &Arena<Self>) -> impl std::future::Future<Output = bool> + Send;
 }
+
+/// How soon a refusal "at once" must come.
+const AT_ONCE: Duration = Duration::from_secs(1);
 
 /// A bare quinn connection and its control stream, once opened.
 #[derive(Debug)]
@@ -161,6 +174,119 @@ impl RawPeers for Quic {
         };
         assert!(!matches!(error, ConnectionError::TimedOut), "{error}");
     }
+
+    type Stalled = StalledQuic;
+
+    async fn stall(arena: &Arena<Quic>) -> StalledQuic {
+        let (release, released) = std::sync::mpsc::channel();
+        let provider = rustls::crypto::ring::default_provider();
+        let verifier = Blocking {
+            released: std::sync::Mutex::new(released),
+            schemes: provider
+                .signature_verification_algorithms
+                .supported_schemes(),
+        };
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![tls::ALPN.to_vec()];
+        let client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        ));
+        let gateway = arena.gateway.local_addr();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let endpoint = raw_client(client);
+                let _ = endpoint.connect(gateway, "localhost").unwrap().await;
+            });
+        });
+        StalledQuic {
+            release: Some(release),
+            thread: Some(thread),
+        }
+    }
+
+    async fn refused_at_once(arena: &Arena<Quic>) -> bool {
+        let client = sand_transport_quic::client_config(&arena.pki.worker(80), &config()).unwrap();
+        let endpoint = raw_client(client);
+        let connecting = endpoint
+            .connect(arena.gateway.local_addr(), "localhost")
+            .unwrap();
+        match tokio::time::timeout(AT_ONCE, connecting).await {
+            Ok(Err(ConnectionError::ConnectionClosed(close))) => {
+                close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A QUIC client, on a thread and runtime of its own, whose handshake stops at the gateway's
+/// certificate: its verifier blocks until the peer is dropped, so the gateway waits for a
+/// `Finished` that never comes.
+pub struct StalledQuic {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for StalledQuic {
+    fn drop(&mut self) {
+        // The verifier wakes up and fails the handshake; the client closes the connection.
+        drop(self.release.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A certificate verifier that waits until it is released, then refuses.
+#[derive(Debug)]
+struct Blocking {
+    released: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    schemes: Vec<rustls::SignatureScheme>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Blocking {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let _ = self.released.lock().map(|rx| rx.recv());
+        Err(rustls::Error::General("the stalled peer gives up".into()))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("never reached".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("never reached".into()))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.schemes.clone()
+    }
 }
 
 /// A bare TLS connection to the arena's gateway with `tls`, not yet greeted.
@@ -230,6 +356,67 @@ impl RawPeers for Tcp {
             closed(&mut stream).await;
         }
     }
+
+    /// A TCP connection that never says its `ClientHello`.
+    type Stalled = TcpStream;
+
+    async fn stall(arena: &Arena<Tcp>) -> TcpStream {
+        TcpStream::connect(arena.gateway.local_addr())
+            .await
+            .unwrap()
+    }
+
+    /// Refused at once: the gateway closes the socket unread, before any TLS.
+    async fn refused_at_once(arena: &Arena<Tcp>) -> bool {
+        let mut socket = TcpStream::connect(arena.gateway.local_addr())
+            .await
+            .unwrap();
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(AT_ONCE, socket.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}
+
+/// Handshakes begun and never finished hold the gateway's places for them until the open
+/// timeout; past the cap, a peer is refused at once, so a flood costs the gateway a bounded
+/// number of tasks. Once the stalled peers go, workers connect again.
+pub async fn handshakes_past_the_cap_are_refused_at_once<T: RawPeers>() {
+    bounded(async {
+        let cap = 3;
+        let patient = LinkConfig {
+            handshakes_max: cap,
+            open_timeout: EVENT_TIME_MAX,
+            ..config()
+        };
+        let mut arena = Arena::<T>::with_gateway_config(patient).await;
+        let mut stalled = Vec::new();
+        for _ in 0..cap {
+            stalled.push(T::stall(&arena).await);
+        }
+        let gateway = &arena.gateway;
+        wait_until("every stalled handshake is under way", || {
+            T::open_connections(gateway) == 1 + cap
+        })
+        .await;
+        assert!(
+            T::refused_at_once(&arena).await,
+            "a peer past the cap was not refused at once"
+        );
+        arena
+            .logs
+            .wait_for_warning(&["too many handshakes under way"])
+            .await;
+        assert_eq!(T::open_connections(&arena.gateway), 1 + cap);
+
+        drop(stalled);
+        arena.check_unharmed().await;
+        let (_worker, mut link) =
+            connect_worker::<T>(&arena.pki, &arena.gateway, &mut arena.gw, 81).await;
+        round_trip(&mut arena.gw, &mut link, 81, 0).await;
+    })
+    .await
 }
 
 /// Asserts that the reason the gateway gave, where the transport carries one, says `what`.

@@ -93,9 +93,14 @@ pub struct Arena<T: TestTransport> {
 impl<T: TestTransport> Arena<T> {
     /// A gateway and one good worker, connected.
     pub async fn new() -> Self {
+        Self::with_gateway_config(config()).await
+    }
+
+    /// A gateway with `gateway_config` and one good worker, connected.
+    pub async fn with_gateway_config(gateway_config: LinkConfig) -> Self {
         let (logs, guard) = Logs::capture();
         let pki = Pki::new();
-        let (gateway, mut gw) = start_gateway::<T>(&pki, config());
+        let (gateway, mut gw) = start_gateway::<T>(&pki, gateway_config);
         let (good_worker, mut good) = connect_worker::<T>(&pki, &gateway, &mut gw, GOOD).await;
         round_trip(&mut gw, &mut good, GOOD, 0).await;
         let baseline_tasks = T::live_tasks(&gateway);

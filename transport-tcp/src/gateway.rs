@@ -8,6 +8,7 @@ use rustls_pki_types::CertificateDer;
 use sand_protocol::ids::WorkerId;
 use sand_transport::config::{LinkConfig, TransportError};
 use sand_transport::conn::TaskCounter;
+use sand_transport::handshakes::{Handshake, Handshakes};
 use sand_transport::peers::{GatewayEnd, Registry};
 use sand_transport::seam::GatewayLink;
 use sand_transport::tls::certs::NodeIdentity;
@@ -104,13 +105,19 @@ struct Accept {
 /// Accepts connections until aborted; aborting it stops every connection it runs.
 async fn accept_loop(a: Accept) {
     let mut connections = JoinSet::new();
+    let mut handshakes = Handshakes::new(a.config.handshakes_max);
     loop {
         tokio::select! {
             accepted = a.listener.accept() => match accepted {
                 Ok((socket, peer)) => {
+                    // Past the cap, the socket is closed here, unread.
+                    let Some(place) = handshakes.admit(peer) else {
+                        continue;
+                    };
                     let serving = serve(
                         socket,
                         peer,
+                        place,
                         a.acceptor.clone(),
                         a.registry.clone(),
                         a.config.clone(),
@@ -129,6 +136,7 @@ async fn accept_loop(a: Accept) {
 async fn serve(
     socket: TcpStream,
     peer: SocketAddr,
+    place: Handshake,
     acceptor: TlsAcceptor,
     registry: Arc<Registry>,
     config: LinkConfig,
@@ -159,6 +167,7 @@ async fn serve(
         warn!(%worker, %peer, reason = %ended, "refused a worker: it did not open its control stream properly");
         return;
     }
+    drop(place);
     let tcp = Tcp::default();
     let (conn_id, plumbing) = registry.attach(worker, tcp.clone(), config, tasks);
     info!(%worker, %peer, "worker connected over TCP");

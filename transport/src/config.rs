@@ -25,6 +25,9 @@ pub struct LinkConfig {
     pub payload_streams_max: u32,
     /// How long the handshake and the control-stream greeting may take.
     pub open_timeout: Duration,
+    /// The gateway's cap on connections in their handshake and greeting at once, before the
+    /// peer is known to be a worker; more are refused at once. Workers ignore it.
+    pub handshakes_max: usize,
     /// The first delay before a worker reconnects; doubled after each failed attempt.
     pub reconnect_delay_min: Duration,
     /// The longest delay between a worker's reconnection attempts.
@@ -40,6 +43,7 @@ impl Default for LinkConfig {
             recv_queue_len_max: 1024,
             payload_streams_max: 16,
             open_timeout: Duration::from_secs(5),
+            handshakes_max: 64,
             reconnect_delay_min: Duration::from_millis(100),
             reconnect_delay_max: Duration::from_secs(5),
         }
@@ -59,8 +63,11 @@ impl LinkConfig {
         if self.send_queue_bytes_max < SEND_QUEUE_BYTES_MIN {
             return bad("send_queue_bytes_max must hold at least one largest frame");
         }
-        if self.recv_queue_len_max == 0 || self.payload_streams_max == 0 {
-            return bad("recv_queue_len_max and payload_streams_max must be above zero");
+        if self.recv_queue_len_max == 0 || self.payload_streams_max == 0 || self.handshakes_max == 0
+        {
+            return bad(
+                "recv_queue_len_max, payload_streams_max and handshakes_max must be above zero",
+            );
         }
         if self.reconnect_delay_min.is_zero() || self.reconnect_delay_min > self.reconnect_delay_max
         {
@@ -157,6 +164,10 @@ mod tests {
             },
             LinkConfig {
                 payload_streams_max: 0,
+                ..LinkConfig::default()
+            },
+            LinkConfig {
+                handshakes_max: 0,
                 ..LinkConfig::default()
             },
             LinkConfig {

@@ -20,6 +20,7 @@ pub mod config;
 pub mod conn;
 pub mod file;
 pub mod framing;
+pub mod handshakes;
 pub mod mem;
 pub mod peers;
 pub mod seam;
