@@ -14,6 +14,10 @@ use sand_protocol::mutations::Mutation;
 use sand_protocol::wire::ToGateway;
 use stateright::{Expectation, Model};
 
+/// States are cloned and dropped by the million: see the dev-dependency's note.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Checks `cfg` with `m` switched on and returns the property it breaks, with its trace.
 fn catches(cfg: ModelCfg, m: Mutation) -> (String, String) {
     let opts = CheckOptions {
