@@ -183,6 +183,8 @@ fn pages_for(len: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
 
     /// A reference file: two plain byte vectors.
     #[derive(Default)]
@@ -201,22 +203,6 @@ mod tests {
                 self.live.resize(end, 0);
             }
             self.live[offset as usize..end].copy_from_slice(data);
-        }
-    }
-
-    /// xorshift64*: a deterministic stream of numbers for the randomized test.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
         }
     }
 
@@ -293,22 +279,22 @@ mod tests {
 
     #[test]
     fn random_operations_match_a_byte_vector_model() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
         for _round in 0..20 {
             let mut file = FileData::default();
             let mut model = Model::default();
             for _step in 0..300 {
                 let limit = 6 * PAGE_SIZE as u64;
-                match rng.below(10) {
+                match rng.random_range(0..10) {
                     0..=4 => {
-                        let offset = rng.below(limit);
-                        let len = rng.below(2 * PAGE_SIZE as u64) as usize;
-                        let byte = rng.below(255) as u8 + 1;
+                        let offset = rng.random_range(0..limit);
+                        let len = rng.random_range(0..2 * PAGE_SIZE as u64) as usize;
+                        let byte = rng.random_range(0..255) as u8 + 1;
                         file.write(offset, &vec![byte; len]);
                         model.write(offset, &vec![byte; len]);
                     }
                     5 | 6 => {
-                        let len = rng.below(limit);
+                        let len = rng.random_range(0..limit);
                         file.set_len(len);
                         model.live.resize(len as usize, 0);
                     }
@@ -322,8 +308,8 @@ mod tests {
                     }
                 }
                 assert_eq!(everything(&file), model.live);
-                let offset = rng.below(limit);
-                let size = rng.below(2 * PAGE_SIZE as u64) as usize;
+                let offset = rng.random_range(0..limit);
+                let size = rng.random_range(0..2 * PAGE_SIZE as u64) as usize;
                 let start = (offset as usize).min(model.live.len());
                 let end = (start + size).min(model.live.len());
                 assert_eq!(file.read(offset, size), &model.live[start..end]);

@@ -7,6 +7,8 @@ mod common;
 use std::time::Instant;
 
 use common::mount;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use redb::{Database, DatabaseError, Durability, ReadableTable, TableDefinition};
 
 const TABLE: TableDefinition<&str, &str> = TableDefinition::new("t");
@@ -131,22 +133,6 @@ fn redb_commit_cost_tracks_the_change_not_the_file_size() {
     assert!(large_pages < small_pages * 4.0 + 8.0);
 }
 
-/// A small deterministic generator (xorshift64*), so a failing round names its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 const ROWS: TableDefinition<u64, &[u8]> = TableDefinition::new("rows");
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 
@@ -179,7 +165,7 @@ fn read_all(db: &Database) -> Tables {
 fn redb_keeps_every_durable_commit_across_cuts_between_mixed_commits() {
     let m = mount();
     let path = m.path("store.redb");
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
     // What the database may hold after a cut: the state after the last durable commit, then
     // after each non-durable one that followed it.
     let mut since: Vec<Tables> = vec![Tables::default()];
@@ -202,8 +188,8 @@ fn redb_keeps_every_durable_commit_across_cuts_between_mixed_commits() {
         };
         let mut live = since.swap_remove(at);
         since = vec![live.clone()];
-        for _ in 0..rng.below(30) + 1 {
-            let immediate = rng.below(3) != 0;
+        for _ in 0..rng.random_range(0..30) + 1 {
+            let immediate = rng.random_range(0..3) != 0;
             let mut txn = db.begin_write().expect("begin write");
             txn.set_durability(if immediate {
                 Durability::Immediate
@@ -213,11 +199,11 @@ fn redb_keeps_every_durable_commit_across_cuts_between_mixed_commits() {
             {
                 let mut rows = txn.open_table(ROWS).expect("rows");
                 let mut logs = txn.open_table(LOGS).expect("logs");
-                for _ in 0..rng.below(8) + 1 {
-                    let size = [16, 200, 3000, 9000, 40_000][rng.below(5) as usize];
+                for _ in 0..rng.random_range(0..8) + 1 {
+                    let size = [16, 200, 3000, 9000, 40_000][rng.random_range(0..5) as usize];
                     let value = vec![(next_key % 251) as u8; size];
-                    if immediate && rng.below(3) == 0 && !live.0.is_empty() {
-                        let nth = rng.below(live.0.len() as u64) as usize;
+                    if immediate && rng.random_range(0..3) == 0 && !live.0.is_empty() {
+                        let nth = rng.random_range(0..live.0.len() as u64) as usize;
                         let k = *live.0.keys().nth(nth).expect("a row");
                         rows.remove(k).expect("remove");
                         live.0.remove(&k);
