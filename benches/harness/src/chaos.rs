@@ -642,7 +642,7 @@ impl Progress {
         self.retries_told = c.retries;
         let done: usize = faults.done.values().sum();
         say(&format!(
-            "{:6.1} s: POSTs answered {}/{}, unanswered {}{}; executions {}, ended {}, lost {}; \
+            "{:6.1} s: POSTs answered {}/{}, unanswered {}{}; executions {}, ended {}, answered 404 {}; \
              faults {}; gateway life {}; incarnations {}",
             load.elapsed().as_secs_f64(),
             c.answered,
@@ -651,7 +651,7 @@ impl Progress {
             why,
             c.executions,
             c.ended,
-            c.lost,
+            c.not_found,
             done,
             cluster.gateway_lives().load(Ordering::SeqCst),
             incarnations(cluster).join(" "),

@@ -7,7 +7,9 @@
 //! counted as a failure. Only what the gateway said is judged, by these rules:
 //!
 //! - each request, an (app, key) pair, is named one execution, and each execution one request;
-//! - no execution a POST named is ever answered 404;
+//! - no execution a POST named is ever answered 404 (reported as *vanished* if a later answer
+//!   found it again: the gateway's look-up was behind what it had said, though the execution
+//!   survived; as *lost* if none did);
 //! - every answer that an execution has ended says the same (status, and output or error),
 //!   whether it came as a synchronous answer or a poll, from whichever life of the gateway, and
 //!   none is followed by an answer that it is still running;
@@ -253,12 +255,21 @@ pub enum Problem {
         /// `app/key` of every request it was named to.
         requests: Vec<String>,
     },
-    /// A poll of an execution a POST had named was answered 404.
+    /// A poll of an execution a POST had named was answered 404, and no later answer found it.
     Lost {
         /// The execution.
         execution: String,
         /// The 404's body.
         body: Value,
+    },
+    /// A poll of an execution a POST had named was answered 404, and a later answer found it.
+    Vanished {
+        /// The execution.
+        execution: String,
+        /// The 404's body.
+        body: Value,
+        /// The first answer sent after the 404 came that found it.
+        found: Observation,
     },
     /// A synchronous POST was answered 404: its execution was forgotten.
     Forgotten {
@@ -344,6 +355,7 @@ impl Problem {
             Self::KeyForked { .. } => "request with several executions",
             Self::SharedExecution { .. } => "execution with several requests",
             Self::Lost { .. } => "lost",
+            Self::Vanished { .. } => "vanished",
             Self::Forgotten { .. } => "forgotten",
             Self::Changed { .. } => "outcome changed",
             Self::Regressed { .. } => "running after it ended",
@@ -364,6 +376,7 @@ impl Problem {
             | Self::Forgotten { request, .. } => request,
             Self::SharedExecution { execution, .. }
             | Self::Lost { execution, .. }
+            | Self::Vanished { execution, .. }
             | Self::Changed { execution, .. }
             | Self::Regressed { execution, .. }
             | Self::OtherApp { execution, .. }
@@ -390,6 +403,9 @@ impl Problem {
             Self::KeyForked { executions, .. } => json!(executions),
             Self::SharedExecution { requests, .. } => json!(requests),
             Self::Lost { body, .. } | Self::Forgotten { body, .. } => body.clone(),
+            Self::Vanished { body, found, .. } => {
+                json!({"not_found": body, "found_after": found.to_json()})
+            }
             Self::Changed { first, other, .. } => {
                 json!({"first": first.to_json(), "other": other.to_json()})
             }
@@ -456,7 +472,8 @@ pub fn check(history: &History, expected: impl Fn(&str, u64) -> u64) -> Verdict 
     let mut named: Vec<Vec<&str>> = vec![Vec::new(); history.requests.len()];
     let mut forgotten: BTreeMap<usize, &Value> = BTreeMap::new();
     let mut seen: BTreeMap<&str, Vec<Observation>> = BTreeMap::new();
-    let mut not_found: BTreeMap<&str, &Value> = BTreeMap::new();
+    // The first 404 for each execution, with when it came.
+    let mut not_found: BTreeMap<&str, (Duration, &Value)> = BTreeMap::new();
     let mut events: Vec<&Event> = history.events.iter().collect();
     events.sort_by_key(|e| (e.sent, e.got));
     for e in events {
@@ -499,7 +516,7 @@ pub fn check(history: &History, expected: impl Fn(&str, u64) -> u64) -> Verdict 
                         .or_default()
                         .push(observation(false, Some(app), outcome)),
                     Polled::NotFound(body) => {
-                        not_found.entry(exec).or_insert(body);
+                        not_found.entry(exec).or_insert((e.got, body));
                     }
                     Polled::Unavailable(_) => {}
                 }
@@ -554,10 +571,15 @@ pub fn check(history: &History, expected: impl Fn(&str, u64) -> u64) -> Verdict 
         let request = &history.requests[requests[0]];
         let mut observations = seen.remove(exec).unwrap_or_default();
         observations.sort_by_key(|o| (o.got, o.sent));
-        if let Some(body) = not_found.get(exec) {
-            problems.push(Problem::Lost {
-                execution,
-                body: (*body).clone(),
+        if let Some(&(at, body)) = not_found.get(exec) {
+            let body = body.clone();
+            problems.push(match observations.iter().find(|o| o.sent >= at) {
+                Some(found) => Problem::Vanished {
+                    execution,
+                    body,
+                    found: found.clone(),
+                },
+                None => Problem::Lost { execution, body },
             });
             continue;
         }
@@ -791,6 +813,27 @@ mod tests {
         let v = check(&h, triple);
         assert_eq!(kinds(&v), vec![("lost", "e3")]);
         assert_eq!(v.problems[0].evidence(), body);
+    }
+
+    #[test]
+    fn a_404_then_an_answer_that_finds_the_execution_is_a_vanishing() {
+        let body = json!({"error": {"code": "unknown_execution"}});
+        let h = with([event(
+            220,
+            What::Poll {
+                exec: "e1".into(),
+                reply: Polled::NotFound(body.clone()),
+            },
+        )]);
+        let v = check(&h, triple);
+        assert_eq!(kinds(&v), vec![("vanished", "e1")]);
+        assert_eq!(v.problems[0].evidence()["not_found"], body);
+        assert_eq!(
+            v.problems[0].evidence()["found_after"]["sent_ms"],
+            json!(300),
+            "{}",
+            v.problems[0].evidence()
+        );
     }
 
     #[test]

@@ -174,7 +174,7 @@ pub struct Load {
     /// Why the last POST that got no reply got none.
     last_failure: Mutex<String>,
     ended: AtomicUsize,
-    lost: AtomicUsize,
+    not_found: AtomicUsize,
     events: Mutex<Vec<Event>>,
     /// Every execution named so far; each goes to one poller's inbox the first time.
     named: Mutex<BTreeSet<String>>,
@@ -204,8 +204,8 @@ pub struct Counts {
     pub executions: usize,
     /// Executions seen to end.
     pub ended: usize,
-    /// Executions the gateway answered 404 for.
-    pub lost: usize,
+    /// Executions the gateway answered 404 for (the verdict tells lost from vanished).
+    pub not_found: usize,
 }
 
 impl Load {
@@ -236,7 +236,7 @@ impl Load {
             retries: AtomicUsize::new(0),
             last_failure: Mutex::new(String::new()),
             ended: AtomicUsize::new(0),
-            lost: AtomicUsize::new(0),
+            not_found: AtomicUsize::new(0),
             events: Mutex::new(Vec::new()),
             named: Mutex::new(BTreeSet::new()),
             inboxes: (0..pollers.max(1))
@@ -258,7 +258,7 @@ impl Load {
             last_failure: lock(&self.last_failure).clone(),
             executions: lock(&self.named).len(),
             ended: self.ended.load(Ordering::Relaxed),
-            lost: self.lost.load(Ordering::Relaxed),
+            not_found: self.not_found.load(Ordering::Relaxed),
         }
     }
 
@@ -387,7 +387,7 @@ impl Load {
                     }
                     Polled::Found { .. } => {}
                     Polled::NotFound(_) => {
-                        self.lost.fetch_add(1, Ordering::Relaxed);
+                        self.not_found.fetch_add(1, Ordering::Relaxed);
                         pending.swap_remove(i);
                         continue;
                     }
