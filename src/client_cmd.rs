@@ -1,5 +1,6 @@
 //! `sand deploy`, `sand invoke`, `sand status` and `sand logs`: clients of the HTTP API.
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 use sand_gateway::token::Token;
 use serde_json::Value;
+
+use crate::render;
 
 /// Where the API is, for every client command.
 #[derive(Args, Debug)]
@@ -104,14 +107,35 @@ pub struct InvokeArgs {
     target: Target,
 }
 
-/// `sand status` and `sand logs`.
+/// `sand status`.
 #[derive(Args, Debug)]
-pub struct ExecArgs {
-    /// The execution id (without it, `status` lists the workers and apps).
+pub struct StatusArgs {
+    /// The execution id; without it, the cluster's workers and apps.
     exec: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Show the execution again as it changes, until it ends.
+    #[arg(long, requires = "exec")]
+    watch: bool,
     #[command(flatten)]
     target: Target,
 }
+
+/// `sand logs`.
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// The execution id.
+    exec: String,
+    /// Print each call as it ends, until the execution ends.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// How often `--watch` and `--follow` look again.
+const LOOK_AGAIN_EVERY: Duration = Duration::from_millis(500);
 
 /// What a deployment reported.
 #[derive(Debug)]
@@ -171,6 +195,15 @@ impl Client {
     }
 
     /// Sends a request; returns the status and the JSON body, or says why there is none.
+    /// `GET path`, which must answer 200.
+    fn get(&self, path: &str) -> Result<Value> {
+        let (status, body) = self.call(self.request("GET", path), None)?;
+        if status != 200 {
+            bail!("{path}: {status}: {}", error_text(&body));
+        }
+        Ok(body)
+    }
+
     fn call(&self, req: ureq::Request, body: Option<&[u8]>) -> Result<(u16, Value)> {
         let url = req.url().to_owned();
         let sent = match body {
@@ -282,131 +315,95 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
 }
 
 /// `sand status [EXEC]`.
-pub fn status(args: ExecArgs) -> Result<ExitCode> {
+pub fn status(args: StatusArgs) -> Result<ExitCode> {
     let client = Client::from(args.target)?;
-    let paths = match &args.exec {
-        Some(exec) => vec![format!("/v1/executions/{exec}")],
-        None => vec!["/v1/workers".to_owned(), "/v1/apps".to_owned()],
-    };
-    for path in paths {
-        let (status, body) = client.call(client.request("GET", &path), None)?;
-        if status != 200 {
-            bail!("{path}: {status}: {}", error_text(&body));
+    let Some(exec) = args.exec else {
+        let workers = client.get("/v1/workers")?;
+        let apps = client.get("/v1/apps")?;
+        if args.json {
+            out!("{}", serde_json::to_string_pretty(&workers)?);
+            out!("{}", serde_json::to_string_pretty(&apps)?);
+        } else {
+            out!("{}", render::cluster(&workers, &apps).trim_end());
         }
-        let mut body = body;
-        if let Some(calls) = body.get_mut("calls").and_then(Value::as_array_mut) {
-            for c in calls {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let path = format!("/v1/executions/{exec}");
+    let clear = args.watch && std::io::stdout().is_terminal();
+    let mut shown = String::new();
+    loop {
+        let mut body = client.get(&path)?;
+        let view = if args.json {
+            for c in body["calls"].as_array_mut().into_iter().flatten() {
                 if let Some(obj) = c.as_object_mut() {
                     obj.remove("stdout");
                     obj.remove("stderr");
                 }
             }
+            serde_json::to_string_pretty(&body)?
+        } else {
+            render::execution(&exec, &body).trim_end().to_owned()
+        };
+        // Watching, a view is shown again only when it changed; on a terminal, in place.
+        if view != shown {
+            if clear {
+                out!("\x1b[H\x1b[2J{view}");
+            } else {
+                out!("{view}");
+            }
+            shown = view;
         }
-        out!("{}", serde_json::to_string_pretty(&body)?);
+        if !args.watch || body["status"] != "running" {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(LOOK_AGAIN_EVERY);
     }
-    Ok(ExitCode::SUCCESS)
 }
 
-/// `sand logs EXEC`: the execution's calls, one block each, with what they printed.
-pub fn logs(args: ExecArgs) -> Result<ExitCode> {
-    let exec = args
-        .exec
-        .ok_or_else(|| anyhow!("which execution? `sand logs EXEC_ID`"))?;
+/// `sand logs EXEC [--follow]`: the execution's calls, one block each, with what they printed;
+/// following, each call once it has ended, until the execution ends.
+pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     let client = Client::from(args.target)?;
-    let (status, body) = client.call(
-        client.request("GET", &format!("/v1/executions/{exec}")),
-        None,
-    )?;
-    if status != 200 {
-        bail!("{status}: {}", error_text(&body));
+    let exec = args.exec;
+    let path = format!("/v1/executions/{exec}");
+    let body = client.get(&path)?;
+    out!("execution {exec} ({})", render::summary(&body));
+    if !args.follow {
+        let calls = render::calls(&body);
+        let t0 = render::origin(&calls);
+        for c in &calls {
+            out!("{}", render::call_block(c, t0).trim_end());
+        }
+        out!("{}", render::outcome(&body).trim_end());
+        return Ok(ExitCode::SUCCESS);
     }
-    out!(
-        "execution {exec} ({}): {}",
-        body["app"].as_str().unwrap_or("?"),
-        body["status"].as_str().unwrap_or("?")
-    );
-    let calls = body["calls"].as_array().cloned().unwrap_or_default();
-    let t0 = calls
-        .iter()
-        .filter_map(|c| c["dispatched_ms"].as_u64().or(c["started_ms"].as_u64()))
-        .min()
-        .unwrap_or(0);
-    for c in &calls {
-        let at = |k: &str| {
-            c[k].as_u64()
-                .map_or("-".to_owned(), |t| format!("+{}ms", t.saturating_sub(t0)))
-        };
-        out!(
-            "\n{} attempt {:x} on worker {} via {}{}: started {} ended {}{}",
-            c["grain"].as_str().unwrap_or("?"),
-            c["attempt"].as_u64().unwrap_or(0),
-            c["worker"],
-            c["via"].as_str().unwrap_or("?"),
-            if c["recovery"].as_bool() == Some(true) {
-                " (recovery)"
-            } else {
-                ""
-            },
-            at("started_ms"),
-            at("ended_ms"),
-            match c["error"].as_object() {
-                Some(e) => format!(
-                    ", failed: {}",
-                    printable(e.get("message").and_then(Value::as_str).unwrap_or("?"))
-                ),
-                None => String::new(),
-            },
-        );
-        for stream in ["stdout", "stderr"] {
-            let text = c[stream].as_str().unwrap_or_default();
-            if !text.is_empty() {
-                out!("  {stream}:");
-                for line in text.lines() {
-                    out!("    {}", printable(line));
-                }
+    let mut printed = std::collections::HashSet::new();
+    let mut t0 = None;
+    let mut body = body;
+    loop {
+        let running = body["status"] == "running";
+        let calls = render::calls(&body);
+        let zero = *t0.get_or_insert_with(|| render::origin(&calls));
+        // Once the execution has ended, its traces may still be on their way: wait a moment
+        // for the last ones, then print what there is.
+        for c in calls.iter().filter(|c| render::ended(c) || !running) {
+            if printed.insert((c["call"].to_string(), c["attempt"].to_string())) {
+                out!("{}", render::call_block(c, zero).trim_end());
             }
         }
-    }
-    // JSON escapes C0 controls in strings, but not DEL or C1 ones.
-    if let Some(out) = body.get("output") {
-        out!("\noutput: {}", printable(&out.to_string()));
-    }
-    if let Some(err) = body.get("error") {
-        out!("\nerror: {}", printable(&err.to_string()));
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `text` (what an app wrote) made safe for a terminal: control characters, which could move
-/// the cursor, rewrite earlier lines or set the window title, are shown as escapes (`\x1b`,
-/// `\u{9b}`); tab and newline stay.
-fn printable(text: &str) -> String {
-    let mut shown = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\t' | '\n' => shown.push(c),
-            c if c.is_ascii_control() => shown.push_str(&format!("\\x{:02x}", c as u32)),
-            c if c.is_control() => shown.extend(c.escape_unicode()),
-            c => shown.push(c),
+        if !running {
+            out!("\n{}", render::summary(&body));
+            out!("{}", render::outcome(&body).trim_end());
+            return Ok(ExitCode::SUCCESS);
         }
+        std::thread::sleep(LOOK_AGAIN_EVERY);
+        body = client.get(&path)?;
     }
-    shown
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_apps_output_cannot_drive_the_terminal() {
-        // Clear the screen, set the window title, a C1 CSI, a carriage return over the line.
-        let hostile = "ok\x1b[2J\x1b]0;pwned\x07\u{9b}31m\rfake\tcol\\x1b\n";
-        assert_eq!(
-            printable(hostile),
-            "ok\\x1b[2J\\x1b]0;pwned\\x07\\u{9b}31m\\x0dfake\tcol\\x1b\n"
-        );
-        assert_eq!(printable("plain text, ünïcödé"), "plain text, ünïcödé");
-    }
 
     #[test]
     fn only_a_gateway_on_this_machine_gets_the_dev_token() {

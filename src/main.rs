@@ -20,6 +20,7 @@ mod cert_cmd;
 mod check_cmd;
 mod client_cmd;
 mod fuzz_cmd;
+mod render;
 mod serve_cmd;
 
 /// sand: a serverless platform for chained functions.
@@ -42,10 +43,10 @@ enum Command {
     Deploy(client_cmd::DeployArgs),
     /// Invoke an app and print its answer.
     Invoke(client_cmd::InvokeArgs),
-    /// Show an execution, or the cluster's workers and apps.
-    Status(client_cmd::ExecArgs),
+    /// Show an execution as a table of its calls, or the cluster's workers and apps.
+    Status(client_cmd::StatusArgs),
     /// Print an execution's calls and what each printed.
-    Logs(client_cmd::ExecArgs),
+    Logs(client_cmd::LogsArgs),
     /// Model-check the protocol with stateright.
     Check(check_cmd::CheckArgs),
     /// Fuzz the protocol over random crash schedules.

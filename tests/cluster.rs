@@ -247,6 +247,29 @@ fn a_chain_and_a_fan_out_answer_correctly_and_are_traced() {
         calls.iter().any(|c| c["via"] == "local"),
         "no local hop: {status}"
     );
+
+    // What a person reads: the cluster as tables, the execution as a table of its calls, its
+    // logs; and the same execution as JSON for a script.
+    let gateway = cluster.http();
+    let tables = sand(&["status", "--gateway", gateway]);
+    for word in ["WORKER", "connected", "APP", "pipeline", "fanout"] {
+        assert!(tables.contains(word), "{word} missing from:\n{tables}");
+    }
+    let table = sand(&["status", exec, "--gateway", gateway]);
+    assert!(table.contains("fanout: succeeded"), "{table}");
+    assert!(
+        table.contains("GRAIN") && table.contains("measure"),
+        "{table}"
+    );
+    let json: Value =
+        serde_json::from_str(&sand(&["status", exec, "--json", "--gateway", gateway]))
+            .expect("status --json prints JSON");
+    assert_eq!(json["status"], "succeeded", "{json}");
+    let logs = sand(&["logs", exec, "--gateway", gateway]);
+    assert!(
+        logs.contains("total attempt") && logs.contains("output: {"),
+        "{logs}"
+    );
 }
 
 #[test]
@@ -352,10 +375,42 @@ fn start_slow_chains(cluster: &Cluster, n: i64) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// Runs `sand args` in the background; `ended` waits for it.
+fn spawn_sand(args: &[&str]) -> std::process::Child {
+    Command::new(SAND)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sand")
+}
+
+/// Waits `within` at most for a command started by `spawn_sand` to succeed; returns its stdout.
+fn ended(mut child: std::process::Child, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    while child.try_wait().expect("wait for sand").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("reap sand");
+            panic!(
+                "still running after {within:?}; it printed:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("reap sand");
+    assert!(out.status.success(), "{:?}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn a_worker_killed_mid_chain_loses_nothing() {
     let mut cluster = start(2, &["tests/apps/slow"]);
     let chains = start_slow_chains(&cluster, 12);
+    // A person follows the first chain while it runs, through the kill.
+    let (first, gateway) = (chains[0].0.as_str(), cluster.http());
+    let follow = spawn_sand(&["logs", first, "--follow", "--gateway", gateway]);
+    let watch = spawn_sand(&["status", first, "--watch", "--gateway", gateway]);
     std::thread::sleep(Duration::from_millis(250));
     cluster.kill(Host::Worker(1)).expect("kill worker 1");
     let mut recovered = 0;
@@ -370,6 +425,18 @@ fn a_worker_killed_mid_chain_loses_nothing() {
         recovered > 0,
         "no call was recovered: did worker 1 own none?"
     );
+    let followed = ended(follow, Duration::from_secs(10));
+    assert!(
+        followed.starts_with(&format!("execution {first} (slow: running)")),
+        "{followed}"
+    );
+    assert!(
+        followed.contains("slow: succeeded") && followed.contains("output: 3"),
+        "{followed}"
+    );
+    let watched = ended(watch, Duration::from_secs(10));
+    assert!(watched.contains("slow: running"), "{watched}");
+    assert!(watched.trim_end().ends_with("output: 3"), "{watched}");
 }
 
 #[test]
@@ -660,7 +727,7 @@ fn the_api_over_tls_serves_a_client_that_trusts_its_ca() {
         "{}",
         String::from_utf8_lossy(&trusted.stderr)
     );
-    assert!(String::from_utf8_lossy(&trusted.stdout).contains("\"workers\""));
+    assert!(String::from_utf8_lossy(&trusted.stdout).contains("WORKER"));
     let untrusted = status(&[]);
     assert!(
         !untrusted.status.success(),
