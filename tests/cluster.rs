@@ -375,6 +375,71 @@ fn start_slow_chains(cluster: &Cluster, n: i64) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// The Python client (`sdk/python`), installed by pip as a user would install it, runs its
+/// tests against a cluster serving the example apps: none may be skipped.
+#[test]
+fn the_python_client_installs_and_drives_a_cluster() {
+    let cluster = start(1, &["examples/pipeline", "examples/fanout"]);
+    let scratch = tempfile::tempdir().expect("a scratch directory");
+    // pip builds in the source tree: build from a copy, so the checkout stays clean.
+    let (source, site) = (scratch.path().join("src"), scratch.path().join("site"));
+    for part in ["pyproject.toml", "README.md", "sand_client", "sand_grain"] {
+        let from = repo("sdk/python").join(part);
+        if from.is_dir() {
+            cluster::copy_tree(&from, &source.join(part)).expect("copy the package");
+        } else {
+            std::fs::create_dir_all(&source).expect("mkdir");
+            std::fs::copy(&from, source.join(part)).expect("copy the package");
+        }
+    }
+    let python = Path::new("/usr/bin/python3");
+    let (source, site_dir) = (source.to_str().unwrap(), site.to_str().unwrap());
+    process::run(
+        python,
+        &[
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            site_dir,
+            source,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("pip install sdk/python: {e:#}"));
+    let tests = repo("sdk/python/tests");
+    let run = Command::new(python)
+        .args([
+            "-m",
+            "unittest",
+            "discover",
+            "-v",
+            "-s",
+            tests.to_str().unwrap(),
+        ])
+        .current_dir(&site)
+        .env("PYTHONPATH", &site)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("SAND_GATEWAY", cluster.http())
+        .env("SAND_CLIENT_LIVE", "1")
+        .env_remove("SAND_TOKEN")
+        .output()
+        .expect("run the Python client's tests");
+    let report = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{report}");
+    assert!(
+        report.contains("\nOK\n") && !report.contains("skipped"),
+        "{report}"
+    );
+    assert!(
+        report.contains("test_a_chain_and_a_fan_out_answer"),
+        "{report}"
+    );
+}
+
 /// Runs `sand args` in the background; `ended` waits for it.
 fn spawn_sand(args: &[&str]) -> std::process::Child {
     Command::new(SAND)

@@ -582,7 +582,7 @@ fn freeze(pid: u32) -> Result<std::collections::BTreeSet<u32>> {
 }
 
 /// Copies the directories and regular files under `from` to `to`.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
