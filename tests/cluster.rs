@@ -440,6 +440,58 @@ fn the_python_client_installs_and_drives_a_cluster() {
     );
 }
 
+/// The Rust example app (`examples/fanout-rust`), deployed as its README says with the binaries
+/// `cargo test --workspace` builds, answers as the Python `fanout` does.
+#[test]
+fn the_rust_example_app_answers_like_the_python_one() {
+    let app = tempfile::tempdir().expect("a scratch directory");
+    std::fs::copy(
+        repo("examples/fanout-rust/sand.toml"),
+        app.path().join("sand.toml"),
+    )
+    .expect("copy the manifest");
+    std::fs::create_dir(app.path().join("bin")).expect("mkdir bin");
+    for grain in ["fanout-split", "fanout-measure", "fanout-total"] {
+        let built = Path::new(SAND).with_file_name(grain);
+        assert!(
+            built.exists(),
+            "{} is not built: cargo build --release -p sand-example-fanout-rust (cargo test \
+             --workspace --release builds it)",
+            built.display()
+        );
+        std::fs::copy(&built, app.path().join("bin").join(grain)).expect("copy a grain");
+    }
+    let cluster = start(1, &[]);
+    sand(&[
+        "deploy",
+        app.path().to_str().unwrap(),
+        "--gateway",
+        cluster.http(),
+    ]);
+    let (code, body) = cluster.invoke("fanout-rust", "\"serverless chained functions\"", "");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["output"],
+        serde_json::json!({"words": 3, "letters": 26})
+    );
+    let (code, body) = cluster.invoke("fanout-rust", "\"\"", "");
+    assert_eq!(
+        (code, &body["output"]),
+        (200, &serde_json::json!({"words": 0, "letters": 0})),
+        "{body}"
+    );
+    let (code, body) = cluster.invoke("fanout-rust", "7", "");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["error"]["kind"], "Raised", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("split takes a JSON string"),
+        "{body}"
+    );
+}
+
 /// Runs `sand args` in the background; `ended` waits for it.
 fn spawn_sand(args: &[&str]) -> std::process::Child {
     Command::new(SAND)
@@ -523,7 +575,7 @@ fn a_gateway_killed_and_restarted_finishes_every_accepted_execution() {
 
 #[test]
 fn an_exec_grain_runs_in_its_sandbox_and_chains_to_python() {
-    let cluster = start(1, &["tests/apps/shell"]);
+    let cluster = start(1, &["examples/shell"]);
     // The shell script reads its input on stdin, writes its result on stdout, and runs in the
     // app's sandbox, whose hostname is the app's name.
     let (code, body) = cluster.invoke("shell", "\"hello sand\"", "");
@@ -1111,7 +1163,7 @@ fn bundle_dir(cluster: &Cluster, app: &str) -> PathBuf {
 /// gateway refuses each at deploy, naming the key, the value and the flag that would allow it.
 #[test]
 fn an_app_cannot_name_a_host_interpreter_or_grant_itself_network() {
-    let cluster = start(1, &["tests/apps/shell"]);
+    let cluster = start(1, &["examples/shell"]);
     assert_eq!(cluster.invoke("shell", "\"x\"", "").0, 200);
     let other_bundle = bundle_dir(&cluster, "shell");
     let gateway_dir = cluster.dir().join("gateway");
@@ -1144,7 +1196,7 @@ fn an_app_cannot_name_a_host_interpreter_or_grant_itself_network() {
 /// mount's root is its path in the source file system.)
 #[test]
 fn a_sandboxed_grain_sees_no_host_data_directory() {
-    let cluster = start(1, &["tests/apps/shell"]);
+    let cluster = start(1, &["examples/shell"]);
     assert_eq!(cluster.invoke("shell", "\"x\"", "").0, 200);
     let code = r#"
 import os, sys
