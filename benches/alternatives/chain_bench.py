@@ -133,7 +133,10 @@ def measure_latency(run_chain, runs, warmup):
 
 def summarize(samples_ms, warmup):
     """Median, p99 (inclusive quantile), mean, min and max of the samples, and the samples
-    themselves in the order they were taken (for merging rounds), in ms."""
+    themselves in the order they were taken (for merging rounds), in ms. The samples are
+    rounded to 0.1 µs first and every figure is computed from them, so that the figures of a
+    report agree with its samples (rounding twice would not)."""
+    samples_ms = [round(sample, 4) for sample in samples_ms]
     p99 = (statistics.quantiles(samples_ms, n=100, method="inclusive")[98]
            if len(samples_ms) > 1 else samples_ms[0])
     return {
@@ -144,7 +147,7 @@ def summarize(samples_ms, warmup):
         "mean": round(statistics.fmean(samples_ms), 3),
         "min": round(min(samples_ms), 3),
         "max": round(max(samples_ms), 3),
-        "samples": [round(sample, 4) for sample in samples_ms],
+        "samples": samples_ms,
     }
 
 

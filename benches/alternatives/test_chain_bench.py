@@ -90,6 +90,12 @@ class LatencyTest(unittest.TestCase):
         report = json.loads(json.dumps({"latency_ms": summary}))
         self.assertEqual(report["latency_ms"]["samples"], samples)
 
+    def test_the_figures_agree_with_the_samples_kept(self):
+        # 1.07151 rounds to 1.072, but its kept sample 1.0715 rounds to 1.071.
+        summary = chain_bench.summarize([1.07151, 4.0], warmup=0)
+        self.assertEqual(summary["samples"], [1.0715, 4.0])
+        self.assertEqual(summary["min"], round(min(summary["samples"]), 3))
+
     def test_summary_statistics(self):
         summary = chain_bench.summarize([float(v) for v in range(1, 101)], warmup=0)
         self.assertEqual(summary["median"], 50.5)
