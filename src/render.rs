@@ -228,7 +228,7 @@ mod tests {
             "call": "00000000000000aa", "grain": grain, "attempt": 4_294_967_296u64,
             "worker": 2, "via": "local", "reason": "local", "recovery": recovery,
             "dispatched_ms": null, "started_ms": started, "ended_ms": started + 3,
-            "error": error.map(|m| json!({"kind": "Raised", "message": m})),
+            "error": error.map(|m| json!({"kind": "raised", "message": m})),
             "stdout": "", "stderr": "",
         })
     }
@@ -260,7 +260,7 @@ mod tests {
         let evil = "boom\x1b[2J\u{9b}31m and then some more words to be cut off at sixty chars";
         let body = json!({
             "app": "a", "status": "failed",
-            "error": {"kind": "Raised", "message": evil},
+            "error": {"kind": "raised", "message": evil},
             "calls": [call("g", 5, false, Some(evil))],
         });
         let shown = execution("e", &body);

@@ -482,7 +482,7 @@ fn the_rust_example_app_answers_like_the_python_one() {
     );
     let (code, body) = cluster.invoke("fanout-rust", "7", "");
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body["error"]["kind"], "Raised", "{body}");
+    assert_eq!(body["error"]["kind"], "raised", "{body}");
     assert!(
         body["error"]["message"]
             .as_str()
@@ -588,7 +588,7 @@ fn an_exec_grain_runs_in_its_sandbox_and_chains_to_python() {
     // Its own error document, on a non-zero exit, is the execution's error.
     let (code, body) = cluster.invoke("shell", "[1, 2]", "");
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body["error"]["kind"], "Raised", "{body}");
+    assert_eq!(body["error"]["kind"], "raised", "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("shout takes a JSON string"), "{body}");
 }
@@ -604,7 +604,7 @@ fn a_memory_hog_is_killed_with_a_clear_error() {
     );
     let (code, body) = cluster.invoke("hog", "300", "");
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body["error"]["kind"], "OutOfMemory", "{body}");
+    assert_eq!(body["error"]["kind"], "out_of_memory", "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("out of memory") && message.contains("64 MiB"),

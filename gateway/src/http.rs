@@ -547,7 +547,7 @@ fn answered(reference: &str, answer: &Answer) -> Value {
         }
         Answer::Error(e) => json!({
             "execution": reference,
-            "error": {"kind": format!("{:?}", e.kind), "message": e.message},
+            "error": {"kind": e.kind, "message": e.message},
         }),
     }
 }

@@ -142,3 +142,58 @@ impl TraceBook {
         self.notes.retain(|(e, _, _), _| *e != exec);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use sand_protocol::wire::ErrorKind;
+
+    #[test]
+    fn error_kinds_are_snake_case_and_old_traces_still_read() {
+        let trace = CallTrace {
+            call: "00000000000000aa".into(),
+            grain: "g".into(),
+            attempt: 1,
+            worker: 1,
+            via: "local".into(),
+            reason: "local".into(),
+            recovery: false,
+            dispatched_ms: None,
+            started_ms: Some(1),
+            ended_ms: Some(2),
+            error: Some(GrainError::new(ErrorKind::OutOfMemory, "killed")),
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+        let json = serde_json::to_value(&trace).unwrap();
+        assert_eq!(json["error"]["kind"], "out_of_memory");
+        // A trace stored before the names were snake_case.
+        let mut old = json;
+        old["error"]["kind"] = "OutOfMemory".into();
+        let read: CallTrace = serde_json::from_value(old).unwrap();
+        assert_eq!(read.error.unwrap().kind, ErrorKind::OutOfMemory);
+        let names: Vec<serde_json::Value> = [
+            ErrorKind::Raised,
+            ErrorKind::Crashed,
+            ErrorKind::Timeout,
+            ErrorKind::BadOutput,
+            ErrorKind::Unavailable,
+            ErrorKind::Budget,
+        ]
+        .iter()
+        .map(|k| serde_json::to_value(k).unwrap())
+        .collect();
+        assert_eq!(
+            names,
+            [
+                "raised",
+                "crashed",
+                "timeout",
+                "bad_output",
+                "unavailable",
+                "budget"
+            ]
+        );
+    }
+}

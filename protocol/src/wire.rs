@@ -207,23 +207,34 @@ impl Effects {
     }
 }
 
-/// Why an attempt failed.
+/// Why an attempt failed. Named in JSON (the HTTP API, traces) in snake_case, a stable
+/// contract: `raised`, `crashed`, `timeout`, `out_of_memory`, `bad_output`, `unavailable`,
+/// `budget`. The binary wire numbers the variants; new ones go last. Traces written before
+/// the names were snake_case still read (the aliases).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The handler raised an error.
+    #[serde(alias = "Raised")]
     Raised,
     /// The instance died without answering (a signal, an exit).
+    #[serde(alias = "Crashed")]
     Crashed,
     /// The instance ran past the grain's timeout and was killed.
+    #[serde(alias = "Timeout")]
     Timeout,
     /// The instance was killed for exceeding its memory limit.
+    #[serde(alias = "OutOfMemory")]
     OutOfMemory,
     /// The handler's output could not be understood (not JSON, too large, a bad `next`).
+    #[serde(alias = "BadOutput")]
     BadOutput,
     /// The grain or app is not deployed, or the platform could not run it.
+    #[serde(alias = "Unavailable")]
     Unavailable,
     /// The execution went past its budget of calls or of fan-out depth (set by the operator):
     /// it ends at once, without retries.
+    #[serde(alias = "Budget")]
     Budget,
 }
 

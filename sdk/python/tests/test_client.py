@@ -79,11 +79,11 @@ class WhatTheClientSends(unittest.TestCase):
         with self.assertRaises(StillRunning) as ran_out:
             self.sand.invoke("pipeline", 1)
         self.assertEqual(ran_out.exception.execution, "e3")
-        failure = {"execution": "e4", "error": {"kind": "Raised", "message": "ValueError: no"}}
+        failure = {"execution": "e4", "error": {"kind": "raised", "message": "ValueError: no"}}
         StandIn.answers.append((200, failure))
         with self.assertRaises(GrainFailed) as failed:
             self.sand.invoke("pipeline", 1)
-        self.assertEqual((failed.exception.kind, failed.exception.message), ("Raised", "ValueError: no"))
+        self.assertEqual((failed.exception.kind, failed.exception.message), ("raised", "ValueError: no"))
 
     def test_a_refusal_carries_its_status_and_code(self):
         StandIn.answers.append((404, {"error": {"code": "unknown_app", "message": "no app x"}}))

@@ -859,7 +859,7 @@ mod tests {
     fn an_outcome_that_changes_across_gateway_lives_is_caught() {
         let mut later = event(
             2000,
-            poll("e1", "a", Outcome::Failed(json!({"kind": "Lost"}))),
+            poll("e1", "a", Outcome::Failed(json!({"kind": "unavailable"}))),
         );
         later.life = Some(2);
         let v = check(&with([later]), triple);
@@ -896,7 +896,7 @@ mod tests {
             .retain(|e| !matches!(&e.what, What::Poll { exec, .. } if exec == "e1"));
         h.events.push(event(
             1000,
-            poll("e1", "a", Outcome::Failed(json!({"kind": "Timeout"}))),
+            poll("e1", "a", Outcome::Failed(json!({"kind": "timeout"}))),
         ));
         for e in &mut h.events {
             if let What::Post {
@@ -977,10 +977,10 @@ mod tests {
         assert_eq!(Outcome::of_status(&running), Outcome::Running);
         let done = json!({"status": "succeeded", "output": 4});
         assert_eq!(Outcome::of_status(&done), ok(4));
-        let failed = json!({"status": "failed", "error": {"kind": "Grain"}});
+        let failed = json!({"status": "failed", "error": {"kind": "raised"}});
         assert_eq!(
             Outcome::of_status(&failed),
-            Outcome::Failed(json!({"kind": "Grain"}))
+            Outcome::Failed(json!({"kind": "raised"}))
         );
         let odd = json!({"status": "paused"});
         assert_eq!(Outcome::of_status(&odd), Outcome::Failed(odd.clone()));
@@ -989,8 +989,8 @@ mod tests {
             ok(4)
         );
         assert_eq!(
-            Outcome::of_answer(&json!({"execution": "e", "error": {"kind": "Grain"}})),
-            Outcome::Failed(json!({"kind": "Grain"}))
+            Outcome::of_answer(&json!({"execution": "e", "error": {"kind": "raised"}})),
+            Outcome::Failed(json!({"kind": "raised"}))
         );
     }
 }
