@@ -248,9 +248,13 @@ class Client:
             request.add_header("Authorization", f"Bearer {self._token}")
         try:
             with urllib.request.urlopen(request, timeout=timeout, context=self._tls) as reply:
-                return reply.status, json.load(reply)
+                status, text = reply.status, reply.read()
         except urllib.error.HTTPError as e:
             raise _api_error(e) from None
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            raise ApiError(status, "bad_answer", f"the gateway's answer is not JSON: {text[:200]!r}") from None
 
 
 def _api_error(e: urllib.error.HTTPError) -> ApiError:

@@ -30,7 +30,7 @@ class StandIn(http.server.BaseHTTPRequestHandler):
     def _answer(self, body):
         StandIn.seen.append((self.command, self.path, dict(self.headers), body))
         status, reply = StandIn.answers.pop(0)
-        data = json.dumps(reply).encode()
+        data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -90,6 +90,13 @@ class WhatTheClientSends(unittest.TestCase):
         with self.assertRaises(ApiError) as refused:
             self.sand.invoke("x", 1)
         self.assertEqual((refused.exception.status, refused.exception.code), (404, "unknown_app"))
+
+    def test_an_answer_that_is_not_json_is_a_clear_error(self):
+        StandIn.answers.append((200, b"<html>a proxy's page</html>"))
+        with self.assertRaises(ApiError) as garbled:
+            self.sand.invoke("pipeline", 1)
+        self.assertEqual((garbled.exception.status, garbled.exception.code), (200, "bad_answer"))
+        self.assertIn("not JSON", garbled.exception.message)
 
     def test_a_name_cannot_reach_another_route(self):
         StandIn.answers.append((404, {"error": {"code": "unknown_app", "message": "?"}}))
