@@ -92,6 +92,17 @@ pub enum Command {
         /// Its record, or `None` if unknown.
         reply: oneshot::Sender<Option<ExecRecord>>,
     },
+    /// List executions as the disk holds them, newest first.
+    Executions {
+        /// Only those with ids below this one (the last of the page before).
+        before: Option<ExecId>,
+        /// Only this app's.
+        app: Option<AppName>,
+        /// At most this many.
+        limit: usize,
+        /// Each execution's summary.
+        reply: oneshot::Sender<Vec<ExecSummary>>,
+    },
     /// List the deployed apps, as the disk holds them.
     Apps {
         /// Each app's spec and bundle digest.
@@ -114,6 +125,39 @@ pub struct Run {
     /// Fires once the acceptance is durable: wait for it before giving the client the
     /// execution's id without its answer.
     pub accepted: oneshot::Receiver<Result<Invoked, InvokeError>>,
+}
+
+/// An execution as a list shows it: where it stands, not its output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecSummary {
+    /// The execution.
+    pub exec: ExecId,
+    /// The app invoked.
+    pub app: AppName,
+    /// When it was accepted, in ms since the Unix epoch.
+    pub accepted_ms: u64,
+    /// When it ended, if it has.
+    pub ended_ms: Option<u64>,
+    /// Running, or whether its answer is a value (`Some(true)`) or an error.
+    pub succeeded: Option<bool>,
+    /// The calls it has made so far, its entry call included.
+    pub calls: u32,
+}
+
+impl From<&ExecRecord> for ExecSummary {
+    fn from(r: &ExecRecord) -> Self {
+        Self {
+            exec: r.exec,
+            app: r.app.clone(),
+            accepted_ms: r.accepted.as_millis(),
+            ended_ms: r.ended.map(Time::as_millis),
+            succeeded: match &r.status {
+                ExecStatus::Running => None,
+                ExecStatus::Done(answer) => Some(matches!(answer, Answer::Value(_))),
+            },
+            calls: r.calls,
+        }
+    }
 }
 
 /// What the API shows of a worker.
@@ -347,6 +391,21 @@ impl Core {
             }
             Command::Execution { exec, reply } => {
                 let _ = reply.send(self.gq.execution(exec).cloned());
+            }
+            Command::Executions {
+                before,
+                app,
+                limit,
+                reply,
+            } => {
+                let listed = self
+                    .gq
+                    .executions(before)
+                    .filter(|r| app.as_ref().is_none_or(|app| r.app == *app))
+                    .take(limit)
+                    .map(ExecSummary::from)
+                    .collect();
+                let _ = reply.send(listed);
             }
             Command::Apps { reply } => {
                 let apps = self

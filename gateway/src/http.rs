@@ -5,6 +5,7 @@
 //! | `PUT /v1/apps/{app}` | deploy or replace, body: the app directory as a gzip'd tar |
 //! | `GET /v1/apps`, `DELETE /v1/apps/{app}` | list, remove |
 //! | `POST /v1/apps/{app}/invoke[?wait=S][&async=true]` | run, body: the entry grain's JSON input |
+//! | `GET /v1/executions[?app=A][&before=REF][&limit=N]` | recent executions, newest first |
 //! | `GET /v1/executions/{id}` | status, output or error, and the trace of every call |
 //! | `GET /v1/workers`, `GET /healthz`, `GET /metrics` | cluster, liveness, Prometheus |
 //!
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -39,7 +40,7 @@ use sand_protocol::ids::{AppName, ExecId};
 use sand_protocol::wire::{AppBundle, Payload, PAYLOAD_BYTES_MAX};
 use serde_json::{json, Value};
 
-use crate::core::{Command, CoreHandle, CoreStopped};
+use crate::core::{Command, CoreHandle, CoreStopped, ExecSummary};
 use crate::exec_ref::{ExecRefs, RefError};
 use crate::metrics::{Metrics, Status};
 use crate::store::Store;
@@ -125,6 +126,7 @@ pub fn router(api: Api) -> Router {
         .route("/apps", get(list_apps))
         .route("/apps/{app}", put(deploy).delete(remove))
         .route("/apps/{app}/invoke", post(invoke))
+        .route("/executions", get(executions))
         .route("/executions/{id}", get(execution))
         .route("/workers", get(workers))
         .layer(middleware::from_fn_with_state(api.clone(), authorize));
@@ -588,6 +590,76 @@ async fn execution(State(api): State<Api>, Path(id): Path<String>) -> ApiResult 
     body["app"] = record.app.as_str().into();
     body["calls"] = serde_json::to_value(calls).unwrap_or_default();
     Ok(Json(body).into_response())
+}
+
+/// The most executions one page of `GET /v1/executions` lists.
+pub const LIST_LIMIT_MAX: usize = 100;
+/// The executions a page lists when the query names no limit.
+pub const LIST_LIMIT_DEFAULT: usize = 20;
+
+/// The query of `GET /v1/executions`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Only this app's executions.
+    app: Option<String>,
+    /// Only executions older than this one: the `next` of the page before.
+    before: Option<String>,
+    /// At most this many.
+    limit: Option<usize>,
+}
+
+async fn executions(
+    State(api): State<Api>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let app = q.app.as_deref().map(app_name).transpose()?;
+    let before = match &q.before {
+        None => None,
+        Some(r) => Some(
+            api.refs
+                .resolve(r)
+                .map_err(|e| ApiError::bad_request("bad_query", format!("before={r}: {e}")))?,
+        ),
+    };
+    let limit = q.limit.unwrap_or(LIST_LIMIT_DEFAULT);
+    if !(1..=LIST_LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!("limit={limit}: want 1 to {LIST_LIMIT_MAX}"),
+        ));
+    }
+    let listed = api
+        .core
+        .ask(|reply| Command::Executions {
+            before,
+            app,
+            limit,
+            reply,
+        })
+        .await?;
+    let next = (listed.len() == limit)
+        .then(|| listed.last().map(|e| api.refs.present(e.exec)))
+        .flatten();
+    let executions: Vec<Value> = listed.iter().map(|e| summary(&api.refs, e)).collect();
+    Ok(Json(json!({"executions": executions, "next": next})).into_response())
+}
+
+fn summary(refs: &ExecRefs, e: &ExecSummary) -> Value {
+    let status = match e.succeeded {
+        None => "running",
+        Some(true) => "succeeded",
+        Some(false) => "failed",
+    };
+    json!({
+        "execution": refs.present(e.exec),
+        "app": e.app.as_str(),
+        "status": status,
+        "accepted_ms": e.accepted_ms,
+        "ended_ms": e.ended_ms,
+        "calls": e.calls,
+    })
 }
 
 async fn workers(State(api): State<Api>) -> ApiResult {

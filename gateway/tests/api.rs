@@ -153,3 +153,56 @@ async fn a_key_reused_with_another_input_is_a_422() {
     let reference = first["execution"].as_str().unwrap();
     assert!(message.contains(reference), "{message}");
 }
+
+async fn list(router: &Router, query: &str) -> (StatusCode, Value) {
+    let req = Request::get(format!("/v1/executions{query}")).header("host", "localhost");
+    call(router, req.body(Body::empty()).unwrap()).await
+}
+
+#[tokio::test]
+async fn executions_are_listed_newest_first_a_page_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _net) = api(dir.path()).await;
+    let mut refs = Vec::new();
+    for input in ["1", "2", "3"] {
+        let (status, body) = invoke(&router, input, None).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        refs.push(body["execution"].as_str().unwrap().to_owned());
+    }
+    let listed = |body: &Value| -> Vec<String> {
+        let page = body["executions"].as_array().unwrap();
+        page.iter()
+            .map(|e| e["execution"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (status, body) = list(&router, "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        listed(&body),
+        [refs[2].clone(), refs[1].clone(), refs[0].clone()]
+    );
+    assert_eq!(body["next"], Value::Null, "the last page");
+    assert_eq!(body["executions"][0]["status"], "running");
+    assert_eq!(body["executions"][0]["app"], "one");
+
+    let (_, body) = list(&router, "?limit=2&app=one").await;
+    assert_eq!(listed(&body), [refs[2].clone(), refs[1].clone()]);
+    let next = body["next"].as_str().unwrap().to_owned();
+    assert_eq!(next, refs[1]);
+    let (_, body) = list(&router, &format!("?limit=2&before={next}")).await;
+    assert_eq!(listed(&body), [refs[0].clone()]);
+    let (_, body) = list(&router, "?app=other").await;
+    assert_eq!(listed(&body), Vec::<String>::new());
+
+    for bad in [
+        "?limit=0",
+        "?limit=101",
+        "?limit=x",
+        "?colour=red",
+        "?before=0001",
+    ] {
+        let (status, body) = list(&router, bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "bad_query", "{bad}");
+    }
+}

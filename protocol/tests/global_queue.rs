@@ -346,6 +346,37 @@ fn a_look_up_shows_what_the_disk_holds_while_later_batches_are_written() {
 }
 
 #[test]
+fn executions_are_listed_newest_first_as_the_disk_holds_them() {
+    let mut t = Gq::new();
+    t.hello(W0, I1);
+    let ids: Vec<ExecId> = (0..3).map(|i| t.invoke(&i.to_string()).0).collect();
+    t.persist();
+    // The fourth's acceptance is not durable yet: no client was told of it.
+    let (fourth, _) = t.invoke("3");
+    let listed = |t: &Gq, before, limit| -> Vec<ExecId> {
+        t.gq.executions(before)
+            .take(limit)
+            .map(|e| e.exec)
+            .collect()
+    };
+    assert_eq!(listed(&t, None, 10), vec![ids[2], ids[1], ids[0]]);
+    assert_eq!(listed(&t, None, 2), vec![ids[2], ids[1]]);
+    assert_eq!(listed(&t, Some(ids[1]), 10), vec![ids[0]]);
+    assert_eq!(listed(&t, Some(ids[0]), 10), vec![]);
+    t.persist();
+    assert_eq!(listed(&t, None, 1), vec![fourth]);
+    assert_eq!(listed(&t, None, 10), vec![fourth, ids[2], ids[1], ids[0]]);
+    // An answer being written: the execution is listed once, running, as the disk holds it.
+    let report = done(ids[0], ids[0].root_call(), first(), returns("42"));
+    assert_eq!(t.progress(W0, 1, vec![report]), vec![]);
+    assert_eq!(listed(&t, None, 10), vec![fourth, ids[2], ids[1], ids[0]]);
+    let status = |t: &Gq| t.gq.executions(None).nth(3).map(|e| e.status.clone());
+    assert_eq!(status(&t), Some(ExecStatus::Running));
+    t.persist();
+    assert!(matches!(status(&t), Some(ExecStatus::Done(_))));
+}
+
+#[test]
 fn an_unknown_app_or_an_oversize_input_is_refused() {
     let mut t = Gq::new();
     let nope = AppName::new("nope").unwrap();

@@ -15,6 +15,7 @@
 mod gate;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
 use std::time::Duration;
 
 use self::gate::Gate;
@@ -505,6 +506,34 @@ impl GlobalQueue {
             return self.state.execs.get(&exec);
         }
         self.unsynced.view(&exec, &self.state.execs)
+    }
+
+    /// The executions a client may see (what the disk holds) with ids below `before`, newest
+    /// (highest id) first.
+    pub fn executions(&self, before: Option<ExecId>) -> impl Iterator<Item = &ExecRecord> + '_ {
+        let range = (
+            Bound::Unbounded,
+            before.map_or(Bound::Unbounded, Bound::Excluded),
+        );
+        let mut live = self
+            .state
+            .execs
+            .range(range)
+            .map(|(e, _)| *e)
+            .rev()
+            .peekable();
+        let mut unsynced = self.unsynced.range(range).rev().peekable();
+        // Both run newest first; an id in both comes once.
+        let ids = std::iter::from_fn(move || match (live.peek(), unsynced.peek()) {
+            (Some(l), Some(u)) if l == u => {
+                unsynced.next();
+                live.next()
+            }
+            (Some(l), Some(u)) if l < u => unsynced.next(),
+            (Some(_), _) => live.next(),
+            (None, _) => unsynced.next(),
+        });
+        ids.filter_map(|exec| self.execution(exec))
     }
 
     /// The deployed apps as a client may see them: what the disk holds.
@@ -1294,6 +1323,10 @@ impl<K: Ord + Clone, V: Clone> OnDisk<K, V> {
 
     fn keys(&self) -> impl Iterator<Item = &K> {
         self.0.keys()
+    }
+
+    fn range(&self, range: (Bound<K>, Bound<K>)) -> impl DoubleEndedIterator<Item = K> + '_ {
+        self.0.range(range).map(|(k, _)| k.clone())
     }
 }
 
