@@ -10,7 +10,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
+use sand_api::{Accepted, Answer, App, Apps, ErrorBody, Execution, Status, Workers};
 use sand_gateway::token::Token;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::render;
@@ -137,17 +139,6 @@ pub struct LogsArgs {
 /// How often `--watch` and `--follow` look again.
 const LOOK_AGAIN_EVERY: Duration = Duration::from_millis(500);
 
-/// What a deployment reported.
-#[derive(Debug)]
-pub struct Deployed {
-    /// The app.
-    pub app: String,
-    /// How many grains it has.
-    pub grains: usize,
-    /// Its entry grain.
-    pub entry: String,
-}
-
 /// A client of one gateway's API.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -194,17 +185,17 @@ impl Client {
         }
     }
 
-    /// Sends a request; returns the status and the JSON body, or says why there is none.
-    /// `GET path`, which must answer 200.
-    fn get(&self, path: &str) -> Result<Value> {
-        let (status, body) = self.call(self.request("GET", path), None)?;
-        if status != 200 {
-            bail!("{path}: {status}: {}", error_text(&body));
+    /// `GET path`, which must answer 200 with a `T`.
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let answer = self.call(self.request("GET", path), None)?;
+        if answer.status != 200 {
+            return Err(answer.refused(path));
         }
-        Ok(body)
+        answer.parse()
     }
 
-    fn call(&self, req: ureq::Request, body: Option<&[u8]>) -> Result<(u16, Value)> {
+    /// Sends a request; returns its answer, or says why there is none.
+    fn call(&self, req: ureq::Request, body: Option<&[u8]>) -> Result<Answered> {
         let url = req.url().to_owned();
         let sent = match body {
             Some(b) => req.send_bytes(b),
@@ -218,27 +209,48 @@ impl Client {
         let text = response
             .into_string()
             .with_context(|| format!("reading the answer of {url}"))?;
-        let value = serde_json::from_str(&text)
-            .with_context(|| format!("{url} answered {status} with non-JSON: {text:.200}"))?;
-        Ok((status, value))
+        Ok(Answered { url, status, text })
     }
 
     /// Packs and deploys the app in `dir`.
-    pub fn deploy(&self, dir: &Path) -> Result<Deployed> {
+    pub fn deploy(&self, dir: &Path) -> Result<App> {
         let manifest = sand_app::Manifest::load(dir)?;
         let bundle = sand_app::pack(dir)?;
         let req = self
             .request("PUT", &format!("/v1/apps/{}", manifest.name))
             .set("Content-Type", "application/gzip");
-        let (status, body) = self.call(req, Some(&bundle))?;
-        if status != 200 {
-            bail!("deploy refused ({status}): {}", error_text(&body));
+        let answer = self.call(req, Some(&bundle))?;
+        if answer.status != 200 {
+            return Err(answer.refused("deploy refused"));
         }
-        Ok(Deployed {
-            app: manifest.name.to_string(),
-            grains: body["grains"].as_array().map_or(0, Vec::len),
-            entry: body["entry"].as_str().unwrap_or_default().to_owned(),
+        answer.parse()
+    }
+}
+
+/// An answer of the API, not yet read as any type.
+struct Answered {
+    url: String,
+    status: u16,
+    text: String,
+}
+
+impl Answered {
+    /// The body as the API's `T`.
+    fn parse<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_str(&self.text).with_context(|| {
+            format!(
+                "{} answered {} with something else than this client knows: {:.200}",
+                self.url, self.status, self.text
+            )
         })
+    }
+
+    /// The API's refusal of `what`, said: its message, or the body if it is not an error.
+    fn refused(&self, what: &str) -> anyhow::Error {
+        match serde_json::from_str::<ErrorBody>(&self.text) {
+            Ok(e) => anyhow!("{what} ({}): {}", self.status, e.error.message),
+            Err(_) => anyhow!("{what} ({}): {:.200}", self.status, self.text),
+        }
     }
 }
 
@@ -265,17 +277,15 @@ fn trusting(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(config))
 }
 
-fn error_text(body: &Value) -> String {
-    match body["error"]["message"].as_str() {
-        Some(m) => m.to_owned(),
-        None => body.to_string(),
-    }
-}
-
 /// `sand deploy DIR`.
 pub fn deploy(args: DeployArgs) -> Result<ExitCode> {
     let d = Client::from(args.target)?.deploy(&args.dir)?;
-    out!("deployed {}: {} grains, entry {}", d.app, d.grains, d.entry);
+    out!(
+        "deployed {}: {} grains, entry {}",
+        d.app,
+        d.grains.len(),
+        d.entry
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -296,21 +306,23 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
     if let Some(key) = &args.idempotency_key {
         req = req.set("Idempotency-Key", key);
     }
-    let (status, body) = client.call(req, Some(input.as_bytes()))?;
-    match status {
-        200 if body.get("error").is_some() => {
-            out!("{}", serde_json::to_string_pretty(&body)?);
-            Ok(ExitCode::from(1))
-        }
+    let answer = client.call(req, Some(input.as_bytes()))?;
+    match answer.status {
         200 => {
-            out!("{}", body["output"]);
-            Ok(ExitCode::SUCCESS)
+            let body: Answer = answer.parse()?;
+            if body.status == Status::Succeeded {
+                out!("{}", body.output.unwrap_or_default());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                out!("{}", serde_json::to_string_pretty(&body)?);
+                Ok(ExitCode::from(1))
+            }
         }
         202 => {
-            out!("{}", body["execution"].as_str().unwrap_or_default());
+            out!("{}", answer.parse::<Accepted>()?.execution);
             Ok(ExitCode::SUCCESS)
         }
-        _ => bail!("invoke refused ({status}): {}", error_text(&body)),
+        _ => Err(answer.refused("invoke refused")),
     }
 }
 
@@ -318,13 +330,16 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     let client = Client::from(args.target)?;
     let Some(exec) = args.exec else {
-        let workers = client.get("/v1/workers")?;
-        let apps = client.get("/v1/apps")?;
+        let workers: Workers = client.get("/v1/workers")?;
+        let apps: Apps = client.get("/v1/apps")?;
         if args.json {
             out!("{}", serde_json::to_string_pretty(&workers)?);
             out!("{}", serde_json::to_string_pretty(&apps)?);
         } else {
-            out!("{}", render::cluster(&workers, &apps).trim_end());
+            out!(
+                "{}",
+                render::cluster(&workers.workers, &apps.apps).trim_end()
+            );
         }
         return Ok(ExitCode::SUCCESS);
     };
@@ -332,8 +347,9 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
     let clear = args.watch && std::io::stdout().is_terminal();
     let mut shown = String::new();
     loop {
-        let mut body = client.get(&path)?;
+        let body: Execution = client.get(&path)?;
         let view = if args.json {
+            let mut body = serde_json::to_value(&body)?;
             for c in body["calls"].as_array_mut().into_iter().flatten() {
                 if let Some(obj) = c.as_object_mut() {
                     obj.remove("stdout");
@@ -342,7 +358,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
             }
             serde_json::to_string_pretty(&body)?
         } else {
-            render::execution(&exec, &body).trim_end().to_owned()
+            render::execution(&body).trim_end().to_owned()
         };
         // Watching, a view is shown again only when it changed; on a terminal, in place.
         if view != shown {
@@ -353,7 +369,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
             }
             shown = view;
         }
-        if !args.watch || body["status"] != "running" {
+        if !args.watch || body.status != Status::Running {
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(LOOK_AGAIN_EVERY);
@@ -366,12 +382,11 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     let client = Client::from(args.target)?;
     let exec = args.exec;
     let path = format!("/v1/executions/{exec}");
-    let body = client.get(&path)?;
+    let body: Execution = client.get(&path)?;
     out!("execution {exec} ({})", render::summary(&body));
     if !args.follow {
-        let calls = render::calls(&body);
-        let t0 = render::origin(&calls);
-        for c in &calls {
+        let t0 = render::origin(&body.calls);
+        for c in &body.calls {
             out!("{}", render::call_block(c, t0).trim_end());
         }
         out!("{}", render::outcome(&body).trim_end());
@@ -381,13 +396,12 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
     let mut t0 = None;
     let mut body = body;
     loop {
-        let running = body["status"] == "running";
-        let calls = render::calls(&body);
-        let zero = *t0.get_or_insert_with(|| render::origin(&calls));
+        let running = body.status == Status::Running;
+        let zero = *t0.get_or_insert_with(|| render::origin(&body.calls));
         // Once the execution has ended, its traces may still be on their way: wait a moment
         // for the last ones, then print what there is.
-        for c in calls.iter().filter(|c| render::ended(c) || !running) {
-            if printed.insert((c["call"].to_string(), c["attempt"].to_string())) {
+        for c in body.calls.iter().filter(|c| render::ended(c) || !running) {
+            if printed.insert((c.call.clone(), c.attempt)) {
                 out!("{}", render::call_block(c, zero).trim_end());
             }
         }

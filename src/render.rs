@@ -4,40 +4,35 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
+use sand_api::{App, CallTrace, Execution, Status, Worker};
+use sand_protocol::wire::GrainError;
 
 /// `sand status`: the workers, then the apps.
-pub fn cluster(workers: &Value, apps: &Value) -> String {
-    let rows = |v: &Value, key: &str| v[key].as_array().cloned().unwrap_or_default();
-    let workers: Vec<Vec<String>> = rows(workers, "workers")
+pub fn cluster(workers: &[Worker], apps: &[App]) -> String {
+    let workers: Vec<Vec<String>> = workers
         .iter()
         .map(|w| {
-            let state = match (w["connected"].as_bool(), w["dead"].as_bool()) {
-                (_, Some(true)) => "dead",
-                (Some(true), _) => "connected",
+            let state = match (w.connected, w.dead) {
+                (_, true) => "dead",
+                (true, _) => "connected",
                 _ => "disconnected",
             };
             vec![
-                format!("w{}", w["id"]),
-                w["incarnation"].to_string(),
+                format!("w{}", w.id),
+                w.incarnation.to_string(),
                 state.to_owned(),
-                w["load"].to_string(),
+                w.load.to_string(),
             ]
         })
         .collect();
-    let apps: Vec<Vec<String>> = rows(apps, "apps")
+    let apps: Vec<Vec<String>> = apps
         .iter()
         .map(|a| {
-            let grains: Vec<&str> = a["grains"]
-                .as_array()
-                .map(|g| g.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            let digest = a["digest"].as_str().unwrap_or("?");
             vec![
-                text(&a["app"]),
-                text(&a["entry"]),
-                grains.join(" "),
-                digest.chars().take(12).collect(),
+                printable(&a.app),
+                printable(&a.entry),
+                printable(&a.grains.join(" ")),
+                printable(&a.digest.chars().take(12).collect::<String>()),
             ]
         })
         .collect();
@@ -49,33 +44,36 @@ pub fn cluster(workers: &Value, apps: &Value) -> String {
 
 /// `sand status EXEC`: what the execution is and how it ended, then one row per call, in the
 /// order the API gives them (dispatch or start time), times from the first.
-pub fn execution(id: &str, body: &Value) -> String {
-    let calls = calls(body);
-    let t0 = origin(&calls);
-    let rows: Vec<Vec<String>> = calls
+pub fn execution(body: &Execution) -> String {
+    let t0 = origin(&body.calls);
+    let rows: Vec<Vec<String>> = body
+        .calls
         .iter()
         .map(|c| {
             let mut note = Vec::new();
-            if c["recovery"].as_bool() == Some(true) {
+            if c.recovery {
                 note.push("recovery".to_owned());
             }
-            if let Some(e) = c["error"].as_object() {
-                let message = e.get("message").and_then(Value::as_str).unwrap_or("?");
-                let first = message.lines().next().unwrap_or_default();
+            if let Some(e) = &c.error {
+                let first = e.message.lines().next().unwrap_or_default();
                 note.push(format!("failed: {}", clip(&printable(first), 60)));
             }
             vec![
-                text(&c["grain"]),
-                format!("{:x}", c["attempt"].as_u64().unwrap_or(0)),
-                format!("w{}", c["worker"]),
-                text(&c["via"]),
-                at(c, "started_ms", t0),
-                at(c, "ended_ms", t0),
+                printable(&c.grain),
+                format!("{:x}", c.attempt),
+                format!("w{}", c.worker),
+                c.via.as_str().to_owned(),
+                at(c.started_ms, t0),
+                at(c.ended_ms, t0),
                 note.join(", "),
             ]
         })
         .collect();
-    let mut out = format!("execution {id}\n{}\n\n", summary(body));
+    let mut out = format!(
+        "execution {}\n{}\n\n",
+        printable(&body.execution),
+        summary(body)
+    );
     out.push_str(&table(
         &[
             "GRAIN", "ATTEMPT", "WORKER", "VIA", "STARTED", "ENDED", "NOTE",
@@ -87,53 +85,42 @@ pub fn execution(id: &str, body: &Value) -> String {
 }
 
 /// `app: status`, the first line of every view of an execution.
-pub fn summary(body: &Value) -> String {
-    format!("{}: {}", text(&body["app"]), text(&body["status"]))
-}
-
-/// The execution's calls as the API lists them.
-pub fn calls(body: &Value) -> Vec<Value> {
-    body["calls"].as_array().cloned().unwrap_or_default()
+pub fn summary(body: &Execution) -> String {
+    format!("{}: {}", printable(&body.app), body.status.as_str())
 }
 
 /// When the first call was dispatched or started (ms since the Unix epoch): the zero of the
 /// times shown.
-pub fn origin(calls: &[Value]) -> u64 {
+pub fn origin(calls: &[CallTrace]) -> u64 {
     calls
         .iter()
-        .filter_map(|c| c["dispatched_ms"].as_u64().or(c["started_ms"].as_u64()))
+        .filter_map(|c| c.dispatched_ms.or(c.started_ms))
         .min()
         .unwrap_or(0)
 }
 
 /// Whether a call has ended, by its trace.
-pub fn ended(call: &Value) -> bool {
-    call["ended_ms"].is_u64() || call["error"].is_object()
+pub fn ended(call: &CallTrace) -> bool {
+    call.ended_ms.is_some() || call.error.is_some()
 }
 
 /// `sand logs`: one call, with what it printed.
-pub fn call_block(c: &Value, t0: u64) -> String {
+pub fn call_block(c: &CallTrace, t0: u64) -> String {
     let mut out = format!(
         "\n{} attempt {:x} on worker {} via {}{}: started {} ended {}",
-        text(&c["grain"]),
-        c["attempt"].as_u64().unwrap_or(0),
-        c["worker"],
-        text(&c["via"]),
-        if c["recovery"].as_bool() == Some(true) {
-            " (recovery)"
-        } else {
-            ""
-        },
-        at(c, "started_ms", t0),
-        at(c, "ended_ms", t0),
+        printable(&c.grain),
+        c.attempt,
+        c.worker,
+        c.via.as_str(),
+        if c.recovery { " (recovery)" } else { "" },
+        at(c.started_ms, t0),
+        at(c.ended_ms, t0),
     );
-    if let Some(e) = c["error"].as_object() {
-        let message = e.get("message").and_then(Value::as_str).unwrap_or("?");
-        let _ = write!(out, ", failed: {}", printable(message));
+    if let Some(e) = &c.error {
+        let _ = write!(out, ", failed: {}", printable(&e.message));
     }
     out.push('\n');
-    for stream in ["stdout", "stderr"] {
-        let printed = c[stream].as_str().unwrap_or_default();
+    for (stream, printed) in [("stdout", &c.stdout), ("stderr", &c.stderr)] {
         if !printed.is_empty() {
             let _ = writeln!(out, "  {stream}:");
             for line in printed.lines() {
@@ -145,13 +132,24 @@ pub fn call_block(c: &Value, t0: u64) -> String {
 }
 
 /// The execution's output or error, if it ended: `\noutput: …` or `\nerror: …`.
-pub fn outcome(body: &Value) -> String {
+pub fn outcome(body: &Execution) -> String {
     // JSON escapes C0 controls in strings, but not DEL or C1 ones.
-    match (body.get("output"), body.get("error")) {
-        (Some(output), _) => format!("\noutput: {}\n", printable(&output.to_string())),
-        (None, Some(error)) => format!("\nerror: {}\n", printable(&error.to_string())),
-        (None, None) => String::new(),
+    match body.status {
+        Status::Running => String::new(),
+        Status::Succeeded => {
+            let output = body.output.clone().unwrap_or_default();
+            format!("\noutput: {}\n", printable(&output.to_string()))
+        }
+        Status::Failed => {
+            let error = body.error.as_ref().map(error_json).unwrap_or_default();
+            format!("\nerror: {}\n", printable(&error))
+        }
     }
+}
+
+/// A grain's error as JSON, as the API gives it.
+fn error_json(e: &GrainError) -> String {
+    serde_json::to_string(e).unwrap_or_default()
 }
 
 /// `text` (what an app wrote) made safe for a terminal: control characters, which could move
@@ -170,16 +168,9 @@ pub fn printable(text: &str) -> String {
     shown
 }
 
-/// A string field as shown: printable, `?` if absent.
-fn text(v: &Value) -> String {
-    printable(v.as_str().unwrap_or("?"))
-}
-
 /// `+Nms` from `t0`, or `-` if the call has no such time yet.
-fn at(call: &Value, key: &str, t0: u64) -> String {
-    call[key]
-        .as_u64()
-        .map_or("-".to_owned(), |t| format!("+{}ms", t.saturating_sub(t0)))
+fn at(t: Option<u64>, t0: u64) -> String {
+    t.map_or("-".to_owned(), |t| format!("+{}ms", t.saturating_sub(t0)))
 }
 
 /// `s` cut to `max` characters, with `…` if it was longer.
@@ -219,9 +210,10 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn call(grain: &str, started: u64, recovery: bool, error: Option<&str>) -> Value {
         json!({
@@ -239,7 +231,7 @@ mod tests {
             "execution": "e", "app": "pipeline", "status": "succeeded", "output": 49,
             "calls": [call("double", 1000, false, None), call("square", 1010, true, None)],
         });
-        let shown = execution("e", &body);
+        let shown = execution(&serde_json::from_value(body).unwrap());
         let lines: Vec<&str> = shown.lines().collect();
         assert_eq!(lines[0], "execution e");
         assert_eq!(lines[1], "pipeline: succeeded");
@@ -259,11 +251,11 @@ mod tests {
     fn what_an_app_wrote_cannot_drive_the_terminal_from_a_table() {
         let evil = "boom\x1b[2J\u{9b}31m and then some more words to be cut off at sixty chars";
         let body = json!({
-            "app": "a", "status": "failed",
+            "execution": "e", "app": "a", "status": "failed",
             "error": {"kind": "raised", "message": evil},
             "calls": [call("g", 5, false, Some(evil))],
         });
-        let shown = execution("e", &body);
+        let shown = execution(&serde_json::from_value(body.clone()).unwrap());
         assert!(
             !shown.contains('\x1b') && !shown.contains('\u{9b}'),
             "{shown:?}"
@@ -273,7 +265,10 @@ mod tests {
             shown.contains('…'),
             "a long message is clipped in the table: {shown}"
         );
-        let block = call_block(&body["calls"][0], 5);
+        let block = call_block(
+            &serde_json::from_value(body["calls"][0].clone()).unwrap(),
+            5,
+        );
         assert!(!block.contains('\x1b'), "{block:?}");
     }
 
@@ -290,15 +285,18 @@ mod tests {
 
     #[test]
     fn the_cluster_reads_as_two_tables() {
-        let workers = json!({"workers": [
+        let workers = json!([
             {"id": 1, "incarnation": 3, "connected": true, "dead": false, "load": 2},
             {"id": 2, "incarnation": 1, "connected": false, "dead": true, "load": 0},
-        ]});
-        let apps = json!({"apps": [
+        ]);
+        let apps = json!([
             {"app": "fanout", "entry": "split", "grains": ["split", "measure", "total"],
              "digest": "0123456789abcdef0123"},
-        ]});
-        let shown = cluster(&workers, &apps);
+        ]);
+        let shown = cluster(
+            &serde_json::from_value::<Vec<Worker>>(workers).unwrap(),
+            &serde_json::from_value::<Vec<App>>(apps).unwrap(),
+        );
         assert_eq!(
             shown,
             "WORKER  INCARNATION  STATE      CALLS\n\
@@ -312,12 +310,12 @@ mod tests {
 
     #[test]
     fn a_call_has_ended_once_it_has_an_end_time_or_an_error() {
-        assert!(ended(&call("g", 1, false, None)));
-        assert!(!ended(
-            &json!({"grain": "g", "ended_ms": null, "error": null})
-        ));
-        assert!(ended(
-            &json!({"grain": "g", "ended_ms": null, "error": {"message": "x"}})
-        ));
+        let typed = |v: Value| -> CallTrace { serde_json::from_value(v).unwrap() };
+        assert!(ended(&typed(call("g", 1, false, None))));
+        let mut running = call("g", 1, false, None);
+        running["ended_ms"] = Value::Null;
+        assert!(!ended(&typed(running.clone())));
+        running["error"] = json!({"kind": "crashed", "message": "x"});
+        assert!(ended(&typed(running)));
     }
 }

@@ -544,7 +544,9 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
             let deployed = tokio::task::spawn_blocking(move || client.deploy(&app)).await??;
             println!(
                 "deployed {} ({} grains, entry {})",
-                deployed.app, deployed.grains, deployed.entry
+                deployed.app,
+                deployed.grains.len(),
+                deployed.entry
             );
             entry.get_or_insert(deployed.app);
         }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use sand_testkit::cluster::{self, Cluster, ClusterSpec, Host};
+use sand_testkit::contract;
 use sand_testkit::proc;
 use sand_testkit::process::{self, Killed};
 use serde_json::Value;
@@ -184,20 +185,32 @@ fn agent() -> ureq::Agent {
         .build()
 }
 
-fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+/// The status and JSON body of the answer to a `method` request, checked against the API's
+/// OpenAPI document: every answer these tests see is one the document describes.
+fn answer(method: &str, r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
     match r {
         Ok(r) | Err(ureq::Error::Status(_, r)) => {
             let code = r.status();
+            let path = url_path(r.get_url());
+            let media = r.content_type().to_owned();
             let text = r.into_string().expect("a body");
             let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+            contract::check(method, &path, code, Some(&media), &body);
             (code, body)
         }
         Err(e) => panic!("no answer: {e}"),
     }
 }
 
+/// The path of `url` (`http://host:port/path?query`).
+fn url_path(url: &str) -> String {
+    let after_host = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let path = after_host.find('/').map_or("/", |i| &after_host[i..]);
+    path.split(['?', '#']).next().unwrap_or(path).to_owned()
+}
+
 fn get(url: &str) -> (u16, Value) {
-    answer(agent().get(url).call())
+    answer("GET", agent().get(url).call())
 }
 
 fn post(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
@@ -205,7 +218,7 @@ fn post(url: &str, body: &str, key: Option<&str>) -> (u16, Value) {
     if let Some(k) = key {
         req = req.set("Idempotency-Key", k);
     }
-    answer(req.send_string(body))
+    answer("POST", req.send_string(body))
 }
 
 #[test]
@@ -332,6 +345,7 @@ fn bad_requests_get_json_errors() {
         (
             "garbage bundle",
             answer(
+                "PUT",
                 agent()
                     .put(&format!("{base}/v1/apps/x"))
                     .send_bytes(b"not a tarball"),
@@ -627,9 +641,13 @@ fn a_gateway_with_a_token_refuses_requests_without_it() {
     let (code, body) = get(&url);
     assert_eq!(code, 401, "{body}");
     assert_eq!(body["error"]["code"], "unauthorized");
-    let wrong = answer(agent().get(&url).set("Authorization", "Bearer nope").call());
+    let wrong = answer(
+        "GET",
+        agent().get(&url).set("Authorization", "Bearer nope").call(),
+    );
     assert_eq!(wrong.0, 401);
     let (code, body) = answer(
+        "GET",
         agent()
             .get(&url)
             .set("Authorization", "Bearer s3cret")
@@ -1001,6 +1019,7 @@ fn sand_dev_wants_its_private_token_and_the_cli_finds_it() {
     );
     let with = |t: &str| {
         answer(
+            "POST",
             agent()
                 .post(&invoke)
                 .set("Content-Type", "application/json")
@@ -1061,6 +1080,7 @@ fn a_gateway_and_a_worker_over_tcp_serve_a_call() {
     let (mut dev, _out, url) = start_dev_over(&data, "tcp");
     let token = std::fs::read_to_string(data.join("token")).expect("the token");
     let (code, body) = answer(
+        "POST",
         agent()
             .post(&format!("{url}/v1/apps/pipeline/invoke"))
             .set("Content-Type", "application/json")
@@ -1080,6 +1100,7 @@ fn sand_dev_stops_on_sigint_and_sigterm_and_removes_its_sandboxes() {
         let (mut dev, mut out, url) = start_dev(dir.path());
         let token = std::fs::read_to_string(dir.path().join("token")).expect("the dev token");
         let (code, body) = answer(
+            "POST",
             agent()
                 .post(&format!("{url}/v1/apps/pipeline/invoke"))
                 .set("Content-Type", "application/json")

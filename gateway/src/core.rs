@@ -111,7 +111,7 @@ pub enum Command {
     /// List the workers the gateway knows.
     Workers {
         /// Each worker's state.
-        reply: oneshot::Sender<Vec<WorkerView>>,
+        reply: oneshot::Sender<Vec<sand_api::Worker>>,
     },
 }
 
@@ -158,21 +158,6 @@ impl From<&ExecRecord> for ExecSummary {
             calls: r.calls,
         }
     }
-}
-
-/// What the API shows of a worker.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct WorkerView {
-    /// The worker's id.
-    pub id: u32,
-    /// Its current incarnation.
-    pub incarnation: u64,
-    /// Whether it is connected now.
-    pub connected: bool,
-    /// Whether its current incarnation was declared dead.
-    pub dead: bool,
-    /// Calls the gateway sees it owning.
-    pub load: usize,
 }
 
 /// Sends commands to the core. Cheap to clone.
@@ -422,7 +407,7 @@ impl Core {
                     .state()
                     .workers
                     .iter()
-                    .map(|(w, rec)| WorkerView {
+                    .map(|(w, rec)| sand_api::Worker {
                         id: w.0,
                         incarnation: rec.incarnation.0,
                         connected: self.gq.is_connected(*w),
@@ -550,7 +535,7 @@ impl Core {
                             if *reason == Reason::Recovery {
                                 self.metrics.recoveries.inc();
                             }
-                            traces.push(t.into_write(call.exec));
+                            traces.push(t);
                         }
                     }
                     if let Err(e) = self.sender.send(w, msg) {

@@ -8,6 +8,11 @@
 //! | `GET /v1/executions[?app=A][&before=REF][&limit=N]` | recent executions, newest first |
 //! | `GET /v1/executions/{id}` | status, output or error, and the trace of every call |
 //! | `GET /v1/workers`, `GET /healthz`, `GET /metrics` | cluster, liveness, Prometheus |
+//! | `GET /v1/openapi.json` | this table as an OpenAPI 3.1 document |
+//!
+//! The bodies are [`sand_api`]'s types. Each route is registered together with its OpenAPI
+//! description ([`utoipa_axum`]), so the document ([`openapi`], kept in `docs/openapi.json`)
+//! names every route there is.
 //!
 //! Executions are named by references ([`ExecRefs`]): unguessable, so a client reaches only
 //! the executions it was told of. A malformed one is a 400; one this gateway did not give out
@@ -23,36 +28,38 @@
 //! rebinding), an `Origin` other than the host's own, and a `POST` whose body is not
 //! `application/json` (a cross-site form post).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
+use sand_api::{
+    Accepted, Answer as AnswerBody, App, Apps, ErrorBody, ErrorCode, ErrorDetail, Execution,
+    ExecutionSummary, Executions, Health, InvokeQuery, ListQuery, Removed, Status as ExecState,
+    Workers, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, WAIT_SECONDS_DEFAULT, WAIT_SECONDS_MAX,
+};
 use sand_protocol::durable::{Answer, ExecStatus};
 use sand_protocol::global_queue::InvokeError;
 use sand_protocol::ids::{AppName, ExecId};
 use sand_protocol::wire::{AppBundle, Payload, PAYLOAD_BYTES_MAX};
-use serde_json::{json, Value};
+use utoipa::openapi::{self, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::core::{Command, CoreHandle, CoreStopped, ExecSummary};
 use crate::exec_ref::{ExecRefs, RefError};
 use crate::metrics::{Metrics, Status};
 use crate::store::Store;
 use crate::token::Token;
-use crate::trace::CallTrace;
 
 /// The largest app bundle accepted: it travels to workers in one message.
 pub const BUNDLE_BYTES_MAX: usize = 15 << 20;
-/// The longest a synchronous invocation may wait, in seconds.
-pub const WAIT_SECONDS_MAX: u64 = 300;
-/// The wait of a synchronous invocation that names none, in seconds.
-pub const WAIT_SECONDS_DEFAULT: u64 = 30;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -79,12 +86,12 @@ pub struct Api {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -92,18 +99,23 @@ impl ApiError {
         }
     }
 
-    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+    fn not_found(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -112,7 +124,7 @@ impl From<CoreStopped> for ApiError {
     fn from(e: CoreStopped) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            ErrorCode::Unavailable,
             e.to_string(),
         )
     }
@@ -120,27 +132,172 @@ impl From<CoreStopped> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// The routes under `/v1`, each with its description.
+fn v1_routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::new()
+        .routes(routes!(list_apps))
+        .routes(routes!(deploy, remove))
+        .routes(routes!(invoke))
+        .routes(routes!(executions))
+        .routes(routes!(execution))
+        .routes(routes!(workers))
+        .routes(routes!(openapi_json))
+}
+
+/// The routes outside `/v1`, open to anyone who reaches the port.
+fn open_routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+}
+
 /// The API's routes, with auth, body limits and JSON errors for everything that falls through.
 pub fn router(api: Api) -> Router {
-    let v1 = Router::new()
-        .route("/apps", get(list_apps))
-        .route("/apps/{app}", put(deploy).delete(remove))
-        .route("/apps/{app}/invoke", post(invoke))
-        .route("/executions", get(executions))
-        .route("/executions/{id}", get(execution))
-        .route("/workers", get(workers))
-        .layer(middleware::from_fn_with_state(api.clone(), authorize));
+    let (v1, _) = v1_routes().split_for_parts();
+    let (open, _) = open_routes().split_for_parts();
+    let v1 = v1.layer(middleware::from_fn_with_state(api.clone(), authorize));
     Router::new()
         .nest("/v1", v1)
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .merge(open)
         .fallback(|| async {
-            ApiError::not_found("no_route", "no such route; see the API table in the README")
+            ApiError::not_found(
+                ErrorCode::NoRoute,
+                "no such route; see the API table in the README",
+            )
         })
         .layer(DefaultBodyLimit::max(BUNDLE_BYTES_MAX))
         .layer(middleware::from_fn_with_state(api.clone(), same_site))
         .layer(middleware::from_fn_with_state(api.clone(), count))
         .with_state(api)
+}
+
+/// The API's OpenAPI 3.1 document, made from the same route table as [`router`].
+pub fn openapi() -> OpenApi {
+    let mut doc = OpenApiRouter::<Api>::new()
+        .nest("/v1", v1_routes())
+        .merge(open_routes())
+        .into_openapi();
+    doc.info = openapi::InfoBuilder::new()
+        .title("sand")
+        .version(env!("CARGO_PKG_VERSION"))
+        .description(Some(
+            "The HTTP API of a sand gateway: deploy apps, invoke them, follow their executions.",
+        ))
+        .license(Some(
+            openapi::LicenseBuilder::new().name("Apache-2.0").build(),
+        ))
+        .build();
+    let bearer = openapi::security::HttpBuilder::new()
+        .scheme(openapi::security::HttpAuthScheme::Bearer)
+        .description(Some(
+            "The gateway's token (`sand dev` keeps it in DATA_DIR/token)",
+        ))
+        .build();
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme("token", openapi::security::SecurityScheme::Http(bearer));
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let v1 = path.starts_with("/v1/");
+        for (method, op) in operations(item) {
+            add_common_errors(op, v1, method == Method::POST);
+            if v1 {
+                op.security = Some(vec![openapi::security::SecurityRequirement::new(
+                    "token",
+                    Vec::<String>::new(),
+                )]);
+            }
+        }
+    }
+    doc
+}
+
+/// The operations of a path, by method.
+fn operations(
+    item: &mut openapi::PathItem,
+) -> impl Iterator<Item = (Method, &mut openapi::path::Operation)> {
+    [
+        (Method::GET, &mut item.get),
+        (Method::PUT, &mut item.put),
+        (Method::POST, &mut item.post),
+        (Method::DELETE, &mut item.delete),
+    ]
+    .into_iter()
+    .filter_map(|(method, op)| op.as_mut().map(|op| (method, op)))
+}
+
+/// Documents the refusals every route may answer with, whatever its handler does: those of
+/// the middleware (host, origin, token, content type, size) and of a stopped core.
+fn add_common_errors(op: &mut openapi::path::Operation, v1: bool, post: bool) {
+    let mut common = vec![
+        (
+            StatusCode::BAD_REQUEST,
+            "no Host header, or a malformed request",
+        ),
+        (
+            StatusCode::FORBIDDEN,
+            "a request from a web page of another origin",
+        ),
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the route does not take this method",
+        ),
+        (StatusCode::PAYLOAD_TOO_LARGE, "the body is over its limit"),
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            "a Host this API does not answer to",
+        ),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the gateway failed inside",
+        ),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is stopping or its store failed",
+        ),
+    ];
+    if v1 {
+        common.push((
+            StatusCode::UNAUTHORIZED,
+            "no bearer token, or not this gateway's",
+        ));
+    }
+    if post {
+        common.push((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body is not sent as application/json",
+        ));
+    }
+    for (status, why) in common {
+        op.responses
+            .responses
+            .entry(status.as_u16().to_string())
+            .or_insert_with(|| error_response(why).into());
+    }
+}
+
+/// A documented error answer: an [`ErrorBody`].
+fn error_response(description: &str) -> openapi::Response {
+    openapi::ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            openapi::ContentBuilder::new()
+                .schema(Some(openapi::Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+}
+
+/// `GET /v1/openapi.json`: the document of this API.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object))
+)]
+async fn openapi_json() -> Response {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    let text = DOCUMENT.get_or_init(|| openapi().to_pretty_json().unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], text.as_str()).into_response()
 }
 
 async fn authorize(State(api): State<Api>, req: Request, next: Next) -> Response {
@@ -152,7 +309,7 @@ async fn authorize(State(api): State<Api>, req: Request, next: Next) -> Response
         if !given.is_some_and(|given| token.matches(given)) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 "this gateway wants `Authorization: Bearer TOKEN` with its token (`sand dev` \
                  keeps it in DATA_DIR/token; the CLI reads --token-file or SAND_TOKEN)",
             )
@@ -179,14 +336,14 @@ fn check_same_site(hosts: &[String], method: &Method, headers: &HeaderMap) -> Re
     let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
     let host = text(header::HOST).ok_or_else(|| {
         ApiError::bad_request(
-            "no_host",
+            ErrorCode::NoHost,
             "the request has no Host header (HTTP/1.1 wants one)",
         )
     })?;
     if !host_allowed(hosts, host) {
         return Err(ApiError::new(
             StatusCode::MISDIRECTED_REQUEST,
-            "unknown_host",
+            ErrorCode::UnknownHost,
             format!(
                 "this API answers to localhost, IP addresses and the names its operator gives \
                  with --http-host, not to `{host}` (a guard against DNS rebinding)"
@@ -198,7 +355,7 @@ fn check_same_site(hosts: &[String], method: &Method, headers: &HeaderMap) -> Re
         if !authority.is_some_and(|a| a.eq_ignore_ascii_case(host)) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "cross_origin",
+                ErrorCode::CrossOrigin,
                 format!(
                     "a request from the web page at `{origin}` may not use this API at `{host}`"
                 ),
@@ -212,7 +369,7 @@ fn check_same_site(hosts: &[String], method: &Method, headers: &HeaderMap) -> Re
         if !media_type.is_some_and(|t| t.eq_ignore_ascii_case("application/json")) {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "not_json",
+                ErrorCode::NotJson,
                 "a POST body must come with `Content-Type: application/json`",
             ));
         }
@@ -271,15 +428,21 @@ async fn count(State(api): State<Api>, req: Request, next: Next) -> Response {
     }
     let (code, message) = match status {
         StatusCode::PAYLOAD_TOO_LARGE => (
-            "too_large",
+            ErrorCode::TooLarge,
             format!("the body exceeds the {BUNDLE_BYTES_MAX} byte limit"),
         ),
-        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed here".into()),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            ErrorCode::MethodNotAllowed,
+            "method not allowed here".into(),
+        ),
         // axum's own refusal (a body that failed to arrive, say) says why in plain text.
         s if s.is_client_error() => {
             let text = axum::body::to_bytes(response.into_body(), REFUSAL_BYTES_MAX).await;
             let text = text.map(|t| String::from_utf8_lossy(&t).into_owned());
-            ("bad_request", text.unwrap_or_else(|_| s.to_string()))
+            (
+                ErrorCode::BadRequest,
+                text.unwrap_or_else(|_| s.to_string()),
+            )
         }
         _ => return response,
     };
@@ -287,9 +450,31 @@ async fn count(State(api): State<Api>, req: Request, next: Next) -> Response {
 }
 
 fn app_name(raw: &str) -> Result<AppName, ApiError> {
-    AppName::new(raw).map_err(|e| ApiError::bad_request("bad_app_name", e.to_string()))
+    AppName::new(raw).map_err(|e| ApiError::bad_request(ErrorCode::BadAppName, e.to_string()))
 }
 
+/// A query through axum's `Query`, unknown fields refused, as an [`ErrorCode::BadQuery`].
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(ErrorCode::BadQuery, e.body_text()))
+}
+
+/// Deploys or replaces an app.
+#[utoipa::path(
+    put,
+    path = "/apps/{app}",
+    params(("app" = String, Path, description = "The app's name, as its manifest gives it")),
+    request_body(
+        content = String,
+        content_type = "application/gzip",
+        description = "The app directory as a gzip'd tar (what `sand deploy` sends)"
+    ),
+    responses(
+        (status = 200, description = "Deployed: the reply comes once the deployment is durable", body = App),
+        (status = 400, description = "`bad_app_name`, `bad_bundle` or `name_mismatch`", body = ErrorBody),
+        (status = 403, description = "`refused_by_policy`: the manifest asks for more than the operator allows", body = ErrorBody),
+    )
+)]
 async fn deploy(State(api): State<Api>, Path(app): Path<String>, body: Bytes) -> ApiResult {
     let app = app_name(&app)?;
     let archive = body;
@@ -301,28 +486,36 @@ async fn deploy(State(api): State<Api>, Path(app): Path<String>, body: Bytes) ->
         }
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let manifest = checked.map_err(|e| ApiError::bad_request("bad_bundle", e))?;
+    .map_err(internal)?;
+    let manifest = checked.map_err(|e| ApiError::bad_request(ErrorCode::BadBundle, e))?;
     if manifest.name != app {
         return Err(ApiError::bad_request(
-            "name_mismatch",
+            ErrorCode::NameMismatch,
             format!(
                 "the manifest names the app `{}`, the URL `{app}`",
                 manifest.name
             ),
         ));
     }
-    api.policy
-        .check(&manifest)
-        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "refused_by_policy", e.to_string()))?;
+    api.policy.check(&manifest).map_err(|e| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::RefusedByPolicy,
+            e.to_string(),
+        )
+    })?;
     let spec = manifest.app_spec();
     let digest = sand_app::digest(&archive);
     let bundle = AppBundle {
         digest: digest.clone(),
         archive,
     };
-    let grains: Vec<String> = spec.grains.keys().map(ToString::to_string).collect();
-    let entry = spec.entry.to_string();
+    let deployed = App {
+        app: app.to_string(),
+        digest,
+        entry: spec.entry.to_string(),
+        grains: spec.grains.keys().map(ToString::to_string).collect(),
+    };
     // The app and its code are written in one batch; the reply comes once it is durable.
     api.core
         .ask(|reply| Command::Deploy {
@@ -331,97 +524,69 @@ async fn deploy(State(api): State<Api>, Path(app): Path<String>, body: Bytes) ->
             reply,
         })
         .await?;
-    Ok(
-        Json(json!({"app": app.as_str(), "digest": digest, "entry": entry, "grains": grains}))
-            .into_response(),
-    )
+    Ok(Json(deployed).into_response())
 }
 
+/// Lists the deployed apps.
+#[utoipa::path(
+    get,
+    path = "/apps",
+    responses((status = 200, description = "Every deployed app, as the disk holds them", body = Apps))
+)]
 async fn list_apps(State(api): State<Api>) -> ApiResult {
     let apps = api.core.ask(|reply| Command::Apps { reply }).await?;
-    let apps: Vec<Value> = apps
+    let apps = apps
         .into_iter()
-        .map(|(spec, digest)| {
-            json!({
-                "app": spec.name.as_str(),
-                "entry": spec.entry.as_str(),
-                "grains": spec.grains.keys().map(|g| g.as_str()).collect::<Vec<_>>(),
-                "digest": digest,
-            })
+        .map(|(spec, digest)| App {
+            app: spec.name.to_string(),
+            digest,
+            entry: spec.entry.to_string(),
+            grains: spec.grains.keys().map(ToString::to_string).collect(),
         })
         .collect();
-    Ok(Json(json!({ "apps": apps })).into_response())
+    Ok(Json(Apps { apps }).into_response())
 }
 
+/// Removes an app, code and all; its running executions go on.
+#[utoipa::path(
+    delete,
+    path = "/apps/{app}",
+    params(("app" = String, Path, description = "The app's name")),
+    responses(
+        (status = 200, description = "Removed, durably", body = Removed),
+        (status = 400, description = "`bad_app_name`", body = ErrorBody),
+        (status = 404, description = "`unknown_app`", body = ErrorBody),
+    )
+)]
 async fn remove(State(api): State<Api>, Path(app): Path<String>) -> ApiResult {
     let app = app_name(&app)?;
-    let name = app.as_str().to_owned();
+    let removed = app.to_string();
     // The app and its code go in one batch; the reply comes once it is durable.
     if api.core.ask(|reply| Command::Remove { app, reply }).await? {
-        Ok(Json(json!({ "removed": name })).into_response())
+        Ok(Json(Removed { removed }).into_response())
     } else {
         Err(ApiError::not_found(
-            "unknown_app",
-            format!("app {name} is not deployed"),
+            ErrorCode::UnknownApp,
+            format!("app {removed} is not deployed"),
         ))
     }
 }
 
-/// The query of an invocation.
-#[derive(Debug, PartialEq, Eq)]
-struct InvokeQuery {
-    wait: Duration,
-    asynchronous: bool,
-}
-
-fn invoke_query(raw: Option<&str>) -> Result<InvokeQuery, ApiError> {
-    let mut q = InvokeQuery {
-        wait: Duration::from_secs(WAIT_SECONDS_DEFAULT),
-        asynchronous: false,
-    };
-    for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "wait" => {
-                let secs: f64 = value
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "bad_query",
-                            format!("wait={value}: want seconds, a number >= 0"),
-                        )
-                    })?;
-                if secs > WAIT_SECONDS_MAX as f64 {
-                    return Err(ApiError::bad_request(
-                        "bad_query",
-                        format!("wait={value}: at most {WAIT_SECONDS_MAX} seconds"),
-                    ));
-                }
-                q.wait = Duration::from_secs_f64(secs);
-            }
-            "async" => {
-                q.asynchronous = match value {
-                    "" | "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => {
-                        return Err(ApiError::bad_request(
-                            "bad_query",
-                            format!("async={value}: want true or false"),
-                        ))
-                    }
-                }
-            }
-            _ => {
-                return Err(ApiError::bad_request(
-                    "bad_query",
-                    format!("unknown query parameter `{key}`; known: wait, async"),
-                ))
-            }
-        }
+/// How long an invocation waits for its answer, and whether it waits at all.
+fn invoke_wait(q: &InvokeQuery) -> Result<Option<Duration>, ApiError> {
+    if q.asynchronous == Some(true) {
+        return Ok(None);
     }
-    Ok(q)
+    let Some(secs) = q.wait else {
+        return Ok(Some(Duration::from_secs(WAIT_SECONDS_DEFAULT)));
+    };
+    if !(secs.is_finite() && (0.0..=WAIT_SECONDS_MAX as f64).contains(&secs)) {
+        return Err(ApiError::bad_request(
+            ErrorCode::BadQuery,
+            format!("wait={secs}: want seconds, 0 to {WAIT_SECONDS_MAX}"),
+        ));
+    }
+    Ok(Some(Duration::from_secs_f64(secs)))
 }
 
 /// A JSON body as a payload; an empty body is `null`.
@@ -432,49 +597,76 @@ fn json_input(body: &[u8]) -> Result<Payload, ApiError> {
     if body.len() > PAYLOAD_BYTES_MAX {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
+            ErrorCode::TooLarge,
             format!("the input exceeds the {PAYLOAD_BYTES_MAX} byte limit"),
         ));
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
-        .map_err(|e| ApiError::bad_request("bad_json", format!("the body is not JSON: {e}")))?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
+        ApiError::bad_request(ErrorCode::BadJson, format!("the body is not JSON: {e}"))
+    })?;
     Ok(Payload::new(Bytes::copy_from_slice(body)))
 }
 
+/// The client's idempotency key, if it sent one.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 256)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                ErrorCode::BadIdempotencyKey,
+                "Idempotency-Key must be 1 to 256 visible ASCII characters",
+            )
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// Invokes an app: runs its entry grain on the body.
+#[utoipa::path(
+    post,
+    path = "/apps/{app}/invoke",
+    params(
+        ("app" = String, Path, description = "The app's name"),
+        InvokeQuery,
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 256 visible ASCII characters: a retried request with the same key and input finds the first execution; the same key with another input is a 422"),
+    ),
+    request_body(
+        content = serde_json::Value,
+        content_type = "application/json",
+        description = "The entry grain's input: any JSON value (an empty body is null)"
+    ),
+    responses(
+        (status = 200, description = "The execution's answer, durable", body = AnswerBody),
+        (status = 202, description = "Accepted, durably, and still running (`async`, or the wait ran out)", body = Accepted),
+        (status = 400, description = "`bad_app_name`, `bad_query`, `bad_json` or `bad_idempotency_key`", body = ErrorBody),
+        (status = 404, description = "`unknown_app`, or `unknown_execution` if the execution was forgotten before it answered", body = ErrorBody),
+        (status = 413, description = "`too_large`: the input is over the payload limit", body = ErrorBody),
+        (status = 422, description = "`idempotency_key_reused` with another input", body = ErrorBody),
+    )
+)]
 async fn invoke(
     State(api): State<Api>,
     Path(app): Path<String>,
-    RawQuery(query): RawQuery,
+    q: Result<Query<InvokeQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
     let app = app_name(&app)?;
-    let q = invoke_query(query.as_deref())?;
+    let wait = invoke_wait(&query(q)?)?;
     let input = json_input(&body)?;
-    let idempotency_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 256)
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "bad_idempotency_key",
-                        "Idempotency-Key must be 1 to 256 visible ASCII characters",
-                    )
-                })?
-                .to_owned(),
-        ),
-    };
+    let idempotency_key = idempotency_key(&headers)?;
     let refs = api.refs.clone();
     let pending = |exec: ExecId| {
-        (
-            StatusCode::ACCEPTED,
-            Json(json!({"execution": refs.present(exec)})),
-        )
-            .into_response()
+        let accepted = Accepted {
+            execution: refs.present(exec),
+        };
+        (StatusCode::ACCEPTED, Json(accepted)).into_response()
     };
-    if q.asynchronous {
+    let Some(wait) = wait else {
         // The reply comes once the acceptance is durable.
         let invoked = api
             .core
@@ -487,7 +679,7 @@ async fn invoke(
             .await?
             .map_err(|e| refused(&refs, e))?;
         return Ok(pending(invoked.exec));
-    }
+    };
     // One trip to the core: the answer comes once it is durable, and its batch carries the
     // acceptance with it, so the acceptance is not waited for unless the wait runs out.
     let run = api
@@ -502,10 +694,10 @@ async fn invoke(
         .map_err(|e| refused(&refs, e))?;
     let exec = run.invoked.exec;
     let reference = refs.present(exec);
-    match tokio::time::timeout(q.wait, run.answer).await {
-        Ok(Ok(Some(answer))) => Ok(Json(answered(&reference, &answer)).into_response()),
+    match tokio::time::timeout(wait, run.answer).await {
+        Ok(Ok(Some(answer))) => Ok(Json(answered(reference, &answer)).into_response()),
         Ok(Ok(None)) => Err(ApiError::not_found(
-            "unknown_execution",
+            ErrorCode::UnknownExecution,
             format!("execution {reference} was forgotten"),
         )),
         Ok(Err(_)) => Err(CoreStopped.into()),
@@ -524,13 +716,15 @@ async fn invoke(
 /// The API's account of a refused invocation.
 fn refused(refs: &ExecRefs, e: InvokeError) -> ApiError {
     match e {
-        InvokeError::UnknownApp(_) => ApiError::not_found("unknown_app", e.to_string()),
-        InvokeError::TooLarge(_) => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
-        }
+        InvokeError::UnknownApp(_) => ApiError::not_found(ErrorCode::UnknownApp, e.to_string()),
+        InvokeError::TooLarge(_) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            e.to_string(),
+        ),
         InvokeError::KeyReused { key, exec } => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
+            ErrorCode::IdempotencyKeyReused,
             format!(
                 "idempotency key {key:?} was used with a different input for execution {}; use \
                  a new key for a new input",
@@ -540,24 +734,41 @@ fn refused(refs: &ExecRefs, e: InvokeError) -> ApiError {
     }
 }
 
-/// `{"execution": REF, "output": ...}` or `{"execution": REF, "error": {...}}`.
-fn answered(reference: &str, answer: &Answer) -> Value {
+/// An answer as the API shows it.
+fn answered(execution: String, answer: &Answer) -> AnswerBody {
     match answer {
-        Answer::Value(payload) => {
-            let output = serde_json::from_slice::<Value>(&payload.0).unwrap_or(Value::Null);
-            json!({"execution": reference, "output": output})
-        }
-        Answer::Error(e) => json!({
-            "execution": reference,
-            "error": {"kind": e.kind, "message": e.message},
-        }),
+        Answer::Value(payload) => AnswerBody {
+            execution,
+            status: ExecState::Succeeded,
+            output: Some(serde_json::from_slice(&payload.0).unwrap_or_default()),
+            error: None,
+        },
+        Answer::Error(e) => AnswerBody {
+            execution,
+            status: ExecState::Failed,
+            output: None,
+            error: Some(e.clone()),
+        },
     }
 }
 
+/// Shows an execution: where it stands, its answer, and each attempt of each call.
+#[utoipa::path(
+    get,
+    path = "/executions/{ref}",
+    params(("ref" = String, Path, description = "The execution's reference, as an invocation or a list gave it")),
+    responses(
+        (status = 200, description = "The execution, as the disk holds it", body = Execution),
+        (status = 400, description = "`bad_execution_id`: not a reference", body = ErrorBody),
+        (status = 404, description = "`unknown_execution`: never given out, or forgotten past the retention age", body = ErrorBody),
+    )
+)]
 async fn execution(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
-    let unknown = || ApiError::not_found("unknown_execution", format!("no execution {id}"));
+    let unknown = || ApiError::not_found(ErrorCode::UnknownExecution, format!("no execution {id}"));
     let exec = api.refs.resolve(&id).map_err(|e| match e {
-        RefError::Malformed => ApiError::bad_request("bad_execution_id", format!("`{id}` is {e}")),
+        RefError::Malformed => {
+            ApiError::bad_request(ErrorCode::BadExecutionId, format!("`{id}` is {e}"))
+        }
         RefError::Unknown => unknown(),
     })?;
     let record = api
@@ -568,65 +779,64 @@ async fn execution(State(api): State<Api>, Path(id): Path<String>) -> ApiResult 
     let store = api.store.clone();
     let traces = tokio::task::spawn_blocking(move || store.traces(exec))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()))?;
-    let mut calls: Vec<CallTrace> = traces
+        .map_err(internal)?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Store,
+                e.to_string(),
+            )
+        })?;
+    let mut calls: Vec<sand_api::CallTrace> = traces
         .iter()
         .filter_map(|t| serde_json::from_slice(&t.data).ok())
         .collect();
     calls.sort_by_key(|c| (c.dispatched_ms.or(c.started_ms), c.started_ms));
-    let mut body = match &record.status {
-        ExecStatus::Running => json!({"execution": id, "status": "running"}),
+    let (status, output, error) = match &record.status {
+        ExecStatus::Running => (ExecState::Running, None, None),
         ExecStatus::Done(answer) => {
-            let mut v = answered(&id, answer);
-            let status = match answer {
-                Answer::Value(_) => "succeeded",
-                Answer::Error(_) => "failed",
-            };
-            v["status"] = status.into();
-            v
+            let a = answered(String::new(), answer);
+            (a.status, a.output, a.error)
         }
     };
-    body["app"] = record.app.as_str().into();
-    body["calls"] = serde_json::to_value(calls).unwrap_or_default();
-    Ok(Json(body).into_response())
+    Ok(Json(Execution {
+        execution: id,
+        app: record.app.to_string(),
+        status,
+        output,
+        error,
+        calls,
+    })
+    .into_response())
 }
 
-/// The most executions one page of `GET /v1/executions` lists.
-pub const LIST_LIMIT_MAX: usize = 100;
-/// The executions a page lists when the query names no limit.
-pub const LIST_LIMIT_DEFAULT: usize = 20;
-
-/// The query of `GET /v1/executions`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    /// Only this app's executions.
-    app: Option<String>,
-    /// Only executions older than this one: the `next` of the page before.
-    before: Option<String>,
-    /// At most this many.
-    limit: Option<usize>,
-}
-
+/// Lists recent executions, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/executions",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of executions, as the disk holds them", body = Executions),
+        (status = 400, description = "`bad_query`, or `bad_app_name`", body = ErrorBody),
+    )
+)]
 async fn executions(
     State(api): State<Api>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let q = query(q)?;
     let app = q.app.as_deref().map(app_name).transpose()?;
-    let before = match &q.before {
-        None => None,
-        Some(r) => Some(
-            api.refs
-                .resolve(r)
-                .map_err(|e| ApiError::bad_request("bad_query", format!("before={r}: {e}")))?,
-        ),
-    };
+    let before =
+        match &q.before {
+            None => None,
+            Some(r) => Some(api.refs.resolve(r).map_err(|e| {
+                ApiError::bad_request(ErrorCode::BadQuery, format!("before={r}: {e}"))
+            })?),
+        };
     let limit = q.limit.unwrap_or(LIST_LIMIT_DEFAULT);
     if !(1..=LIST_LIMIT_MAX).contains(&limit) {
         return Err(ApiError::bad_request(
-            "bad_query",
+            ErrorCode::BadQuery,
             format!("limit={limit}: want 1 to {LIST_LIMIT_MAX}"),
         ));
     }
@@ -642,40 +852,64 @@ async fn executions(
     let next = (listed.len() == limit)
         .then(|| listed.last().map(|e| api.refs.present(e.exec)))
         .flatten();
-    let executions: Vec<Value> = listed.iter().map(|e| summary(&api.refs, e)).collect();
-    Ok(Json(json!({"executions": executions, "next": next})).into_response())
+    let executions = listed.iter().map(|e| summary(&api.refs, e)).collect();
+    Ok(Json(Executions { executions, next }).into_response())
 }
 
-fn summary(refs: &ExecRefs, e: &ExecSummary) -> Value {
-    let status = match e.succeeded {
-        None => "running",
-        Some(true) => "succeeded",
-        Some(false) => "failed",
-    };
-    json!({
-        "execution": refs.present(e.exec),
-        "app": e.app.as_str(),
-        "status": status,
-        "accepted_ms": e.accepted_ms,
-        "ended_ms": e.ended_ms,
-        "calls": e.calls,
-    })
+fn summary(refs: &ExecRefs, e: &ExecSummary) -> ExecutionSummary {
+    ExecutionSummary {
+        execution: refs.present(e.exec),
+        app: e.app.to_string(),
+        status: match e.succeeded {
+            None => ExecState::Running,
+            Some(true) => ExecState::Succeeded,
+            Some(false) => ExecState::Failed,
+        },
+        accepted_ms: e.accepted_ms,
+        ended_ms: e.ended_ms,
+        calls: e.calls,
+    }
 }
 
+/// Lists the workers the gateway knows.
+#[utoipa::path(
+    get,
+    path = "/workers",
+    responses((status = 200, description = "Each worker: connected, dead, its load", body = Workers))
+)]
 async fn workers(State(api): State<Api>) -> ApiResult {
     let workers = api.core.ask(|reply| Command::Workers { reply }).await?;
-    Ok(Json(json!({ "workers": workers })).into_response())
+    Ok(Json(Workers { workers }).into_response())
 }
 
+/// Liveness: the core answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses((status = 200, description = "The gateway's core answers", body = Health))
+)]
 async fn healthz(State(api): State<Api>) -> ApiResult {
     api.core.ask(|reply| Command::Apps { reply }).await?;
-    Ok(Json(json!({"status": "ok"})).into_response())
+    Ok(Json(Health {
+        status: "ok".into(),
+    })
+    .into_response())
 }
 
+/// The gateway's metrics, for Prometheus.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((
+        status = 200,
+        description = "The metrics in the OpenMetrics text format",
+        body = String,
+        content_type = "application/openmetrics-text"
+    ))
+)]
 async fn metrics(State(api): State<Api>) -> ApiResult {
     let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &api.registry)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    prometheus_client::encoding::text::encode(&mut text, &api.registry).map_err(internal)?;
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -686,27 +920,53 @@ async fn metrics(State(api): State<Api>) -> ApiResult {
         .into_response())
 }
 
+/// A failure inside the gateway.
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Internal,
+        e.to_string(),
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
+    /// The wait of an invocation with query `q`: `None` for an asynchronous one.
+    fn wait_of(q: &str) -> Result<Option<Duration>, ApiError> {
+        let uri: axum::http::Uri = format!("/v1/apps/a/invoke?{q}").parse().unwrap();
+        invoke_wait(&query(Query::try_from_uri(&uri))?)
+    }
+
     #[test]
     fn queries_parse_or_say_what_is_wrong() {
+        assert_eq!(wait_of("").unwrap(), Some(Duration::from_secs(30)));
         assert_eq!(
-            invoke_query(None).unwrap(),
-            InvokeQuery {
-                wait: Duration::from_secs(30),
-                asynchronous: false
-            }
+            wait_of("wait=0.5&async=false").unwrap(),
+            Some(Duration::from_millis(500))
         );
-        let q = invoke_query(Some("wait=0.5&async=false")).unwrap();
-        assert_eq!(q.wait, Duration::from_millis(500));
-        assert!(invoke_query(Some("async")).unwrap().asynchronous);
-        for bad in ["wait=-1", "wait=abc", "wait=1000", "async=maybe", "speed=9"] {
-            let e = invoke_query(Some(bad)).unwrap_err();
+        assert_eq!(
+            wait_of("wait=%31.5").unwrap(),
+            Some(Duration::from_millis(1500))
+        );
+        for asynchronous in ["async", "async=", "async=true", "async=1", "wait=2&async"] {
+            assert_eq!(wait_of(asynchronous).unwrap(), None, "{asynchronous}");
+        }
+        for bad in [
+            "wait=-1",
+            "wait=abc",
+            "wait=1000",
+            "wait=NaN",
+            "wait=inf",
+            "async=maybe",
+            "speed=9",
+            "wait=1&wait=2",
+        ] {
+            let e = wait_of(bad).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
-            assert_eq!(e.code, "bad_query");
+            assert_eq!(e.code, ErrorCode::BadQuery, "{bad}");
         }
     }
 
@@ -766,26 +1026,26 @@ mod tests {
             Ok(()),
             "bundles keep their type"
         );
-        assert_eq!(code(Method::POST, &[host]), Err("not_json"));
+        assert_eq!(code(Method::POST, &[host]), Err(ErrorCode::NotJson));
         assert_eq!(
             code(Method::POST, &[host, ("content-type", "text/plain")]),
-            Err("not_json")
+            Err(ErrorCode::NotJson)
         );
         assert_eq!(
             code(Method::POST, &[host, ("content-type", "application/jsonp")]),
-            Err("not_json")
+            Err(ErrorCode::NotJson)
         );
         for origin in ["http://evil.example", "null", "http://localhost:8081"] {
             assert_eq!(
                 code(Method::GET, &[host, ("origin", origin)]),
-                Err("cross_origin"),
+                Err(ErrorCode::CrossOrigin),
                 "{origin}"
             );
         }
-        assert_eq!(code(Method::GET, &[]), Err("no_host"));
+        assert_eq!(code(Method::GET, &[]), Err(ErrorCode::NoHost));
         assert_eq!(
             code(Method::GET, &[("host", "evil.example")]),
-            Err("unknown_host")
+            Err(ErrorCode::UnknownHost)
         );
     }
 
@@ -796,6 +1056,6 @@ mod tests {
             json_input(b" {\"a\": 1} ").unwrap().0.as_ref(),
             b" {\"a\": 1} "
         );
-        assert_eq!(json_input(b"{nope").unwrap_err().code, "bad_json");
+        assert_eq!(json_input(b"{nope").unwrap_err().code, ErrorCode::BadJson);
     }
 }

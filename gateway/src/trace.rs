@@ -11,56 +11,22 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use sand_api::{CallTrace, Reason as Why, Via};
 use sand_protocol::ids::{Attempt, CallId, ExecId, WorkerId};
-use sand_protocol::wire::{CallSpec, GrainError, Reason, RunTrace};
-use serde::{Deserialize, Serialize};
+use sand_protocol::wire::{CallSpec, Reason, RunTrace};
 
 use crate::metrics::Metrics;
 use crate::store::Trace;
 
-/// How one attempt of one call went: an entry of `GET /v1/executions/{id}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CallTrace {
-    /// The call, as printed (16 hex digits).
-    pub call: String,
-    /// The grain.
-    pub grain: String,
-    /// The attempt.
-    pub attempt: u64,
-    /// The worker it ran on.
-    pub worker: u32,
-    /// `"gateway"` if the gateway dispatched it, `"local"` if its worker's local bus did.
-    pub via: String,
-    /// Why the gateway dispatched it: `first`, `retry` or `recovery`; `local` if its worker's
-    /// local bus ran it.
-    pub reason: String,
-    /// True if it re-ran a call whose owner was lost.
-    pub recovery: bool,
-    /// When the gateway dispatched it (ms since the Unix epoch), if it did.
-    pub dispatched_ms: Option<u64>,
-    /// When it started on its worker (ms since the Unix epoch), once the worker reported.
-    pub started_ms: Option<u64>,
-    /// When it ended on its worker.
-    pub ended_ms: Option<u64>,
-    /// How it failed, if it did.
-    pub error: Option<GrainError>,
-    /// What it printed on stdout (bounded by the worker; invalid UTF-8 replaced).
-    pub stdout: String,
-    /// What it printed on stderr.
-    pub stderr: String,
-}
-
-impl CallTrace {
-    /// This entry as the store keeps it.
-    pub fn into_write(self, exec: ExecId) -> Trace {
-        let call = CallId(u64::from_str_radix(&self.call, 16).unwrap_or_default());
-        let data = serde_json::to_vec(&self).unwrap_or_default();
-        Trace {
-            exec,
-            call,
-            attempt: Attempt(self.attempt),
-            data: Bytes::from(data),
-        }
+/// A trace entry as the store keeps it.
+fn stored(exec: ExecId, entry: &CallTrace) -> Trace {
+    let call = CallId(u64::from_str_radix(&entry.call, 16).unwrap_or_default());
+    let data = serde_json::to_vec(entry).unwrap_or_default();
+    Trace {
+        exec,
+        call,
+        attempt: Attempt(entry.attempt),
+        data: Bytes::from(data),
     }
 }
 
@@ -80,11 +46,11 @@ impl TraceBook {
         call: &CallSpec,
         reason: Reason,
         now_ms: u64,
-    ) -> Option<CallTrace> {
+    ) -> Option<Trace> {
         let reason = match reason {
-            Reason::First => "first",
-            Reason::Retry => "retry",
-            Reason::Recovery => "recovery",
+            Reason::First => Why::First,
+            Reason::Retry => Why::Retry,
+            Reason::Recovery => Why::Recovery,
             Reason::Resent => return None,
         };
         let entry = CallTrace {
@@ -92,9 +58,9 @@ impl TraceBook {
             grain: call.grain.to_string(),
             attempt: call.attempt.0,
             worker: worker.0,
-            via: "gateway".into(),
-            reason: reason.into(),
-            recovery: reason == "recovery",
+            via: Via::Gateway,
+            reason,
+            recovery: reason == Why::Recovery,
             dispatched_ms: Some(now_ms),
             started_ms: None,
             ended_ms: None,
@@ -102,9 +68,10 @@ impl TraceBook {
             stdout: String::new(),
             stderr: String::new(),
         };
+        let write = stored(call.exec, &entry);
         self.notes
-            .insert((call.exec, call.call, call.attempt), entry.clone());
-        Some(entry)
+            .insert((call.exec, call.call, call.attempt), entry);
+        Some(write)
     }
 
     /// Merges a worker's account of its runs with the dispatches noted; returns the writes.
@@ -115,15 +82,17 @@ impl TraceBook {
                 if !run.dispatched {
                     metrics.local_hops.inc();
                 }
-                CallTrace {
+                let entry = CallTrace {
                     call: run.call.to_string(),
                     grain: run.grain.to_string(),
                     attempt: run.attempt.0,
                     worker: worker.0,
-                    via: if run.dispatched { "gateway" } else { "local" }.into(),
-                    reason: note
-                        .as_ref()
-                        .map_or_else(|| "local".into(), |n| n.reason.clone()),
+                    via: if run.dispatched {
+                        Via::Gateway
+                    } else {
+                        Via::Local
+                    },
+                    reason: note.as_ref().map_or(Why::Local, |n| n.reason),
                     recovery: note.as_ref().is_some_and(|n| n.recovery),
                     dispatched_ms: note.and_then(|n| n.dispatched_ms),
                     started_ms: Some(run.started_ms),
@@ -131,8 +100,8 @@ impl TraceBook {
                     error: run.error,
                     stdout: String::from_utf8_lossy(&run.stdout).into_owned(),
                     stderr: String::from_utf8_lossy(&run.stderr).into_owned(),
-                }
-                .into_write(run.exec)
+                };
+                stored(run.exec, &entry)
             })
             .collect()
     }
@@ -147,7 +116,7 @@ impl TraceBook {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use sand_protocol::wire::ErrorKind;
+    use sand_protocol::wire::{ErrorKind, GrainError};
 
     #[test]
     fn error_kinds_are_snake_case_and_old_traces_still_read() {
@@ -156,8 +125,8 @@ mod tests {
             grain: "g".into(),
             attempt: 1,
             worker: 1,
-            via: "local".into(),
-            reason: "local".into(),
+            via: Via::Local,
+            reason: Why::Local,
             recovery: false,
             dispatched_ms: None,
             started_ms: Some(1),

@@ -16,10 +16,12 @@ use sand_gateway::exec_ref::ExecRefs;
 use sand_gateway::http::{self, Api};
 use sand_gateway::metrics::Metrics;
 use sand_gateway::store::Store;
+use sand_gateway::token::Token;
 use sand_protocol::global_queue::GqConfig;
 use sand_protocol::ids::{AppName, GrainName};
 use sand_protocol::policy::AppSpec;
 use sand_protocol::wire::AppBundle;
+use sand_testkit::contract;
 use sand_transport::mem::MemNetwork;
 use serde_json::Value;
 use tower::ServiceExt;
@@ -27,6 +29,11 @@ use tower::ServiceExt;
 /// A gateway's API with app `one` deployed. Keep the network: dropping it closes the core's
 /// event stream.
 async fn api(dir: &std::path::Path) -> (Router, MemNetwork) {
+    api_with(dir, None).await
+}
+
+/// [`api`], wanting `token` if one is given.
+async fn api_with(dir: &std::path::Path, token: Option<Token>) -> (Router, MemNetwork) {
     let (store, state) = Store::open(&dir.join("gq.redb")).unwrap();
     let store = Arc::new(store);
     let (net, link) = MemNetwork::new(64);
@@ -62,7 +69,7 @@ async fn api(dir: &std::path::Path) -> (Router, MemNetwork) {
         store,
         metrics,
         registry: Arc::new(registry),
-        token: None,
+        token: token.map(Arc::new),
         hosts: Arc::new([]),
         policy: Arc::new(sand_app::Policy::default()),
         refs: Arc::new(ExecRefs::open(dir).unwrap()),
@@ -70,13 +77,31 @@ async fn api(dir: &std::path::Path) -> (Router, MemNetwork) {
     (http::router(api), net)
 }
 
+/// Sends `req` and checks the answer against the OpenAPI document: every response any test
+/// here sees is one the document describes.
 async fn call(router: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let response = router.clone().oneshot(req).await.unwrap();
     let status = response.status();
+    let media_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
     let body = axum::body::to_bytes(response.into_body(), 1 << 20)
         .await
         .unwrap();
-    (status, serde_json::from_slice(&body).unwrap())
+    let body = match media_type.as_deref() {
+        Some("application/json") => serde_json::from_slice(&body).unwrap(),
+        _ => Value::String(String::from_utf8(body.to_vec()).unwrap()),
+    };
+    contract::check(
+        method.as_str(),
+        &path,
+        status.as_u16(),
+        media_type.as_deref(),
+        &body,
+    );
+    (status, body)
 }
 
 /// An asynchronous invocation of `one` with `input`, and `key` if any.
@@ -205,4 +230,268 @@ async fn executions_are_listed_newest_first_a_page_at_a_time() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
         assert_eq!(body["error"]["code"], "bad_query", "{bad}");
     }
+}
+
+/// A request to the API as a same-site client sends it, with `token` if given.
+fn request(method: &str, uri: &str, token: Option<&str>, body: impl Into<Body>) -> Request<Body> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "localhost:8080");
+    if method == "POST" {
+        req = req.header("content-type", "application/json");
+    }
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    req.body(body.into()).unwrap()
+}
+
+/// An app directory, as a bundle, whose manifest is `manifest`.
+fn bundle_of(manifest: &str) -> Bytes {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sand.toml"), manifest).unwrap();
+    std::fs::write(
+        dir.path().join("grains.py"),
+        "def f(x, ctx):\n    return x\n",
+    )
+    .unwrap();
+    sand_app::pack(dir.path()).unwrap()
+}
+
+const TWO: &str = "name = \"two\"\nentry = \"f\"\n[grains.f]\nruntime = \"python\"\nmodule = \"grains.py\"\nhandler = \"f\"\n";
+
+#[tokio::test]
+async fn every_route_answers_as_its_document_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "t0k3n-for-the-api-test-0123456789abcdef";
+    let (router, _net) = api_with(dir.path(), Some(Token::new(token, "test").unwrap())).await;
+    let t = Some(token);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut expect = async |method: &str, uri: &str, token, body: Body, want: StatusCode| {
+        let (status, answer) = call(&router, request(method, uri, token, body)).await;
+        assert_eq!(status, want, "{method} {uri}: {answer}");
+        let path = uri.split('?').next().unwrap();
+        if let Some(template) = contract::template(path) {
+            seen.insert((method.to_lowercase(), template));
+        }
+        answer
+    };
+    let ok = StatusCode::OK;
+    let empty = || Body::empty();
+
+    // Apps: deploy, list, remove; refusals of each.
+    let deployed = expect("PUT", "/v1/apps/two", t, bundle_of(TWO).into(), ok).await;
+    assert_eq!(deployed["grains"], serde_json::json!(["f"]));
+    expect(
+        "PUT",
+        "/v1/apps/three",
+        t,
+        bundle_of(TWO).into(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    expect(
+        "PUT",
+        "/v1/apps/two",
+        t,
+        Body::from("not a tar"),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    let networked = TWO.replace("[grains.f]", "network = true\n[grains.f]");
+    expect(
+        "PUT",
+        "/v1/apps/two",
+        t,
+        bundle_of(&networked).into(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    let apps = expect("GET", "/v1/apps", t, empty(), ok).await;
+    assert_eq!(apps["apps"].as_array().unwrap().len(), 2);
+    expect("DELETE", "/v1/apps/two", t, empty(), ok).await;
+    expect("DELETE", "/v1/apps/two", t, empty(), StatusCode::NOT_FOUND).await;
+    expect(
+        "DELETE",
+        "/v1/apps/No%20Such",
+        t,
+        empty(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+
+    // Invocations: accepted, refused by query, input, key and app.
+    let accepted = expect(
+        "POST",
+        "/v1/apps/one/invoke?async",
+        t,
+        "1".into(),
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    let reference = accepted["execution"].as_str().unwrap().to_owned();
+    expect(
+        "POST",
+        "/v1/apps/one/invoke?wait=0",
+        t,
+        "2".into(),
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    expect(
+        "POST",
+        "/v1/apps/one/invoke?wait=x",
+        t,
+        "1".into(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    expect(
+        "POST",
+        "/v1/apps/one/invoke?async",
+        t,
+        "{".into(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    expect(
+        "POST",
+        "/v1/apps/nope/invoke?async",
+        t,
+        "1".into(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let big = vec![b'1'; sand_protocol::wire::PAYLOAD_BYTES_MAX + 1];
+    expect(
+        "POST",
+        "/v1/apps/one/invoke",
+        t,
+        big.into(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await;
+    let keyed = |body: &'static str| {
+        let mut req = request("POST", "/v1/apps/one/invoke?async", t, body);
+        req.headers_mut()
+            .insert("idempotency-key", "k".parse().unwrap());
+        req
+    };
+    assert_eq!(call(&router, keyed("1")).await.0, StatusCode::ACCEPTED);
+    assert_eq!(
+        call(&router, keyed("2")).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+
+    // Executions: one, a list, refusals.
+    let one = expect(
+        "GET",
+        &format!("/v1/executions/{reference}"),
+        t,
+        empty(),
+        ok,
+    )
+    .await;
+    assert_eq!(one["status"], "running");
+    expect(
+        "GET",
+        "/v1/executions/nope",
+        t,
+        empty(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    let guessed = format!("{}{}", &reference[..16], "0".repeat(32));
+    expect(
+        "GET",
+        &format!("/v1/executions/{guessed}"),
+        t,
+        empty(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let page = expect("GET", "/v1/executions?limit=2", t, empty(), ok).await;
+    assert_eq!(page["executions"].as_array().unwrap().len(), 2);
+    expect(
+        "GET",
+        "/v1/executions?sort=asc",
+        t,
+        empty(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+
+    // The cluster, the document, liveness and metrics.
+    expect("GET", "/v1/workers", t, empty(), ok).await;
+    let document = expect("GET", "/v1/openapi.json", t, empty(), ok).await;
+    assert_eq!(document, serde_json::to_value(http::openapi()).unwrap());
+    assert_eq!(
+        &document,
+        contract::document(),
+        "docs/openapi.json is out of date"
+    );
+    expect("GET", "/healthz", None, empty(), ok).await;
+    expect("GET", "/metrics", None, empty(), ok).await;
+
+    // What the middleware refuses, on any route.
+    expect("GET", "/v1/apps", None, empty(), StatusCode::UNAUTHORIZED).await;
+    let mut form = request("POST", "/v1/apps/one/invoke", t, "1");
+    form.headers_mut()
+        .insert("content-type", "text/plain".parse().unwrap());
+    assert_eq!(
+        call(&router, form).await.0,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    let mut rebound = request("GET", "/v1/apps", t, empty());
+    rebound
+        .headers_mut()
+        .insert("host", "evil.example".parse().unwrap());
+    assert_eq!(
+        call(&router, rebound).await.0,
+        StatusCode::MISDIRECTED_REQUEST
+    );
+    let mut foreign = request("GET", "/v1/apps", t, empty());
+    foreign
+        .headers_mut()
+        .insert("origin", "http://evil.example".parse().unwrap());
+    assert_eq!(call(&router, foreign).await.0, StatusCode::FORBIDDEN);
+    expect(
+        "PATCH",
+        "/v1/apps/one",
+        t,
+        empty(),
+        StatusCode::METHOD_NOT_ALLOWED,
+    )
+    .await;
+    expect("GET", "/v2/nothing", t, empty(), StatusCode::NOT_FOUND).await;
+
+    // Every operation the document names was answered above.
+    let document: &Value = &document;
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.insert((method.clone(), path.clone()));
+        }
+    }
+    let missed: Vec<_> = documented.difference(&seen).collect();
+    assert!(
+        missed.is_empty(),
+        "documented but not exercised: {missed:?}"
+    );
+}
+
+#[test]
+fn the_document_in_docs_is_the_one_served() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+    let served = http::openapi().to_pretty_json().unwrap() + "\n";
+    if std::env::var_os("SAND_BLESS").is_some() {
+        std::fs::write(path, &served).unwrap();
+    }
+    let kept = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        kept == served,
+        "docs/openapi.json is not the document this gateway serves; rewrite it with \
+         `SAND_BLESS=1 cargo test -p sand-gateway --test api the_document_in_docs`"
+    );
 }

@@ -212,6 +212,7 @@ impl Effects {
 /// `budget`. The binary wire numbers the variants; new ones go last. Traces written before
 /// the names were snake_case still read (the aliases).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The handler raised an error.
@@ -240,6 +241,7 @@ pub enum ErrorKind {
 
 /// A grain's failure, as the client sees it after the last retry.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GrainError {
     /// What kind of failure.
     pub kind: ErrorKind,

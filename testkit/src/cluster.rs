@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use sand_api::{Accepted, Answer, Execution, Workers};
 use sand_lazyfs::{Cut, LazyFs};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::link::Relay;
@@ -251,10 +253,8 @@ impl Cluster {
     fn wait_for_workers(&self, n: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let body = self.get("/v1/workers")?;
-            let connected = body["workers"]
-                .as_array()
-                .map_or(0, |w| w.iter().filter(|w| w["connected"] == true).count());
+            let body: Workers = self.get("/v1/workers")?;
+            let connected = body.workers.iter().filter(|w| w.connected).count();
             if connected >= n {
                 return Ok(());
             }
@@ -521,8 +521,8 @@ impl Cluster {
             .map(|(_, c)| c.id())
     }
 
-    /// A GET on the API, as JSON.
-    pub fn get(&self, path: &str) -> Result<Value> {
+    /// A GET on the API, read as the API's `T` (`serde_json::Value` for any JSON).
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.api.get(path)
     }
 
@@ -614,8 +614,8 @@ impl Client {
         }
     }
 
-    /// A GET on the API, as JSON.
-    pub fn get(&self, path: &str) -> Result<Value> {
+    /// A GET on the API, read as the API's `T` (`serde_json::Value` for any JSON).
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         match self.request("GET", path).call() {
             Ok(r) => Ok(r.into_json()?),
             Err(ureq::Error::Status(code, r)) => {
@@ -628,24 +628,21 @@ impl Client {
     /// Invokes `app` with the number `input` and waits for the answer; checks that it is
     /// `input + adds`.
     pub fn invoke(&self, app: &str, input: u64, adds: u64) -> Result<()> {
-        let body = self.post(&format!("/v1/apps/{app}/invoke"), input)?;
-        match body["output"].as_u64() {
+        let body: Answer = self.post(&format!("/v1/apps/{app}/invoke"), input)?;
+        match body.output.as_ref().and_then(Value::as_u64) {
             Some(out) if out == input + adds => Ok(()),
-            _ => bail!("{app}({input}) answered {body}, not {}", input + adds),
+            _ => bail!("{app}({input}) answered {body:?}, not {}", input + adds),
         }
     }
 
     /// Starts `app` with the number `input` without waiting; returns the execution id.
     pub fn start(&self, app: &str, input: u64) -> Result<String> {
-        let body = self.post(&format!("/v1/apps/{app}/invoke?async=true"), input)?;
-        body["execution"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| anyhow!("no execution id in {body}"))
+        let body: Accepted = self.post(&format!("/v1/apps/{app}/invoke?async=true"), input)?;
+        Ok(body.execution)
     }
 
     /// An execution's status document.
-    pub fn execution(&self, id: &str) -> Result<Value> {
+    pub fn execution(&self, id: &str) -> Result<Execution> {
         self.get(&format!("/v1/executions/{id}"))
     }
 
@@ -658,7 +655,7 @@ impl Client {
         }
     }
 
-    fn post(&self, path: &str, input: u64) -> Result<Value> {
+    fn post<T: DeserializeOwned>(&self, path: &str, input: u64) -> Result<T> {
         let req = self
             .request("POST", path)
             .set("Content-Type", "application/json");

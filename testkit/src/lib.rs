@@ -3,7 +3,8 @@
 //! percentiles ([`stats`]), the benchmark chain's grains ([`apps`]); with the `cgroups`
 //! feature, the check that cgroups are usable ([`cgroups`]); and with the `cluster` feature, a
 //! cluster of real `sand` processes ([`cluster`]) whose workers can dial through an emulated
-//! link ([`link`]), with the process helpers it is made of ([`process`]).
+//! link ([`link`]), with the process helpers it is made of ([`process`]); with the `contract`
+//! feature, the API's OpenAPI document as a check of every answer a test sees ([`contract`]).
 //!
 //! A dev-dependency only: nothing shipped depends on it.
 
@@ -12,6 +13,8 @@ pub mod apps;
 pub mod cgroups;
 #[cfg(feature = "cluster")]
 pub mod cluster;
+#[cfg(feature = "contract")]
+pub mod contract;
 #[cfg(feature = "cluster")]
 pub mod link;
 pub mod proc;

@@ -439,7 +439,7 @@ fn memory_row(
         row.per_instance_pss_kib = Some(busy.saturating_sub(idle_pss) / holding as u64);
         for id in ids {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while client.execution(&id)?["status"] == "running" {
+            while client.execution(&id)?.status == sand_api::Status::Running {
                 if std::time::Instant::now() > deadline {
                     bail!("a held call did not end");
                 }

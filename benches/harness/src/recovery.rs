@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
+use sand_api::{Execution, Status};
 use sand_testkit::cluster::{Client, Cluster, ClusterSpec, Host};
 use sand_testkit::stats::Latencies;
 
@@ -55,7 +56,7 @@ pub fn run(sand: &Path, base: &ClusterSpec, app: &Path, chains: usize) -> Result
     let mut cluster = cluster;
     cluster.kill(Host::Worker(2))?;
     let killed = Instant::now();
-    let mut answered: BTreeMap<String, (Duration, serde_json::Value)> = BTreeMap::new();
+    let mut answered: BTreeMap<String, (Duration, Execution)> = BTreeMap::new();
     let deadline = killed + Duration::from_secs(60);
     while answered.len() < started.len() {
         if Instant::now() > deadline {
@@ -70,7 +71,7 @@ pub fn run(sand: &Path, base: &ClusterSpec, app: &Path, chains: usize) -> Result
                 continue;
             }
             let body = client.execution(id)?;
-            if body["status"] != "running" {
+            if body.status != Status::Running {
                 answered.insert(id.clone(), (killed.elapsed(), body));
             }
         }
@@ -79,13 +80,11 @@ pub fn run(sand: &Path, base: &ClusterSpec, app: &Path, chains: usize) -> Result
     let mut answer_times = Latencies::new();
     for (id, input) in &started {
         let (after, body) = &answered[id];
-        if body["status"] != "succeeded" || body["output"].as_u64() != Some(input + 6) {
-            bail!("chain {id} on input {input} ended wrong: {body}");
+        let output = body.output.as_ref().and_then(serde_json::Value::as_u64);
+        if body.status != Status::Succeeded || output != Some(input + 6) {
+            bail!("chain {id} on input {input} ended wrong: {body:?}");
         }
-        let recovered = body["calls"]
-            .as_array()
-            .is_some_and(|calls| calls.iter().any(|c| c["recovery"] == true));
-        if recovered {
+        if body.calls.iter().any(|c| c.recovery) {
             answer_times.record(*after);
         }
     }
@@ -104,7 +103,7 @@ pub fn run(sand: &Path, base: &ClusterSpec, app: &Path, chains: usize) -> Result
 fn wait(client: &Client, id: &str, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        if client.execution(id)?["status"] != "running" {
+        if client.execution(id)?.status != Status::Running {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -21,6 +21,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use sand_api::Status;
+use sand_protocol::wire::GrainError;
 use serde_json::{json, Value};
 
 /// One request: an app, an idempotency key, and the entry grain's input.
@@ -53,23 +55,29 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The state a `GET /v1/executions/{id}` body reports. A status other than `running` and
-    /// `succeeded` is a failure, the whole body its error.
+    /// The state a `GET /v1/executions/{id}` body reports. A body that is not the API's
+    /// [`sand_api::Execution`] is a failure, the whole body its error.
     pub fn of_status(body: &Value) -> Self {
-        match body["status"].as_str() {
-            Some("running") => Self::Running,
-            Some("succeeded") => Self::Succeeded(body["output"].clone()),
-            Some("failed") => Self::Failed(body["error"].clone()),
-            _ => Self::Failed(body.clone()),
+        match serde_json::from_value::<sand_api::Execution>(body.clone()) {
+            Ok(e) => Self::of(e.status, e.output, e.error.as_ref(), body),
+            Err(_) => Self::Failed(body.clone()),
         }
     }
 
-    /// The outcome a synchronous invocation's answer carries: `{"output": ...}` or
-    /// `{"error": ...}`.
+    /// The outcome a synchronous invocation's answer ([`sand_api::Answer`]) carries.
     pub fn of_answer(body: &Value) -> Self {
-        match body.get("output") {
-            Some(output) => Self::Succeeded(output.clone()),
-            None => Self::Failed(body.get("error").unwrap_or(body).clone()),
+        match serde_json::from_value::<sand_api::Answer>(body.clone()) {
+            Ok(a) => Self::of(a.status, a.output, a.error.as_ref(), body),
+            Err(_) => Self::Failed(body.clone()),
+        }
+    }
+
+    fn of(status: Status, output: Option<Value>, error: Option<&GrainError>, body: &Value) -> Self {
+        match (status, error) {
+            (Status::Running, _) => Self::Running,
+            (Status::Succeeded, _) => Self::Succeeded(output.unwrap_or_default()),
+            (Status::Failed, Some(e)) => Self::Failed(json!(e)),
+            (Status::Failed, None) => Self::Failed(body.clone()),
         }
     }
 
@@ -973,24 +981,27 @@ mod tests {
 
     #[test]
     fn bodies_are_read_as_outcomes() {
-        let running = json!({"execution": "e", "status": "running", "app": "a"});
-        assert_eq!(Outcome::of_status(&running), Outcome::Running);
-        let done = json!({"status": "succeeded", "output": 4});
+        let body = |status: &str, rest: Value| {
+            let mut b = json!({"execution": "e", "app": "a", "status": status, "calls": []});
+            if let (Some(b), Some(rest)) = (b.as_object_mut(), rest.as_object()) {
+                b.extend(rest.clone());
+            }
+            b
+        };
+        let raised = json!({"kind": "raised", "message": "m"});
+        assert_eq!(
+            Outcome::of_status(&body("running", json!({}))),
+            Outcome::Running
+        );
+        let done = body("succeeded", json!({"output": 4}));
         assert_eq!(Outcome::of_status(&done), ok(4));
-        let failed = json!({"status": "failed", "error": {"kind": "raised"}});
-        assert_eq!(
-            Outcome::of_status(&failed),
-            Outcome::Failed(json!({"kind": "raised"}))
-        );
-        let odd = json!({"status": "paused"});
+        let failed = body("failed", json!({"error": raised}));
+        assert_eq!(Outcome::of_status(&failed), Outcome::Failed(raised.clone()));
+        let odd = body("paused", json!({}));
         assert_eq!(Outcome::of_status(&odd), Outcome::Failed(odd.clone()));
-        assert_eq!(
-            Outcome::of_answer(&json!({"execution": "e", "output": 4})),
-            ok(4)
-        );
-        assert_eq!(
-            Outcome::of_answer(&json!({"execution": "e", "error": {"kind": "raised"}})),
-            Outcome::Failed(json!({"kind": "raised"}))
-        );
+        let answer = json!({"execution": "e", "status": "succeeded", "output": 4});
+        assert_eq!(Outcome::of_answer(&answer), ok(4));
+        let answer = json!({"execution": "e", "status": "failed", "error": raised});
+        assert_eq!(Outcome::of_answer(&answer), Outcome::Failed(raised));
     }
 }
