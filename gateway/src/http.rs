@@ -47,6 +47,7 @@ use sand_api::{
 use sand_protocol::durable::{Answer, ExecStatus};
 use sand_protocol::global_queue::InvokeError;
 use sand_protocol::ids::{AppName, ExecId};
+use sand_protocol::policy::AppSpec;
 use sand_protocol::wire::{AppBundle, Payload, PAYLOAD_BYTES_MAX};
 use utoipa::openapi::{self, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -510,12 +511,7 @@ async fn deploy(State(api): State<Api>, Path(app): Path<String>, body: Bytes) ->
         digest: digest.clone(),
         archive,
     };
-    let deployed = App {
-        app: app.to_string(),
-        digest,
-        entry: spec.entry.to_string(),
-        grains: spec.grains.keys().map(ToString::to_string).collect(),
-    };
+    let deployed = app_of(&spec, digest);
     // The app and its code are written in one batch; the reply comes once it is durable.
     api.core
         .ask(|reply| Command::Deploy {
@@ -537,14 +533,19 @@ async fn list_apps(State(api): State<Api>) -> ApiResult {
     let apps = api.core.ask(|reply| Command::Apps { reply }).await?;
     let apps = apps
         .into_iter()
-        .map(|(spec, digest)| App {
-            app: spec.name.to_string(),
-            digest,
-            entry: spec.entry.to_string(),
-            grains: spec.grains.keys().map(ToString::to_string).collect(),
-        })
+        .map(|(spec, digest)| app_of(&spec, digest))
         .collect();
     Ok(Json(Apps { apps }).into_response())
+}
+
+/// A deployed app as the API shows it.
+fn app_of(spec: &AppSpec, digest: String) -> App {
+    App {
+        app: spec.name.to_string(),
+        digest,
+        entry: spec.entry.to_string(),
+        grains: spec.grains.keys().map(ToString::to_string).collect(),
+    }
 }
 
 /// Removes an app, code and all; its running executions go on.
