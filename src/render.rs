@@ -60,7 +60,7 @@ pub fn execution(body: &Execution) -> String {
             }
             vec![
                 printable(&c.grain),
-                format!("{:x}", c.attempt),
+                c.attempt.to_string(),
                 format!("w{}", c.worker),
                 c.via.as_str().to_owned(),
                 at(c.started_ms, t0),
@@ -107,7 +107,7 @@ pub fn ended(call: &CallTrace) -> bool {
 /// `sand logs`: one call, with what it printed.
 pub fn call_block(c: &CallTrace, t0: u64) -> String {
     let mut out = format!(
-        "\n{} attempt {:x} on worker {} via {}{}: started {} ended {}",
+        "\n{} attempt {} on worker {} via {}{}: started {} ended {}",
         printable(&c.grain),
         c.attempt,
         c.worker,
@@ -237,12 +237,12 @@ mod tests {
         assert_eq!(lines[1], "pipeline: succeeded");
         assert_eq!(
             lines[3],
-            "GRAIN   ATTEMPT    WORKER  VIA    STARTED  ENDED  NOTE"
+            "GRAIN   ATTEMPT     WORKER  VIA    STARTED  ENDED  NOTE"
         );
-        assert_eq!(lines[4], "double  100000000  w2      local  +0ms     +3ms");
+        assert_eq!(lines[4], "double  4294967296  w2      local  +0ms     +3ms");
         assert_eq!(
             lines[5],
-            "square  100000000  w2      local  +10ms    +13ms  recovery"
+            "square  4294967296  w2      local  +10ms    +13ms  recovery"
         );
         assert_eq!(lines.last(), Some(&"output: 49"));
     }

@@ -86,6 +86,24 @@ impl Api for Cluster {
     }
 }
 
+/// The trace entry of `grain`'s call in an ended execution, once its worker has reported it
+/// (traces come in batches, best effort, and may land after the answer).
+fn eventually_traced(cluster: &Cluster, exec: &str, grain: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = cluster.wait_for(exec, Duration::from_secs(5));
+        let calls = status["calls"].as_array().cloned().unwrap_or_default();
+        let ran = calls
+            .into_iter()
+            .find(|c| c["grain"] == grain && c["started_ms"].is_u64());
+        match ran {
+            Some(call) => return call,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            None => panic!("no trace of {grain} in {status}"),
+        }
+    }
+}
+
 /// Runs a short `sand` command that must succeed; returns its stdout.
 fn sand(args: &[&str]) -> String {
     process::run(Path::new(SAND), args).unwrap_or_else(|e| panic!("{e:#}"))
@@ -229,6 +247,23 @@ fn a_chain_and_a_fan_out_answer_correctly_and_are_traced() {
         assert_eq!(code, 200, "{body}");
         assert_eq!(body["output"], (n * 2 + 1) * (n * 2 + 1), "{body}");
     }
+    // One spelling of each id: the grain prints `ctx.exec` and `ctx.attempt` (examples/pipeline)
+    // as the API and the CLI show them, so any of them pastes into any other.
+    let (_, body) = cluster.invoke("pipeline", "1", "");
+    let reference = body["execution"].as_str().expect("a reference");
+    let double = eventually_traced(&cluster, reference, "double");
+    let printed = format!("execution {reference}, attempt {}", double["attempt"]);
+    assert!(
+        double["stdout"]
+            .as_str()
+            .is_some_and(|s| s.contains(&printed)),
+        "the grain printed other ids than the API's ({printed}): {double}"
+    );
+    let logs = sand(&["logs", reference, "--gateway", cluster.http()]);
+    assert!(
+        logs.contains(&format!("double attempt {}", double["attempt"])),
+        "{logs}"
+    );
     let (code, body) = cluster.invoke("fanout", "\"serverless chained functions\"", "");
     assert_eq!(code, 200, "{body}");
     assert_eq!(

@@ -28,6 +28,7 @@ use sand_protocol::wire::{
 use sand_transport::seam::{Events, GatewayEvent, GatewaySender};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::exec_ref::ExecRefs;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use crate::trace::TraceBook;
@@ -207,6 +208,8 @@ pub struct Core {
     removing: HashMap<AppName, VecDeque<oneshot::Sender<bool>>>,
     /// The index of the last batch handed to the store.
     logged: LogIndex,
+    /// Names executions to clients, and so to the grains that run them.
+    refs: Arc<ExecRefs>,
     /// When each execution accepted in this life was, until its answer: for the latency
     /// histogram only.
     accepted_at: HashMap<ExecId, Instant>,
@@ -226,6 +229,7 @@ impl Core {
         state: sand_protocol::durable::DurableState,
         sender: GatewaySender,
         metrics: Arc<Metrics>,
+        refs: Arc<ExecRefs>,
     ) -> Self {
         let traces = TraceBook::default();
         let started = Instant::now();
@@ -250,6 +254,7 @@ impl Core {
             defer_batches: false,
             traces,
             sweep,
+            refs,
         }
     }
 
@@ -528,8 +533,10 @@ impl Core {
                         self.store.append(batch)?;
                     }
                 }
-                GqOutput::Send(w, msg) => {
-                    if let ToWorker::Dispatch { call, reason, .. } = &msg {
+                GqOutput::Send(w, mut msg) => {
+                    if let ToWorker::Dispatch { call, reason, .. } = &mut msg {
+                        // The grain sees the execution as clients do.
+                        call.exec_ref = self.refs.present(call.exec);
                         if let Some(t) = self.traces.dispatched(w, call, *reason, wall_ms()) {
                             self.metrics.gateway_hops.inc();
                             if *reason == Reason::Recovery {
@@ -646,7 +653,8 @@ mod tests {
         let (net, link) = MemNetwork::new(64);
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
         let state = sand_protocol::durable::DurableState::default();
-        let mut core = Core::new(config, Arc::new(store), state, link.sender, metrics);
+        let refs = Arc::new(ExecRefs::new(b"the core's tests"));
+        let mut core = Core::new(config, Arc::new(store), state, link.sender, metrics, refs);
         core.drain().unwrap();
         let spec = AppSpec {
             name: AppName::new("one").unwrap(),
@@ -754,6 +762,8 @@ mod tests {
         let mut run = run(&mut core, b"3");
         let exec = run.invoked.exec;
         let call = dispatched(&mut worker);
+        // The grain is told the execution's name as clients know it.
+        assert_eq!(call.exec_ref, core.refs.present(exec));
         core.event(answered(&call, 1, b"9"));
         core.drain().unwrap();
 

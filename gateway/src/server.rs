@@ -193,6 +193,7 @@ impl Gateway {
             state,
             link.sender,
             metrics.clone(),
+            refs.clone(),
         );
         let (handle, core_task) = core::spawn(core, link.events);
         let listener = tokio::net::TcpListener::bind(config.http_addr)

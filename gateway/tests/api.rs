@@ -39,12 +39,14 @@ async fn api_with(dir: &std::path::Path, token: Option<Token>) -> (Router, MemNe
     let (net, link) = MemNetwork::new(64);
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
+    let refs = Arc::new(ExecRefs::open(dir).unwrap());
     let core = Core::new(
         GqConfig::default(),
         store.clone(),
         state,
         link.sender,
         metrics.clone(),
+        refs.clone(),
     );
     let (handle, _task) = core::spawn(core, link.events);
     let spec = AppSpec {
@@ -72,7 +74,7 @@ async fn api_with(dir: &std::path::Path, token: Option<Token>) -> (Router, MemNe
         token: token.map(Arc::new),
         hosts: Arc::new([]),
         policy: Arc::new(sand_app::Policy::default()),
-        refs: Arc::new(ExecRefs::open(dir).unwrap()),
+        refs,
     };
     (http::router(api), net)
 }

@@ -444,6 +444,7 @@ impl LocalBus {
             input: input.clone(),
             cont: local.spec.cont,
             depth_left: local.spec.depth_left,
+            exec_ref: spec.exec_ref.clone(),
         };
         effects.spawned.push(NewCall {
             call: join.call,
@@ -530,6 +531,7 @@ impl LocalBus {
                 input,
                 cont,
                 depth_left,
+                exec_ref: parent.exec_ref.clone(),
             });
         }
         local

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq};
 
 /// The encoding version this build writes and reads.
-pub const WIRE_VERSION: u8 = 5;
+pub const WIRE_VERSION: u8 = 6;
 
 /// The largest encoded message, in bytes. A frame above it is refused without being read.
 pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
@@ -136,6 +136,11 @@ pub struct CallSpec {
     /// How many levels of fan-out may still nest below it: its branches get one less, its
     /// `next` and its join the same. A fan-out at 0 fails with [`ErrorKind::Budget`].
     pub depth_left: u32,
+    /// The execution as clients name it (the gateway's reference: its id and a MAC), which
+    /// the grain sees as `ctx.exec`, so an id a grain prints is one the API takes. The state
+    /// machines carry it and never read it: the gateway's driver sets it on each dispatch,
+    /// and the local bus gives it to the calls a call makes.
+    pub exec_ref: String,
 }
 
 impl CallSpec {
@@ -615,6 +620,7 @@ mod tests {
             input: Payload::from("{\"x\":1}"),
             cont: Cont::Client,
             depth_left: 16,
+            exec_ref: String::new(),
         }
     }
 

@@ -230,6 +230,7 @@ fn spec(exec: ExecId, g: &str, input: &str, attempt: Attempt) -> CallSpec {
         input: Payload::from(input),
         cont: Cont::Client,
         depth_left: 16,
+        exec_ref: String::new(),
     }
 }
 

@@ -23,6 +23,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
         input: Payload::from("{\"k\":[1,2,3]}"),
         cont: Cont::Client,
         depth_left: 16,
+        exec_ref: String::new(),
     };
     let report = Report {
         exec,

@@ -51,7 +51,7 @@ PIECE_BODY_MAX = 60 * 1024
 CAPTURE_MAX = 64 * 1024
 MESSAGE_MAX = 16 << 20
 RESULT_HEAD = struct.Struct("<IIIIQQ")
-CALL_HEAD = struct.Struct("<QQQ")
+CALL_IDS = struct.Struct("<QQ")
 PRIVATE_LEN = struct.Struct("<I")
 SPARE_BODY = struct.Struct("<II")
 DIED_BODY = struct.Struct("<IBi")
@@ -90,13 +90,15 @@ class FanOut:
 
 
 class Ctx:
-    """The second argument of a handler: the call's identity and the ways to go on."""
+    """The second argument of a handler: the call's identity, spelled as the HTTP API spells
+    it (`exec` the execution's reference, `call` 16 hex digits, `attempt` a number), and the
+    ways to go on."""
 
     __slots__ = ("exec", "call", "attempt")
 
-    def __init__(self, exec_id, call, attempt):
-        self.exec = exec_id
-        self.call = call
+    def __init__(self, exec_ref, call, attempt):
+        self.exec = exec_ref
+        self.call = "%016x" % call
         self.attempt = attempt
 
     def next(self, grain, value):
@@ -133,9 +135,11 @@ def describe_exception(e):
 
 def run_call(handler, body):
     try:
-        exec_id, call, attempt = CALL_HEAD.unpack_from(body)
-        event = json.loads(bytes(body[CALL_HEAD.size:]))
-        out = handler(event, Ctx(exec_id, call, attempt))
+        n = body[0]
+        exec_ref = bytes(body[1:1 + n]).decode("ascii", "replace")
+        call, attempt = CALL_IDS.unpack_from(body, 1 + n)
+        event = json.loads(bytes(body[1 + n + CALL_IDS.size:]))
+        out = handler(event, Ctx(exec_ref, call, attempt))
     except BaseException as e:  # the handler's failure is the call's result
         return json.dumps({"error": describe_exception(e)}).encode()
     return encode_result(out)
@@ -225,7 +229,9 @@ def rehearse(out_fd, err_fd):
     makes what the path creates lazily exist before the fork; in an instance waiting for its
     call it copies the pages the path writes (allocator pools, free lists) while nobody
     waits, instead of during the call."""
-    call = CALL_HEAD.pack(0, 0, 0) + b'{"rehearsal":[1,"two",3.5,null,true]}'
+    reference = b"0" * 48
+    ids = bytes([len(reference)]) + reference + CALL_IDS.pack(0, 0)
+    call = ids + b'{"rehearsal":[1,"two",3.5,null,true]}'
     answer(lambda event, ctx: ctx.next("rehearsal", event), memoryview(call), out_fd, err_fd, 0)
 
 

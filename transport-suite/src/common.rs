@@ -199,6 +199,7 @@ pub fn dispatch(index: u32, bytes: usize) -> ToWorker {
             input: Payload(Bytes::from(vec![b'1'; bytes])),
             cont: Cont::Client,
             depth_left: 16,
+            exec_ref: String::new(),
         },
         reason: Reason::First,
     }

@@ -486,6 +486,7 @@ mod tests {
                 input: Payload(Bytes::from(vec![0u8; MESSAGE_BYTES_MAX])),
                 cont: Cont::Client,
                 depth_left: 16,
+                exec_ref: String::new(),
             },
             reason: Reason::First,
         };

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sand_protocol::ids::{Attempt, CallId, ExecId};
+use sand_protocol::ids::{Attempt, CallId};
 use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::Payload;
 use sand_testkit::proc::{children, private_kib, pss_kib};
@@ -34,7 +34,7 @@ fn exec_grain(python: &Path) -> String {
 
 fn request(input: &str) -> CallRequest {
     CallRequest {
-        exec: ExecId(1),
+        exec: String::new(),
         call: CallId(1),
         attempt: Attempt(1),
         input: Payload::from(input),

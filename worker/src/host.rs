@@ -223,7 +223,7 @@ impl AppHost {
                     .map(|g| Duration::from_millis(g.timeout_ms));
                 runner
                     .call(CallRequest {
-                        exec: spec.exec,
+                        exec: spec.exec_ref.clone(),
                         call: spec.call,
                         attempt: spec.attempt,
                         input: spec.input.clone(),

@@ -177,6 +177,7 @@ impl Harness {
             input: Payload::from(input.to_string().as_str()),
             cont: Cont::Client,
             depth_left: 16,
+            exec_ref: String::new(),
         };
         let incarnation = self.incarnation;
         self.send(ToWorker::Dispatch {
@@ -316,6 +317,7 @@ async fn a_local_chain_runs_ahead_of_the_gateways_acks() {
         input: Payload::from("0"),
         cont: Cont::Client,
         depth_left: 16,
+        exec_ref: String::new(),
     };
     let incarnation = h.incarnation;
     h.send(ToWorker::Dispatch {

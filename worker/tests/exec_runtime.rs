@@ -64,7 +64,10 @@ async fn values_chains_fan_outs_and_the_call_identity() {
         let fan_out = g.call(request(r#"{"kind":"fan_out"}"#)).await;
         assert_next_and_fan_out(&next, &fan_out, r#"{"n": 5}"#, "2");
         let r = g.call(request(r#"{"kind":"ctx"}"#)).await;
-        assert_eq!(value(&r), serde_json::json!(["11", "22", "3"]));
+        assert_eq!(
+            value(&r),
+            serde_json::json!([common::EXEC_REF, "0000000000000016", "3"])
+        );
     })
     .await;
 }

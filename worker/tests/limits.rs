@@ -87,6 +87,7 @@ async fn call(app: &HostedApp, name: &str, grain_name: &str, input: &str) -> Cal
             input: Payload::from(input),
             cont: Cont::Client,
             depth_left: 16,
+            exec_ref: String::new(),
         })
         .await
 }

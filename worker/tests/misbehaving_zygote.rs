@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use common::*;
-use sand_protocol::ids::{Attempt, CallId, ExecId};
+use sand_protocol::ids::{Attempt, CallId};
 use sand_protocol::wire::{ErrorKind, Payload};
 use sand_worker::runtime::launch::HostLauncher;
 use sand_worker::runtime::zygote::{Zygote, ZygoteRuntime, ZygoteSpec};
@@ -84,7 +84,7 @@ def main():
             ours, theirs = socket.socketpair()
             spare(chan, slot, number, [ours.fileno()])
             ours.close()
-            _exec, _call, attempt = struct.unpack_from("<QQQ", body)
+            _call, attempt = struct.unpack_from("<QQ", body, 1 + body[0])
             result = json.dumps({"return": {"attempt": attempt, "life": lives}}).encode()
             head = struct.pack("<IIIIQQ", os.getpid(), len(result), 0, 0, 0, 0)
             frame = head + result
@@ -130,7 +130,7 @@ fn fake(mode: &str) -> Fake {
 
 fn first_attempt() -> CallRequest {
     CallRequest {
-        exec: ExecId(7),
+        exec: String::new(),
         call: CallId(8),
         attempt: Attempt(1),
         input: Payload::from("{}"),

@@ -50,7 +50,7 @@ async fn values_chains_fan_outs_and_errors() {
         );
         assert_eq!(
             value(&z.call(request(r#""ctx""#)).await),
-            serde_json::json!([11, 22, 3])
+            common::ctx_of_request()
         );
         assert_eq!(
             error(&z.call(request(r#""fail""#)).await, ErrorKind::Raised),

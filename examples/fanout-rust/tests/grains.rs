@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sand_protocol::ids::{Attempt, CallId, ExecId, GrainName};
+use sand_protocol::ids::{Attempt, CallId, GrainName};
 use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::{ErrorKind, Payload};
 use sand_worker::runtime::launch::HostLauncher;
@@ -26,7 +26,7 @@ async fn call(binary: &str, input: &str) -> GrainResult {
         .await
         .expect("the grain starts");
     let request = CallRequest {
-        exec: ExecId(1),
+        exec: String::new(),
         call: CallId(2),
         attempt: Attempt(0),
         input: Payload::from(input),

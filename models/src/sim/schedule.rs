@@ -617,6 +617,7 @@ mod tests {
             input,
             cont: Cont::Client,
             depth_left: 16,
+            exec_ref: String::new(),
         }
     }
 

@@ -1363,5 +1363,6 @@ fn spec_of(rec: &CallRecord) -> CallSpec {
         input: rec.input.clone(),
         cont: rec.cont,
         depth_left: rec.depth_left,
+        exec_ref: String::new(),
     }
 }

@@ -38,10 +38,11 @@ class Ctx(Protocol):
     """The second argument of a handler: the call's identity and the ways to go on. `exec`,
     `call` and `attempt` name this attempt of this call, so a grain that touches the outside
     world can make its effects idempotent (a retried or recovered call has the same `exec` and
-    `call`, and another `attempt`)."""
+    `call`, and another `attempt`). They are spelled as the HTTP API spells them: `exec` is the
+    execution's reference (`sand logs EXEC` takes it), `call` the 16 hex digits of its trace."""
 
-    exec: int
-    call: int
+    exec: str
+    call: str
     attempt: int
 
     def next(self, grain: str, value: Any) -> Next:

@@ -27,13 +27,14 @@ mod zygote;
 pub use serde_json::Value;
 pub use zygote::serve;
 
-/// Who a call is: hand these to the outside world to make side effects idempotent.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// Who a call is: hand these to the outside world to make side effects idempotent. Each is
+/// spelled as the HTTP API spells it, so an id a grain logs can be pasted into `sand logs`.
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Ctx {
-    /// The execution the call belongs to.
-    pub exec: u64,
-    /// The call.
-    pub call: u64,
+    /// The execution the call belongs to: its reference, as the API names it.
+    pub exec: String,
+    /// The call: 16 hex digits, as in the execution's trace.
+    pub call: String,
     /// Which attempt of the call this is (a retry or a recovery has a larger one).
     pub attempt: u64,
 }

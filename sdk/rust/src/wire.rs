@@ -14,7 +14,7 @@
 //!
 //! | kind | direction | slot | body |
 //! |---|---|---|---|
-//! | `CALL` 1 | worker → zygote | the call's | exec u64, call u64, attempt u64 (LE), then the input JSON |
+//! | `CALL` 1 | worker → zygote | the call's | the execution's reference (length u8, then ASCII: the API's name for it), call u64, attempt u64 (LE), then the input JSON |
 //! | `KILL` 3 | worker → zygote | the call's | instance u32: kill that instance (a timeout, an abandoned call, a broken wire) |
 //! | `WANT` 4 | worker → zygote | 0 | empty: fork a spare instance and send it (`SPARE`) |
 //! | `READY` 10 | zygote → worker | 0 | pid u32: the grain is loaded |
@@ -295,11 +295,14 @@ impl Reassembler {
     }
 }
 
+/// The longest execution reference a `CALL` carries (its length is one byte).
+pub const EXEC_REF_BYTES_MAX: usize = u8::MAX as usize;
+
 /// The body of a `CALL` message.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct CallMsg {
-    /// The execution id.
-    pub exec: u64,
+    /// The execution, as the API names it (its reference); empty where there is no gateway.
+    pub exec: String,
     /// The call id.
     pub call: u64,
     /// The attempt number.
@@ -311,8 +314,10 @@ pub struct CallMsg {
 impl CallMsg {
     /// Encodes the body.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + self.input.len());
-        out.extend_from_slice(&self.exec.to_le_bytes());
+        let exec = &self.exec.as_bytes()[..self.exec.len().min(EXEC_REF_BYTES_MAX)];
+        let mut out = Vec::with_capacity(17 + exec.len() + self.input.len());
+        out.push(exec.len() as u8);
+        out.extend_from_slice(exec);
         out.extend_from_slice(&self.call.to_le_bytes());
         out.extend_from_slice(&self.attempt.to_le_bytes());
         out.extend_from_slice(&self.input);
@@ -323,7 +328,10 @@ impl CallMsg {
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(Kind::Call, body);
         Ok(Self {
-            exec: r.u64()?,
+            exec: {
+                let n = r.bytes(1)?[0];
+                String::from_utf8_lossy(r.bytes(n.into())?).into_owned()
+            },
             call: r.u64()?,
             attempt: r.u64()?,
             input: r.rest().to_vec(),
@@ -605,6 +613,28 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "a Spare message came with 2 fds; it carries 1"
+        );
+    }
+
+    #[test]
+    fn a_call_carries_its_execution_as_the_api_names_it() {
+        let call = CallMsg {
+            exec: "0000000100000002".to_owned() + &"ab".repeat(16),
+            call: 22,
+            attempt: 3,
+            input: b"[1]".to_vec(),
+        };
+        assert_eq!(CallMsg::decode(&call.encode()), Ok(call.clone()));
+        // A reference past the length byte's reach is cut, never mis-framed.
+        let long = CallMsg {
+            exec: "x".repeat(300),
+            ..call
+        };
+        let decoded = CallMsg::decode(&long.encode()).expect("decodes");
+        assert_eq!(decoded.exec.len(), EXEC_REF_BYTES_MAX);
+        assert_eq!(
+            (decoded.call, decoded.attempt, decoded.input),
+            (22, 3, b"[1]".to_vec())
         );
     }
 

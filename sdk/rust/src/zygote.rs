@@ -447,7 +447,7 @@ fn run_call(handler: &dyn Fn(Value, &Ctx) -> Result<Output, String>, body: &[u8]
     };
     let ctx = Ctx {
         exec: call.exec,
-        call: call.call,
+        call: format!("{:016x}", call.call),
         attempt: call.attempt,
     };
     match catch_unwind(AssertUnwindSafe(|| handler(event, &ctx))) {

@@ -2,7 +2,8 @@
 //! naive baseline: no zygote, no pre-initialisation.
 //!
 //! The process gets the call's input (JSON) on stdin, followed by end-of-file, and the call's
-//! identity in the environment as `SAND_EXEC`, `SAND_CALL` and `SAND_ATTEMPT` (decimal). It
+//! identity in the environment as the API spells it: `SAND_EXEC` (the execution's reference),
+//! `SAND_CALL` (16 hex digits) and `SAND_ATTEMPT` (decimal). It
 //! writes one result document on stdout (see below) and exits with status 0:
 //!
 //! - `{"return": v}`, `{"next": ["grain", v]}`, `{"fan_out": [["grain", v], ...], "join": "grain"}`;
@@ -114,8 +115,8 @@ impl ExecGrain {
         let (stdout_ours, stdout_child) = pipe_pair()?;
         let (stderr_ours, stderr_child) = pipe_pair()?;
         let mut env = self.spec.env.clone();
-        env.push(("SAND_EXEC".into(), request.exec.0.to_string().into()));
-        env.push(("SAND_CALL".into(), request.call.0.to_string().into()));
+        env.push(("SAND_EXEC".into(), request.exec.into()));
+        env.push(("SAND_CALL".into(), request.call.to_string().into()));
         env.push(("SAND_ATTEMPT".into(), request.attempt.0.to_string().into()));
         let process = self
             .launcher

@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use sand_protocol::ids::{Attempt, CallId, ExecId};
+use sand_protocol::ids::{Attempt, CallId};
 use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::{Payload, MESSAGE_BYTES_MAX};
 
@@ -29,8 +29,8 @@ pub use launch::Exit;
 /// One attempt of one call, as a runtime runs it.
 #[derive(Clone, Debug)]
 pub struct CallRequest {
-    /// The execution it belongs to (the handler sees it as `ctx.exec`).
-    pub exec: ExecId,
+    /// The execution it belongs to, as the API names it (the handler sees it as `ctx.exec`).
+    pub exec: String,
     /// The call (`ctx.call`).
     pub call: CallId,
     /// The attempt (`ctx.attempt`).

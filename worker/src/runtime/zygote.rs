@@ -522,7 +522,7 @@ impl Running {
             settled: false,
         };
         let body = CallMsg {
-            exec: request.exec.0,
+            exec: request.exec,
             call: request.call.0,
             attempt: request.attempt.0,
             input: request.input.0.to_vec(),
@@ -1085,7 +1085,7 @@ mod tests {
     use super::*;
     use crate::runtime::launch::HostLauncher;
     use crate::runtime::python::install_python_runtime;
-    use sand_protocol::ids::{Attempt, CallId, ExecId};
+    use sand_protocol::ids::{Attempt, CallId};
     use sand_protocol::local_bus::GrainResult;
     use sand_protocol::wire::Payload;
     use sand_testkit::proc::children;
@@ -1130,7 +1130,7 @@ mod tests {
             async move {
                 zygote
                     .call(CallRequest {
-                        exec: ExecId(1),
+                        exec: String::new(),
                         call: CallId(1),
                         attempt: Attempt(1),
                         input: Payload::from("0.6"),

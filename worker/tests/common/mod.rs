@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use sand_protocol::ids::{Attempt, CallId, ExecId, GrainName};
+use sand_protocol::ids::{Attempt, CallId, GrainName};
 use sand_protocol::local_bus::GrainResult;
 use sand_protocol::wire::{ErrorKind, GrainError, Payload};
 use sand_worker::runtime::{CallReport, CallRequest};
@@ -52,10 +52,19 @@ impl Drop for TempDir {
     }
 }
 
+/// The execution reference of [`request`]'s calls: execution 11, as the gateway would name it.
+pub const EXEC_REF: &str = "000000000000000b0123456789abcdef0123456789abcdef";
+
+/// What a grain's `ctx` gives for [`request`]: the reference, the call as 16 hex digits (22),
+/// the attempt: as the HTTP API spells them.
+pub fn ctx_of_request() -> serde_json::Value {
+    serde_json::json!([EXEC_REF, "0000000000000016", 3])
+}
+
 /// A request with `input` and a 20 s timeout.
 pub fn request(input: &str) -> CallRequest {
     CallRequest {
-        exec: ExecId(11),
+        exec: EXEC_REF.into(),
         call: CallId(22),
         attempt: Attempt(3),
         input: Payload::from(input),
