@@ -909,6 +909,9 @@ mod tests {
             error: None,
             stdout: Bytes::new(),
             stderr: Bytes::new(),
+            input: sand_protocol::wire::Preview::of(&call.input),
+            output: None,
+            emitted: Vec::new(),
         };
         let trace = ServiceToGateway::Trace { runs: vec![late] };
         core.event(GatewayEvent::Message(WORKER, trace.into()));

@@ -12,7 +12,9 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use sand_protocol::ids::{Attempt, CallId, ExecId, WorkerId};
-use sand_protocol::wire::{CallSpec, GrainError, Reason, RunTrace};
+use sand_protocol::wire::{CallSpec, GrainError, Preview, Reason, RunTrace};
+#[cfg(doc)]
+use sand_protocol::wire::PREVIEW_BYTES_MAX;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
@@ -48,6 +50,23 @@ pub struct CallTrace {
     pub stdout: String,
     /// What it printed on stderr.
     pub stderr: String,
+    /// The start of its input: at most [`PREVIEW_BYTES_MAX`] bytes, invalid UTF-8 replaced.
+    #[serde(default)]
+    pub input: String,
+    /// True if `input` is only the start of a longer input.
+    #[serde(default)]
+    pub input_cut: bool,
+    /// The start of the value it returned, bounded like `input`; `None` if it chained, fanned
+    /// out or failed, or its worker has not reported.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// True if `output` is only the start of a longer value.
+    #[serde(default)]
+    pub output_cut: bool,
+    /// The calls it emitted (16 hex digits each): its `next`, or its fan-out's branches then
+    /// their join.
+    #[serde(default)]
+    pub emitted: Vec<String>,
 }
 
 impl CallTrace {
@@ -62,6 +81,11 @@ impl CallTrace {
             data: Bytes::from(data),
         }
     }
+}
+
+/// Bytes from a worker as text, invalid UTF-8 replaced.
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The gateway's side of tracing: what it dispatched, until the worker's account comes.
@@ -87,6 +111,7 @@ impl TraceBook {
             Reason::Recovery => "recovery",
             Reason::Resent => return None,
         };
+        let input = Preview::of(&call.input);
         let entry = CallTrace {
             call: call.call.to_string(),
             grain: call.grain.to_string(),
@@ -101,6 +126,11 @@ impl TraceBook {
             error: None,
             stdout: String::new(),
             stderr: String::new(),
+            input: text(&input.head),
+            input_cut: input.cut,
+            output: None,
+            output_cut: false,
+            emitted: Vec::new(),
         };
         self.notes
             .insert((call.exec, call.call, call.attempt), entry.clone());
@@ -129,8 +159,13 @@ impl TraceBook {
                     started_ms: Some(run.started_ms),
                     ended_ms: Some(run.ended_ms),
                     error: run.error,
-                    stdout: String::from_utf8_lossy(&run.stdout).into_owned(),
-                    stderr: String::from_utf8_lossy(&run.stderr).into_owned(),
+                    stdout: text(&run.stdout),
+                    stderr: text(&run.stderr),
+                    input: text(&run.input.head),
+                    input_cut: run.input.cut,
+                    output_cut: run.output.as_ref().is_some_and(|o| o.cut),
+                    output: run.output.map(|o| text(&o.head)),
+                    emitted: run.emitted.iter().map(ToString::to_string).collect(),
                 }
                 .into_write(run.exec)
             })
@@ -165,8 +200,20 @@ mod tests {
             error: Some(GrainError::new(ErrorKind::OutOfMemory, "killed")),
             stdout: String::new(),
             stderr: String::new(),
+            input: "[1]".into(),
+            input_cut: false,
+            output: None,
+            output_cut: false,
+            emitted: vec!["00000000000000bb".into()],
         };
         let json = serde_json::to_value(&trace).unwrap();
+        // A trace stored before inputs, outputs and emitted calls were traced.
+        let mut older = json.clone();
+        for field in ["input", "input_cut", "output", "output_cut", "emitted"] {
+            older.as_object_mut().unwrap().remove(field);
+        }
+        let read: CallTrace = serde_json::from_value(older).unwrap();
+        assert_eq!((read.input.as_str(), read.emitted.len()), ("", 0));
         assert_eq!(json["error"]["kind"], "out_of_memory");
         // A trace stored before the names were snake_case.
         let mut old = json;
