@@ -8,6 +8,7 @@
 //! | `GET /v1/executions[?app=A][&before=REF][&limit=N]` | recent executions, newest first |
 //! | `GET /v1/executions/{id}` | status, output or error, and the trace of every call |
 //! | `GET /v1/workers`, `GET /healthz`, `GET /metrics` | cluster, liveness, Prometheus |
+//! | `GET /ui` | the execution viewer ([`crate::ui`]) |
 //!
 //! Executions are named by references ([`ExecRefs`]): unguessable, so a client reaches only
 //! the executions it was told of. A malformed one is a 400; one this gateway did not give out
@@ -134,6 +135,7 @@ pub fn router(api: Api) -> Router {
         .nest("/v1", v1)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(crate::ui::routes())
         .fallback(|| async {
             ApiError::not_found("no_route", "no such route; see the API table in the README")
         })
