@@ -9,6 +9,9 @@
 (function () {
   const TOKEN_KEY = "sand.token";
   const POLL_MS = 500;
+  // Workers trace runs in batches after the fact: after an execution ends, its page polls
+  // this many more times at most, until every call it knows of has an ended attempt.
+  const SETTLE_POLLS = 10;
   const PAGE = 20;
 
   const $ = (id) => document.getElementById(id);
@@ -177,14 +180,24 @@
 
   // ---- One execution ----
 
-  async function loadExecution(ref) {
+  // Whether every call the trace names (as traced, or as emitted) has an ended attempt.
+  function settled(calls) {
+    const ended = new Set(calls.filter((c) => typeof c.ended_ms === "number").map((c) => c.call));
+    return calls.every((c) => ended.has(c.call) && (c.emitted || []).every((e) => ended.has(e)));
+  }
+
+  async function loadExecution(ref, settlePolls = 0) {
     try {
       const exec = await api("/v1/executions/" + encodeURIComponent(ref));
       if (shown !== ref) return; // The reader moved on meanwhile.
       drawExecution(exec);
-      if (exec.status === "running") {
-        $("live").hidden = false;
+      const running = exec.status === "running";
+      const calls = Array.isArray(exec.calls) ? exec.calls : [];
+      $("live").hidden = !running;
+      if (running) {
         poll = setTimeout(() => loadExecution(ref), POLL_MS);
+      } else if (!settled(calls) && settlePolls < SETTLE_POLLS) {
+        poll = setTimeout(() => loadExecution(ref, settlePolls + 1), POLL_MS);
       } else {
         stopPolling();
       }
