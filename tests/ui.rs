@@ -153,7 +153,10 @@ fn rows(dom: &str) -> Vec<&str> {
 /// An attribute's value in a row.
 fn attr<'a>(row: &'a str, name: &str) -> &'a str {
     let key = format!("{name}=\"");
-    let at = row.find(&key).unwrap_or_else(|| panic!("no {name} in {row}")) + key.len();
+    let at = row
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {row}"))
+        + key.len();
     let len = row[at..].find('"').unwrap();
     &row[at..at + len]
 }
@@ -173,7 +176,12 @@ fn check_calls(dom: &str, status: &Value) {
         .collect();
     let mut got: Vec<(String, String)> = drawn
         .iter()
-        .map(|r| (attr(r, "data-grain").to_owned(), attr(r, "data-via").to_owned()))
+        .map(|r| {
+            (
+                attr(r, "data-grain").to_owned(),
+                attr(r, "data-via").to_owned(),
+            )
+        })
         .collect();
     want.sort();
     got.sort();
@@ -215,7 +223,22 @@ fn the_viewer_draws_a_chain_a_fan_out_and_a_recovery() {
     check_calls(&dom, &status);
     let grains: Vec<&str> = rows(&dom).iter().map(|r| attr(r, "data-grain")).collect();
     assert_eq!(grains, ["double", "inc", "square"], "drawn in chain order");
-    assert!(dom.contains("<pre class=\"value exec-output\">49</pre>"), "{dom}");
+    // A link can open one call's details.
+    let inc = attr(rows(&dom)[1], "data-call").to_owned();
+    let url = format!(
+        "{}/ui#token={TOKEN}&exec={chain}&call={inc}",
+        cluster.http()
+    );
+    let opened = dump_dom(&url);
+    let open: Vec<bool> = rows(&opened)
+        .iter()
+        .map(|r| r[..r.find('>').unwrap()].contains("open=\"\""))
+        .collect();
+    assert_eq!(open, [false, true, false], "{opened}");
+    assert!(
+        dom.contains("<pre class=\"value exec-output\">49</pre>"),
+        "{dom}"
+    );
     let drawn = timeline(&dom);
     for shown in [
         "<span class=\"badge via gateway\">gateway</span>",
@@ -295,7 +318,10 @@ fn the_viewer_draws_a_chain_a_fan_out_and_a_recovery() {
         dom.contains(&format!("<pre class=\"value exec-output\">{output}</pre>")),
         "{dom}"
     );
-    assert!(!dom.contains("<span id=\"live\" class=\"live\">"), "still live: {dom}");
+    assert!(
+        !dom.contains("<span id=\"live\" class=\"live\">"),
+        "still live: {dom}"
+    );
 
     // The list: the newest first, each a link to its page.
     for exec in &chains {

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use sand_protocol::ids::{Attempt, CallId, ExecId, WorkerId};
-use sand_protocol::wire::{CallSpec, GrainError, Preview, Reason, RunTrace};
 #[cfg(doc)]
 use sand_protocol::wire::PREVIEW_BYTES_MAX;
+use sand_protocol::wire::{CallSpec, GrainError, Preview, Reason, RunTrace};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;

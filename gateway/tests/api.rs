@@ -239,9 +239,21 @@ async fn the_viewer_is_served_without_the_token_under_a_strict_policy() {
         }
     };
     for (path, content_type, holds) in [
-        ("/ui", "text/html; charset=utf-8", "<script src=\"/ui/viewer.js\""),
-        ("/ui/", "text/html; charset=utf-8", "<link rel=\"stylesheet\""),
-        ("/ui/viewer.js", "text/javascript; charset=utf-8", "textContent"),
+        (
+            "/ui",
+            "text/html; charset=utf-8",
+            "<script src=\"/ui/viewer.js\"",
+        ),
+        (
+            "/ui/",
+            "text/html; charset=utf-8",
+            "<link rel=\"stylesheet\"",
+        ),
+        (
+            "/ui/viewer.js",
+            "text/javascript; charset=utf-8",
+            "textContent",
+        ),
         ("/ui/viewer.css", "text/css; charset=utf-8", ".track"),
     ] {
         let (status, headers, body) = fetch(path, None).await;
@@ -260,10 +272,22 @@ async fn the_viewer_is_served_without_the_token_under_a_strict_policy() {
     // The page has no inline script or style, and draws data only as text.
     let (_, _, page) = fetch("/ui", None).await;
     assert_eq!(page.matches("<script").count(), 1, "{page}");
-    assert!(!page.contains("style=") && !page.contains("<style"), "{page}");
+    assert!(
+        !page.contains("style=") && !page.contains("<style"),
+        "{page}"
+    );
     let (_, _, script) = fetch("/ui/viewer.js", None).await;
-    for unsafe_sink in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
-        assert!(!script.contains(unsafe_sink), "viewer.js uses {unsafe_sink}");
+    for unsafe_sink in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+    ] {
+        assert!(
+            !script.contains(unsafe_sink),
+            "viewer.js uses {unsafe_sink}"
+        );
     }
 
     let (status, _, body) = fetch("/ui/nothing.js", None).await;

@@ -86,9 +86,12 @@ impl GrainResult {
         let bad = |msg: String| Some(GrainError::new(ErrorKind::BadOutput, msg));
         let too_large = |p: &Payload| p.len() > PAYLOAD_BYTES_MAX;
         match self {
-            GrainResult::Return(v) | GrainResult::Next { input: v, .. } if too_large(v) => bad(
-                format!("a value of {} bytes exceeds the {PAYLOAD_BYTES_MAX} byte limit", v.len()),
-            ),
+            GrainResult::Return(v) | GrainResult::Next { input: v, .. } if too_large(v) => {
+                bad(format!(
+                    "a value of {} bytes exceeds the {PAYLOAD_BYTES_MAX} byte limit",
+                    v.len()
+                ))
+            }
             GrainResult::FanOut { branches, .. }
                 if branches.is_empty() || branches.len() > FANOUT_MAX =>
             {
@@ -98,7 +101,9 @@ impl GrainResult {
                 ))
             }
             GrainResult::FanOut { branches, .. } if branches.iter().any(|(_, v)| too_large(v)) => {
-                bad(format!("a branch input exceeds the {PAYLOAD_BYTES_MAX} byte limit"))
+                bad(format!(
+                    "a branch input exceeds the {PAYLOAD_BYTES_MAX} byte limit"
+                ))
             }
             GrainResult::FanOut { .. } if spec.depth_left == 0 => Some(GrainError::new(
                 ErrorKind::Budget,
@@ -774,4 +779,3 @@ fn report_weight(report: &Report) -> usize {
         Outcome::Failed(e) => e.message.len() + 64,
     }
 }
-

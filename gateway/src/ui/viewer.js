@@ -18,6 +18,7 @@
   let poll = null; // The timer of the next redraw of a running execution.
   let shown = null; // The execution on screen, if one is.
   const open = new Set(); // The rows whose details are open, by "call/attempt".
+  let focus = null; // A call whose details the fragment asks to open (`&call=ID`), until drawn.
 
   // An element with a class and text; children may follow.
   function el(tag, cls, text, ...children) {
@@ -98,19 +99,22 @@
     ready();
   }
 
-  // Route by the fragment: `#exec=REF` shows one execution, anything else the list.
+  // Route by the fragment: `#exec=REF` shows one execution (`&call=ID` opens that call's
+  // details), anything else the list.
   function route() {
     stopPolling();
     delete document.body.dataset.ready;
     problem("");
     $("login").hidden = true;
     $("forget").hidden = !token();
-    const exec = fragment().get("exec");
+    const params = fragment();
+    const exec = params.get("exec");
     if (exec) {
       $("list-view").hidden = true;
       $("exec-view").hidden = false;
       if (shown !== exec) open.clear();
       shown = exec;
+      focus = params.get("call");
       loadExecution(exec);
     } else {
       shown = null;
@@ -279,6 +283,10 @@
 
   function drawTimeline(calls, running) {
     const { rows, attempts } = order(calls);
+    if (focus && attempts.has(focus)) {
+      for (const c of attempts.get(focus)) open.add(`${c.call}/${c.attempt}`);
+      focus = null;
+    }
     const times = [];
     for (const c of calls) {
       for (const t of [c.dispatched_ms, c.started_ms, c.ended_ms]) {
@@ -334,6 +342,9 @@
     label.style.paddingLeft = `${0.4 + depth * 1.1}em`;
     if (depth > 0) label.append(el("span", "edge", "└"));
     label.append(el("span", "grain", c.grain));
+    const worker = el("span", "worker", `w${c.worker}`);
+    worker.title = `ran on worker ${c.worker}`;
+    label.append(worker);
     label.append(el("span", "badge via " + c.via, c.via));
     if (c.reason === "recovery" || c.recovery) label.append(el("span", "badge recovery", "recovery"));
     if (c.reason === "retry") label.append(el("span", "badge retry", "retry"));
@@ -373,7 +384,7 @@
   function block(name, cls, text, note) {
     const wrap = el("div", "block " + cls, null, el("h3", "", name));
     if (note) wrap.firstChild.append(el("span", "note", note));
-    wrap.append(el("pre", "value", text));
+    wrap.append(text ? el("pre", "value", text) : el("pre", "value empty", "(nothing)"));
     return wrap;
   }
 
