@@ -12,8 +12,6 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use sand_protocol::ids::{Attempt, CallId, ExecId, WorkerId};
-#[cfg(doc)]
-use sand_protocol::wire::PREVIEW_BYTES_MAX;
 use sand_protocol::wire::{CallSpec, GrainError, Preview, Reason, RunTrace};
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +48,9 @@ pub struct CallTrace {
     pub stdout: String,
     /// What it printed on stderr.
     pub stderr: String,
-    /// The start of its input: at most [`PREVIEW_BYTES_MAX`] bytes, invalid UTF-8 replaced.
+    /// The start of its input: at most
+    /// [`PREVIEW_BYTES_MAX`](sand_protocol::wire::PREVIEW_BYTES_MAX) bytes, invalid UTF-8
+    /// replaced.
     #[serde(default)]
     pub input: String,
     /// True if `input` is only the start of a longer input.

@@ -461,23 +461,22 @@ pub struct Preview {
 }
 
 impl Preview {
-    /// The start of `value`.
+    /// The start of `value`, copied: a preview kept for a while never holds a large value's
+    /// buffer alive.
     pub fn of(value: &Payload) -> Self {
-        let bytes = &value.0;
-        if bytes.len() <= PREVIEW_BYTES_MAX {
-            return Self {
-                head: bytes.clone(),
-                cut: false,
-            };
-        }
-        // Text cut inside a character ends before that character.
-        let end = match std::str::from_utf8(&bytes[..PREVIEW_BYTES_MAX]) {
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            _ => PREVIEW_BYTES_MAX,
+        let bytes = &value.0[..];
+        let end = if bytes.len() <= PREVIEW_BYTES_MAX {
+            bytes.len()
+        } else {
+            // Text cut inside a character ends before that character.
+            match std::str::from_utf8(&bytes[..PREVIEW_BYTES_MAX]) {
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                _ => PREVIEW_BYTES_MAX,
+            }
         };
         Self {
-            head: bytes.slice(..end),
-            cut: true,
+            head: Bytes::copy_from_slice(&bytes[..end]),
+            cut: end < bytes.len(),
         }
     }
 }

@@ -105,14 +105,17 @@
     stopPolling();
     delete document.body.dataset.ready;
     problem("");
-    $("login").hidden = true;
-    $("forget").hidden = !token();
     const params = fragment();
     const exec = params.get("exec");
+    $("login").hidden = true;
+    $("forget").hidden = !token();
     if (exec) {
       $("list-view").hidden = true;
       $("exec-view").hidden = false;
-      if (shown !== exec) open.clear();
+      if (shown !== exec) {
+        open.clear();
+        for (const id of ["exec-head", "axis", "timeline"]) $(id).replaceChildren();
+      }
       shown = exec;
       focus = params.get("call");
       loadExecution(exec);
@@ -287,14 +290,19 @@
       for (const c of attempts.get(focus)) open.add(`${c.call}/${c.attempt}`);
       focus = null;
     }
-    const times = [];
+    // A loop, not Math.min(...times): an execution may have more calls than a call has
+    // arguments.
+    let t0 = Infinity;
+    let t1 = -Infinity;
     for (const c of calls) {
       for (const t of [c.dispatched_ms, c.started_ms, c.ended_ms]) {
-        if (typeof t === "number") times.push(t);
+        if (typeof t === "number") {
+          t0 = Math.min(t0, t);
+          t1 = Math.max(t1, t);
+        }
       }
     }
-    const t0 = times.length ? Math.min(...times) : 0;
-    let t1 = times.length ? Math.max(...times) : 1;
+    if (t0 === Infinity) [t0, t1] = [0, 1];
     if (running) t1 = Math.max(t1, Date.now());
     const span = Math.max(t1 - t0, 1);
     const pct = (t) => `${(((t - t0) / span) * 100).toFixed(3)}%`;
