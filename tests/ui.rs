@@ -1,7 +1,8 @@
 //! End to end: the execution viewer (`/ui`) in headless Chromium, on a cluster of real `sand`
-//! processes whose API wants a token. A chain, a fan-out and a chain recovered after a worker
-//! was SIGKILLed mid-chain are each opened in the page, and the DOM the page built is checked
-//! against what the API says: the calls, their grains, their hops, the recovery, the output.
+//! processes whose API wants a token. A chain, a failed chain with retries, a fan-out and a
+//! chain recovered after a worker was SIGKILLed mid-chain are each opened in the page, and the
+//! DOM the page built is checked against what the API says: the calls, their grains, their
+//! hops, the retries, errors and recovery, the output.
 //!
 //! Needs Debian's `chromium` (`apt-get install -y chromium`). Chromium runs in a process group
 //! of its own, killed when it takes too long, with a profile in a temporary directory.
@@ -252,6 +253,37 @@ fn the_viewer_draws_a_chain_a_fan_out_and_a_recovery() {
         assert!(drawn.contains(shown), "{shown} missing:\n{drawn}");
     }
 
+    // A failure: inc cannot add 1 to a string; its first attempt ran here, the gateway retried
+    // it twice (its policy's three attempts), and the execution failed.
+    let failed = invoke(&cluster, "pipeline", "\"x\"", "");
+    assert_eq!(failed["error"]["kind"], "raised", "{failed}");
+    let failed = failed["execution"].as_str().unwrap().to_owned();
+    let status = traced(&cluster, &failed, 4);
+    let dom = page(&cluster, Some(&failed));
+    check_calls(&dom, &status);
+    assert!(
+        dom.contains("<span class=\"status failed\">failed</span>")
+            && dom.contains("<pre class=\"value exec-error\">raised: "),
+        "{dom}"
+    );
+    let drawn = rows(&dom);
+    let grains: Vec<&str> = drawn.iter().map(|r| attr(r, "data-grain")).collect();
+    assert_eq!(grains, ["double", "inc", "inc", "inc"]);
+    let reasons: Vec<&str> = drawn.iter().map(|r| attr(r, "data-reason")).collect();
+    assert_eq!(reasons, ["first", "local", "retry", "retry"], "{status}");
+    for row in &drawn[1..] {
+        assert!(
+            row.contains("<span class=\"badge error\">raised</span>") && row.contains("TypeError"),
+            "{row}"
+        );
+    }
+    assert_eq!(
+        timeline(&dom)
+            .matches("<span class=\"badge retry\">retry</span>")
+            .count(),
+        2
+    );
+
     // A fan-out: split, three branches and their join, each under split.
     let fan = invoke(&cluster, "fanout", "\"serverless chained functions\"", "");
     assert_eq!(fan["output"]["letters"], 26, "{fan}");
@@ -333,8 +365,9 @@ fn the_viewer_draws_a_chain_a_fan_out_and_a_recovery() {
         .skip(1)
         .map(|r| &r[..r.find('"').unwrap()])
         .collect();
-    assert_eq!(listed.len(), 8, "{dom}");
-    assert_eq!(listed[7], chain, "the oldest last");
+    assert_eq!(listed.len(), 9, "{dom}");
+    assert_eq!(listed[8], chain, "the oldest last");
+    assert_eq!(listed[7], failed);
     assert_eq!(listed[6], fan);
     assert!(dom.contains(&format!("href=\"#exec={chain}\"")), "{dom}");
 
