@@ -53,7 +53,7 @@ fn dump_dom(url: &str) -> String {
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
-                "--virtual-time-budget=600000",
+                "--virtual-time-budget=3600000",
                 "--dump-dom",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
@@ -197,7 +197,7 @@ fn check_calls(dom: &str, status: &Value) {
 }
 
 #[test]
-fn the_viewer_draws_a_chain_a_fan_out_and_a_recovery() {
+fn the_viewer_draws_chains_failures_fan_outs_and_recoveries() {
     let started = Instant::now();
     let mut cluster = Cluster::start(
         Path::new(SAND),
