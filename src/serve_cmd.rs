@@ -553,6 +553,12 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
         println!("sand dev: gateway at {url}, one worker; Ctrl-C stops");
         // The token stays in its file (mode 0600): this output may end up in logs others read.
         println!("the API wants the token in {}", token_file.display());
+        // The viewer takes the token from the fragment, which the browser never sends.
+        println!(
+            "execution viewer: open \"{url}/ui#token=$(cat {})\" (or {url}/ui, and paste \
+             the token)",
+            token_file.display()
+        );
         match entry {
             Some(app) => println!(
                 "try: curl -s -X POST {url}/v1/apps/{app}/invoke -H \"Authorization: Bearer \

@@ -1104,6 +1104,11 @@ fn sand_dev_wants_its_private_token_and_the_cli_finds_it() {
         rest.contains(&curl),
         "no curl line with the token file: {rest}"
     );
+    let viewer = format!("/ui#token=$(cat {})", token_file.display());
+    assert!(
+        rest.contains(&viewer),
+        "no viewer line with the token file: {rest}"
+    );
 }
 
 /// A gateway and a worker over TCP with TLS 1.3 (`--transport tcp`, for networks that block

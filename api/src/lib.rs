@@ -244,6 +244,25 @@ pub struct CallTrace {
     pub stdout: String,
     /// What it printed on stderr.
     pub stderr: String,
+    /// The start of its input: at most
+    /// [`PREVIEW_BYTES_MAX`](sand_protocol::wire::PREVIEW_BYTES_MAX) bytes, invalid UTF-8
+    /// replaced.
+    #[serde(default)]
+    pub input: String,
+    /// True if `input` is only the start of a longer input.
+    #[serde(default)]
+    pub input_cut: bool,
+    /// The start of the value it returned, bounded like `input`; `null` if it chained, fanned
+    /// out or failed, or its worker has not reported.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// True if `output` is only the start of a longer value.
+    #[serde(default)]
+    pub output_cut: bool,
+    /// The calls it emitted (16 hex digits each): its `next`, or its fan-out's branches then
+    /// their join.
+    #[serde(default)]
+    pub emitted: Vec<String>,
 }
 
 /// Which queue started a call.

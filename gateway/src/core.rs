@@ -436,7 +436,7 @@ impl Core {
             );
         }
         for exec in forgotten {
-            self.traces.ended(exec);
+            self.traces.forget(exec);
             if let Err(e) = self.store.delete_traces(exec) {
                 tracing::warn!(%exec, "could not delete traces: {e}");
             }
@@ -568,7 +568,7 @@ impl Core {
                             .execution_seconds
                             .observe(t0.elapsed().as_secs_f64());
                     }
-                    self.traces.ended(exec);
+                    self.traces.ended(exec, wall_ms());
                     for reply in self.answering.remove(&exec).unwrap_or_default() {
                         let _ = reply.send(Some(answer.clone()));
                     }
@@ -904,6 +904,9 @@ mod tests {
             error: None,
             stdout: Bytes::new(),
             stderr: Bytes::new(),
+            input: sand_protocol::wire::Preview::of(&call.input),
+            output: None,
+            emitted: Vec::new(),
         };
         let trace = ServiceToGateway::Trace { runs: vec![late] };
         core.event(GatewayEvent::Message(WORKER, trace.into()));

@@ -9,10 +9,11 @@
 //! | `GET /v1/executions/{id}` | status, output or error, and the trace of every call |
 //! | `GET /v1/workers`, `GET /healthz`, `GET /metrics` | cluster, liveness, Prometheus |
 //! | `GET /v1/openapi.json` | this table as an OpenAPI 3.1 document |
+//! | `GET /ui` | the execution viewer ([`crate::ui`]): a web page, not part of the API |
 //!
 //! The bodies are [`sand_api`]'s types. Each route is registered together with its OpenAPI
 //! description ([`utoipa_axum`]), so the document ([`openapi`], kept in `docs/openapi.json`)
-//! names every route there is.
+//! names every route of the API there is.
 //!
 //! Executions are named by references ([`ExecRefs`]): unguessable, so a client reaches only
 //! the executions it was told of. A malformed one is a 400; one this gateway did not give out
@@ -160,6 +161,7 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .nest("/v1", v1)
         .merge(open)
+        .merge(crate::ui::routes())
         .fallback(|| async {
             ApiError::not_found(
                 ErrorCode::NoRoute,

@@ -5,7 +5,8 @@
 //! - [`http`]: the client API, naming executions by [`exec_ref`]erences; [`serve`]: its
 //!   connections; [`token`]: its bearer token;
 //!   [`secret_file`]: how the token and the references' key are kept;
-//! - [`metrics`]: what `/metrics` shows; [`trace`]: execution traces;
+//! - [`metrics`]: what `/metrics` shows; [`trace`]: execution traces; [`ui`]: the page that
+//!   draws them;
 //! - [`server`]: all of it started together.
 
 pub mod core;
@@ -18,5 +19,6 @@ pub mod server;
 pub mod store;
 pub mod token;
 pub mod trace;
+pub mod ui;
 
 pub use server::{Gateway, GatewayConfig, GatewayError};

@@ -8,12 +8,12 @@
 //! (execution, call, attempt) in the store, and a worker's account overwrites the gateway's
 //! note of the same attempt, keeping its reason.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use sand_api::{CallTrace, Reason as Why, Via};
 use sand_protocol::ids::{Attempt, CallId, ExecId, WorkerId};
-use sand_protocol::wire::{CallSpec, Reason, RunTrace};
+use sand_protocol::wire::{CallSpec, Preview, Reason, RunTrace};
 
 use crate::metrics::Metrics;
 use crate::store::Trace;
@@ -30,11 +30,25 @@ fn stored(exec: ExecId, entry: &CallTrace) -> Trace {
     }
 }
 
+/// Bytes from a worker as text, invalid UTF-8 replaced.
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// How long after its execution ends a dispatch's note still waits for its worker's account.
+/// Workers trace runs in batches after the fact, so the account of the attempt that ended an
+/// execution comes after the end; without its note it would lose its reason (a retry, a
+/// recovery) and its dispatch time.
+pub const LATE_TRACE_MS: u64 = 10_000;
+
 /// The gateway's side of tracing: what it dispatched, until the worker's account comes.
 #[derive(Debug, Default)]
 pub struct TraceBook {
-    /// Dispatches not yet accounted for by their worker.
-    notes: HashMap<(ExecId, CallId, Attempt), CallTrace>,
+    /// Dispatches not yet accounted for by their worker, by execution.
+    notes: HashMap<ExecId, HashMap<(CallId, Attempt), CallTrace>>,
+    /// Ended executions whose notes are kept for late accounts, oldest first, with when they
+    /// ended (ms since the Unix epoch).
+    ended: VecDeque<(u64, ExecId)>,
 }
 
 impl TraceBook {
@@ -53,6 +67,7 @@ impl TraceBook {
             Reason::Recovery => Why::Recovery,
             Reason::Resent => return None,
         };
+        let input = Preview::of(&call.input);
         let entry = CallTrace {
             call: call.call.to_string(),
             grain: call.grain.to_string(),
@@ -67,10 +82,17 @@ impl TraceBook {
             error: None,
             stdout: String::new(),
             stderr: String::new(),
+            input: text(&input.head),
+            input_cut: input.cut,
+            output: None,
+            output_cut: false,
+            emitted: Vec::new(),
         };
         let write = stored(call.exec, &entry);
         self.notes
-            .insert((call.exec, call.call, call.attempt), entry);
+            .entry(call.exec)
+            .or_default()
+            .insert((call.call, call.attempt), entry);
         Some(write)
     }
 
@@ -78,7 +100,10 @@ impl TraceBook {
     pub fn runs(&mut self, worker: WorkerId, runs: Vec<RunTrace>, metrics: &Metrics) -> Vec<Trace> {
         runs.into_iter()
             .map(|run| {
-                let note = self.notes.remove(&(run.exec, run.call, run.attempt));
+                let note = self
+                    .notes
+                    .get_mut(&run.exec)
+                    .and_then(|notes| notes.remove(&(run.call, run.attempt)));
                 if !run.dispatched {
                     metrics.local_hops.inc();
                 }
@@ -98,17 +123,35 @@ impl TraceBook {
                     started_ms: Some(run.started_ms),
                     ended_ms: Some(run.ended_ms),
                     error: run.error,
-                    stdout: String::from_utf8_lossy(&run.stdout).into_owned(),
-                    stderr: String::from_utf8_lossy(&run.stderr).into_owned(),
+                    stdout: text(&run.stdout),
+                    stderr: text(&run.stderr),
+                    input: text(&run.input.head),
+                    input_cut: run.input.cut,
+                    output_cut: run.output.as_ref().is_some_and(|o| o.cut),
+                    output: run.output.map(|o| text(&o.head)),
+                    emitted: run.emitted.iter().map(ToString::to_string).collect(),
                 };
                 stored(run.exec, &entry)
             })
             .collect()
     }
 
-    /// Forgets the notes of an ended execution (a worker that never reports cannot leak them).
-    pub fn ended(&mut self, exec: ExecId) {
-        self.notes.retain(|(e, _, _), _| *e != exec);
+    /// An execution ended at `now_ms`: its notes are forgotten [`LATE_TRACE_MS`] later (a
+    /// worker that never reports cannot leak them), at a later end.
+    pub fn ended(&mut self, exec: ExecId, now_ms: u64) {
+        self.ended.push_back((now_ms, exec));
+        while let Some(&(at, old)) = self.ended.front() {
+            if at.saturating_add(LATE_TRACE_MS) > now_ms {
+                break;
+            }
+            self.ended.pop_front();
+            self.notes.remove(&old);
+        }
+    }
+
+    /// Forgets an execution's notes at once: it is forgotten, traces and all.
+    pub fn forget(&mut self, exec: ExecId) {
+        self.notes.remove(&exec);
     }
 }
 
@@ -116,7 +159,62 @@ impl TraceBook {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use sand_protocol::wire::{ErrorKind, GrainError};
+    use prometheus_client::registry::Registry;
+    use sand_protocol::ids::{AppName, GrainName};
+    use sand_protocol::wire::{Cont, ErrorKind, GrainError, Payload};
+
+    /// The last attempt of an execution is accounted for after the execution ended: it keeps
+    /// its reason while the note waits, and is taken for a local run once the note is gone.
+    #[test]
+    fn a_late_account_keeps_its_dispatch_reason() {
+        let metrics = Metrics::new(&mut Registry::default());
+        let mut book = TraceBook::default();
+        let spec = |n: u32| {
+            let exec = ExecId::new(1, n);
+            CallSpec {
+                exec,
+                call: exec.root_call(),
+                attempt: Attempt(2),
+                app: AppName::new("app").unwrap(),
+                grain: GrainName::new("g").unwrap(),
+                input: Payload::from("1"),
+                cont: Cont::Client,
+                depth_left: 16,
+                exec_ref: String::new(),
+            }
+        };
+        let run = |spec: &CallSpec| RunTrace {
+            exec: spec.exec,
+            call: spec.call,
+            attempt: spec.attempt,
+            grain: spec.grain.clone(),
+            dispatched: true,
+            started_ms: 1,
+            ended_ms: 2,
+            error: None,
+            stdout: Bytes::new(),
+            stderr: Bytes::new(),
+            input: Preview::of(&spec.input),
+            output: Some(Preview::of(&Payload::from("2"))),
+            emitted: Vec::new(),
+        };
+        let reason = |writes: Vec<Trace>| {
+            let trace: CallTrace = serde_json::from_slice(&writes[0].data).unwrap();
+            (trace.reason, trace.dispatched_ms)
+        };
+        let (a, b) = (spec(1), spec(2));
+        book.dispatched(WorkerId(1), &a, Reason::Retry, 1_000);
+        book.dispatched(WorkerId(1), &b, Reason::Recovery, 1_000);
+        book.ended(a.exec, 1_100);
+        book.ended(b.exec, 1_100);
+        let late = book.runs(WorkerId(1), vec![run(&a)], &metrics);
+        assert_eq!(reason(late), (Why::Retry, Some(1_000)));
+        // Much later, another execution's end forgets b's note.
+        book.ended(spec(3).exec, 1_100 + LATE_TRACE_MS);
+        let too_late = book.runs(WorkerId(1), vec![run(&b)], &metrics);
+        assert_eq!(reason(too_late), (Why::Local, None));
+        assert!(book.notes.is_empty() && book.ended.len() == 1);
+    }
 
     #[test]
     fn error_kinds_are_snake_case_and_old_traces_still_read() {
@@ -134,8 +232,20 @@ mod tests {
             error: Some(GrainError::new(ErrorKind::OutOfMemory, "killed")),
             stdout: String::new(),
             stderr: String::new(),
+            input: "[1]".into(),
+            input_cut: false,
+            output: None,
+            output_cut: false,
+            emitted: vec!["00000000000000bb".into()],
         };
         let json = serde_json::to_value(&trace).unwrap();
+        // A trace stored before inputs, outputs and emitted calls were traced.
+        let mut older = json.clone();
+        for field in ["input", "input_cut", "output", "output_cut", "emitted"] {
+            older.as_object_mut().unwrap().remove(field);
+        }
+        let read: CallTrace = serde_json::from_value(older).unwrap();
+        assert_eq!((read.input.as_str(), read.emitted.len()), ("", 0));
         assert_eq!(json["error"]["kind"], "out_of_memory");
         // A trace stored before the names were snake_case.
         let mut old = json;

@@ -1,5 +1,6 @@
 //! The HTTP API over a real core and store, with no worker (executions stay running): which
-//! executions a client can name, and what a reused idempotency key gets.
+//! executions a client can name, what a reused idempotency key gets, and how the execution
+//! viewer's files are served.
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
@@ -496,4 +497,94 @@ fn the_document_in_docs_is_the_one_served() {
         "docs/openapi.json is not the document this gateway serves; rewrite it with \
          `SAND_BLESS=1 cargo test -p sand-gateway --test api the_document_in_docs`"
     );
+}
+
+/// The viewer's files hold no data: they are served without the token, under a policy that
+/// lets the page run only its own script and style and fetch only from this origin. The API
+/// behind them still wants the token.
+#[tokio::test]
+async fn the_viewer_is_served_without_the_token_under_a_strict_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, _net) = api_with(
+        dir.path(),
+        Some(Token::new("sesame", "in the test").unwrap()),
+    )
+    .await;
+    let fetch = |path: &str, token: Option<&str>| {
+        let mut req = Request::get(path).header("host", "127.0.0.1:8080");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Body::empty()).unwrap();
+        let router = router.clone();
+        async move {
+            let response = router.oneshot(req).await.unwrap();
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, headers, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    for (path, content_type, holds) in [
+        (
+            "/ui",
+            "text/html; charset=utf-8",
+            "<script src=\"/ui/viewer.js\"",
+        ),
+        (
+            "/ui/",
+            "text/html; charset=utf-8",
+            "<link rel=\"stylesheet\"",
+        ),
+        (
+            "/ui/viewer.js",
+            "text/javascript; charset=utf-8",
+            "textContent",
+        ),
+        ("/ui/viewer.css", "text/css; charset=utf-8", ".track"),
+    ] {
+        let (status, headers, body) = fetch(path, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        let header = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_owned();
+        assert_eq!(header("content-type"), content_type, "{path}");
+        assert_eq!(
+            header("content-security-policy"),
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+             img-src 'self' data:; frame-ancestors 'none'",
+            "{path}"
+        );
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+        assert!(body.contains(holds), "{path}: {body}");
+    }
+    // The page has no inline script or style, and draws data only as text.
+    let (_, _, page) = fetch("/ui", None).await;
+    assert_eq!(page.matches("<script").count(), 1, "{page}");
+    assert!(
+        !page.contains("style=") && !page.contains("<style"),
+        "{page}"
+    );
+    let (_, _, script) = fetch("/ui/viewer.js", None).await;
+    for unsafe_sink in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+    ] {
+        assert!(
+            !script.contains(unsafe_sink),
+            "viewer.js uses {unsafe_sink}"
+        );
+    }
+
+    let (status, _, body) = fetch("/ui/nothing.js", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, _, body) = fetch("/v1/executions", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, _, body) = fetch("/v1/executions", Some("wrong")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, _, body) = fetch("/v1/executions", Some("sesame")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }

@@ -79,6 +79,58 @@ pub enum GrainResult {
     Error(GrainError),
 }
 
+impl GrainResult {
+    /// Why the bus refuses this result of `spec`, which then fails the attempt: a value too
+    /// large, a fan-out of too few or too many branches, or nested past the depth budget.
+    pub fn refusal(&self, spec: &CallSpec) -> Option<GrainError> {
+        let bad = |msg: String| Some(GrainError::new(ErrorKind::BadOutput, msg));
+        let too_large = |p: &Payload| p.len() > PAYLOAD_BYTES_MAX;
+        match self {
+            GrainResult::Return(v) | GrainResult::Next { input: v, .. } if too_large(v) => {
+                bad(format!(
+                    "a value of {} bytes exceeds the {PAYLOAD_BYTES_MAX} byte limit",
+                    v.len()
+                ))
+            }
+            GrainResult::FanOut { branches, .. }
+                if branches.is_empty() || branches.len() > FANOUT_MAX =>
+            {
+                bad(format!(
+                    "a fan-out needs 1 to {FANOUT_MAX} branches, not {}",
+                    branches.len()
+                ))
+            }
+            GrainResult::FanOut { branches, .. } if branches.iter().any(|(_, v)| too_large(v)) => {
+                bad(format!(
+                    "a branch input exceeds the {PAYLOAD_BYTES_MAX} byte limit"
+                ))
+            }
+            GrainResult::FanOut { .. } if spec.depth_left == 0 => Some(GrainError::new(
+                ErrorKind::Budget,
+                "a fan-out nested deeper than the execution's budget of fan-out depth; the \
+                 operator sets it (`sand gateway --fan-out-depth-max`)",
+            )),
+            _ => None,
+        }
+    }
+
+    /// The calls `spec` emits with this result, in order: its `next`, or its fan-out's
+    /// branches then their join; none if it returned a value, failed, or is refused.
+    pub fn emitted(&self, spec: &CallSpec) -> Vec<CallId> {
+        if self.refusal(spec).is_some() {
+            return Vec::new();
+        }
+        match self {
+            GrainResult::Next { .. } => vec![spec.call.child(0)],
+            GrainResult::FanOut { branches, .. } => (0..branches.len() as u32)
+                .map(|i| spec.call.child(i))
+                .chain([spec.call.join()])
+                .collect(),
+            GrainResult::Return(_) | GrainResult::Error(_) => Vec::new(),
+        }
+    }
+}
+
 /// Something that happened, fed to [`LocalBus::handle`].
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub enum LbEvent {
@@ -367,8 +419,12 @@ impl LocalBus {
         let Some(spec) = self.running.remove(&run) else {
             return; // Aborted or cancelled: nobody wants its result.
         };
-        let outcome = match check_result(result) {
-            Ok(GrainResult::Error(error)) | Err(error) => {
+        let result = match result.refusal(&spec) {
+            Some(error) => GrainResult::Error(error),
+            None => result,
+        };
+        let outcome = match result {
+            GrainResult::Error(error) => {
                 if let Cont::Join { join, .. } = spec.cont {
                     // The gateway retries the branch, perhaps elsewhere: it starts the join.
                     self.joins
@@ -376,21 +432,14 @@ impl LocalBus {
                 }
                 Outcome::Failed(error)
             }
-            Ok(GrainResult::Return(value)) => Outcome::Done(self.deliver(&spec, value)),
-            Ok(GrainResult::Next { grain, input }) => {
+            GrainResult::Return(value) => Outcome::Done(self.deliver(&spec, value)),
+            GrainResult::Next { grain, input } => {
                 let mut effects = Effects::default();
                 let (cont, depth_left) = (spec.cont, spec.depth_left);
                 self.emit(&spec, 0, grain, input, cont, depth_left, &mut effects);
                 Outcome::Done(effects)
             }
-            Ok(GrainResult::FanOut { .. }) if spec.depth_left == 0 => {
-                Outcome::Failed(GrainError::new(
-                    ErrorKind::Budget,
-                    "a fan-out nested deeper than the execution's budget of fan-out depth; the \
-                     operator sets it (`sand gateway --fan-out-depth-max`)",
-                ))
-            }
-            Ok(GrainResult::FanOut { branches, join }) => {
+            GrainResult::FanOut { branches, join } => {
                 Outcome::Done(self.fan_out(&spec, branches, join))
             }
         };
@@ -730,31 +779,5 @@ fn report_weight(report: &Report) -> usize {
     match &report.outcome {
         Outcome::Done(e) => e.weight() + 64,
         Outcome::Failed(e) => e.message.len() + 64,
-    }
-}
-
-/// Refuses a result the protocol cannot carry: too many branches, or a value too large.
-fn check_result(result: GrainResult) -> Result<GrainResult, GrainError> {
-    let bad = |msg: String| Err(GrainError::new(ErrorKind::BadOutput, msg));
-    let too_large = |p: &Payload| p.len() > PAYLOAD_BYTES_MAX;
-    match &result {
-        GrainResult::Return(v) | GrainResult::Next { input: v, .. } if too_large(v) => {
-            bad(format!(
-                "a value of {} bytes exceeds the {PAYLOAD_BYTES_MAX} byte limit",
-                v.len()
-            ))
-        }
-        GrainResult::FanOut { branches, .. }
-            if branches.is_empty() || branches.len() > FANOUT_MAX =>
-        {
-            bad(format!(
-                "a fan-out needs 1 to {FANOUT_MAX} branches, not {}",
-                branches.len()
-            ))
-        }
-        GrainResult::FanOut { branches, .. } if branches.iter().any(|(_, v)| too_large(v)) => bad(
-            format!("a branch input exceeds the {PAYLOAD_BYTES_MAX} byte limit"),
-        ),
-        _ => Ok(result),
     }
 }

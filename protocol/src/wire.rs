@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq};
 
 /// The encoding version this build writes and reads.
-pub const WIRE_VERSION: u8 = 6;
+pub const WIRE_VERSION: u8 = 7;
 
 /// The largest encoded message, in bytes. A frame above it is refused without being read.
 pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
@@ -446,6 +446,46 @@ pub struct RunTrace {
     pub stdout: Bytes,
     /// The run's captured stderr, bounded by the worker.
     pub stderr: Bytes,
+    /// The start of the call's input.
+    pub input: Preview,
+    /// The start of the value it returned; `None` if it chained, fanned out or failed.
+    pub output: Option<Preview>,
+    /// The calls it emitted, in order: its `next`, or its fan-out's branches then their join.
+    pub emitted: Vec<CallId>,
+}
+
+/// The most bytes of a value a [`Preview`] keeps.
+pub const PREVIEW_BYTES_MAX: usize = 4096;
+
+/// The start of a value, for a trace: at most [`PREVIEW_BYTES_MAX`] bytes, never the whole
+/// payload of a large one.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default)]
+pub struct Preview {
+    /// The value's first bytes. When the value is UTF-8, a cut falls between characters.
+    pub head: Bytes,
+    /// True if the value was longer than `head`.
+    pub cut: bool,
+}
+
+impl Preview {
+    /// The start of `value`, copied: a preview kept for a while never holds a large value's
+    /// buffer alive.
+    pub fn of(value: &Payload) -> Self {
+        let bytes = &value.0[..];
+        let end = if bytes.len() <= PREVIEW_BYTES_MAX {
+            bytes.len()
+        } else {
+            // Text cut inside a character ends before that character.
+            match std::str::from_utf8(&bytes[..PREVIEW_BYTES_MAX]) {
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                _ => PREVIEW_BYTES_MAX,
+            }
+        };
+        Self {
+            head: Bytes::copy_from_slice(&bytes[..end]),
+            cut: end < bytes.len(),
+        }
+    }
 }
 
 /// A service message from the gateway's driver to a worker's.
@@ -683,6 +723,9 @@ mod tests {
                 error: None,
                 stdout: Bytes::from_static(b"out"),
                 stderr: Bytes::new(),
+                input: Preview::of(&spec().input),
+                output: Some(Preview::of(&Payload::from("2"))),
+                emitted: vec![spec().call.child(0), spec().call.join()],
             }],
         };
         let ups = [
@@ -773,6 +816,25 @@ mod tests {
             encode(&Down::Service(bundle)),
             Err(EncodeError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn previews_keep_the_start_of_a_value_and_say_when_cut() {
+        let short = Preview::of(&Payload::from("[1,2]"));
+        assert_eq!((short.head.as_ref(), short.cut), (&b"[1,2]"[..], false));
+        let exact = Preview::of(&Payload::new(vec![b'a'; PREVIEW_BYTES_MAX]));
+        assert_eq!((exact.head.len(), exact.cut), (PREVIEW_BYTES_MAX, false));
+        let long = Preview::of(&Payload::new(vec![b'a'; PAYLOAD_BYTES_MAX]));
+        assert_eq!((long.head.len(), long.cut), (PREVIEW_BYTES_MAX, true));
+        // A three-byte character across the limit is left out whole.
+        let mut text = vec![b'a'; PREVIEW_BYTES_MAX - 1];
+        text.extend_from_slice("€uro".as_bytes());
+        let cut = Preview::of(&Payload::new(text));
+        assert_eq!((cut.head.len(), cut.cut), (PREVIEW_BYTES_MAX - 1, true));
+        assert!(std::str::from_utf8(&cut.head).is_ok());
+        // Bytes that are not text are cut at the limit.
+        let binary = Preview::of(&Payload::new(vec![0xff; PREVIEW_BYTES_MAX + 1]));
+        assert_eq!(binary.head.len(), PREVIEW_BYTES_MAX);
     }
 
     #[test]

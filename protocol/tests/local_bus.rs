@@ -424,6 +424,36 @@ fn bad_output_is_a_grain_error() {
     ));
 }
 
+/// A trace names the calls a run emitted by the ids the bus gives them.
+#[test]
+fn a_result_names_the_calls_it_emits() {
+    let s = root_spec();
+    let fan = |n: usize| GrainResult::FanOut {
+        branches: vec![(grain("c"), Payload::from("1")); n],
+        join: grain("j"),
+    };
+    assert_eq!(next("b", "2").emitted(&s), vec![root().child(0)]);
+    assert_eq!(
+        fan(2).emitted(&s),
+        vec![root().child(0), root().child(1), root().join()]
+    );
+    assert_eq!(GrainResult::Return(Payload::from("3")).emitted(&s), vec![]);
+    let failed = GrainResult::Error(GrainError::new(ErrorKind::Raised, "no"));
+    assert_eq!(failed.emitted(&s), vec![]);
+    // A refused result emits nothing, and says why.
+    assert_eq!(fan(0).emitted(&s), vec![]);
+    let spent = CallSpec {
+        depth_left: 0,
+        ..s.clone()
+    };
+    assert_eq!(fan(1).emitted(&spent), vec![]);
+    assert_eq!(
+        fan(1).refusal(&spent).map(|e| e.kind),
+        Some(ErrorKind::Budget)
+    );
+    assert_eq!(fan(1).refusal(&s), None);
+}
+
 #[test]
 fn unacked_progress_is_resent_on_a_timer_and_after_a_reconnect() {
     let mut t = Lb::new(4, 8);

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, Incarnation, Seq};
 use sand_protocol::wire::{
     decode, encode, AppBundle, CallSpec, Cont, Down, Effects, EncodeError, NewCall, Outcome,
-    Payload, Reason, Report, RunTrace, ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
-    WIRE_VERSION,
+    Payload, Preview, Reason, Report, RunTrace, ServiceToGateway, ServiceToWorker, ToGateway,
+    ToWorker, Up, WIRE_VERSION,
 };
 
 fn sample_frames() -> Vec<Vec<u8>> {
@@ -55,6 +55,9 @@ fn sample_frames() -> Vec<Vec<u8>> {
         error: None,
         stdout: Bytes::from_static(b"hello\n"),
         stderr: Bytes::new(),
+        input: Preview::of(&call.input),
+        output: None,
+        emitted: vec![call.call.child(0)],
     };
     let bundle = ServiceToWorker::Bundle {
         app: call.app.clone(),

@@ -9,7 +9,7 @@ use quinn::VarInt;
 use rand::{RngExt, SeedableRng};
 use sand_protocol::ids::{AppName, Attempt, ExecId, GrainName, WorkerId};
 use sand_protocol::wire::{
-    AppBundle, Down, RunTrace, ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
+    AppBundle, Down, Preview, RunTrace, ServiceToGateway, ServiceToWorker, ToGateway, ToWorker, Up,
 };
 use sand_transport::seam::{GatewayEvent, WorkerEvent};
 use sand_transport_suite::common::*;
@@ -84,6 +84,9 @@ async fn large_service_payloads_do_not_hold_up_control_messages() {
             error: None,
             stdout: Bytes::from(vec![b'o'; BIG]),
             stderr: Bytes::new(),
+            input: Preview::default(),
+            output: None,
+            emitted: Vec::new(),
         };
         link.sender
             .send(ServiceToGateway::Trace { runs: vec![run] })

@@ -28,8 +28,8 @@ use sand_protocol::ids::{AppName, Incarnation, RunKey};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBus};
 use sand_protocol::time::Time;
 use sand_protocol::wire::{
-    AppBundle, CallSpec, Down, ErrorKind, GrainError, RunTrace, ServiceToGateway, ServiceToWorker,
-    ToGateway, ToWorker, Up,
+    AppBundle, CallSpec, Down, ErrorKind, GrainError, Preview, RunTrace, ServiceToGateway,
+    ServiceToWorker, ToGateway, ToWorker, Up,
 };
 use sand_transport::file::write_atomic;
 use sand_transport::seam::{SendError, WorkerEvent, WorkerLink, WorkerSender};
@@ -93,6 +93,9 @@ enum Slot {
 
 /// Where bundles are unpacked, under the data directory.
 const APPS_DIR: &str = "apps";
+
+/// About the most bytes of run traces one message carries.
+const TRACE_BATCH_BYTES: usize = 2 << 20;
 
 /// What the driver's own tasks tell it about app hosts.
 enum HostEvent {
@@ -536,9 +539,27 @@ impl Driver {
         }
     }
 
+    /// Sends the finished runs, in messages of about [`TRACE_BATCH_BYTES`] at most: far below
+    /// the largest message, which a busy interval of runs with full captures could pass.
     fn flush_traces(&mut self) {
         if self.connected && !self.traces.is_empty() {
-            let runs = std::mem::take(&mut self.traces);
+            let mut runs = Vec::new();
+            let mut bytes = 0;
+            for run in std::mem::take(&mut self.traces) {
+                let weight = run.stdout.len()
+                    + run.stderr.len()
+                    + run.input.head.len()
+                    + run.output.as_ref().map_or(0, |o| o.head.len())
+                    + 8 * run.emitted.len()
+                    + 128;
+                if !runs.is_empty() && bytes + weight > TRACE_BATCH_BYTES {
+                    let batch = std::mem::take(&mut runs);
+                    self.send(ServiceToGateway::Trace { runs: batch });
+                    bytes = 0;
+                }
+                bytes += weight;
+                runs.push(run);
+            }
             self.send(ServiceToGateway::Trace { runs });
         } else if self.traces.len() > 4096 {
             self.traces.drain(..2048); // Best effort: keep the newest while disconnected.
@@ -637,12 +658,20 @@ fn unpack(bundle: &AppBundle, dir: &Path) -> Result<sand_app::Manifest, String> 
     Ok(manifest)
 }
 
-/// A run's trace entry for the gateway.
+/// A run's trace entry for the gateway: what the bus makes of its result, with previews of
+/// its input and returned value.
 fn trace_of(spec: &CallSpec, report: &CallReport, dispatched: bool) -> RunTrace {
     let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let ago = |t: Instant| wall.saturating_sub(t.elapsed().as_millis() as u64);
+    let refusal = report.result.refusal(spec);
+    let (error, output) = match (&report.result, refusal) {
+        (GrainResult::Error(e), _) => (Some(e.clone()), None),
+        (_, Some(refused)) => (Some(refused), None),
+        (GrainResult::Return(value), None) => (None, Some(Preview::of(value))),
+        (GrainResult::Next { .. } | GrainResult::FanOut { .. }, None) => (None, None),
+    };
     RunTrace {
         exec: spec.exec,
         call: spec.call,
@@ -651,12 +680,12 @@ fn trace_of(spec: &CallSpec, report: &CallReport, dispatched: bool) -> RunTrace 
         dispatched,
         started_ms: ago(report.started),
         ended_ms: ago(report.finished),
-        error: match &report.result {
-            GrainResult::Error(e) => Some(e.clone()),
-            _ => None,
-        },
+        error,
         stdout: report.stdout.clone(),
         stderr: report.stderr.clone(),
+        input: Preview::of(&spec.input),
+        output,
+        emitted: report.result.emitted(spec),
     }
 }
 

@@ -299,6 +299,35 @@ async fn a_local_chain_runs_every_hop_here_and_reports_each_once() {
         .collect();
     assert_eq!(grains, want);
     assert!(h.traces.iter().all(|t| t.error.is_none()));
+    // Each run names the call it emitted, itself traced; the last returns the answer, and the
+    // values in and out are kept whole (they are short).
+    for t in &h.traces {
+        let last = t.grain.as_str() == "s5";
+        assert_eq!(t.emitted.len(), usize::from(!last), "{t:?}");
+        assert_eq!(t.output.is_some(), last, "{t:?}");
+        for child in &t.emitted {
+            assert!(
+                h.traces
+                    .iter()
+                    .any(|n| n.exec == t.exec && n.call == *child),
+                "{child:?}, emitted by {t:?}, is not traced"
+            );
+        }
+        assert!(!t.input.cut && !t.output.as_ref().is_some_and(|o| o.cut));
+    }
+    let values = |grain: &str, value: fn(&RunTrace) -> Vec<u8>| {
+        let mut v: Vec<String> = h
+            .traces
+            .iter()
+            .filter(|t| t.grain.as_str() == grain)
+            .map(|t| String::from_utf8(value(t)).expect("a number"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(values("s1", |t| t.input.head.to_vec()), ["0", "100"]);
+    let answers = values("s5", |t| t.output.as_ref().expect("returned").head.to_vec());
+    assert_eq!(answers, ["115", "15"]);
     h.stop().await;
 }
 
