@@ -15,9 +15,10 @@
 //! description ([`utoipa_axum`]), so the document ([`openapi`], kept in `docs/openapi.json`)
 //! names every route of the API there is.
 //!
-//! Executions are named by references ([`ExecRefs`]): unguessable, so a client reaches only
-//! the executions it was told of. A malformed one is a 400; one this gateway did not give out
-//! is a 404, like an unknown execution.
+//! Executions are named by references ([`ExecRefs`]): unguessable from one another, so a
+//! client reaches only the executions it was told of, by an answer or by the list (which, like
+//! everything under `/v1`, wants the token). A malformed one is a 400; one this gateway did
+//! not give out is a 404, like an unknown execution.
 //!
 //! A deploy that asks for more than the operator's policy allows (a host interpreter, network,
 //! memory) is a 403 `refused_by_policy` naming the key and the flag that would allow it.
