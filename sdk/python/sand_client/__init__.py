@@ -92,6 +92,14 @@ class Call:
     error: Optional[Tuple[str, str]]
     stdout: str
     stderr: str
+    #: The start of its input (at most 4 KiB of its JSON text); `input_cut` if there was more.
+    input: str
+    input_cut: bool
+    #: The start of the value it returned; None if it chained, fanned out or failed.
+    output: Optional[str]
+    output_cut: bool
+    #: The calls it emitted: its `next`, or its fan-out's branches then their join.
+    emitted: List[str]
 
     @classmethod
     def from_json(cls, c: dict) -> "Call":
@@ -110,6 +118,11 @@ class Call:
             error=(error["kind"], error["message"]) if error else None,
             stdout=c.get("stdout", ""),
             stderr=c.get("stderr", ""),
+            input=c.get("input", ""),
+            input_cut=bool(c.get("input_cut")),
+            output=c.get("output"),
+            output_cut=bool(c.get("output_cut")),
+            emitted=list(c.get("emitted", [])),
         )
 
 

@@ -113,6 +113,21 @@ class WhatTheClientSends(unittest.TestCase):
         self.assertEqual(self.sand.result("e5", poll=0.001), 49)
         self.assertEqual([s[1] for s in StandIn.seen], ["/v1/executions/e5"] * 3)
 
+    def test_a_trace_reads_as_calls_with_their_inputs_outputs_and_edges(self):
+        call = {
+            "call": "00000000000000aa", "grain": "split", "attempt": 4294967296, "worker": 1,
+            "via": "gateway", "reason": "recovery", "recovery": True, "dispatched_ms": 1,
+            "started_ms": 2, "ended_ms": 3, "error": None, "stdout": "hi\n", "stderr": "",
+            "input": "\"a b\"", "input_cut": False, "output": None, "output_cut": False,
+            "emitted": ["00000000000000bb", "00000000000000cc"],
+        }
+        body = {"execution": "e6", "app": "fanout", "status": "running", "calls": [call]}
+        StandIn.answers.append((200, body))
+        (read,) = self.sand.logs("e6")
+        self.assertEqual((read.grain, read.reason, read.recovery), ("split", "recovery", True))
+        self.assertEqual((read.input, read.output), ('"a b"', None))
+        self.assertEqual(read.emitted, ["00000000000000bb", "00000000000000cc"])
+
     def test_a_bad_wait_is_refused_before_sending(self):
         for wait in (-1, float("nan"), float("inf")):
             with self.assertRaises(ValueError):
