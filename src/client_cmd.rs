@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
-use sand_api::{Accepted, Answer, App, Apps, ErrorBody, Execution, Status, Workers};
+use sand_api::{Accepted, Answer, App, Apps, ErrorBody, Execution, Executions, Status, Workers};
 use sand_gateway::token::Token;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -112,7 +112,7 @@ pub struct InvokeArgs {
 /// `sand status`.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The execution id; without it, the cluster's workers and apps.
+    /// The execution id; without it, the cluster's workers and apps and the latest executions.
     exec: Option<String>,
     /// Print the API's JSON instead of tables.
     #[arg(long)]
@@ -135,6 +135,9 @@ pub struct LogsArgs {
     #[command(flatten)]
     target: Target,
 }
+
+/// The executions `sand status` lists.
+const LATEST: usize = 10;
 
 /// How often `--watch` and `--follow` look again.
 const LOOK_AGAIN_EVERY: Duration = Duration::from_millis(500);
@@ -332,14 +335,14 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
     let Some(exec) = args.exec else {
         let workers: Workers = client.get("/v1/workers")?;
         let apps: Apps = client.get("/v1/apps")?;
+        let latest: Executions = client.get(&format!("/v1/executions?limit={LATEST}"))?;
         if args.json {
             out!("{}", serde_json::to_string_pretty(&workers)?);
             out!("{}", serde_json::to_string_pretty(&apps)?);
+            out!("{}", serde_json::to_string_pretty(&latest)?);
         } else {
-            out!(
-                "{}",
-                render::cluster(&workers.workers, &apps.apps).trim_end()
-            );
+            let tables = render::cluster(&workers.workers, &apps.apps, &latest.executions);
+            out!("{}", tables.trim_end());
         }
         return Ok(ExitCode::SUCCESS);
     };

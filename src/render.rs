@@ -4,11 +4,11 @@
 
 use std::fmt::Write as _;
 
-use sand_api::{App, CallTrace, Execution, Status, Worker};
+use sand_api::{App, CallTrace, Execution, ExecutionSummary, Status, Worker};
 use sand_protocol::wire::GrainError;
 
-/// `sand status`: the workers, then the apps.
-pub fn cluster(workers: &[Worker], apps: &[App]) -> String {
+/// `sand status`: the workers, the apps, then the latest executions, newest first.
+pub fn cluster(workers: &[Worker], apps: &[App], latest: &[ExecutionSummary]) -> String {
     let workers: Vec<Vec<String>> = workers
         .iter()
         .map(|w| {
@@ -36,9 +36,29 @@ pub fn cluster(workers: &[Worker], apps: &[App]) -> String {
             ]
         })
         .collect();
+    let latest: Vec<Vec<String>> = latest
+        .iter()
+        .map(|e| {
+            let took = e.ended_ms.map_or("-".to_owned(), |end| {
+                format!("{}ms", end.saturating_sub(e.accepted_ms))
+            });
+            vec![
+                printable(&e.execution),
+                printable(&e.app),
+                e.status.as_str().to_owned(),
+                e.calls.to_string(),
+                took,
+            ]
+        })
+        .collect();
     let mut out = table(&["WORKER", "INCARNATION", "STATE", "CALLS"], &workers);
     out.push('\n');
     out.push_str(&table(&["APP", "ENTRY", "GRAINS", "DIGEST"], &apps));
+    out.push('\n');
+    out.push_str(&table(
+        &["EXECUTION", "APP", "STATUS", "CALLS", "TOOK"],
+        &latest,
+    ));
     out
 }
 
@@ -284,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cluster_reads_as_two_tables() {
+    fn the_cluster_reads_as_three_tables() {
         let workers = json!([
             {"id": 1, "incarnation": 3, "connected": true, "dead": false, "load": 2},
             {"id": 2, "incarnation": 1, "connected": false, "dead": true, "load": 0},
@@ -293,9 +313,16 @@ mod tests {
             {"app": "fanout", "entry": "split", "grains": ["split", "measure", "total"],
              "digest": "0123456789abcdef0123"},
         ]);
+        let latest = json!([
+            {"execution": "e2", "app": "fanout", "status": "running", "accepted_ms": 5000,
+             "ended_ms": null, "calls": 2},
+            {"execution": "e1", "app": "fanout", "status": "succeeded", "accepted_ms": 1000,
+             "ended_ms": 1012, "calls": 5},
+        ]);
         let shown = cluster(
             &serde_json::from_value::<Vec<Worker>>(workers).unwrap(),
             &serde_json::from_value::<Vec<App>>(apps).unwrap(),
+            &serde_json::from_value::<Vec<ExecutionSummary>>(latest).unwrap(),
         );
         assert_eq!(
             shown,
@@ -304,7 +331,11 @@ mod tests {
              w2      1            dead       0\n\
              \n\
              APP     ENTRY  GRAINS               DIGEST\n\
-             fanout  split  split measure total  0123456789ab\n"
+             fanout  split  split measure total  0123456789ab\n\
+             \n\
+             EXECUTION  APP     STATUS     CALLS  TOOK\n\
+             e2         fanout  running    2      -\n\
+             e1         fanout  succeeded  5      12ms\n"
         );
     }
 

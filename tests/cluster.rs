@@ -300,7 +300,15 @@ fn a_chain_and_a_fan_out_answer_correctly_and_are_traced() {
     // logs; and the same execution as JSON for a script.
     let gateway = cluster.http();
     let tables = sand(&["status", "--gateway", gateway]);
-    for word in ["WORKER", "connected", "APP", "pipeline", "fanout"] {
+    for word in [
+        "WORKER",
+        "connected",
+        "APP",
+        "pipeline",
+        "fanout",
+        "EXECUTION",
+        exec,
+    ] {
         assert!(tables.contains(word), "{word} missing from:\n{tables}");
     }
     let table = sand(&["status", exec, "--gateway", gateway]);
