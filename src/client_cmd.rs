@@ -337,9 +337,13 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
         let apps: Apps = client.get("/v1/apps")?;
         let latest: Executions = client.get(&format!("/v1/executions?limit={LATEST}"))?;
         if args.json {
-            out!("{}", serde_json::to_string_pretty(&workers)?);
-            out!("{}", serde_json::to_string_pretty(&apps)?);
-            out!("{}", serde_json::to_string_pretty(&latest)?);
+            // One document, so a script can read it whole.
+            let cluster = serde_json::json!({
+                "workers": workers.workers,
+                "apps": apps.apps,
+                "executions": latest.executions,
+            });
+            out!("{}", serde_json::to_string_pretty(&cluster)?);
         } else {
             let tables = render::cluster(&workers.workers, &apps.apps, &latest.executions);
             out!("{}", tables.trim_end());

@@ -311,6 +311,14 @@ fn a_chain_and_a_fan_out_answer_correctly_and_are_traced() {
     ] {
         assert!(tables.contains(word), "{word} missing from:\n{tables}");
     }
+    let cluster_json: Value =
+        serde_json::from_str(&sand(&["status", "--json", "--gateway", gateway]))
+            .expect("status --json prints one JSON document");
+    assert_eq!(
+        cluster_json["executions"][0]["execution"], exec,
+        "{cluster_json}"
+    );
+    assert_eq!(cluster_json["workers"].as_array().map(Vec::len), Some(2));
     let table = sand(&["status", exec, "--gateway", gateway]);
     assert!(table.contains("fanout: succeeded"), "{table}");
     assert!(
