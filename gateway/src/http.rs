@@ -50,7 +50,7 @@ use sand_protocol::durable::{Answer, ExecStatus};
 use sand_protocol::global_queue::InvokeError;
 use sand_protocol::ids::{AppName, ExecId};
 use sand_protocol::policy::AppSpec;
-use sand_protocol::wire::{AppBundle, Payload, PAYLOAD_BYTES_MAX};
+use sand_protocol::wire::{AppBundle, GrainError, Payload, PAYLOAD_BYTES_MAX};
 use utoipa::openapi::{self, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -740,19 +740,23 @@ fn refused(refs: &ExecRefs, e: InvokeError) -> ApiError {
 
 /// An answer as the API shows it.
 fn answered(execution: String, answer: &Answer) -> AnswerBody {
+    let (status, output, error) = outcome(answer);
+    AnswerBody {
+        execution,
+        status,
+        output,
+        error,
+    }
+}
+
+/// An answer's status, and its value or its error, as the API shows them.
+fn outcome(answer: &Answer) -> (ExecState, Option<serde_json::Value>, Option<GrainError>) {
     match answer {
-        Answer::Value(payload) => AnswerBody {
-            execution,
-            status: ExecState::Succeeded,
-            output: Some(serde_json::from_slice(&payload.0).unwrap_or_default()),
-            error: None,
-        },
-        Answer::Error(e) => AnswerBody {
-            execution,
-            status: ExecState::Failed,
-            output: None,
-            error: Some(e.clone()),
-        },
+        Answer::Value(payload) => {
+            let value = serde_json::from_slice(&payload.0).unwrap_or_default();
+            (ExecState::Succeeded, Some(value), None)
+        }
+        Answer::Error(e) => (ExecState::Failed, None, Some(e.clone())),
     }
 }
 
@@ -798,10 +802,7 @@ async fn execution(State(api): State<Api>, Path(id): Path<String>) -> ApiResult 
     calls.sort_by_key(|c| (c.dispatched_ms.or(c.started_ms), c.started_ms));
     let (status, output, error) = match &record.status {
         ExecStatus::Running => (ExecState::Running, None, None),
-        ExecStatus::Done(answer) => {
-            let a = answered(String::new(), answer);
-            (a.status, a.output, a.error)
-        }
+        ExecStatus::Done(answer) => outcome(answer),
     };
     Ok(Json(Execution {
         execution: id,
