@@ -68,6 +68,8 @@ pub struct GatewayArgs {
     http_tls_key: Option<PathBuf>,
     #[command(flatten)]
     http_args: HttpArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
     /// Declare a silent worker dead after this many milliseconds (at least 500). Workers
     /// heartbeat five times in that time: the gateway tells them so when they join.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
@@ -147,6 +149,16 @@ pub struct HttpArgs {
     #[arg(long, default_value_t = serve::BODY_TIMEOUT_DEFAULT.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     http_body_timeout_ms: u64,
+}
+
+/// Where execution traces go, for `sand gateway` and `sand dev`.
+#[derive(Args, Debug)]
+pub struct TelemetryArgs {
+    /// Send each execution's spans (OpenTelemetry) to the OTLP/HTTP collector at this base
+    /// URL, such as http://127.0.0.1:4318 (spans go to its /v1/traces). http only: run the
+    /// collector on the host.
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 impl HttpArgs {
@@ -230,6 +242,8 @@ pub struct DevArgs {
     #[command(flatten)]
     http_args: HttpArgs,
     #[command(flatten)]
+    telemetry: TelemetryArgs,
+    #[command(flatten)]
     policy: PolicyArgs,
     /// Start sandboxes even where their memory, process and CPU limits cannot be enforced
     /// (no usable cgroup): they then run without them. Without this flag such apps fail.
@@ -274,6 +288,7 @@ fn gateway_config(
         policy,
         gq: GqConfig::default(),
         link: LinkConfig::default(),
+        otlp_endpoint: None,
     }
 }
 
@@ -292,6 +307,7 @@ pub fn gateway(args: GatewayArgs) -> Result<ExitCode> {
     config.insecure_no_auth = args.insecure_no_auth;
     config.http_tls = args.http_tls_cert.zip(args.http_tls_key);
     args.http_args.apply(&mut config);
+    config.otlp_endpoint = args.telemetry.otlp_endpoint;
     config.gq.failure_timeout = Duration::from_millis(args.failure_timeout_ms);
     config.gq.key_ttl = Duration::from_secs(args.key_ttl_hours * 3600);
     config.gq.retention = Duration::from_secs(args.retention_hours * 3600);
@@ -521,6 +537,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode> {
     let token = Token::read_or_create(&token_file)?;
     gconfig.token = Some(token.clone());
     args.http_args.apply(&mut gconfig);
+    gconfig.otlp_endpoint = args.telemetry.otlp_endpoint;
     let wconfig = worker_config(
         worker_id,
         args.data_dir.join("worker-1"),

@@ -121,6 +121,7 @@ fn hop(n: u64, payload: &Payload) -> Batch {
             incarnation: Incarnation(1),
         }),
         depth_left: 16,
+        traceparent: Default::default(),
     };
     Batch {
         index: LogIndex(n),

@@ -22,6 +22,7 @@ use sand_protocol::global_queue::{GlobalQueue, GqConfig, GqEvent, GqOutput, Invo
 use sand_protocol::ids::{AppName, ExecId};
 use sand_protocol::policy::AppSpec;
 use sand_protocol::time::Time;
+use sand_protocol::trace_context::TraceParent;
 use sand_protocol::wire::{
     AppBundle, Payload, Reason, ServiceToGateway, ServiceToWorker, ToWorker, Up,
 };
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::exec_ref::ExecRefs;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
+use crate::telemetry::Telemetry;
 use crate::trace::TraceBook;
 
 /// A request to the core, from the HTTP API or the CLI.
@@ -45,6 +47,8 @@ pub enum Command {
         input: Payload,
         /// Makes a retried request find the first execution.
         idempotency_key: Option<String>,
+        /// The span the entry call hangs from.
+        traceparent: TraceParent,
         /// The accepted execution, or why not.
         reply: oneshot::Sender<Result<Invoked, InvokeError>>,
     },
@@ -58,6 +62,8 @@ pub enum Command {
         input: Payload,
         /// Makes a retried request find the first execution.
         idempotency_key: Option<String>,
+        /// The span the entry call hangs from.
+        traceparent: TraceParent,
         /// The execution under way, or why it was refused.
         reply: oneshot::Sender<Result<Run, InvokeError>>,
     },
@@ -230,8 +236,9 @@ impl Core {
         sender: GatewaySender,
         metrics: Arc<Metrics>,
         refs: Arc<ExecRefs>,
+        telemetry: Option<Arc<Telemetry>>,
     ) -> Self {
-        let traces = TraceBook::default();
+        let traces = TraceBook::new(telemetry);
         let started = Instant::now();
         let origin = wall_ms();
         let gq = GlobalQueue::recover(config, Time::from_millis(origin), state);
@@ -327,8 +334,9 @@ impl Core {
                 app,
                 input,
                 idempotency_key,
+                traceparent,
                 reply,
-            } => match self.invoke(now, &app, input, idempotency_key) {
+            } => match self.invoke(now, &app, input, idempotency_key, traceparent) {
                 Ok(invoked) => {
                     let waiting = self.accepting.entry(invoked.exec).or_default();
                     waiting.push((invoked, reply));
@@ -341,8 +349,9 @@ impl Core {
                 app,
                 input,
                 idempotency_key,
+                traceparent,
                 reply,
-            } => match self.invoke(now, &app, input, idempotency_key) {
+            } => match self.invoke(now, &app, input, idempotency_key, traceparent) {
                 Ok(invoked) => {
                     // Its batch is the only one of this event, and only a timed-out wait would
                     // ever need it before the answer's batch, which follows it in the log.
@@ -450,8 +459,11 @@ impl Core {
         app: &AppName,
         input: Payload,
         idempotency_key: Option<String>,
+        traceparent: TraceParent,
     ) -> Result<Invoked, InvokeError> {
-        let invoked = self.gq.invoke(now, app, input, idempotency_key)?;
+        let invoked = self
+            .gq
+            .invoke(now, app, input, idempotency_key, traceparent)?;
         if invoked.fresh {
             self.accepted_at.insert(invoked.exec, Instant::now());
         }
@@ -511,7 +523,9 @@ impl Core {
             GatewayEvent::Message(w, Up::Service(ServiceToGateway::Trace { mut runs })) => {
                 // A forgotten execution's traces went with it: none come back.
                 runs.retain(|r| self.gq.state().execs.contains_key(&r.exec));
-                let writes = self.traces.runs(w, runs, &self.metrics);
+                let gq = &self.gq;
+                let app_of = |exec| gq.execution(exec).map(|e| e.app.clone());
+                let writes = self.traces.runs(w, runs, &self.metrics, app_of);
                 if let Err(e) = self.store.put_traces(writes) {
                     tracing::warn!("could not record traces: {e}");
                 }
@@ -654,7 +668,15 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
         let state = sand_protocol::durable::DurableState::default();
         let refs = Arc::new(ExecRefs::new(b"the core's tests"));
-        let mut core = Core::new(config, Arc::new(store), state, link.sender, metrics, refs);
+        let mut core = Core::new(
+            config,
+            Arc::new(store),
+            state,
+            link.sender,
+            metrics,
+            refs,
+            None,
+        );
         core.drain().unwrap();
         let spec = AppSpec {
             name: AppName::new("one").unwrap(),
@@ -738,6 +760,11 @@ mod tests {
         GatewayEvent::Message(WORKER, msg.into())
     }
 
+    /// The span the tests' invocations come under.
+    fn client_span() -> TraceParent {
+        TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap()
+    }
+
     fn run(core: &mut Core, input: &'static [u8]) -> Run {
         run_keyed(core, input, None)
     }
@@ -748,6 +775,7 @@ mod tests {
             app: AppName::new("one").unwrap(),
             input: Payload::new(input),
             idempotency_key: key.map(str::to_owned),
+            traceparent: client_span(),
             reply,
         });
         core.drain().unwrap();
@@ -762,8 +790,10 @@ mod tests {
         let mut run = run(&mut core, b"3");
         let exec = run.invoked.exec;
         let call = dispatched(&mut worker);
-        // The grain is told the execution's name as clients know it.
+        // The grain is told the execution's name as clients know it, and its place in the
+        // trace: under the invocation's span.
         assert_eq!(call.exec_ref, core.refs.present(exec));
+        assert_eq!(call.traceparent, client_span());
         core.event(answered(&call, 1, b"9"));
         core.drain().unwrap();
 
@@ -846,6 +876,7 @@ mod tests {
             app: AppName::new("one").unwrap(),
             input: Payload::new(&b"4"[..]),
             idempotency_key: None,
+            traceparent: TraceParent::default(),
             reply,
         });
         core.drain().unwrap();
@@ -899,8 +930,10 @@ mod tests {
             attempt: call.attempt,
             grain: call.grain.clone(),
             dispatched: true,
-            started_ms: 1,
-            ended_ms: 2,
+            started_us: 1_000,
+            ended_us: 2_000,
+            traceparent: Default::default(),
+            cold: false,
             error: None,
             stdout: Bytes::new(),
             stderr: Bytes::new(),

@@ -50,6 +50,7 @@ use sand_protocol::durable::{Answer, ExecStatus};
 use sand_protocol::global_queue::InvokeError;
 use sand_protocol::ids::{AppName, ExecId};
 use sand_protocol::policy::AppSpec;
+use sand_protocol::trace_context::TraceParent;
 use sand_protocol::wire::{AppBundle, GrainError, Payload, PAYLOAD_BYTES_MAX};
 use utoipa::openapi::{self, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -59,6 +60,7 @@ use crate::core::{Command, CoreHandle, CoreStopped, ExecSummary};
 use crate::exec_ref::{ExecRefs, RefError};
 use crate::metrics::{Metrics, Status};
 use crate::store::Store;
+use crate::telemetry::{Invocation, Telemetry};
 use crate::token::Token;
 
 /// The largest app bundle accepted: it travels to workers in one message.
@@ -83,6 +85,8 @@ pub struct Api {
     pub policy: Arc<sand_app::Policy>,
     /// Names executions to clients.
     pub refs: Arc<ExecRefs>,
+    /// Where invocations' spans go, if anywhere.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 /// A failed request: its status and a JSON account.
@@ -637,6 +641,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         ("app" = String, Path, description = "The app's name"),
         InvokeQuery,
         ("Idempotency-Key" = Option<String>, Header, description = "1 to 256 visible ASCII characters: a retried request with the same key and input finds the first execution; the same key with another input is a 422"),
+        ("traceparent" = Option<String>, Header, description = "W3C Trace Context: the execution continues the caller's trace (a malformed one is ignored, and a trace starts at the gateway)"),
     ),
     request_body(
         content = serde_json::Value,
@@ -663,12 +668,43 @@ async fn invoke(
     let wait = invoke_wait(&query(q)?)?;
     let input = json_input(&body)?;
     let idempotency_key = idempotency_key(&headers)?;
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let invocation = Invocation::start(app.clone(), traceparent, api.telemetry.is_some());
+    let answer = run_invocation(&api, app, input, idempotency_key, invocation.own, wait).await;
+    if let (Some(telemetry), Ok((_, reference))) = (&api.telemetry, &answer) {
+        telemetry.invocation(&invocation, reference, answer_status(&answer));
+    }
+    answer.map(|(response, _)| response)
+}
+
+/// The status an invocation answered with.
+fn answer_status(answer: &Result<(Response, String), ApiError>) -> u16 {
+    match answer {
+        Ok((response, _)) => response.status().as_u16(),
+        Err(e) => e.status.as_u16(),
+    }
+}
+
+/// Starts an execution under `traceparent` and answers for it, with its reference: once it
+/// ended, waiting at most `wait`, or once it is accepted.
+async fn run_invocation(
+    api: &Api,
+    app: AppName,
+    input: Payload,
+    idempotency_key: Option<String>,
+    traceparent: TraceParent,
+    wait: Option<Duration>,
+) -> Result<(Response, String), ApiError> {
     let refs = api.refs.clone();
     let pending = |exec: ExecId| {
+        let execution = refs.present(exec);
         let accepted = Accepted {
-            execution: refs.present(exec),
+            execution: execution.clone(),
         };
-        (StatusCode::ACCEPTED, Json(accepted)).into_response()
+        (
+            (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+            execution,
+        )
     };
     let Some(wait) = wait else {
         // The reply comes once the acceptance is durable.
@@ -678,6 +714,7 @@ async fn invoke(
                 app,
                 input,
                 idempotency_key,
+                traceparent,
                 reply,
             })
             .await?
@@ -692,6 +729,7 @@ async fn invoke(
             app,
             input,
             idempotency_key,
+            traceparent,
             reply,
         })
         .await?
@@ -699,7 +737,10 @@ async fn invoke(
     let exec = run.invoked.exec;
     let reference = refs.present(exec);
     match tokio::time::timeout(wait, run.answer).await {
-        Ok(Ok(Some(answer))) => Ok(Json(answered(reference, &answer)).into_response()),
+        Ok(Ok(Some(answer))) => {
+            let response = Json(answered(reference.clone(), &answer)).into_response();
+            Ok((response, reference))
+        }
         Ok(Ok(None)) => Err(ApiError::not_found(
             ErrorCode::UnknownExecution,
             format!("execution {reference} was forgotten"),

@@ -6,7 +6,7 @@
 //!   connections; [`token`]: its bearer token;
 //!   [`secret_file`]: how the token and the references' key are kept;
 //! - [`metrics`]: what `/metrics` shows; [`trace`]: execution traces; [`ui`]: the page that
-//!   draws them;
+//!   draws them; [`telemetry`]: the same executions as OpenTelemetry spans;
 //! - [`server`]: all of it started together.
 
 pub mod core;
@@ -17,6 +17,7 @@ pub mod secret_file;
 pub mod serve;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod token;
 pub mod trace;
 pub mod ui;

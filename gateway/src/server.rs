@@ -20,6 +20,7 @@ use crate::http::{self, Api};
 use crate::metrics::Metrics;
 use crate::serve::{self, Limits, TlsError};
 use crate::store::{Store, StoreError};
+use crate::telemetry::{Telemetry, TelemetryError};
 use crate::token::Token;
 
 /// The file of the embedded store, in the data directory.
@@ -54,6 +55,8 @@ pub struct GatewayConfig {
     pub transport: Transport,
     /// The transport's settings.
     pub link: LinkConfig,
+    /// The OTLP/HTTP collector executions' spans go to, if any (see [`Telemetry::otlp`]).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Why a gateway could not start or had to stop.
@@ -92,6 +95,9 @@ pub enum GatewayError {
     /// The HTTP API's TLS certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The OTLP exporter cannot start.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
     /// A task of the gateway ended unexpectedly.
     #[error("the gateway's {0} task stopped unexpectedly")]
     Stopped(&'static str),
@@ -175,6 +181,10 @@ impl Gateway {
             source,
         })?;
         let refs = Arc::new(ExecRefs::open(&config.data_dir)?);
+        let telemetry = match &config.otlp_endpoint {
+            Some(endpoint) => Some(Arc::new(Telemetry::otlp(endpoint)?)),
+            None => None,
+        };
         let identity = certs::load_gateway(&config.cert_dir)?;
         let (store, state) = Store::open(&config.data_dir.join(STORE_FILE))?;
         let store = Arc::new(store);
@@ -194,6 +204,7 @@ impl Gateway {
             link.sender,
             metrics.clone(),
             refs.clone(),
+            telemetry.clone(),
         );
         let (handle, core_task) = core::spawn(core, link.events);
         let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -215,6 +226,7 @@ impl Gateway {
             hosts: config.http_hosts.into(),
             policy: Arc::new(config.policy),
             refs,
+            telemetry,
         };
         let app = http::router(api);
         let http_task = tokio::spawn(serve::serve(listener, app, config.http_limits, tls));

@@ -58,6 +58,8 @@ use sand_protocol::ids::{Attempt, CallId, ExecId, WorkerId};
 use sand_protocol::policy::AppSpec;
 use sand_protocol::wire::AppBundle;
 
+mod upgrade;
+
 /// Where the commit thread stands, published after every commit.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct CommitStatus {
@@ -379,9 +381,10 @@ const TRACES: TableDefinition<(u64, u64, u64), &[u8]> = TableDefinition::new("tr
 const META_FORMAT: &str = "format";
 const META_EPOCH: &str = "epoch";
 const META_LAST_INDEX: &str = "last_index";
-/// The layout this build writes. Bump it when a table's encoding changes. 3: executions keep
-/// their key's input digest, acceptance and end times.
-const FORMAT: u64 = 3;
+/// The layout this build writes. Bump it when a table's encoding changes, and upgrade the
+/// format before it in [`upgrade`]. 3: executions keep their key's input digest, acceptance
+/// and end times. 4: calls and joins keep the span they hang from.
+const FORMAT: u64 = 4;
 
 /// The most jobs written in one transaction, so one transaction stays bounded under a flood.
 const GROUP_JOBS_MAX: usize = 8192;
@@ -526,10 +529,25 @@ impl Shared {
         })?;
         match format {
             None | Some(FORMAT) => Ok(()),
+            Some(3) => self.upgrade_from_3(),
             Some(other) => Err(self.corrupt(format!(
-                "format {other}, but this build reads format {FORMAT}"
+                "format {other}, but this build reads format {FORMAT} (and upgrades format 3)"
             ))),
         }
+    }
+
+    /// Rewrites a format-3 store as format 4, in one durable transaction.
+    fn upgrade_from_3(&self) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.storage(e))?;
+        txn.set_durability(Durability::Immediate);
+        upgrade::from_3(&txn, |what| self.corrupt(what), |e| self.storage(e))?;
+        let mut meta = txn.open_table(META).map_err(|e| self.storage(e))?;
+        meta.insert(META_FORMAT, FORMAT)
+            .map_err(|e| self.storage(e))?;
+        drop(meta);
+        txn.commit().map_err(|e| self.storage(e))?;
+        tracing::info!(path = %self.path.display(), "upgraded the store from format 3 to {FORMAT}");
+        Ok(())
     }
 
     /// Runs `f` in a write transaction of its own, committed durably before returning.
@@ -819,6 +837,7 @@ mod tests {
                         incarnation: Incarnation(1),
                     }),
                     depth_left: 16,
+                    traceparent: Default::default(),
                 }),
             ],
         }

@@ -9,14 +9,16 @@
 //! note of the same attempt, keeping its reason.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use sand_api::{CallTrace, Reason as Why, Via};
-use sand_protocol::ids::{Attempt, CallId, ExecId, WorkerId};
+use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, WorkerId};
 use sand_protocol::wire::{CallSpec, Preview, Reason, RunTrace};
 
 use crate::metrics::Metrics;
 use crate::store::Trace;
+use crate::telemetry::Telemetry;
 
 /// A trace entry as the store keeps it.
 fn stored(exec: ExecId, entry: &CallTrace) -> Trace {
@@ -41,9 +43,12 @@ fn text(bytes: &[u8]) -> String {
 /// recovery) and its dispatch time.
 pub const LATE_TRACE_MS: u64 = 10_000;
 
-/// The gateway's side of tracing: what it dispatched, until the worker's account comes.
+/// The gateway's side of tracing: what it dispatched, until the worker's account comes; and
+/// each account, as a span, to the OTLP collector if there is one.
 #[derive(Debug, Default)]
 pub struct TraceBook {
+    /// Where spans go, if anywhere.
+    telemetry: Option<Arc<Telemetry>>,
     /// Dispatches not yet accounted for by their worker, by execution.
     notes: HashMap<ExecId, HashMap<(CallId, Attempt), CallTrace>>,
     /// Ended executions whose notes are kept for late accounts, oldest first, with when they
@@ -52,6 +57,14 @@ pub struct TraceBook {
 }
 
 impl TraceBook {
+    /// A book that exports each account it merges to `telemetry`, if given.
+    pub fn new(telemetry: Option<Arc<Telemetry>>) -> Self {
+        Self {
+            telemetry,
+            ..Self::default()
+        }
+    }
+
     /// Notes a dispatch; returns the trace entry to write, or `None` for a re-sent attempt,
     /// whose entry its first dispatch wrote.
     pub fn dispatched(
@@ -97,7 +110,14 @@ impl TraceBook {
     }
 
     /// Merges a worker's account of its runs with the dispatches noted; returns the writes.
-    pub fn runs(&mut self, worker: WorkerId, runs: Vec<RunTrace>, metrics: &Metrics) -> Vec<Trace> {
+    /// Each run is exported as a span, with the app `app_of` its execution.
+    pub fn runs(
+        &mut self,
+        worker: WorkerId,
+        runs: Vec<RunTrace>,
+        metrics: &Metrics,
+        app_of: impl Fn(ExecId) -> Option<AppName>,
+    ) -> Vec<Trace> {
         runs.into_iter()
             .map(|run| {
                 let note = self
@@ -120,17 +140,20 @@ impl TraceBook {
                     reason: note.as_ref().map_or(Why::Local, |n| n.reason),
                     recovery: note.as_ref().is_some_and(|n| n.recovery),
                     dispatched_ms: note.and_then(|n| n.dispatched_ms),
-                    started_ms: Some(run.started_ms),
-                    ended_ms: Some(run.ended_ms),
-                    error: run.error,
+                    started_ms: Some(run.started_us / 1000),
+                    ended_ms: Some(run.ended_us / 1000),
+                    error: run.error.clone(),
                     stdout: text(&run.stdout),
                     stderr: text(&run.stderr),
                     input: text(&run.input.head),
                     input_cut: run.input.cut,
                     output_cut: run.output.as_ref().is_some_and(|o| o.cut),
-                    output: run.output.map(|o| text(&o.head)),
+                    output: run.output.as_ref().map(|o| text(&o.head)),
                     emitted: run.emitted.iter().map(ToString::to_string).collect(),
                 };
+                if let Some(telemetry) = &self.telemetry {
+                    telemetry.run(&run, &entry, app_of(run.exec).as_ref());
+                }
                 stored(run.exec, &entry)
             })
             .collect()
@@ -161,6 +184,7 @@ mod tests {
     use super::*;
     use prometheus_client::registry::Registry;
     use sand_protocol::ids::{AppName, GrainName};
+    use sand_protocol::trace_context::TraceParent;
     use sand_protocol::wire::{Cont, ErrorKind, GrainError, Payload};
 
     /// The last attempt of an execution is accounted for after the execution ended: it keeps
@@ -181,6 +205,7 @@ mod tests {
                 cont: Cont::Client,
                 depth_left: 16,
                 exec_ref: String::new(),
+                traceparent: Default::default(),
             }
         };
         let run = |spec: &CallSpec| RunTrace {
@@ -189,8 +214,10 @@ mod tests {
             attempt: spec.attempt,
             grain: spec.grain.clone(),
             dispatched: true,
-            started_ms: 1,
-            ended_ms: 2,
+            started_us: 1_000,
+            ended_us: 2_000,
+            traceparent: TraceParent::default(),
+            cold: false,
             error: None,
             stdout: Bytes::new(),
             stderr: Bytes::new(),
@@ -207,11 +234,11 @@ mod tests {
         book.dispatched(WorkerId(1), &b, Reason::Recovery, 1_000);
         book.ended(a.exec, 1_100);
         book.ended(b.exec, 1_100);
-        let late = book.runs(WorkerId(1), vec![run(&a)], &metrics);
+        let late = book.runs(WorkerId(1), vec![run(&a)], &metrics, |_| None);
         assert_eq!(reason(late), (Why::Retry, Some(1_000)));
         // Much later, another execution's end forgets b's note.
         book.ended(spec(3).exec, 1_100 + LATE_TRACE_MS);
-        let too_late = book.runs(WorkerId(1), vec![run(&b)], &metrics);
+        let too_late = book.runs(WorkerId(1), vec![run(&b)], &metrics, |_| None);
         assert_eq!(reason(too_late), (Why::Local, None));
         assert!(book.notes.is_empty() && book.ended.len() == 1);
     }

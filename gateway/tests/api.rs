@@ -48,6 +48,7 @@ async fn api_with(dir: &std::path::Path, token: Option<Token>) -> (Router, MemNe
         link.sender,
         metrics.clone(),
         refs.clone(),
+        None,
     );
     let (handle, _task) = core::spawn(core, link.events);
     let spec = AppSpec {
@@ -76,6 +77,7 @@ async fn api_with(dir: &std::path::Path, token: Option<Token>) -> (Router, MemNe
         hosts: Arc::new([]),
         policy: Arc::new(sand_app::Policy::default()),
         refs,
+        telemetry: None,
     };
     (http::router(api), net)
 }

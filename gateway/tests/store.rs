@@ -147,6 +147,7 @@ fn op() -> impl Strategy<Value = Op> {
                         incarnation: Incarnation(i),
                     }),
                     depth_left: 16,
+                    traceparent: Default::default(),
                 })
             })
     };
@@ -166,6 +167,7 @@ fn op() -> impl Strategy<Value = Op> {
                     branches: contributions.len() as u32,
                     cont,
                     depth_left: 16,
+                    traceparent: Default::default(),
                 },
                 contributions,
                 fired,
@@ -299,6 +301,7 @@ fn overwrite(i: u64, keys: u32) -> Batch {
                 reason: Reason::First,
                 owner: None,
                 depth_left: 16,
+                traceparent: Default::default(),
             }),
             Op::DelCall(exec, CallId(i)),
         ],

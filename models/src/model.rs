@@ -81,6 +81,7 @@ use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LbTimer
 use sand_protocol::mutations::{Mutation, Mutations};
 use sand_protocol::policy::{AppSpec, GrainPolicy};
 use sand_protocol::time::Time;
+use sand_protocol::trace_context::TraceParent;
 use sand_protocol::wire::{
     AppBundle, CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, ToGateway, ToWorker,
 };
@@ -1440,7 +1441,13 @@ fn gateway_msg(cfg: &ModelCfg, g: &mut GatewayState, src: Id, msg: Msg, o: &mut 
     match msg {
         Msg::Invoke { request } => {
             let key = Some(request.to_string());
-            if let Ok(inv) = g.gq.invoke(T0, &app(), text(i64::from(request)), key) {
+            if let Ok(inv) = g.gq.invoke(
+                T0,
+                &app(),
+                text(i64::from(request)),
+                key,
+                TraceParent::default(),
+            ) {
                 let ended =
                     g.gq.execution(inv.exec)
                         .is_some_and(|e| e.status != ExecStatus::Running);

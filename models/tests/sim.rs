@@ -225,6 +225,11 @@ fn catches_unmarked_recovery() {
 }
 
 #[test]
+fn catches_untraced_spawn() {
+    catches(Mutation::UntracedSpawn, 50, &[Property::TraceTree]);
+}
+
+#[test]
 fn catches_stale_lookup() {
     catches(Mutation::StaleLookup, 20, &[Property::AcceptedStaysVisible]);
 }
@@ -382,11 +387,16 @@ fn catches_forget_keys() {
 #[test]
 fn catches_reuse_exec_ids() {
     // After a gateway restart a new execution takes an earlier one's id and record: an answered
-    // one's answer changes, or a running one's completed entry call becomes pending again.
+    // one's answer changes, a running one's completed entry call becomes pending again, or the
+    // new one's calls run under the other's trace.
     catches(
         Mutation::ReuseExecIds,
         50,
-        &[Property::AnswerStays, Property::CompletedStaysCompleted],
+        &[
+            Property::AnswerStays,
+            Property::CompletedStaysCompleted,
+            Property::TraceTree,
+        ],
     );
     let found = failures(Mutation::ReuseExecIds, SEED..SEED + 40);
     let stays = found

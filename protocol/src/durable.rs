@@ -17,6 +17,7 @@ use crate::ids::{
 };
 use crate::policy::AppSpec;
 use crate::time::Time;
+use crate::trace_context::TraceParent;
 use crate::wire::{AppBundle, Cont, GrainError, JoinSpec, Payload, Reason};
 
 /// The position of a batch in the durable log, from 1 in each gateway incarnation.
@@ -119,6 +120,8 @@ pub struct CallRecord {
     pub owner: Option<Owner>,
     /// Its [`CallSpec::depth_left`](crate::wire::CallSpec::depth_left).
     pub depth_left: u32,
+    /// Its [`CallSpec::traceparent`](crate::wire::CallSpec::traceparent).
+    pub traceparent: TraceParent,
 }
 
 impl CallRecord {

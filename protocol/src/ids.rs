@@ -92,7 +92,7 @@ const JOIN_TAG: u64 = 0x6a6f_696e_0000_0000;
 
 /// A stable 64-bit mix of two words (splitmix64's finaliser over a combination). Stable forever:
 /// call ids in durable records depend on it.
-fn mix(a: u64, b: u64) -> u64 {
+pub(crate) fn mix(a: u64, b: u64) -> u64 {
     let mut z = a
         .rotate_left(29)
         .wrapping_add(b)

@@ -15,6 +15,7 @@
 //! - [`durable`]: the records the global queue persists, and the state they rebuild.
 //! - [`disk`]: a gateway's disk in memory, for driving the global queue without I/O.
 //! - [`time`]: the time values the caller passes in.
+//! - [`trace_context`]: where each run sits in its execution's OpenTelemetry trace.
 //! - [`mutations`]: deliberate bugs, off by default, that the checkers must catch.
 
 pub mod disk;
@@ -25,4 +26,5 @@ pub mod local_bus;
 pub mod mutations;
 pub mod policy;
 pub mod time;
+pub mod trace_context;
 pub mod wire;

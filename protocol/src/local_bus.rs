@@ -494,6 +494,7 @@ impl LocalBus {
             cont: local.spec.cont,
             depth_left: local.spec.depth_left,
             exec_ref: spec.exec_ref.clone(),
+            traceparent: local.spec.traceparent,
         };
         effects.spawned.push(NewCall {
             call: join.call,
@@ -502,6 +503,7 @@ impl LocalBus {
             cont: join.cont,
             owned: true,
             depth_left: join.depth_left,
+            traceparent: join.traceparent,
         });
         self.start(join);
         effects
@@ -520,6 +522,7 @@ impl LocalBus {
             branches: branches.len() as u32,
             cont: spec.cont,
             depth_left: spec.depth_left,
+            traceparent: spec.traceparent.run(spec.call, spec.attempt),
         };
         effects.joins.push(join.clone());
         let mut all_local = true;
@@ -562,6 +565,8 @@ impl LocalBus {
         let call = parent.call.child(index);
         let local =
             !self.overloaded() && !self.has_run(RunKey::new(parent.exec, call, parent.attempt));
+        // It hangs from the run that emits it.
+        let traceparent = parent.traceparent.run(parent.call, parent.attempt);
         effects.spawned.push(NewCall {
             call,
             grain: grain.clone(),
@@ -569,6 +574,7 @@ impl LocalBus {
             cont,
             owned: local,
             depth_left,
+            traceparent,
         });
         if local {
             self.start(CallSpec {
@@ -581,6 +587,7 @@ impl LocalBus {
                 cont,
                 depth_left,
                 exec_ref: parent.exec_ref.clone(),
+                traceparent,
             });
         }
         local

@@ -60,11 +60,14 @@ pub enum Mutation {
     /// being written that changes the entity, even once a newer batch is durable: a client told
     /// its execution is accepted may look it up and be told it does not exist.
     StaleLookup,
+    /// The gateway records a call a worker spawned without the span it hangs from: once the
+    /// gateway runs it again (a recovery, a retry), its spans fall out of the execution's tree.
+    UntracedSpawn,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 17] = [
+    pub const ALL: [Mutation; 18] = [
         Mutation::SplitHop,
         Mutation::VisibleBeforeDurable,
         Mutation::AcceptDead,
@@ -82,6 +85,7 @@ impl Mutation {
         Mutation::ReadAhead,
         Mutation::UnmarkedRecovery,
         Mutation::StaleLookup,
+        Mutation::UntracedSpawn,
     ];
 
     /// The name used on the command line.
@@ -104,6 +108,7 @@ impl Mutation {
             Mutation::ReadAhead => "read-ahead",
             Mutation::UnmarkedRecovery => "unmarked-recovery",
             Mutation::StaleLookup => "stale-lookup",
+            Mutation::UntracedSpawn => "untraced-spawn",
         }
     }
 }

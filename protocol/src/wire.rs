@@ -24,9 +24,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, RunKey, Seq};
+use crate::trace_context::TraceParent;
 
 /// The encoding version this build writes and reads.
-pub const WIRE_VERSION: u8 = 7;
+pub const WIRE_VERSION: u8 = 8;
 
 /// The largest encoded message, in bytes. A frame above it is refused without being read.
 pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
@@ -141,6 +142,10 @@ pub struct CallSpec {
     /// machines carry it and never read it: the gateway's driver sets it on each dispatch,
     /// and the local bus gives it to the calls a call makes.
     pub exec_ref: String,
+    /// Its place in the execution's trace: the span of the run that emitted it (the gateway's
+    /// span of the invocation, for the entry call). Its run's own span is
+    /// `traceparent.run(call, attempt)`, the parent of the calls it emits.
+    pub traceparent: TraceParent,
 }
 
 impl CallSpec {
@@ -165,6 +170,8 @@ pub struct NewCall {
     pub owned: bool,
     /// Its [`CallSpec::depth_left`].
     pub depth_left: u32,
+    /// Its [`CallSpec::traceparent`]: the span of the run that emitted it.
+    pub traceparent: TraceParent,
 }
 
 /// A fan-out's join, made when the fan-out runs.
@@ -180,6 +187,8 @@ pub struct JoinSpec {
     pub cont: Cont,
     /// The join call's [`CallSpec::depth_left`]: the fan-out call's.
     pub depth_left: u32,
+    /// The join call's [`CallSpec::traceparent`]: the span of the fan-out's run.
+    pub traceparent: TraceParent,
 }
 
 /// A value a report delivers.
@@ -436,10 +445,10 @@ pub struct RunTrace {
     pub grain: GrainName,
     /// True if the gateway dispatched it; false if the worker's local bus started it.
     pub dispatched: bool,
-    /// Wall-clock start and end, in milliseconds since the Unix epoch.
-    pub started_ms: u64,
-    /// See `started_ms`.
-    pub ended_ms: u64,
+    /// Wall-clock start and end, in microseconds since the Unix epoch.
+    pub started_us: u64,
+    /// See `started_us`.
+    pub ended_us: u64,
     /// `None` if it finished (returned, chained or fanned out); else how it failed.
     pub error: Option<GrainError>,
     /// The run's captured stdout, bounded by the worker.
@@ -452,6 +461,10 @@ pub struct RunTrace {
     pub output: Option<Preview>,
     /// The calls it emitted, in order: its `next`, or its fan-out's branches then their join.
     pub emitted: Vec<CallId>,
+    /// The run's [`CallSpec::traceparent`].
+    pub traceparent: TraceParent,
+    /// Whether its instance was started for it (it served no call before): a cold start.
+    pub cold: bool,
 }
 
 /// The most bytes of a value a [`Preview`] keeps.
@@ -661,6 +674,7 @@ mod tests {
             cont: Cont::Client,
             depth_left: 16,
             exec_ref: String::new(),
+            traceparent: TraceParent::default(),
         }
     }
 
@@ -718,8 +732,10 @@ mod tests {
                 attempt: Attempt(0),
                 grain: spec().grain,
                 dispatched: true,
-                started_ms: 1,
-                ended_ms: 2,
+                started_us: 1,
+                ended_us: 2,
+                traceparent: TraceParent::default(),
+                cold: false,
                 error: None,
                 stdout: Bytes::from_static(b"out"),
                 stderr: Bytes::new(),

@@ -94,6 +94,7 @@ fn branch_call(call: CallId, join: CallId, branch: u32) -> NewCall {
         cont: Cont::Join { join, branch },
         owned: true,
         depth_left: 15,
+        traceparent: Default::default(),
     }
 }
 
@@ -108,6 +109,7 @@ fn fan_out(c0: CallId, n: u32, join_grain: &str) -> Effects {
             branches: n,
             cont: Cont::Client,
             depth_left: 16,
+            traceparent: Default::default(),
         }],
         spawned: (0..n).map(|i| branch_call(c0.child(i), join, i)).collect(),
         ..Effects::default()
@@ -193,7 +195,7 @@ impl Gq {
     fn invoke(&mut self, input: &str) -> (ExecId, Vec<GqOutput>) {
         let inv = self
             .gq
-            .invoke(T0, &app(), Payload::from(input), None)
+            .invoke(T0, &app(), Payload::from(input), None, Default::default())
             .unwrap();
         assert!(inv.fresh);
         (inv.exec, self.drain())
@@ -231,6 +233,7 @@ fn spec(exec: ExecId, g: &str, input: &str, attempt: Attempt) -> CallSpec {
         cont: Cont::Client,
         depth_left: 16,
         exec_ref: String::new(),
+        traceparent: Default::default(),
     }
 }
 
@@ -382,12 +385,12 @@ fn an_unknown_app_or_an_oversize_input_is_refused() {
     let mut t = Gq::new();
     let nope = AppName::new("nope").unwrap();
     assert_eq!(
-        t.gq.invoke(T0, &nope, Payload::from("1"), None),
+        t.gq.invoke(T0, &nope, Payload::from("1"), None, Default::default()),
         Err(InvokeError::UnknownApp(nope))
     );
     let big = Payload::new(vec![b'1'; sand_protocol::wire::PAYLOAD_BYTES_MAX + 1]);
     assert!(matches!(
-        t.gq.invoke(T0, &app(), big, None),
+        t.gq.invoke(T0, &app(), big, None, Default::default()),
         Err(InvokeError::TooLarge(_))
     ));
     assert_eq!(t.drain(), vec![]);
@@ -397,12 +400,24 @@ fn an_unknown_app_or_an_oversize_input_is_refused() {
 fn an_idempotency_key_finds_the_first_execution() {
     let mut t = Gq::new();
     let first =
-        t.gq.invoke(T0, &app(), Payload::from("1"), Some("k".into()))
-            .unwrap();
+        t.gq.invoke(
+            T0,
+            &app(),
+            Payload::from("1"),
+            Some("k".into()),
+            Default::default(),
+        )
+        .unwrap();
     t.drain();
     let again =
-        t.gq.invoke(T0, &app(), Payload::from("1"), Some("k".into()))
-            .unwrap();
+        t.gq.invoke(
+            T0,
+            &app(),
+            Payload::from("1"),
+            Some("k".into()),
+            Default::default(),
+        )
+        .unwrap();
     assert_eq!(again.exec, first.exec);
     assert!(!again.fresh);
     assert_eq!(t.drain(), vec![]);
@@ -419,11 +434,23 @@ fn an_idempotency_key_finds_the_first_execution() {
 fn the_same_key_with_another_input_is_refused_in_this_life_and_the_next() {
     let mut t = Gq::new();
     let key = Some("k".to_string());
-    let first = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let first = t.gq.invoke(
+        T0,
+        &app(),
+        Payload::from("1"),
+        key.clone(),
+        Default::default(),
+    );
     let first = first.unwrap().exec;
     t.drain();
     t.persist();
-    let reused = t.gq.invoke(T0, &app(), Payload::from("2"), key.clone());
+    let reused = t.gq.invoke(
+        T0,
+        &app(),
+        Payload::from("2"),
+        key.clone(),
+        Default::default(),
+    );
     let expected = InvokeError::KeyReused {
         key: "k".into(),
         exec: first,
@@ -431,7 +458,7 @@ fn the_same_key_with_another_input_is_refused_in_this_life_and_the_next() {
     assert_eq!(reused, Err(expected.clone()));
     assert_eq!(t.drain(), vec![], "a refused invocation changed something");
     let mut recovered = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
-    let reused = recovered.invoke(T0, &app(), Payload::from("2"), key);
+    let reused = recovered.invoke(T0, &app(), Payload::from("2"), key, Default::default());
     assert_eq!(reused, Err(expected));
 }
 
@@ -440,19 +467,41 @@ fn a_key_past_its_lifetime_starts_a_new_execution() {
     let mut t = Gq::new();
     let ttl = GqConfig::default().key_ttl;
     let key = Some("k".to_string());
-    let first = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let first = t.gq.invoke(
+        T0,
+        &app(),
+        Payload::from("1"),
+        key.clone(),
+        Default::default(),
+    );
     let first = first.unwrap().exec;
     let just_before = T0 + (ttl - Duration::from_millis(1));
-    let again =
-        t.gq.invoke(just_before, &app(), Payload::from("1"), key.clone());
+    let again = t.gq.invoke(
+        just_before,
+        &app(),
+        Payload::from("1"),
+        key.clone(),
+        Default::default(),
+    );
     assert_eq!(again.unwrap().exec, first);
     // Past its lifetime the key is free, whatever the input, and names the new execution.
-    let later =
-        t.gq.invoke(T0 + ttl, &app(), Payload::from("2"), key.clone());
+    let later = t.gq.invoke(
+        T0 + ttl,
+        &app(),
+        Payload::from("2"),
+        key.clone(),
+        Default::default(),
+    );
     let later = later.unwrap();
     assert!(later.fresh);
     assert_ne!(later.exec, first);
-    let again = t.gq.invoke(T0 + ttl, &app(), Payload::from("2"), key);
+    let again = t.gq.invoke(
+        T0 + ttl,
+        &app(),
+        Payload::from("2"),
+        key,
+        Default::default(),
+    );
     assert_eq!(again.unwrap().exec, later.exec);
 }
 
@@ -513,6 +562,7 @@ fn progress_is_applied_in_the_order_sent() {
             cont: Cont::Client,
             owned: true,
             depth_left: 16,
+            traceparent: Default::default(),
         }],
         ..Effects::default()
     };
@@ -551,6 +601,7 @@ fn a_locally_run_call_is_owned_and_an_unowned_one_is_placed() {
         cont: Cont::Client,
         owned,
         depth_left: 16,
+        traceparent: Default::default(),
     };
     let effects = Effects {
         spawned: vec![new(0, true), new(1, false)],
@@ -817,6 +868,7 @@ fn a_join_started_by_the_worker_is_owned_by_it() {
             branches: 1,
             cont: Cont::Client,
             depth_left: 16,
+            traceparent: Default::default(),
         }],
         returns: vec![Return {
             cont: Cont::Join { join, branch: 0 },
@@ -829,6 +881,7 @@ fn a_join_started_by_the_worker_is_owned_by_it() {
             cont: Cont::Client,
             owned: true,
             depth_left: 16,
+            traceparent: Default::default(),
         }],
     };
     assert_eq!(
@@ -855,6 +908,7 @@ fn an_answer_cancels_the_calls_left_pending() {
         cont: Cont::Client,
         owned,
         depth_left: 16,
+        traceparent: Default::default(),
     };
     // Two racing calls, one here and one placed on W1: the first value wins.
     let effects = Effects {
@@ -951,7 +1005,13 @@ fn expire_forgets_what_ended_past_the_retention_age_and_keeps_what_runs() {
     let mut t = Gq::new();
     t.hello(W0, I1);
     let key = Some("k".to_string());
-    let ended = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
+    let ended = t.gq.invoke(
+        T0,
+        &app(),
+        Payload::from("1"),
+        key.clone(),
+        Default::default(),
+    );
     let ended = ended.unwrap().exec;
     let (running, _) = t.invoke("2");
     let end = T0 + Duration::from_secs(10);
@@ -977,8 +1037,13 @@ fn expire_forgets_what_ended_past_the_retention_age_and_keeps_what_runs() {
     );
     assert!(!t.store.execs.contains_key(&ended), "not durably forgotten");
     // Its key went with it: the same key starts a new execution.
-    let again =
-        t.gq.invoke(end + retention, &app(), Payload::from("1"), key);
+    let again = t.gq.invoke(
+        end + retention,
+        &app(),
+        Payload::from("1"),
+        key,
+        Default::default(),
+    );
     assert!(again.unwrap().fresh);
 }
 
@@ -1211,8 +1276,20 @@ fn an_idempotency_key_names_an_execution_of_its_own_app_only() {
     t.gq.deploy(spec, bundle());
     t.persist();
     let key = Some("k".to_string());
-    let mine = t.gq.invoke(T0, &app(), Payload::from("1"), key.clone());
-    let theirs = t.gq.invoke(T0, &other, Payload::from("2"), key.clone());
+    let mine = t.gq.invoke(
+        T0,
+        &app(),
+        Payload::from("1"),
+        key.clone(),
+        Default::default(),
+    );
+    let theirs = t.gq.invoke(
+        T0,
+        &other,
+        Payload::from("2"),
+        key.clone(),
+        Default::default(),
+    );
     let (mine, theirs) = (mine.unwrap(), theirs.unwrap());
     assert!(
         theirs.fresh,
@@ -1220,12 +1297,18 @@ fn an_idempotency_key_names_an_execution_of_its_own_app_only() {
     );
     assert_ne!(mine.exec, theirs.exec);
     // Each app's retry finds its own, in this life and the next.
-    let again = t.gq.invoke(T0, &other, Payload::from("2"), key.clone());
+    let again = t.gq.invoke(
+        T0,
+        &other,
+        Payload::from("2"),
+        key.clone(),
+        Default::default(),
+    );
     assert_eq!(again.unwrap().exec, theirs.exec);
     t.drain();
     t.persist();
     let mut recovered = GlobalQueue::recover(GqConfig::default(), T0, t.store.clone());
-    let found = recovered.invoke(T0, &app(), Payload::from("1"), key);
+    let found = recovered.invoke(T0, &app(), Payload::from("1"), key, Default::default());
     assert_eq!(found.unwrap().exec, mine.exec);
 }
 

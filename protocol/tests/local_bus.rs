@@ -7,6 +7,7 @@ use std::time::Duration;
 use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName, Incarnation, Seq, WorkerId};
 use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LbTimer, LocalBus};
 use sand_protocol::time::Time;
+use sand_protocol::trace_context::TraceParent;
 use sand_protocol::wire::{
     CallSpec, Cont, Effects, ErrorKind, GrainError, JoinSpec, NewCall, Outcome, Payload, Reason,
     Report, Return, ToGateway, ToWorker,
@@ -44,7 +45,35 @@ fn spec(call: CallId, g: &str, input: &str, attempt: Attempt, cont: Cont) -> Cal
         // Every call of the execution carries the gateway's name for it: the comparisons of
         // whole specs below check that the bus hands it on.
         exec_ref: EXEC_REF.into(),
+        // And the span it hangs from: the comparisons check that each call the bus emits
+        // hangs from the run that emitted it.
+        traceparent: hangs_from(call),
     }
+}
+
+/// The span the tests' execution was invoked under.
+fn invocation() -> TraceParent {
+    TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap()
+}
+
+/// The span `call` hangs from: the invocation's for the entry call, else that of the run of
+/// the call that emits it (at the placement's attempt, which a local lineage shares); none
+/// for a call no call of the execution emits.
+fn hangs_from(call: CallId) -> TraceParent {
+    let mut generation = vec![(root(), invocation())];
+    for _ in 0..5 {
+        let mut next = Vec::new();
+        for (c, parent) in generation {
+            if c == call {
+                return parent;
+            }
+            let run = parent.run(c, placed());
+            next.extend((0..4).map(|i| (c.child(i), run)));
+            next.push((c.join(), run));
+        }
+        generation = next;
+    }
+    TraceParent::default()
 }
 
 const EXEC_REF: &str = "0000000100000000aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -145,6 +174,7 @@ fn new_call(s: &CallSpec, owned: bool) -> NewCall {
         cont: s.cont,
         owned,
         depth_left: s.depth_left,
+        traceparent: s.traceparent,
     }
 }
 
@@ -305,6 +335,7 @@ fn a_fan_out_run_here_starts_its_join_here() {
         branches: 2,
         cont: Cont::Client,
         depth_left: 16,
+        traceparent: hangs_from(join),
     };
     let fanned = Effects {
         joins: vec![join_spec.clone()],
@@ -578,7 +609,12 @@ fn a_parent_run_again_as_a_new_attempt_spawns_its_own_attempt_of_the_call() {
         t.dispatch(again.clone()),
         vec![LbOutput::Run(again.clone())]
     );
-    let child = spec(root().child(0), "b", "2", again.attempt, Cont::Client);
+    // It hangs from the new attempt's run.
+    let child = CallSpec {
+        traceparent: invocation().run(root(), again.attempt),
+        ..spec(root().child(0), "b", "2", again.attempt, Cont::Client)
+    };
+    assert_ne!(child.traceparent, first_child.traceparent);
     let effects = Effects {
         spawned: vec![new_call(&child, true)],
         ..Effects::default()

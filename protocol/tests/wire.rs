@@ -24,6 +24,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
         cont: Cont::Client,
         depth_left: 16,
         exec_ref: String::new(),
+        traceparent: Default::default(),
     };
     let report = Report {
         exec,
@@ -40,6 +41,7 @@ fn sample_frames() -> Vec<Vec<u8>> {
                 },
                 owned: true,
                 depth_left: 16,
+                traceparent: Default::default(),
             }],
             ..Effects::default()
         }),
@@ -50,14 +52,16 @@ fn sample_frames() -> Vec<Vec<u8>> {
         attempt: Attempt(0),
         grain: call.grain.clone(),
         dispatched: false,
-        started_ms: 1_700_000_000_000,
-        ended_ms: 1_700_000_000_012,
+        started_us: 1_700_000_000_000_000,
+        ended_us: 1_700_000_000_012_000,
         error: None,
         stdout: Bytes::from_static(b"hello\n"),
         stderr: Bytes::new(),
         input: Preview::of(&call.input),
         output: None,
         emitted: vec![call.call.child(0)],
+        cold: false,
+        traceparent: Default::default(),
     };
     let bundle = ServiceToWorker::Bundle {
         app: call.app.clone(),

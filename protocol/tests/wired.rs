@@ -120,7 +120,9 @@ impl Cluster {
 
     /// A client invokes the chain; its acceptance is made durable.
     fn invoke(&mut self) -> ExecId {
-        let exec = self.gq.invoke(T0, &app(), Payload::from("1"), None);
+        let exec = self
+            .gq
+            .invoke(T0, &app(), Payload::from("1"), None, Default::default());
         let exec = exec.expect("the app is deployed").exec;
         self.drain_gq();
         self.persist();

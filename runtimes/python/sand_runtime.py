@@ -50,7 +50,7 @@ HEADER = struct.Struct("<BBI")
 PIECE_BODY_MAX = 60 * 1024
 CAPTURE_MAX = 64 * 1024
 MESSAGE_MAX = 16 << 20
-RESULT_HEAD = struct.Struct("<IIIIQQ")
+RESULT_HEAD = struct.Struct("<IIIIIQQ")
 CALL_IDS = struct.Struct("<QQ")
 PRIVATE_LEN = struct.Struct("<I")
 SPARE_BODY = struct.Struct("<II")
@@ -91,15 +91,17 @@ class FanOut:
 
 class Ctx:
     """The second argument of a handler: the call's identity, spelled as the HTTP API spells
-    it (`exec` the execution's reference, `call` 16 hex digits, `attempt` a number), and the
-    ways to go on."""
+    it (`exec` the execution's reference, `call` 16 hex digits, `attempt` a number), its place
+    in the execution's trace (`trace`, a W3C traceparent, empty when not traced), and the ways
+    to go on."""
 
-    __slots__ = ("exec", "call", "attempt")
+    __slots__ = ("exec", "call", "attempt", "trace")
 
-    def __init__(self, exec_ref, call, attempt):
+    def __init__(self, exec_ref, call, attempt, trace):
         self.exec = exec_ref
         self.call = "%016x" % call
         self.attempt = attempt
+        self.trace = trace
 
     def next(self, grain, value):
         """Returns a marker: return it to run `grain` with `value` next."""
@@ -137,9 +139,13 @@ def run_call(handler, body):
     try:
         n = body[0]
         exec_ref = bytes(body[1:1 + n]).decode("ascii", "replace")
-        call, attempt = CALL_IDS.unpack_from(body, 1 + n)
-        event = json.loads(bytes(body[1 + n + CALL_IDS.size:]))
-        out = handler(event, Ctx(exec_ref, call, attempt))
+        at = 1 + n
+        m = body[at]
+        trace = bytes(body[at + 1:at + 1 + m]).decode("ascii", "replace")
+        at += 1 + m
+        call, attempt = CALL_IDS.unpack_from(body, at)
+        event = json.loads(bytes(body[at + CALL_IDS.size:]))
+        out = handler(event, Ctx(exec_ref, call, attempt, trace))
     except BaseException as e:  # the handler's failure is the call's result
         return json.dumps({"error": describe_exception(e)}).encode()
     return encode_result(out)
@@ -207,8 +213,9 @@ def make_undumpable(prctl):
         raise OSError(ctypes.get_errno(), "cannot make the zygote non-dumpable")
 
 
-def answer(handler, call, out_fd, err_fd, pid):
-    """Runs one call (a CALL body) and returns its result frame's body, with the captured output."""
+def answer(handler, call, out_fd, err_fd, pid, served):
+    """Runs one call (a CALL body) and returns its result frame's body, with the captured output
+    and how many calls the instance served before it."""
     result = run_call(handler, call)
     try:
         sys.stdout.flush()
@@ -220,7 +227,7 @@ def answer(handler, call, out_fd, err_fd, pid):
     if len(result) > MESSAGE_MAX - 2 * CAPTURE_MAX:
         text = "the result is %d bytes, above the %d byte limit" % (len(result), MESSAGE_MAX)
         result = json.dumps({"error": text, "kind": "bad_output"}).encode()
-    head = RESULT_HEAD.pack(pid, len(result), len(out), len(err), out_total, err_total)
+    head = RESULT_HEAD.pack(pid, served, len(result), len(out), len(err), out_total, err_total)
     return b"".join((head, result, out, err))
 
 
@@ -230,9 +237,10 @@ def rehearse(out_fd, err_fd):
     call it copies the pages the path writes (allocator pools, free lists) while nobody
     waits, instead of during the call."""
     reference = b"0" * 48
-    ids = bytes([len(reference)]) + reference + CALL_IDS.pack(0, 0)
+    trace = b"00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-01"
+    ids = bytes([len(reference)]) + reference + bytes([len(trace)]) + trace + CALL_IDS.pack(0, 0)
     call = ids + b'{"rehearsal":[1,"two",3.5,null,true]}'
-    answer(lambda event, ctx: ctx.next("rehearsal", event), memoryview(call), out_fd, err_fd, 0)
+    answer(lambda event, ctx: ctx.next("rehearsal", event), memoryview(call), out_fd, err_fd, 0, 0)
 
 
 def instance_main(sock, handler, calls_max):
@@ -250,7 +258,7 @@ def instance_main(sock, handler, calls_max):
         if msg is None:
             os._exit(0)
         slot = PRIVATE_LEN.unpack_from(msg)[0]
-        body = answer(handler, memoryview(msg)[PRIVATE_LEN.size:], out_fd, err_fd, pid)
+        body = answer(handler, memoryview(msg)[PRIVATE_LEN.size:], out_fd, err_fd, pid, served)
         sock.sendall(private_frame(slot, body))
         served += 1
     while recv_private(sock) is not None:

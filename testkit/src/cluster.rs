@@ -96,6 +96,9 @@ pub struct ClusterSpec {
     /// How long a worker keeps an idle app's sandbox (`--idle-seconds`); the worker's default
     /// when None.
     pub idle_seconds: Option<u64>,
+    /// The OTLP collector the gateway sends spans to (`--otlp-endpoint`), exporting every
+    /// 100 ms; none when None.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for ClusterSpec {
@@ -112,6 +115,7 @@ impl Default for ClusterSpec {
             python: None,
             token: None,
             idle_seconds: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -702,8 +706,16 @@ fn start_gateway(
     http: &str,
     listen: &str,
 ) -> Result<(Child, String, String)> {
-    let mut gateway = Command::new(sand)
+    let mut command = Command::new(sand);
+    command
         .args(["gateway", "--http", http, "--listen", listen])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    if let Some(endpoint) = &spec.otlp_endpoint {
+        command
+            .args(["--otlp-endpoint", endpoint])
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    }
+    let mut gateway = command
         .arg("--failure-timeout-ms")
         .arg(spec.failure_timeout.as_millis().to_string())
         .arg("--data-dir")

@@ -200,6 +200,7 @@ pub fn dispatch(index: u32, bytes: usize) -> ToWorker {
             cont: Cont::Client,
             depth_left: 16,
             exec_ref: String::new(),
+            traceparent: Default::default(),
         },
         reason: Reason::First,
     }

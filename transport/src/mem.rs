@@ -487,6 +487,7 @@ mod tests {
                 cont: Cont::Client,
                 depth_left: 16,
                 exec_ref: String::new(),
+                traceparent: Default::default(),
             },
             reason: Reason::First,
         };

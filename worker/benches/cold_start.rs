@@ -39,6 +39,7 @@ fn request(input: &str) -> CallRequest {
         attempt: Attempt(1),
         input: Payload::from(input),
         timeout: Some(Duration::from_secs(30)),
+        trace: String::new(),
     }
 }
 

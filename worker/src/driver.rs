@@ -663,8 +663,8 @@ fn unpack(bundle: &AppBundle, dir: &Path) -> Result<sand_app::Manifest, String> 
 fn trace_of(spec: &CallSpec, report: &CallReport, dispatched: bool) -> RunTrace {
     let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let ago = |t: Instant| wall.saturating_sub(t.elapsed().as_millis() as u64);
+        .map_or(0, |d| d.as_micros() as u64);
+    let ago = |t: Instant| wall.saturating_sub(t.elapsed().as_micros() as u64);
     let refusal = report.result.refusal(spec);
     let (error, output) = match (&report.result, refusal) {
         (GrainResult::Error(e), _) => (Some(e.clone()), None),
@@ -678,14 +678,16 @@ fn trace_of(spec: &CallSpec, report: &CallReport, dispatched: bool) -> RunTrace 
         attempt: spec.attempt,
         grain: spec.grain.clone(),
         dispatched,
-        started_ms: ago(report.started),
-        ended_ms: ago(report.finished),
+        started_us: ago(report.started),
+        ended_us: ago(report.finished),
         error,
         stdout: report.stdout.clone(),
         stderr: report.stderr.clone(),
         input: Preview::of(&spec.input),
         output,
         emitted: report.result.emitted(spec),
+        traceparent: spec.traceparent,
+        cold: report.cold,
     }
 }
 

@@ -226,6 +226,7 @@ impl AppHost {
                         exec: spec.exec_ref.clone(),
                         call: spec.call,
                         attempt: spec.attempt,
+                        trace: spec.traceparent.run(spec.call, spec.attempt).to_string(),
                         input: spec.input.clone(),
                         timeout,
                     })
@@ -237,6 +238,7 @@ impl AppHost {
                 stderr: Default::default(),
                 started: Instant::now(),
                 finished: Instant::now(),
+                cold: false,
                 instance_exit: None,
             },
         };

@@ -178,6 +178,7 @@ impl Harness {
             cont: Cont::Client,
             depth_left: 16,
             exec_ref: String::new(),
+            traceparent: Default::default(),
         };
         let incarnation = self.incarnation;
         self.send(ToWorker::Dispatch {
@@ -347,6 +348,7 @@ async fn a_local_chain_runs_ahead_of_the_gateways_acks() {
         cont: Cont::Client,
         depth_left: 16,
         exec_ref: String::new(),
+        traceparent: Default::default(),
     };
     let incarnation = h.incarnation;
     h.send(ToWorker::Dispatch {

@@ -19,7 +19,7 @@ print("working on", kind, file=sys.stderr)
 if kind == "value": out = {"return": event["n"] * 2}
 elif kind == "next": out = {"next": ["second", {"n": 5}]}
 elif kind == "fan_out": out = {"fan_out": [["left", 1], ["right", 2]], "join": "join"}
-elif kind == "ctx": out = {"return": [os.environ["SAND_EXEC"], os.environ["SAND_CALL"], os.environ["SAND_ATTEMPT"]]}
+elif kind == "ctx": out = {"return": [os.environ["SAND_EXEC"], os.environ["SAND_CALL"], os.environ["SAND_ATTEMPT"], os.environ["TRACEPARENT"]]}
 elif kind == "error":
     print(json.dumps({"error": "ValueError: no"}))
     sys.exit(1)
@@ -66,7 +66,7 @@ async fn values_chains_fan_outs_and_the_call_identity() {
         let r = g.call(request(r#"{"kind":"ctx"}"#)).await;
         assert_eq!(
             value(&r),
-            serde_json::json!([common::EXEC_REF, "0000000000000016", "3"])
+            serde_json::json!([common::EXEC_REF, "0000000000000016", "3", common::TRACE])
         );
     })
     .await;

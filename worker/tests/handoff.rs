@@ -152,6 +152,8 @@ async fn calls_reach_a_held_spare_while_the_zygote_is_stopped() {
                 v["ppid"], zygote,
                 "call {i}: the spare is the zygote's child"
             );
+            // Only the instance's first call is a cold start.
+            assert_eq!(r.cold, i == 0, "call {i}");
         }
         // The spare has served its 3 calls and is gone; the next call needs the zygote, which
         // is stopped: it cannot be answered. This shows the zygote really was stopped.
@@ -171,6 +173,7 @@ async fn calls_reach_a_held_spare_while_the_zygote_is_stopped() {
             spare,
             "a new instance, once the zygote runs"
         );
+        assert!(r.cold, "a new instance's first call");
         assert!(
             eventually(|| !alive(spare)).await,
             "the spare exits after its 3 calls (and is reaped)"

@@ -42,7 +42,7 @@ def channel_and_own_socket():
 
 def result_body(text):
     doc = json.dumps({"return": text}).encode()
-    return struct.pack("<IIIIQQ", os.getpid(), len(doc), 0, 0, 0, 0) + doc
+    return struct.pack("<IIIIIQQ", os.getpid(), 0, len(doc), 0, 0, 0, 0) + doc
 
 def handle(event, ctx):
     kind = event["kind"]

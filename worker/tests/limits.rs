@@ -88,6 +88,7 @@ async fn call(app: &HostedApp, name: &str, grain_name: &str, input: &str) -> Cal
             cont: Cont::Client,
             depth_left: 16,
             exec_ref: String::new(),
+            traceparent: Default::default(),
         })
         .await
 }

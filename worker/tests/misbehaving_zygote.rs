@@ -84,9 +84,11 @@ def main():
             ours, theirs = socket.socketpair()
             spare(chan, slot, number, [ours.fileno()])
             ours.close()
-            _call, attempt = struct.unpack_from("<QQ", body, 1 + body[0])
+            at = 1 + body[0]
+            at += 1 + body[at]
+            _call, attempt = struct.unpack_from("<QQ", body, at)
             result = json.dumps({"return": {"attempt": attempt, "life": lives}}).encode()
-            head = struct.pack("<IIIIQQ", os.getpid(), len(result), 0, 0, 0, 0)
+            head = struct.pack("<IIIIIQQ", os.getpid(), 0, len(result), 0, 0, 0, 0)
             frame = head + result
             theirs.sendall(struct.pack("<II", 4 + len(frame), slot) + frame)
             theirs.close()
@@ -135,6 +137,7 @@ fn first_attempt() -> CallRequest {
         attempt: Attempt(1),
         input: Payload::from("{}"),
         timeout: Some(Duration::from_secs(10)),
+        trace: String::new(),
     }
 }
 

@@ -23,7 +23,7 @@ def handle(event, ctx):
     if kind == "value": return {"doubled": event["n"] * 2}
     if kind == "next": return ctx.next("second", {"n": 5})
     if kind == "fan_out": return ctx.fan_out([("left", 1), ("right", [2])], join="join")
-    if kind == "ctx": return [ctx.exec, ctx.call, ctx.attempt]
+    if kind == "ctx": return [ctx.exec, ctx.call, ctx.attempt, ctx.trace]
     if kind == "pools":
         names = ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"]
         return [os.environ.get(n) for n in names]
@@ -387,7 +387,7 @@ while True:
         spare = struct.pack("<BBI", 14, 0, slot) + struct.pack("<II", 1, os.getpid())
         socket.send_fds(chan, [spare], [ours.fileno()])
         ours.close()
-        result = struct.pack("<IIIIQQ", 1, 1000, 0, 0, 0, 0) + b"{}"
+        result = struct.pack("<IIIIIQQ", 1, 0, 1000, 0, 0, 0, 0) + b"{}"
         theirs.sendall(struct.pack("<II", 4 + len(result), slot) + result)
         keep = theirs
     elif mode == "short":

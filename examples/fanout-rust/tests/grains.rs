@@ -31,6 +31,7 @@ async fn call(binary: &str, input: &str) -> GrainResult {
         attempt: Attempt(0),
         input: Payload::from(input),
         timeout: Some(Duration::from_secs(10)),
+        trace: String::new(),
     };
     let report = tokio::time::timeout(Duration::from_secs(30), zygote.call(request))
         .await

@@ -11,6 +11,7 @@ use std::fmt;
 use sand_protocol::durable::{Answer, Batch, DurableState, ExecStatus, LogIndex, Op, Owner};
 use sand_protocol::global_queue::{GqOutput, GqTimer};
 use sand_protocol::ids::{Attempt, CallId, CallKey, ExecId, Incarnation, RunKey, WorkerId};
+use sand_protocol::trace_context::TraceParent;
 use sand_protocol::wire::{CallSpec, ErrorKind, Reason, ToGateway, ToWorker};
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +61,10 @@ pub enum Property {
     /// its owner was lost since it was last placed, else a retry if an attempt failed, else a
     /// first attempt.
     DispatchReason,
+    /// Every run hangs from the span of a run of the call that emitted it (the invocation's
+    /// span, for an entry call), in its execution's trace: across retries, recoveries and
+    /// gateway restarts, an execution's spans stay one tree.
+    TraceTree,
     /// Nothing panics.
     NoPanic,
     /// The same schedule gives the same trace.
@@ -83,6 +88,7 @@ impl fmt::Display for Property {
             Property::Accepts => "the gateway accepts invocations",
             Property::Liveness => "every request is answered after healing",
             Property::DispatchReason => "a dispatch says why it was sent",
+            Property::TraceTree => "every run hangs from a run of the call that emitted it",
             Property::NoPanic => "nothing panics",
             Property::Deterministic => "the same schedule gives the same trace",
         })
@@ -124,6 +130,14 @@ pub(super) struct Violation {
 /// What a check returns.
 pub(super) type Verdict = Result<(), Violation>;
 
+/// More branches than any fan-out of a simulated program has.
+const BRANCHES_MAX: u32 = 64;
+
+/// Whether `parent` emits `call`: as its `next`, a branch of its fan-out, or its join.
+fn emits(parent: CallId, call: CallId) -> bool {
+    call == parent.join() || (0..BRANCHES_MAX).any(|i| parent.child(i) == call)
+}
+
 fn violated(property: Property, message: String) -> Verdict {
     Err(Violation { property, message })
 }
@@ -160,6 +174,10 @@ pub(super) struct Checker {
     changes: VecDeque<LogIndex>,
     /// The attempts each worker's current incarnation started.
     started: BTreeMap<usize, BTreeSet<RunKey>>,
+    /// The span each execution was invoked under.
+    invocations: BTreeMap<ExecId, TraceParent>,
+    /// The span of every run started, with its call.
+    spans: BTreeMap<[u8; 8], (ExecId, CallId)>,
 }
 
 impl Checker {
@@ -180,6 +198,8 @@ impl Checker {
             written: LogIndex(0),
             changes: VecDeque::new(),
             started: BTreeMap::new(),
+            invocations: BTreeMap::new(),
+            spans: BTreeMap::new(),
         }
     }
 
@@ -374,13 +394,42 @@ impl Checker {
 
     // --- the workers ---------------------------------------------------------------------------
 
-    /// Worker `w`, as `incarnation`, started an attempt: at most once per incarnation.
-    pub(super) fn started(&mut self, w: usize, incarnation: Incarnation, run: RunKey) -> Verdict {
+    /// Worker `w`, as `incarnation`, started an attempt: at most once per incarnation, and
+    /// under the span of a run of the call that emitted it.
+    pub(super) fn started(
+        &mut self,
+        w: usize,
+        incarnation: Incarnation,
+        spec: &CallSpec,
+    ) -> Verdict {
+        let run = spec.run_key();
         if !self.started.entry(w).or_default().insert(run) {
             let why = format!("w{w} started {run:?} twice in {incarnation:?}");
             return violated(Property::StartsOnce, why);
         }
+        let parent = spec.traceparent;
+        let invocation = self.invocations.get(&spec.exec);
+        let hangs = if spec.call == spec.exec.root_call() {
+            invocation == Some(&parent)
+        } else {
+            let emitter = self.spans.get(&parent.span_id);
+            invocation.is_some_and(|i| i.trace_id == parent.trace_id)
+                && emitter.is_some_and(|&(exec, p)| exec == spec.exec && emits(p, spec.call))
+        };
+        if !hangs {
+            let why = format!(
+                "w{w} started {run:?} under {parent:?}, the span of no run that emitted it"
+            );
+            return violated(Property::TraceTree, why);
+        }
+        let own = parent.run(spec.call, spec.attempt);
+        self.spans.insert(own.span_id, (spec.exec, spec.call));
         Ok(())
+    }
+
+    /// Execution `exec` was invoked under `span`.
+    pub(super) fn invoked(&mut self, exec: ExecId, span: TraceParent) {
+        self.invocations.insert(exec, span);
     }
 
     /// Worker `w` is a new incarnation: it has started nothing yet.

@@ -618,6 +618,7 @@ mod tests {
             cont: Cont::Client,
             depth_left: 16,
             exec_ref: String::new(),
+            traceparent: Default::default(),
         }
     }
 

@@ -17,6 +17,7 @@ use sand_protocol::local_bus::{GrainResult, LbConfig, LbEvent, LbOutput, LocalBu
 use sand_protocol::mutations::Mutations;
 use sand_protocol::policy::AppSpec;
 use sand_protocol::time::Time;
+use sand_protocol::trace_context::TraceParent;
 use sand_protocol::wire::{CallSpec, ToGateway, ToWorker};
 use serde::{Deserialize, Serialize};
 
@@ -133,6 +134,13 @@ struct Request {
     input: u32,
     /// The execution the gateway last named for it, and in which of the gateway's lives.
     exec: Option<(ExecId, u64)>,
+}
+
+/// The span request `r`'s client invokes under: its own trace.
+fn invocation_span(r: usize) -> TraceParent {
+    let mut trace = [0xa5; 16];
+    trace[..8].copy_from_slice(&(r as u64 + 1).to_be_bytes());
+    TraceParent::new(trace, [0x5a; 8], true)
 }
 
 fn request_key(r: usize) -> String {
@@ -483,7 +491,14 @@ impl World {
         };
         let Request { input, exec: named } = self.requests[r];
         let key = request_key(r);
-        let invoked = gq.invoke(now, &app(), number(i64::from(input)), Some(key.clone()));
+        let traceparent = invocation_span(r);
+        let invoked = gq.invoke(
+            now,
+            &app(),
+            number(i64::from(input)),
+            Some(key.clone()),
+            traceparent,
+        );
         let invoked = match invoked {
             Ok(invoked) => invoked,
             Err(e) => {
@@ -492,6 +507,7 @@ impl World {
             }
         };
         let exec = invoked.exec;
+        self.checker.invoked(exec, traceparent);
         if named.is_some() {
             self.faults.requests_retried += 1;
         }
@@ -716,8 +732,7 @@ impl World {
                     }
                 }
                 LbOutput::Run(spec) => {
-                    let run = spec.run_key();
-                    let verdict = self.checker.started(w, self.nodes[w].incarnation, run);
+                    let verdict = self.checker.started(w, self.nodes[w].incarnation, &spec);
                     self.checked(verdict)?;
                     self.nodes[w].running.push(spec);
                 }

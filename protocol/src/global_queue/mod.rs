@@ -27,6 +27,7 @@ use crate::ids::{AppName, Attempt, CallKey, ExecId, Incarnation, RunKey, Seq, Wo
 use crate::mutations::{Mutation, Mutations};
 use crate::policy::{AppSpec, GrainPolicy};
 use crate::time::{self, Time};
+use crate::trace_context::TraceParent;
 use crate::wire::{
     AppBundle, CallSpec, Cont, ErrorKind, GrainError, Outcome, Payload, Reason, Report, ToGateway,
     ToWorker, FANOUT_MAX, PAYLOAD_BYTES_MAX,
@@ -332,6 +333,7 @@ impl GlobalQueue {
         app: &AppName,
         input: Payload,
         idempotency_key: Option<String>,
+        traceparent: TraceParent,
     ) -> Result<Invoked, InvokeError> {
         let idempotency = idempotency_key.map(|key| Idempotency::new(key, &input));
         if let Some(exec) = self.keyed(now, app, idempotency.as_ref())? {
@@ -382,6 +384,7 @@ impl GlobalQueue {
                 reason: Reason::First,
                 owner: None,
                 depth_left: self.config.depth_max,
+                traceparent,
             },
         );
         self.gate.promise(GqOutput::ConfirmInvoke(exec));
@@ -904,6 +907,11 @@ impl GlobalQueue {
                     // The local bus that ran the fan-out decided it (a report may carry calls
                     // of several levels: a join its branch started sits above the branch).
                     depth_left: new.depth_left,
+                    traceparent: if self.mutated(Mutation::UntracedSpawn) {
+                        TraceParent::default()
+                    } else {
+                        new.traceparent
+                    },
                 },
             );
         }
@@ -946,6 +954,7 @@ impl GlobalQueue {
                     reason: Reason::First,
                     owner: None,
                     depth_left: j.spec.depth_left,
+                    traceparent: j.spec.traceparent,
                 };
                 self.commit(Op::PutJoin(j));
                 self.put_call(now, rec);
@@ -1364,5 +1373,6 @@ fn spec_of(rec: &CallRecord) -> CallSpec {
         cont: rec.cont,
         depth_left: rec.depth_left,
         exec_ref: String::new(),
+        traceparent: rec.traceparent,
     }
 }

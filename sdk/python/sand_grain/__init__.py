@@ -39,11 +39,15 @@ class Ctx(Protocol):
     `call` and `attempt` name this attempt of this call, so a grain that touches the outside
     world can make its effects idempotent (a retried or recovered call has the same `exec` and
     `call`, and another `attempt`). They are spelled as the HTTP API spells them: `exec` is the
-    execution's reference (`sand logs EXEC` takes it), `call` the 16 hex digits of its trace."""
+    execution's reference (`sand logs EXEC` takes it), `call` the 16 hex digits of its trace.
+    `trace` is this run's W3C `traceparent` (empty when the execution is not traced): with
+    OpenTelemetry, `TraceContextTextMapPropagator().extract({"traceparent": ctx.trace})` gives
+    the context for spans of the handler's own, children of the call's span."""
 
     exec: str
     call: str
     attempt: int
+    trace: str
 
     def next(self, grain: str, value: Any) -> Next:
         """Run `grain` with `value` next: return what this gives."""

@@ -37,6 +37,9 @@ pub struct Ctx {
     pub call: String,
     /// Which attempt of the call this is (a retry or a recovery has a larger one).
     pub attempt: u64,
+    /// This run's W3C `traceparent` (its span in the execution's trace), for spans of the
+    /// handler's own to hang from; empty when the execution is not traced.
+    pub trace: String,
 }
 
 impl Ctx {

@@ -86,7 +86,7 @@ pub const RESULT_BYTES_MAX: usize = MESSAGE_BYTES_MAX + 2 * CAPTURE_BYTES_MAX + 
 /// The most bytes the worker buffers of a zygote's first message (`READY` or `LOAD_FAILED`).
 pub const HELLO_BYTES_MAX: usize = 64 * 1024;
 /// The length of a [`ResultMsg`]'s fields before its byte strings.
-const RESULT_HEAD_BYTES: usize = 32;
+const RESULT_HEAD_BYTES: usize = 36;
 /// The length of a private frame's head: length u32, slot u32.
 pub const PRIVATE_HEAD_BYTES: usize = 8;
 /// The header flag saying that the message continues in the next piece of its `(kind, slot)`.
@@ -303,6 +303,9 @@ pub const EXEC_REF_BYTES_MAX: usize = u8::MAX as usize;
 pub struct CallMsg {
     /// The execution, as the API names it (its reference); empty where there is no gateway.
     pub exec: String,
+    /// The run's W3C `traceparent` (its own span, the parent of any span the handler makes);
+    /// empty for no trace.
+    pub trace: String,
     /// The call id.
     pub call: u64,
     /// The attempt number.
@@ -312,12 +315,16 @@ pub struct CallMsg {
 }
 
 impl CallMsg {
-    /// Encodes the body.
+    /// Encodes the body: the reference and the traceparent (a length byte each, then the
+    /// text), the call u64, the attempt u64, then the input.
     pub fn encode(&self) -> Vec<u8> {
         let exec = &self.exec.as_bytes()[..self.exec.len().min(EXEC_REF_BYTES_MAX)];
-        let mut out = Vec::with_capacity(17 + exec.len() + self.input.len());
-        out.push(exec.len() as u8);
-        out.extend_from_slice(exec);
+        let trace = &self.trace.as_bytes()[..self.trace.len().min(EXEC_REF_BYTES_MAX)];
+        let mut out = Vec::with_capacity(18 + exec.len() + trace.len() + self.input.len());
+        for text in [exec, trace] {
+            out.push(text.len() as u8);
+            out.extend_from_slice(text);
+        }
         out.extend_from_slice(&self.call.to_le_bytes());
         out.extend_from_slice(&self.attempt.to_le_bytes());
         out.extend_from_slice(&self.input);
@@ -327,11 +334,13 @@ impl CallMsg {
     /// Decodes a body.
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(Kind::Call, body);
+        let mut text = || -> Result<String, WireError> {
+            let n = r.bytes(1)?[0];
+            Ok(String::from_utf8_lossy(r.bytes(n.into())?).into_owned())
+        };
         Ok(Self {
-            exec: {
-                let n = r.bytes(1)?[0];
-                String::from_utf8_lossy(r.bytes(n.into())?).into_owned()
-            },
+            exec: text()?,
+            trace: text()?,
             call: r.u64()?,
             attempt: r.u64()?,
             input: r.rest().to_vec(),
@@ -344,6 +353,8 @@ impl CallMsg {
 pub struct ResultMsg {
     /// The pid of the instance that ran the call (as the zygote sees it).
     pub pid: u32,
+    /// How many calls the instance served before this one: 0 is a cold start.
+    pub served: u32,
     /// The result document (JSON; see the module doc).
     pub result: Vec<u8>,
     /// The first bytes the call wrote to stdout.
@@ -357,12 +368,13 @@ pub struct ResultMsg {
 }
 
 impl ResultMsg {
-    /// Encodes the body: pid u32, result length u32, stdout length u32, stderr length u32,
+    /// Encodes the body: pid u32, served u32, result length u32, stdout length u32, stderr length u32,
     /// stdout total u64, stderr total u64, then the three byte strings.
     pub fn encode(&self) -> Vec<u8> {
         let mut out =
             Vec::with_capacity(32 + self.result.len() + self.stdout.len() + self.stderr.len());
         out.extend_from_slice(&self.pid.to_le_bytes());
+        out.extend_from_slice(&self.served.to_le_bytes());
         for part in [&self.result, &self.stdout, &self.stderr] {
             out.extend_from_slice(&(part.len() as u32).to_le_bytes());
         }
@@ -378,6 +390,7 @@ impl ResultMsg {
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(Kind::Result, body);
         let pid = r.u32()?;
+        let served = r.u32()?;
         let result_len = r.u32()? as usize;
         let stdout_len = r.u32()? as usize;
         let stderr_len = r.u32()? as usize;
@@ -394,6 +407,7 @@ impl ResultMsg {
         }
         Ok(Self {
             pid,
+            served,
             result,
             stdout,
             stderr,
@@ -617,9 +631,10 @@ mod tests {
     }
 
     #[test]
-    fn a_call_carries_its_execution_as_the_api_names_it() {
+    fn a_call_carries_its_execution_as_the_api_names_it_and_its_trace() {
         let call = CallMsg {
             exec: "0000000100000002".to_owned() + &"ab".repeat(16),
+            trace: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
             call: 22,
             attempt: 3,
             input: b"[1]".to_vec(),
@@ -628,10 +643,12 @@ mod tests {
         // A reference past the length byte's reach is cut, never mis-framed.
         let long = CallMsg {
             exec: "x".repeat(300),
+            trace: "y".repeat(300),
             ..call
         };
         let decoded = CallMsg::decode(&long.encode()).expect("decodes");
         assert_eq!(decoded.exec.len(), EXEC_REF_BYTES_MAX);
+        assert_eq!(decoded.trace.len(), EXEC_REF_BYTES_MAX);
         assert_eq!(
             (decoded.call, decoded.attempt, decoded.input),
             (22, 3, b"[1]".to_vec())
@@ -703,6 +720,7 @@ mod tests {
         assert_eq!(RESULT_HEAD_BYTES, ResultMsg::default().encode().len());
         let m = ResultMsg {
             pid: 42,
+            served: 7,
             result: br#"{"return":1}"#.to_vec(),
             stdout: b"out".to_vec(),
             stderr: vec![],

@@ -401,7 +401,7 @@ fn instance_main(
         exit_now(71);
     }
     let pid = std::process::id();
-    for _ in 0..calls_max {
+    for served in 0..calls_max {
         let Some(msg) = recv_private(&sock) else {
             exit_now(0);
         };
@@ -416,6 +416,7 @@ fn instance_main(
         let (stderr, stderr_total) = take_capture(&err);
         let body = ResultMsg {
             pid,
+            served,
             result,
             stdout,
             stderr,
@@ -449,6 +450,7 @@ fn run_call(handler: &dyn Fn(Value, &Ctx) -> Result<Output, String>, body: &[u8]
         exec: call.exec,
         call: format!("{:016x}", call.call),
         attempt: call.attempt,
+        trace: call.trace,
     };
     match catch_unwind(AssertUnwindSafe(|| handler(event, &ctx))) {
         Ok(Ok(output)) => output.document().to_string().into_bytes(),

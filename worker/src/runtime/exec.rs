@@ -3,7 +3,8 @@
 //!
 //! The process gets the call's input (JSON) on stdin, followed by end-of-file, and the call's
 //! identity in the environment as the API spells it: `SAND_EXEC` (the execution's reference),
-//! `SAND_CALL` (16 hex digits) and `SAND_ATTEMPT` (decimal). It
+//! `SAND_CALL` (16 hex digits) and `SAND_ATTEMPT` (decimal), with its place in the trace in
+//! `TRACEPARENT` (W3C; unset when not traced). It
 //! writes one result document on stdout (see below) and exits with status 0:
 //!
 //! - `{"return": v}`, `{"next": ["grain", v]}`, `{"fan_out": [["grain", v], ...], "join": "grain"}`;
@@ -118,6 +119,9 @@ impl ExecGrain {
         env.push(("SAND_EXEC".into(), request.exec.into()));
         env.push(("SAND_CALL".into(), request.call.to_string().into()));
         env.push(("SAND_ATTEMPT".into(), request.attempt.0.to_string().into()));
+        if !request.trace.is_empty() {
+            env.push(("TRACEPARENT".into(), request.trace.into()));
+        }
         let process = self
             .launcher
             .spawn(ProcessSpec {
@@ -217,6 +221,8 @@ impl ExecGrain {
             stderr: bounded_capture(&err.head, err.total),
             started,
             finished: Instant::now(),
+            // Every call is a process of its own.
+            cold: true,
             instance_exit,
         })
     }

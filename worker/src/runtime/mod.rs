@@ -35,6 +35,8 @@ pub struct CallRequest {
     pub call: CallId,
     /// The attempt (`ctx.attempt`).
     pub attempt: Attempt,
+    /// The run's W3C `traceparent` (`ctx.trace`); empty for no trace.
+    pub trace: String,
     /// The input, a JSON text.
     pub input: Payload,
     /// How long the handler may run; past it the instance is killed.
@@ -55,6 +57,9 @@ pub struct CallReport {
     pub started: Instant,
     /// When its result (or failure) was known.
     pub finished: Instant,
+    /// Whether an instance started for the call ran it (it had served no call before): a
+    /// cold start. False when no instance answered.
+    pub cold: bool,
     /// How the instance that ran it died, when it died without answering. A SIGKILL here
     /// within a memory-limited sandbox whose OOM counter went up is an out-of-memory kill:
     /// the caller, who can read that counter, turns `Crashed` into `OutOfMemory`.
@@ -74,6 +79,7 @@ impl CallReport {
             stderr: Bytes::new(),
             started,
             finished: Instant::now(),
+            cold: false,
             instance_exit: None,
         }
     }

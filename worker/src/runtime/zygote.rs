@@ -523,6 +523,7 @@ impl Running {
         };
         let body = CallMsg {
             exec: request.exec,
+            trace: request.trace,
             call: request.call.0,
             attempt: request.attempt.0,
             input: request.input.0.to_vec(),
@@ -571,6 +572,7 @@ impl Running {
                 stderr: bounded_capture(&msg.stderr, msg.stderr_total),
                 started,
                 finished: Instant::now(),
+                cold: msg.served == 0,
                 instance_exit: None,
             },
             Ok(Reply::Died(exit)) => CallReport {
@@ -1135,6 +1137,7 @@ mod tests {
                         attempt: Attempt(1),
                         input: Payload::from("0.6"),
                         timeout: Some(Duration::from_secs(10)),
+                        trace: String::new(),
                     })
                     .await
             }

@@ -19,7 +19,7 @@ fn handle(event: Value, ctx: &Ctx) -> Result<Output, String> {
         Some("panic") => panic!("on purpose"),
         Some("crash") => std::process::abort(),
         Some("pid") => Ok(Value::from(std::process::id()).into()),
-        Some("ctx") => Ok(serde_json::json!([ctx.exec, ctx.call, ctx.attempt]).into()),
+        Some("ctx") => Ok(serde_json::json!([ctx.exec, ctx.call, ctx.attempt, ctx.trace]).into()),
         Some("print") => {
             println!("to stdout");
             eprintln!("to stderr");

@@ -55,10 +55,13 @@ impl Drop for TempDir {
 /// The execution reference of [`request`]'s calls: execution 11, as the gateway would name it.
 pub const EXEC_REF: &str = "000000000000000b0123456789abcdef0123456789abcdef";
 
+/// The run's place in its trace that [`request`] gives.
+pub const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 /// What a grain's `ctx` gives for [`request`]: the reference, the call as 16 hex digits (22),
-/// the attempt: as the HTTP API spells them.
+/// the attempt, as the HTTP API spells them; and the run's traceparent.
 pub fn ctx_of_request() -> serde_json::Value {
-    serde_json::json!([EXEC_REF, "0000000000000016", 3])
+    serde_json::json!([EXEC_REF, "0000000000000016", 3, TRACE])
 }
 
 /// A request with `input` and a 20 s timeout.
@@ -69,6 +72,7 @@ pub fn request(input: &str) -> CallRequest {
         attempt: Attempt(3),
         input: Payload::from(input),
         timeout: Some(Duration::from_secs(20)),
+        trace: TRACE.into(),
     }
 }
 
