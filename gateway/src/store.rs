@@ -540,7 +540,7 @@ impl Shared {
     fn upgrade_from_3(&self) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(|e| self.storage(e))?;
         txn.set_durability(Durability::Immediate);
-        upgrade::from_3(&txn, |what| self.corrupt(what), |e| self.storage(e))?;
+        upgrade::from_3(&txn, &self.path)?;
         let mut meta = txn.open_table(META).map_err(|e| self.storage(e))?;
         meta.insert(META_FORMAT, FORMAT)
             .map_err(|e| self.storage(e))?;

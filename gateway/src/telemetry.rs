@@ -279,3 +279,49 @@ fn random<const N: usize>() -> Option<[u8; N]> {
     SystemRandom::new().fill(&mut bytes).ok()?;
     (bytes != [0; N]).then_some(bytes)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+mod tests {
+    use super::*;
+
+    const CLIENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn app() -> AppName {
+        AppName::new("shop").unwrap()
+    }
+
+    #[test]
+    fn an_invocation_continues_its_client_trace_or_starts_one_when_spans_go_somewhere() {
+        let client = TraceParent::parse(CLIENT).unwrap();
+        // Exported: the gateway's own span, in the client's trace.
+        let joined = Invocation::start(app(), Some(CLIENT), true);
+        assert_eq!(joined.client, Some(client));
+        assert_eq!(joined.own.trace_id, client.trace_id);
+        assert_ne!(joined.own.span_id, client.span_id);
+        assert!(joined.own.sampled());
+        // Not exported: the entry call hangs from the client's span itself.
+        assert_eq!(Invocation::start(app(), Some(CLIENT), false).own, client);
+        // A client that asked for no recording is obeyed.
+        let unsampled = CLIENT.replace("-01", "-00");
+        assert!(!Invocation::start(app(), Some(&unsampled), true).own.sampled());
+        // No header, or a malformed one: a trace starts here, or none at all.
+        for header in [None, Some("00-nonsense")] {
+            let fresh = Invocation::start(app(), header, true);
+            assert!(fresh.client.is_none() && fresh.own.sampled());
+            let other = Invocation::start(app(), header, true);
+            assert_ne!(fresh.own.trace_id, other.own.trace_id);
+            let none = Invocation::start(app(), header, false);
+            assert_eq!(none.own, TraceParent::default());
+        }
+    }
+
+    #[test]
+    fn an_endpoint_is_an_http_base_url() {
+        let refused = Telemetry::otlp("https://collector:4318").unwrap_err().to_string();
+        assert!(refused.contains("it must be an http:// URL"), "{refused}");
+        assert!(Telemetry::otlp("collector:4318").is_err());
+        Telemetry::otlp("http://127.0.0.1:4318").unwrap();
+        Telemetry::otlp("http://127.0.0.1:4318/v1/traces").unwrap();
+    }
+}

@@ -4,60 +4,58 @@
 //! writes them back as this build would have, in one durable transaction with the new format
 //! number: a crash during it leaves the store as it was.
 
-use redb::{ReadableTable, WriteTransaction};
-use serde::Deserialize;
+use std::path::Path;
+
+use redb::{ReadableTable, TableDefinition, TableHandle, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use sand_protocol::durable::{CallRecord, JoinRecord, Owner};
 use sand_protocol::ids::{AppName, Attempt, CallId, ExecId, GrainName};
 use sand_protocol::trace_context::TraceParent;
 use sand_protocol::wire::{Cont, JoinSpec, Payload, Reason};
 
-use super::{StoreError, CALLS, JOINS};
+use super::{encode, StoreError, CALLS, JOINS};
 
 /// Format 3 to 4: calls and joins gained the span they hang from. Those pending across the
 /// upgrade get none: their runs are not traced.
-pub(super) fn from_3(
+pub(super) fn from_3(txn: &WriteTransaction, path: &Path) -> Result<(), StoreError> {
+    rewrite::<Call3, CallRecord>(txn, CALLS, path)?;
+    rewrite::<Join3, JoinRecord>(txn, JOINS, path)
+}
+
+/// Rewrites every row of `table`, read as `Old`, as the `New` it becomes.
+fn rewrite<Old, New>(
     txn: &WriteTransaction,
-    corrupt: impl Fn(String) -> StoreError,
-    storage: impl Fn(redb::Error) -> StoreError,
-) -> Result<(), StoreError> {
-    let decode_failed = |table: &str, e: postcard::Error| {
-        corrupt(format!(
-            "a row of table {table} does not decode as format 3: {e}"
-        ))
+    table: TableDefinition<(u64, u64), &[u8]>,
+    path: &Path,
+) -> Result<(), StoreError>
+where
+    Old: DeserializeOwned,
+    New: Serialize + From<Old>,
+{
+    let storage = |e: redb::Error| StoreError::Storage {
+        path: path.to_path_buf(),
+        source: Box::new(e),
     };
-    let mut calls = txn.open_table(CALLS).map_err(|e| storage(e.into()))?;
-    let mut rows = Vec::new();
-    for row in calls.iter().map_err(|e| storage(e.into()))? {
+    let mut rows = txn.open_table(table).map_err(|e| storage(e.into()))?;
+    let mut rewritten = Vec::new();
+    for row in rows.iter().map_err(|e| storage(e.into()))? {
         let (k, v) = row.map_err(|e| storage(e.into()))?;
-        let old: Call3 = postcard::from_bytes(v.value()).map_err(|e| decode_failed("calls", e))?;
-        rows.push((k.value(), encode(&CallRecord::from(old), &corrupt)?));
+        let old: Old = postcard::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            what: format!(
+                "a row of table {} does not decode as format 3: {e}",
+                table.name()
+            ),
+        })?;
+        rewritten.push((k.value(), encode(&New::from(old), path)?));
     }
-    for (key, value) in rows {
-        calls
-            .insert(key, &value[..])
-            .map_err(|e| storage(e.into()))?;
-    }
-    let mut joins = txn.open_table(JOINS).map_err(|e| storage(e.into()))?;
-    let mut rows = Vec::new();
-    for row in joins.iter().map_err(|e| storage(e.into()))? {
-        let (k, v) = row.map_err(|e| storage(e.into()))?;
-        let old: Join3 = postcard::from_bytes(v.value()).map_err(|e| decode_failed("joins", e))?;
-        rows.push((k.value(), encode(&JoinRecord::from(old), &corrupt)?));
-    }
-    for (key, value) in rows {
-        joins
-            .insert(key, &value[..])
+    for (key, value) in rewritten {
+        rows.insert(key, &value[..])
             .map_err(|e| storage(e.into()))?;
     }
     Ok(())
-}
-
-fn encode<T: serde::Serialize>(
-    value: &T,
-    corrupt: impl Fn(String) -> StoreError,
-) -> Result<Vec<u8>, StoreError> {
-    postcard::to_stdvec(value).map_err(|e| corrupt(format!("a record does not encode: {e}")))
 }
 
 /// A [`CallRecord`] as format 3 wrote it.
