@@ -304,7 +304,9 @@ mod tests {
         assert_eq!(Invocation::start(app(), Some(CLIENT), false).own, client);
         // A client that asked for no recording is obeyed.
         let unsampled = CLIENT.replace("-01", "-00");
-        assert!(!Invocation::start(app(), Some(&unsampled), true).own.sampled());
+        assert!(!Invocation::start(app(), Some(&unsampled), true)
+            .own
+            .sampled());
         // No header, or a malformed one: a trace starts here, or none at all.
         for header in [None, Some("00-nonsense")] {
             let fresh = Invocation::start(app(), header, true);
@@ -318,7 +320,9 @@ mod tests {
 
     #[test]
     fn an_endpoint_is_an_http_base_url() {
-        let refused = Telemetry::otlp("https://collector:4318").unwrap_err().to_string();
+        let refused = Telemetry::otlp("https://collector:4318")
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("it must be an http:// URL"), "{refused}");
         assert!(Telemetry::otlp("collector:4318").is_err());
         Telemetry::otlp("http://127.0.0.1:4318").unwrap();
