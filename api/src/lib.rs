@@ -299,6 +299,18 @@ pub enum Reason {
     Local,
 }
 
+impl Reason {
+    /// Its name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::First => "first",
+            Reason::Retry => "retry",
+            Reason::Recovery => "recovery",
+            Reason::Local => "local",
+        }
+    }
+}
+
 /// The query of `GET /v1/executions`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -396,6 +408,14 @@ mod tests {
         }
         for v in [Via::Gateway, Via::Local] {
             assert_eq!(serde_json::to_value(v).unwrap(), v.as_str());
+        }
+        for r in [
+            Reason::First,
+            Reason::Retry,
+            Reason::Recovery,
+            Reason::Local,
+        ] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
         }
     }
 

@@ -524,7 +524,7 @@ impl Core {
                 // A forgotten execution's traces went with it: none come back.
                 runs.retain(|r| self.gq.state().execs.contains_key(&r.exec));
                 let gq = &self.gq;
-                let app_of = |exec| gq.execution(exec).map(|e| e.app.clone());
+                let app_of = |exec| gq.state().execs.get(&exec).map(|e| e.app.clone());
                 let writes = self.traces.runs(w, runs, &self.metrics, app_of);
                 if let Err(e) = self.store.put_traces(writes) {
                     tracing::warn!("could not record traces: {e}");

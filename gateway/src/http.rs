@@ -671,18 +671,10 @@ async fn invoke(
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let invocation = Invocation::start(app.clone(), traceparent, api.telemetry.is_some());
     let answer = run_invocation(&api, app, input, idempotency_key, invocation.own, wait).await;
-    if let (Some(telemetry), Ok((_, reference))) = (&api.telemetry, &answer) {
-        telemetry.invocation(&invocation, reference, answer_status(&answer));
+    if let (Some(telemetry), Ok((response, reference))) = (&api.telemetry, &answer) {
+        telemetry.invocation(&invocation, reference, response.status().as_u16());
     }
     answer.map(|(response, _)| response)
-}
-
-/// The status an invocation answered with.
-fn answer_status(answer: &Result<(Response, String), ApiError>) -> u16 {
-    match answer {
-        Ok((response, _)) => response.status().as_u16(),
-        Err(e) => e.status.as_u16(),
-    }
 }
 
 /// Starts an execution under `traceparent` and answers for it, with its reference: once it

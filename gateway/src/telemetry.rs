@@ -26,7 +26,7 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 use ring::rand::{SecureRandom, SystemRandom};
-use sand_api::{CallTrace, Reason, Via};
+use sand_api::CallTrace;
 use sand_protocol::ids::AppName;
 use sand_protocol::trace_context::TraceParent;
 use sand_protocol::wire::RunTrace;
@@ -137,8 +137,8 @@ impl Telemetry {
             KeyValue::new("faas.coldstart", run.cold),
             KeyValue::new("sand.attempt", entry.attempt as i64),
             KeyValue::new("sand.worker", i64::from(entry.worker)),
-            KeyValue::new("sand.via", via(entry.via)),
-            KeyValue::new("sand.reason", reason(entry.reason)),
+            KeyValue::new("sand.via", entry.via.as_str()),
+            KeyValue::new("sand.reason", entry.reason.as_str()),
             KeyValue::new("sand.recovery", entry.recovery),
         ];
         if let Some(app) = app {
@@ -147,11 +147,7 @@ impl Telemetry {
         let status = match &run.error {
             None => Status::Unset,
             Some(e) => {
-                let kind = serde_json::to_value(e.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                attributes.push(KeyValue::new("error.type", kind));
+                attributes.push(KeyValue::new("error.type", e.kind.name()));
                 Status::error(e.message.clone())
             }
         };
@@ -217,22 +213,6 @@ struct Span {
     end: SystemTime,
     attributes: Vec<KeyValue>,
     status: Status,
-}
-
-fn via(via: Via) -> &'static str {
-    match via {
-        Via::Local => "local",
-        Via::Gateway => "gateway",
-    }
-}
-
-fn reason(reason: Reason) -> &'static str {
-    match reason {
-        Reason::First => "first",
-        Reason::Retry => "retry",
-        Reason::Recovery => "recovery",
-        Reason::Local => "local",
-    }
 }
 
 /// An invocation's place in the trace: the client's span, if its request named one, and the

@@ -283,12 +283,17 @@ mod tests {
             ErrorKind::Raised,
             ErrorKind::Crashed,
             ErrorKind::Timeout,
+            ErrorKind::OutOfMemory,
             ErrorKind::BadOutput,
             ErrorKind::Unavailable,
             ErrorKind::Budget,
         ]
         .iter()
-        .map(|k| serde_json::to_value(k).unwrap())
+        .map(|k| {
+            let json = serde_json::to_value(k).unwrap();
+            assert_eq!(json, k.name(), "name() spells it as JSON does");
+            json
+        })
         .collect();
         assert_eq!(
             names,
@@ -296,6 +301,7 @@ mod tests {
                 "raised",
                 "crashed",
                 "timeout",
+                "out_of_memory",
                 "bad_output",
                 "unavailable",
                 "budget"

@@ -253,6 +253,21 @@ pub enum ErrorKind {
     Budget,
 }
 
+impl ErrorKind {
+    /// Its name, as JSON spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Raised => "raised",
+            ErrorKind::Crashed => "crashed",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::OutOfMemory => "out_of_memory",
+            ErrorKind::BadOutput => "bad_output",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Budget => "budget",
+        }
+    }
+}
+
 /// A grain's failure, as the client sees it after the last retry.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
