@@ -178,6 +178,18 @@ mod tests {
         assert!(TraceParent::parse(&later).is_some());
     }
 
+    proptest::proptest! {
+        /// A header is a client's: any text is read or ignored, never a panic, and what is
+        /// read writes back as the version-00 header it stands for.
+        #[test]
+        fn any_header_is_read_or_ignored(header in "\\PC{0,80}|[0-9a-f-]{50,60}") {
+            if let Some(parent) = TraceParent::parse(&header) {
+                proptest::prop_assert!(parent.is_valid());
+                proptest::prop_assert_eq!(TraceParent::parse(&parent.to_string()), Some(parent));
+            }
+        }
+    }
+
     #[test]
     fn a_run_has_its_own_span_in_the_same_trace() {
         let parent = TraceParent::parse(HEADER).expect("valid");
